@@ -1,0 +1,163 @@
+//! What a stream carries: its tracks and their codec parameters.
+
+use serde::{Deserialize, Serialize};
+
+/// Audio or video.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Kind {
+    /// An audio track.
+    Audio,
+    /// A video track.
+    Video,
+}
+
+/// The codecs cascade carries. Browsers decode these in WebRTC; AAC is
+/// transcoded to Opus at ingest and never appears here.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Codec {
+    /// H.264 / AVC.
+    H264,
+    /// H.265 / HEVC.
+    H265,
+    /// VP8.
+    Vp8,
+    /// VP9.
+    Vp9,
+    /// AV1.
+    Av1,
+    /// Opus.
+    Opus,
+}
+
+impl Codec {
+    /// The kind of media this codec carries.
+    pub fn kind(self) -> Kind {
+        match self {
+            Self::Opus => Kind::Audio,
+            _ => Kind::Video,
+        }
+    }
+
+    /// The RTP clock rate (RFC 7587 fixes Opus at 48 kHz; video is 90 kHz).
+    pub fn clock_rate(self) -> u32 {
+        match self {
+            Self::Opus => 48_000,
+            _ => 90_000,
+        }
+    }
+
+    /// The SDP encoding name.
+    pub fn sdp_name(self) -> &'static str {
+        match self {
+            Self::H264 => "H264",
+            Self::H265 => "H265",
+            Self::Vp8 => "VP8",
+            Self::Vp9 => "VP9",
+            Self::Av1 => "AV1",
+            Self::Opus => "opus",
+        }
+    }
+}
+
+impl std::fmt::Display for Codec {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.sdp_name())
+    }
+}
+
+/// One track of a stream.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TrackInfo {
+    /// Track name, unique in the stream: `video`, `audio`.
+    pub name: String,
+    /// The codec.
+    pub codec: Codec,
+    /// Codec parameters as an SDP `fmtp` line value, e.g.
+    /// `profile-level-id=42e01f;packetization-mode=1` or
+    /// `minptime=10;useinbandfec=1`; empty when none.
+    #[serde(default)]
+    pub fmtp: String,
+    /// Audio channels (Opus: 2 as RFC 7587 requires in SDP).
+    #[serde(default)]
+    pub channels: Option<u8>,
+    /// True when the video uses B-frames (pts ≠ dts somewhere).
+    #[serde(default)]
+    pub bframes: bool,
+}
+
+impl TrackInfo {
+    /// Audio or video.
+    pub fn kind(&self) -> Kind {
+        self.codec.kind()
+    }
+
+    /// The H.264 `profile-level-id` from `fmtp`, if any.
+    pub fn profile_level_id(&self) -> Option<u32> {
+        fmtp_value(&self.fmtp, "profile-level-id").and_then(|v| u32::from_str_radix(v, 16).ok())
+    }
+}
+
+/// Looks up `key` in an fmtp string (`a=1;b=2`).
+pub fn fmtp_value<'a>(fmtp: &'a str, key: &str) -> Option<&'a str> {
+    fmtp.split(';').find_map(|kv| {
+        let (k, v) = kv.split_once('=')?;
+        (k.trim().eq_ignore_ascii_case(key)).then(|| v.trim())
+    })
+}
+
+/// Everything a stream carries.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Catalog {
+    /// The tracks, at most one per kind today (simulcast adds more later).
+    pub tracks: Vec<TrackInfo>,
+}
+
+impl Catalog {
+    /// The first track of a kind.
+    pub fn track(&self, kind: Kind) -> Option<&TrackInfo> {
+        self.tracks.iter().find(|t| t.kind() == kind)
+    }
+
+    /// The track with this name.
+    pub fn by_name(&self, name: &str) -> Option<&TrackInfo> {
+        self.tracks.iter().find(|t| t.name == name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fmtp_lookup() {
+        let t = TrackInfo {
+            name: "video".into(),
+            codec: Codec::H264,
+            fmtp: "packetization-mode=1; profile-level-id=42e01f".into(),
+            channels: None,
+            bframes: false,
+        };
+        assert_eq!(t.profile_level_id(), Some(0x42e01f));
+        assert_eq!(fmtp_value("a=1", "b"), None);
+        assert_eq!(fmtp_value("garbage", "a"), None);
+    }
+
+    #[test]
+    fn catalog_json_roundtrip() {
+        let c = Catalog {
+            tracks: vec![TrackInfo {
+                name: "audio".into(),
+                codec: Codec::Opus,
+                fmtp: "minptime=10;useinbandfec=1".into(),
+                channels: Some(2),
+                bframes: false,
+            }],
+        };
+        let j = serde_json::to_string(&c).unwrap();
+        assert_eq!(serde_json::from_str::<Catalog>(&j).unwrap(), c);
+        assert_eq!(c.track(Kind::Audio).unwrap().codec, Codec::Opus);
+        assert!(c.track(Kind::Video).is_none());
+    }
+}
