@@ -1,1 +1,95 @@
-//! placeholder
+//! WebRTC sessions for cascade: str0m `Rtc` instances driven sans-IO inside a
+//! few worker shards (one per core) behind one UDP port and a passive ICE-TCP
+//! listener, shared by WHIP publishers and WHEP viewers.
+//!
+//! How it is driven:
+//! - [`Server::bind`] opens the UDP socket (and the TCP listener), starts the
+//!   receive loop ([`mux`]) and the shards ([`shard`]).
+//! - A signalling layer (WHIP in ingest, WHEP in edge) builds an `Rtc` with
+//!   [`Server::rtc_builder`], negotiates, then hands it to [`Server::add`] with
+//!   a [`Handler`] that reacts to str0m events and writes media when woken.
+//! - [`http`] holds the WHIP/WHEP resource protocol common to both (POST,
+//!   PATCH, DELETE, OPTIONS, CORS) and the one place where INTERFACE.md's
+//!   status table becomes HTTP ([`http::ApiError`]).
+//!
+//! What this crate does not do: decide what media a session sends or how it
+//! depacketizes what it receives; that is the handler's job.
+#![warn(missing_docs)]
+
+pub mod http;
+pub mod metrics;
+pub mod mux;
+pub mod session;
+pub mod shard;
+pub mod sdpfrag;
+pub mod stun;
+
+use std::net::{IpAddr, SocketAddr};
+
+pub use session::{Ctx, Flow, Handler, SessionHandle, SessionId, Waker};
+pub use shard::Server;
+
+/// Errors of the WebRTC session layer.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Socket set-up failed.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// str0m refused an operation (bad SDP, bad state).
+    #[error("webrtc: {0}")]
+    Rtc(#[from] str0m::RtcError),
+    /// The session no longer exists.
+    #[error("no such session")]
+    NoSession,
+    /// The node is at its session limit or draining.
+    #[error("node full")]
+    Full,
+}
+
+/// Result with the crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the WebRTC layer of a node needs to know.
+#[derive(Clone, Debug)]
+pub struct Config {
+    /// The one UDP port for all media.
+    pub udp: SocketAddr,
+    /// Passive ICE-TCP listener (RFC 4571 framing), if any.
+    pub tcp: Option<SocketAddr>,
+    /// Addresses put into ICE candidates; empty = every up interface address.
+    pub advertise: Vec<IpAddr>,
+    /// Worker shards; 0 = one per core.
+    pub shards: usize,
+    /// Sessions (publishers + viewers) this node accepts before answering 503.
+    pub max_sessions: usize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Self {
+            udp: SocketAddr::from(([0, 0, 0, 0], 8189)),
+            tcp: Some(SocketAddr::from(([0, 0, 0, 0], 8189))),
+            advertise: Vec::new(),
+            shards: 0,
+            max_sessions: 10_000,
+        }
+    }
+}
+
+/// Every address of an up interface, non-loopback first, skipping IPv6
+/// link-local (browsers cannot use them without a scope id).
+pub fn interface_addresses() -> Vec<IpAddr> {
+    let mut addrs: Vec<IpAddr> = if_addrs::get_if_addrs()
+        .unwrap_or_default()
+        .into_iter()
+        .map(|i| i.ip())
+        .filter(|ip| match ip {
+            IpAddr::V4(v4) => !v4.is_unspecified(),
+            IpAddr::V6(v6) => !v6.is_unspecified() && (v6.segments()[0] & 0xffc0) != 0xfe80,
+        })
+        .collect();
+    addrs.sort_by_key(|ip| (ip.is_loopback(), ip.is_ipv6()));
+    addrs.dedup();
+    addrs
+}

@@ -1,0 +1,408 @@
+//! The WHIP/WHEP resource protocol shared by publishers and viewers
+//! (RFC 9725 and the WHEP draft): `POST` an offer, get `201` + `Location` +
+//! `ETag` + answer; `PATCH` the resource with trickle candidates; `DELETE`
+//! it; `OPTIONS` for CORS preflight. And [`ApiError`], the one place where
+//! INTERFACE.md's error table becomes HTTP statuses.
+
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use axum::routing::post;
+use axum::Router;
+
+use crate::metrics as m;
+use crate::session::{SessionHandle, SessionId};
+use crate::{Error, Server};
+
+/// Largest SDP offer or PATCH body accepted (INTERFACE.md: 413 above it).
+pub const MAX_BODY: usize = 64 * 1024;
+/// Seconds a client is asked to wait when the node is full or draining.
+pub const RETRY_AFTER_SECS: u32 = 5;
+
+/// An error answered to a signalling client. Every variant maps to one
+/// status of INTERFACE.md's table; the body tells the user what to fix.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum ApiError {
+    /// 400: malformed SDP, bad stream name, offer without usable media.
+    #[error("{0}")]
+    BadRequest(String),
+    /// 401: missing or wrong token.
+    #[error("{0}")]
+    Unauthorized(&'static str),
+    /// 404: unknown stream or session resource.
+    #[error("{0}")]
+    NotFound(String),
+    /// 406: no codec in the offer that the stream can use.
+    #[error("{0}")]
+    NotAcceptable(String),
+    /// 412: `If-Match` does not match the resource's ETag.
+    #[error("etag does not match the session's current etag")]
+    PreconditionFailed,
+    /// 413: body over 64 KiB.
+    #[error("body larger than 64 KiB")]
+    PayloadTooLarge,
+    /// 415: wrong Content-Type.
+    #[error("{0}")]
+    UnsupportedMediaType(String),
+    /// 428: ICE restart without `If-Match`.
+    #[error("ice restart needs If-Match")]
+    PreconditionRequired,
+    /// 503 + Retry-After: session limit reached or draining.
+    #[error("{0}")]
+    Unavailable(&'static str),
+    /// 500: our bug or a node-wide failure.
+    #[error("internal error: {0}")]
+    Internal(String),
+}
+
+impl ApiError {
+    /// The HTTP status.
+    pub fn status(&self) -> StatusCode {
+        match self {
+            Self::BadRequest(_) => StatusCode::BAD_REQUEST,
+            Self::Unauthorized(_) => StatusCode::UNAUTHORIZED,
+            Self::NotFound(_) => StatusCode::NOT_FOUND,
+            Self::NotAcceptable(_) => StatusCode::NOT_ACCEPTABLE,
+            Self::PreconditionFailed => StatusCode::PRECONDITION_FAILED,
+            Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
+            Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
+            Self::PreconditionRequired => StatusCode::PRECONDITION_REQUIRED,
+            Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let status = self.status();
+        let mut body = self.to_string();
+        body.push('\n');
+        let mut res = (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response();
+        match self {
+            Self::Unavailable(_) => {
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            }
+            Self::Unauthorized(_) => {
+                res.headers_mut()
+                    .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+            }
+            _ => {}
+        }
+        res
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        match e {
+            Error::Full => Self::Unavailable("node at its session limit or draining, retry later"),
+            Error::NoSession => Self::NotFound("no such session".into()),
+            Error::Rtc(e) => Self::BadRequest(format!("offer refused: {e}")),
+            Error::Io(e) => Self::Internal(e.to_string()),
+        }
+    }
+}
+
+/// A created session, as signalling returns it.
+pub struct Created {
+    /// The SDP answer.
+    pub answer: String,
+    /// The session.
+    pub handle: SessionHandle,
+}
+
+/// Boxed future returned by [`Endpoint::create`].
+pub type CreateFuture = Pin<Box<dyn Future<Output = Result<Created, ApiError>> + Send>>;
+
+/// What differs between WHIP and WHEP: who may create, and what a session is.
+pub trait Endpoint: Send + Sync + 'static {
+    /// `"whip"` or `"whep"`: URL prefix and session kind.
+    fn kind(&self) -> &'static str;
+
+    /// Checks the credentials of a create request (`Authorization: Bearer`
+    /// or `?token=`).
+    fn authorize(&self, token: Option<&str>) -> Result<(), ApiError>;
+
+    /// Creates a session on `stream` from an SDP offer.
+    fn create(&self, stream: String, offer: String) -> CreateFuture;
+
+    /// `Link: <…>; rel="ice-server"` values to send with the answer.
+    fn ice_servers(&self) -> Vec<String> {
+        Vec::new()
+    }
+}
+
+struct Shared {
+    endpoint: Arc<dyn Endpoint>,
+    server: Server,
+}
+
+/// The routes of one endpoint kind: `/{kind}/{stream}` and
+/// `/{kind}/{stream}/{session}`.
+pub fn router(endpoint: Arc<dyn Endpoint>, server: Server) -> Router {
+    let kind = endpoint.kind();
+    let shared = Arc::new(Shared { endpoint, server });
+    Router::new()
+        .route(&format!("/{kind}/{{stream}}"), post(create).options(preflight))
+        .route(
+            &format!("/{kind}/{{stream}}/{{session}}"),
+            axum::routing::patch(patch).delete(delete).options(preflight),
+        )
+        .with_state(shared)
+        .layer(axum::middleware::from_fn(cors))
+}
+
+/// CORS on every response (players on other origins). Written by hand
+/// because a generic CORS layer answers preflights itself, without the
+/// `Accept-Post` that WHIP/WHEP clients read.
+pub async fn cors(req: Request, next: Next) -> Response {
+    let origin = req.headers().get(header::ORIGIN).cloned();
+    let mut res = next.run(req).await;
+    let h = res.headers_mut();
+    h.insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        origin.unwrap_or_else(|| HeaderValue::from_static("*")),
+    );
+    h.insert(header::VARY, HeaderValue::from_static("Origin"));
+    h.insert(
+        header::ACCESS_CONTROL_EXPOSE_HEADERS,
+        HeaderValue::from_static("Location, ETag, Link, Accept-Post, Accept-Patch, Retry-After"),
+    );
+    res
+}
+
+async fn preflight() -> Response {
+    (
+        StatusCode::NO_CONTENT,
+        [
+            ("accept-post", "application/sdp"),
+            ("accept-patch", "application/trickle-ice-sdpfrag"),
+            ("access-control-allow-methods", "POST, PATCH, DELETE, OPTIONS"),
+            (
+                "access-control-allow-headers",
+                "Authorization, Content-Type, If-Match",
+            ),
+            ("access-control-max-age", "86400"),
+        ],
+    )
+        .into_response()
+}
+
+/// The token of a request: `Authorization: Bearer X`, else `?token=X`.
+pub fn request_token<'a>(headers: &'a HeaderMap, query: &'a QueryToken) -> Option<&'a str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .map(str::trim)
+        .or(query.token.as_deref())
+}
+
+/// The `?token=` query parameter.
+#[derive(Debug, Default, serde::Deserialize)]
+pub struct QueryToken {
+    /// The token.
+    pub token: Option<String>,
+}
+
+/// Compares tokens in constant time (no early exit on the first mismatch).
+pub fn token_matches(given: Option<&str>, expected: &str) -> bool {
+    let Some(given) = given else {
+        return false;
+    };
+    let (a, b) = (given.as_bytes(), expected.as_bytes());
+    let mut diff = a.len() ^ b.len();
+    for (i, x) in b.iter().enumerate() {
+        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ x);
+    }
+    diff == 0
+}
+
+fn content_type_is(headers: &HeaderMap, want: &str) -> bool {
+    headers
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.split(';').next())
+        .is_some_and(|v| v.trim().eq_ignore_ascii_case(want))
+}
+
+async fn read_body(body: Body) -> Result<Bytes, ApiError> {
+    axum::body::to_bytes(body, MAX_BODY)
+        .await
+        .map_err(|_| ApiError::PayloadTooLarge)
+}
+
+fn count(kind: &'static str, status: StatusCode) {
+    metrics::counter!(m::HTTP_RESPONSES, "kind" => kind, "status" => status.as_str().to_string()).increment(1);
+}
+
+async fn create(
+    State(s): State<Arc<Shared>>,
+    Path(stream): Path<String>,
+    Query(q): Query<QueryToken>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let kind = s.endpoint.kind();
+    let res = create_inner(&s, stream, q, headers, body).await;
+    let res = match res {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    count(kind, res.status());
+    res
+}
+
+async fn create_inner(
+    s: &Shared,
+    stream: String,
+    q: QueryToken,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    s.endpoint.authorize(request_token(&headers, &q))?;
+    if !cascade_origin::valid_stream_name(&stream) {
+        return Err(ApiError::BadRequest(
+            "bad stream name: use 1-64 characters of A-Z a-z 0-9 _ -".into(),
+        ));
+    }
+    if !content_type_is(&headers, "application/sdp") {
+        return Err(ApiError::UnsupportedMediaType(
+            "Content-Type must be application/sdp".into(),
+        ));
+    }
+    s.server.admit()?;
+    let body = read_body(body).await?;
+    let offer = String::from_utf8(body.to_vec())
+        .map_err(|_| ApiError::BadRequest("offer is not UTF-8 text".into()))?;
+    let kind = s.endpoint.kind();
+    let created = s.endpoint.create(stream.clone(), offer).await?;
+    let id = created.handle.id();
+    let etag = s
+        .server
+        .session(kind, &stream, id)
+        .map(|(_, e)| e)
+        .unwrap_or_default();
+    let mut res = (StatusCode::CREATED, created.answer).into_response();
+    let h = res.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/sdp"));
+    if let Ok(v) = HeaderValue::from_str(&format!("/{kind}/{stream}/{id}")) {
+        h.insert(header::LOCATION, v);
+    }
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
+    }
+    for link in s.endpoint.ice_servers() {
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            h.append(header::LINK, v);
+        }
+    }
+    Ok(res)
+}
+
+fn lookup(s: &Shared, stream: &str, session: &str) -> Result<(SessionHandle, String), ApiError> {
+    SessionId::parse(session)
+        .and_then(|id| s.server.session(s.endpoint.kind(), stream, id))
+        .ok_or_else(|| ApiError::NotFound("no such session (it ended or never existed)".into()))
+}
+
+async fn delete(State(s): State<Arc<Shared>>, Path((stream, session)): Path<(String, String)>) -> Response {
+    let res = match lookup(&s, &stream, &session) {
+        Ok((handle, _)) => match handle.close().await {
+            Ok(()) => StatusCode::OK.into_response(),
+            Err(e) => ApiError::from(e).into_response(),
+        },
+        Err(e) => e.into_response(),
+    };
+    count(s.endpoint.kind(), res.status());
+    res
+}
+
+async fn patch(
+    State(s): State<Arc<Shared>>,
+    Path((stream, session)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let res = match patch_inner(&s, &stream, &session, headers, body).await {
+        Ok(r) => r,
+        Err(e) => e.into_response(),
+    };
+    count(s.endpoint.kind(), res.status());
+    res
+}
+
+async fn patch_inner(
+    s: &Shared,
+    stream: &str,
+    session: &str,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Response, ApiError> {
+    let (handle, etag) = lookup(s, stream, session)?;
+    if !content_type_is(&headers, "application/trickle-ice-sdpfrag") {
+        return Err(ApiError::UnsupportedMediaType(
+            "Content-Type must be application/trickle-ice-sdpfrag".into(),
+        ));
+    }
+    let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
+    if let Some(m) = if_match {
+        if m.trim() != "*" && m.trim() != etag {
+            return Err(ApiError::PreconditionFailed);
+        }
+    }
+    let body = read_body(body).await?;
+    let frag = std::str::from_utf8(&body)
+        .map_err(|_| ApiError::BadRequest("sdpfrag is not UTF-8 text".into()))?;
+    let frag = crate::sdpfrag::Frag::parse(frag);
+    if frag.ice_ufrag.is_some() {
+        // A new ufrag means the client restarts ICE (RFC 9725 §4.4).
+        if if_match.is_none() {
+            return Err(ApiError::PreconditionRequired);
+        }
+        return Err(ApiError::BadRequest(
+            "ice restart is not supported by this server version; create a new session".into(),
+        ));
+    }
+    for c in frag.candidates {
+        match str0m::Candidate::from_sdp_string(&c) {
+            Ok(c) => handle.add_remote_candidate(c).await?,
+            Err(_) => {
+                return Err(ApiError::BadRequest(format!("bad candidate line: {c}")));
+            }
+        }
+    }
+    let _ = Method::PATCH;
+    Ok(StatusCode::NO_CONTENT.into_response())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn tokens() {
+        assert!(token_matches(Some("abc"), "abc"));
+        assert!(!token_matches(Some("abd"), "abc"));
+        assert!(!token_matches(Some("ab"), "abc"));
+        assert!(!token_matches(Some("abcd"), "abc"));
+        assert!(!token_matches(None, "abc"));
+    }
+
+    #[test]
+    fn statuses() {
+        assert_eq!(ApiError::PayloadTooLarge.status(), 413);
+        assert_eq!(ApiError::Unavailable("x").status(), 503);
+        let r = ApiError::Unavailable("x").into_response();
+        assert_eq!(r.headers()[header::RETRY_AFTER], "5");
+    }
+}
