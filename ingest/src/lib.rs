@@ -1,1 +1,7 @@
 //! placeholder
+
+pub mod audio;
+pub mod flv;
+pub mod h264;
+pub mod metrics;
+pub mod rtmp;

@@ -1,0 +1,36 @@
+//! Metric names of the ingest, registered with descriptions at start-up.
+//! Labels are bounded: `protocol` (`rtmp`, `whip`) and `reason` (a fixed set
+//! of words per metric).
+
+/// RTMP connections currently open.
+pub const RTMP_CONNECTIONS: &str = "cascade_ingest_rtmp_connections";
+/// RTMP connections accepted.
+pub const RTMP_ACCEPTED: &str = "cascade_ingest_rtmp_connections_total";
+/// RTMP connections or publishes refused, by `reason` (`limit`, `handshake`,
+/// `app`, `token`, `name`, `protocol`, `play`, `idle`).
+pub const RTMP_REFUSED: &str = "cascade_ingest_rtmp_refused_total";
+/// RTMP publishes that went live.
+pub const RTMP_PUBLISHES: &str = "cascade_ingest_rtmp_publishes_total";
+/// FLV tags dropped, by `reason` (`flv`, `bitstream`, `audio`, `config`).
+pub const RTMP_BAD_TAGS: &str = "cascade_ingest_rtmp_bad_tags_total";
+/// RTMP messages of types we do not handle, ignored.
+pub const RTMP_UNKNOWN_MESSAGES: &str = "cascade_ingest_rtmp_unknown_messages_total";
+/// Timestamp jumps rebased.
+pub const TIMESTAMP_JUMPS: &str = "cascade_ingest_timestamp_jumps_total";
+/// Live streams whose video has B-frames.
+pub const BFRAMES_STREAMS: &str = "cascade_ingest_bframes_streams";
+/// Opus frames produced by the AAC transcoder.
+pub const OPUS_FRAMES: &str = "cascade_ingest_opus_frames_total";
+
+/// Registers descriptions for the ingest's metrics.
+pub fn describe() {
+    metrics::describe_gauge!(RTMP_CONNECTIONS, "RTMP connections currently open");
+    metrics::describe_counter!(RTMP_ACCEPTED, "RTMP connections accepted");
+    metrics::describe_counter!(RTMP_REFUSED, "RTMP connections or publishes refused, by reason");
+    metrics::describe_counter!(RTMP_PUBLISHES, "RTMP publishes that went live");
+    metrics::describe_counter!(RTMP_BAD_TAGS, "FLV tags dropped as malformed or unusable, by reason");
+    metrics::describe_counter!(RTMP_UNKNOWN_MESSAGES, "RTMP messages of unhandled types, ignored");
+    metrics::describe_counter!(TIMESTAMP_JUMPS, "publisher timestamp jumps rebased");
+    metrics::describe_gauge!(BFRAMES_STREAMS, "live streams whose video carries B-frames");
+    metrics::describe_counter!(OPUS_FRAMES, "Opus frames produced from AAC");
+}

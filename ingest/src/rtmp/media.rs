@@ -1,0 +1,410 @@
+//! The media core of one RTMP publisher (sans-IO): FLV tags in, catalog and
+//! frames for the `video` and `audio` tracks out. Video leaves in decode
+//! order as Annex-B (parameter sets before every keyframe) with pts and dts
+//! in 90 kHz; AAC becomes Opus at 48 kHz; B-frames are detected.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use cascade_origin::catalog::{Catalog, Codec, TrackInfo};
+use cascade_origin::frame::Frame;
+
+use super::clock::Clock;
+use crate::audio::{self, Transcoder};
+use crate::flv::{self, Audio, Video, VideoCodec};
+use crate::h264;
+
+/// How long to wait for the second sequence header after the first before
+/// publishing an audio-only or video-only stream.
+pub const HEADER_WAIT_MS: u64 = 1_000;
+/// Video clock rate (RFC 6184/7798/AV1 RTP: 90 kHz); FLV counts ms.
+const VIDEO_PER_MS: u64 = 90;
+/// Opus clock per ms.
+const AUDIO_PER_MS: u64 = 48;
+
+/// Which track a frame belongs to.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Track {
+    /// `video`.
+    Video,
+    /// `audio`.
+    Audio,
+}
+
+impl Track {
+    /// The track name in the catalog.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::Video => "video",
+            Self::Audio => "audio",
+        }
+    }
+}
+
+/// Why a tag was dropped.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// The FLV tag header is malformed.
+    #[error("flv: {0}")]
+    Flv(#[from] flv::Error),
+    /// The H.264/H.265 configuration or access unit is malformed.
+    #[error("bitstream: {0}")]
+    Bitstream(#[from] h264::Error),
+    /// AAC could not be transcoded.
+    #[error("audio: {0}")]
+    Audio(#[from] audio::Error),
+    /// A frame arrived before its sequence header.
+    #[error("frame before sequence header")]
+    NoConfig,
+}
+
+enum VideoConfig {
+    Nal(h264::Config),
+    /// AV1: the sequence header OBU(s) from av1C, put before keyframes.
+    Av1 { obus: Bytes, fmtp: String },
+    Vp9,
+}
+
+struct VideoState {
+    codec: Codec,
+    record: Bytes,
+    config: VideoConfig,
+}
+
+enum AudioState {
+    None,
+    Aac { asc: Bytes, transcoder: Box<Transcoder> },
+    Opus { channels: u8 },
+}
+
+/// The media core of one publisher.
+pub struct Media {
+    clock: Clock,
+    video: Option<VideoState>,
+    audio: AudioState,
+    bframes: bool,
+    catalog_changed: bool,
+    first_header_ms: Option<u64>,
+    last_video_dts: u64,
+    last_audio_pts: u64,
+}
+
+impl Default for Media {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Media {
+    /// A core waiting for sequence headers.
+    pub fn new() -> Self {
+        Self {
+            clock: Clock::new(),
+            video: None,
+            audio: AudioState::None,
+            bframes: false,
+            catalog_changed: false,
+            first_header_ms: None,
+            last_video_dts: 0,
+            last_audio_pts: 0,
+        }
+    }
+
+    /// True once the catalog is worth publishing: both sequence headers
+    /// seen, or one of them and [`HEADER_WAIT_MS`] passed.
+    pub fn ready(&self, now_ms: u64) -> bool {
+        let video = self.video.is_some();
+        let audio = !matches!(self.audio, AudioState::None);
+        (video && audio)
+            || ((video || audio) && self.first_header_ms.is_some_and(|t| now_ms >= t + HEADER_WAIT_MS))
+    }
+
+    /// When [`Media::ready`] turns true without more input, if it will.
+    pub fn ready_deadline(&self) -> Option<u64> {
+        self.first_header_ms.map(|t| t + HEADER_WAIT_MS)
+    }
+
+    /// True (once per change) when the catalog changed since the last call.
+    pub fn take_catalog_changed(&mut self) -> bool {
+        std::mem::take(&mut self.catalog_changed)
+    }
+
+    /// True once a frame with a composition offset was seen.
+    pub fn bframes(&self) -> bool {
+        self.bframes
+    }
+
+    /// Timestamp jumps rebased so far.
+    pub fn jumps(&self) -> u64 {
+        self.clock.jumps()
+    }
+
+    /// The catalog for the tracks seen so far.
+    pub fn catalog(&self) -> Catalog {
+        let mut tracks = Vec::new();
+        if let Some(v) = &self.video {
+            let fmtp = match &v.config {
+                VideoConfig::Nal(c) => c.fmtp.clone(),
+                VideoConfig::Av1 { fmtp, .. } => fmtp.clone(),
+                VideoConfig::Vp9 => String::new(),
+            };
+            tracks.push(TrackInfo {
+                name: Track::Video.name().into(),
+                codec: v.codec,
+                fmtp,
+                channels: None,
+                bframes: self.bframes,
+            });
+        }
+        let opus_channels = match &self.audio {
+            AudioState::None => None,
+            AudioState::Aac { transcoder, .. } => Some(transcoder.channels()),
+            AudioState::Opus { channels } => Some(usize::from(*channels)),
+        };
+        if let Some(ch) = opus_channels {
+            let stereo = if ch > 1 { ";stereo=1;sprop-stereo=1" } else { "" };
+            tracks.push(TrackInfo {
+                name: Track::Audio.name().into(),
+                codec: Codec::Opus,
+                fmtp: format!("minptime=10;useinbandfec=1{stereo}"),
+                // RFC 7587 §7: always 2 in SDP, mono or not.
+                channels: Some(2),
+                bframes: false,
+            });
+        }
+        Catalog { tracks }
+    }
+
+    /// Handles one video message with FLV timestamp `raw_ts`.
+    pub fn video(
+        &mut self,
+        raw_ts: u32,
+        tag: &Bytes,
+        now_ms: u64,
+        ingest_us: u64,
+        out: &mut Vec<(Track, Frame)>,
+    ) -> Result<(), Error> {
+        match flv::parse_video(tag)? {
+            Video::Config { codec, record } => self.video_config(codec, record, now_ms),
+            Video::Frame {
+                keyframe,
+                cts,
+                data,
+                codec: _,
+            } => {
+                let Some(v) = &self.video else { return Err(Error::NoConfig) };
+                let (payload, keyframe) = match &v.config {
+                    VideoConfig::Nal(c) => {
+                        let au = h264::to_annexb(&data, c)?;
+                        (au.payload, au.keyframe)
+                    }
+                    VideoConfig::Av1 { obus, .. } => (av1_frame(obus, data, keyframe), keyframe),
+                    VideoConfig::Vp9 => (data, keyframe),
+                };
+                if payload.is_empty() {
+                    return Ok(());
+                }
+                let dts_ms = self.clock.map(raw_ts, now_ms).max(self.last_video_dts);
+                self.last_video_dts = dts_ms;
+                if cts != 0 && !self.bframes {
+                    self.bframes = true;
+                    self.catalog_changed = true;
+                }
+                let pts_ms = dts_ms.saturating_add_signed(i64::from(cts));
+                out.push((
+                    Track::Video,
+                    Frame {
+                        payload,
+                        pts: pts_ms * VIDEO_PER_MS,
+                        dts: dts_ms * VIDEO_PER_MS,
+                        keyframe,
+                        ingest_us,
+                    },
+                ));
+                Ok(())
+            }
+            Video::End | Video::Ignored(_) => Ok(()),
+        }
+    }
+
+    fn video_config(&mut self, codec: VideoCodec, record: Bytes, now_ms: u64) -> Result<(), Error> {
+        if self.video.as_ref().is_some_and(|v| v.record == record) {
+            return Ok(()); // re-sent unchanged (OBS does on reconnect of its output)
+        }
+        let (codec, config) = match codec {
+            VideoCodec::H264 => (Codec::H264, VideoConfig::Nal(h264::parse_avcc(&record)?)),
+            VideoCodec::H265 => (Codec::H265, VideoConfig::Nal(h264::parse_hvcc(&record)?)),
+            VideoCodec::Av1 => {
+                // av1C (AV1-ISOBMFF §2.3): 4 bytes, then the config OBUs.
+                let b1 = *record.get(1).ok_or(h264::Error::Truncated("av1C"))?;
+                let obus = record.get(4..).map(Bytes::copy_from_slice).unwrap_or_default();
+                let fmtp = format!("profile={}", b1 >> 5);
+                (Codec::Av1, VideoConfig::Av1 { obus, fmtp })
+            }
+            VideoCodec::Vp9 => (Codec::Vp9, VideoConfig::Vp9),
+        };
+        self.video = Some(VideoState { codec, record, config });
+        self.catalog_changed = true;
+        self.first_header_ms.get_or_insert(now_ms);
+        Ok(())
+    }
+
+    /// Handles one audio message with FLV timestamp `raw_ts`.
+    pub fn audio(
+        &mut self,
+        raw_ts: u32,
+        tag: &Bytes,
+        now_ms: u64,
+        ingest_us: u64,
+        out: &mut Vec<(Track, Frame)>,
+    ) -> Result<(), Error> {
+        match flv::parse_audio(tag)? {
+            Audio::AacConfig(asc) => {
+                if matches!(&self.audio, AudioState::Aac { asc: a, .. } if *a == asc) {
+                    return Ok(());
+                }
+                let transcoder = Transcoder::new(&asc)?;
+                self.audio = AudioState::Aac {
+                    asc,
+                    transcoder: Box::new(transcoder),
+                };
+                self.catalog_changed = true;
+                self.first_header_ms.get_or_insert(now_ms);
+                Ok(())
+            }
+            Audio::Aac(frame) => {
+                let AudioState::Aac { transcoder, .. } = &mut self.audio else {
+                    return Err(Error::NoConfig);
+                };
+                let pts = self.clock.map(raw_ts, now_ms) * AUDIO_PER_MS;
+                let mut packets = Vec::new();
+                transcoder.push(&frame, pts, &mut packets)?;
+                for p in packets {
+                    out.push((Track::Audio, audio_frame(p.payload, p.pts, ingest_us)));
+                }
+                Ok(())
+            }
+            Audio::OpusConfig(head) => {
+                // OpusHead (RFC 7845 §5.1): channel count at byte 9.
+                let channels = head.get(9).copied().unwrap_or(2).clamp(1, 2);
+                if !matches!(self.audio, AudioState::Opus { channels: c } if c == channels) {
+                    self.audio = AudioState::Opus { channels };
+                    self.catalog_changed = true;
+                }
+                self.first_header_ms.get_or_insert(now_ms);
+                Ok(())
+            }
+            Audio::Opus(packet) => {
+                if !matches!(self.audio, AudioState::Opus { .. }) {
+                    return Err(Error::NoConfig);
+                }
+                let pts = (self.clock.map(raw_ts, now_ms) * AUDIO_PER_MS).max(self.last_audio_pts);
+                self.last_audio_pts = pts;
+                out.push((Track::Audio, audio_frame(packet, pts, ingest_us)));
+                Ok(())
+            }
+            Audio::End | Audio::Ignored(_) => Ok(()),
+        }
+    }
+}
+
+fn audio_frame(payload: Bytes, pts: u64, ingest_us: u64) -> Frame {
+    Frame {
+        payload,
+        pts,
+        dts: pts,
+        // Every audio frame can start a group.
+        keyframe: true,
+        ingest_us,
+    }
+}
+
+/// An AV1 temporal unit with the sequence header in front of keyframes that
+/// lack one, so that a group decodes on its own.
+fn av1_frame(seq: &Bytes, data: Bytes, keyframe: bool) -> Bytes {
+    // OBU type is bits 3..6 of the header byte; 1 = sequence header,
+    // 2 = temporal delimiter (which may precede it).
+    let has_seq = obu_types(&data).any(|t| t == 1);
+    if !keyframe || seq.is_empty() || has_seq {
+        return data;
+    }
+    let mut b = BytesMut::with_capacity(seq.len() + data.len());
+    b.put_slice(seq);
+    b.put_slice(&data);
+    b.freeze()
+}
+
+/// The types of the first OBUs of a low-overhead bitstream (those with size
+/// fields); stops at the first OBU without one or on malformed input.
+fn obu_types(data: &[u8]) -> impl Iterator<Item = u8> + '_ {
+    let mut rest = data;
+    std::iter::from_fn(move || {
+        let (&h, tail) = rest.split_first()?;
+        let t = (h >> 3) & 0x0f;
+        rest = if h & 0x02 == 0 { &[] } else { skip_obu(tail, h & 0x04 != 0) };
+        Some(t)
+    })
+}
+
+/// The bytes after an OBU whose header byte was just read; empty when
+/// malformed (the walk then ends).
+fn skip_obu(tail: &[u8], extension: bool) -> &[u8] {
+    let Some(mut tail) = tail.get(usize::from(extension)..) else { return &[] };
+    let mut size = 0usize;
+    for i in 0..8 {
+        let Some((&b, t2)) = tail.split_first() else { return &[] };
+        tail = t2;
+        size |= usize::from(b & 0x7f) << (7 * i);
+        if b & 0x80 == 0 {
+            return tail.get(size..).unwrap_or(&[]);
+        }
+    }
+    &[]
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn avc_seq() -> Bytes {
+        let mut v = vec![0x17, 0, 0, 0, 0, 1, 0x64, 0, 0x1f, 0xff, 0xe1, 0, 4, 0x67, 0x64, 0, 0x1f, 1, 0, 2, 0x68, 0xee];
+        v.truncate(22);
+        Bytes::from(v)
+    }
+
+    fn avc_frame(key: bool, cts: i32, nal: u8) -> Bytes {
+        let mut v = vec![if key { 0x17 } else { 0x27 }, 1];
+        v.extend_from_slice(&cts.to_be_bytes()[1..]);
+        v.extend_from_slice(&[0, 0, 0, 2, nal, 0x80]);
+        Bytes::from(v)
+    }
+
+    #[test]
+    fn video_frames_and_bframes() {
+        let mut m = Media::new();
+        let mut out = Vec::new();
+        assert!(matches!(m.video(0, &avc_frame(true, 0, 0x65), 0, 0, &mut out), Err(Error::NoConfig)));
+        m.video(0, &avc_seq(), 1_000, 0, &mut out).unwrap();
+        assert!(!m.ready(1_500) && m.ready(2_000));
+        assert!(m.take_catalog_changed());
+        let c = m.catalog();
+        assert_eq!(c.tracks[0].fmtp, "profile-level-id=64001f;packetization-mode=1");
+        m.video(0, &avc_frame(true, 66, 0x65), 1_000, 0, &mut out).unwrap();
+        m.video(33, &avc_frame(false, 0, 0x41), 1_033, 0, &mut out).unwrap();
+        let (_, f) = &out[0];
+        assert!(f.keyframe);
+        assert_eq!(f.dts, 1_000 * 90);
+        assert_eq!(f.pts, 1_066 * 90);
+        assert_eq!(&f.payload[..5], &[0, 0, 0, 1, 0x67]);
+        assert!(!out[1].1.keyframe);
+        assert!(m.bframes() && m.take_catalog_changed());
+        assert!(m.catalog().tracks[0].bframes);
+    }
+
+    #[test]
+    fn obu_walk() {
+        // Temporal delimiter (size 0), sequence header (size 1).
+        let d = [0x12, 0x00, 0x0a, 0x01, 0xaa];
+        assert_eq!(obu_types(&d).collect::<Vec<_>>(), vec![2, 1]);
+        assert_eq!(obu_types(&[0x12, 0x85]).collect::<Vec<_>>(), vec![2]);
+    }
+}

@@ -1,0 +1,201 @@
+//! RTMP ingest: `rtmp://HOST:1935/live/{stream}?token=TOKEN` (INTERFACE.md).
+//!
+//! rml_rtmp does the handshake, chunking and command flow; [`chunk::Guard`]
+//! checks the chunk stream before rml_rtmp sees it; [`media::Media`] turns FLV
+//! tags into the catalog and frames published into the registry. One task
+//! and one tracing span per connection:
+//!
+//! ```text
+//! loop { select! { shutdown | superseded | header-wait deadline | read(idle timeout) }
+//!        read → guard → ServerSession → events → Media → registry }
+//! ```
+//!
+//! RTMP cannot answer keyframe requests; viewers rely on the group cache.
+
+pub mod chunk;
+pub mod clock;
+mod conn;
+pub mod media;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use cascade_origin::Registry;
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+pub use chunk::{Guard, MAX_CHUNK_SIZE, MAX_COMMAND_MESSAGE, MAX_MEDIA_MESSAGE};
+pub use clock::Clock;
+pub use media::{Media, Track, HEADER_WAIT_MS};
+
+/// The only RTMP application name we publish on (INTERFACE.md).
+pub const APP: &str = "live";
+/// Open connections per node; past this, new ones are closed at once.
+pub const MAX_CONNECTIONS: usize = 256;
+/// A client must finish the handshake within this (a stalled one is dropped).
+pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
+/// A connection that sends nothing for this long is closed. Encoders send
+/// media continuously; before publishing a client has no reason to idle.
+pub const IDLE_TIMEOUT: Duration = Duration::from_secs(15);
+/// A peer that does not read our responses for this long is dropped.
+pub const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Pause after a failed accept (e.g. out of file descriptors).
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Why a connection ended abnormally.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum Error {
+    /// Socket failure.
+    #[error("io: {0}")]
+    Io(#[from] std::io::Error),
+    /// The handshake was malformed.
+    #[error("handshake: {0}")]
+    Handshake(String),
+    /// The handshake did not finish in time.
+    #[error("handshake timed out")]
+    HandshakeTimeout,
+    /// Nothing arrived for [`IDLE_TIMEOUT`].
+    #[error("idle timeout")]
+    Idle,
+    /// The peer did not read our responses.
+    #[error("write timed out")]
+    WriteTimeout,
+    /// The chunk stream broke a limit or the protocol.
+    #[error("chunk stream: {0}")]
+    Chunk(#[from] chunk::Error),
+    /// rml_rtmp refused a message.
+    #[error("rtmp session: {0}")]
+    Session(String),
+    /// The client asked for something we refuse (reason is a metric label).
+    #[error("refused: {0}")]
+    Refused(&'static str),
+    /// The registry refused the publish.
+    #[error("publish: {0}")]
+    Publish(#[from] cascade_origin::Error),
+}
+
+impl Error {
+    /// A bounded label for the refusal metric.
+    pub fn reason(&self) -> &'static str {
+        match self {
+            Self::Io(_) | Self::WriteTimeout => "io",
+            Self::Handshake(_) | Self::HandshakeTimeout => "handshake",
+            Self::Idle => "idle",
+            Self::Chunk(_) | Self::Session(_) => "protocol",
+            Self::Refused(r) => r,
+            Self::Publish(_) => "publish",
+        }
+    }
+}
+
+/// Shared by every connection of one server.
+struct Ctx {
+    registry: Arc<Registry>,
+    token: Arc<str>,
+}
+
+/// Accepts RTMP connections on `listener` until `shutdown` is cancelled,
+/// publishing into `registry` with protocol `rtmp`. Every connection is
+/// closed when `shutdown` fires. Returns only on shutdown.
+pub async fn serve(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    publish_token: Arc<str>,
+    shutdown: CancellationToken,
+) -> Result<(), Error> {
+    let ctx = Arc::new(Ctx {
+        registry,
+        token: publish_token,
+    });
+    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let ids = AtomicU64::new(0);
+    tracing::info!(addr = ?listener.local_addr().ok(), "rtmp ingest listening");
+    loop {
+        let (socket, peer) = tokio::select! {
+            _ = shutdown.cancelled() => return Ok(()),
+            r = listener.accept() => match r {
+                Ok(v) => v,
+                Err(e) => {
+                    tracing::warn!(error = %e, "rtmp accept failed");
+                    tokio::time::sleep(ACCEPT_BACKOFF).await;
+                    continue;
+                }
+            },
+        };
+        let Ok(permit) = limit.clone().try_acquire_owned() else {
+            tracing::info!(max = MAX_CONNECTIONS, "rtmp connection refused: node at its connection limit");
+            metrics::counter!(crate::metrics::RTMP_REFUSED, "reason" => "limit").increment(1);
+            drop(socket);
+            continue;
+        };
+        let id = ids.fetch_add(1, Ordering::Relaxed);
+        let span = tracing::info_span!("rtmp", conn = id, stream = tracing::field::Empty);
+        let ctx = ctx.clone();
+        let shutdown = shutdown.child_token();
+        tokio::spawn(
+            async move {
+                run(socket, peer, ctx, shutdown).await;
+                drop(permit);
+            }
+            .instrument(span),
+        );
+    }
+}
+
+async fn run(socket: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, shutdown: CancellationToken) {
+    metrics::counter!(crate::metrics::RTMP_ACCEPTED).increment(1);
+    metrics::gauge!(crate::metrics::RTMP_CONNECTIONS).increment(1.0);
+    // Client addresses are PII: debug level only.
+    tracing::debug!(%peer, "rtmp connection");
+    let _ = socket.set_nodelay(true);
+    match conn::Conn::run(socket, ctx, shutdown).await {
+        Ok(reason) => tracing::info!(reason, "rtmp connection closed"),
+        Err(e) => {
+            tracing::info!(error = %e, "rtmp connection refused");
+            metrics::counter!(crate::metrics::RTMP_REFUSED, "reason" => e.reason()).increment(1);
+        }
+    }
+    metrics::gauge!(crate::metrics::RTMP_CONNECTIONS).decrement(1.0);
+}
+
+/// Splits a stream key `{stream}?token=TOKEN` into the name and the token.
+pub fn parse_key(key: &str) -> (&str, Option<&str>) {
+    let (name, query) = key.split_once('?').unwrap_or((key, ""));
+    (name, query_token(query))
+}
+
+/// The `token` parameter of a query string.
+fn query_token(query: &str) -> Option<&str> {
+    query.split('&').find_map(|kv| kv.strip_prefix("token="))
+}
+
+/// Compares tokens in time independent of where they differ.
+fn token_matches(given: &str, expected: &str) -> bool {
+    given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected.bytes())
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys() {
+        assert_eq!(parse_key("cam?token=abc"), ("cam", Some("abc")));
+        assert_eq!(parse_key("cam?x=1&token=abc"), ("cam", Some("abc")));
+        assert_eq!(parse_key("cam"), ("cam", None));
+        assert_eq!(parse_key("cam?token="), ("cam", Some("")));
+        assert!(token_matches("abc", "abc"));
+        assert!(!token_matches("abd", "abc"));
+        assert!(!token_matches("", "abc"));
+    }
+}
