@@ -1,1 +1,2 @@
+//! placeholder until the CLI lands
 fn main() {}

@@ -1,0 +1,29 @@
+//! cascade's WebRTC test clients and load generator: a WHIP publisher and WHEP viewers on str0m.
+//!
+//! The publisher sends real H.264 + Opus made by Debian's ffmpeg ([`media`]), tagging every video
+//! frame with an SEI carrying a sequence number and the send wall clock ([`tag`]); viewers
+//! depacketize what they receive and check order, gaps, keyframe start, A/V timing and latency.
+//! It deliberately does not decode pictures or audio, and does no trickle ICE.
+#![warn(missing_docs)]
+
+pub mod annexb;
+mod error;
+pub mod http;
+pub mod media;
+pub mod ogg;
+mod peer;
+pub mod stats;
+pub mod tag;
+pub mod whep;
+pub mod whip;
+
+pub use error::{Error, Result};
+
+/// Wall clock in microseconds since the Unix epoch: the clock shared on loopback by the
+/// publisher (stamped into the SEI tag) and the viewer (at arrival).
+pub fn wallclock_us() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
