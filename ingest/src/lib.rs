@@ -1,7 +1,15 @@
-//! placeholder
+//! cascade's ingest: publishers in, registry tracks out.
+//!
+//! - [`whip`]: WHIP (RFC 9725) publishers on the node's WebRTC sessions
+//!   ([`cascade_rtc`]), H.264/VP8/VP9/AV1/H.265 + Opus passed through.
+//! - [`rtmp`]: RTMP publishers (OBS, ffmpeg, hardware encoders), FLV parsed
+//!   by [`flv`], AAC transcoded to Opus by [`audio`].
+//!
+//! What this crate does not do: serve viewers or relay between nodes.
 
 pub mod audio;
 pub mod flv;
 pub mod h264;
 pub mod metrics;
 pub mod rtmp;
+pub mod whip;

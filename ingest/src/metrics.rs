@@ -22,8 +22,21 @@ pub const BFRAMES_STREAMS: &str = "cascade_ingest_bframes_streams";
 /// Opus frames produced by the AAC transcoder.
 pub const OPUS_FRAMES: &str = "cascade_ingest_opus_frames_total";
 
+/// WHIP sessions created.
+pub const WHIP_SESSIONS: &str = "cascade_ingest_whip_sessions_total";
+/// WHIP sessions ended, by `reason` (the rtc close reasons).
+pub const WHIP_ENDED: &str = "cascade_ingest_whip_ended_total";
+/// Frames received from WHIP publishers, by `track`.
+pub const WHIP_FRAMES: &str = "cascade_ingest_whip_frames_total";
+/// Keyframe requests (PLI) sent to WHIP publishers.
+pub const WHIP_PLI: &str = "cascade_ingest_whip_pli_total";
+
 /// Registers descriptions for the ingest's metrics.
 pub fn describe() {
+    metrics::describe_counter!(WHIP_SESSIONS, "WHIP sessions created");
+    metrics::describe_counter!(WHIP_ENDED, "WHIP sessions ended, by reason");
+    metrics::describe_counter!(WHIP_FRAMES, "frames received from WHIP publishers, by track");
+    metrics::describe_counter!(WHIP_PLI, "keyframe requests sent to WHIP publishers");
     metrics::describe_gauge!(RTMP_CONNECTIONS, "RTMP connections currently open");
     metrics::describe_counter!(RTMP_ACCEPTED, "RTMP connections accepted");
     metrics::describe_counter!(RTMP_REFUSED, "RTMP connections or publishes refused, by reason");

@@ -13,6 +13,9 @@ pub struct Frame {
     /// The access unit.
     pub payload: Bytes,
     /// Presentation timestamp in the track's clock (90 kHz video, 48 kHz Opus).
+    /// All tracks of a stream share one timeline: `pts / clock_rate` is
+    /// seconds since the stream's zero, the same zero for audio and video,
+    /// so consumers keep lip sync by mapping each track with its own clock.
     pub pts: u64,
     /// Decode timestamp in the track's clock; equals `pts` without B-frames.
     pub dts: u64,

@@ -1,0 +1,431 @@
+//! WHIP ingest (RFC 9725): a publisher's offer becomes a str0m session in a
+//! shard of the node's [`cascade_rtc::Server`]; received frames go into the
+//! registry as the stream's tracks.
+//!
+//! Timeline: every track's pts lives on one stream timeline (seconds since
+//! the stream's first frame, in the track clock), anchored on each track's
+//! first arrival, so audio and video stay in sync through relay and edge.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::{BufMut, Bytes, BytesMut};
+use cascade_origin::catalog::{Catalog, Codec, TrackInfo};
+use cascade_origin::frame::Frame;
+use cascade_origin::registry::Publisher;
+use cascade_origin::Registry;
+use cascade_rtc::http::{token_matches, ApiError, CreateFuture, Created, Endpoint};
+use cascade_rtc::session::CloseReason;
+use cascade_rtc::{Ctx, Flow, Handler};
+use str0m::change::SdpOffer;
+use str0m::format::Codec as RtcCodec;
+use str0m::media::{KeyframeRequestKind, MediaData, MediaKind, Mid};
+use str0m::Event;
+
+use crate::h264;
+use crate::metrics as m;
+
+/// Wait this long for every offered track's first frame before going live
+/// with the tracks seen so far (an encoder whose audio starts late).
+const PUBLISH_WAIT: Duration = Duration::from_millis(1500);
+/// At most one PLI per this interval: encoders answer each with a costly
+/// keyframe; viewers joining in a burst need only one.
+const PLI_INTERVAL: Duration = Duration::from_millis(500);
+
+/// The WHIP endpoint: token check and session creation.
+pub struct Whip {
+    registry: Arc<Registry>,
+    rtc: cascade_rtc::Server,
+    token: Arc<str>,
+}
+
+impl Whip {
+    /// A WHIP endpoint publishing into `registry`, requiring `token`.
+    pub fn new(registry: Arc<Registry>, rtc: cascade_rtc::Server, token: Arc<str>) -> Self {
+        Self { registry, rtc, token }
+    }
+}
+
+/// The WHIP routes (`/whip/{stream}` and its session resources).
+pub fn router(registry: Arc<Registry>, rtc: cascade_rtc::Server, token: Arc<str>) -> axum::Router {
+    let whip = Arc::new(Whip::new(registry, rtc.clone(), token));
+    cascade_rtc::http::router(whip, rtc)
+}
+
+/// Audio and video m-lines the publisher will send on.
+fn sending_kinds(offer: &str) -> (bool, bool) {
+    let (mut audio, mut video) = (false, false);
+    let mut current: Option<&str> = None;
+    let mut dirs: Vec<(&str, bool)> = Vec::new();
+    for line in offer.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("m=") {
+            if let Some(k) = current.take() {
+                dirs.push((k, true));
+            }
+            current = rest.split(' ').next();
+        } else if line == "a=recvonly" || line == "a=inactive" {
+            current = None;
+        }
+    }
+    if let Some(k) = current {
+        dirs.push((k, true));
+    }
+    for (k, _) in dirs {
+        match k {
+            "audio" => audio = true,
+            "video" => video = true,
+            _ => {}
+        }
+    }
+    (audio, video)
+}
+
+impl Endpoint for Whip {
+    fn kind(&self) -> &'static str {
+        "whip"
+    }
+
+    fn authorize(&self, token: Option<&str>) -> Result<(), ApiError> {
+        if token_matches(token, &self.token) {
+            Ok(())
+        } else {
+            Err(ApiError::Unauthorized(
+                "missing or wrong publish token: send Authorization: Bearer TOKEN",
+            ))
+        }
+    }
+
+    fn create(&self, stream: String, offer: String) -> CreateFuture {
+        let registry = self.registry.clone();
+        let rtc = self.rtc.clone();
+        Box::pin(async move {
+            let (audio, video) = sending_kinds(&offer);
+            if !audio && !video {
+                return Err(ApiError::BadRequest(
+                    "offer has no audio or video m-line to publish (sendonly/sendrecv)".into(),
+                ));
+            }
+            let sdp = SdpOffer::from_sdp_string(&offer)
+                .map_err(|e| ApiError::BadRequest(format!("malformed SDP offer: {e}")))?;
+            let mut session = rtc
+                .rtc_builder()
+                .clear_codecs()
+                .enable_h264(true)
+                .enable_vp8(true)
+                .enable_vp9(true)
+                .enable_av1(true)
+                .enable_h265(true)
+                .enable_opus(true, false)
+                .build(Instant::now());
+            rtc.add_local_candidates(&mut session);
+            let answer = session
+                .sdp_api()
+                .accept_offer(sdp)
+                .map_err(|e| ApiError::BadRequest(format!("offer refused: {e}")))?;
+            let answer = answer.to_sdp_string();
+            if !answer.lines().any(|l| l.starts_with("m=") && !l.starts_with("m=application") && !l.contains(" 0 ")) {
+                return Err(ApiError::NotAcceptable(
+                    "no codec in the offer that cascade can ingest (H.264, VP8, VP9, AV1, H.265, Opus)".into(),
+                ));
+            }
+            let span = tracing::info_span!("whip", stream = %stream, session = tracing::field::Empty);
+            let expected = usize::from(audio) + usize::from(video);
+            let handle = rtc.add(session, "whip", &stream, span.clone(), |id, _waker| {
+                span.record("session", tracing::field::display(id));
+                Box::new(Session::new(registry, stream.clone(), expected, span.clone()))
+            })?;
+            metrics::counter!(m::WHIP_SESSIONS).increment(1);
+            Ok(Created { answer, handle })
+        })
+    }
+}
+
+/// One received track.
+struct Track {
+    name: &'static str,
+    codec: Codec,
+    fmtp: String,
+    /// RTP time of the first frame and its pts on the stream timeline.
+    anchor: Option<(u64, u64)>,
+    waiting_keyframe: bool,
+    parameter_sets: Vec<Bytes>,
+}
+
+/// A WHIP publisher's session.
+struct Session {
+    registry: Arc<Registry>,
+    stream: String,
+    span: tracing::Span,
+    expected: usize,
+    tracks: HashMap<Mid, Track>,
+    publisher: Option<Publisher>,
+    /// Wall clock (µs) of the stream's first frame: zero of the timeline.
+    zero_us: Option<u64>,
+    first_frame: Option<Instant>,
+    last_pli: Option<Instant>,
+}
+
+fn map_codec(c: RtcCodec) -> Option<Codec> {
+    Some(match c {
+        RtcCodec::H264 => Codec::H264,
+        RtcCodec::H265 => Codec::H265,
+        RtcCodec::Vp8 => Codec::Vp8,
+        RtcCodec::Vp9 => Codec::Vp9,
+        RtcCodec::Av1 => Codec::Av1,
+        RtcCodec::Opus => Codec::Opus,
+        _ => return None,
+    })
+}
+
+impl Session {
+    fn new(registry: Arc<Registry>, stream: String, expected: usize, span: tracing::Span) -> Self {
+        Self {
+            registry,
+            stream,
+            span,
+            expected,
+            tracks: HashMap::new(),
+            publisher: None,
+            zero_us: None,
+            first_frame: None,
+            last_pli: None,
+        }
+    }
+
+    fn catalog(&self) -> Catalog {
+        let mut tracks: Vec<TrackInfo> = self
+            .tracks
+            .values()
+            .map(|t| TrackInfo {
+                name: t.name.to_string(),
+                codec: t.codec,
+                fmtp: t.fmtp.clone(),
+                channels: (t.codec == Codec::Opus).then_some(2),
+                bframes: false,
+            })
+            .collect();
+        tracks.sort_by(|a, b| b.name.cmp(&a.name));
+        Catalog { tracks }
+    }
+
+    fn pli(&mut self, ctx: &mut Ctx<'_>, mid: Mid) {
+        if self.last_pli.is_some_and(|t| ctx.now.duration_since(t) < PLI_INTERVAL) {
+            return;
+        }
+        if let Some(rx) = ctx.rtc.direct_api().stream_rx_by_mid(mid, None) {
+            rx.request_keyframe(KeyframeRequestKind::Pli);
+            self.last_pli = Some(ctx.now);
+            metrics::counter!(m::WHIP_PLI).increment(1);
+        }
+    }
+
+    fn on_media(&mut self, ctx: &mut Ctx<'_>, data: MediaData) -> Flow {
+        let now_us = cascade_origin::wallclock_us();
+        let spec = data.params.spec();
+        let Some(codec) = map_codec(spec.codec) else {
+            return Flow::Continue;
+        };
+        let kind = ctx.rtc.media(data.mid).map(|m| m.kind());
+        let name = match kind {
+            Some(MediaKind::Audio) => "audio",
+            Some(MediaKind::Video) => "video",
+            None => return Flow::Continue,
+        };
+        if let Some(p) = &self.publisher {
+            if !p.is_current() {
+                let _g = self.span.enter();
+                tracing::info!("taken over by a newer publisher");
+                return Flow::Close;
+            }
+        }
+        let zero = *self.zero_us.get_or_insert(now_us);
+        self.first_frame.get_or_insert(ctx.now);
+        let is_new = !self.tracks.contains_key(&data.mid);
+        let track = self.tracks.entry(data.mid).or_insert_with(|| Track {
+            name,
+            codec,
+            fmtp: fmtp_of(&data),
+            anchor: None,
+            waiting_keyframe: name == "video",
+            parameter_sets: Vec::new(),
+        });
+        if is_new {
+            let _g = self.span.enter();
+            tracing::info!(track = name, codec = %codec, "track started");
+        }
+        let rtp = data.time.numer();
+        let clock = u64::from(codec.clock_rate());
+        let (rtp0, pts0) = *track
+            .anchor
+            .get_or_insert_with(|| (rtp, now_us.saturating_sub(zero) * clock / 1_000_000));
+        let pts = pts0 + rtp.saturating_sub(rtp0);
+        let mut keyframe = name == "audio" || data.is_keyframe();
+        let mut payload = Bytes::copy_from_slice(&data.data);
+        if name == "video" {
+            if !data.contiguous && !keyframe {
+                // Loss broke the group: decoding on would show corruption.
+                track.waiting_keyframe = true;
+            }
+            if track.waiting_keyframe && !keyframe {
+                self.pli(ctx, data.mid);
+                return Flow::Continue;
+            }
+            track.waiting_keyframe = false;
+            if codec == Codec::H264 {
+                payload = with_parameter_sets(payload, &mut track.parameter_sets, &mut keyframe);
+            }
+        }
+        let frame = Frame {
+            payload,
+            pts,
+            dts: pts,
+            keyframe,
+            ingest_us: now_us,
+        };
+        metrics::counter!(m::WHIP_FRAMES, "track" => name).increment(1);
+
+        if self.publisher.is_none() {
+            let waited = self.first_frame.is_some_and(|t| ctx.now.duration_since(t) >= PUBLISH_WAIT);
+            if self.tracks.len() < self.expected && !waited {
+                return Flow::Continue;
+            }
+            match self.registry.publish(&self.stream, self.catalog(), "whip") {
+                Ok(p) => {
+                    let _g = self.span.enter();
+                    tracing::info!(tracks = self.tracks.len(), "live");
+                    self.publisher = Some(p);
+                }
+                Err(e) => {
+                    let _g = self.span.enter();
+                    tracing::warn!(error = %e, "publish refused");
+                    return Flow::Close;
+                }
+            }
+        } else if is_new {
+            let catalog = self.catalog();
+            if let Some(p) = &mut self.publisher {
+                p.set_catalog(catalog);
+            }
+        }
+        let mut want_keyframe = false;
+        if let Some(p) = &mut self.publisher {
+            if let Some(producer) = p.track_mut(name) {
+                if producer.write(frame).is_err() {
+                    return Flow::Close;
+                }
+            }
+            if let Some(v) = p.track_mut("video") {
+                want_keyframe = v.take_keyframe_request();
+            }
+        }
+        if want_keyframe {
+            if let Some((mid, _)) = self.tracks.iter().find(|(_, t)| t.name == "video") {
+                let mid = *mid;
+                self.pli(ctx, mid);
+            }
+        }
+        Flow::Continue
+    }
+}
+
+fn fmtp_of(data: &MediaData) -> String {
+    let spec = data.params.spec();
+    match spec.codec {
+        RtcCodec::H264 => {
+            let plid = spec.format.profile_level_id.unwrap_or(0x42e01f);
+            format!("level-asymmetry-allowed=1;packetization-mode=1;profile-level-id={plid:06x}")
+        }
+        RtcCodec::Opus => "minptime=10;useinbandfec=1".into(),
+        _ => String::new(),
+    }
+}
+
+/// Makes every H.264 keyframe carry its SPS/PPS (browsers send them in
+/// STAP-A with each IDR, but not every encoder does), and remembers the
+/// latest ones.
+fn with_parameter_sets(payload: Bytes, cache: &mut Vec<Bytes>, keyframe: &mut bool) -> Bytes {
+    let nals = h264::split_annexb(&payload);
+    let mut has_ps = false;
+    let mut fresh: Vec<Bytes> = Vec::new();
+    for nal in &nals {
+        let t = nal.first().map_or(0, |b| b & 0x1f);
+        if t == 7 || t == 8 {
+            has_ps = true;
+            fresh.push(Bytes::copy_from_slice(nal));
+        }
+        if t == 5 {
+            *keyframe = true;
+        }
+    }
+    if has_ps {
+        *cache = fresh;
+    }
+    if !*keyframe || has_ps || cache.is_empty() {
+        return payload;
+    }
+    let mut out = BytesMut::with_capacity(payload.len() + cache.iter().map(|p| p.len() + 4).sum::<usize>());
+    for ps in cache.iter() {
+        out.put_slice(&[0, 0, 0, 1]);
+        out.put_slice(ps);
+    }
+    out.put_slice(&payload);
+    out.freeze()
+}
+
+impl Handler for Session {
+    fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) -> Flow {
+        match event {
+            Event::MediaData(data) => self.on_media(ctx, data),
+            Event::Connected => {
+                let video = self.tracks.iter().find(|(_, t)| t.name == "video").map(|(m, _)| *m);
+                if let Some(mid) = video {
+                    self.pli(ctx, mid);
+                }
+                Flow::Continue
+            }
+            _ => Flow::Continue,
+        }
+    }
+
+    fn on_close(&mut self, reason: CloseReason) {
+        // Dropping the publisher ends the stream unless a newer one took over.
+        self.publisher = None;
+        metrics::counter!(m::WHIP_ENDED, "reason" => reason.as_str()).increment(1);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kinds_from_offer() {
+        let o = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n";
+        assert_eq!(sending_kinds(o), (true, true));
+        let o = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n";
+        assert_eq!(sending_kinds(o), (false, true));
+        assert_eq!(sending_kinds("v=0\r\n"), (false, false));
+    }
+
+    #[test]
+    fn parameter_sets_prepended() {
+        let mut cache = Vec::new();
+        let mut key = false;
+        let with = Bytes::from_static(&[0, 0, 0, 1, 0x67, 1, 0, 0, 0, 1, 0x68, 2, 0, 0, 0, 1, 0x65, 3]);
+        let out = with_parameter_sets(with.clone(), &mut cache, &mut key);
+        assert!(key);
+        assert_eq!(out, with);
+        assert_eq!(cache.len(), 2);
+        let mut key = false;
+        let idr = Bytes::from_static(&[0, 0, 0, 1, 0x65, 9]);
+        let out = with_parameter_sets(idr, &mut cache, &mut key);
+        assert!(key);
+        assert_eq!(&out[..], &[0, 0, 0, 1, 0x67, 1, 0, 0, 0, 1, 0x68, 2, 0, 0, 0, 1, 0x65, 9]);
+        let mut key = false;
+        let p = Bytes::from_static(&[0, 0, 0, 1, 0x41, 9]);
+        assert_eq!(with_parameter_sets(p.clone(), &mut cache, &mut key), p);
+        assert!(!key);
+    }
+}
