@@ -166,7 +166,9 @@ pub fn access_units(data: &[u8]) -> Vec<Range<usize>> {
 
 /// The `profile_idc`, constraint flags and `level_idc` of the first SPS in `data`.
 pub fn sps_profile(data: &[u8]) -> Option<(u8, u8, u8)> {
-    let sps = nal_units(data).into_iter().find(|n| nal_type(n) == NAL_SPS)?;
+    let sps = nal_units(data)
+        .into_iter()
+        .find(|n| nal_type(n) == NAL_SPS)?;
     Some((*sps.get(1)?, *sps.get(2)?, *sps.get(3)?))
 }
 

@@ -52,7 +52,14 @@ pub fn client() -> Result<reqwest::Client> {
 /// POST `sdp` to `url` as `application/sdp` (with a Bearer token when given) and return the
 /// reply whatever its status.
 pub async fn post_offer(url: &str, sdp: &str, token: Option<&str>) -> Result<Reply> {
-    post_raw(&client()?, url, "application/sdp", sdp.as_bytes().to_vec(), token).await
+    post_raw(
+        &client()?,
+        url,
+        "application/sdp",
+        sdp.as_bytes().to_vec(),
+        token,
+    )
+    .await
 }
 
 /// POST arbitrary bytes with an arbitrary content type (for 413/415 tests).
@@ -89,7 +96,14 @@ pub async fn create_session(
     sdp: &str,
     token: Option<&str>,
 ) -> Result<Created> {
-    let reply = post_raw(client, url, "application/sdp", sdp.as_bytes().to_vec(), token).await?;
+    let reply = post_raw(
+        client,
+        url,
+        "application/sdp",
+        sdp.as_bytes().to_vec(),
+        token,
+    )
+    .await?;
     if reply.status != 201 {
         return Err(Error::Status {
             status: reply.status,

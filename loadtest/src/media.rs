@@ -251,7 +251,11 @@ fn cache_dir(o: &Options) -> PathBuf {
 
 /// Run ffmpeg with `args` (inputs and output options), writing to `out` atomically.
 async fn run_ffmpeg(args: Vec<String>, out: &Path) -> Result<()> {
-    let tmp = out.with_extension(format!("tmp{}-{}", std::process::id(), rand::random::<u32>()));
+    let tmp = out.with_extension(format!(
+        "tmp{}-{}",
+        std::process::id(),
+        rand::random::<u32>()
+    ));
     let mut cmd = tokio::process::Command::new("ffmpeg");
     cmd.args(["-hide_banner", "-loglevel", "error", "-nostdin", "-y"])
         .args(&args)

@@ -117,9 +117,19 @@ mod tests {
     #[test]
     fn reads_packets_across_pages() {
         let big = vec![7u8; 300]; // 255 + 45: spans two pages
-        let mut data = page(1, false, &[3, 255], &[[1, 2, 3].as_slice(), &big[..255]].concat());
+        let mut data = page(
+            1,
+            false,
+            &[3, 255],
+            &[[1, 2, 3].as_slice(), &big[..255]].concat(),
+        );
         data.extend(page(9, false, &[2], &[9, 9])); // other stream: ignored
-        data.extend(page(1, true, &[45, 1], &[&big[255..], [5].as_slice()].concat()));
+        data.extend(page(
+            1,
+            true,
+            &[45, 1],
+            &[&big[255..], [5].as_slice()].concat(),
+        ));
         let p = packets(&data);
         assert_eq!(p, vec![vec![1, 2, 3], big, vec![5]]);
     }

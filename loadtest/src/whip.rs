@@ -314,7 +314,11 @@ impl Session {
             let next = self.next_due(start, &vcur, &acur);
             self.wait(timeout.min(next)).await?;
         }
-        tracing::info!(end = report.end, frames = report.video_frames, "publisher ended");
+        tracing::info!(
+            end = report.end,
+            frames = report.video_frames,
+            "publisher ended"
+        );
         Ok(report)
     }
 

@@ -129,7 +129,7 @@ impl ClockTrack {
         }
         let early = *self.bucket_min.get(1)?;
         let late = *self.bucket_min.get(n - 2)?;
-        (early.is_finite() && late.is_finite()).then(|| (late - early) * 1000.0)
+        (early.is_finite() && late.is_finite()).then_some((late - early) * 1000.0)
     }
 }
 
@@ -172,21 +172,22 @@ impl Checker {
         r.noncontiguous_frames += u64::from(!f.contiguous);
         if !f.video {
             r.audio_frames += 1;
-            r.audio_codec.get_or_insert_with(|| format!("{:?}", f.codec));
+            r.audio_codec
+                .get_or_insert_with(|| format!("{:?}", f.codec));
             live.audio_frames.fetch_add(1, Ordering::Relaxed);
             self.audio_clock.add(f.arrival, f.media_secs);
             return;
         }
         r.video_frames += 1;
         live.video_frames.fetch_add(1, Ordering::Relaxed);
-        r.video_codec.get_or_insert_with(|| format!("{:?}", f.codec));
+        r.video_codec
+            .get_or_insert_with(|| format!("{:?}", f.codec));
         self.video_clock.add(f.arrival, f.media_secs);
         let keyframe = is_decodable_start(f.codec, f.data);
         r.first_frame_keyframe.get_or_insert(keyframe);
         if keyframe {
             r.keyframes += 1;
-            r.ttff_ms
-                .get_or_insert(f.since_post.as_secs_f64() * 1000.0);
+            r.ttff_ms.get_or_insert(f.since_post.as_secs_f64() * 1000.0);
         }
         if let Some(t) = tag::find(f.data) {
             r.tagged_frames += 1;
@@ -243,7 +244,11 @@ mod tests {
         for i in 0..200u64 {
             // 30 fps, arrival jitter up to 9 ms, a burst at the start.
             let media = i as f64 / 30.0;
-            let wall = if i < 20 { 0.0 } else { media + (i % 10) as f64 / 1000.0 };
+            let wall = if i < 20 {
+                0.0
+            } else {
+                media + (i % 10) as f64 / 1000.0
+            };
             c.add(t0 + Duration::from_secs_f64(wall), media + 100.0);
         }
         let d = c.drift_ms().unwrap();
@@ -257,7 +262,13 @@ mod tests {
         let t0 = Instant::now();
         let au = |seq| {
             let base = [0, 0, 0, 1, 0x41, 0x9a, 1];
-            tag::insert(&base, tag::Tag { seq, sent_us: crate::wallclock_us() })
+            tag::insert(
+                &base,
+                tag::Tag {
+                    seq,
+                    sent_us: crate::wallclock_us(),
+                },
+            )
         };
         for (i, seq) in [5u64, 6, 9, 3].into_iter().enumerate() {
             let data = au(seq);

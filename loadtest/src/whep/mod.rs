@@ -106,8 +106,10 @@ type Mids = (Option<Mid>, Option<Mid>);
 
 fn add_media(rtc: &mut Rtc, video: bool, audio: bool) -> Result<(SdpOffer, SdpPendingOffer, Mids)> {
     let mut api = rtc.sdp_api();
-    let video = video.then(|| api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None));
-    let audio = audio.then(|| api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None));
+    let video =
+        video.then(|| api.add_media(MediaKind::Video, Direction::RecvOnly, None, None, None));
+    let audio =
+        audio.then(|| api.add_media(MediaKind::Audio, Direction::RecvOnly, None, None, None));
     let (offer, pending) = api
         .apply()
         .ok_or_else(|| Error::BadAnswer("offer has no media".into()))?;
