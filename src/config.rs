@@ -1,0 +1,330 @@
+//! cascade's one typed configuration: flags, `CASCADE_*` environment
+//! variables and an optional TOML file, in that order of precedence
+//! (INTERFACE.md). Every flag is an `Option` so an unset flag never
+//! overwrites a value from the environment or the file.
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context};
+use clap::{Parser, Subcommand};
+use serde::Deserialize;
+
+/// Which parts of cascade this process runs.
+#[derive(Subcommand, Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Role {
+    /// Ingest + origin + edge in one process (the default).
+    All,
+    /// The origin: accepts ingest connections, fans streams out to edges over QUIC.
+    Origin,
+    /// WHIP + RTMP ingest, forwarding to an origin.
+    Ingest,
+    /// WHEP and OvenPlayer viewers served from an origin.
+    Edge,
+}
+
+impl Role {
+    /// Lowercase name, for logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::All => "all",
+            Self::Origin => "origin",
+            Self::Ingest => "ingest",
+            Self::Edge => "edge",
+        }
+    }
+}
+
+/// Command line; every option also reads `CASCADE_<NAME>`.
+#[derive(Parser, Debug, Default)]
+#[command(name = "cascade", version, about = "Low-latency live broadcast: WHIP/RTMP in, WebRTC out")]
+pub struct Cli {
+    /// Role to run (default: all).
+    #[command(subcommand)]
+    pub role: Option<Role>,
+    /// TOML file with any of the options below (lowest precedence).
+    #[arg(long, global = true, env = "CASCADE_CONFIG")]
+    pub config: Option<PathBuf>,
+    #[command(flatten)]
+    pub opts: Options,
+}
+
+/// The options of INTERFACE.md, each optional at this stage.
+#[derive(clap::Args, Deserialize, Debug, Default, Clone, PartialEq)]
+#[serde(deny_unknown_fields, rename_all = "kebab-case")]
+pub struct Options {
+    /// HTTP: WHIP, WHEP, player page, API, metrics [default: 0.0.0.0:8080]
+    #[arg(long, global = true, env = "CASCADE_HTTP")]
+    pub http: Option<SocketAddr>,
+    /// RTMP ingest [default: 0.0.0.0:1935]
+    #[arg(long, global = true, env = "CASCADE_RTMP")]
+    pub rtmp: Option<SocketAddr>,
+    /// The one UDP port for all WebRTC media [default: 0.0.0.0:8189]
+    #[arg(long, global = true, env = "CASCADE_UDP")]
+    pub udp: Option<SocketAddr>,
+    /// ICE-TCP (passive) [default: same address as --udp]
+    #[arg(long, global = true, env = "CASCADE_TCP")]
+    pub tcp: Option<SocketAddr>,
+    /// IP addresses put into ICE candidates, comma separated [default: every up interface]
+    #[arg(long, global = true, env = "CASCADE_ADVERTISE", value_delimiter = ',')]
+    pub advertise: Option<Vec<IpAddr>>,
+    /// Bearer token required to publish [default: random, printed at start]
+    #[arg(long, global = true, env = "CASCADE_PUBLISH_TOKEN", hide_env_values = true)]
+    pub publish_token: Option<String>,
+    /// Token viewers must present [default: none, open viewing]
+    #[arg(long, global = true, env = "CASCADE_VIEWER_TOKEN", hide_env_values = true)]
+    pub viewer_token: Option<String>,
+    /// Origin relay (QUIC) listen address [default: 0.0.0.0:4433 for origin]
+    #[arg(long, global = true, env = "CASCADE_QUIC")]
+    pub quic: Option<SocketAddr>,
+    /// Secret shared by every node of a split cluster
+    #[arg(long, global = true, env = "CASCADE_CLUSTER_SECRET", hide_env_values = true)]
+    pub cluster_secret: Option<String>,
+    /// On SIGTERM let current sessions run this long, then exit 0 [default: 30s]
+    #[arg(long, global = true, env = "CASCADE_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub drain_timeout: Option<Duration>,
+    /// tracing filter, RUST_LOG syntax [default: info]
+    #[arg(long, global = true, env = "CASCADE_LOG")]
+    pub log: Option<String>,
+    /// The origin to connect to (ingest and edge): HOST:PORT
+    #[arg(long, global = true, env = "CASCADE_ORIGIN")]
+    pub origin: Option<String>,
+    /// WebRTC sessions (publishers + viewers) before answering 503 [default: 10000]
+    #[arg(long, global = true, env = "CASCADE_MAX_SESSIONS")]
+    pub max_sessions: Option<usize>,
+    /// RTSP pulls (TOML only; not supported by this version)
+    #[arg(skip)]
+    pub pull: Option<Vec<toml::Value>>,
+}
+
+mod humantime_serde_opt {
+    use std::time::Duration;
+
+    use serde::{Deserialize, Deserializer};
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s: Option<String> = Option::deserialize(d)?;
+        s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+impl Options {
+    /// Fills every unset option from `lower` (flags/env over file).
+    fn or(self, lower: Self) -> Self {
+        Self {
+            http: self.http.or(lower.http),
+            rtmp: self.rtmp.or(lower.rtmp),
+            udp: self.udp.or(lower.udp),
+            tcp: self.tcp.or(lower.tcp),
+            advertise: self.advertise.or(lower.advertise),
+            publish_token: self.publish_token.or(lower.publish_token),
+            viewer_token: self.viewer_token.or(lower.viewer_token),
+            quic: self.quic.or(lower.quic),
+            cluster_secret: self.cluster_secret.or(lower.cluster_secret),
+            drain_timeout: self.drain_timeout.or(lower.drain_timeout),
+            log: self.log.or(lower.log),
+            origin: self.origin.or(lower.origin),
+            max_sessions: self.max_sessions.or(lower.max_sessions),
+            pull: self.pull.or(lower.pull),
+        }
+    }
+}
+
+/// The resolved configuration every role reads.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub role: Role,
+    pub http: SocketAddr,
+    pub rtmp: SocketAddr,
+    pub udp: SocketAddr,
+    pub tcp: SocketAddr,
+    pub advertise: Vec<IpAddr>,
+    pub publish_token: String,
+    /// True when the token was generated (so it is printed).
+    pub publish_token_generated: bool,
+    pub viewer_token: Option<String>,
+    /// Relay listen address; `None` when this role does not serve the relay.
+    pub quic: Option<SocketAddr>,
+    pub cluster_secret: Option<String>,
+    pub drain_timeout: Duration,
+    pub log: String,
+    pub origin: Option<String>,
+    pub max_sessions: usize,
+}
+
+/// Shortest cluster secret accepted: it is the only thing between the
+/// relay port and anyone who can reach it.
+const MIN_SECRET: usize = 16;
+
+impl Config {
+    /// Parses the command line, the environment and the file.
+    pub fn load() -> anyhow::Result<Self> {
+        Self::from_cli(Cli::parse())
+    }
+
+    /// Resolves a parsed command line (tests call this directly).
+    pub fn from_cli(cli: Cli) -> anyhow::Result<Self> {
+        let file = match &cli.config {
+            Some(path) => {
+                let text = std::fs::read_to_string(path)
+                    .with_context(|| format!("reading config file {}", path.display()))?;
+                toml::from_str::<Options>(&text)
+                    .with_context(|| format!("parsing config file {}", path.display()))?
+            }
+            None => Options::default(),
+        };
+        Self::resolve(cli.role.unwrap_or(Role::All), cli.opts.or(file))
+    }
+
+    fn resolve(role: Role, o: Options) -> anyhow::Result<Self> {
+        let udp = o.udp.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8189)));
+        let (publish_token, generated) = match o.publish_token {
+            Some(t) if t.trim().is_empty() => bail!("--publish-token must not be empty"),
+            Some(t) => (t, false),
+            None => (random_token(), true),
+        };
+        if let Some(s) = &o.cluster_secret {
+            if s.len() < MIN_SECRET {
+                bail!("--cluster-secret must be at least {MIN_SECRET} characters");
+            }
+        }
+        if role != Role::All && o.cluster_secret.is_none() {
+            bail!(
+                "`cascade {}` needs --cluster-secret (or CASCADE_CLUSTER_SECRET): the same secret on every node of the cluster",
+                role.as_str()
+            );
+        }
+        if matches!(role, Role::Ingest | Role::Edge) && o.origin.is_none() {
+            bail!("`cascade {}` needs --origin HOST:PORT (the origin's --quic address)", role.as_str());
+        }
+        if o.pull.as_ref().is_some_and(|p| !p.is_empty()) {
+            bail!("[[pull]] (RTSP pull) is not supported by this version of cascade");
+        }
+        let quic = match role {
+            Role::Origin => Some(o.quic.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 4433)))),
+            // Elsewhere the relay listens only when asked to (an edge serving
+            // further edges, or `all` serving edges): nothing listens that
+            // the operator did not ask for.
+            _ => o.quic,
+        };
+        if quic.is_some() && o.cluster_secret.is_none() {
+            bail!("--quic needs --cluster-secret: relay peers authenticate with it");
+        }
+        Ok(Self {
+            role,
+            http: o.http.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+            rtmp: o.rtmp.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 1935))),
+            udp,
+            tcp: o.tcp.unwrap_or(udp),
+            advertise: o.advertise.unwrap_or_default(),
+            publish_token,
+            publish_token_generated: generated,
+            viewer_token: o.viewer_token.filter(|t| !t.is_empty()),
+            quic,
+            cluster_secret: o.cluster_secret,
+            drain_timeout: o.drain_timeout.unwrap_or(Duration::from_secs(30)),
+            log: o.log.unwrap_or_else(|| "info".into()),
+            origin: o.origin,
+            max_sessions: o.max_sessions.unwrap_or(10_000),
+        })
+    }
+}
+
+/// 128 random bits as 32 hex digits.
+fn random_token() -> String {
+    format!("{:032x}", rand::random::<u128>())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn parse(args: &[&str]) -> Cli {
+        Cli::try_parse_from(std::iter::once("cascade").chain(args.iter().copied())).unwrap()
+    }
+
+    #[test]
+    fn defaults_match_interface() {
+        let c = Config::from_cli(parse(&[])).unwrap();
+        assert_eq!(c.role, Role::All);
+        assert_eq!(c.http, "0.0.0.0:8080".parse().unwrap());
+        assert_eq!(c.rtmp, "0.0.0.0:1935".parse().unwrap());
+        assert_eq!(c.udp, "0.0.0.0:8189".parse().unwrap());
+        assert_eq!(c.tcp, c.udp);
+        assert_eq!(c.drain_timeout, Duration::from_secs(30));
+        assert!(c.publish_token_generated);
+        assert_eq!(c.publish_token.len(), 32);
+        assert!(c.viewer_token.is_none());
+        assert!(c.quic.is_none(), "all listens on no relay port unless asked");
+    }
+
+    #[test]
+    fn origin_defaults_and_secret_required() {
+        assert!(Config::from_cli(parse(&["origin"])).is_err());
+        let c = Config::from_cli(parse(&["origin", "--cluster-secret", "0123456789abcdef"])).unwrap();
+        assert_eq!(c.quic, Some("0.0.0.0:4433".parse().unwrap()));
+        assert!(Config::from_cli(parse(&["origin", "--cluster-secret", "short"])).is_err());
+    }
+
+    #[test]
+    fn edge_needs_origin() {
+        let e = Config::from_cli(parse(&["edge", "--cluster-secret", "0123456789abcdef"])).unwrap_err();
+        assert!(e.to_string().contains("--origin"));
+        let c = Config::from_cli(parse(&[
+            "edge",
+            "--cluster-secret",
+            "0123456789abcdef",
+            "--origin",
+            "o:4433",
+        ]))
+        .unwrap();
+        assert_eq!(c.origin.as_deref(), Some("o:4433"));
+    }
+
+    #[test]
+    fn flag_beats_file_and_file_fills_gaps() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "http = \"127.0.0.1:9000\"\nrtmp = \"127.0.0.1:9001\"\ndrain-timeout = \"5s\"\nadvertise = [\"10.0.0.1\"]\n",
+        )
+        .unwrap();
+        let c = Config::from_cli(parse(&["--config", path.to_str().unwrap(), "--http", "127.0.0.1:7000"])).unwrap();
+        assert_eq!(c.http, "127.0.0.1:7000".parse().unwrap(), "flag over file");
+        assert_eq!(c.rtmp, "127.0.0.1:9001".parse().unwrap(), "file fills unset");
+        assert_eq!(c.drain_timeout, Duration::from_secs(5));
+        assert_eq!(c.advertise, vec!["10.0.0.1".parse::<IpAddr>().unwrap()]);
+    }
+
+    #[test]
+    fn unknown_file_keys_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "htp = \"127.0.0.1:9000\"\n").unwrap();
+        assert!(Config::from_cli(parse(&["--config", path.to_str().unwrap()])).is_err());
+    }
+
+    #[test]
+    fn advertise_comma_list_and_subcommand_after_flags() {
+        let c = Config::from_cli(parse(&["--advertise", "1.2.3.4,5.6.7.8", "all"])).unwrap();
+        assert_eq!(c.advertise.len(), 2);
+    }
+
+    #[test]
+    fn env_beats_file() {
+        // clap resolves flag > env itself; here: env (via a parse with the
+        // variable set) must beat the file.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(&path, "log = \"debug\"\n").unwrap();
+        // Only this test sets CASCADE_LOG; no other test reads `log`.
+        std::env::set_var("CASCADE_LOG", "warn");
+        let c = Config::from_cli(parse(&["--config", path.to_str().unwrap()]));
+        std::env::remove_var("CASCADE_LOG");
+        assert_eq!(c.unwrap().log, "warn");
+    }
+}
