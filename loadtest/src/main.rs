@@ -1,2 +1,270 @@
-//! placeholder until the CLI lands
-fn main() {}
+//! `loadtest`: many real WHEP viewers against one stream, progress each second, a JSON summary.
+//!
+//! Each viewer does a full WHEP exchange, ICE, DTLS, SRTP and depacketizes and checks every
+//! frame (one tokio task per viewer for now: the cheap header-only viewers of issue 6 are to come).
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use loadtest::stats::percentile;
+use loadtest::whep::{LiveCounters, Viewer, ViewerOptions, ViewerReport};
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+/// Real WebRTC viewers for a cascade edge (or any WHEP server).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+struct Args {
+    /// WHEP URL, e.g. http://127.0.0.1:8080/whep/live
+    #[arg(long)]
+    url: String,
+    /// Number of viewers.
+    #[arg(long, default_value_t = 10)]
+    viewers: u32,
+    /// How long to run after the first viewer starts (e.g. 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    duration: Duration,
+    /// Viewer joins per second (0 = all at once).
+    #[arg(long, default_value_t = 0.0)]
+    ramp: f64,
+    /// Viewer token (Authorization: Bearer).
+    #[arg(long)]
+    token: Option<String>,
+    /// Local IP for the viewers' UDP sockets.
+    #[arg(long, default_value = "127.0.0.1")]
+    bind: IpAddr,
+    /// Print one JSON summary object as the last stdout line.
+    #[arg(long)]
+    json: bool,
+    /// Write a per-second CSV time series to this file.
+    #[arg(long)]
+    csv: Option<std::path::PathBuf>,
+}
+
+/// The final summary (the `--json` line).
+#[derive(Debug, Serialize)]
+struct Summary {
+    viewers_requested: u32,
+    viewers_connected: u64,
+    viewers_failed: u64,
+    packets_received: u64,
+    packets_lost: u64,
+    loss_pct: f64,
+    video_frames: u64,
+    audio_frames: u64,
+    first_frame_keyframe_pct: f64,
+    viewers_with_seq_gaps: u64,
+    ttff_ms_p50: Option<f64>,
+    ttff_ms_p95: Option<f64>,
+    latency_ms_p50: Option<f64>,
+    latency_ms_p99: Option<f64>,
+    av_drift_ms_max: Option<f64>,
+    duration_s: f64,
+    errors: Vec<String>,
+}
+
+/// Distinct error messages kept for the summary (they repeat across viewers).
+const MAX_ERRORS: usize = 10;
+
+#[tokio::main]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("warn")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let summary = run(&args).await?;
+    if args.json {
+        println!("{}", serde_json::to_string(&summary)?);
+    } else {
+        println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    Ok(())
+}
+
+async fn run(args: &Args) -> anyhow::Result<Summary> {
+    let live = Arc::new(LiveCounters::default());
+    let start = Instant::now();
+    let end = start + args.duration;
+    let mut csv = match &args.csv {
+        Some(p) => {
+            let mut f = std::fs::File::create(p).with_context(|| format!("create {p:?}"))?;
+            writeln!(
+                f,
+                "t_s,connected,failed,packets_received,packets_lost,video_frames,audio_frames"
+            )?;
+            Some(f)
+        }
+        None => None,
+    };
+    // Viewers start on their ramp slot and stop at `end`; each returns its report.
+    let mut tasks: JoinSet<loadtest::Result<ViewerReport>> = JoinSet::new();
+    for i in 0..args.viewers {
+        let at = if args.ramp > 0.0 {
+            start + Duration::from_secs_f64(f64::from(i) / args.ramp)
+        } else {
+            start
+        };
+        let mut opts = ViewerOptions::new(args.url.clone());
+        opts.token.clone_from(&args.token);
+        opts.bind = args.bind;
+        opts.live = Some(Arc::clone(&live));
+        let live = Arc::clone(&live);
+        tasks.spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            if Instant::now() >= end {
+                return Err(loadtest::Error::Timeout(
+                    "run ended before this viewer's slot",
+                ));
+            }
+            let viewer = match Viewer::start(opts).await {
+                Ok(v) => v,
+                Err(e) => {
+                    live.failed.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            let remaining = end.saturating_duration_since(Instant::now());
+            // The session ends by itself only on error or disconnect; otherwise stop at `end`.
+            let mut viewer = viewer;
+            tokio::select! {
+                _ = tokio::time::sleep(remaining) => {}
+                _ = wait_finished(&mut viewer) => {}
+            }
+            viewer.stop().await
+        });
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut prev_packets = 0;
+    while Instant::now() < end {
+        tick.tick().await;
+        let t = start.elapsed().as_secs_f64();
+        let s = snapshot(&live);
+        eprintln!(
+            "t={t:>5.1}s connected={} failed={} packets={} (+{}/s) lost={} video_frames={} audio_frames={}",
+            s[0], s[1], s[2], s[2] - prev_packets, s[3], s[4], s[5]
+        );
+        prev_packets = s[2];
+        if let Some(f) = csv.as_mut() {
+            writeln!(
+                f,
+                "{t:.1},{},{},{},{},{},{}",
+                s[0], s[1], s[2], s[3], s[4], s[5]
+            )?;
+        }
+    }
+    let mut reports = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    let mut failed = 0u64;
+    // Every viewer stops within a few seconds of `end`; bound the collection anyway.
+    let collect = async {
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Ok(rep)) => reports.push(rep),
+                Ok(Err(e)) => {
+                    failed += 1;
+                    let msg = e.to_string();
+                    if errors.len() < MAX_ERRORS && !errors.contains(&msg) {
+                        errors.push(msg);
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    if errors.len() < MAX_ERRORS {
+                        errors.push(format!("task: {e}"));
+                    }
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), collect)
+        .await
+        .is_err()
+    {
+        errors.push("some viewers did not stop in 30 s".into());
+    }
+    Ok(summarize(args, &reports, failed, errors, start.elapsed()))
+}
+
+async fn wait_finished(v: &mut Viewer) {
+    while !v.is_finished() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn snapshot(l: &LiveCounters) -> [u64; 6] {
+    [
+        l.connected.load(Ordering::Relaxed),
+        l.failed.load(Ordering::Relaxed),
+        l.packets_received.load(Ordering::Relaxed),
+        l.packets_lost.load(Ordering::Relaxed),
+        l.video_frames.load(Ordering::Relaxed),
+        l.audio_frames.load(Ordering::Relaxed),
+    ]
+}
+
+fn summarize(
+    args: &Args,
+    reports: &[ViewerReport],
+    failed: u64,
+    errors: Vec<String>,
+    elapsed: Duration,
+) -> Summary {
+    let connected: Vec<&ViewerReport> = reports.iter().filter(|r| r.connected).collect();
+    let sum = |f: fn(&ViewerReport) -> u64| reports.iter().map(f).sum::<u64>();
+    let packets_received = sum(|r| r.packets_received);
+    let packets_lost = sum(|r| r.packets_lost);
+    let ttff: Vec<f64> = reports.iter().filter_map(|r| r.ttff_ms).collect();
+    let latency: Vec<f64> = reports
+        .iter()
+        .flat_map(|r| r.latency_samples_ms.iter().copied())
+        .collect();
+    let with_video: Vec<&&ViewerReport> = connected
+        .iter()
+        .filter(|r| r.first_frame_keyframe.is_some())
+        .collect();
+    let key_first = with_video
+        .iter()
+        .filter(|r| r.first_frame_keyframe == Some(true))
+        .count();
+    let total = packets_received + packets_lost;
+    Summary {
+        viewers_requested: args.viewers,
+        viewers_connected: connected.len() as u64,
+        viewers_failed: failed + (reports.len() - connected.len()) as u64,
+        packets_received,
+        packets_lost,
+        loss_pct: if total == 0 {
+            0.0
+        } else {
+            packets_lost as f64 * 100.0 / total as f64
+        },
+        video_frames: sum(|r| r.video_frames),
+        audio_frames: sum(|r| r.audio_frames),
+        first_frame_keyframe_pct: if with_video.is_empty() {
+            0.0
+        } else {
+            key_first as f64 * 100.0 / with_video.len() as f64
+        },
+        viewers_with_seq_gaps: reports.iter().filter(|r| !r.seq_gaps.is_empty()).count() as u64,
+        ttff_ms_p50: percentile(&ttff, 50.0),
+        ttff_ms_p95: percentile(&ttff, 95.0),
+        latency_ms_p50: percentile(&latency, 50.0),
+        latency_ms_p99: percentile(&latency, 99.0),
+        av_drift_ms_max: reports
+            .iter()
+            .filter_map(|r| r.av_drift_ms.map(f64::abs))
+            .max_by(f64::total_cmp),
+        duration_s: elapsed.as_secs_f64(),
+        errors,
+    }
+}

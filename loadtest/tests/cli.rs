@@ -1,0 +1,68 @@
+//! The `loadtest` binary against the in-test server: viewers connect, receive without loss, and
+//! the last stdout line is the JSON summary issue 6 specifies.
+
+// Helpers outside #[test] fns too: a failed unwrap is a failed test.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use loadtest::media::{Options, TestMedia};
+use loadtest::whip::{Publisher, PublisherOptions};
+use tokio::time::timeout;
+
+const VIEWERS: u32 = 30;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cli_viewers_receive_without_loss() {
+    let server = common::start("tok").await;
+    let opts = Options {
+        seconds: 2,
+        ..Options::default()
+    };
+    let media = Arc::new(
+        timeout(Duration::from_secs(60), TestMedia::generate(opts))
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let mut popts = PublisherOptions::new(server.whip_url("load"));
+    popts.token = Some("tok".into());
+    let mut publisher = Publisher::start(popts, media).await.unwrap();
+    publisher.wait_connected().await.unwrap();
+
+    let out = timeout(
+        Duration::from_secs(60),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
+            .args(["--url", &server.whep_url("load")])
+            .args(["--viewers", &VIEWERS.to_string(), "--duration", "5s"])
+            .args(["--ramp", "100", "--json"])
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .unwrap()
+    .unwrap();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("connected="), "no progress lines: {stderr}");
+    let last = stdout.lines().last().unwrap();
+    let v: serde_json::Value = serde_json::from_str(last).unwrap();
+    eprintln!("{last}");
+    assert_eq!(v["viewers_connected"], u64::from(VIEWERS), "{last}");
+    assert_eq!(v["packets_lost"], 0, "{last}");
+    assert!(v["packets_received"].as_u64().unwrap() > 1000, "{last}");
+    for k in [
+        "ttff_ms_p50",
+        "ttff_ms_p95",
+        "latency_ms_p50",
+        "latency_ms_p99",
+    ] {
+        assert!(v[k].as_f64().is_some(), "{k} missing: {last}");
+    }
+    assert_eq!(v["first_frame_keyframe_pct"], 100.0, "{last}");
+    publisher.stop().await.unwrap();
+}

@@ -1,0 +1,60 @@
+#!/usr/bin/env bash
+# cascade's test command (README, .ci/run): installs what the tests need, then
+# format check, clippy, docs and the whole test suite. Works on a fresh Debian
+# bookworm machine as root, with no stdin (CI=true).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+# Debian packages the tests use; add new ones here (chromium, chromium-driver,
+# nftables, coturn, janus, ...).
+APT_PACKAGES=(
+  ffmpeg # test media: H.264 (libx264) + Opus (libopus), see loadtest/src/media.rs
+)
+
+log() { printf '==> %s\n' "$*" >&2; }
+
+install_packages() {
+  local missing=()
+  local p
+  for p in "${APT_PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q 'install ok installed'; then
+      missing+=("$p")
+    fi
+  done
+  if [ "${#missing[@]}" -eq 0 ]; then
+    return
+  fi
+  local sudo=()
+  if [ "$(id -u)" -ne 0 ]; then
+    if command -v sudo >/dev/null; then
+      sudo=(sudo -n)
+    else
+      log "not root and no sudo: install ${missing[*]} by hand"
+      return 1
+    fi
+  fi
+  log "installing ${missing[*]}"
+  export DEBIAN_FRONTEND=noninteractive
+  "${sudo[@]}" apt-get update -qq
+  "${sudo[@]}" apt-get install -y -qq --no-install-recommends "${missing[@]}" </dev/null
+}
+
+install_packages
+
+log "cargo fmt --check"
+cargo fmt --all -- --check
+
+log "cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+log "cargo doc"
+RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --locked --quiet
+
+log "tests"
+if command -v cargo-nextest >/dev/null || [ -x /usr/local/bin/cargo-nextest ]; then
+  cargo nextest run --workspace --locked --no-fail-fast
+  # nextest does not run doctests.
+  cargo test --workspace --doc --locked
+else
+  cargo test --workspace --locked --no-fail-fast
+fi
