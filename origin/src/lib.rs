@@ -49,6 +49,12 @@ pub enum Error {
     /// QUIC connect failure.
     #[error("quic connect: {0}")]
     Connect(#[from] quinn::ConnectError),
+    /// TLS set-up failure (certificate generation, configuration).
+    #[error("tls: {0}")]
+    Tls(String),
+    /// The relay link to the upstream node is down or did not answer in time.
+    #[error("relay link unavailable")]
+    Unavailable,
     /// I/O failure (sockets, certificates).
     #[error("io: {0}")]
     Io(#[from] std::io::Error),

@@ -1,21 +1,39 @@
 //! Metric names of the relay, registered with descriptions at start-up.
 
-/// Relay links currently up, by direction (`in`, `out`).
+/// Relay links currently up, by direction (`in`: accepted, `out`: connected).
 pub const RELAY_LINKS: &str = "cascade_origin_relay_links";
 /// Groups sent over the relay.
 pub const RELAY_GROUPS_SENT: &str = "cascade_origin_relay_groups_sent_total";
 /// Groups reset (abandoned) because a newer one superseded them.
 pub const RELAY_GROUPS_RESET: &str = "cascade_origin_relay_groups_reset_total";
+/// Frames sent over the relay.
+pub const RELAY_FRAMES_SENT: &str = "cascade_origin_relay_frames_sent_total";
 /// Frames received over the relay.
 pub const RELAY_FRAMES_RECEIVED: &str = "cascade_origin_relay_frames_received_total";
-/// Relay connections refused, by reason.
+/// Frames received too late (their group was already superseded) and dropped.
+pub const RELAY_FRAMES_DROPPED: &str = "cascade_origin_relay_frames_dropped_total";
+/// Relay connections refused, by reason (`auth`, `protocol`, `timeout`, `busy`).
 pub const RELAY_REFUSED: &str = "cascade_origin_relay_refused_total";
+/// Relay links closed because the peer broke the protocol after authenticating.
+pub const RELAY_PROTOCOL_ERRORS: &str = "cascade_origin_relay_protocol_errors_total";
 
 /// Registers descriptions for the relay's metrics.
 pub fn describe() {
     metrics::describe_gauge!(RELAY_LINKS, "relay links currently up");
     metrics::describe_counter!(RELAY_GROUPS_SENT, "groups sent over the relay");
-    metrics::describe_counter!(RELAY_GROUPS_RESET, "groups reset because a newer group superseded them");
+    metrics::describe_counter!(
+        RELAY_GROUPS_RESET,
+        "groups reset because a newer group superseded them"
+    );
+    metrics::describe_counter!(RELAY_FRAMES_SENT, "frames sent over the relay");
     metrics::describe_counter!(RELAY_FRAMES_RECEIVED, "frames received over the relay");
+    metrics::describe_counter!(
+        RELAY_FRAMES_DROPPED,
+        "frames received after their group was superseded"
+    );
     metrics::describe_counter!(RELAY_REFUSED, "relay connections refused");
+    metrics::describe_counter!(
+        RELAY_PROTOCOL_ERRORS,
+        "relay links closed for protocol violations"
+    );
 }

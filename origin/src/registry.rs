@@ -45,6 +45,8 @@ struct Entry {
     protocol: Mutex<String>,
     started: Instant,
     viewers: AtomicUsize,
+    /// Relay subscribers (other nodes fed from this one), not counted as viewers.
+    relays: AtomicUsize,
     /// Live until the current publisher leaves.
     live: watch::Sender<bool>,
     rate: Mutex<RateWindow>,
@@ -62,6 +64,14 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl Entry {
+    fn counter(&self, viewer: bool) -> &AtomicUsize {
+        if viewer {
+            &self.viewers
+        } else {
+            &self.relays
+        }
+    }
+
     fn total_bytes(&self) -> u64 {
         lock(&self.tracks).values().map(|t| t.totals().1).sum()
     }
@@ -98,7 +108,12 @@ impl Registry {
     /// Publishes `name`. A live stream of that name is taken over: its
     /// viewers stay and continue with the new publisher's frames; tracks
     /// whose codec changed are replaced (their readers end).
-    pub fn publish(self: &Arc<Self>, name: &str, catalog: Catalog, protocol: &str) -> Result<Publisher> {
+    pub fn publish(
+        self: &Arc<Self>,
+        name: &str,
+        catalog: Catalog,
+        protocol: &str,
+    ) -> Result<Publisher> {
         if !valid_stream_name(name) {
             return Err(Error::BadStreamName);
         }
@@ -114,6 +129,7 @@ impl Registry {
                     protocol: Mutex::new(String::new()),
                     started: Instant::now(),
                     viewers: AtomicUsize::new(0),
+                    relays: AtomicUsize::new(0),
                     live: watch::channel(true).0,
                     rate: Mutex::new(RateWindow {
                         at: Instant::now(),
@@ -182,15 +198,15 @@ impl Registry {
         if !*entry.live.borrow() {
             return None;
         }
-        if viewer {
-            entry.viewers.fetch_add(1, Ordering::Relaxed);
-        }
+        entry.counter(viewer).fetch_add(1, Ordering::Relaxed);
         Some(Subscriber { entry, viewer })
     }
 
     /// True when `name` is live on this node.
     pub fn is_live(&self, name: &str) -> bool {
-        lock(&self.streams).get(name).is_some_and(|e| *e.live.borrow())
+        lock(&self.streams)
+            .get(name)
+            .is_some_and(|e| *e.live.borrow())
     }
 
     /// Viewers of `name` on this node (0 when unknown).
@@ -198,6 +214,15 @@ impl Registry {
         lock(&self.streams)
             .get(name)
             .map_or(0, |e| e.viewers.load(Ordering::Relaxed))
+    }
+
+    /// Readers of `name` on this node: viewers plus relay subscribers (other
+    /// nodes fed from this one). An edge keeps an upstream subscription while
+    /// this is non-zero.
+    pub fn subscribers(&self, name: &str) -> usize {
+        lock(&self.streams).get(name).map_or(0, |e| {
+            e.viewers.load(Ordering::Relaxed) + e.relays.load(Ordering::Relaxed)
+        })
     }
 
     /// Names of the live streams.
@@ -414,6 +439,11 @@ impl Subscriber {
         self.entry.catalog.borrow().clone()
     }
 
+    /// How the stream reached cascade (`whip`, `rtmp`, ...), as published.
+    pub fn protocol(&self) -> String {
+        lock(&self.entry.protocol).clone()
+    }
+
     /// Watches catalog changes.
     pub fn catalog_watch(&self) -> watch::Receiver<Catalog> {
         self.entry.catalog.subscribe()
@@ -442,9 +472,9 @@ impl Subscriber {
 
 impl Clone for Subscriber {
     fn clone(&self) -> Self {
-        if self.viewer {
-            self.entry.viewers.fetch_add(1, Ordering::Relaxed);
-        }
+        self.entry
+            .counter(self.viewer)
+            .fetch_add(1, Ordering::Relaxed);
         Self {
             entry: self.entry.clone(),
             viewer: self.viewer,
@@ -454,9 +484,9 @@ impl Clone for Subscriber {
 
 impl Drop for Subscriber {
     fn drop(&mut self) {
-        if self.viewer {
-            self.entry.viewers.fetch_sub(1, Ordering::Relaxed);
-        }
+        self.entry
+            .counter(self.viewer)
+            .fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -543,7 +573,11 @@ mod tests {
 
     struct FakeUpstream;
     impl Upstream for FakeUpstream {
-        fn fetch(&self, registry: Arc<Registry>, name: String) -> Pin<Box<dyn Future<Output = Result<()>> + Send>> {
+        fn fetch(
+            &self,
+            registry: Arc<Registry>,
+            name: String,
+        ) -> Pin<Box<dyn Future<Output = Result<()>> + Send>> {
             Box::pin(async move {
                 if name == "remote" {
                     let p = registry.publish(&name, catalog(Codec::H264), "relay")?;

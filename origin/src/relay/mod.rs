@@ -1,2 +1,60 @@
 //! The QUIC relay between nodes: wire format, the origin's server, and the
 //! client ingest and edge use.
+//!
+//! One connection per node pair, ALPN `cascade-relay/1`. The connecting side
+//! opens one bidirectional control stream and both sides prove they know the
+//! cluster secret (HMAC challenge-response, `auth`). Then either side may
+//! publish a stream to the other or subscribe to one of the other's streams;
+//! each group of each track travels on its own unidirectional stream,
+//! newest first, and a group a slow link cannot deliver in time is reset
+//! rather than queued (`send`). The receiving side feeds a local publisher
+//! (`recv`), so the registry above never knows a link is involved.
+
+mod auth;
+mod client;
+mod recv;
+mod send;
+mod server;
+mod session;
+pub mod tls;
+pub mod wire;
+
+use std::time::Duration;
+
+pub use client::{Client, Options};
+pub use server::Server;
+
+/// The ALPN protocol name; its suffix is the wire version.
+pub const ALPN: &[u8] = b"cascade-relay/1";
+
+/// Deadline for the QUIC handshake plus the secret handshake.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Application error codes on connection close and stream reset/stop.
+pub mod code {
+    use quinn::VarInt;
+
+    /// Normal close (node shutting down, client dropped).
+    pub const CLOSED: VarInt = VarInt::from_u32(0);
+    /// The peer did not prove it knows the cluster secret.
+    pub const AUTH: VarInt = VarInt::from_u32(1);
+    /// The peer broke the wire protocol.
+    pub const PROTOCOL: VarInt = VarInt::from_u32(2);
+    /// The node refuses more connections.
+    pub const BUSY: VarInt = VarInt::from_u32(3);
+    /// Stream reset: a newer group superseded this one.
+    pub const SUPERSEDED: VarInt = VarInt::from_u32(0x10);
+    /// Stream stopped: the group names no live publication or subscription.
+    pub const UNKNOWN: VarInt = VarInt::from_u32(0x11);
+    /// Stream reset: the subscription ended.
+    pub const CANCELLED: VarInt = VarInt::from_u32(0x12);
+}
+
+/// Aborts a spawned task when dropped, so a task tree follows its owner.
+pub(crate) struct AbortOnDrop(pub(crate) tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}

@@ -1,0 +1,267 @@
+//! The relay client of ingest and edge nodes: keeps one link to the origin
+//! up in the background (reconnecting with backoff, never blocking start-up),
+//! publishes the local streams upstream (ingest: [`Client::uplink`]) and
+//! fetches streams on demand (edge: the [`Upstream`] implementation).
+
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
+
+use super::session::{Command, Inputs, Session, Side};
+use super::{auth, code, tls, AUTH_TIMEOUT};
+use crate::metrics::RELAY_REFUSED;
+use crate::registry::{Registry, Upstream};
+use crate::{Error, Result};
+
+/// Fetch requests waiting for the link (e.g. while it reconnects); each
+/// waits at most `Options::fetch_timeout`, so the queue stays short.
+const COMMAND_QUEUE: usize = 64;
+/// First reconnect delay; doubles up to `Options::max_backoff`.
+const MIN_BACKOFF: Duration = Duration::from_millis(100);
+
+/// Tunables of a [`Client`].
+#[derive(Clone, Copy, Debug)]
+pub struct Options {
+    /// Bound on an upstream fetch (subscribe and answer), including waiting
+    /// for the link to come up: a viewer gets "not live" after this.
+    pub fetch_timeout: Duration,
+    /// How long a fetched stream stays subscribed without local readers.
+    pub linger: Duration,
+    /// Longest delay between reconnect attempts.
+    pub max_backoff: Duration,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            fetch_timeout: Duration::from_secs(3),
+            linger: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(5),
+        }
+    }
+}
+
+/// A link to an upstream node (the origin). Cheap to clone; the background
+/// task stops with [`Client::close`] (or when every clone is dropped).
+#[derive(Clone)]
+pub struct Client {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    commands: mpsc::Sender<Command>,
+    uplink: watch::Sender<Option<Arc<Registry>>>,
+    connected: watch::Receiver<bool>,
+    cancel: CancellationToken,
+    options: Options,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        self.cancel.cancel();
+    }
+}
+
+impl Client {
+    /// Starts connecting to `origin` (`HOST:PORT`) in the background with
+    /// default [`Options`]. Must be called inside a tokio runtime.
+    pub fn connect(origin: String, secret: String) -> Self {
+        Self::connect_with(origin, secret, Options::default())
+    }
+
+    /// Like [`Client::connect`] with explicit options.
+    pub fn connect_with(origin: String, secret: String, options: Options) -> Self {
+        let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
+        let (uplink, uplink_rx) = watch::channel(None);
+        let (connected_tx, connected) = watch::channel(false);
+        let cancel = CancellationToken::new();
+        let span = tracing::info_span!("relay", role = "client", %origin);
+        let link = Link {
+            origin,
+            secret,
+            options,
+            commands: commands_rx,
+            uplink: uplink_rx,
+            connected: connected_tx,
+            cancel: cancel.clone(),
+        };
+        tokio::spawn(link.run().instrument(span));
+        Self {
+            inner: Arc::new(Inner {
+                commands,
+                uplink,
+                connected,
+                cancel,
+                options,
+            }),
+        }
+    }
+
+    /// Publishes every stream of `registry` (present and future) upstream,
+    /// again after each reconnect.
+    pub fn uplink(&self, registry: Arc<Registry>) {
+        self.inner.uplink.send_replace(Some(registry));
+    }
+
+    /// True while the link is up and authenticated.
+    pub fn is_connected(&self) -> bool {
+        *self.inner.connected.borrow()
+    }
+
+    /// Waits until the link is up, at most `within`; returns whether it is.
+    pub async fn wait_connected(&self, within: Duration) -> bool {
+        let mut rx = self.inner.connected.clone();
+        tokio::time::timeout(within, rx.wait_for(|up| *up))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Closes the link and stops reconnecting.
+    pub fn close(&self) {
+        self.inner.cancel.cancel();
+    }
+}
+
+impl Upstream for Client {
+    fn fetch(
+        &self,
+        registry: Arc<Registry>,
+        name: String,
+    ) -> Pin<Box<dyn Future<Output = Result<()>> + Send>> {
+        let commands = self.inner.commands.clone();
+        let within = self.inner.options.fetch_timeout;
+        Box::pin(async move {
+            let (reply, answer) = oneshot::channel();
+            let ask = async {
+                commands
+                    .send(Command::Subscribe {
+                        registry,
+                        name,
+                        reply,
+                    })
+                    .await
+                    .map_err(|_| Error::Unavailable)?;
+                answer.await.map_err(|_| Error::Unavailable)?
+            };
+            match tokio::time::timeout(within, ask).await {
+                Ok(Ok(())) => Ok(()),
+                // Whatever went wrong upstream, for the viewer it is not live.
+                Ok(Err(_)) | Err(_) => Err(Error::NotLive),
+            }
+        })
+    }
+}
+
+/// The background task: connect, run the session, back off, repeat.
+struct Link {
+    origin: String,
+    secret: String,
+    options: Options,
+    commands: mpsc::Receiver<Command>,
+    uplink: watch::Receiver<Option<Arc<Registry>>>,
+    connected: watch::Sender<bool>,
+    cancel: CancellationToken,
+}
+
+impl Link {
+    async fn run(mut self) {
+        let mut backoff = MIN_BACKOFF;
+        let mut was_failing = false;
+        while !self.cancel.is_cancelled() {
+            let attempt = tokio::select! {
+                a = connect_once(&self.origin, &self.secret) => a,
+                _ = self.cancel.cancelled() => break,
+            };
+            match attempt {
+                Ok((_endpoint, conn, send, recv)) => {
+                    tracing::info!("relay link up");
+                    backoff = MIN_BACKOFF;
+                    was_failing = false;
+                    self.connected.send_replace(true);
+                    let session = Session::new(conn, send, Side::Connected, None);
+                    let inputs = Inputs {
+                        commands: Some(&mut self.commands),
+                        uplink: Some(self.uplink.clone()),
+                        linger: self.options.linger,
+                        cancel: self.cancel.clone(),
+                    };
+                    let end = session.run(recv, Side::Connected, inputs).await;
+                    self.connected.send_replace(false);
+                    match end {
+                        Ok(()) => tracing::info!("relay link closed"),
+                        Err(e) => tracing::warn!(error = %e, "relay link lost"),
+                    }
+                }
+                Err(e) => {
+                    if is_auth_failure(&e) {
+                        metrics::counter!(RELAY_REFUSED, "reason" => "auth").increment(1);
+                        tracing::error!(error = %e, "origin refused the cluster secret (or failed to prove it)");
+                    } else if !was_failing {
+                        tracing::warn!(error = %e, "cannot reach origin; retrying");
+                    } else {
+                        tracing::debug!(error = %e, "cannot reach origin");
+                    }
+                    was_failing = true;
+                }
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = self.cancel.cancelled() => break,
+            }
+            backoff = (backoff * 2).min(self.options.max_backoff);
+        }
+    }
+}
+
+fn is_auth_failure(e: &Error) -> bool {
+    match e {
+        Error::Auth => true,
+        Error::Connection(quinn::ConnectionError::ApplicationClosed(c)) => {
+            c.error_code == code::AUTH
+        }
+        _ => false,
+    }
+}
+
+type Connected = (
+    quinn::Endpoint,
+    quinn::Connection,
+    quinn::SendStream,
+    quinn::RecvStream,
+);
+
+async fn connect_once(origin: &str, secret: &str) -> Result<Connected> {
+    let addr = tokio::net::lookup_host(origin)
+        .await?
+        .next()
+        .ok_or(Error::Unavailable)?;
+    let bind: SocketAddr = if addr.is_ipv6() {
+        (std::net::Ipv6Addr::UNSPECIFIED, 0).into()
+    } else {
+        (std::net::Ipv4Addr::UNSPECIFIED, 0).into()
+    };
+    let mut endpoint = quinn::Endpoint::client(bind)?;
+    endpoint.set_default_client_config(tls::client_config()?);
+    let attempt = async {
+        let conn = endpoint.connect(addr, tls::SERVER_NAME)?.await?;
+        let (mut send, mut recv) = conn.open_bi().await?;
+        if let Err(e) = auth::connect(&mut send, &mut recv, secret).await {
+            if matches!(e, Error::Auth) {
+                conn.close(code::AUTH, b"origin failed to prove the cluster secret");
+            }
+            return Err(e);
+        }
+        Ok((conn, send, recv))
+    };
+    match tokio::time::timeout(AUTH_TIMEOUT, attempt).await {
+        Ok(Ok((conn, send, recv))) => Ok((endpoint, conn, send, recv)),
+        Ok(Err(e)) => Err(e),
+        Err(_) => Err(Error::Unavailable),
+    }
+}

@@ -1,0 +1,288 @@
+//! Receiving a stream from the peer into a local publisher: a reader task
+//! per group stream, and one task per stream that owns the publisher,
+//! writes frames in group order, applies catalog updates and sends local
+//! keyframe requests back. Dropping the handle ends the local stream.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use tokio::sync::{mpsc, watch, Notify};
+
+use super::session::Event;
+use super::wire::{self, MAX_GROUP_BYTES};
+use super::{code, AbortOnDrop};
+use crate::metrics::{RELAY_FRAMES_DROPPED, RELAY_FRAMES_RECEIVED};
+use crate::model::catalog::Catalog;
+use crate::model::frame::Frame;
+use crate::registry::{Publisher, Registry};
+use crate::Error;
+
+/// Frames from all group readers of one stream waiting for its task:
+/// ~4 s of 60 fps video. Full means the local fan-out stalls; readers then
+/// wait and QUIC flow control slows the peer, whose groups get reset.
+const MEDIA_QUEUE: usize = 256;
+/// A group stream must name its group within this time.
+const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
+/// A group may arrive before the control message that announces its
+/// stream (streams are not ordered with each other): wait this long.
+const ROUTE_WAIT: Duration = Duration::from_secs(2);
+/// How often the stream task checks for takeover and idleness.
+const TICK: Duration = Duration::from_millis(500);
+
+/// One frame with where it belongs.
+pub(crate) struct Media {
+    track: Arc<str>,
+    group: u64,
+    frame: Frame,
+}
+
+/// Which local stream task each publication or subscription id feeds.
+#[derive(Default)]
+pub(crate) struct Routes {
+    map: Mutex<HashMap<u64, mpsc::Sender<Media>>>,
+    added: Notify,
+}
+
+impl Routes {
+    fn lock(&self) -> MutexGuard<'_, HashMap<u64, mpsc::Sender<Media>>> {
+        // Poison means a panic elsewhere mid-insert; the map stays usable.
+        self.map.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    fn insert(&self, id: u64, tx: mpsc::Sender<Media>) {
+        self.lock().insert(id, tx);
+        self.added.notify_waiters();
+    }
+
+    fn remove(&self, id: u64) {
+        self.lock().remove(&id);
+    }
+
+    async fn wait(&self, id: u64, within: Duration) -> Option<mpsc::Sender<Media>> {
+        let deadline = tokio::time::Instant::now() + within;
+        loop {
+            let added = self.added.notified();
+            tokio::pin!(added);
+            // Register before looking so an insert in between wakes us.
+            added.as_mut().enable();
+            if let Some(tx) = self.lock().get(&id) {
+                return Some(tx.clone());
+            }
+            if tokio::time::timeout_at(deadline, added).await.is_err() {
+                return None;
+            }
+        }
+    }
+}
+
+/// What a stream task needs to stop when nobody reads the stream.
+pub(crate) struct Linger {
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) name: String,
+    pub(crate) grace: Duration,
+}
+
+/// The handle of a stream being received; dropping it ends the local stream.
+pub(crate) struct Incoming {
+    id: u64,
+    catalog: watch::Sender<Catalog>,
+    routes: Arc<Routes>,
+    _task: AbortOnDrop,
+}
+
+impl Incoming {
+    /// Starts feeding `publisher` from the groups of `id`.
+    pub(crate) fn spawn(
+        id: u64,
+        publisher: Publisher,
+        routes: Arc<Routes>,
+        events: mpsc::Sender<Event>,
+        linger: Option<Linger>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(MEDIA_QUEUE);
+        routes.insert(id, tx);
+        let (catalog, catalog_rx) = watch::channel(publisher.catalog());
+        let task = tokio::spawn(run(id, publisher, rx, catalog_rx, events, linger));
+        Self {
+            id,
+            catalog,
+            routes,
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    /// Applies a catalog update from the peer.
+    pub(crate) fn set_catalog(&self, catalog: Catalog) {
+        self.catalog.send_replace(catalog);
+    }
+}
+
+impl Drop for Incoming {
+    fn drop(&mut self) {
+        self.routes.remove(self.id);
+    }
+}
+
+fn track_index(publisher: &mut Publisher) -> HashMap<String, usize> {
+    publisher
+        .tracks_mut()
+        .iter()
+        .enumerate()
+        .map(|(i, p)| (p.info().name, i))
+        .collect()
+}
+
+/// Resolves with the name of a track a local reader wants a keyframe of.
+async fn keyframe_wanted(publisher: &mut Publisher) -> String {
+    let waits = publisher.tracks_mut().iter_mut().map(|p| {
+        Box::pin(async move {
+            p.keyframe_requested().await;
+            p.info().name
+        })
+    });
+    let waits: Vec<_> = waits.collect();
+    if waits.is_empty() {
+        std::future::pending::<()>().await;
+    }
+    futures::future::select_all(waits).await.0
+}
+
+async fn run(
+    id: u64,
+    mut publisher: Publisher,
+    mut media: mpsc::Receiver<Media>,
+    mut catalog: watch::Receiver<Catalog>,
+    events: mpsc::Sender<Event>,
+    linger: Option<Linger>,
+) {
+    let mut index = track_index(&mut publisher);
+    let mut newest: HashMap<Arc<str>, u64> = HashMap::new();
+    let mut tick = tokio::time::interval(TICK);
+    let mut idle_since: Option<Instant> = None;
+    loop {
+        tokio::select! {
+            m = media.recv() => {
+                let Some(m) = m else { break };
+                // Groups of a track arrive on separate streams: a frame of a
+                // group older than the newest seen would go backwards.
+                if newest.get(&m.track).is_some_and(|&g| m.group < g) {
+                    metrics::counter!(RELAY_FRAMES_DROPPED).increment(1);
+                    continue;
+                }
+                newest.insert(m.track.clone(), m.group);
+                metrics::counter!(RELAY_FRAMES_RECEIVED).increment(1);
+                let producer = index.get(&*m.track).and_then(|&i| publisher.tracks_mut().get(i));
+                if let Some(p) = producer {
+                    if p.write(m.frame).is_err() {
+                        // A newer publisher took the stream over.
+                        break;
+                    }
+                }
+            }
+            changed = catalog.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let c = catalog.borrow_and_update().clone();
+                publisher.set_catalog(c);
+                index = track_index(&mut publisher);
+            }
+            track = keyframe_wanted(&mut publisher) => {
+                if events.send(Event::Keyframe { id, track }).await.is_err() {
+                    return;
+                }
+            }
+            _ = tick.tick() => {
+                if !publisher.is_current() {
+                    break;
+                }
+                if let Some(l) = &linger {
+                    if l.registry.subscribers(&l.name) > 0 {
+                        idle_since = None;
+                    } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= l.grace {
+                        tracing::debug!(stream = %l.name, "no readers left: unsubscribing");
+                        drop(publisher);
+                        let _ = events.send(Event::Idle { id }).await;
+                        return;
+                    }
+                }
+            }
+        }
+    }
+    drop(publisher);
+    let _ = events.send(Event::Gone { id }).await;
+}
+
+/// Reads one group stream and feeds its frames to the stream it names.
+/// Garbage closes the connection; a reset group just ends.
+pub(crate) async fn read_group(
+    conn: quinn::Connection,
+    mut recv: quinn::RecvStream,
+    routes: Arc<Routes>,
+) {
+    let header =
+        match tokio::time::timeout(HEADER_TIMEOUT, wire::read_group_header(&mut recv)).await {
+            Ok(Ok(h)) => h,
+            Ok(Err(Error::Protocol(reason))) => {
+                tracing::debug!(%reason, "bad group header from peer");
+                conn.close(code::PROTOCOL, b"bad group header");
+                return;
+            }
+            _ => return,
+        };
+    let Some(tx) = routes.wait(header.id, ROUTE_WAIT).await else {
+        let _ = recv.stop(code::UNKNOWN);
+        return;
+    };
+    let track: Arc<str> = header.track.into();
+    let mut bytes = 0usize;
+    loop {
+        match wire::read_frame(&mut recv).await {
+            Ok(Some(frame)) => {
+                bytes = bytes.saturating_add(frame.payload.len());
+                if bytes > MAX_GROUP_BYTES {
+                    conn.close(code::PROTOCOL, b"group too large");
+                    return;
+                }
+                let m = Media {
+                    track: track.clone(),
+                    group: header.group,
+                    frame,
+                };
+                if tx.send(m).await.is_err() {
+                    let _ = recv.stop(code::UNKNOWN);
+                    return;
+                }
+            }
+            Ok(None) => return,
+            Err(Error::Protocol(reason)) => {
+                tracing::debug!(%reason, "bad frame from peer");
+                conn.close(code::PROTOCOL, b"bad frame");
+                return;
+            }
+            // Reset (superseded group) or connection gone.
+            Err(_) => return,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn route_appearing_late_is_found() {
+        let routes = Arc::new(Routes::default());
+        let r = routes.clone();
+        let waiter = tokio::spawn(async move { r.wait(7, Duration::from_secs(2)).await.is_some() });
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        let (tx, _rx) = mpsc::channel(1);
+        routes.insert(7, tx);
+        assert!(tokio::time::timeout(Duration::from_secs(2), waiter)
+            .await
+            .unwrap()
+            .unwrap());
+        assert!(routes.wait(8, Duration::from_millis(10)).await.is_none());
+    }
+}

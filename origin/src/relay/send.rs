@@ -1,0 +1,398 @@
+//! Sending a local stream to the peer. One task per stream (catalog changes,
+//! the end, keyframe requests coming back), one per track (cutting frames
+//! into groups), one per group (its own unidirectional stream).
+//!
+//! Policy: every frame is written as it arrives; each group gets a higher
+//! priority than the ones before it; a group that still has frames QUIC has
+//! not accepted when the next group of its track starts, or that is still
+//! unacknowledged one group later, is reset, never queued behind.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+use tokio_util::sync::CancellationToken;
+
+use super::session::Event;
+use super::wire::{encode_frame_header, GroupHeader, MAX_GROUP_BYTES};
+use super::{code, AbortOnDrop};
+use crate::metrics::{RELAY_FRAMES_SENT, RELAY_GROUPS_RESET, RELAY_GROUPS_SENT};
+use crate::model::catalog::{Kind, TrackInfo};
+use crate::model::frame::Frame;
+use crate::model::track::Consumer;
+use crate::registry::Subscriber;
+
+/// Keyframe requests from the peer waiting for the stream task; requests
+/// are idempotent, so a full queue just drops the extra ones.
+const KEYFRAME_QUEUE: usize = 16;
+/// Frames of one group waiting for its writer: ~8 s of 30 fps video. The
+/// writer only waits on QUIC flow control, so a full queue means the link
+/// is hopelessly behind and the group is reset.
+const GROUP_QUEUE: usize = 256;
+/// An audio run (group) closes after this many frames: 500 ms of 20 ms Opus.
+const AUDIO_RUN_FRAMES: usize = 25;
+/// ...or after this long, whichever comes first.
+const AUDIO_RUN: Duration = Duration::from_millis(500);
+/// Audio groups outrank video groups: they are small and a gap is audible.
+const AUDIO_PRIORITY: i32 = 1 << 30;
+/// How long a finished group waits for its acknowledgement before the
+/// writer gives up watching it.
+const ACK_WAIT: Duration = Duration::from_secs(10);
+/// At the end of a stream, how long the last groups may take to drain
+/// before `Ended` is sent.
+const TAIL_WAIT: Duration = Duration::from_secs(1);
+
+/// The handle of a stream being sent; dropping it stops the sending and
+/// resets the groups in flight.
+pub(crate) struct Outgoing {
+    keyframes: mpsc::Sender<String>,
+    live: Subscriber,
+    _task: AbortOnDrop,
+}
+
+impl Outgoing {
+    /// Starts sending `subscriber`'s tracks to the peer as publication or
+    /// subscription `id`.
+    pub(crate) fn spawn(
+        id: u64,
+        subscriber: Subscriber,
+        conn: quinn::Connection,
+        seq: Arc<AtomicU64>,
+        events: mpsc::Sender<Event>,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(KEYFRAME_QUEUE);
+        let live = subscriber.clone();
+        let task = tokio::spawn(run(id, subscriber, conn, seq, rx, events));
+        Self {
+            keyframes: tx,
+            live,
+            _task: AbortOnDrop(task),
+        }
+    }
+
+    /// Passes a keyframe request from the peer to the local track.
+    pub(crate) fn request_keyframe(&self, track: String) {
+        let _ = self.keyframes.try_send(track);
+    }
+
+    /// True while the local stream has a publisher.
+    pub(crate) fn is_live(&self) -> bool {
+        self.live.is_live()
+    }
+}
+
+async fn run(
+    id: u64,
+    subscriber: Subscriber,
+    conn: quinn::Connection,
+    seq: Arc<AtomicU64>,
+    mut keyframes: mpsc::Receiver<String>,
+    events: mpsc::Sender<Event>,
+) {
+    let mut catalog_rx = subscriber.catalog_watch();
+    let catalog = catalog_rx.borrow_and_update().clone();
+    let mut tracks: HashMap<String, (TrackInfo, AbortOnDrop)> = HashMap::new();
+    let ctx = TrackCtx { id, conn, seq };
+    sync_tracks(&mut tracks, &catalog.tracks, &subscriber, &ctx);
+    loop {
+        tokio::select! {
+            _ = subscriber.ended() => break,
+            changed = catalog_rx.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let catalog = catalog_rx.borrow_and_update().clone();
+                sync_tracks(&mut tracks, &catalog.tracks, &subscriber, &ctx);
+                if events.send(Event::Catalog { id, catalog }).await.is_err() {
+                    return;
+                }
+            }
+            Some(track) = keyframes.recv() => {
+                if let Some(c) = subscriber.track(&track) {
+                    c.request_keyframe();
+                }
+            }
+        }
+    }
+    // The producers are gone; let the track tasks send what they still hold.
+    let drain = futures::future::join_all(tracks.values_mut().map(|(_, t)| &mut t.0));
+    let _ = tokio::time::timeout(TAIL_WAIT, drain).await;
+    let _ = events.send(Event::Ended { id }).await;
+}
+
+struct TrackCtx {
+    id: u64,
+    conn: quinn::Connection,
+    seq: Arc<AtomicU64>,
+}
+
+/// Starts a track task per new (or re-created: codec changed) track and
+/// stops the tasks of tracks the catalog no longer lists.
+fn sync_tracks(
+    running: &mut HashMap<String, (TrackInfo, AbortOnDrop)>,
+    wanted: &[TrackInfo],
+    subscriber: &Subscriber,
+    ctx: &TrackCtx,
+) {
+    running.retain(|name, _| wanted.iter().any(|t| &t.name == name));
+    for info in wanted {
+        let keep = running
+            .get(&info.name)
+            .is_some_and(|(old, task)| old.codec == info.codec && !task.0.is_finished());
+        if keep {
+            continue;
+        }
+        let Some(consumer) = subscriber.track(&info.name) else {
+            continue;
+        };
+        let task = tokio::spawn(run_track(
+            ctx.id,
+            info.name.clone(),
+            info.kind() == Kind::Audio,
+            consumer,
+            ctx.conn.clone(),
+            ctx.seq.clone(),
+        ));
+        running.insert(info.name.clone(), (info.clone(), AbortOnDrop(task)));
+    }
+}
+
+fn priority(group: u64, audio: bool) -> i32 {
+    let p = i32::try_from(group.min((AUDIO_PRIORITY - 1) as u64)).unwrap_or(AUDIO_PRIORITY - 1);
+    if audio {
+        p + AUDIO_PRIORITY
+    } else {
+        p
+    }
+}
+
+/// Cuts one track into groups. Aborting the task resets its groups.
+async fn run_track(
+    id: u64,
+    name: String,
+    audio: bool,
+    mut consumer: Consumer,
+    conn: quinn::Connection,
+    seq: Arc<AtomicU64>,
+) {
+    let cancel = CancellationToken::new();
+    let guard = cancel.clone().drop_guard();
+    let mut current: Option<Group> = None;
+    let mut previous: Option<Group> = None;
+    while let Ok(frame) = consumer.next().await {
+        let starts = frame.keyframe
+            && current.as_ref().is_none_or(|g| {
+                !audio || g.frames >= AUDIO_RUN_FRAMES || g.started.elapsed() >= AUDIO_RUN
+            });
+        if starts {
+            if let Some(old) = previous.take() {
+                // A whole group later and still not acknowledged: the link
+                // is behind; stop spending it on the past.
+                old.reset();
+            }
+            if let Some(mut cur) = current.take() {
+                cur.close();
+                if cur.busy() {
+                    cur.reset();
+                } else {
+                    previous = Some(cur);
+                }
+            }
+            let group = seq.fetch_add(1, Ordering::Relaxed);
+            let header = GroupHeader {
+                id,
+                group,
+                track: name.clone(),
+            };
+            let Ok(header) = header.encode() else {
+                return;
+            };
+            current = Some(Group::open(&conn, header, priority(group, audio), &cancel));
+        }
+        // Before the first keyframe (or after a reset) wait for the next one.
+        let Some(group) = current.as_mut() else {
+            continue;
+        };
+        if !group.push(frame) {
+            group.reset();
+            current = None;
+        }
+    }
+    // The track ended: let the last groups finish rather than reset them.
+    guard.disarm();
+}
+
+/// The track task's handle on one group's writer.
+struct Group {
+    tx: Option<mpsc::Sender<Frame>>,
+    cancel: CancellationToken,
+    /// Frames handed to the writer that QUIC has not accepted yet.
+    pending: Arc<AtomicUsize>,
+    /// Set when the writer is done: all data acknowledged, or it gave up.
+    done: Arc<AtomicBool>,
+    frames: usize,
+    bytes: usize,
+    started: Instant,
+}
+
+impl Group {
+    fn open(
+        conn: &quinn::Connection,
+        header: Bytes,
+        priority: i32,
+        parent: &CancellationToken,
+    ) -> Self {
+        let (tx, rx) = mpsc::channel(GROUP_QUEUE);
+        let cancel = parent.child_token();
+        let pending = Arc::new(AtomicUsize::new(0));
+        let done = Arc::new(AtomicBool::new(false));
+        tokio::spawn(write_group(
+            conn.clone(),
+            header,
+            priority,
+            rx,
+            cancel.clone(),
+            pending.clone(),
+            done.clone(),
+        ));
+        Self {
+            tx: Some(tx),
+            cancel,
+            pending,
+            done,
+            frames: 0,
+            bytes: 0,
+            started: Instant::now(),
+        }
+    }
+
+    /// Hands a frame to the writer; false when the group overflowed.
+    fn push(&mut self, frame: Frame) -> bool {
+        let Some(tx) = &self.tx else {
+            return false;
+        };
+        if self.bytes + frame.payload.len() > MAX_GROUP_BYTES {
+            return false;
+        }
+        self.bytes += frame.payload.len();
+        self.frames += 1;
+        self.pending.fetch_add(1, Ordering::Relaxed);
+        if tx.try_send(frame).is_err() {
+            self.pending.fetch_sub(1, Ordering::Relaxed);
+            return false;
+        }
+        true
+    }
+
+    /// No more frames: the writer finishes the stream once drained.
+    fn close(&mut self) {
+        self.tx = None;
+    }
+
+    fn busy(&self) -> bool {
+        self.pending.load(Ordering::Relaxed) > 0
+    }
+
+    /// Abandons the group if it is not fully delivered yet.
+    fn reset(&self) {
+        if !self.done.load(Ordering::Relaxed) {
+            metrics::counter!(RELAY_GROUPS_RESET).increment(1);
+            self.cancel.cancel();
+        }
+    }
+}
+
+/// Marks a group's writer done however it exits.
+struct DoneOnDrop(Arc<AtomicBool>);
+
+impl Drop for DoneOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Relaxed);
+    }
+}
+
+async fn write_group(
+    conn: quinn::Connection,
+    header: Bytes,
+    priority: i32,
+    mut rx: mpsc::Receiver<Frame>,
+    cancel: CancellationToken,
+    pending: Arc<AtomicUsize>,
+    done: Arc<AtomicBool>,
+) {
+    let _done = DoneOnDrop(done);
+    let mut send = tokio::select! {
+        biased;
+        _ = cancel.cancelled() => return,
+        s = conn.open_uni() => match s {
+            Ok(s) => s,
+            Err(_) => return,
+        },
+    };
+    let _ = send.set_priority(priority);
+    metrics::counter!(RELAY_GROUPS_SENT).increment(1);
+    let mut chunks = vec![header];
+    // True while `chunks` holds a frame counted in `pending`.
+    let mut owed = false;
+    loop {
+        let written = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                let _ = send.reset(code::SUPERSEDED);
+                return;
+            }
+            w = send.write_all_chunks(&mut chunks) => w,
+        };
+        if written.is_err() {
+            // Stopped by the peer, or the connection is gone.
+            return;
+        }
+        if owed {
+            pending.fetch_sub(1, Ordering::Relaxed);
+        }
+        let frame = tokio::select! {
+            biased;
+            _ = cancel.cancelled() => {
+                let _ = send.reset(code::SUPERSEDED);
+                return;
+            }
+            f = rx.recv() => f,
+        };
+        let Some(frame) = frame else {
+            break;
+        };
+        // `pending` counts this frame from `push` until QUIC accepted it.
+        chunks.clear();
+        owed = true;
+        if let Ok(head) = encode_frame_header(&frame) {
+            chunks.push(head);
+            chunks.push(frame.payload);
+            metrics::counter!(RELAY_FRAMES_SENT).increment(1);
+        }
+    }
+    let _ = send.finish();
+    let acked = send.stopped();
+    tokio::select! {
+        _ = acked => {}
+        _ = cancel.cancelled() => {
+            let _ = send.reset(code::SUPERSEDED);
+        }
+        _ = tokio::time::sleep(ACK_WAIT) => {}
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn newer_groups_rank_higher_and_audio_above_video() {
+        assert!(priority(2, false) > priority(1, false));
+        assert!(priority(0, true) > priority(1_000_000, false));
+        assert_eq!(priority(u64::MAX, false), AUDIO_PRIORITY - 1);
+        assert_eq!(priority(u64::MAX, true), i32::MAX);
+    }
+}

@@ -1,0 +1,574 @@
+//! One authenticated relay link, the same on both ends: it serves the
+//! peer's `Publish`/`Subscribe` from a registry (server side), issues its
+//! own for the uplink and for upstream fetches (client side), and routes
+//! every later message by id to the stream task it concerns.
+//!
+//! Loop: `select!` over control messages (read by a helper task), events
+//! from stream tasks, local commands, uplink announcements and new group
+//! streams; the link ends on any control-stream error.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicU64;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio_util::sync::CancellationToken;
+
+use super::recv::{read_group, Incoming, Linger, Routes};
+use super::send::Outgoing;
+use super::wire::{read_message, Message};
+use super::{code, AbortOnDrop};
+use crate::metrics::{RELAY_LINKS, RELAY_PROTOCOL_ERRORS};
+use crate::model::catalog::Catalog;
+use crate::registry::{Registry, Subscriber};
+use crate::{Error, Result};
+
+/// Control messages read ahead of the session loop.
+const CONTROL_QUEUE: usize = 64;
+/// Events from stream tasks (catalog, end, keyframe requests): rare, small.
+const EVENT_QUEUE: usize = 256;
+/// A control write the peer does not accept within this time ends the link.
+const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
+/// How long a `Subscribe` from the peer may wait for the stream (a cascading
+/// node fetches it from its own upstream first).
+const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
+/// Streams the peer may publish to us on one link.
+const MAX_PUBLICATIONS: usize = 256;
+/// Streams the peer may subscribe to on one link.
+const MAX_SUBSCRIPTIONS: usize = 1024;
+/// Our own subscriptions awaiting an answer.
+const MAX_PENDING: usize = 256;
+
+/// What stream tasks report to their session.
+pub(crate) enum Event {
+    /// A stream we send changed its catalog.
+    Catalog { id: u64, catalog: Catalog },
+    /// A stream we send ended.
+    Ended { id: u64 },
+    /// A local reader of a stream we receive wants a keyframe.
+    Keyframe { id: u64, track: String },
+    /// A stream we receive has had no readers for the grace period.
+    Idle { id: u64 },
+    /// A stream we receive was taken over locally or closed.
+    Gone { id: u64 },
+    /// The peer's subscription found (or did not find) its stream.
+    Resolved {
+        id: u64,
+        subscriber: Option<Subscriber>,
+    },
+}
+
+/// Requests from the local node to the link.
+pub(crate) enum Command {
+    /// Subscribe to `name` upstream and publish it in `registry`.
+    Subscribe {
+        registry: Arc<Registry>,
+        name: String,
+        reply: oneshot::Sender<Result<()>>,
+    },
+}
+
+struct Pending {
+    registry: Arc<Registry>,
+    name: String,
+    waiters: Vec<oneshot::Sender<Result<()>>>,
+}
+
+/// Which end of the link this is; decides id parity and metric labels.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Side {
+    Accepted,
+    Connected,
+}
+
+/// Local inputs a session may take besides the peer.
+pub(crate) struct Inputs<'a> {
+    pub(crate) commands: Option<&'a mut mpsc::Receiver<Command>>,
+    pub(crate) uplink: Option<watch::Receiver<Option<Arc<Registry>>>>,
+    pub(crate) linger: Duration,
+    pub(crate) cancel: CancellationToken,
+}
+
+pub(crate) struct Session {
+    conn: quinn::Connection,
+    control: quinn::SendStream,
+    serve: Option<Arc<Registry>>,
+    next_id: u64,
+    routes: Arc<Routes>,
+    seq: Arc<AtomicU64>,
+    outgoing: HashMap<u64, Outgoing>,
+    incoming: HashMap<u64, Incoming>,
+    resolving: HashSet<u64>,
+    pending: HashMap<u64, Pending>,
+    pending_names: HashMap<String, u64>,
+    subscribed: HashMap<String, u64>,
+    uplinked: HashMap<String, u64>,
+    events_tx: mpsc::Sender<Event>,
+    linger: Duration,
+}
+
+/// Decrements the links gauge when the session ends, however it ends.
+struct LinkGauge(&'static str);
+
+impl Drop for LinkGauge {
+    fn drop(&mut self) {
+        metrics::gauge!(RELAY_LINKS, "direction" => self.0).decrement(1.0);
+    }
+}
+
+async fn next_command(rx: &mut Option<&mut mpsc::Receiver<Command>>) -> Option<Command> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_announcement(
+    rx: &mut Option<broadcast::Receiver<String>>,
+) -> Result<String, broadcast::error::RecvError> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn uplink_changed(
+    rx: &mut Option<watch::Receiver<Option<Arc<Registry>>>>,
+) -> Option<Arc<Registry>> {
+    match rx {
+        Some(w) => match w.changed().await {
+            Ok(()) => w.borrow_and_update().clone(),
+            Err(_) => std::future::pending().await,
+        },
+        None => std::future::pending().await,
+    }
+}
+
+/// A protocol label safe to put on the wire (what the registry recorded
+/// comes from local code, but the peer validates it strictly).
+fn protocol_label(p: String) -> String {
+    let ok =
+        (1..=16).contains(&p.len()) && p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-');
+    if ok {
+        p
+    } else {
+        "relay".to_string()
+    }
+}
+
+impl Session {
+    pub(crate) fn new(
+        conn: quinn::Connection,
+        control: quinn::SendStream,
+        side: Side,
+        serve: Option<Arc<Registry>>,
+    ) -> Self {
+        Self {
+            conn,
+            control,
+            serve,
+            // Ids never clash: the connecting side uses even, the accepting odd.
+            next_id: if side == Side::Connected { 0 } else { 1 },
+            routes: Arc::new(Routes::default()),
+            seq: Arc::new(AtomicU64::new(0)),
+            outgoing: HashMap::new(),
+            incoming: HashMap::new(),
+            resolving: HashSet::new(),
+            pending: HashMap::new(),
+            pending_names: HashMap::new(),
+            subscribed: HashMap::new(),
+            uplinked: HashMap::new(),
+            events_tx: mpsc::channel(1).0,
+            linger: Duration::ZERO,
+        }
+    }
+
+    /// Runs the link until the connection ends or `inputs.cancel` fires.
+    pub(crate) async fn run(
+        mut self,
+        mut recv: quinn::RecvStream,
+        side: Side,
+        mut inputs: Inputs<'_>,
+    ) -> Result<()> {
+        let direction = if side == Side::Connected { "out" } else { "in" };
+        metrics::gauge!(RELAY_LINKS, "direction" => direction).increment(1.0);
+        let _gauge = LinkGauge(direction);
+        self.linger = inputs.linger;
+        let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
+        self.events_tx = events_tx;
+        let (ctl_tx, mut control) = mpsc::channel(CONTROL_QUEUE);
+        let _reader = AbortOnDrop(tokio::spawn(async move {
+            loop {
+                let msg = read_message(&mut recv).await;
+                let failed = msg.is_err();
+                if ctl_tx.send(msg).await.is_err() || failed {
+                    break;
+                }
+            }
+        }));
+        let mut uplink: Option<Arc<Registry>> = inputs
+            .uplink
+            .as_mut()
+            .and_then(|w| w.borrow_and_update().clone());
+        let mut announcements = None;
+        if let Some(reg) = uplink.clone() {
+            announcements = Some(reg.announcements());
+            self.uplink_all(&reg).await?;
+        }
+        let result = loop {
+            let step = tokio::select! {
+                msg = control.recv() => match msg {
+                    Some(Ok(m)) => self.on_message(m).await,
+                    Some(Err(e)) => Err(e),
+                    None => Err(Error::Closed),
+                },
+                Some(ev) = events.recv() => self.on_event(ev).await,
+                Some(cmd) = next_command(&mut inputs.commands) => self.on_command(cmd).await,
+                name = next_announcement(&mut announcements) => match (name, uplink.clone()) {
+                    (Ok(name), Some(reg)) => self.uplink_one(&reg, &name).await,
+                    // Missed some: rescan.
+                    (Err(broadcast::error::RecvError::Lagged(_)), Some(reg)) => self.uplink_all(&reg).await,
+                    _ => Ok(()),
+                },
+                reg = uplink_changed(&mut inputs.uplink) => {
+                    uplink = reg;
+                    announcements = uplink.as_ref().map(|r| r.announcements());
+                    match uplink.clone() {
+                        Some(reg) => self.uplink_all(&reg).await,
+                        None => Ok(()),
+                    }
+                }
+                uni = self.conn.accept_uni() => match uni {
+                    Ok(stream) => {
+                        tokio::spawn(read_group(self.conn.clone(), stream, self.routes.clone()));
+                        Ok(())
+                    }
+                    Err(e) => Err(Error::Connection(e)),
+                },
+                _ = inputs.cancel.cancelled() => {
+                    self.conn.close(code::CLOSED, b"shutting down");
+                    break Ok(());
+                }
+            };
+            if let Err(e) = step {
+                break Err(e);
+            }
+        };
+        let violation = match &result {
+            Err(Error::Protocol(reason)) => Some(reason.clone()),
+            Err(Error::BadStreamName) => Some("bad stream name".to_string()),
+            _ => None,
+        };
+        if let Some(reason) = violation {
+            tracing::info!(%reason, "peer broke the relay protocol: closing");
+            metrics::counter!(RELAY_PROTOCOL_ERRORS).increment(1);
+            self.conn.close(code::PROTOCOL, b"protocol violation");
+        }
+        result
+    }
+
+    fn alloc_id(&mut self) -> u64 {
+        let id = self.next_id;
+        self.next_id += 2;
+        id
+    }
+
+    fn peer_id(&self, id: u64) -> Result<u64> {
+        if id % 2 == self.next_id % 2 {
+            return Err(Error::Protocol("id of the wrong parity".into()));
+        }
+        if self.incoming.contains_key(&id)
+            || self.outgoing.contains_key(&id)
+            || self.resolving.contains(&id)
+        {
+            return Err(Error::Protocol("id in use".into()));
+        }
+        Ok(id)
+    }
+
+    async fn write(&mut self, msg: &Message) -> Result<()> {
+        let bytes = msg.encode()?;
+        match tokio::time::timeout(CONTROL_WRITE_TIMEOUT, self.control.write_all(&bytes)).await {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(quinn::WriteError::ConnectionLost(e))) => Err(Error::Connection(e)),
+            Ok(Err(_)) => Err(Error::Closed),
+            Err(_) => {
+                tracing::info!("control stream stalled: closing");
+                self.conn.close(code::CLOSED, b"control stream stalled");
+                Err(Error::Closed)
+            }
+        }
+    }
+
+    async fn on_message(&mut self, msg: Message) -> Result<()> {
+        match msg {
+            Message::Publish {
+                id,
+                stream,
+                protocol,
+                catalog,
+            } => {
+                let id = self.peer_id(id)?;
+                let registry = self
+                    .serve
+                    .clone()
+                    .ok_or_else(|| Error::Protocol("publish not accepted here".into()))?;
+                if self.incoming.len() >= MAX_PUBLICATIONS {
+                    return Err(Error::Protocol("too many publications".into()));
+                }
+                tracing::info!(%stream, %protocol, id, "peer publishes");
+                let publisher = registry.publish(&stream, catalog, &protocol)?;
+                let incoming = Incoming::spawn(
+                    id,
+                    publisher,
+                    self.routes.clone(),
+                    self.events_tx.clone(),
+                    None,
+                );
+                self.incoming.insert(id, incoming);
+            }
+            Message::CatalogUpdate { id, catalog } => {
+                if let Some(i) = self.incoming.get(&id) {
+                    i.set_catalog(catalog);
+                }
+            }
+            Message::Subscribe { id, stream } => {
+                let id = self.peer_id(id)?;
+                let registry = match self.serve.clone() {
+                    Some(r) if self.outgoing.len() + self.resolving.len() < MAX_SUBSCRIPTIONS => r,
+                    _ => return self.write(&Message::NotFound { id }).await,
+                };
+                self.resolving.insert(id);
+                let events = self.events_tx.clone();
+                tokio::spawn(async move {
+                    let found =
+                        tokio::time::timeout(RESOLVE_TIMEOUT, registry.subscribe_relay(&stream))
+                            .await;
+                    let subscriber = found.ok().and_then(|r| r.ok());
+                    let _ = events.send(Event::Resolved { id, subscriber }).await;
+                });
+            }
+            Message::SubscribeOk {
+                id,
+                catalog,
+                protocol,
+            } => self.on_subscribe_ok(id, catalog, protocol).await?,
+            Message::NotFound { id } => {
+                if let Some(p) = self.pending.remove(&id) {
+                    self.pending_names.remove(&p.name);
+                    for w in p.waiters {
+                        let _ = w.send(Err(Error::NotLive));
+                    }
+                }
+            }
+            Message::Unsubscribe { id } => {
+                self.outgoing.remove(&id);
+                self.resolving.remove(&id);
+            }
+            Message::KeyframeRequest { id, track } => {
+                if let Some(o) = self.outgoing.get(&id) {
+                    o.request_keyframe(track);
+                }
+            }
+            Message::Ended { id } => {
+                if self.incoming.remove(&id).is_some() {
+                    tracing::debug!(id, "peer ended a stream");
+                }
+                self.subscribed.retain(|_, v| *v != id);
+            }
+            Message::Hello { .. }
+            | Message::Challenge { .. }
+            | Message::Auth { .. }
+            | Message::AuthOk => {
+                return Err(Error::Protocol("handshake message after handshake".into()));
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_subscribe_ok(&mut self, id: u64, catalog: Catalog, protocol: String) -> Result<()> {
+        let Some(p) = self.pending.remove(&id) else {
+            // Nobody waits any more (or never did): let the peer stop.
+            return self.write(&Message::Unsubscribe { id }).await;
+        };
+        self.pending_names.remove(&p.name);
+        match p.registry.publish(&p.name, catalog, &protocol) {
+            Ok(publisher) => {
+                let linger = Linger {
+                    registry: p.registry.clone(),
+                    name: p.name.clone(),
+                    grace: self.linger,
+                };
+                let incoming = Incoming::spawn(
+                    id,
+                    publisher,
+                    self.routes.clone(),
+                    self.events_tx.clone(),
+                    Some(linger),
+                );
+                self.incoming.insert(id, incoming);
+                self.subscribed.insert(p.name.clone(), id);
+                tracing::info!(stream = %p.name, id, "subscribed upstream");
+                for w in p.waiters {
+                    let _ = w.send(Ok(()));
+                }
+                Ok(())
+            }
+            Err(e) => {
+                for w in p.waiters {
+                    let _ = w.send(Err(Error::NotLive));
+                }
+                tracing::warn!(stream = %p.name, error = %e, "cannot publish fetched stream");
+                self.write(&Message::Unsubscribe { id }).await
+            }
+        }
+    }
+
+    async fn on_event(&mut self, ev: Event) -> Result<()> {
+        match ev {
+            Event::Catalog { id, catalog } => {
+                if self.outgoing.contains_key(&id) {
+                    self.write(&Message::CatalogUpdate { id, catalog }).await?;
+                }
+            }
+            Event::Ended { id } => {
+                if self.outgoing.remove(&id).is_some() {
+                    self.uplinked.retain(|_, v| *v != id);
+                    self.write(&Message::Ended { id }).await?;
+                }
+            }
+            Event::Keyframe { id, track } => {
+                if self.incoming.contains_key(&id) {
+                    self.write(&Message::KeyframeRequest { id, track }).await?;
+                }
+            }
+            Event::Idle { id } => {
+                if self.incoming.remove(&id).is_some() {
+                    self.subscribed.retain(|_, v| *v != id);
+                    self.write(&Message::Unsubscribe { id }).await?;
+                }
+            }
+            Event::Gone { id } => {
+                self.incoming.remove(&id);
+                self.subscribed.retain(|_, v| *v != id);
+            }
+            Event::Resolved { id, subscriber } => {
+                if !self.resolving.remove(&id) {
+                    return Ok(());
+                }
+                match subscriber {
+                    Some(s) => {
+                        let msg = Message::SubscribeOk {
+                            id,
+                            catalog: s.catalog(),
+                            protocol: protocol_label(s.protocol()),
+                        };
+                        self.write(&msg).await?;
+                        let out = Outgoing::spawn(
+                            id,
+                            s,
+                            self.conn.clone(),
+                            self.seq.clone(),
+                            self.events_tx.clone(),
+                        );
+                        self.outgoing.insert(id, out);
+                    }
+                    None => self.write(&Message::NotFound { id }).await?,
+                }
+            }
+        }
+        Ok(())
+    }
+
+    async fn on_command(&mut self, cmd: Command) -> Result<()> {
+        let Command::Subscribe {
+            registry,
+            name,
+            reply,
+        } = cmd;
+        if reply.is_closed() {
+            return Ok(());
+        }
+        if let Some(id) = self.subscribed.get(&name) {
+            if self.incoming.contains_key(id) && registry.is_live(&name) {
+                let _ = reply.send(Ok(()));
+                return Ok(());
+            }
+        }
+        if let Some(p) = self
+            .pending_names
+            .get(&name)
+            .and_then(|id| self.pending.get_mut(id))
+        {
+            p.waiters.push(reply);
+            return Ok(());
+        }
+        if self.pending.len() >= MAX_PENDING {
+            let _ = reply.send(Err(Error::NotLive));
+            return Ok(());
+        }
+        let id = self.alloc_id();
+        self.write(&Message::Subscribe {
+            id,
+            stream: name.clone(),
+        })
+        .await?;
+        self.pending_names.insert(name.clone(), id);
+        self.pending.insert(
+            id,
+            Pending {
+                registry,
+                name,
+                waiters: vec![reply],
+            },
+        );
+        Ok(())
+    }
+
+    async fn uplink_all(&mut self, registry: &Arc<Registry>) -> Result<()> {
+        for name in registry.names() {
+            self.uplink_one(registry, &name).await?;
+        }
+        Ok(())
+    }
+
+    /// Publishes a local stream to the peer unless it already is.
+    async fn uplink_one(&mut self, registry: &Arc<Registry>, name: &str) -> Result<()> {
+        let sent = self.uplinked.get(name).and_then(|id| self.outgoing.get(id));
+        if sent.is_some_and(Outgoing::is_live) {
+            return Ok(());
+        }
+        let Ok(Ok(subscriber)) =
+            tokio::time::timeout(RESOLVE_TIMEOUT, registry.subscribe_relay(name)).await
+        else {
+            return Ok(());
+        };
+        if self.outgoing.len() >= MAX_SUBSCRIPTIONS {
+            tracing::warn!(
+                stream = name,
+                "too many streams on the uplink: not forwarding"
+            );
+            return Ok(());
+        }
+        let id = self.alloc_id();
+        let msg = Message::Publish {
+            id,
+            stream: name.to_string(),
+            protocol: protocol_label(subscriber.protocol()),
+            catalog: subscriber.catalog(),
+        };
+        self.write(&msg).await?;
+        tracing::info!(stream = name, id, "publishing upstream");
+        let out = Outgoing::spawn(
+            id,
+            subscriber,
+            self.conn.clone(),
+            self.seq.clone(),
+            self.events_tx.clone(),
+        );
+        self.outgoing.insert(id, out);
+        self.uplinked.insert(name.to_string(), id);
+        Ok(())
+    }
+}

@@ -1,0 +1,127 @@
+//! TLS for relay links: a self-signed certificate made at start-up, and a
+//! client that accepts any certificate. Nodes authenticate each other with
+//! the cluster secret (see `auth`), not with a PKI.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use rustls::client::danger::{HandshakeSignatureValid, ServerCertVerified, ServerCertVerifier};
+use rustls::crypto::CryptoProvider;
+use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
+use rustls::{DigitallySignedStruct, SignatureScheme};
+
+use super::ALPN;
+use crate::{Error, Result};
+
+/// Name in the self-signed certificate and in the client's SNI.
+pub const SERVER_NAME: &str = "cascade-relay";
+/// A silent peer is dropped after this long.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Keep-alives keep an idle link (no streams live) from timing out.
+const KEEP_ALIVE: Duration = Duration::from_secs(3);
+/// Concurrent group streams a peer may open: two or three live groups per
+/// track (the newest and ones still draining) for a few hundred streams.
+pub const MAX_UNI_STREAMS: u32 = 1024;
+
+fn provider() -> Arc<CryptoProvider> {
+    Arc::new(rustls::crypto::ring::default_provider())
+}
+
+fn tls_error(e: impl std::fmt::Display) -> Error {
+    Error::Tls(e.to_string())
+}
+
+fn transport() -> Result<Arc<quinn::TransportConfig>> {
+    let mut t = quinn::TransportConfig::default();
+    // One control stream per link, opened by the connecting side.
+    t.max_concurrent_bidi_streams(1u32.into());
+    t.max_concurrent_uni_streams(MAX_UNI_STREAMS.into());
+    t.keep_alive_interval(Some(KEEP_ALIVE));
+    t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(tls_error)?));
+    Ok(Arc::new(t))
+}
+
+/// A server configuration with a fresh self-signed certificate.
+pub fn server_config() -> Result<quinn::ServerConfig> {
+    let cert =
+        rcgen::generate_simple_self_signed(vec![SERVER_NAME.to_string()]).map_err(tls_error)?;
+    let key = PrivatePkcs8KeyDer::from(cert.key_pair.serialize_der());
+    let mut tls = rustls::ServerConfig::builder_with_provider(provider())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?
+        .with_no_client_auth()
+        .with_single_cert(vec![cert.cert.der().clone()], key.into())
+        .map_err(tls_error)?;
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_error)?;
+    let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
+    config.transport_config(transport()?);
+    Ok(config)
+}
+
+/// A client configuration that accepts any server certificate (the HMAC
+/// handshake that follows is what authenticates the origin).
+pub fn client_config() -> Result<quinn::ClientConfig> {
+    let provider = provider();
+    let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
+        .with_protocol_versions(&[&rustls::version::TLS13])
+        .map_err(tls_error)?
+        .dangerous()
+        .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
+        .with_no_client_auth();
+    tls.alpn_protocols = vec![ALPN.to_vec()];
+    let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_error)?;
+    let mut config = quinn::ClientConfig::new(Arc::new(crypto));
+    config.transport_config(transport()?);
+    Ok(config)
+}
+
+/// Accepts any certificate but still checks the handshake signatures, so the
+/// TLS session is bound to the key the server holds.
+#[derive(Debug)]
+struct AnyCert(Arc<CryptoProvider>);
+
+impl ServerCertVerifier for AnyCert {
+    fn verify_server_cert(
+        &self,
+        _end_entity: &CertificateDer<'_>,
+        _intermediates: &[CertificateDer<'_>],
+        _server_name: &ServerName<'_>,
+        _ocsp: &[u8],
+        _now: UnixTime,
+    ) -> std::result::Result<ServerCertVerified, rustls::Error> {
+        Ok(ServerCertVerified::assertion())
+    }
+
+    fn verify_tls12_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls12_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn verify_tls13_signature(
+        &self,
+        message: &[u8],
+        cert: &CertificateDer<'_>,
+        dss: &DigitallySignedStruct,
+    ) -> std::result::Result<HandshakeSignatureValid, rustls::Error> {
+        rustls::crypto::verify_tls13_signature(
+            message,
+            cert,
+            dss,
+            &self.0.signature_verification_algorithms,
+        )
+    }
+
+    fn supported_verify_schemes(&self) -> Vec<SignatureScheme> {
+        self.0.signature_verification_algorithms.supported_schemes()
+    }
+}

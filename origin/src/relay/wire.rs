@@ -1,0 +1,632 @@
+//! The relay's wire format: length-prefixed JSON control messages on one
+//! bidirectional stream, and binary group streams (header, then frames) on
+//! unidirectional streams. Pure encoders/decoders plus thin quinn readers.
+
+use bytes::{BufMut, Bytes, BytesMut};
+use serde::{Deserialize, Serialize};
+
+use crate::model::catalog::Catalog;
+use crate::model::frame::Frame;
+use crate::{valid_stream_name, Error, Result};
+
+/// Largest control message body: a catalog with parameter sets fits many
+/// times over; anything bigger is a broken or hostile peer.
+pub const MAX_MESSAGE: usize = 64 * 1024;
+/// Largest frame payload: an 8K intra picture at a high bitrate stays below.
+pub const MAX_FRAME: usize = 8 * 1024 * 1024;
+/// Largest group on the wire: twice the origin's group cache, so a group the
+/// cache holds always crosses a link.
+pub const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
+/// Tracks a catalog may list: video + audio today, simulcast layers later.
+pub const MAX_TRACKS: usize = 16;
+/// Bytes of an fmtp value (H.265 parameter sets are the largest we carry).
+const MAX_FMTP: usize = 4096;
+/// Bytes of a protocol label (`whip`, `rtmp`, `rtsp`, `relay`).
+const MAX_PROTOCOL: usize = 16;
+/// Bytes of a track name.
+pub const MAX_TRACK_NAME: usize = 64;
+/// Fixed part of a frame on a group stream: flags, pts, dts, ingest_us, length.
+pub const FRAME_HEADER: usize = 1 + 8 + 8 + 8 + 4;
+/// Fixed part of a group header: id, group sequence, track name length.
+pub const GROUP_HEADER_FIXED: usize = 8 + 8 + 1;
+/// Version spoken in `Hello` (the ALPN carries it too).
+pub const VERSION: u32 = 1;
+
+const FLAG_KEYFRAME: u8 = 0x01;
+
+/// A 32-byte random challenge, hex on the wire.
+pub type Nonce = [u8; 32];
+
+/// One control message. Ids are chosen by whoever sends `Publish` or
+/// `Subscribe` (even ids by the connecting side, odd by the accepting side),
+/// so every later message names its publication or subscription by id.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+pub enum Message {
+    /// Connecting side opens: protocol version and its challenge.
+    Hello {
+        /// Protocol version, [`VERSION`].
+        version: u32,
+        /// Challenge for the accepting side.
+        #[serde(with = "hex_nonce")]
+        nonce: Nonce,
+    },
+    /// Accepting side answers the challenge and challenges back.
+    Challenge {
+        /// Challenge for the connecting side.
+        #[serde(with = "hex_nonce")]
+        nonce: Nonce,
+        /// HMAC proving the accepting side knows the secret.
+        #[serde(with = "hex_nonce")]
+        proof: [u8; 32],
+    },
+    /// Connecting side answers the challenge.
+    Auth {
+        /// HMAC proving the connecting side knows the secret.
+        #[serde(with = "hex_nonce")]
+        proof: [u8; 32],
+    },
+    /// Both sides are authenticated.
+    AuthOk,
+    /// The sender publishes a stream to the receiver.
+    Publish {
+        /// Publication id.
+        id: u64,
+        /// Stream name.
+        stream: String,
+        /// How the stream reached cascade (`whip`, `rtmp`...).
+        protocol: String,
+        /// Tracks and codec parameters.
+        catalog: Catalog,
+    },
+    /// The catalog of a publication or subscription changed.
+    CatalogUpdate {
+        /// Publication or subscription id.
+        id: u64,
+        /// The new catalog.
+        catalog: Catalog,
+    },
+    /// The sender wants a stream from the receiver.
+    Subscribe {
+        /// Subscription id.
+        id: u64,
+        /// Stream name.
+        stream: String,
+    },
+    /// Answer to `Subscribe`: the stream is live; groups follow.
+    SubscribeOk {
+        /// Subscription id.
+        id: u64,
+        /// Tracks and codec parameters.
+        catalog: Catalog,
+        /// How the stream reached cascade.
+        protocol: String,
+    },
+    /// Answer to `Subscribe`: no such live stream.
+    NotFound {
+        /// Subscription id.
+        id: u64,
+    },
+    /// The subscriber no longer wants the stream.
+    Unsubscribe {
+        /// Subscription id.
+        id: u64,
+    },
+    /// A reader of the stream wants a keyframe on a track.
+    KeyframeRequest {
+        /// Publication or subscription id.
+        id: u64,
+        /// Track name.
+        track: String,
+    },
+    /// The stream ended at its source.
+    Ended {
+        /// Publication or subscription id.
+        id: u64,
+    },
+}
+
+mod hex_nonce {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &[u8; 32], s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(&hex::encode(v))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<[u8; 32], D::Error> {
+        let s = <&str>::deserialize(d)?;
+        let mut out = [0u8; 32];
+        hex::decode_to_slice(s, &mut out).map_err(serde::de::Error::custom)?;
+        Ok(out)
+    }
+}
+
+fn protocol_error(what: &str) -> Error {
+    Error::Protocol(what.to_string())
+}
+
+/// True for a track name we accept: same alphabet as stream names.
+pub fn valid_track_name(name: &str) -> bool {
+    valid_stream_name(name)
+}
+
+fn check_catalog(c: &Catalog) -> Result<()> {
+    if c.tracks.len() > MAX_TRACKS {
+        return Err(protocol_error("too many tracks"));
+    }
+    for t in &c.tracks {
+        if !valid_track_name(&t.name) || t.fmtp.len() > MAX_FMTP {
+            return Err(protocol_error("bad track"));
+        }
+    }
+    Ok(())
+}
+
+fn check_protocol(p: &str) -> Result<()> {
+    if p.len() > MAX_PROTOCOL || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
+        return Err(protocol_error("bad protocol label"));
+    }
+    Ok(())
+}
+
+impl Message {
+    /// Checks what serde cannot: names, sizes, labels.
+    fn validate(&self) -> Result<()> {
+        match self {
+            Self::Hello { version, .. } if *version != VERSION => {
+                Err(protocol_error("unsupported version"))
+            }
+            Self::Publish {
+                stream,
+                protocol,
+                catalog,
+                ..
+            } => {
+                if !valid_stream_name(stream) {
+                    return Err(Error::BadStreamName);
+                }
+                check_protocol(protocol)?;
+                check_catalog(catalog)
+            }
+            Self::SubscribeOk {
+                catalog, protocol, ..
+            } => {
+                check_protocol(protocol)?;
+                check_catalog(catalog)
+            }
+            Self::CatalogUpdate { catalog, .. } => check_catalog(catalog),
+            Self::Subscribe { stream, .. } if !valid_stream_name(stream) => {
+                Err(Error::BadStreamName)
+            }
+            Self::KeyframeRequest { track, .. } if !valid_track_name(track) => {
+                Err(protocol_error("bad track name"))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    /// The message with its 4-byte big-endian length prefix.
+    pub fn encode(&self) -> Result<Bytes> {
+        let body = serde_json::to_vec(self).map_err(|e| Error::Protocol(e.to_string()))?;
+        if body.len() > MAX_MESSAGE {
+            return Err(protocol_error("message too large"));
+        }
+        let len = u32::try_from(body.len()).map_err(|_| protocol_error("message too large"))?;
+        let mut out = BytesMut::with_capacity(4 + body.len());
+        out.put_u32(len);
+        out.put_slice(&body);
+        Ok(out.freeze())
+    }
+
+    /// Decodes one message body (without its length prefix).
+    pub fn decode_body(body: &[u8]) -> Result<Self> {
+        if body.len() > MAX_MESSAGE {
+            return Err(protocol_error("message too large"));
+        }
+        let msg: Self =
+            serde_json::from_slice(body).map_err(|_| protocol_error("malformed message"))?;
+        msg.validate()?;
+        Ok(msg)
+    }
+
+    /// Decodes one length-prefixed message from the front of `buf`:
+    /// `Ok(None)` when more bytes are needed, else the message and the bytes used.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>> {
+        let Some(len) = message_len(buf)? else {
+            return Ok(None);
+        };
+        let Some(body) = buf.get(4..4 + len) else {
+            return Ok(None);
+        };
+        Ok(Some((Self::decode_body(body)?, 4 + len)))
+    }
+}
+
+/// The body length announced by a message prefix, checked against the cap.
+fn message_len(buf: &[u8]) -> Result<Option<usize>> {
+    let Some(prefix) = buf.get(..4) else {
+        return Ok(None);
+    };
+    let mut be = [0u8; 4];
+    be.copy_from_slice(prefix);
+    let len =
+        usize::try_from(u32::from_be_bytes(be)).map_err(|_| protocol_error("message too large"))?;
+    if len > MAX_MESSAGE {
+        return Err(protocol_error("message too large"));
+    }
+    Ok(Some(len))
+}
+
+/// The header opening every group stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct GroupHeader {
+    /// Publication or subscription id the group belongs to.
+    pub id: u64,
+    /// Group sequence, increasing per connection: a receiver drops frames of
+    /// a group older than the newest it has seen on the same track.
+    pub group: u64,
+    /// Track name.
+    pub track: String,
+}
+
+impl GroupHeader {
+    /// Encodes the header.
+    pub fn encode(&self) -> Result<Bytes> {
+        let len = u8::try_from(self.track.len()).map_err(|_| protocol_error("bad track name"))?;
+        if !valid_track_name(&self.track) {
+            return Err(protocol_error("bad track name"));
+        }
+        let mut out = BytesMut::with_capacity(GROUP_HEADER_FIXED + self.track.len());
+        out.put_u64(self.id);
+        out.put_u64(self.group);
+        out.put_u8(len);
+        out.put_slice(self.track.as_bytes());
+        Ok(out.freeze())
+    }
+
+    /// Decodes a header from the front of `buf`: `Ok(None)` when more bytes
+    /// are needed, else the header and the bytes used.
+    pub fn decode(buf: &[u8]) -> Result<Option<(Self, usize)>> {
+        let Some(fixed) = buf.get(..GROUP_HEADER_FIXED) else {
+            return Ok(None);
+        };
+        let (id, rest) = split_u64(fixed);
+        let (group, rest) = split_u64(rest);
+        let name_len = usize::from(rest.first().copied().unwrap_or(0));
+        if name_len == 0 || name_len > MAX_TRACK_NAME {
+            return Err(protocol_error("bad track name"));
+        }
+        let Some(name) = buf.get(GROUP_HEADER_FIXED..GROUP_HEADER_FIXED + name_len) else {
+            return Ok(None);
+        };
+        let track = std::str::from_utf8(name).map_err(|_| protocol_error("bad track name"))?;
+        if !valid_track_name(track) {
+            return Err(protocol_error("bad track name"));
+        }
+        let header = Self {
+            id,
+            group,
+            track: track.to_string(),
+        };
+        Ok(Some((header, GROUP_HEADER_FIXED + name_len)))
+    }
+}
+
+/// Reads a big-endian u64 off the front of a slice (zero-padded when short,
+/// which callers exclude by slicing exact lengths first).
+fn split_u64(buf: &[u8]) -> (u64, &[u8]) {
+    let mut be = [0u8; 8];
+    let n = buf.len().min(8);
+    be[..n].copy_from_slice(&buf[..n]);
+    (u64::from_be_bytes(be), &buf[n..])
+}
+
+/// The fixed header of a frame on a group stream.
+pub fn encode_frame_header(frame: &Frame) -> Result<Bytes> {
+    let len = u32::try_from(frame.payload.len())
+        .ok()
+        .filter(|&l| l as usize <= MAX_FRAME)
+        .ok_or_else(|| protocol_error("frame too large"))?;
+    let mut out = BytesMut::with_capacity(FRAME_HEADER);
+    out.put_u8(if frame.keyframe { FLAG_KEYFRAME } else { 0 });
+    out.put_u64(frame.pts);
+    out.put_u64(frame.dts);
+    out.put_u64(frame.ingest_us);
+    out.put_u32(len);
+    Ok(out.freeze())
+}
+
+/// A frame header as decoded: the frame without its payload, and the
+/// payload's length still to read.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct FrameHeader {
+    /// Keyframe flag.
+    pub keyframe: bool,
+    /// Presentation timestamp.
+    pub pts: u64,
+    /// Decode timestamp.
+    pub dts: u64,
+    /// Ingest wall clock, µs.
+    pub ingest_us: u64,
+    /// Payload length, at most [`MAX_FRAME`].
+    pub len: usize,
+}
+
+impl FrameHeader {
+    /// Decodes the fixed frame header.
+    pub fn decode(buf: &[u8; FRAME_HEADER]) -> Result<Self> {
+        let flags = buf[0];
+        if flags & !FLAG_KEYFRAME != 0 {
+            return Err(protocol_error("unknown frame flags"));
+        }
+        let (pts, rest) = split_u64(&buf[1..]);
+        let (dts, rest) = split_u64(rest);
+        let (ingest_us, rest) = split_u64(rest);
+        let mut be = [0u8; 4];
+        be.copy_from_slice(rest);
+        let len = usize::try_from(u32::from_be_bytes(be))
+            .map_err(|_| protocol_error("frame too large"))?;
+        if len > MAX_FRAME {
+            return Err(protocol_error("frame too large"));
+        }
+        Ok(Self {
+            keyframe: flags & FLAG_KEYFRAME != 0,
+            pts,
+            dts,
+            ingest_us,
+            len,
+        })
+    }
+
+    /// The frame with its payload.
+    pub fn with_payload(self, payload: Bytes) -> Frame {
+        Frame {
+            payload,
+            pts: self.pts,
+            dts: self.dts,
+            keyframe: self.keyframe,
+            ingest_us: self.ingest_us,
+        }
+    }
+}
+
+/// Decodes one frame from the front of `buf`: `Ok(None)` when more bytes
+/// are needed, else the frame and the bytes used.
+pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>> {
+    let Some(head) = buf.get(..FRAME_HEADER) else {
+        return Ok(None);
+    };
+    let mut fixed = [0u8; FRAME_HEADER];
+    fixed.copy_from_slice(head);
+    let h = FrameHeader::decode(&fixed)?;
+    let Some(payload) = buf.get(FRAME_HEADER..FRAME_HEADER + h.len) else {
+        return Ok(None);
+    };
+    Ok(Some((
+        h.with_payload(Bytes::copy_from_slice(payload)),
+        FRAME_HEADER + h.len,
+    )))
+}
+
+fn read_error(e: quinn::ReadExactError) -> Error {
+    match e {
+        quinn::ReadExactError::FinishedEarly(_) => protocol_error("stream ended early"),
+        quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => {
+            Error::Connection(c)
+        }
+        // The sender abandoned the stream (a superseded group): not garbage.
+        quinn::ReadExactError::ReadError(quinn::ReadError::Reset(_)) => Error::Closed,
+        quinn::ReadExactError::ReadError(e) => Error::Protocol(e.to_string()),
+    }
+}
+
+/// Reads one control message.
+pub async fn read_message(recv: &mut quinn::RecvStream) -> Result<Message> {
+    let mut prefix = [0u8; 4];
+    recv.read_exact(&mut prefix).await.map_err(read_error)?;
+    let len = message_len(&prefix)?.unwrap_or(0);
+    let mut body = vec![0u8; len];
+    recv.read_exact(&mut body).await.map_err(read_error)?;
+    Message::decode_body(&body)
+}
+
+/// Reads a group header.
+pub async fn read_group_header(recv: &mut quinn::RecvStream) -> Result<GroupHeader> {
+    let mut buf = [0u8; GROUP_HEADER_FIXED + MAX_TRACK_NAME];
+    let fixed = buf
+        .get_mut(..GROUP_HEADER_FIXED)
+        .ok_or_else(|| protocol_error("header"))?;
+    recv.read_exact(fixed).await.map_err(read_error)?;
+    let name_len = usize::from(buf[GROUP_HEADER_FIXED - 1]).min(MAX_TRACK_NAME);
+    let name = buf
+        .get_mut(GROUP_HEADER_FIXED..GROUP_HEADER_FIXED + name_len)
+        .ok_or_else(|| protocol_error("header"))?;
+    recv.read_exact(name).await.map_err(read_error)?;
+    match GroupHeader::decode(&buf[..GROUP_HEADER_FIXED + name_len])? {
+        Some((h, _)) => Ok(h),
+        None => Err(protocol_error("bad group header")),
+    }
+}
+
+/// Reads the next frame of a group: `Ok(None)` at a clean end of the group.
+pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>> {
+    let mut head = [0u8; FRAME_HEADER];
+    match recv.read_exact(&mut head).await {
+        Ok(()) => {}
+        Err(quinn::ReadExactError::FinishedEarly(0)) => return Ok(None),
+        Err(e) => return Err(read_error(e)),
+    }
+    let h = FrameHeader::decode(&head)?;
+    let mut payload = vec![0u8; h.len];
+    recv.read_exact(&mut payload).await.map_err(read_error)?;
+    Ok(Some(h.with_payload(Bytes::from(payload))))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::model::catalog::{Codec, TrackInfo};
+    use proptest::prelude::*;
+
+    fn name() -> impl Strategy<Value = String> {
+        "[A-Za-z0-9_-]{1,64}"
+    }
+
+    fn catalog() -> impl Strategy<Value = Catalog> {
+        let codec = prop_oneof![
+            Just(Codec::H264),
+            Just(Codec::H265),
+            Just(Codec::Vp8),
+            Just(Codec::Vp9),
+            Just(Codec::Av1),
+            Just(Codec::Opus)
+        ];
+        let track = (
+            name(),
+            codec,
+            ".{0,40}",
+            proptest::option::of(any::<u8>()),
+            any::<bool>(),
+        )
+            .prop_map(|(name, codec, fmtp, channels, bframes)| TrackInfo {
+                name,
+                codec,
+                fmtp,
+                channels,
+                bframes,
+            });
+        proptest::collection::vec(track, 0..4).prop_map(|tracks| Catalog { tracks })
+    }
+
+    fn message() -> impl Strategy<Value = Message> {
+        let proto = "[a-z]{0,16}";
+        prop_oneof![
+            any::<[u8; 32]>().prop_map(|nonce| Message::Hello {
+                version: VERSION,
+                nonce
+            }),
+            (any::<[u8; 32]>(), any::<[u8; 32]>())
+                .prop_map(|(nonce, proof)| Message::Challenge { nonce, proof }),
+            any::<[u8; 32]>().prop_map(|proof| Message::Auth { proof }),
+            Just(Message::AuthOk),
+            (any::<u64>(), name(), proto, catalog()).prop_map(|(id, stream, protocol, catalog)| {
+                Message::Publish {
+                    id,
+                    stream,
+                    protocol,
+                    catalog,
+                }
+            }),
+            (any::<u64>(), catalog())
+                .prop_map(|(id, catalog)| Message::CatalogUpdate { id, catalog }),
+            (any::<u64>(), name()).prop_map(|(id, stream)| Message::Subscribe { id, stream }),
+            (any::<u64>(), catalog(), proto).prop_map(|(id, catalog, protocol)| {
+                Message::SubscribeOk {
+                    id,
+                    catalog,
+                    protocol,
+                }
+            }),
+            any::<u64>().prop_map(|id| Message::NotFound { id }),
+            any::<u64>().prop_map(|id| Message::Unsubscribe { id }),
+            (any::<u64>(), name()).prop_map(|(id, track)| Message::KeyframeRequest { id, track }),
+            any::<u64>().prop_map(|id| Message::Ended { id }),
+        ]
+    }
+
+    fn frame() -> impl Strategy<Value = Frame> {
+        (
+            proptest::collection::vec(any::<u8>(), 0..2048),
+            any::<u64>(),
+            any::<u64>(),
+            any::<bool>(),
+            any::<u64>(),
+        )
+            .prop_map(|(p, pts, dts, keyframe, ingest_us)| Frame {
+                payload: Bytes::from(p),
+                pts,
+                dts,
+                keyframe,
+                ingest_us,
+            })
+    }
+
+    proptest! {
+        #[test]
+        fn message_roundtrip(m in message()) {
+            let bytes = m.encode().unwrap();
+            let (back, used) = Message::decode(&bytes).unwrap().unwrap();
+            prop_assert_eq!(back, m);
+            prop_assert_eq!(used, bytes.len());
+            // Every strict prefix asks for more bytes rather than failing.
+            let cut = bytes.len() / 2;
+            prop_assert!(Message::decode(&bytes[..cut]).unwrap().is_none());
+        }
+
+        #[test]
+        fn message_garbage_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..512)) {
+            let _ = Message::decode(&buf);
+            let _ = Message::decode_body(&buf);
+        }
+
+        #[test]
+        fn message_json_garbage_never_panics(s in "\\{\"type\":\"[a-z_]{0,16}\"(,\"[a-z]{1,8}\":(\"[0-9a-f]{0,70}\"|[0-9]{1,25}|\\{\\}|\\[\\]))*\\}") {
+            let _ = Message::decode_body(s.as_bytes());
+        }
+
+        #[test]
+        fn group_header_roundtrip(id in any::<u64>(), group in any::<u64>(), track in name()) {
+            let h = GroupHeader { id, group, track };
+            let bytes = h.encode().unwrap();
+            let (back, used) = GroupHeader::decode(&bytes).unwrap().unwrap();
+            prop_assert_eq!(back, h);
+            prop_assert_eq!(used, bytes.len());
+            prop_assert!(GroupHeader::decode(&bytes[..bytes.len() - 1]).unwrap().is_none());
+        }
+
+        #[test]
+        fn group_header_garbage_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..128)) {
+            let _ = GroupHeader::decode(&buf);
+        }
+
+        #[test]
+        fn frame_roundtrip(f in frame()) {
+            let mut bytes = encode_frame_header(&f).unwrap().to_vec();
+            bytes.extend_from_slice(&f.payload);
+            let (back, used) = decode_frame(&bytes).unwrap().unwrap();
+            prop_assert_eq!(back, f);
+            prop_assert_eq!(used, bytes.len());
+            prop_assert!(decode_frame(&bytes[..bytes.len() - 1]).unwrap().is_none());
+        }
+
+        #[test]
+        fn frame_garbage_never_panics(buf in proptest::collection::vec(any::<u8>(), 0..256)) {
+            let _ = decode_frame(&buf);
+            if let Some(head) = buf.get(..FRAME_HEADER) {
+                let mut fixed = [0u8; FRAME_HEADER];
+                fixed.copy_from_slice(head);
+                let _ = FrameHeader::decode(&fixed);
+            }
+        }
+    }
+
+    #[test]
+    fn limits_are_enforced() {
+        let mut big = vec![0xff, 0xff, 0xff, 0xff];
+        big.extend_from_slice(b"{}");
+        assert!(Message::decode(&big).is_err());
+        let mut head = [0u8; FRAME_HEADER];
+        head[FRAME_HEADER - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(FrameHeader::decode(&head).is_err());
+        head[0] = 0x80;
+        assert!(FrameHeader::decode(&head).is_err());
+        let bad = Message::Subscribe {
+            id: 1,
+            stream: "a b".into(),
+        };
+        let bytes = bad.encode().unwrap();
+        assert!(Message::decode(&bytes).is_err());
+        let hello = br#"{"type":"hello","version":2,"nonce":"00"}"#;
+        assert!(Message::decode_body(hello).is_err());
+    }
+}

@@ -1,0 +1,148 @@
+//! Test harness for the relay: an ingest, an origin and edges, each with its
+//! own registry, linked over real QUIC on 127.0.0.1.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)]
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use cascade_origin::catalog::{Catalog, Codec, TrackInfo};
+use cascade_origin::frame::Frame;
+use cascade_origin::relay::{Client, Options, Server};
+use cascade_origin::Registry;
+
+pub const SECRET: &str = "cluster-secret";
+/// Upper bound for any single wait in these tests.
+pub const WAIT: Duration = Duration::from_secs(5);
+
+pub fn catalog() -> Catalog {
+    Catalog {
+        tracks: vec![
+            TrackInfo {
+                name: "video".into(),
+                codec: Codec::H264,
+                fmtp: "profile-level-id=42e01f;packetization-mode=1".into(),
+                channels: None,
+                bframes: false,
+            },
+            TrackInfo {
+                name: "audio".into(),
+                codec: Codec::Opus,
+                fmtp: "minptime=10;useinbandfec=1".into(),
+                channels: Some(2),
+                bframes: false,
+            },
+        ],
+    }
+}
+
+/// Frame `n` of a test stream: payload encodes `n`, keyframe as asked.
+pub fn frame(n: u64, keyframe: bool, size: usize) -> Frame {
+    let mut payload = vec![(n % 251) as u8; size.max(8)];
+    payload[..8].copy_from_slice(&n.to_be_bytes());
+    Frame {
+        payload: Bytes::from(payload),
+        pts: n * 3000,
+        dts: n * 3000,
+        keyframe,
+        ingest_us: cascade_origin::wallclock_us(),
+    }
+}
+
+pub fn options() -> Options {
+    Options {
+        fetch_timeout: Duration::from_secs(3),
+        linger: Duration::from_millis(300),
+        max_backoff: Duration::from_millis(500),
+    }
+}
+
+pub struct Edge {
+    pub registry: Arc<Registry>,
+    pub client: Client,
+}
+
+pub struct Cluster {
+    pub ingest: Arc<Registry>,
+    pub origin: Arc<Registry>,
+    pub server: Server,
+    pub uplink: Client,
+    pub addr: String,
+}
+
+impl Cluster {
+    pub async fn start() -> Self {
+        let origin = Registry::new();
+        let server = Server::bind(
+            "127.0.0.1:0".parse().unwrap(),
+            SECRET.into(),
+            origin.clone(),
+        )
+        .await
+        .unwrap();
+        let addr = server.local_addr().unwrap().to_string();
+        let ingest = Registry::new();
+        let uplink = Client::connect_with(addr.clone(), SECRET.into(), options());
+        uplink.uplink(ingest.clone());
+        assert!(uplink.wait_connected(WAIT).await, "uplink did not connect");
+        Self {
+            ingest,
+            origin,
+            server,
+            uplink,
+            addr,
+        }
+    }
+
+    pub async fn edge(&self) -> Edge {
+        edge_of(&self.addr, SECRET).await
+    }
+}
+
+impl Drop for Cluster {
+    fn drop(&mut self) {
+        self.uplink.close();
+    }
+}
+
+pub async fn edge_of(addr: &str, secret: &str) -> Edge {
+    let registry = Registry::new();
+    let client = Client::connect_with(addr.to_string(), secret.into(), options());
+    registry.set_upstream(Arc::new(client.clone()));
+    Edge { registry, client }
+}
+
+impl Drop for Edge {
+    fn drop(&mut self) {
+        self.client.close();
+    }
+}
+
+/// Waits until `name` is live in `registry`.
+pub async fn wait_live(registry: &Registry, name: &str) {
+    tokio::time::timeout(WAIT, async {
+        while !registry.is_live(name) {
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    })
+    .await
+    .expect("stream did not go live");
+}
+
+/// Waits until `name` is no longer live in `registry`.
+pub async fn wait_gone(registry: &Registry, name: &str) {
+    tokio::time::timeout(WAIT, async {
+        while registry.is_live(name) {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("stream stayed live");
+}
+
+/// The frame number a test payload carries.
+pub fn number(f: &Frame) -> u64 {
+    let mut be = [0u8; 8];
+    be.copy_from_slice(&f.payload[..8]);
+    u64::from_be_bytes(be)
+}
