@@ -1,1 +1,34 @@
-fn main() {}
+//! `cascade`: one binary, four roles (INTERFACE.md). Loads the config, sets
+//! up logging and metrics, runs the node until SIGINT or a drained SIGTERM.
+
+mod api;
+mod config;
+mod node;
+
+use std::process::ExitCode;
+
+use tracing_subscriber::EnvFilter;
+
+#[tokio::main]
+async fn main() -> ExitCode {
+    let cfg = match config::Config::load() {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("cascade: {e:#}");
+            return ExitCode::from(2);
+        }
+    };
+    let filter = EnvFilter::try_new(&cfg.log).unwrap_or_else(|_| EnvFilter::new("info"));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    match node::run(cfg).await {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e:#}");
+            eprintln!("cascade: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

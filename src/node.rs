@@ -1,0 +1,239 @@
+//! Role wiring: which listeners and subsystems each role starts, the
+//! start-up banner, and the shutdown sequence (SIGINT: now; SIGTERM: drain).
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use axum::Router;
+use cascade_origin::relay;
+use cascade_origin::Registry;
+use metrics_exporter_prometheus::PrometheusBuilder;
+use tokio::net::TcpListener;
+use tokio_util::sync::CancellationToken;
+
+use crate::api::{self, Api};
+use crate::config::{Config, Role};
+
+/// Runs the node until shut down.
+pub async fn run(cfg: Config) -> anyhow::Result<()> {
+    let prometheus = PrometheusBuilder::new().install_recorder().ok();
+    describe_metrics();
+    let registry = Registry::new();
+    let draining = Arc::new(AtomicBool::new(false));
+    let stop = CancellationToken::new();
+    let role = cfg.role;
+    let secret = cfg.cluster_secret.clone().unwrap_or_default();
+
+    let relay_server = match cfg.quic {
+        Some(addr) => Some(
+            relay::Server::bind(addr, secret.clone(), registry.clone())
+                .await
+                .with_context(|| format!("binding the relay (QUIC) on {addr}"))?,
+        ),
+        None => None,
+    };
+    let client = match (role, &cfg.origin) {
+        (Role::Ingest | Role::Edge, Some(origin)) => Some(relay::Client::connect(origin.clone(), secret.clone())),
+        _ => None,
+    };
+    if let Some(c) = &client {
+        match role {
+            Role::Ingest => c.uplink(registry.clone()),
+            _ => registry.set_upstream(Arc::new(c.clone())),
+        }
+    }
+
+    let serves_webrtc = matches!(role, Role::All | Role::Ingest | Role::Edge);
+    let rtc = if serves_webrtc {
+        Some(
+            cascade_rtc::Server::bind(cascade_rtc::Config {
+                udp: cfg.udp,
+                tcp: Some(cfg.tcp),
+                advertise: cfg.advertise.clone(),
+                shards: 0,
+                max_sessions: cfg.max_sessions,
+            })
+            .await
+            .with_context(|| format!("binding WebRTC media on udp {} / tcp {}", cfg.udp, cfg.tcp))?,
+        )
+    } else {
+        None
+    };
+
+    let mut router = Router::new();
+    let token: Arc<str> = cfg.publish_token.clone().into();
+    let mut rtmp_addr = None;
+    if matches!(role, Role::All | Role::Ingest) {
+        if let Some(rtc) = &rtc {
+            router = router.merge(cascade_ingest::whip::router(registry.clone(), rtc.clone(), token.clone()));
+        }
+        let listener = TcpListener::bind(cfg.rtmp)
+            .await
+            .with_context(|| format!("binding RTMP on {}", cfg.rtmp))?;
+        rtmp_addr = listener.local_addr().ok();
+        let (registry, token, stop) = (registry.clone(), token.clone(), stop.clone());
+        tokio::spawn(async move {
+            if let Err(e) = cascade_ingest::rtmp::serve(listener, registry, token, stop).await {
+                tracing::error!(error = %e, "rtmp listener failed");
+            }
+        });
+    }
+    if matches!(role, Role::All | Role::Edge) {
+        if let Some(rtc) = &rtc {
+            router = router.merge(cascade_edge::router(
+                registry.clone(),
+                rtc.clone(),
+                cascade_edge::Config {
+                    viewer_token: cfg.viewer_token.clone(),
+                    ..Default::default()
+                },
+            ));
+        }
+    }
+    router = router.merge(api::router(Api {
+        registry: registry.clone(),
+        prometheus,
+        draining: draining.clone(),
+    }));
+
+    let http = TcpListener::bind(cfg.http)
+        .await
+        .with_context(|| format!("binding HTTP on {}", cfg.http))?;
+    let http_addr = http.local_addr()?;
+    banner(&cfg, http_addr, rtmp_addr, rtc.as_ref(), relay_server.as_ref());
+
+    let http_stop = stop.clone();
+    let server = tokio::spawn(async move {
+        axum::serve(http, router)
+            .with_graceful_shutdown(async move { http_stop.cancelled().await })
+            .await
+    });
+
+    let reason = wait_for_signal().await;
+    match reason {
+        Signal::Terminate => {
+            tracing::info!(timeout = ?cfg.drain_timeout, "SIGTERM: draining");
+            draining.store(true, Ordering::Relaxed);
+            if let Some(rtc) = &rtc {
+                rtc.set_draining();
+                let deadline = Instant::now() + cfg.drain_timeout;
+                while rtc.sessions() > 0 && Instant::now() < deadline {
+                    tokio::time::sleep(Duration::from_millis(200)).await;
+                }
+                tracing::info!(left = rtc.sessions(), "drain over");
+            }
+        }
+        Signal::Interrupt => tracing::info!("SIGINT: stopping"),
+    }
+    stop.cancel();
+    if let Some(rtc) = &rtc {
+        rtc.shutdown().await;
+    }
+    if let Some(s) = &relay_server {
+        s.shutdown();
+    }
+    if let Some(c) = &client {
+        c.close();
+    }
+    let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    Ok(())
+}
+
+enum Signal {
+    Interrupt,
+    Terminate,
+}
+
+async fn wait_for_signal() -> Signal {
+    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(_) => {
+            let _ = tokio::signal::ctrl_c().await;
+            return Signal::Interrupt;
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => Signal::Interrupt,
+        _ = term.recv() => Signal::Terminate,
+    }
+}
+
+fn describe_metrics() {
+    cascade_origin::metrics::describe();
+    cascade_rtc::metrics::describe();
+    cascade_ingest::metrics::describe();
+    cascade_edge::metrics::describe();
+}
+
+/// The address users should type: the first advertised (or interface)
+/// address that is not loopback, else loopback.
+fn public_host(bind: SocketAddr, advertise: &[IpAddr]) -> String {
+    let ip = if !bind.ip().is_unspecified() {
+        bind.ip()
+    } else {
+        advertise
+            .iter()
+            .copied()
+            .find(|ip| !ip.is_loopback() && ip.is_ipv4())
+            .or_else(|| advertise.first().copied())
+            .unwrap_or(IpAddr::from([127, 0, 0, 1]))
+    };
+    match ip {
+        IpAddr::V6(v6) => format!("[{v6}]"),
+        IpAddr::V4(v4) => v4.to_string(),
+    }
+}
+
+fn banner(
+    cfg: &Config,
+    http: SocketAddr,
+    rtmp: Option<SocketAddr>,
+    rtc: Option<&cascade_rtc::Server>,
+    relay: Option<&relay::Server>,
+) {
+    let advertise: Vec<IpAddr> = match rtc {
+        Some(r) => r.advertise().to_vec(),
+        None => cascade_rtc::interface_addresses(),
+    };
+    let host = public_host(http, &advertise);
+    let port = http.port();
+    println!("cascade {} is running ({})", env!("CARGO_PKG_VERSION"), cfg.role.as_str());
+    if let Some(r) = rtc {
+        println!(
+            "  WebRTC media: udp {} / ice-tcp {} — candidates: {}",
+            r.local_udp(),
+            r.local_tcp().map_or("off".into(), |a| a.to_string()),
+            r.advertise().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+        );
+    }
+    if let Some(r) = relay {
+        if let Ok(a) = r.local_addr() {
+            println!("  Relay (QUIC): {a}");
+        }
+    }
+    if matches!(cfg.role, Role::All | Role::Ingest) {
+        let shown = if cfg.publish_token_generated {
+            cfg.publish_token.as_str()
+        } else {
+            "(the --publish-token you set)"
+        };
+        println!("  Publish token: {shown}");
+        println!("  Publish with WHIP (OBS: Service \"WHIP\"):");
+        println!("      Server:       http://{host}:{port}/whip/STREAM");
+        println!("      Bearer Token: {shown}");
+        if let Some(r) = rtmp {
+            println!("  Publish with RTMP (OBS: Service \"Custom\"):");
+            println!("      Server:       rtmp://{host}:{}/live", r.port());
+            println!("      Stream Key:   STREAM?token={shown}");
+        }
+    }
+    if matches!(cfg.role, Role::All | Role::Edge) {
+        println!("  Watch:  http://{host}:{port}/play/STREAM");
+        println!("  WHEP:   http://{host}:{port}/whep/STREAM");
+    }
+    println!("  Health: http://{host}:{port}/healthz   Metrics: http://{host}:{port}/metrics   Streams: http://{host}:{port}/api/streams");
+    println!("  (replace STREAM with any name of 1-64 characters A-Z a-z 0-9 _ -)");
+}

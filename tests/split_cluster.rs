@@ -1,0 +1,62 @@
+//! The roles as separate processes: origin + ingest + two edges over QUIC.
+//! A WHIP publish on the ingest plays on both edges.
+
+mod common;
+
+use common::{assert_good_viewer, media, publish, view, Node, SECRET};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_ingest_two_edges() {
+    let origin = Node::start("origin", &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"]);
+    let quic = origin.quic.clone().expect("origin prints its relay address");
+    let ingest = Node::start("ingest", &["--cluster-secret", SECRET, "--origin", &quic]);
+    let edge1 = Node::start("edge", &["--cluster-secret", SECRET, "--origin", &quic]);
+    let edge2 = Node::start("edge", &["--cluster-secret", SECRET, "--origin", &quic]);
+    let p = publish(&ingest.http, "split", media(30).await, 0).await;
+    common::wait_live(&origin.http, "split").await;
+    let (a, b) = tokio::join!(view(&edge1.http, "split", 4), view(&edge2.http, "split", 4));
+    for r in [&a, &b] {
+        assert_good_viewer(r);
+        eprintln!(
+            "split viewer: ttff {:?} ms, latency p50 {:?} ms p99 {:?} ms",
+            r.ttff_ms, r.latency_ms_p50, r.latency_ms_p99
+        );
+    }
+    let _ = p.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn edge_with_wrong_secret_sees_nothing() {
+    let origin = Node::start("origin", &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"]);
+    let quic = origin.quic.clone().unwrap();
+    let ingest = Node::start("ingest", &["--cluster-secret", SECRET, "--origin", &quic]);
+    let bad_edge = Node::start(
+        "edge",
+        &["--cluster-secret", "another-secret-0123456789", "--origin", &quic],
+    );
+    let p = publish(&ingest.http, "sec", media(30).await, 0).await;
+    common::wait_live(&origin.http, "sec").await;
+    let r = loadtest::http::post_offer(
+        &format!("{}/whep/sec", bad_edge.http),
+        &loadtest::whep::offer_sdp(&[loadtest::whep::VideoCodec::H264], true).unwrap(),
+        None,
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 404, "an edge that cannot authenticate serves nothing");
+    let _ = p.stop().await;
+}
+
+#[test]
+fn split_roles_refuse_to_start_without_secret() {
+    for role in ["origin", "ingest", "edge"] {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+            .args([role, "--origin", "127.0.0.1:4433"])
+            .env_remove("CASCADE_CLUSTER_SECRET")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{role} must refuse to start");
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(err.contains("cluster-secret"), "{role}: {err}");
+    }
+}
