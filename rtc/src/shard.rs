@@ -94,10 +94,9 @@ impl Egress {
                     segment_size: None,
                     src_ip,
                 };
-                let sent = self
-                    .socket
-                    .try_io(tokio::io::Interest::WRITABLE, || self.state.try_send((&*self.socket).into(), &tx));
-                match sent {
+                // Straight to the non-blocking socket: media is never worth
+                // waiting for, a full send buffer drops like a congested link.
+                match self.state.try_send((&*self.socket).into(), &tx) {
                     Ok(()) => metrics::counter!(m::DATAGRAMS_OUT).increment(1),
                     Err(_) => metrics::counter!(m::DATAGRAMS_DROPPED, "reason" => "send").increment(1),
                 }
