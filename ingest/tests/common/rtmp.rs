@@ -257,21 +257,30 @@ impl Client {
             if !pending.is_empty() {
                 let results = self.session.handle_input(&pending).map_err(|e| e.to_string())?;
                 pending.clear();
+                let mut finished = false;
                 for r in results {
                     match r {
                         ClientSessionResult::OutboundResponse(p) => {
                             self.io.write_all(&p.bytes).await.map_err(|e| e.to_string())?
                         }
-                        ClientSessionResult::RaisedEvent(e) if done(&e) => return Ok(()),
+                        // Results after the event (e.g. the chunk size) still go out.
+                        ClientSessionResult::RaisedEvent(e) if done(&e) => finished = true,
                         ClientSessionResult::RaisedEvent(ClientSessionEvent::ConnectionRequestRejected {
                             description,
                         }) => return Err(description),
                         ClientSessionResult::RaisedEvent(ClientSessionEvent::UnhandleableOnStatusCode { code }) => {
                             return Err(code)
                         }
-                        ClientSessionResult::RaisedEvent(e) => return Err(format!("{e:?}")),
+                        ClientSessionResult::RaisedEvent(e @ ClientSessionEvent::UnknownTransactionResultReceived { .. }) => {
+                            // Our refusals come as `_error` results.
+                            return Err(format!("{e:?}"));
+                        }
+                        ClientSessionResult::RaisedEvent(_) => {}
                         ClientSessionResult::UnhandleableMessageReceived(_) => {}
                     }
+                }
+                if finished {
+                    return Ok(());
                 }
             }
             let n = timeout(WAIT, self.io.read(&mut buf))
