@@ -12,6 +12,7 @@ pub mod http;
 pub mod media;
 pub mod ogg;
 mod peer;
+pub mod rtp;
 pub mod stats;
 pub mod tag;
 pub mod whep;

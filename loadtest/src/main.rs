@@ -1,7 +1,8 @@
 //! `loadtest`: many real WHEP viewers against one stream, progress each second, a JSON summary.
 //!
-//! Each viewer does a full WHEP exchange, ICE, DTLS, SRTP and depacketizes and checks every
-//! frame (one tokio task per viewer for now: the cheap header-only viewers of issue 6 are to come).
+//! Each viewer does a full WHEP exchange, ICE and DTLS. Every `--full-every`-th viewer then
+//! decrypts, depacketizes and checks every frame (TTFF, latency, order); the others read only
+//! the clear RTP headers (loss, jitter). One tokio task and one UDP socket per viewer for now.
 
 use std::io::Write;
 use std::net::IpAddr;
@@ -32,6 +33,10 @@ struct Args {
     /// Viewer joins per second (0 = all at once).
     #[arg(long, default_value_t = 0.0)]
     ramp: f64,
+    /// Every N-th viewer (from the first) fully decrypts and checks frames; the rest read
+    /// RTP headers only. 1 = all full.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    full_every: u32,
     /// Viewer token (Authorization: Bearer).
     #[arg(long)]
     token: Option<String>,
@@ -52,6 +57,7 @@ struct Summary {
     viewers_requested: u32,
     viewers_connected: u64,
     viewers_failed: u64,
+    viewers_full: u64,
     packets_received: u64,
     packets_lost: u64,
     loss_pct: f64,
@@ -64,6 +70,9 @@ struct Summary {
     latency_ms_p50: Option<f64>,
     latency_ms_p99: Option<f64>,
     av_drift_ms_max: Option<f64>,
+    jitter_ms_p50: Option<f64>,
+    jitter_ms_p95: Option<f64>,
+    first_packet_ms_p50: Option<f64>,
     duration_s: f64,
     errors: Vec<String>,
 }
@@ -117,6 +126,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         opts.token.clone_from(&args.token);
         opts.bind = args.bind;
         opts.live = Some(Arc::clone(&live));
+        opts.headers_only = i % args.full_every != 0;
         let live = Arc::clone(&live);
         tasks.spawn(async move {
             tokio::time::sleep_until(at.into()).await;
@@ -224,6 +234,8 @@ fn summarize(
     let packets_received = sum(|r| r.packets_received);
     let packets_lost = sum(|r| r.packets_lost);
     let ttff: Vec<f64> = reports.iter().filter_map(|r| r.ttff_ms).collect();
+    let jitter: Vec<f64> = reports.iter().filter_map(|r| r.video_jitter_ms).collect();
+    let first_packet: Vec<f64> = reports.iter().filter_map(|r| r.first_packet_ms).collect();
     let latency: Vec<f64> = reports
         .iter()
         .flat_map(|r| r.latency_samples_ms.iter().copied())
@@ -241,6 +253,7 @@ fn summarize(
         viewers_requested: args.viewers,
         viewers_connected: connected.len() as u64,
         viewers_failed: failed + (reports.len() - connected.len()) as u64,
+        viewers_full: connected.iter().filter(|r| !r.headers_only).count() as u64,
         packets_received,
         packets_lost,
         loss_pct: if total == 0 {
@@ -264,6 +277,9 @@ fn summarize(
             .iter()
             .filter_map(|r| r.av_drift_ms.map(f64::abs))
             .max_by(f64::total_cmp),
+        jitter_ms_p50: percentile(&jitter, 50.0),
+        jitter_ms_p95: percentile(&jitter, 95.0),
+        first_packet_ms_p50: percentile(&first_packet, 50.0),
         duration_s: elapsed.as_secs_f64(),
         errors,
     }

@@ -57,6 +57,16 @@ impl Peer {
 
     /// Wait for one datagram or until `until`, and feed whichever came first to str0m.
     pub(crate) async fn wait(&mut self, until: Instant) -> Result<()> {
+        self.wait_tapped(until, &mut |_, _| false).await
+    }
+
+    /// Like [`Self::wait`], but `tap` sees each datagram first and keeps it from str0m by
+    /// returning true (header-only viewers take RTP this way and skip SRTP).
+    pub(crate) async fn wait_tapped(
+        &mut self,
+        until: Instant,
+        tap: &mut (dyn FnMut(&[u8], Instant) -> bool + Send),
+    ) -> Result<()> {
         let sleep = tokio::time::sleep_until(until.into());
         tokio::select! {
             r = self.socket.recv_from(&mut self.buf) => {
@@ -65,6 +75,9 @@ impl Peer {
                 let Some(data) = self.buf.get(..n) else {
                     return Ok(());
                 };
+                if tap(data, now) {
+                    return Ok(());
+                }
                 // Anything str0m cannot classify (not STUN/DTLS/RTP) is dropped.
                 // A datagram str0m rejects is the peer's problem, not a reason to end.
                 if let Ok(contents) = data.try_into() {

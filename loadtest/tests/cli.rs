@@ -38,7 +38,7 @@ async fn cli_viewers_receive_without_loss() {
         tokio::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
             .args(["--url", &server.whep_url("load")])
             .args(["--viewers", &VIEWERS.to_string(), "--duration", "5s"])
-            .args(["--ramp", "100", "--json"])
+            .args(["--ramp", "100", "--full-every", "5", "--json"])
             .kill_on_drop(true)
             .output(),
     )
@@ -64,5 +64,7 @@ async fn cli_viewers_receive_without_loss() {
         assert!(v[k].as_f64().is_some(), "{k} missing: {last}");
     }
     assert_eq!(v["first_frame_keyframe_pct"], 100.0, "{last}");
+    assert_eq!(v["viewers_full"], u64::from(VIEWERS / 5), "{last}");
+    assert!(v["jitter_ms_p95"].as_f64().is_some(), "{last}");
     publisher.stop().await.unwrap();
 }

@@ -85,6 +85,15 @@ pub struct ViewerReport {
     pub audio_drift_ms: Option<f64>,
     /// `video_drift_ms - audio_drift_ms`: A/V clocks advancing at the same wall rate ≈ 0.
     pub av_drift_ms: Option<f64>,
+    /// Header-only viewer: counts come from clear RTP headers; frame checks, tags, latency
+    /// and TTFF are not measured.
+    pub headers_only: bool,
+    /// Header-only: from POST to the first video RTP packet, ms.
+    pub first_packet_ms: Option<f64>,
+    /// Header-only: RFC 3550 interarrival jitter of video, ms.
+    pub video_jitter_ms: Option<f64>,
+    /// Header-only: retransmission (RTX) packets seen.
+    pub rtx_packets: u64,
     /// Why the session ended: "duration", "stopped", "disconnected".
     pub end: String,
     /// Latency samples (ms), kept for aggregation across viewers.

@@ -5,6 +5,7 @@
 //! ends on its duration, `stop()`/`delete()`, or ICE disconnect.
 
 mod check;
+mod light;
 
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::atomic::Ordering;
@@ -24,6 +25,7 @@ pub use self::check::{is_decodable_start, LiveCounters, SeqGap, ViewerReport};
 pub use crate::http::{post_offer, Reply};
 
 use self::check::{Checker, Received};
+use self::light::HeaderTap;
 use crate::peer::Peer;
 use crate::{http, Error, Result};
 
@@ -60,6 +62,9 @@ pub struct ViewerOptions {
     pub bind: IpAddr,
     /// Shared live counters (for progress over many viewers).
     pub live: Option<Arc<LiveCounters>>,
+    /// Read only the clear RTP headers (no SRTP decryption, no frame checks): a cheap
+    /// viewer for load, measuring loss, jitter and packet counts.
+    pub headers_only: bool,
 }
 
 impl ViewerOptions {
@@ -74,6 +79,7 @@ impl ViewerOptions {
             audio: true,
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             live: None,
+            headers_only: false,
         }
     }
 }
@@ -158,6 +164,9 @@ impl Viewer {
             cancel: cancel.clone(),
             connected: connected_tx,
             live,
+            tap: opts
+                .headers_only
+                .then(|| HeaderTap::new(&created.answer, posted)),
         };
         let span = tracing::info_span!("whep_viewer", location = %created.location);
         let task = tokio::spawn(session.run().instrument(span));
@@ -248,6 +257,7 @@ struct Session {
     cancel: CancellationToken,
     connected: watch::Sender<bool>,
     live: Arc<LiveCounters>,
+    tap: Option<HeaderTap>,
 }
 
 impl Session {
@@ -312,15 +322,29 @@ impl Session {
             if let Some(e) = end_at {
                 until = until.min(e);
             }
-            tokio::select! {
-                _ = self.cancel.cancelled() => {}
-                r = self.peer.wait(until) => r?,
-            }
+            let live = &self.live;
+            let waited = match self.tap.as_mut() {
+                Some(tap) => {
+                    let mut f = |d: &[u8], now: Instant| tap.packet(d, now, live);
+                    tokio::select! {
+                        _ = self.cancel.cancelled() => Ok(()),
+                        r = self.peer.wait_tapped(until, &mut f) => r,
+                    }
+                }
+                None => tokio::select! {
+                    _ = self.cancel.cancelled() => Ok(()),
+                    r = self.peer.wait(until) => r,
+                },
+            };
+            waited?;
         };
         if checker.report.connected {
             self.live.connected.fetch_sub(1, Ordering::Relaxed);
         }
-        let report = checker.finish(end);
+        let mut report = checker.finish(end);
+        if let Some(tap) = &self.tap {
+            tap.finish(&mut report);
+        }
         tracing::info!(end, video = report.video_frames, "viewer ended");
         Ok(report)
     }
