@@ -571,6 +571,20 @@ mod tests {
         assert_eq!(s.catalog().tracks[0].codec, Codec::Vp8);
     }
 
+    #[tokio::test]
+    async fn relay_readers_count_as_subscribers_not_viewers() {
+        let r = Registry::new();
+        let _p = r.publish("s", catalog(Codec::H264), "whip").unwrap();
+        let relay = r.subscribe_relay("s").await.unwrap();
+        let relay2 = relay.clone();
+        assert_eq!((r.viewers("s"), r.subscribers("s")), (0, 2));
+        let viewer = r.subscribe("s").await.unwrap();
+        assert_eq!((r.viewers("s"), r.subscribers("s")), (1, 3));
+        assert_eq!(viewer.protocol(), "whip");
+        drop((relay, relay2, viewer));
+        assert_eq!((r.viewers("s"), r.subscribers("s")), (0, 0));
+    }
+
     struct FakeUpstream;
     impl Upstream for FakeUpstream {
         fn fetch(

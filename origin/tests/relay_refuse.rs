@@ -6,64 +6,11 @@ mod common;
 
 use std::time::Duration;
 
-use cascade_origin::relay::wire::{read_message, Message, VERSION};
-use cascade_origin::relay::{code, tls, Server};
+use cascade_origin::relay::wire::{read_message, Message};
+use cascade_origin::relay::{code, Server};
 use cascade_origin::{Error, Registry};
 use common::*;
-use hmac::{Hmac, Mac};
-use sha2::Sha256;
 use tokio::time::timeout;
-
-async fn raw_connect(addr: std::net::SocketAddr) -> quinn::Connection {
-    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
-    endpoint.set_default_client_config(tls::client_config().unwrap());
-    endpoint
-        .connect(addr, tls::SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap()
-}
-
-fn close_code(e: quinn::ConnectionError) -> Option<quinn::VarInt> {
-    match e {
-        quinn::ConnectionError::ApplicationClosed(c) => Some(c.error_code),
-        _ => None,
-    }
-}
-
-fn proof(secret: &str, label: &[u8], a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
-    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    m.update(label);
-    m.update(a);
-    m.update(b);
-    m.finalize().into_bytes().into()
-}
-
-/// Runs the handshake by hand with `secret`; returns the control stream.
-async fn handshake(
-    conn: &quinn::Connection,
-    secret: &str,
-) -> (quinn::SendStream, quinn::RecvStream) {
-    let (mut send, mut recv) = conn.open_bi().await.unwrap();
-    let ours = [7u8; 32];
-    let hello = Message::Hello {
-        version: VERSION,
-        nonce: ours,
-    };
-    send.write_all(&hello.encode().unwrap()).await.unwrap();
-    let Message::Challenge { nonce, .. } = timeout(WAIT, read_message(&mut recv))
-        .await
-        .unwrap()
-        .unwrap()
-    else {
-        panic!("expected challenge");
-    };
-    let auth = Message::Auth {
-        proof: proof(secret, b"client", &nonce, &ours),
-    };
-    send.write_all(&auth.encode().unwrap()).await.unwrap();
-    (send, recv)
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wrong_secret_is_refused_with_auth_code() {

@@ -3,18 +3,19 @@
 //! publishes the local streams upstream (ingest: [`Client::uplink`]) and
 //! fetches streams on demand (edge: the [`Upstream`] implementation).
 
+use std::collections::HashSet;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::pin::Pin;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
-use tokio::sync::{mpsc, oneshot, watch};
+use tokio::sync::{mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::session::{Command, Inputs, Session, Side};
-use super::{auth, code, tls, AUTH_TIMEOUT};
+use super::{auth, code, tls, AUTH_TIMEOUT, LINK_GRACE};
 use crate::metrics::RELAY_REFUSED;
 use crate::registry::{Registry, Upstream};
 use crate::{Error, Result};
@@ -60,6 +61,7 @@ struct Inner {
     connected: watch::Receiver<bool>,
     cancel: CancellationToken,
     options: Options,
+    kick: Arc<Notify>,
 }
 
 impl Drop for Inner {
@@ -81,6 +83,7 @@ impl Client {
         let (uplink, uplink_rx) = watch::channel(None);
         let (connected_tx, connected) = watch::channel(false);
         let cancel = CancellationToken::new();
+        let kick = Arc::new(Notify::new());
         let span = tracing::info_span!("relay", role = "client", %origin);
         let link = Link {
             origin,
@@ -90,6 +93,10 @@ impl Client {
             uplink: uplink_rx,
             connected: connected_tx,
             cancel: cancel.clone(),
+            kick: kick.clone(),
+            resubscribe: Vec::new(),
+            resume_uplink: HashSet::new(),
+            resubscribe_until: Instant::now(),
         };
         tokio::spawn(link.run().instrument(span));
         Self {
@@ -99,6 +106,7 @@ impl Client {
                 connected,
                 cancel,
                 options,
+                kick,
             }),
         }
     }
@@ -120,6 +128,12 @@ impl Client {
         tokio::time::timeout(within, rx.wait_for(|up| *up))
             .await
             .is_ok_and(|r| r.is_ok())
+    }
+
+    /// Drops the current link as if it were lost; the client reconnects and
+    /// streams carry on after a gap (e.g. after the origin's address changed).
+    pub fn reconnect(&self) {
+        self.inner.kick.notify_waiters();
     }
 
     /// Closes the link and stops reconnecting.
@@ -167,6 +181,12 @@ struct Link {
     uplink: watch::Receiver<Option<Arc<Registry>>>,
     connected: watch::Sender<bool>,
     cancel: CancellationToken,
+    kick: Arc<Notify>,
+    /// Streams of the lost link to fetch again, until `resubscribe_until`.
+    resubscribe: Vec<(Arc<Registry>, String)>,
+    /// Streams the lost link published, to resume at the next keyframe.
+    resume_uplink: HashSet<String>,
+    resubscribe_until: Instant,
 }
 
 impl Link {
@@ -184,18 +204,38 @@ impl Link {
                     backoff = MIN_BACKOFF;
                     was_failing = false;
                     self.connected.send_replace(true);
-                    let session = Session::new(conn, send, Side::Connected, None);
+                    let mut session = Session::new(conn, send, Side::Connected, None);
+                    let (resubscribe, resume_uplink) = if Instant::now() < self.resubscribe_until {
+                        (
+                            std::mem::take(&mut self.resubscribe),
+                            std::mem::take(&mut self.resume_uplink),
+                        )
+                    } else {
+                        (Vec::new(), HashSet::new())
+                    };
                     let inputs = Inputs {
                         commands: Some(&mut self.commands),
                         uplink: Some(self.uplink.clone()),
                         linger: self.options.linger,
                         cancel: self.cancel.clone(),
+                        kick: Some(self.kick.clone()),
+                        resubscribe,
+                        resume_uplink,
                     };
                     let end = session.run(recv, Side::Connected, inputs).await;
                     self.connected.send_replace(false);
-                    match end {
+                    match &end {
                         Ok(()) => tracing::info!("relay link closed"),
                         Err(e) => tracing::warn!(error = %e, "relay link lost"),
+                    }
+                    if end.is_err() {
+                        // Keep fetched streams live for a moment and fetch
+                        // them again once reconnected: viewers see a gap.
+                        let mut orphans = session.orphans();
+                        self.resubscribe = std::mem::take(&mut orphans.resubscribe);
+                        self.resume_uplink = std::mem::take(&mut orphans.uplinked);
+                        self.resubscribe_until = Instant::now() + LINK_GRACE;
+                        orphans.hold(LINK_GRACE);
                     }
                 }
                 Err(e) => {

@@ -27,6 +27,10 @@ pub use server::Server;
 /// The ALPN protocol name; its suffix is the wire version.
 pub const ALPN: &[u8] = b"cascade-relay/1";
 
+/// How long the streams of a lost link stay live, waiting for the peer to
+/// reconnect and take them over: viewers then see a gap, not an end.
+pub const LINK_GRACE: Duration = Duration::from_secs(5);
+
 /// Deadline for the QUIC handshake plus the secret handshake.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -42,6 +46,9 @@ pub mod code {
     pub const PROTOCOL: VarInt = VarInt::from_u32(2);
     /// The node refuses more connections.
     pub const BUSY: VarInt = VarInt::from_u32(3);
+    /// The link is dropped on purpose and will be back: keep its streams
+    /// for the grace period as if it had been lost.
+    pub const RECONNECT: VarInt = VarInt::from_u32(4);
     /// Stream reset: a newer group superseded this one.
     pub const SUPERSEDED: VarInt = VarInt::from_u32(0x10);
     /// Stream stopped: the group names no live publication or subscription.

@@ -185,13 +185,22 @@ async fn run(
                     break;
                 }
                 let c = catalog.borrow_and_update().clone();
-                publisher.set_catalog(c);
+                let before = publisher.catalog();
+                publisher.set_catalog(c.clone());
                 index = track_index(&mut publisher);
+                // A replaced track (new codec) starts empty and its first
+                // keyframe may have raced ahead into the old one: ask again.
+                for t in &c.tracks {
+                    if before.by_name(&t.name).is_none_or(|b| b.codec != t.codec) {
+                        let track = t.name.clone();
+                        let _ = events.send(Event::Keyframe { id, track }).await;
+                    }
+                }
             }
             track = keyframe_wanted(&mut publisher) => {
-                if events.send(Event::Keyframe { id, track }).await.is_err() {
-                    return;
-                }
+                // Without a session (link lost, stream held for the grace
+                // period) there is nobody to ask; the stream stays up.
+                let _ = events.send(Event::Keyframe { id, track }).await;
             }
             _ = tick.tick() => {
                 if !publisher.is_current() {

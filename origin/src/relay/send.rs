@@ -62,10 +62,11 @@ impl Outgoing {
         conn: quinn::Connection,
         seq: Arc<AtomicU64>,
         events: mpsc::Sender<Event>,
+        resume: bool,
     ) -> Self {
         let (tx, rx) = mpsc::channel(KEYFRAME_QUEUE);
         let live = subscriber.clone();
-        let task = tokio::spawn(run(id, subscriber, conn, seq, rx, events));
+        let task = tokio::spawn(run(id, subscriber, conn, seq, rx, events, resume));
         Self {
             keyframes: tx,
             live,
@@ -91,12 +92,13 @@ async fn run(
     seq: Arc<AtomicU64>,
     mut keyframes: mpsc::Receiver<String>,
     events: mpsc::Sender<Event>,
+    resume: bool,
 ) {
     let mut catalog_rx = subscriber.catalog_watch();
     let catalog = catalog_rx.borrow_and_update().clone();
     let mut tracks: HashMap<String, (TrackInfo, AbortOnDrop)> = HashMap::new();
     let ctx = TrackCtx { id, conn, seq };
-    sync_tracks(&mut tracks, &catalog.tracks, &subscriber, &ctx);
+    sync_tracks(&mut tracks, &catalog.tracks, &subscriber, &ctx, resume);
     loop {
         tokio::select! {
             _ = subscriber.ended() => break,
@@ -105,7 +107,7 @@ async fn run(
                     break;
                 }
                 let catalog = catalog_rx.borrow_and_update().clone();
-                sync_tracks(&mut tracks, &catalog.tracks, &subscriber, &ctx);
+                sync_tracks(&mut tracks, &catalog.tracks, &subscriber, &ctx, false);
                 if events.send(Event::Catalog { id, catalog }).await.is_err() {
                     return;
                 }
@@ -130,12 +132,14 @@ struct TrackCtx {
 }
 
 /// Starts a track task per new (or re-created: codec changed) track and
-/// stops the tasks of tracks the catalog no longer lists.
+/// stops the tasks of tracks the catalog no longer lists. With `resume` the
+/// peer already has the current group: start at the next keyframe.
 fn sync_tracks(
     running: &mut HashMap<String, (TrackInfo, AbortOnDrop)>,
     wanted: &[TrackInfo],
     subscriber: &Subscriber,
     ctx: &TrackCtx,
+    resume: bool,
 ) {
     running.retain(|name, _| wanted.iter().any(|t| &t.name == name));
     for info in wanted {
@@ -145,9 +149,13 @@ fn sync_tracks(
         if keep {
             continue;
         }
-        let Some(consumer) = subscriber.track(&info.name) else {
+        let Some(mut consumer) = subscriber.track(&info.name) else {
             continue;
         };
+        if resume {
+            consumer.skip_to_keyframe();
+            consumer.request_keyframe();
+        }
         let task = tokio::spawn(run_track(
             ctx.id,
             info.name.clone(),

@@ -9,8 +9,8 @@ use std::sync::Arc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use super::session::{Inputs, Session, Side};
-use super::{auth, code, tls, AUTH_TIMEOUT};
+use super::session::{lost, Inputs, Session, Side};
+use super::{auth, code, tls, AUTH_TIMEOUT, LINK_GRACE};
 use crate::metrics::RELAY_REFUSED;
 use crate::registry::Registry;
 use crate::{Error, Result};
@@ -28,6 +28,9 @@ pub struct Server {
 impl Server {
     /// Binds `addr` and serves `registry` to nodes that know `secret`.
     pub async fn bind(addr: SocketAddr, secret: String, registry: Arc<Registry>) -> Result<Self> {
+        if secret.is_empty() {
+            tracing::warn!("relay cluster secret is empty: any node can join");
+        }
         let endpoint = quinn::Endpoint::server(tls::server_config()?, addr)?;
         let cancel = CancellationToken::new();
         tokio::spawn(accept_loop(
@@ -146,15 +149,23 @@ async fn serve(
         }
     };
     tracing::info!("relay peer connected");
-    let session = Session::new(conn, send, Side::Accepted, Some(registry));
+    let mut session = Session::new(conn, send, Side::Accepted, Some(registry));
     let inputs = Inputs {
         commands: None,
         uplink: None,
         linger: std::time::Duration::ZERO,
         cancel,
+        kick: None,
+        resubscribe: Vec::new(),
+        resume_uplink: Default::default(),
     };
-    match session.run(recv, Side::Accepted, inputs).await {
+    let end = session.run(recv, Side::Accepted, inputs).await;
+    match &end {
         Ok(()) => tracing::info!("relay peer disconnected"),
         Err(e) => tracing::info!(error = %e, "relay peer disconnected"),
+    }
+    if lost(&end) {
+        // The peer may be back in a moment and publish again (takeover).
+        session.orphans().hold(LINK_GRACE);
     }
 }

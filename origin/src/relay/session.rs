@@ -12,7 +12,7 @@ use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
 
 use super::recv::{read_group, Incoming, Linger, Routes};
@@ -88,6 +88,49 @@ pub(crate) struct Inputs<'a> {
     pub(crate) uplink: Option<watch::Receiver<Option<Arc<Registry>>>>,
     pub(crate) linger: Duration,
     pub(crate) cancel: CancellationToken,
+    /// Fires to drop the link on purpose (it is then treated as lost).
+    pub(crate) kick: Option<Arc<Notify>>,
+    /// Streams to subscribe again at once (held over from a lost link).
+    pub(crate) resubscribe: Vec<(Arc<Registry>, String)>,
+    /// Streams the lost link published upstream.
+    pub(crate) resume_uplink: HashSet<String>,
+}
+
+/// What a lost link leaves behind: the streams it fed, kept live for a
+/// grace period so a reconnect can take them over without ending them.
+pub(crate) struct Orphans {
+    held: Vec<Incoming>,
+    /// Our subscriptions among them, to subscribe again after reconnecting.
+    pub(crate) resubscribe: Vec<(Arc<Registry>, String)>,
+    /// Streams this link published upstream.
+    pub(crate) uplinked: HashSet<String>,
+}
+
+impl Orphans {
+    /// Keeps the streams live for `grace`, then ends those nobody took over.
+    pub(crate) fn hold(self, grace: Duration) {
+        if self.held.is_empty() {
+            return;
+        }
+        let held = self.held;
+        tokio::spawn(async move {
+            tokio::time::sleep(grace).await;
+            drop(held);
+        });
+    }
+}
+
+/// True when the link ended in a way worth a grace period: the peer (or
+/// the network) vanished, rather than someone closing it on purpose.
+pub(crate) fn lost(end: &Result<()>) -> bool {
+    match end {
+        Err(Error::Connection(quinn::ConnectionError::ApplicationClosed(c))) => {
+            c.error_code != code::CLOSED
+        }
+        Err(Error::Connection(quinn::ConnectionError::LocallyClosed)) => false,
+        Err(Error::Connection(_)) | Err(Error::Unavailable) => true,
+        _ => false,
+    }
 }
 
 pub(crate) struct Session {
@@ -99,11 +142,16 @@ pub(crate) struct Session {
     seq: Arc<AtomicU64>,
     outgoing: HashMap<u64, Outgoing>,
     incoming: HashMap<u64, Incoming>,
-    resolving: HashSet<u64>,
+    /// Peer subscriptions waiting for their stream, with their `resume` flag.
+    resolving: HashMap<u64, bool>,
     pending: HashMap<u64, Pending>,
     pending_names: HashMap<String, u64>,
-    subscribed: HashMap<String, u64>,
+    /// Our subscriptions by name: id and the registry they feed.
+    subscribed: HashMap<String, (u64, Arc<Registry>)>,
     uplinked: HashMap<String, u64>,
+    /// Streams the previous (lost) link already published: the peer has
+    /// seen their current group, so they resume at the next keyframe.
+    resume_uplink: HashSet<String>,
     events_tx: mpsc::Sender<Event>,
     linger: Duration,
 }
@@ -174,11 +222,12 @@ impl Session {
             seq: Arc::new(AtomicU64::new(0)),
             outgoing: HashMap::new(),
             incoming: HashMap::new(),
-            resolving: HashSet::new(),
+            resolving: HashMap::new(),
             pending: HashMap::new(),
             pending_names: HashMap::new(),
             subscribed: HashMap::new(),
             uplinked: HashMap::new(),
+            resume_uplink: HashSet::new(),
             events_tx: mpsc::channel(1).0,
             linger: Duration::ZERO,
         }
@@ -186,7 +235,7 @@ impl Session {
 
     /// Runs the link until the connection ends or `inputs.cancel` fires.
     pub(crate) async fn run(
-        mut self,
+        &mut self,
         mut recv: quinn::RecvStream,
         side: Side,
         mut inputs: Inputs<'_>,
@@ -195,6 +244,7 @@ impl Session {
         metrics::gauge!(RELAY_LINKS, "direction" => direction).increment(1.0);
         let _gauge = LinkGauge(direction);
         self.linger = inputs.linger;
+        self.resume_uplink = std::mem::take(&mut inputs.resume_uplink);
         let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
         self.events_tx = events_tx;
         let (ctl_tx, mut control) = mpsc::channel(CONTROL_QUEUE);
@@ -216,6 +266,12 @@ impl Session {
             announcements = Some(reg.announcements());
             self.uplink_all(&reg).await?;
         }
+        for (registry, name) in std::mem::take(&mut inputs.resubscribe) {
+            if registry.subscribers(&name) > 0 {
+                self.subscribe(registry, name, None, true).await?;
+            }
+        }
+        let kick = inputs.kick.clone().unwrap_or_default();
         let result = loop {
             let step = tokio::select! {
                 msg = control.recv() => match msg {
@@ -246,6 +302,10 @@ impl Session {
                     }
                     Err(e) => Err(Error::Connection(e)),
                 },
+                _ = kick.notified() => {
+                    self.conn.close(code::RECONNECT, b"reconnecting");
+                    break Err(Error::Unavailable);
+                }
                 _ = inputs.cancel.cancelled() => {
                     self.conn.close(code::CLOSED, b"shutting down");
                     break Ok(());
@@ -268,6 +328,20 @@ impl Session {
         result
     }
 
+    /// Takes the streams this link fed, for [`Orphans::hold`].
+    pub(crate) fn orphans(&mut self) -> Orphans {
+        let resubscribe = self
+            .subscribed
+            .drain()
+            .map(|(name, (_, registry))| (registry, name))
+            .collect();
+        Orphans {
+            held: self.incoming.drain().map(|(_, i)| i).collect(),
+            resubscribe,
+            uplinked: self.uplinked.drain().map(|(name, _)| name).collect(),
+        }
+    }
+
     fn alloc_id(&mut self) -> u64 {
         let id = self.next_id;
         self.next_id += 2;
@@ -280,7 +354,7 @@ impl Session {
         }
         if self.incoming.contains_key(&id)
             || self.outgoing.contains_key(&id)
-            || self.resolving.contains(&id)
+            || self.resolving.contains_key(&id)
         {
             return Err(Error::Protocol("id in use".into()));
         }
@@ -333,13 +407,13 @@ impl Session {
                     i.set_catalog(catalog);
                 }
             }
-            Message::Subscribe { id, stream } => {
+            Message::Subscribe { id, stream, resume } => {
                 let id = self.peer_id(id)?;
                 let registry = match self.serve.clone() {
                     Some(r) if self.outgoing.len() + self.resolving.len() < MAX_SUBSCRIPTIONS => r,
                     _ => return self.write(&Message::NotFound { id }).await,
                 };
-                self.resolving.insert(id);
+                self.resolving.insert(id, resume);
                 let events = self.events_tx.clone();
                 tokio::spawn(async move {
                     let found =
@@ -363,8 +437,11 @@ impl Session {
                 }
             }
             Message::Unsubscribe { id } => {
+                // Also ends a publication the peer no longer takes (another
+                // publisher took the stream over there).
                 self.outgoing.remove(&id);
                 self.resolving.remove(&id);
+                self.uplinked.retain(|_, v| *v != id);
             }
             Message::KeyframeRequest { id, track } => {
                 if let Some(o) = self.outgoing.get(&id) {
@@ -375,7 +452,7 @@ impl Session {
                 if self.incoming.remove(&id).is_some() {
                     tracing::debug!(id, "peer ended a stream");
                 }
-                self.subscribed.retain(|_, v| *v != id);
+                self.subscribed.retain(|_, v| v.0 != id);
             }
             Message::Hello { .. }
             | Message::Challenge { .. }
@@ -408,7 +485,8 @@ impl Session {
                     Some(linger),
                 );
                 self.incoming.insert(id, incoming);
-                self.subscribed.insert(p.name.clone(), id);
+                self.subscribed
+                    .insert(p.name.clone(), (id, p.registry.clone()));
                 tracing::info!(stream = %p.name, id, "subscribed upstream");
                 for w in p.waiters {
                     let _ = w.send(Ok(()));
@@ -445,18 +523,21 @@ impl Session {
             }
             Event::Idle { id } => {
                 if self.incoming.remove(&id).is_some() {
-                    self.subscribed.retain(|_, v| *v != id);
+                    self.subscribed.retain(|_, v| v.0 != id);
                     self.write(&Message::Unsubscribe { id }).await?;
                 }
             }
             Event::Gone { id } => {
-                self.incoming.remove(&id);
-                self.subscribed.retain(|_, v| *v != id);
+                // Taken over locally: tell the peer to stop sending it.
+                if self.incoming.remove(&id).is_some() {
+                    self.subscribed.retain(|_, v| v.0 != id);
+                    self.write(&Message::Unsubscribe { id }).await?;
+                }
             }
             Event::Resolved { id, subscriber } => {
-                if !self.resolving.remove(&id) {
+                let Some(resume) = self.resolving.remove(&id) else {
                     return Ok(());
-                }
+                };
                 match subscriber {
                     Some(s) => {
                         let msg = Message::SubscribeOk {
@@ -471,6 +552,7 @@ impl Session {
                             self.conn.clone(),
                             self.seq.clone(),
                             self.events_tx.clone(),
+                            resume,
                         );
                         self.outgoing.insert(id, out);
                     }
@@ -490,9 +572,23 @@ impl Session {
         if reply.is_closed() {
             return Ok(());
         }
-        if let Some(id) = self.subscribed.get(&name) {
+        self.subscribe(registry, name, Some(reply), false).await
+    }
+
+    /// Subscribes upstream unless already subscribed or asked; `reply`
+    /// hears the outcome.
+    async fn subscribe(
+        &mut self,
+        registry: Arc<Registry>,
+        name: String,
+        reply: Option<oneshot::Sender<Result<()>>>,
+        resume: bool,
+    ) -> Result<()> {
+        if let Some((id, _)) = self.subscribed.get(&name) {
             if self.incoming.contains_key(id) && registry.is_live(&name) {
-                let _ = reply.send(Ok(()));
+                if let Some(r) = reply {
+                    let _ = r.send(Ok(()));
+                }
                 return Ok(());
             }
         }
@@ -501,17 +597,20 @@ impl Session {
             .get(&name)
             .and_then(|id| self.pending.get_mut(id))
         {
-            p.waiters.push(reply);
+            p.waiters.extend(reply);
             return Ok(());
         }
         if self.pending.len() >= MAX_PENDING {
-            let _ = reply.send(Err(Error::NotLive));
+            if let Some(r) = reply {
+                let _ = r.send(Err(Error::NotLive));
+            }
             return Ok(());
         }
         let id = self.alloc_id();
         self.write(&Message::Subscribe {
             id,
             stream: name.clone(),
+            resume,
         })
         .await?;
         self.pending_names.insert(name.clone(), id);
@@ -520,7 +619,7 @@ impl Session {
             Pending {
                 registry,
                 name,
-                waiters: vec![reply],
+                waiters: reply.into_iter().collect(),
             },
         );
         Ok(())
@@ -560,12 +659,14 @@ impl Session {
         };
         self.write(&msg).await?;
         tracing::info!(stream = name, id, "publishing upstream");
+        let resume = self.resume_uplink.remove(name);
         let out = Outgoing::spawn(
             id,
             subscriber,
             self.conn.clone(),
             self.seq.clone(),
             self.events_tx.clone(),
+            resume,
         );
         self.outgoing.insert(id, out);
         self.uplinked.insert(name.to_string(), id);

@@ -92,6 +92,10 @@ pub enum Message {
         id: u64,
         /// Stream name.
         stream: String,
+        /// True when re-subscribing after a lost link: the subscriber has
+        /// already seen the current group, so start at the next keyframe.
+        #[serde(default)]
+        resume: bool,
     },
     /// Answer to `Subscribe`: the stream is live; groups follow.
     SubscribeOk {
@@ -519,7 +523,8 @@ mod tests {
             }),
             (any::<u64>(), catalog())
                 .prop_map(|(id, catalog)| Message::CatalogUpdate { id, catalog }),
-            (any::<u64>(), name()).prop_map(|(id, stream)| Message::Subscribe { id, stream }),
+            (any::<u64>(), name(), any::<bool>())
+                .prop_map(|(id, stream, resume)| Message::Subscribe { id, stream, resume }),
             (any::<u64>(), catalog(), proto).prop_map(|(id, catalog, protocol)| {
                 Message::SubscribeOk {
                     id,
@@ -623,6 +628,7 @@ mod tests {
         let bad = Message::Subscribe {
             id: 1,
             stream: "a b".into(),
+            resume: false,
         };
         let bytes = bad.encode().unwrap();
         assert!(Message::decode(&bytes).is_err());

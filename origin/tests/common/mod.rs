@@ -8,8 +8,13 @@ use std::time::Duration;
 use bytes::Bytes;
 use cascade_origin::catalog::{Catalog, Codec, TrackInfo};
 use cascade_origin::frame::Frame;
+use cascade_origin::relay::tls;
+use cascade_origin::relay::wire::{read_message, Message, VERSION};
 use cascade_origin::relay::{Client, Options, Server};
 use cascade_origin::Registry;
+use hmac::{Hmac, Mac};
+use sha2::Sha256;
+use tokio::time::timeout;
 
 pub const SECRET: &str = "cluster-secret";
 /// Upper bound for any single wait in these tests.
@@ -70,8 +75,17 @@ pub struct Cluster {
     pub addr: String,
 }
 
+/// Logs to the test output when `RUST_LOG` is set.
+pub fn init_tracing() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
 impl Cluster {
     pub async fn start() -> Self {
+        init_tracing();
         let origin = Registry::new();
         let server = Server::bind(
             "127.0.0.1:0".parse().unwrap(),
@@ -145,4 +159,63 @@ pub fn number(f: &Frame) -> u64 {
     let mut be = [0u8; 8];
     be.copy_from_slice(&f.payload[..8]);
     u64::from_be_bytes(be)
+}
+
+pub async fn raw_connect(addr: std::net::SocketAddr) -> quinn::Connection {
+    raw_connect_with(addr, tls::client_config().unwrap()).await
+}
+
+/// A bare QUIC connection to a relay server, for speaking the wire by hand.
+pub async fn raw_connect_with(
+    addr: std::net::SocketAddr,
+    config: quinn::ClientConfig,
+) -> quinn::Connection {
+    let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
+    endpoint.set_default_client_config(config);
+    endpoint
+        .connect(addr, tls::SERVER_NAME)
+        .unwrap()
+        .await
+        .unwrap()
+}
+
+pub fn close_code(e: quinn::ConnectionError) -> Option<quinn::VarInt> {
+    match e {
+        quinn::ConnectionError::ApplicationClosed(c) => Some(c.error_code),
+        _ => None,
+    }
+}
+
+pub fn proof(secret: &str, label: &[u8], a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
+    let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    m.update(label);
+    m.update(a);
+    m.update(b);
+    m.finalize().into_bytes().into()
+}
+
+/// Runs the handshake by hand with `secret`; returns the control stream.
+pub async fn handshake(
+    conn: &quinn::Connection,
+    secret: &str,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let ours = [7u8; 32];
+    let hello = Message::Hello {
+        version: VERSION,
+        nonce: ours,
+    };
+    send.write_all(&hello.encode().unwrap()).await.unwrap();
+    let Message::Challenge { nonce, .. } = timeout(WAIT, read_message(&mut recv))
+        .await
+        .unwrap()
+        .unwrap()
+    else {
+        panic!("expected challenge");
+    };
+    let auth = Message::Auth {
+        proof: proof(secret, b"client", &nonce, &ours),
+    };
+    send.write_all(&auth.encode().unwrap()).await.unwrap();
+    (send, recv)
 }
