@@ -191,8 +191,11 @@ fn median(mut v: Vec<f64>) -> Option<f64> {
 const DRIFT_WINDOW: Duration = Duration::from_millis(500);
 
 /// A/V drift: per half-second window (by arrival, from `skip` on), the median
-/// of (audio pts − arrival) minus the median of (video pts − arrival), in
-/// seconds; returns (max − min) over windows and the windows' values.
+/// of (audio pts − arrival) minus the median of (video dts − arrival), in
+/// seconds; returns (max − min) over windows and the windows' values. Video
+/// uses dts because frames arrive in decode order: with B-frames, pts − dts
+/// alternates by picture type and a window's median of pts would jitter by a
+/// frame without any real drift.
 pub fn av_drift(seen: &Seen, skip: Duration) -> (f64, Vec<f64>) {
     let t0 = seen
         .video
@@ -210,13 +213,13 @@ pub fn av_drift(seen: &Seen, skip: Duration) -> (f64, Vec<f64>) {
         .chain(seen.audio.last().map(|g| g.at))
         .min()
         .unwrap();
-    let offset = |g: &Got, clock: f64| g.frame.pts as f64 / clock - (g.at - t0).as_secs_f64();
+    let offset = |g: &Got, ts: u64, clock: f64| ts as f64 / clock - (g.at - t0).as_secs_f64();
     let mut diffs = Vec::new();
     let mut w = t0 + skip;
     while w + DRIFT_WINDOW <= end {
         let in_w = |g: &&Got| g.at >= w && g.at < w + DRIFT_WINDOW;
-        let a = median(seen.audio.iter().filter(in_w).map(|g| offset(g, 48_000.0)).collect());
-        let v = median(seen.video.iter().filter(in_w).map(|g| offset(g, 90_000.0)).collect());
+        let a = median(seen.audio.iter().filter(in_w).map(|g| offset(g, g.frame.pts, 48_000.0)).collect());
+        let v = median(seen.video.iter().filter(in_w).map(|g| offset(g, g.frame.dts, 90_000.0)).collect());
         if let (Some(a), Some(v)) = (a, v) {
             diffs.push(a - v);
         }
