@@ -94,6 +94,17 @@ pub struct Options {
     /// WebRTC sessions (publishers + viewers) before answering 503 [default: 10000]
     #[arg(long, global = true, env = "CASCADE_MAX_SESSIONS")]
     pub max_sessions: Option<usize>,
+    /// STUN/TURN servers offered to WebRTC clients, comma separated
+    /// (stun:HOST:PORT, turn:HOST:PORT?transport=udp) [default: none]
+    #[arg(long, global = true, env = "CASCADE_ICE_SERVERS", value_delimiter = ',')]
+    pub ice_servers: Option<Vec<String>>,
+    /// coturn static-auth-secret: TURN servers get time-limited credentials [default: none]
+    #[arg(long, global = true, env = "CASCADE_TURN_SECRET", hide_env_values = true)]
+    pub turn_secret: Option<String>,
+    /// Lifetime of minted TURN credentials [default: 24h]
+    #[arg(long, global = true, env = "CASCADE_TURN_TTL", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub turn_ttl: Option<Duration>,
     /// RTSP pulls (TOML only; not supported by this version)
     #[arg(skip)]
     pub pull: Option<Vec<toml::Value>>,
@@ -128,6 +139,9 @@ impl Options {
             log: self.log.or(lower.log),
             origin: self.origin.or(lower.origin),
             max_sessions: self.max_sessions.or(lower.max_sessions),
+            ice_servers: self.ice_servers.or(lower.ice_servers),
+            turn_secret: self.turn_secret.or(lower.turn_secret),
+            turn_ttl: self.turn_ttl.or(lower.turn_ttl),
             pull: self.pull.or(lower.pull),
         }
     }
@@ -153,6 +167,8 @@ pub struct Config {
     pub log: String,
     pub origin: Option<String>,
     pub max_sessions: usize,
+    /// STUN/TURN servers offered to clients, with TURN credentials.
+    pub ice: cascade_rtc::ice::IceServers,
 }
 
 /// Shortest cluster secret accepted: it is the only thing between the
@@ -213,6 +229,15 @@ impl Config {
         if quic.is_some() && o.cluster_secret.is_none() {
             bail!("--quic needs --cluster-secret: relay peers authenticate with it");
         }
+        let mut urls = Vec::new();
+        for u in o.ice_servers.iter().flatten().filter(|u| !u.trim().is_empty()) {
+            urls.push(cascade_rtc::ice::Url::parse(u).map_err(|e| anyhow::anyhow!("--ice-servers: {e}"))?);
+        }
+        let ice = cascade_rtc::ice::IceServers {
+            urls,
+            turn_secret: o.turn_secret.filter(|t| !t.is_empty()),
+            turn_ttl: o.turn_ttl.unwrap_or(cascade_rtc::ice::DEFAULT_TURN_TTL),
+        };
         Ok(Self {
             role,
             http: o.http.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
@@ -229,6 +254,7 @@ impl Config {
             log: o.log.unwrap_or_else(|| "info".into()),
             origin: o.origin,
             max_sessions: o.max_sessions.unwrap_or(10_000),
+            ice,
         })
     }
 }
@@ -312,6 +338,23 @@ mod tests {
     fn advertise_comma_list_and_subcommand_after_flags() {
         let c = Config::from_cli(parse(&["--advertise", "1.2.3.4,5.6.7.8", "all"])).unwrap();
         assert_eq!(c.advertise.len(), 2);
+    }
+
+    #[test]
+    fn ice_servers_and_turn() {
+        let c = Config::from_cli(parse(&[
+            "--ice-servers",
+            "stun:198.18.0.1:3478,turn:198.18.0.1:3478?transport=udp",
+            "--turn-secret",
+            "s3cret",
+            "--turn-ttl",
+            "1h",
+        ]))
+        .unwrap();
+        assert_eq!(c.ice.urls.len(), 2);
+        assert_eq!(c.ice.turn_ttl, Duration::from_secs(3600));
+        assert!(Config::from_cli(parse(&["--ice-servers", "http://x"])).is_err());
+        assert!(Config::from_cli(parse(&[])).unwrap().ice.is_empty());
     }
 
     #[test]

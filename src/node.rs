@@ -55,6 +55,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 advertise: cfg.advertise.clone(),
                 shards: 0,
                 max_sessions: cfg.max_sessions,
+                ice: cfg.ice.clone(),
             })
             .await
             .with_context(|| format!("binding WebRTC media on udp {} / tcp {}", cfg.udp, cfg.tcp))?,

@@ -1,7 +1,8 @@
 //! The WHIP/WHEP resource protocol shared by publishers and viewers
 //! (RFC 9725 and the WHEP draft): `POST` an offer, get `201` + `Location` +
-//! `ETag` + answer; `PATCH` the resource with trickle candidates; `DELETE`
-//! it; `OPTIONS` for CORS preflight. And [`ApiError`], the one place where
+//! `ETag` + answer (+ `Link: rel="ice-server"`); `PATCH` the resource with
+//! trickle candidates (`204`) or new ICE credentials (restart: `200`, new
+//! `ETag`); `DELETE` it; `OPTIONS` for CORS preflight. And [`ApiError`], the one place where
 //! INTERFACE.md's error table becomes HTTP statuses.
 
 use std::future::Future;
@@ -10,7 +11,7 @@ use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{header, HeaderMap, HeaderValue, Method, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
@@ -85,7 +86,12 @@ impl IntoResponse for ApiError {
         let status = self.status();
         let mut body = self.to_string();
         body.push('\n');
-        let mut res = (status, [(header::CONTENT_TYPE, "text/plain; charset=utf-8")], body).into_response();
+        let mut res = (
+            status,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            body,
+        )
+            .into_response();
         match self {
             Self::Unavailable(_) => {
                 res.headers_mut()
@@ -152,10 +158,15 @@ pub fn router(endpoint: Arc<dyn Endpoint>, server: Server) -> Router {
     let kind = endpoint.kind();
     let shared = Arc::new(Shared { endpoint, server });
     Router::new()
-        .route(&format!("/{kind}/{{stream}}"), post(create).options(preflight))
+        .route(
+            &format!("/{kind}/{{stream}}"),
+            post(create).options(preflight),
+        )
         .route(
             &format!("/{kind}/{{stream}}/{{session}}"),
-            axum::routing::patch(patch).delete(delete).options(preflight),
+            axum::routing::patch(patch)
+                .delete(delete)
+                .options(preflight_session),
         )
         .with_state(shared)
         .layer(axum::middleware::from_fn(cors))
@@ -180,13 +191,32 @@ pub async fn cors(req: Request, next: Next) -> Response {
     res
 }
 
+/// `OPTIONS /{kind}/{stream}`: CORS preflight for the POST, and the
+/// `Accept-Post` WHIP/WHEP clients read.
 async fn preflight() -> Response {
     (
         StatusCode::NO_CONTENT,
         [
             ("accept-post", "application/sdp"),
+            ("access-control-allow-methods", "POST, OPTIONS"),
+            (
+                "access-control-allow-headers",
+                "Authorization, Content-Type, If-Match",
+            ),
+            ("access-control-max-age", "86400"),
+        ],
+    )
+        .into_response()
+}
+
+/// `OPTIONS` on a session resource: preflight for PATCH (with `If-Match`)
+/// and DELETE.
+async fn preflight_session() -> Response {
+    (
+        StatusCode::NO_CONTENT,
+        [
             ("accept-patch", "application/trickle-ice-sdpfrag"),
-            ("access-control-allow-methods", "POST, PATCH, DELETE, OPTIONS"),
+            ("access-control-allow-methods", "PATCH, DELETE, OPTIONS"),
             (
                 "access-control-allow-headers",
                 "Authorization, Content-Type, If-Match",
@@ -202,7 +232,10 @@ pub fn request_token<'a>(headers: &'a HeaderMap, query: &'a QueryToken) -> Optio
     headers
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
-        .and_then(|v| v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")))
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
         .map(str::trim)
         .or(query.token.as_deref())
 }
@@ -242,7 +275,8 @@ async fn read_body(body: Body) -> Result<Bytes, ApiError> {
 }
 
 fn count(kind: &'static str, status: StatusCode) {
-    metrics::counter!(m::HTTP_RESPONSES, "kind" => kind, "status" => status.as_str().to_string()).increment(1);
+    metrics::counter!(m::HTTP_RESPONSES, "kind" => kind, "status" => status.as_str().to_string())
+        .increment(1);
 }
 
 async fn create(
@@ -285,23 +319,31 @@ async fn create_inner(
     let offer = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::BadRequest("offer is not UTF-8 text".into()))?;
     let kind = s.endpoint.kind();
-    let created = s.endpoint.create(stream.clone(), offer).await?;
+    let created = s.endpoint.create(stream.clone(), offer.clone()).await?;
     let id = created.handle.id();
     let etag = s
         .server
         .session(kind, &stream, id)
         .map(|(_, e)| e)
         .unwrap_or_default();
-    let mut res = (StatusCode::CREATED, created.answer).into_response();
+    let answer = crate::sdpfrag::strip_candidate_ufrag(&created.answer);
+    let mut res = (StatusCode::CREATED, answer).into_response();
     let h = res.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/sdp"));
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/sdp"),
+    );
     if let Ok(v) = HeaderValue::from_str(&format!("/{kind}/{stream}/{id}")) {
         h.insert(header::LOCATION, v);
     }
     if let Ok(v) = HeaderValue::from_str(&etag) {
         h.insert(header::ETAG, v);
     }
-    for link in s.endpoint.ice_servers() {
+    if let Some(ufrag) = crate::sdpfrag::offer_ufrag(&offer) {
+        s.server.set_remote_ufrag(id, ufrag);
+    }
+    let links = s.server.ice_servers().links(crate::ice::unix_now());
+    for link in links.into_iter().chain(s.endpoint.ice_servers()) {
         if let Ok(v) = HeaderValue::from_str(&link) {
             h.append(header::LINK, v);
         }
@@ -315,10 +357,19 @@ fn lookup(s: &Shared, stream: &str, session: &str) -> Result<(SessionHandle, Str
         .ok_or_else(|| ApiError::NotFound("no such session (it ended or never existed)".into()))
 }
 
-async fn delete(State(s): State<Arc<Shared>>, Path((stream, session)): Path<(String, String)>) -> Response {
+async fn delete(
+    State(s): State<Arc<Shared>>,
+    Path((stream, session)): Path<(String, String)>,
+) -> Response {
     let res = match lookup(&s, &stream, &session) {
         Ok((handle, _)) => match handle.close().await {
-            Ok(()) => StatusCode::OK.into_response(),
+            Ok(()) => {
+                // Barrier: the shard handles commands in order, so once this
+                // call comes back the session is gone and a repeated DELETE
+                // (or PATCH) finds no resource.
+                let _ = handle.with_rtc(|_| ()).await;
+                StatusCode::OK.into_response()
+            }
             Err(e) => ApiError::from(e).into_response(),
         },
         Err(e) => e.into_response(),
@@ -354,9 +405,12 @@ async fn patch_inner(
             "Content-Type must be application/trickle-ice-sdpfrag".into(),
         ));
     }
-    let if_match = headers.get(header::IF_MATCH).and_then(|v| v.to_str().ok());
+    let if_match = headers
+        .get(header::IF_MATCH)
+        .and_then(|v| v.to_str().ok())
+        .map(str::trim);
     if let Some(m) = if_match {
-        if m.trim() != "*" && m.trim() != etag {
+        if m != "*" && !m.split(',').any(|t| t.trim() == etag) {
             return Err(ApiError::PreconditionFailed);
         }
     }
@@ -364,25 +418,79 @@ async fn patch_inner(
     let frag = std::str::from_utf8(&body)
         .map_err(|_| ApiError::BadRequest("sdpfrag is not UTF-8 text".into()))?;
     let frag = crate::sdpfrag::Frag::parse(frag);
-    if frag.ice_ufrag.is_some() {
-        // A new ufrag means the client restarts ICE (RFC 9725 §4.4).
-        if if_match.is_none() {
-            return Err(ApiError::PreconditionRequired);
+    let mut candidates = Vec::with_capacity(frag.candidates.len());
+    for c in &frag.candidates {
+        let parsed = str0m::Candidate::from_sdp_string(c)
+            .map_err(|_| ApiError::BadRequest(format!("bad candidate line: {c}")))?;
+        candidates.push(parsed);
+    }
+    // RFC 8840 fragments repeat the current ufrag; only another one is a
+    // restart (RFC 9725 §4.4.2).
+    let restart = match &frag.ice_ufrag {
+        Some(u) => s.server.remote_ufrag(handle.id()).as_deref() != Some(u.as_str()),
+        None => false,
+    };
+    if !restart {
+        for c in candidates {
+            handle.add_remote_candidate(c).await?;
         }
+        return Ok(StatusCode::NO_CONTENT.into_response());
+    }
+    if if_match.is_none() {
+        return Err(ApiError::PreconditionRequired);
+    }
+    let (Some(ufrag), Some(pwd)) = (frag.ice_ufrag.clone(), frag.ice_pwd.clone()) else {
         return Err(ApiError::BadRequest(
-            "ice restart is not supported by this server version; create a new session".into(),
+            "ice restart needs a=ice-ufrag and a=ice-pwd".into(),
         ));
-    }
-    for c in frag.candidates {
-        match str0m::Candidate::from_sdp_string(&c) {
-            Ok(c) => handle.add_remote_candidate(c).await?,
-            Err(_) => {
-                return Err(ApiError::BadRequest(format!("bad candidate line: {c}")));
+    };
+    let remote = str0m::IceCreds {
+        ufrag: ufrag.clone(),
+        pass: pwd,
+    };
+    // str0m restarts ICE only through a full re-offer; a fragment carries
+    // just new credentials, so swap them directly: checks with the new
+    // ufrag then pass, the DTLS/SRTP context and media flow stay, and a
+    // new path is nominated as the client's checks succeed on it.
+    let local = handle
+        .with_rtc(move |rtc| {
+            let local = str0m::IceCreds::new();
+            let mut api = rtc.direct_api();
+            api.set_local_ice_credentials(local.clone());
+            api.set_remote_ice_credentials(remote);
+            for c in candidates {
+                rtc.add_remote_candidate(c);
             }
-        }
+            local
+        })
+        .await?;
+    s.server.set_remote_ufrag(handle.id(), ufrag);
+    let etag = crate::shard::new_etag();
+    s.server.set_etag(handle.id(), etag.clone());
+    metrics::counter!(m::ICE_RESTARTS, "kind" => s.endpoint.kind()).increment(1);
+    let ours: Vec<String> = s
+        .server
+        .local_candidates()
+        .iter()
+        .map(|c| c.to_sdp_string())
+        .collect();
+    let body = crate::sdpfrag::restart_answer(
+        &local.ufrag,
+        &local.pass,
+        frag.media.as_deref(),
+        frag.mid.as_deref(),
+        &ours,
+    );
+    let mut res = (StatusCode::OK, body).into_response();
+    let h = res.headers_mut();
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/trickle-ice-sdpfrag"),
+    );
+    if let Ok(v) = HeaderValue::from_str(&etag) {
+        h.insert(header::ETAG, v);
     }
-    let _ = Method::PATCH;
-    Ok(StatusCode::NO_CONTENT.into_response())
+    Ok(res)
 }
 
 #[cfg(test)]

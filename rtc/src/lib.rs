@@ -17,11 +17,12 @@
 #![warn(missing_docs)]
 
 pub mod http;
+pub mod ice;
 pub mod metrics;
 pub mod mux;
+pub mod sdpfrag;
 pub mod session;
 pub mod shard;
-pub mod sdpfrag;
 pub mod stun;
 
 use std::net::{IpAddr, SocketAddr};
@@ -63,6 +64,8 @@ pub struct Config {
     pub shards: usize,
     /// Sessions (publishers + viewers) this node accepts before answering 503.
     pub max_sessions: usize,
+    /// STUN/TURN servers offered to clients (`Link: rel="ice-server"`).
+    pub ice: ice::IceServers,
 }
 
 impl Default for Config {
@@ -73,6 +76,7 @@ impl Default for Config {
             advertise: Vec::new(),
             shards: 0,
             max_sessions: 10_000,
+            ice: ice::IceServers::default(),
         }
     }
 }

@@ -15,6 +15,9 @@ pub const DATAGRAMS_DROPPED: &str = "cascade_rtc_datagrams_dropped_total";
 /// Signalling requests answered, by kind and status.
 pub const HTTP_RESPONSES: &str = "cascade_rtc_http_responses_total";
 
+/// ICE restarts done through PATCH, by kind.
+pub const ICE_RESTARTS: &str = "cascade_rtc_ice_restarts_total";
+
 /// Registers descriptions.
 pub fn describe() {
     metrics::describe_counter!(SESSIONS_OPENED, "webrtc sessions opened");
@@ -23,5 +26,6 @@ pub fn describe() {
     metrics::describe_counter!(DATAGRAMS_IN, "datagrams received on the media ports");
     metrics::describe_counter!(DATAGRAMS_OUT, "datagrams sent on the media ports");
     metrics::describe_counter!(DATAGRAMS_DROPPED, "datagrams dropped, by reason");
+    metrics::describe_counter!(ICE_RESTARTS, "ice restarts through PATCH");
     metrics::describe_counter!(HTTP_RESPONSES, "whip/whep signalling responses, by status");
 }

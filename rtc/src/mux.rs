@@ -65,6 +65,9 @@ pub(crate) struct Meta {
     pub(crate) kind: &'static str,
     pub(crate) stream: String,
     pub(crate) etag: String,
+    /// The client's current ICE ufrag: a PATCH fragment carrying another
+    /// one restarts ICE, the same one is plain trickle (RFC 8840 §4.4).
+    pub(crate) remote_ufrag: Option<String>,
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -91,7 +94,12 @@ impl Routes {
 
     /// Routes one datagram; learns the source address from a binding request
     /// carrying a known ufrag. Returns the route and whether it was learnt now.
-    pub(crate) fn route(&self, proto: Protocol, source: SocketAddr, data: &[u8]) -> Option<(Route, bool)> {
+    pub(crate) fn route(
+        &self,
+        proto: Protocol,
+        source: SocketAddr,
+        data: &[u8],
+    ) -> Option<(Route, bool)> {
         let key = (is_tcp(proto), source);
         if let Some(ufrag) = stun::local_ufrag(data) {
             let route = read(&self.ufrag).get(ufrag).copied()?;
@@ -129,6 +137,12 @@ impl Routes {
     pub(crate) fn set_etag(&self, id: SessionId, etag: String) {
         if let Some(m) = write(&self.meta).get_mut(&id) {
             m.etag = etag;
+        }
+    }
+
+    pub(crate) fn set_remote_ufrag(&self, id: SessionId, ufrag: String) {
+        if let Some(m) = write(&self.meta).get_mut(&id) {
+            m.remote_ufrag = Some(ufrag);
         }
     }
 
@@ -264,7 +278,11 @@ async fn tcp_conn(
     advertise: Arc<Vec<IpAddr>>,
 ) {
     let local = stream.local_addr().ok();
-    let dst = destination(local.map(|l| l.ip()), local.map_or(0, |l| l.port()), &advertise);
+    let dst = destination(
+        local.map(|l| l.ip()),
+        local.map_or(0, |l| l.port()),
+        &advertise,
+    );
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
     write(&routes.tcp).insert(peer, tx);
@@ -273,7 +291,9 @@ async fn tcp_conn(
             let Ok(len) = u16::try_from(frame.len()) else {
                 continue;
             };
-            if wr.write_all(&len.to_be_bytes()).await.is_err() || wr.write_all(&frame).await.is_err() {
+            if wr.write_all(&len.to_be_bytes()).await.is_err()
+                || wr.write_all(&frame).await.is_err()
+            {
                 return;
             }
         }
@@ -359,7 +379,10 @@ mod tests {
         stun.extend_from_slice(&[0x00, 0x06, 0x00, 0x06]);
         stun.extend_from_slice(b"abcd:x\0\0");
         assert_eq!(routes.route(Protocol::Udp, src, &stun), Some((r, true)));
-        assert_eq!(routes.route(Protocol::Udp, src, &[0x80; 20]), Some((r, false)));
+        assert_eq!(
+            routes.route(Protocol::Udp, src, &[0x80; 20]),
+            Some((r, false))
+        );
         // Same address over TCP is a different path.
         assert_eq!(routes.route(Protocol::Tcp, src, &[0x80; 20]), None);
         routes.remove("abcd", &[(Protocol::Udp, src)]);

@@ -98,7 +98,9 @@ impl Egress {
                 // waiting for, a full send buffer drops like a congested link.
                 match self.state.try_send((&*self.socket).into(), &tx) {
                     Ok(()) => metrics::counter!(m::DATAGRAMS_OUT).increment(1),
-                    Err(_) => metrics::counter!(m::DATAGRAMS_DROPPED, "reason" => "send").increment(1),
+                    Err(_) => {
+                        metrics::counter!(m::DATAGRAMS_DROPPED, "reason" => "send").increment(1)
+                    }
                 }
             }
             _ => {
@@ -126,7 +128,12 @@ struct Shard {
 }
 
 impl Shard {
-    async fn run(mut self, mut cmds: mpsc::Receiver<Command>, mut inbox: mpsc::Receiver<Datagram>, wake: Arc<Notify>) {
+    async fn run(
+        mut self,
+        mut cmds: mpsc::Receiver<Command>,
+        mut inbox: mpsc::Receiver<Datagram>,
+        wake: Arc<Notify>,
+    ) {
         let mut housekeeping = tokio::time::interval(Duration::from_secs(1));
         housekeeping.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -207,6 +214,9 @@ impl Shard {
                         if let Some(route) = shard {
                             self.egress.routes.add_ufrag(ufrag.clone(), route);
                         }
+                        // Checks with the old ufrag fail str0m's integrity
+                        // check now; its route would only leak.
+                        self.egress.routes.remove(&e.ufrag, &[]);
                         e.ufrag = ufrag;
                     }
                     self.drain(id, now);
@@ -289,9 +299,9 @@ impl Shard {
         let mut ids = std::mem::take(&mut self.ids);
         ids.clear();
         for (id, e) in &self.sessions {
-            if !e.connected && now.duration_since(e.created) > CONNECT_TIMEOUT {
-                ids.push(*id);
-            } else if e.connected && now.duration_since(e.last_input) > CONSENT_TIMEOUT {
+            let connect_late = !e.connected && now.duration_since(e.created) > CONNECT_TIMEOUT;
+            let silent = e.connected && now.duration_since(e.last_input) > CONSENT_TIMEOUT;
+            if connect_late || silent {
                 ids.push(*id);
             }
         }
@@ -345,7 +355,10 @@ impl Shard {
                         if matches!(ev, Event::Connected) {
                             e.connected = true;
                             let _g = e.span.enter();
-                            tracing::info!(setup_ms = now.duration_since(e.created).as_millis() as u64, "connected");
+                            tracing::info!(
+                                setup_ms = now.duration_since(e.created).as_millis() as u64,
+                                "connected"
+                            );
                         }
                         let flow = e.handler.on_event(
                             &mut Ctx {
@@ -387,10 +400,15 @@ impl Shard {
         e.handler.on_close(reason);
         self.count.fetch_sub(1, Ordering::Relaxed);
         self.load.fetch_sub(1, Ordering::Relaxed);
-        metrics::counter!(m::SESSIONS_CLOSED, "kind" => e.kind, "reason" => reason.as_str()).increment(1);
+        metrics::counter!(m::SESSIONS_CLOSED, "kind" => e.kind, "reason" => reason.as_str())
+            .increment(1);
         metrics::gauge!(m::SESSIONS, "kind" => e.kind).decrement(1.0);
         let _g = e.span.enter();
-        tracing::info!(reason = reason.as_str(), secs = e.created.elapsed().as_secs(), "session closed");
+        tracing::info!(
+            reason = reason.as_str(),
+            secs = e.created.elapsed().as_secs(),
+            "session closed"
+        );
     }
 
     fn close_all(&mut self, reason: CloseReason) {
@@ -411,6 +429,7 @@ struct Inner {
     local_udp: SocketAddr,
     local_tcp: Option<SocketAddr>,
     advertise: Arc<Vec<IpAddr>>,
+    ice: crate::ice::IceServers,
     routes: Arc<Routes>,
     shards: Vec<ShardRef>,
     count: Arc<AtomicUsize>,
@@ -488,7 +507,13 @@ impl Server {
             inboxes.push(in_tx);
         }
         let inboxes = Arc::new(inboxes);
-        tokio::spawn(mux::udp_loop(socket, state, routes.clone(), inboxes.clone(), advertise.clone()));
+        tokio::spawn(mux::udp_loop(
+            socket,
+            state,
+            routes.clone(),
+            inboxes.clone(),
+            advertise.clone(),
+        ));
         if let Some(l) = tcp {
             tokio::spawn(mux::tcp_loop(l, routes.clone(), inboxes, advertise.clone()));
         }
@@ -498,6 +523,7 @@ impl Server {
                 local_udp,
                 local_tcp,
                 advertise,
+                ice: cfg.ice,
                 routes,
                 shards,
                 count,
@@ -530,10 +556,18 @@ impl Server {
 
     /// Adds our host candidates (UDP, then passive TCP) to a new `Rtc`.
     pub fn add_local_candidates(&self, rtc: &mut Rtc) {
+        for c in self.local_candidates() {
+            rtc.add_local_candidate(c);
+        }
+    }
+
+    /// Our host candidates: UDP, then passive TCP, per advertised address.
+    pub fn local_candidates(&self) -> Vec<Candidate> {
+        let mut out = Vec::new();
         for ip in self.inner.advertise.iter() {
             let udp = SocketAddr::new(*ip, self.inner.local_udp.port());
             if let Ok(c) = Candidate::host(udp, "udp") {
-                rtc.add_local_candidate(c);
+                out.push(c);
             }
             if let Some(tcp) = self.inner.local_tcp {
                 let addr = SocketAddr::new(*ip, tcp.port());
@@ -543,16 +577,24 @@ impl Server {
                     .tcptype(str0m::net::TcpType::Passive)
                     .build()
                 {
-                    rtc.add_local_candidate(c);
+                    out.push(c);
                 }
             }
         }
+        out
+    }
+
+    /// The STUN/TURN servers to offer clients.
+    pub fn ice_servers(&self) -> &crate::ice::IceServers {
+        &self.inner.ice
     }
 
     /// Fails with [`Error::Full`] when a new session would exceed the limit
     /// or the node drains; signalling checks this before heavy work.
     pub fn admit(&self) -> Result<()> {
-        if self.inner.draining.load(Ordering::Relaxed) || self.inner.count.load(Ordering::Relaxed) >= self.inner.max_sessions {
+        if self.inner.draining.load(Ordering::Relaxed)
+            || self.inner.count.load(Ordering::Relaxed) >= self.inner.max_sessions
+        {
             return Err(Error::Full);
         }
         Ok(())
@@ -579,14 +621,17 @@ impl Server {
         let id = SessionId::random();
         let ufrag = rtc.direct_api().local_ice_credentials().ufrag;
         let handler = make(id, Waker(shard.wake.clone()));
-        self.inner.routes.add_ufrag(ufrag.clone(), Route { shard: index, id });
+        self.inner
+            .routes
+            .add_ufrag(ufrag.clone(), Route { shard: index, id });
         self.inner.routes.add_meta(
             id,
             Meta {
                 shard: index,
                 kind,
                 stream: stream.to_string(),
-                etag: format!("\"{:016x}\"", rand::random::<u64>()),
+                etag: new_etag(),
+                remote_ufrag: None,
             },
         );
         self.inner.count.fetch_add(1, Ordering::Relaxed);
@@ -613,7 +658,12 @@ impl Server {
     }
 
     /// The handle of a live session of `kind` on `stream`, with its ETag.
-    pub fn session(&self, kind: &str, stream: &str, id: SessionId) -> Option<(SessionHandle, String)> {
+    pub fn session(
+        &self,
+        kind: &str,
+        stream: &str,
+        id: SessionId,
+    ) -> Option<(SessionHandle, String)> {
         let meta = self.inner.routes.meta(id)?;
         if meta.kind != kind || meta.stream != stream {
             return None;
@@ -631,6 +681,17 @@ impl Server {
     /// Replaces a session's ETag (after an ICE restart).
     pub fn set_etag(&self, id: SessionId, etag: String) {
         self.inner.routes.set_etag(id, etag);
+    }
+
+    /// The client's current ICE ufrag of a session, when signalling
+    /// recorded one ([`Server::set_remote_ufrag`]).
+    pub fn remote_ufrag(&self, id: SessionId) -> Option<String> {
+        self.inner.routes.meta(id).and_then(|m| m.remote_ufrag)
+    }
+
+    /// Records the client's ICE ufrag (from its offer, or after a restart).
+    pub fn set_remote_ufrag(&self, id: SessionId, ufrag: String) {
+        self.inner.routes.set_remote_ufrag(id, ufrag);
     }
 
     /// Sessions on this node.
@@ -654,6 +715,11 @@ impl Server {
             let _ = s.cmds.send(Command::Shutdown).await;
         }
     }
+}
+
+/// A fresh quoted ETag (RFC 9110 §8.8.3).
+pub fn new_etag() -> String {
+    format!("\"{:016x}\"", rand::random::<u64>())
 }
 
 impl Routes {
