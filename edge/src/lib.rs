@@ -1,1 +1,44 @@
-//! placeholder
+//! cascade's edge: WHEP viewers served from the node's stream registry, and
+//! the built-in player page.
+//!
+//! - [`router`]: `POST /whep/{stream}` (+ session resources, through
+//!   [`cascade_rtc::http::router`]) and `GET /play/{stream}`.
+//! - [`whep`]: offer → codec choice against the stream's catalog → a str0m
+//!   session in RTP mode on a shard of the node's [`cascade_rtc::Server`].
+//! - [`fanout`]: packetize once, send many: one task per (stream, track) on
+//!   this node packetizes each frame once ([`packetize`]) and keeps the
+//!   packetized current group for fast start; [`viewer`] handlers write the
+//!   shared payloads with their own sequence numbers and timestamp offsets.
+//!
+//! What this crate does not do: own sockets or shards (`cascade-rtc` does),
+//! fetch streams from the origin (the registry's upstream does), transcode.
+#![warn(missing_docs)]
+
+pub mod fanout;
+pub mod metrics;
+pub mod packetize;
+mod player;
+mod sdp;
+pub mod viewer;
+pub mod whep;
+
+use std::sync::Arc;
+
+use cascade_origin::Registry;
+
+/// What the edge needs to know.
+#[derive(Clone, Debug, Default)]
+pub struct Config {
+    /// When set, viewers must present it (`Authorization: Bearer` or `?token=`).
+    pub viewer_token: Option<String>,
+    /// Viewers this node serves before answering 503 (0 = no limit of its
+    /// own; the rtc server's session limit still applies).
+    pub max_viewers: usize,
+}
+
+/// The edge's routes: WHEP (`/whep/{stream}` and its session resources) and
+/// the player page (`/play/{stream}`).
+pub fn router(registry: Arc<Registry>, rtc: cascade_rtc::Server, cfg: Config) -> axum::Router {
+    let whep = Arc::new(whep::Whep::new(registry, rtc.clone(), cfg));
+    cascade_rtc::http::router(whep, rtc).merge(player::router())
+}

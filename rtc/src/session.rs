@@ -117,6 +117,12 @@ impl Waker {
     pub fn wake(&self) {
         self.0.notify_one();
     }
+
+    /// True when both wake the same shard: lets a fan-out that serves many
+    /// sessions wake each shard once per frame instead of once per session.
+    pub fn same_shard(&self, other: &Self) -> bool {
+        Arc::ptr_eq(&self.0, &other.0)
+    }
 }
 
 /// Reaches a running session from signalling (PATCH, DELETE).

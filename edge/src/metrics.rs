@@ -1,0 +1,65 @@
+//! Metric names of the edge (WHEP viewers and the per-track fan-out),
+//! registered with descriptions at start-up by [`describe`].
+
+/// Viewers (WHEP sessions) alive on this node.
+pub const VIEWERS: &str = "cascade_edge_viewers";
+/// WHEP offers answered, by result (`created`, `not_live`, `not_acceptable`,
+/// `bad_offer`, `unauthorized`, `full`).
+pub const OFFERS: &str = "cascade_edge_whep_offers_total";
+/// Viewer sessions ended, by reason (the rtc close reason).
+pub const VIEWERS_ENDED: &str = "cascade_edge_viewers_ended_total";
+/// Fan-out tasks running (one per stream track with viewers on this node).
+pub const FEEDS: &str = "cascade_edge_feeds";
+/// Frames packetized (once per track, not per viewer), by kind.
+pub const FRAMES_PACKETIZED: &str = "cascade_edge_frames_packetized_total";
+/// Frames written to viewers (per viewer), by kind.
+pub const FRAMES_OUT: &str = "cascade_edge_frames_out_total";
+/// RTP packets written to viewers (per viewer), by kind.
+pub const PACKETS_OUT: &str = "cascade_edge_packets_out_total";
+/// Keyframe requests sent upstream, by cause (`viewer`, `lag`, `join`).
+pub const KEYFRAME_REQUESTS: &str = "cascade_edge_keyframe_requests_total";
+/// Times a lagging viewer skipped to the next keyframe, by cause
+/// (`fanout` = broadcast ring overrun, `queue` = str0m send queue too long).
+pub const LAG_SKIPS: &str = "cascade_edge_lag_skips_total";
+/// Publisher takeovers (timestamp discontinuities) re-based by a fan-out.
+pub const REBASES: &str = "cascade_edge_timeline_rebases_total";
+/// Time to packetize one frame, seconds.
+pub const PACKETIZE_SECONDS: &str = "cascade_edge_packetize_seconds";
+/// WHEP POST to the first media written to the viewer, seconds.
+pub const FIRST_FRAME_SECONDS: &str = "cascade_edge_first_frame_seconds";
+
+/// Registers descriptions.
+pub fn describe() {
+    metrics::describe_gauge!(VIEWERS, "whep viewers alive on this node");
+    metrics::describe_counter!(OFFERS, "whep offers answered, by result");
+    metrics::describe_counter!(VIEWERS_ENDED, "whep viewer sessions ended, by reason");
+    metrics::describe_gauge!(FEEDS, "fan-out tasks running (stream tracks with viewers)");
+    metrics::describe_counter!(
+        FRAMES_PACKETIZED,
+        "frames packetized once per track, by kind"
+    );
+    metrics::describe_counter!(FRAMES_OUT, "frames written to viewers, by kind");
+    metrics::describe_counter!(PACKETS_OUT, "rtp packets written to viewers, by kind");
+    metrics::describe_counter!(
+        KEYFRAME_REQUESTS,
+        "keyframe requests sent upstream, by cause"
+    );
+    metrics::describe_counter!(
+        LAG_SKIPS,
+        "lagging viewers skipped to the next keyframe, by cause"
+    );
+    metrics::describe_counter!(
+        REBASES,
+        "timestamp discontinuities (publisher takeover) re-based"
+    );
+    metrics::describe_histogram!(
+        PACKETIZE_SECONDS,
+        metrics::Unit::Seconds,
+        "time to packetize one frame"
+    );
+    metrics::describe_histogram!(
+        FIRST_FRAME_SECONDS,
+        metrics::Unit::Seconds,
+        "whep post to first media written to the viewer"
+    );
+}

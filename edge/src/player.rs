@@ -1,0 +1,64 @@
+//! `GET /play/{stream}`: the built-in player, one self-contained HTML page
+//! (no CDN) that plays the stream over WHEP and retries while it is offline.
+
+use axum::extract::Path;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use axum::routing::get;
+use axum::Router;
+
+const PAGE: &str = include_str!("player.html");
+
+pub(crate) fn router() -> Router {
+    Router::new().route("/play/{stream}", get(page))
+}
+
+async fn page(Path(stream): Path<String>) -> Response {
+    if !cascade_origin::valid_stream_name(&stream) {
+        return (
+            StatusCode::BAD_REQUEST,
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "bad stream name: use 1-64 characters of A-Z a-z 0-9 _ -\n",
+        )
+            .into_response();
+    }
+    (
+        [
+            (header::CONTENT_TYPE, "text/html; charset=utf-8"),
+            (header::CACHE_CONTROL, "no-cache"),
+        ],
+        PAGE,
+    )
+        .into_response()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::body::Body;
+    use axum::http::Request;
+    use tower::ServiceExt;
+
+    #[tokio::test]
+    async fn serves_page_and_refuses_bad_names() {
+        let res = router()
+            .oneshot(Request::get("/play/cam_1").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 200);
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        let body = String::from_utf8(body.to_vec()).unwrap();
+        assert!(
+            body.contains("RTCPeerConnection")
+                && !body.contains("http://")
+                && !body.contains("https://")
+        );
+        let res = router()
+            .oneshot(Request::get("/play/a%20b").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        assert_eq!(res.status(), 400);
+    }
+}

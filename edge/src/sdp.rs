@@ -1,0 +1,429 @@
+//! What a WHEP offer asks for, and which of it the stream can serve: a
+//! tolerant scan of the offer's m-lines (payload types, fmtp, RTX) and the
+//! codec choice per m-line against the stream's catalog.
+//!
+//! str0m parses the offer for real (and answers 400 when it cannot); this
+//! scan only reads what negotiation needs and never fails.
+
+use cascade_origin::catalog::{fmtp_value, Catalog, Codec, Kind, TrackInfo};
+
+/// One payload type of an m-line.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Format {
+    pub(crate) pt: u8,
+    pub(crate) name: String,
+    pub(crate) clock: u32,
+    pub(crate) channels: Option<u8>,
+    pub(crate) fmtp: String,
+    /// The RTX payload type repairing this one (`a=fmtp:X apt=pt`).
+    pub(crate) rtx: Option<u8>,
+}
+
+/// One m-line of the offer.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MediaLine {
+    pub(crate) kind: String,
+    pub(crate) mid: Option<String>,
+    /// The offerer receives on it (recvonly or sendrecv).
+    pub(crate) receives: bool,
+    /// Port 0: the offerer disabled it.
+    pub(crate) disabled: bool,
+    pub(crate) formats: Vec<Format>,
+}
+
+/// Reads the m-lines of an SDP offer. Unknown or malformed lines are skipped.
+pub(crate) fn scan(offer: &str) -> Vec<MediaLine> {
+    let mut lines: Vec<MediaLine> = Vec::new();
+    let mut rtx_apt: Vec<(usize, u8, u8)> = Vec::new();
+    for line in offer.lines() {
+        let line = line.trim();
+        if let Some(rest) = line.strip_prefix("m=") {
+            let mut it = rest.split_whitespace();
+            let kind = it.next().unwrap_or_default().to_ascii_lowercase();
+            let disabled = it.next() == Some("0");
+            let _proto = it.next();
+            let formats = it
+                .filter_map(|pt| pt.parse::<u8>().ok())
+                .map(|pt| Format {
+                    pt,
+                    name: String::new(),
+                    clock: 0,
+                    channels: None,
+                    fmtp: String::new(),
+                    rtx: None,
+                })
+                .collect();
+            lines.push(MediaLine {
+                kind,
+                mid: None,
+                receives: true,
+                disabled,
+                formats,
+            });
+            continue;
+        }
+        let index = lines.len().wrapping_sub(1);
+        let Some(m) = lines.last_mut() else {
+            continue;
+        };
+        if let Some(mid) = line.strip_prefix("a=mid:") {
+            m.mid = Some(mid.trim().to_string());
+        } else if line == "a=sendonly" || line == "a=inactive" {
+            m.receives = false;
+        } else if line == "a=recvonly" || line == "a=sendrecv" {
+            m.receives = true;
+        } else if let Some(rest) = line.strip_prefix("a=rtpmap:") {
+            let Some((pt, enc)) = rest.split_once(' ') else {
+                continue;
+            };
+            let Ok(pt) = pt.trim().parse::<u8>() else {
+                continue;
+            };
+            let mut parts = enc.trim().split('/');
+            let name = parts.next().unwrap_or_default().to_string();
+            let clock = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
+            let channels = parts.next().and_then(|c| c.parse().ok());
+            if let Some(f) = m.formats.iter_mut().find(|f| f.pt == pt) {
+                f.name = name;
+                f.clock = clock;
+                f.channels = channels;
+            }
+        } else if let Some(rest) = line.strip_prefix("a=fmtp:") {
+            let (pt, params) = rest.split_once(' ').unwrap_or((rest, ""));
+            let Ok(pt) = pt.trim().parse::<u8>() else {
+                continue;
+            };
+            if let Some(apt) = fmtp_value(params, "apt").and_then(|a| a.parse::<u8>().ok()) {
+                rtx_apt.push((index, pt, apt));
+            }
+            if let Some(f) = m.formats.iter_mut().find(|f| f.pt == pt) {
+                f.fmtp = params.trim().to_string();
+            }
+        }
+    }
+    for (index, rtx, apt) in rtx_apt {
+        let Some(m) = lines.get_mut(index) else {
+            continue;
+        };
+        let is_rtx = m
+            .formats
+            .iter()
+            .any(|f| f.pt == rtx && f.name.eq_ignore_ascii_case("rtx"));
+        if let Some(f) = m.formats.iter_mut().find(|f| f.pt == apt) {
+            if is_rtx {
+                f.rtx = Some(rtx);
+            }
+        }
+    }
+    lines
+}
+
+/// What one m-line will carry.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Choice {
+    /// The m-line's mid.
+    pub(crate) mid: String,
+    /// The catalog track sent on it.
+    pub(crate) track: TrackInfo,
+    /// The offered payload type we send with.
+    pub(crate) format: Format,
+}
+
+/// Why an offer cannot be served.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Refusal {
+    /// 400: nothing to receive on.
+    NoMedia,
+    /// 406: no offered codec plays the stream.
+    NotAcceptable(String),
+}
+
+/// Picks the payload type per m-line. Video decides: a viewer that can play
+/// none of the stream's video is refused; one that lacks only the audio
+/// codec still gets video.
+pub(crate) fn negotiate(lines: &[MediaLine], catalog: &Catalog) -> Result<Vec<Choice>, Refusal> {
+    let usable = |kind: &str| {
+        lines
+            .iter()
+            .find(|m| m.kind == kind && m.receives && !m.disabled && m.mid.is_some())
+    };
+    let (video_line, audio_line) = (usable("video"), usable("audio"));
+    if video_line.is_none() && audio_line.is_none() {
+        return Err(Refusal::NoMedia);
+    }
+    let mut out = Vec::new();
+    let video_track = catalog.track(Kind::Video);
+    if let (Some(line), Some(track)) = (video_line, video_track) {
+        match pick(line, track) {
+            Some(format) => out.push(choice(line, track, format)),
+            None => return Err(Refusal::NotAcceptable(describe(track))),
+        }
+    }
+    if let (Some(line), Some(track)) = (audio_line, catalog.track(Kind::Audio)) {
+        if let Some(format) = pick(line, track) {
+            out.push(choice(line, track, format));
+        }
+    }
+    if out.is_empty() {
+        let what: Vec<String> = catalog.tracks.iter().map(describe).collect();
+        let what = if what.is_empty() {
+            "no tracks yet".to_string()
+        } else {
+            what.join(" + ")
+        };
+        return Err(Refusal::NotAcceptable(what));
+    }
+    Ok(out)
+}
+
+fn choice(line: &MediaLine, track: &TrackInfo, format: Format) -> Choice {
+    Choice {
+        mid: line.mid.clone().unwrap_or_default(),
+        track: track.clone(),
+        format,
+    }
+}
+
+/// The stream's codec as a viewer should read it in a 406 body.
+fn describe(track: &TrackInfo) -> String {
+    match track.codec {
+        Codec::H264 => format!(
+            "H264 (profile-level-id={:06x}, packetization-mode=1)",
+            track.profile_level_id().unwrap_or(DEFAULT_PLID)
+        ),
+        Codec::Av1 => "AV1 (not served over WebRTC by this version)".into(),
+        c => c.sdp_name().to_string(),
+    }
+}
+
+/// RFC 6184 §8.1: an absent profile-level-id means baseline level 1.0; our
+/// ingest always sets one, so default to what browsers always decode.
+const DEFAULT_PLID: u32 = 0x42e01f;
+
+/// The best offered format for `track`, if any plays it.
+fn pick(line: &MediaLine, track: &TrackInfo) -> Option<Format> {
+    let name = track.codec.sdp_name();
+    line.formats
+        .iter()
+        .enumerate()
+        .filter(|(_, f)| f.name.eq_ignore_ascii_case(name) && f.clock == track.codec.clock_rate())
+        .filter_map(|(i, f)| score(track, f).map(|s| ((s, f.rtx.is_some(), usize::MAX - i), f)))
+        .max_by_key(|(k, _)| *k)
+        .map(|(_, f)| f.clone())
+}
+
+/// How well an offered format fits (higher is better); `None` = unusable.
+fn score(track: &TrackInfo, f: &Format) -> Option<u8> {
+    match track.codec {
+        Codec::H264 => {
+            // FU-A needs packetization-mode=1 (RFC 6184 §6.3).
+            if fmtp_value(&f.fmtp, "packetization-mode") != Some("1") {
+                return None;
+            }
+            let offered = fmtp_value(&f.fmtp, "profile-level-id")
+                .and_then(|v| u32::from_str_radix(v, 16).ok())
+                .unwrap_or(0x42000a);
+            let stream = track.profile_level_id().unwrap_or(DEFAULT_PLID);
+            Some(h264_fit(H264Profile::of(stream), H264Profile::of(offered)))
+        }
+        Codec::Vp9 => {
+            let want = fmtp_value(&track.fmtp, "profile-id").unwrap_or("0");
+            let got = fmtp_value(&f.fmtp, "profile-id").unwrap_or("0");
+            Some(if want == got { 2 } else { 1 })
+        }
+        Codec::Av1 => None,
+        Codec::H265 | Codec::Vp8 | Codec::Opus => Some(1),
+    }
+}
+
+/// H.264 profiles as far as "can this decoder play that stream" goes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum H264Profile {
+    ConstrainedBaseline,
+    Baseline,
+    Main,
+    ConstrainedHigh,
+    High,
+    /// High 10/4:2:2/4:4:4 and anything else.
+    Other(u8),
+}
+
+impl H264Profile {
+    fn of(plid: u32) -> Self {
+        let [_, idc, iop, _] = plid.to_be_bytes();
+        match idc {
+            // constraint_set1 makes baseline constrained (RFC 6184 table 5).
+            0x42 if iop & 0x40 != 0 => Self::ConstrainedBaseline,
+            0x42 => Self::Baseline,
+            // Main with constraint_set0 is also constrained baseline.
+            0x4d if iop & 0x80 != 0 => Self::ConstrainedBaseline,
+            0x4d => Self::Main,
+            0x58 if iop & 0xc0 == 0xc0 => Self::ConstrainedBaseline,
+            0x58 => Self::Baseline,
+            0x64 if iop & 0x0c == 0x0c => Self::ConstrainedHigh,
+            0x64 => Self::High,
+            other => Self::Other(other),
+        }
+    }
+}
+
+/// 3 = same profile, 2 = the decoder's profile contains the stream's, 1 =
+/// mismatch. A mismatch is still served (browsers decode far more than
+/// they offer, e.g. Firefox offers only constrained baseline); callers
+/// prefer better fits when several are offered.
+fn h264_fit(stream: H264Profile, decoder: H264Profile) -> u8 {
+    use H264Profile::*;
+    if stream == decoder {
+        return 3;
+    }
+    let contains = match decoder {
+        Baseline | Main | ConstrainedHigh => stream == ConstrainedBaseline,
+        High => matches!(stream, ConstrainedBaseline | Main | ConstrainedHigh),
+        _ => false,
+    };
+    if contains {
+        2
+    } else {
+        1
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    const CHROME: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+        m=audio 9 UDP/TLS/RTP/SAVPF 111 63\r\na=mid:0\r\na=recvonly\r\n\
+        a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n\
+        a=rtpmap:63 red/48000/2\r\n\
+        m=video 9 UDP/TLS/RTP/SAVPF 96 97 102 103 106 107 112 113 45\r\na=mid:1\r\na=recvonly\r\n\
+        a=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n\
+        a=rtpmap:102 H264/90000\r\na=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f\r\n\
+        a=rtpmap:103 rtx/90000\r\na=fmtp:103 apt=102\r\n\
+        a=rtpmap:106 H264/90000\r\na=fmtp:106 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
+        a=rtpmap:107 rtx/90000\r\na=fmtp:107 apt=106\r\n\
+        a=rtpmap:112 H264/90000\r\na=fmtp:112 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=64001f\r\n\
+        a=rtpmap:113 rtx/90000\r\na=fmtp:113 apt=112\r\n\
+        a=rtpmap:45 AV1/90000\r\n";
+
+    fn track(codec: Codec, fmtp: &str) -> TrackInfo {
+        TrackInfo {
+            name: if codec == Codec::Opus {
+                "audio"
+            } else {
+                "video"
+            }
+            .into(),
+            codec,
+            fmtp: fmtp.into(),
+            channels: None,
+            bframes: false,
+        }
+    }
+
+    fn catalog(tracks: Vec<TrackInfo>) -> Catalog {
+        Catalog { tracks }
+    }
+
+    #[test]
+    fn scans_chrome_offer() {
+        let lines = scan(CHROME);
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[1].mid.as_deref(), Some("1"));
+        let h264 = lines[1].formats.iter().find(|f| f.pt == 106).unwrap();
+        assert_eq!(h264.name, "H264");
+        assert_eq!(h264.rtx, Some(107));
+        assert_eq!(lines[0].formats[0].channels, Some(2));
+    }
+
+    #[test]
+    fn picks_matching_h264_profile() {
+        let lines = scan(CHROME);
+        let opus = track(Codec::Opus, "minptime=10;useinbandfec=1");
+        for (plid, pt) in [
+            ("42e01f", 106),
+            ("42001f", 102),
+            ("64001f", 112),
+            ("4d001f", 112),
+            ("640c1f", 112),
+        ] {
+            let c = catalog(vec![
+                track(
+                    Codec::H264,
+                    &format!("profile-level-id={plid};packetization-mode=1"),
+                ),
+                opus.clone(),
+            ]);
+            let got = negotiate(&lines, &c).unwrap();
+            assert_eq!(got[0].format.pt, pt, "stream {plid}");
+            assert_eq!(got[1].format.pt, 111);
+        }
+    }
+
+    #[test]
+    fn refuses_what_cannot_play() {
+        let lines = scan(CHROME);
+        let h265 = catalog(vec![track(Codec::H265, "")]);
+        assert!(
+            matches!(negotiate(&lines, &h265), Err(Refusal::NotAcceptable(s)) if s.contains("H265"))
+        );
+        let vp8 = catalog(vec![track(Codec::Vp8, ""), track(Codec::Opus, "")]);
+        assert_eq!(negotiate(&lines, &vp8).unwrap()[0].format.pt, 96);
+        assert_eq!(negotiate(&scan("v=0\r\n"), &vp8), Err(Refusal::NoMedia));
+        // Audio-only offer to a stream with audio: audio only.
+        let audio_only: String = CHROME.split("m=video").next().unwrap().to_string();
+        let got = negotiate(&scan(&audio_only), &vp8).unwrap();
+        assert_eq!(got.len(), 1);
+    }
+
+    #[test]
+    fn video_without_audio_codec_still_plays() {
+        let offer = CHROME.replace("opus/48000/2", "PCMU/8000");
+        let c = catalog(vec![
+            track(Codec::H264, "profile-level-id=42e01f;packetization-mode=1"),
+            track(Codec::Opus, ""),
+        ]);
+        let got = negotiate(&scan(&offer), &c).unwrap();
+        assert_eq!(got.len(), 1);
+        assert_eq!(got[0].track.codec, Codec::H264);
+    }
+
+    #[test]
+    fn packetization_mode_zero_is_refused() {
+        let offer = CHROME.replace("packetization-mode=1", "packetization-mode=0");
+        let c = catalog(vec![track(
+            Codec::H264,
+            "profile-level-id=42e01f;packetization-mode=1",
+        )]);
+        assert!(matches!(
+            negotiate(&scan(&offer), &c),
+            Err(Refusal::NotAcceptable(_))
+        ));
+    }
+
+    proptest! {
+        #[test]
+        fn scan_never_panics(s in "\\PC*") {
+            let lines = scan(&s);
+            let c = catalog(vec![track(Codec::H264, "profile-level-id=zz"), track(Codec::Opus, "")]);
+            let _ = negotiate(&lines, &c);
+        }
+
+        #[test]
+        fn scan_never_panics_on_sdp_like(lines in proptest::collection::vec(
+            prop_oneof![
+                Just("m=video 9 UDP/TLS/RTP/SAVPF 96 97".to_string()),
+                Just("m=audio 0 RTP 111".to_string()),
+                "a=rtpmap:[0-9]{1,4} [A-Za-z0-9]{0,5}/[0-9]{0,6}(/[0-9]{0,3})?",
+                "a=fmtp:[0-9]{1,4} [a-z=;0-9-]{0,40}",
+                "a=mid:[a-z0-9]{0,3}",
+                Just("a=recvonly".to_string()),
+            ], 0..30)) {
+            let sdp = lines.join("\r\n");
+            let scanned = scan(&sdp);
+            let c = catalog(vec![track(Codec::Vp8, ""), track(Codec::Opus, "")]);
+            let _ = negotiate(&scanned, &c);
+        }
+    }
+}

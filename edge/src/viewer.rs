@@ -1,0 +1,334 @@
+//! A WHEP viewer's session handler: on connect it starts from the feed's
+//! cached group (fast start), then on every shard wake drains its feed
+//! receivers and writes the shared RTP payloads with its own sequence
+//! numbers and timestamp offset (str0m RTP mode, no per-viewer copy).
+//!
+//! Fast start: the cached group's timestamps are compressed so the newest
+//! cached frame keeps its live timestamp and older ones sit 1 ms apart before
+//! it; the receiver decodes the backlog at once and plays live from then on,
+//! instead of anchoring its playout clock on the old keyframe (which would
+//! add the group's age to its latency for the whole session).
+
+use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use cascade_origin::catalog::Kind;
+use cascade_origin::registry::Subscriber;
+use cascade_rtc::session::CloseReason;
+use cascade_rtc::{Ctx, Flow, Handler};
+use str0m::media::{Mid, Pt};
+use str0m::rtp::RtpWrite;
+use str0m::Event;
+use tokio::sync::broadcast;
+
+use crate::fanout::{Member, PacketizedFrame};
+use crate::metrics as m;
+
+/// Packets str0m may hold unsent for one stream before the viewer counts as
+/// lagging: ~1 s of 2.5 Mbit/s video. Beyond it we skip to a keyframe rather
+/// than grow an unbounded queue.
+pub const MAX_QUEUED_PACKETS: usize = 256;
+/// Per-viewer retransmission cache: packets and age. 512 packets ≈ 2 s of
+/// 2.5 Mbit/s video, enough for NACK repair at sub-second RTTs; payloads
+/// are shared `Arc`s, so the cache costs bookkeeping, not copies.
+pub const RTX_CACHE_PACKETS: usize = 512;
+/// Age limit of the retransmission cache.
+pub const RTX_CACHE_AGE: Duration = Duration::from_millis(1500);
+/// At most one keyframe request per viewer per this interval.
+const VIEWER_KEYFRAME_INTERVAL: Duration = Duration::from_secs(1);
+/// Spacing of compressed backlog timestamps (fast start), in milliseconds.
+const BACKLOG_STEP_MS: u64 = 1;
+
+/// Live viewers on this node, for the session limit; one slot per viewer.
+pub struct Slot {
+    count: Arc<AtomicUsize>,
+}
+
+impl Slot {
+    /// Takes a slot unless `max` (0 = unlimited) are taken.
+    pub fn acquire(count: &Arc<AtomicUsize>, max: usize) -> Option<Self> {
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (max == 0 || n < max).then_some(n + 1)
+            })
+            .ok()?;
+        metrics::gauge!(m::VIEWERS).increment(1.0);
+        Some(Self {
+            count: count.clone(),
+        })
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+        metrics::gauge!(m::VIEWERS).decrement(1.0);
+    }
+}
+
+/// One outgoing track of a viewer.
+pub struct Out {
+    mid: Mid,
+    pt: Pt,
+    clock: u64,
+    video: bool,
+    member: Member,
+    rx: Option<broadcast::Receiver<Arc<PacketizedFrame>>>,
+    /// Cached group to send first, with compressed timestamps.
+    backlog: VecDeque<(Arc<PacketizedFrame>, u64, Instant)>,
+    seq: u64,
+    ts_offset: u64,
+    waiting_keyframe: bool,
+    last_keyframe_request: Option<Instant>,
+    frames: u64,
+    packets: u64,
+    skips: u64,
+}
+
+impl Out {
+    /// An outgoing track on `mid` with payload type `pt`, fed by `member`.
+    pub fn new(mid: Mid, pt: Pt, clock: u32, member: Member) -> Self {
+        let video = member.feed().kind() == Kind::Video;
+        Self {
+            mid,
+            pt,
+            clock: u64::from(clock.max(1)),
+            video,
+            member,
+            rx: None,
+            backlog: VecDeque::new(),
+            // RFC 3550 §5.1: random initial sequence number and timestamp;
+            // the sequence stays below 2^15 so the SRTP rollover counter starts
+            // at 0 without out-of-band signalling.
+            seq: u64::from(rand::random::<u16>() & 0x7fff),
+            ts_offset: u64::from(rand::random::<u32>()),
+            waiting_keyframe: video,
+            last_keyframe_request: None,
+            frames: 0,
+            packets: 0,
+            skips: 0,
+        }
+    }
+
+    /// Subscribes to the feed: the cached group with compressed timestamps,
+    /// then the live ring. False when the feed has ended.
+    fn start(&mut self) -> bool {
+        let Some((group, rx)) = self.member.feed().subscribe() else {
+            return false;
+        };
+        self.rx = Some(rx);
+        let step = self.clock * BACKLOG_STEP_MS / 1000;
+        let newest = group.last().map_or(0, |f| f.ts);
+        let n = group.len();
+        for (i, f) in group.into_iter().enumerate() {
+            let behind = u64::try_from(n - 1 - i).unwrap_or(0) * step.max(1);
+            let ts = f.ts.max(newest.saturating_sub(behind));
+            let lead = Duration::from_micros((ts - f.ts) * 1_000_000 / self.clock);
+            let wallclock = f.wallclock + lead;
+            self.backlog.push_back((f, ts, wallclock));
+        }
+        true
+    }
+
+    fn lagging(&mut self, cause: &'static str, now: Instant) {
+        self.waiting_keyframe = true;
+        self.backlog.clear();
+        self.skips += 1;
+        metrics::counter!(m::LAG_SKIPS, "cause" => cause).increment(1);
+        self.want_keyframe("lag", now);
+    }
+
+    fn want_keyframe(&mut self, cause: &'static str, now: Instant) {
+        if !self.video {
+            return;
+        }
+        if self
+            .last_keyframe_request
+            .is_some_and(|t| now.duration_since(t) < VIEWER_KEYFRAME_INTERVAL)
+        {
+            return;
+        }
+        self.last_keyframe_request = Some(now);
+        metrics::counter!(m::KEYFRAME_REQUESTS, "cause" => cause).increment(1);
+        self.member.feed().request_keyframe();
+    }
+
+    /// Writes one frame. False when str0m has no stream for the mid.
+    fn write(
+        &mut self,
+        ctx: &mut Ctx<'_>,
+        frame: &PacketizedFrame,
+        ts: u64,
+        wallclock: Instant,
+    ) -> bool {
+        if self.waiting_keyframe {
+            if !frame.keyframe {
+                return true;
+            }
+            self.waiting_keyframe = false;
+        }
+        let mut api = ctx.rtc.direct_api();
+        let Some(tx) = api.stream_tx_by_mid(self.mid, None) else {
+            return false;
+        };
+        // RTP timestamps wrap modulo 2^32 by design (RFC 3550 §5.1); the mask
+        // makes the narrowing exact.
+        let rtp_ts = ((ts.wrapping_add(self.ts_offset)) & 0xffff_ffff) as u32;
+        for p in &frame.payloads {
+            tx.write_rtp(
+                RtpWrite::new(self.pt, self.seq.into(), rtp_ts, wallclock, p.data.clone())
+                    .marker(p.marker)
+                    .nackable(self.video),
+            );
+            self.seq += 1;
+        }
+        self.frames += 1;
+        self.packets += frame.payloads.len() as u64;
+        true
+    }
+
+    fn queue_too_long(&mut self, ctx: &mut Ctx<'_>) -> bool {
+        let mut api = ctx.rtc.direct_api();
+        api.stream_tx_by_mid(self.mid, None)
+            .and_then(|tx| tx.queue_info().map(|q| q.packet_count()))
+            .is_some_and(|n| n > MAX_QUEUED_PACKETS)
+    }
+
+    /// Sends the backlog, then everything the ring holds. `Close` once the
+    /// feed ended.
+    fn pump(&mut self, ctx: &mut Ctx<'_>) -> Flow {
+        while let Some((f, ts, wc)) = self.backlog.pop_front() {
+            if !self.write(ctx, &f, ts, wc) {
+                return Flow::Close;
+            }
+        }
+        loop {
+            let Some(rx) = self.rx.as_mut() else {
+                return Flow::Continue;
+            };
+            match rx.try_recv() {
+                Ok(f) => {
+                    if !self.waiting_keyframe && self.queue_too_long(ctx) {
+                        self.lagging("queue", ctx.now);
+                    }
+                    if !self.write(ctx, &f, f.ts, f.wallclock) {
+                        return Flow::Close;
+                    }
+                }
+                Err(broadcast::error::TryRecvError::Empty) => return Flow::Continue,
+                Err(broadcast::error::TryRecvError::Lagged(_)) => self.lagging("fanout", ctx.now),
+                Err(broadcast::error::TryRecvError::Closed) => return Flow::Close,
+            }
+        }
+    }
+}
+
+/// A WHEP viewer.
+pub struct Viewer {
+    outs: Vec<Out>,
+    _subscriber: Subscriber,
+    _slot: Slot,
+    span: tracing::Span,
+    posted: Instant,
+    connected: bool,
+    first_written: bool,
+}
+
+impl Viewer {
+    /// A viewer sending `outs`; holds the stream subscription (counted as a
+    /// viewer by the registry) and its slot until the session ends.
+    pub fn new(
+        outs: Vec<Out>,
+        subscriber: Subscriber,
+        slot: Slot,
+        span: tracing::Span,
+        posted: Instant,
+    ) -> Self {
+        Self {
+            outs,
+            _subscriber: subscriber,
+            _slot: slot,
+            span,
+            posted,
+            connected: false,
+            first_written: false,
+        }
+    }
+
+    fn pump(&mut self, ctx: &mut Ctx<'_>) -> Flow {
+        if !self.connected {
+            return Flow::Continue;
+        }
+        let mut flow = Flow::Continue;
+        for out in &mut self.outs {
+            let (frames, packets) = (out.frames, out.packets);
+            if out.pump(ctx) == Flow::Close {
+                flow = Flow::Close;
+            }
+            let kind = if out.video { "video" } else { "audio" };
+            if out.frames > frames {
+                metrics::counter!(m::FRAMES_OUT, "kind" => kind).increment(out.frames - frames);
+                metrics::counter!(m::PACKETS_OUT, "kind" => kind).increment(out.packets - packets);
+            }
+        }
+        if !self.first_written && self.outs.iter().any(|o| o.video && o.frames > 0) {
+            self.first_written = true;
+            let ms = ctx.now.duration_since(self.posted).as_secs_f64();
+            metrics::histogram!(m::FIRST_FRAME_SECONDS).record(ms);
+            let _g = self.span.enter();
+            tracing::debug!(
+                first_frame_ms = (ms * 1000.0) as u64,
+                "first video frame written"
+            );
+        }
+        flow
+    }
+}
+
+impl Handler for Viewer {
+    fn on_event(&mut self, ctx: &mut Ctx<'_>, event: Event) -> Flow {
+        match event {
+            Event::Connected => {
+                self.connected = true;
+                for out in &mut self.outs {
+                    if !out.start() {
+                        return Flow::Close;
+                    }
+                    // A viewer that found no cached group (the origin's cache
+                    // outgrew its cap, or a takeover just happened) waits for
+                    // a keyframe: ask for one.
+                    if out.video && out.backlog.is_empty() {
+                        out.want_keyframe("join", ctx.now);
+                    }
+                }
+                self.pump(ctx)
+            }
+            Event::KeyframeRequest(req) => {
+                if let Some(out) = self.outs.iter_mut().find(|o| o.mid == req.mid) {
+                    out.want_keyframe("viewer", ctx.now);
+                }
+                Flow::Continue
+            }
+            _ => Flow::Continue,
+        }
+    }
+
+    fn on_wake(&mut self, ctx: &mut Ctx<'_>) -> Flow {
+        self.pump(ctx)
+    }
+
+    fn on_close(&mut self, reason: CloseReason) {
+        metrics::counter!(m::VIEWERS_ENDED, "reason" => reason.as_str()).increment(1);
+        let _g = self.span.enter();
+        let frames: u64 = self.outs.iter().map(|o| o.frames).sum();
+        let skips: u64 = self.outs.iter().map(|o| o.skips).sum();
+        tracing::info!(
+            reason = reason.as_str(),
+            frames,
+            lag_skips = skips,
+            "viewer ended"
+        );
+    }
+}

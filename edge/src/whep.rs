@@ -1,0 +1,204 @@
+//! WHEP: a viewer's offer becomes a str0m session (RTP mode) in a shard of
+//! the node's [`cascade_rtc::Server`], sending the stream's tracks from the
+//! node's fan-out.
+//!
+//! Create: viewer slot (503) → subscribe (404, may fetch from the origin) →
+//! parse the offer (400) → pick codecs against the catalog (406) → build the
+//! `Rtc` with only those payload types → accept → hand to a shard.
+
+use std::sync::atomic::AtomicUsize;
+use std::sync::Arc;
+use std::time::Instant;
+
+use cascade_origin::catalog::Codec;
+use cascade_origin::Registry;
+use cascade_rtc::http::{token_matches, ApiError, CreateFuture, Created, Endpoint};
+use str0m::change::SdpOffer;
+use str0m::format::{Codec as RtcCodec, FormatParams};
+use str0m::media::{Frequency, Mid, Pt};
+
+use crate::fanout::Hub;
+use crate::metrics as m;
+use crate::sdp::{self, Refusal};
+use crate::viewer::{Out, Slot, Viewer, RTX_CACHE_AGE, RTX_CACHE_PACKETS};
+use crate::Config;
+
+/// The WHEP endpoint of a node.
+pub struct Whep {
+    registry: Arc<Registry>,
+    rtc: cascade_rtc::Server,
+    cfg: Config,
+    hub: Arc<Hub>,
+    viewers: Arc<AtomicUsize>,
+}
+
+impl Whep {
+    /// A WHEP endpoint serving `registry`'s streams through `rtc`.
+    pub fn new(registry: Arc<Registry>, rtc: cascade_rtc::Server, cfg: Config) -> Self {
+        Self {
+            registry,
+            rtc,
+            cfg,
+            hub: Arc::new(Hub::default()),
+            viewers: Arc::new(AtomicUsize::new(0)),
+        }
+    }
+
+    /// Viewers on this node (all streams).
+    pub fn viewers(&self) -> usize {
+        self.viewers.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// The fan-out hub (feeds running on this node).
+    pub fn hub(&self) -> &Arc<Hub> {
+        &self.hub
+    }
+}
+
+fn offer_result(result: &'static str) {
+    metrics::counter!(m::OFFERS, "result" => result).increment(1);
+}
+
+fn rtc_codec(c: Codec) -> RtcCodec {
+    match c {
+        Codec::H264 => RtcCodec::H264,
+        Codec::H265 => RtcCodec::H265,
+        Codec::Vp8 => RtcCodec::Vp8,
+        Codec::Vp9 => RtcCodec::Vp9,
+        Codec::Av1 => RtcCodec::Av1,
+        Codec::Opus => RtcCodec::Opus,
+    }
+}
+
+impl Endpoint for Whep {
+    fn kind(&self) -> &'static str {
+        "whep"
+    }
+
+    fn authorize(&self, token: Option<&str>) -> Result<(), ApiError> {
+        match &self.cfg.viewer_token {
+            Some(expected) if !token_matches(token, expected) => {
+                offer_result("unauthorized");
+                Err(ApiError::Unauthorized(
+                    "missing or wrong viewer token: send Authorization: Bearer TOKEN or ?token=TOKEN",
+                ))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn create(&self, stream: String, offer: String) -> CreateFuture {
+        let registry = self.registry.clone();
+        let server = self.rtc.clone();
+        let hub = self.hub.clone();
+        let viewers = self.viewers.clone();
+        let max = self.cfg.max_viewers;
+        Box::pin(async move {
+            let posted = Instant::now();
+            let Some(slot) = Slot::acquire(&viewers, max) else {
+                offer_result("full");
+                return Err(ApiError::Unavailable(
+                    "edge at its viewer limit, retry later",
+                ));
+            };
+            let subscriber = match registry.subscribe(&stream).await {
+                Ok(s) => s,
+                Err(cascade_origin::Error::Unavailable) => {
+                    offer_result("not_live");
+                    return Err(ApiError::Unavailable("origin unreachable, retry later"));
+                }
+                Err(_) => {
+                    offer_result("not_live");
+                    return Err(ApiError::NotFound(format!("stream {stream} is not live")));
+                }
+            };
+            let parsed = SdpOffer::from_sdp_string(&offer).map_err(|e| {
+                offer_result("bad_offer");
+                ApiError::BadRequest(format!("malformed SDP offer: {e}"))
+            })?;
+            let choices = match sdp::negotiate(&sdp::scan(&offer), &subscriber.catalog()) {
+                Ok(c) => c,
+                Err(Refusal::NoMedia) => {
+                    offer_result("bad_offer");
+                    return Err(ApiError::BadRequest(
+                        "offer has no recvonly or sendrecv audio/video m-line with a mid".into(),
+                    ));
+                }
+                Err(Refusal::NotAcceptable(what)) => {
+                    offer_result("not_acceptable");
+                    return Err(ApiError::NotAcceptable(format!(
+                        "stream {stream} is {what}; the offer has no codec that plays it"
+                    )));
+                }
+            };
+            let mut cfg = server.rtc_builder().clear_codecs().set_rtp_mode(true);
+            for c in &choices {
+                let f = &c.format;
+                let clock = if c.track.codec == Codec::Opus {
+                    Frequency::FORTY_EIGHT_KHZ
+                } else {
+                    Frequency::NINETY_KHZ
+                };
+                // The offered parameters verbatim: str0m then matches them
+                // exactly and answers with the offerer's payload type.
+                cfg.codec_config().add_config(
+                    Pt::from(f.pt),
+                    f.rtx.map(Pt::from),
+                    rtc_codec(c.track.codec),
+                    clock,
+                    f.channels,
+                    FormatParams::parse_line(&f.fmtp),
+                );
+            }
+            let mut rtc = cfg.build(Instant::now());
+            server.add_local_candidates(&mut rtc);
+            let answer = rtc.sdp_api().accept_offer(parsed).map_err(|e| {
+                offer_result("bad_offer");
+                ApiError::BadRequest(format!("offer refused: {e}"))
+            })?;
+            let span = tracing::info_span!("whep", role = "edge", stream = %stream, session = tracing::field::Empty);
+            let mut planned = Vec::new();
+            for c in &choices {
+                let mid = Mid::from(c.mid.as_str());
+                let mut api = rtc.direct_api();
+                let Some(tx) = api.stream_tx_by_mid(mid, None) else {
+                    continue;
+                };
+                tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, None);
+                planned.push((
+                    mid,
+                    Pt::from(c.format.pt),
+                    c.track.codec.clock_rate(),
+                    c.track.name.clone(),
+                ));
+            }
+            if planned.is_empty() {
+                offer_result("not_acceptable");
+                return Err(ApiError::NotAcceptable(format!(
+                    "stream {stream}: no offered m-line could be answered"
+                )));
+            }
+            let codecs: Vec<String> = choices.iter().map(|c| c.track.codec.to_string()).collect();
+            let handle = server.add(rtc, "whep", &stream, span.clone(), |id, waker| {
+                span.record("session", tracing::field::display(id));
+                let outs = planned
+                    .into_iter()
+                    .filter_map(|(mid, pt, clock, track)| {
+                        let member = hub.join(&subscriber, &track, &waker)?;
+                        Some(Out::new(mid, pt, clock, member))
+                    })
+                    .collect();
+                Box::new(Viewer::new(outs, subscriber, slot, span.clone(), posted))
+            })?;
+            {
+                let _g = span.enter();
+                tracing::info!(codecs = ?codecs, "viewer started");
+            }
+            offer_result("created");
+            Ok(Created {
+                answer: answer.to_sdp_string(),
+                handle,
+            })
+        })
+    }
+}
