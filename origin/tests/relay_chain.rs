@@ -227,15 +227,32 @@ async fn idle_edge_unsubscribes_after_grace() {
     let c = Cluster::start().await;
     let _publisher = c.ingest.publish("idle", catalog(), "whip").unwrap();
     wait_live(&c.origin, "idle").await;
+    let before = c.origin.subscribers("idle");
     let edge = c.edge().await;
-    let sub = timeout(WAIT, edge.registry.subscribe("idle"))
+    // Many viewers at once: one upstream subscription serves them all.
+    let subs = futures::future::join_all((0..20).map(|_| edge.registry.subscribe("idle"))).await;
+    let subs: Vec<_> = subs.into_iter().map(|s| s.unwrap()).collect();
+    assert_eq!(edge.registry.viewers("idle"), 20);
+    let one_edge = c.origin.subscribers("idle");
+    assert!(one_edge > before);
+    let extra = timeout(WAIT, edge.registry.subscribe("idle"))
         .await
         .unwrap()
         .unwrap();
+    assert_eq!(c.origin.subscribers("idle"), one_edge);
     assert!(edge.registry.is_live("idle"));
-    drop(sub);
+    drop(subs);
+    drop(extra);
     // Grace is 300 ms in the harness; checks run every 500 ms.
     wait_gone(&edge.registry, "idle").await;
+    // ...and the origin stops sending it.
+    timeout(WAIT, async {
+        while c.origin.subscribers("idle") != before {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .expect("origin still serves the idle edge");
     // Subscribing again fetches it again.
     let sub = timeout(WAIT, edge.registry.subscribe("idle"))
         .await

@@ -3,12 +3,12 @@
 //! into groups), one per group (its own unidirectional stream).
 //!
 //! Policy: every frame is written as it arrives; each group gets a higher
-//! priority than the ones before it; a group that still has frames QUIC has
-//! not accepted when the next group of its track starts, or that is still
-//! unacknowledged one group later, is reset, never queued behind.
+//! priority than the ones before it; a group whose frames QUIC has still not
+//! accepted shortly after the next group of its track started, or that is
+//! still unacknowledged one group later, is reset, never queued behind.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -38,6 +38,9 @@ const AUDIO_RUN_FRAMES: usize = 25;
 const AUDIO_RUN: Duration = Duration::from_millis(500);
 /// Audio groups outrank video groups: they are small and a gap is audible.
 const AUDIO_PRIORITY: i32 = 1 << 30;
+/// How long a superseded group may still take to hand its queued frames to
+/// QUIC: covers scheduling delays on a busy node, not a slow link.
+const SUPERSEDED_DRAIN: Duration = Duration::from_millis(200);
 /// How long a finished group waits for its acknowledgement before the
 /// writer gives up watching it.
 const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -203,11 +206,11 @@ async fn run_track(
             }
             if let Some(mut cur) = current.take() {
                 cur.close();
-                if cur.busy() {
-                    cur.reset();
-                } else {
-                    previous = Some(cur);
-                }
+                // Frames QUIC has not taken yet: the writer gets a short
+                // drain period (it may just not have been scheduled), then
+                // the group is reset.
+                cur.superseded.cancel();
+                previous = Some(cur);
             }
             let group = seq.fetch_add(1, Ordering::Relaxed);
             let header = GroupHeader {
@@ -237,8 +240,8 @@ async fn run_track(
 struct Group {
     tx: Option<mpsc::Sender<Frame>>,
     cancel: CancellationToken,
-    /// Frames handed to the writer that QUIC has not accepted yet.
-    pending: Arc<AtomicUsize>,
+    /// Fired when the next group starts: the writer must drain soon.
+    superseded: CancellationToken,
     /// Set when the writer is done: all data acknowledged, or it gave up.
     done: Arc<AtomicBool>,
     frames: usize,
@@ -255,21 +258,23 @@ impl Group {
     ) -> Self {
         let (tx, rx) = mpsc::channel(GROUP_QUEUE);
         let cancel = parent.child_token();
-        let pending = Arc::new(AtomicUsize::new(0));
         let done = Arc::new(AtomicBool::new(false));
+        let superseded = CancellationToken::new();
         tokio::spawn(write_group(
             conn.clone(),
             header,
             priority,
             rx,
-            cancel.clone(),
-            pending.clone(),
+            Signals {
+                cancel: cancel.clone(),
+                superseded: superseded.clone(),
+            },
             done.clone(),
         ));
         Self {
             tx: Some(tx),
             cancel,
-            pending,
+            superseded,
             done,
             frames: 0,
             bytes: 0,
@@ -287,21 +292,12 @@ impl Group {
         }
         self.bytes += frame.payload.len();
         self.frames += 1;
-        self.pending.fetch_add(1, Ordering::Relaxed);
-        if tx.try_send(frame).is_err() {
-            self.pending.fetch_sub(1, Ordering::Relaxed);
-            return false;
-        }
-        true
+        tx.try_send(frame).is_ok()
     }
 
     /// No more frames: the writer finishes the stream once drained.
     fn close(&mut self) {
         self.tx = None;
-    }
-
-    fn busy(&self) -> bool {
-        self.pending.load(Ordering::Relaxed) > 0
     }
 
     /// Abandons the group if it is not fully delivered yet.
@@ -322,19 +318,34 @@ impl Drop for DoneOnDrop {
     }
 }
 
+/// What can stop a group writer early.
+struct Signals {
+    /// Abandon now (aborted, overflowed, or two groups behind).
+    cancel: CancellationToken,
+    /// A newer group started: what QUIC cannot take within
+    /// `SUPERSEDED_DRAIN` is abandoned.
+    superseded: CancellationToken,
+}
+
 async fn write_group(
     conn: quinn::Connection,
     header: Bytes,
     priority: i32,
     mut rx: mpsc::Receiver<Frame>,
-    cancel: CancellationToken,
-    pending: Arc<AtomicUsize>,
+    signals: Signals,
     done: Arc<AtomicBool>,
 ) {
     let _done = DoneOnDrop(done);
+    let Signals { cancel, superseded } = signals;
+    let drained = async {
+        superseded.cancelled().await;
+        tokio::time::sleep(SUPERSEDED_DRAIN).await;
+    };
+    tokio::pin!(drained);
     let mut send = tokio::select! {
         biased;
         _ = cancel.cancelled() => return,
+        _ = &mut drained => return,
         s = conn.open_uni() => match s {
             Ok(s) => s,
             Err(_) => return,
@@ -343,12 +354,15 @@ async fn write_group(
     let _ = send.set_priority(priority);
     metrics::counter!(RELAY_GROUPS_SENT).increment(1);
     let mut chunks = vec![header];
-    // True while `chunks` holds a frame counted in `pending`.
-    let mut owed = false;
     loop {
         let written = tokio::select! {
             biased;
             _ = cancel.cancelled() => {
+                let _ = send.reset(code::SUPERSEDED);
+                return;
+            }
+            _ = &mut drained => {
+                metrics::counter!(RELAY_GROUPS_RESET).increment(1);
                 let _ = send.reset(code::SUPERSEDED);
                 return;
             }
@@ -357,9 +371,6 @@ async fn write_group(
         if written.is_err() {
             // Stopped by the peer, or the connection is gone.
             return;
-        }
-        if owed {
-            pending.fetch_sub(1, Ordering::Relaxed);
         }
         let frame = tokio::select! {
             biased;
@@ -372,9 +383,7 @@ async fn write_group(
         let Some(frame) = frame else {
             break;
         };
-        // `pending` counts this frame from `push` until QUIC accepted it.
         chunks.clear();
-        owed = true;
         if let Ok(head) = encode_frame_header(&frame) {
             chunks.push(head);
             chunks.push(frame.payload);
