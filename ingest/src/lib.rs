@@ -4,6 +4,8 @@
 //!   ([`cascade_rtc`]), H.264/VP8/VP9/AV1/H.265 + Opus passed through.
 //! - [`rtmp`]: RTMP publishers (OBS, ffmpeg, hardware encoders), FLV parsed
 //!   by [`flv`], AAC transcoded to Opus by [`audio`].
+//! - [`publish`]: the browser publish page `/publish/{stream}` (WHIP from
+//!   the camera or the screen), served with the WHIP routes.
 //!
 //! What this crate does not do: serve viewers or relay between nodes.
 
@@ -11,5 +13,6 @@ pub mod audio;
 pub mod flv;
 pub mod h264;
 pub mod metrics;
+pub mod publish;
 pub mod rtmp;
 pub mod whip;

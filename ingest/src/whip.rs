@@ -47,10 +47,11 @@ impl Whip {
     }
 }
 
-/// The WHIP routes (`/whip/{stream}` and its session resources).
+/// The WHIP routes (`/whip/{stream}` and its session resources) and the
+/// browser publish page (`/publish/{stream}`).
 pub fn router(registry: Arc<Registry>, rtc: cascade_rtc::Server, token: Arc<str>) -> axum::Router {
     let whip = Arc::new(Whip::new(registry, rtc.clone(), token));
-    cascade_rtc::http::router(whip, rtc)
+    cascade_rtc::http::router(whip, rtc).merge(crate::publish::router())
 }
 
 /// Audio and video m-lines the publisher will send on.
