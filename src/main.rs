@@ -1,6 +1,9 @@
 //! `cascade`: one binary, four roles (INTERFACE.md). Loads the config, sets
 //! up logging and metrics, runs the node until SIGINT or a drained SIGTERM.
 
+// A binary: `pub` marks what a module offers its siblings.
+#![allow(unreachable_pub)]
+
 mod api;
 mod config;
 mod node;

@@ -2,7 +2,7 @@
 //! on loopback with every port chosen by the OS, reads the addresses back
 //! from its start-up banner, and kills it on drop.
 
-#![allow(dead_code)]
+#![allow(dead_code, unreachable_pub)]
 
 use std::io::{BufRead, BufReader};
 use std::process::{Child, Command, Stdio};
