@@ -4,6 +4,27 @@
 //! frame with an SEI carrying a sequence number and the send wall clock ([`tag`]); viewers
 //! depacketize what they receive and check order, gaps, keyframe start, A/V timing and latency.
 //! It deliberately does not decode pictures or audio, and does no trickle ICE.
+//!
+//! ```no_run
+//! # async fn demo() -> loadtest::Result<()> {
+//! use std::sync::Arc;
+//! use std::time::Duration;
+//! use loadtest::{media, whep, whip};
+//!
+//! let clip = Arc::new(media::TestMedia::generate(media::Options::default()).await?);
+//! let mut opts = whip::PublisherOptions::new("http://127.0.0.1:8080/whip/live");
+//! opts.token = Some("TOKEN".into());
+//! let mut publisher = whip::Publisher::start(opts, clip).await?;
+//! publisher.wait_connected().await?;
+//!
+//! let mut v = whep::ViewerOptions::new("http://127.0.0.1:8080/whep/live");
+//! v.duration = Some(Duration::from_secs(5));
+//! let report = whep::Viewer::start(v).await?.finish_duration().await?;
+//! assert_eq!(report.first_frame_keyframe, Some(true));
+//! assert!(report.seq_gaps.is_empty());
+//! publisher.delete().await?;
+//! # Ok(()) }
+//! ```
 #![warn(missing_docs)]
 
 pub mod annexb;

@@ -10,6 +10,8 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+mod plot;
+
 use anyhow::Context;
 use clap::Parser;
 use loadtest::stats::percentile;
@@ -49,6 +51,9 @@ struct Args {
     /// Write a per-second CSV time series to this file.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
+    /// Plot the time series (viewers, packets/s, lost) as SVG to this file.
+    #[arg(long)]
+    svg: Option<std::path::PathBuf>,
 }
 
 /// The final summary (the `--json` line).
@@ -95,6 +100,10 @@ async fn main() -> anyhow::Result<()> {
         println!("{}", serde_json::to_string(&summary)?);
     } else {
         println!("{}", serde_json::to_string_pretty(&summary)?);
+    }
+    if summary.viewers_connected == 0 && args.viewers > 0 {
+        // The summary is printed either way; the status tells scripts nothing worked.
+        std::process::exit(2);
     }
     Ok(())
 }
@@ -155,6 +164,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let mut prev_packets = 0;
+    let mut series: [Vec<(f64, f64)>; 3] = Default::default();
     while Instant::now() < end {
         tick.tick().await;
         let t = start.elapsed().as_secs_f64();
@@ -163,6 +173,9 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
             "t={t:>5.1}s connected={} failed={} packets={} (+{}/s) lost={} video_frames={} audio_frames={}",
             s[0], s[1], s[2], s[2] - prev_packets, s[3], s[4], s[5]
         );
+        series[0].push((t, s[0] as f64));
+        series[1].push((t, (s[2] - prev_packets) as f64));
+        series[2].push((t, s[3] as f64));
         prev_packets = s[2];
         if let Some(f) = csv.as_mut() {
             writeln!(
@@ -171,6 +184,27 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
                 s[0], s[1], s[2], s[3], s[4], s[5]
             )?;
         }
+    }
+    if let Some(p) = &args.svg {
+        let [viewers, rate, lost] = series;
+        let svg = plot::svg(
+            &format!("loadtest {} viewers: {}", args.viewers, args.url),
+            &[
+                plot::Series {
+                    name: "viewers connected",
+                    points: viewers,
+                },
+                plot::Series {
+                    name: "packets received / s",
+                    points: rate,
+                },
+                plot::Series {
+                    name: "packets lost (total)",
+                    points: lost,
+                },
+            ],
+        );
+        std::fs::write(p, svg).with_context(|| format!("write {p:?}"))?;
     }
     let mut reports = Vec::new();
     let mut errors: Vec<String> = Vec::new();

@@ -33,12 +33,19 @@ async fn cli_viewers_receive_without_loss() {
     let mut publisher = Publisher::start(popts, media).await.unwrap();
     publisher.wait_connected().await.unwrap();
 
+    let dir = std::env::temp_dir().join(format!("loadtest-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (csv, svg) = (dir.join("series.csv"), dir.join("series.svg"));
     let out = timeout(
         Duration::from_secs(60),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
             .args(["--url", &server.whep_url("load")])
             .args(["--viewers", &VIEWERS.to_string(), "--duration", "5s"])
             .args(["--ramp", "100", "--full-every", "5", "--json"])
+            .arg("--csv")
+            .arg(&csv)
+            .arg("--svg")
+            .arg(&svg)
             .kill_on_drop(true)
             .output(),
     )
@@ -66,5 +73,9 @@ async fn cli_viewers_receive_without_loss() {
     assert_eq!(v["first_frame_keyframe_pct"], 100.0, "{last}");
     assert_eq!(v["viewers_full"], u64::from(VIEWERS / 5), "{last}");
     assert!(v["jitter_ms_p95"].as_f64().is_some(), "{last}");
+    let series = std::fs::read_to_string(&csv).unwrap();
+    assert!(series.lines().count() >= 4, "{series}");
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("<polyline"));
+    std::fs::remove_dir_all(&dir).unwrap();
     publisher.stop().await.unwrap();
 }

@@ -1,7 +1,7 @@
 //! WHEP viewer: a str0m client that offers like a browser, receives and verifies frames.
 //!
 //! Offer (recvonly: H.264 in several profiles, VP8, Opus) → `POST /whep/{stream}` → answer →
-//! ICE + DTLS → depacketized frames checked by [`check`]; the session runs in a tokio task and
+//! ICE + DTLS → depacketized frames checked into a [`ViewerReport`]; the session runs in a tokio task and
 //! ends on its duration, `stop()`/`delete()`, or ICE disconnect.
 
 mod check;
