@@ -54,7 +54,7 @@ log "cargo doc"
 RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --quiet
 
 log "tests"
-if command -v cargo-nextest >/dev/null || [ -x /usr/local/bin/cargo-nextest ]; then
+if command -v cargo-nextest >/dev/null; then
   cargo nextest run --workspace --no-fail-fast
   # nextest does not run doctests.
   cargo test --workspace --doc
