@@ -116,10 +116,16 @@ pub fn parse_video(tag: &Bytes) -> Result<Video, Error> {
         return Err(Error::Invalid("video frame type"));
     }
     let packet_type = *tag.get(1).ok_or(Error::Truncated("video"))?;
-    let cts = tag.get(2..5).and_then(si24).ok_or(Error::Truncated("video"))?;
+    let cts = tag
+        .get(2..5)
+        .and_then(si24)
+        .ok_or(Error::Truncated("video"))?;
     let body = tag.slice(5..);
     match packet_type {
-        0 => Ok(Video::Config { codec, record: body }),
+        0 => Ok(Video::Config {
+            codec,
+            record: body,
+        }),
         1 => Ok(Video::Frame {
             codec,
             keyframe: frame_type == 1 || frame_type == 4,
@@ -158,7 +164,10 @@ fn parse_ex_video(tag: &Bytes, b0: u8) -> Result<Video, Error> {
             record: tag.slice(5..),
         }),
         1 if matches!(codec, VideoCodec::H264 | VideoCodec::H265) => {
-            let cts = tag.get(5..8).and_then(si24).ok_or(Error::Truncated("video"))?;
+            let cts = tag
+                .get(5..8)
+                .and_then(si24)
+                .ok_or(Error::Truncated("video"))?;
             Ok(Video::Frame {
                 codec,
                 keyframe,
@@ -245,7 +254,9 @@ pub fn parse_asc(asc: &[u8]) -> Result<AacConfig, Error> {
         bits.read(24)?
     } else {
         let i = usize::try_from(index).map_err(|_| Error::Invalid("AAC sampling index"))?;
-        *AAC_RATES.get(i).ok_or(Error::Invalid("AAC sampling index"))?
+        *AAC_RATES
+            .get(i)
+            .ok_or(Error::Invalid("AAC sampling index"))?
     };
     let channels = bits.read(4)?;
     Ok(AacConfig {
@@ -265,7 +276,10 @@ impl Bits<'_> {
     fn read(&mut self, n: u32) -> Result<u32, Error> {
         let mut v = 0u32;
         for _ in 0..n {
-            let byte = self.data.get(self.pos / 8).ok_or(Error::Truncated("AudioSpecificConfig"))?;
+            let byte = self
+                .data
+                .get(self.pos / 8)
+                .ok_or(Error::Truncated("AudioSpecificConfig"))?;
             let bit = (byte >> (7 - self.pos % 8)) & 1;
             v = v << 1 | u32::from(bit);
             self.pos += 1;
@@ -328,14 +342,23 @@ mod tests {
             }
         );
         let t = Bytes::from_static(&[0x90, b'a', b'v', b'0', b'1', 0x81]);
-        assert!(matches!(parse_video(&t).unwrap(), Video::Config { codec: VideoCodec::Av1, .. }));
+        assert!(matches!(
+            parse_video(&t).unwrap(),
+            Video::Config {
+                codec: VideoCodec::Av1,
+                ..
+            }
+        ));
         assert!(parse_video(&Bytes::from_static(&[0x90, b'x', b'x', b'x', b'x'])).is_err());
     }
 
     #[test]
     fn audio_tags() {
         let t = Bytes::from_static(&[0xaf, 0x00, 0x12, 0x10]);
-        assert_eq!(parse_audio(&t).unwrap(), Audio::AacConfig(Bytes::from_static(&[0x12, 0x10])));
+        assert_eq!(
+            parse_audio(&t).unwrap(),
+            Audio::AacConfig(Bytes::from_static(&[0x12, 0x10]))
+        );
         assert_eq!(
             parse_asc(&[0x12, 0x10]).unwrap(),
             AacConfig {
@@ -354,7 +377,10 @@ mod tests {
         );
         assert!(parse_asc(&[0x12]).is_err());
         let t = Bytes::from_static(&[0x91, b'O', b'p', b'u', b's', 1]);
-        assert_eq!(parse_audio(&t).unwrap(), Audio::Opus(Bytes::from_static(&[1])));
+        assert_eq!(
+            parse_audio(&t).unwrap(),
+            Audio::Opus(Bytes::from_static(&[1]))
+        );
     }
 
     proptest! {

@@ -109,7 +109,10 @@ impl<'a> Reader<'a> {
 
 /// Parses an `AVCDecoderConfigurationRecord` (ISO 14496-15 §5.3.3.1).
 pub fn parse_avcc(record: &[u8]) -> Result<Config, Error> {
-    let mut r = Reader { data: record, what: "avcC" };
+    let mut r = Reader {
+        data: record,
+        what: "avcC",
+    };
     if r.u8()? != 1 {
         return Err(Error::Invalid("avcC version"));
     }
@@ -152,7 +155,10 @@ pub fn parse_avcc(record: &[u8]) -> Result<Config, Error> {
 
 /// Parses an `HEVCDecoderConfigurationRecord` (ISO 14496-15 §8.3.3.1).
 pub fn parse_hvcc(record: &[u8]) -> Result<Config, Error> {
-    let mut r = Reader { data: record, what: "hvcC" };
+    let mut r = Reader {
+        data: record,
+        what: "hvcC",
+    };
     if r.u8()? != 1 {
         return Err(Error::Invalid("hvcC version"));
     }
@@ -200,7 +206,10 @@ pub fn split_avcc(data: &[u8], length_size: usize) -> Result<Vec<&[u8]>, Error> 
     if !matches!(length_size, 1 | 2 | 4) {
         return Err(Error::Invalid("NAL length size"));
     }
-    let mut r = Reader { data, what: "NAL unit" };
+    let mut r = Reader {
+        data,
+        what: "NAL unit",
+    };
     let mut units = Vec::new();
     while !r.data.is_empty() {
         let mut n = 0usize;
@@ -229,7 +238,11 @@ pub fn to_annexb(data: &[u8], config: &Config) -> Result<AccessUnit, Error> {
     let inband = types.iter().any(|&t| nal.is_parameter_set(t));
     let insert = keyframe && !inband;
     let extra: usize = if insert {
-        config.parameter_sets.iter().map(|p| p.len() + START_CODE.len()).sum()
+        config
+            .parameter_sets
+            .iter()
+            .map(|p| p.len() + START_CODE.len())
+            .sum()
     } else {
         0
     };
@@ -312,7 +325,10 @@ mod tests {
     fn avcc_record() {
         let c = parse_avcc(&avcc()).unwrap();
         assert_eq!(c.length_size, 4);
-        assert_eq!(c.parameter_sets, vec![Bytes::from_static(SPS), Bytes::from_static(PPS)]);
+        assert_eq!(
+            c.parameter_sets,
+            vec![Bytes::from_static(SPS), Bytes::from_static(PPS)]
+        );
         assert_eq!(c.fmtp, "profile-level-id=64001f;packetization-mode=1");
         assert!(parse_avcc(&avcc()[..8]).is_err());
         assert!(parse_avcc(&[]).is_err());
@@ -360,7 +376,11 @@ mod tests {
             v.extend_from_slice(unit);
         }
         let c = parse_hvcc(&v).unwrap();
-        let types: Vec<u8> = c.parameter_sets.iter().map(|p| Nal::H265.unit_type(p[0])).collect();
+        let types: Vec<u8> = c
+            .parameter_sets
+            .iter()
+            .map(|p| Nal::H265.unit_type(p[0]))
+            .collect();
         assert_eq!(types, vec![32, 33, 34]);
         assert_eq!(c.fmtp, "profile-id=1");
     }

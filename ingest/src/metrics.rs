@@ -35,14 +35,26 @@ pub const WHIP_PLI: &str = "cascade_ingest_whip_pli_total";
 pub fn describe() {
     metrics::describe_counter!(WHIP_SESSIONS, "WHIP sessions created");
     metrics::describe_counter!(WHIP_ENDED, "WHIP sessions ended, by reason");
-    metrics::describe_counter!(WHIP_FRAMES, "frames received from WHIP publishers, by track");
+    metrics::describe_counter!(
+        WHIP_FRAMES,
+        "frames received from WHIP publishers, by track"
+    );
     metrics::describe_counter!(WHIP_PLI, "keyframe requests sent to WHIP publishers");
     metrics::describe_gauge!(RTMP_CONNECTIONS, "RTMP connections currently open");
     metrics::describe_counter!(RTMP_ACCEPTED, "RTMP connections accepted");
-    metrics::describe_counter!(RTMP_REFUSED, "RTMP connections or publishes refused, by reason");
+    metrics::describe_counter!(
+        RTMP_REFUSED,
+        "RTMP connections or publishes refused, by reason"
+    );
     metrics::describe_counter!(RTMP_PUBLISHES, "RTMP publishes that went live");
-    metrics::describe_counter!(RTMP_BAD_TAGS, "FLV tags dropped as malformed or unusable, by reason");
-    metrics::describe_counter!(RTMP_UNKNOWN_MESSAGES, "RTMP messages of unhandled types, ignored");
+    metrics::describe_counter!(
+        RTMP_BAD_TAGS,
+        "FLV tags dropped as malformed or unusable, by reason"
+    );
+    metrics::describe_counter!(
+        RTMP_UNKNOWN_MESSAGES,
+        "RTMP messages of unhandled types, ignored"
+    );
     metrics::describe_counter!(TIMESTAMP_JUMPS, "publisher timestamp jumps rebased");
     metrics::describe_gauge!(BFRAMES_STREAMS, "live streams whose video carries B-frames");
     metrics::describe_counter!(OPUS_FRAMES, "Opus frames produced from AAC");

@@ -1,6 +1,7 @@
 //! The AAC → Opus transcoder on real ffmpeg AAC: decoded Opus lines up with
 //! the AAC it came from (resampler and encoder delays accounted for in the
 //! pts), and the CPU cost per stream (printed, not asserted).
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 mod common;
 
@@ -16,13 +17,31 @@ use symphonia::core::formats::Packet;
 use symphonia::default::codecs::AacDecoder;
 
 /// AAC in FLV from ffmpeg: `expr` is an aevalsrc expression in t.
-async fn aac_flv(expr: &str, rate: u32, channels: u32, secs: u32) -> (Vec<u8>, Vec<(u32, bytes::Bytes)>) {
+async fn aac_flv(
+    expr: &str,
+    rate: u32,
+    channels: u32,
+    secs: u32,
+) -> (Vec<u8>, Vec<(u32, bytes::Bytes)>) {
     assert!(have_ffmpeg(), "ffmpeg is required");
-    let src = format!("aevalsrc={expr}:s={rate}:c={}", if channels == 1 { "mono" } else { "stereo" });
+    let src = format!(
+        "aevalsrc={expr}:s={rate}:c={}",
+        if channels == 1 { "mono" } else { "stereo" }
+    );
     let out = tokio::time::timeout(
         Duration::from_secs(60),
         tokio::process::Command::new("ffmpeg")
-            .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i", &src, "-t", &secs.to_string()])
+            .args([
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-f",
+                "lavfi",
+                "-i",
+                &src,
+                "-t",
+                &secs.to_string(),
+            ])
             .args(["-c:a", "aac", "-b:a", "128k", "-f", "flv", "-"])
             .stdin(Stdio::null())
             .output(),
@@ -46,7 +65,11 @@ async fn aac_flv(expr: &str, rate: u32, channels: u32, secs: u32) -> (Vec<u8>, V
 /// First time (s) at which |sample| exceeds `level` in a timeline of
 /// (start time s, rate, mono samples) chunks.
 fn onset(chunks: &[(f64, f64, Vec<f32>)], level: f32) -> Option<f64> {
-    chunks.iter().find_map(|(start, rate, s)| s.iter().position(|x| x.abs() > level).map(|i| start + i as f64 / rate))
+    chunks.iter().find_map(|(start, rate, s)| {
+        s.iter()
+            .position(|x| x.abs() > level)
+            .map(|i| start + i as f64 / rate)
+    })
 }
 
 #[tokio::test]
@@ -54,10 +77,13 @@ async fn opus_pts_line_up_with_the_aac_timeline() {
     let mut errors = Vec::new();
     for (rate, channels) in [(44_100, 2), (48_000, 1), (32_000, 2)] {
         // Silence, then a full-scale 1 kHz tone from t = 1 s.
-        let (asc, frames) = aac_flv("if(gte(t\\,1)\\,sin(2*PI*1000*t)\\,0)", rate, channels, 2).await;
+        let (asc, frames) =
+            aac_flv("if(gte(t\\,1)\\,sin(2*PI*1000*t)\\,0)", rate, channels, 2).await;
         // Reference: the AAC decoded as is, each frame at its FLV timestamp.
         let mut params = CodecParameters::new();
-        params.for_codec(CODEC_TYPE_AAC).with_extra_data(asc.clone().into());
+        params
+            .for_codec(CODEC_TYPE_AAC)
+            .with_extra_data(asc.clone().into());
         let mut aac = AacDecoder::try_new(&params, &DecoderOptions::default()).unwrap();
         let mut reference = Vec::new();
         for (ts, f) in &frames {
@@ -75,7 +101,8 @@ async fn opus_pts_line_up_with_the_aac_timeline() {
         // A real timeline starts far from zero (the clock is wall-clock based):
         // shift by 10 s so no pts would be negative after delay compensation.
         for (ts, f) in &frames {
-            t.push(f, (u64::from(*ts) + 10_000) * 48, &mut packets).unwrap();
+            t.push(f, (u64::from(*ts) + 10_000) * 48, &mut packets)
+                .unwrap();
         }
         let mut dec = opus_rs::OpusDecoder::new(48_000, 2).unwrap();
         let mut ours = Vec::new();
@@ -87,11 +114,17 @@ async fn opus_pts_line_up_with_the_aac_timeline() {
         }
         let want = onset(&reference, 0.3).unwrap();
         let got = onset(&ours, 0.3).unwrap();
-        println!("{rate} Hz x{channels}: tone onset AAC {want:.4} s, Opus {got:.4} s, error {:+.2} ms", (got - want) * 1000.0);
+        println!(
+            "{rate} Hz x{channels}: tone onset AAC {want:.4} s, Opus {got:.4} s, error {:+.2} ms",
+            (got - want) * 1000.0
+        );
         errors.push((got - want) * 1000.0);
     }
     // FLV timestamps are whole ms: the reference places frames ±0.5 ms.
-    assert!(errors.iter().all(|e| e.abs() < 1.5), "Opus is off the AAC timeline by {errors:?} ms");
+    assert!(
+        errors.iter().all(|e| e.abs() < 1.5),
+        "Opus is off the AAC timeline by {errors:?} ms"
+    );
 }
 
 /// CPU per stream of the transcode: time spent per second of audio.
@@ -99,7 +132,8 @@ async fn opus_pts_line_up_with_the_aac_timeline() {
 async fn transcode_cpu_cost_per_stream() {
     let secs = 20;
     for (rate, channels) in [(44_100, 2), (48_000, 2), (48_000, 1)] {
-        let (asc, frames) = aac_flv("sin(2*PI*440*t)+0.3*sin(2*PI*3000*t)", rate, channels, secs).await;
+        let (asc, frames) =
+            aac_flv("sin(2*PI*440*t)+0.3*sin(2*PI*3000*t)", rate, channels, secs).await;
         let mut t = Transcoder::new(&asc).unwrap();
         let mut out = Vec::new();
         let start = Instant::now();

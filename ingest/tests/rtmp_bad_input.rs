@@ -2,6 +2,7 @@
 //! handshake, oversized, truncated and interleaved chunks, unknown message
 //! types, garbage FLV tags and random bytes. Each is refused or ignored with
 //! a log line, nothing panics, and the good stream keeps flowing.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 mod common;
 
@@ -10,7 +11,9 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use common::media::{collect, wait_live};
-use common::rtmp::{client_handshake, closed_within, ffmpeg_publish, have_ffmpeg, Client, Encode, Server, TOKEN};
+use common::rtmp::{
+    client_handshake, closed_within, ffmpeg_publish, have_ffmpeg, Client, Encode, Server, TOKEN,
+};
 use tokio::io::AsyncWriteExt;
 use tokio::net::TcpStream;
 use tokio::time::Instant;
@@ -78,45 +81,74 @@ async fn bad_clients_do_not_disturb_a_good_stream() {
         io.write_all(&[3]).await.unwrap();
         io.write_all(&[0u8; 700]).await.unwrap();
         let t = Instant::now();
-        assert!(closed_within(&mut io, Duration::from_secs(8)).await, "stalled handshake not dropped");
+        assert!(
+            closed_within(&mut io, Duration::from_secs(8)).await,
+            "stalled handshake not dropped"
+        );
         t.elapsed()
     });
 
     // A bad handshake version byte.
     let mut io = TcpStream::connect(addr).await.unwrap();
     io.write_all(&[6; 1537]).await.unwrap();
-    assert!(closed_within(&mut io, Duration::from_secs(3)).await, "bad handshake version accepted");
+    assert!(
+        closed_within(&mut io, Duration::from_secs(3)).await,
+        "bad handshake version accepted"
+    );
 
     // Oversized message: a 16 MiB video message is refused at its header.
     let mut io = after_handshake(addr).await;
-    io.write_all(&chunk0(4, 9, 0xff_ffff, &[0; 16])).await.unwrap();
-    assert!(closed_within(&mut io, Duration::from_secs(3)).await, "oversized message accepted");
+    io.write_all(&chunk0(4, 9, 0xff_ffff, &[0; 16]))
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut io, Duration::from_secs(3)).await,
+        "oversized message accepted"
+    );
 
     // Oversized command (AMF is parsed recursively: its size is capped).
     let mut io = after_handshake(addr).await;
-    io.write_all(&chunk0(3, 20, 100_000, &[0x03; 64])).await.unwrap();
-    assert!(closed_within(&mut io, Duration::from_secs(3)).await, "oversized command accepted");
+    io.write_all(&chunk0(3, 20, 100_000, &[0x03; 64]))
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut io, Duration::from_secs(3)).await,
+        "oversized command accepted"
+    );
 
     // A chunk size of zero.
     let mut io = after_handshake(addr).await;
-    io.write_all(&chunk0(2, 1, 4, &0u32.to_be_bytes())).await.unwrap();
-    assert!(closed_within(&mut io, Duration::from_secs(3)).await, "chunk size 0 accepted");
+    io.write_all(&chunk0(2, 1, 4, &0u32.to_be_bytes()))
+        .await
+        .unwrap();
+    assert!(
+        closed_within(&mut io, Duration::from_secs(3)).await,
+        "chunk size 0 accepted"
+    );
 
     // A compressed header on a chunk stream never opened.
     let mut io = after_handshake(addr).await;
     io.write_all(&[0xc7, 1, 2, 3]).await.unwrap();
-    assert!(closed_within(&mut io, Duration::from_secs(3)).await, "headerless chunk accepted");
+    assert!(
+        closed_within(&mut io, Duration::from_secs(3)).await,
+        "headerless chunk accepted"
+    );
 
     // Interleaved chunk streams (a new message while one is incomplete).
     let mut io = after_handshake(addr).await;
     let mut v = chunk0(4, 9, 300, &[0x17; 128]);
     v.extend_from_slice(&chunk0(5, 8, 2, &[0xaf, 1]));
     io.write_all(&v).await.unwrap();
-    assert!(closed_within(&mut io, Duration::from_secs(3)).await, "interleaved chunks accepted");
+    assert!(
+        closed_within(&mut io, Duration::from_secs(3)).await,
+        "interleaved chunks accepted"
+    );
 
     // Truncated chunk, then the client vanishes.
     let mut io = after_handshake(addr).await;
-    io.write_all(&chunk0(4, 9, 1000, &[0x17; 50])).await.unwrap();
+    io.write_all(&chunk0(4, 9, 1000, &[0x17; 50]))
+        .await
+        .unwrap();
     drop(io);
 
     // Random bytes after the handshake.
@@ -127,36 +159,83 @@ async fn bad_clients_do_not_disturb_a_good_stream() {
     }
 
     // Unknown message types are ignored; the session goes on.
-    let mut c = Client::publish(addr, "live", &format!("odd?token={TOKEN}")).await.unwrap();
-    c.io.write_all(&chunk0(40, 0x42, 3, &[1, 2, 3])).await.unwrap();
+    let mut c = Client::publish(addr, "live", &format!("odd?token={TOKEN}"))
+        .await
+        .unwrap();
+    c.io.write_all(&chunk0(40, 0x42, 3, &[1, 2, 3]))
+        .await
+        .unwrap();
     c.io.write_all(&chunk0(41, 22, 4, &[0; 4])).await.unwrap(); // aggregate: unsupported
-    // Garbage FLV tags: dropped one by one, the connection stays.
+                                                                // Garbage FLV tags: dropped one by one, the connection stays.
     for (i, seed) in (10..60u64).enumerate() {
         let len = 1 + (seed as usize * 37) % 300;
         let kind = if i % 2 == 0 { 8 } else { 9 };
-        c.send(kind, i as u32 * 20, Bytes::from(noise(seed, len))).await.unwrap();
+        c.send(kind, i as u32 * 20, Bytes::from(noise(seed, len)))
+            .await
+            .unwrap();
     }
     // An SPS-less avcC and a frame before any sequence header.
-    c.send(9, 2000, Bytes::from_static(&[0x17, 0, 0, 0, 0, 1, 0x64, 0, 0x1f, 0xff, 0xe0, 0])).await.unwrap();
-    c.send(9, 2020, Bytes::from_static(&[0x17, 1, 0, 0, 0, 0, 0, 0, 1, 0x65])).await.unwrap();
-    c.send(8, 2040, Bytes::from_static(&[0xaf, 1, 0x21, 0x10])).await.unwrap();
-    assert!(!closed_within(&mut c.io, Duration::from_millis(500)).await, "garbage tags closed the session");
+    c.send(
+        9,
+        2000,
+        Bytes::from_static(&[0x17, 0, 0, 0, 0, 1, 0x64, 0, 0x1f, 0xff, 0xe0, 0]),
+    )
+    .await
+    .unwrap();
+    c.send(
+        9,
+        2020,
+        Bytes::from_static(&[0x17, 1, 0, 0, 0, 0, 0, 0, 1, 0x65]),
+    )
+    .await
+    .unwrap();
+    c.send(8, 2040, Bytes::from_static(&[0xaf, 1, 0x21, 0x10]))
+        .await
+        .unwrap();
+    assert!(
+        !closed_within(&mut c.io, Duration::from_millis(500)).await,
+        "garbage tags closed the session"
+    );
     drop(c);
 
     let stall = stalled.await.unwrap();
-    assert!(stall >= Duration::from_secs(4), "stalled handshake dropped too early: {stall:?}");
+    assert!(
+        stall >= Duration::from_secs(4),
+        "stalled handshake dropped too early: {stall:?}"
+    );
 
-    let status = tokio::time::timeout(Duration::from_secs(30), ff.wait()).await.unwrap().unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), ff.wait())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(status.success());
     let seen = good.await.unwrap();
     // The good stream never stalled while all of the above happened.
     let gaps: Vec<Duration> = seen.video.windows(2).map(|w| w[1].at - w[0].at).collect();
     let worst = gaps.iter().max().copied().unwrap_or_default();
-    println!("good stream: {} video, {} audio frames, worst gap {worst:?}", seen.video.len(), seen.audio.len());
-    assert!(seen.video.len() >= 30 * 7, "good stream lost video: {}", seen.video.len());
-    assert!(seen.audio.len() >= 50 * 7, "good stream lost audio: {}", seen.audio.len());
-    assert!(worst < Duration::from_millis(500), "good stream stalled {worst:?}");
-    assert!(seen.video.windows(2).all(|w| w[1].frame.dts > w[0].frame.dts));
+    println!(
+        "good stream: {} video, {} audio frames, worst gap {worst:?}",
+        seen.video.len(),
+        seen.audio.len()
+    );
+    assert!(
+        seen.video.len() >= 30 * 7,
+        "good stream lost video: {}",
+        seen.video.len()
+    );
+    assert!(
+        seen.audio.len() >= 50 * 7,
+        "good stream lost audio: {}",
+        seen.audio.len()
+    );
+    assert!(
+        worst < Duration::from_millis(500),
+        "good stream stalled {worst:?}"
+    );
+    assert!(seen
+        .video
+        .windows(2)
+        .all(|w| w[1].frame.dts > w[0].frame.dts));
     // The server still takes connections, and nothing panicked.
     let ok = Client::publish(addr, "live", &format!("after?token={TOKEN}")).await;
     assert!(ok.is_ok());
@@ -186,7 +265,11 @@ async fn deeply_nested_amf_within_the_size_cap_is_survived() {
     }
     io.write_all(&v).await.unwrap();
     assert!(closed_within(&mut io, Duration::from_secs(5)).await);
-    assert!(Client::publish(server.addr, "live", &format!("s?token={TOKEN}")).await.is_ok());
+    assert!(
+        Client::publish(server.addr, "live", &format!("s?token={TOKEN}"))
+            .await
+            .is_ok()
+    );
     server.stop().await;
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a task panicked");
 }

@@ -1,6 +1,7 @@
 //! Refusals an encoder sees: wrong or missing token, bad stream name, wrong
 //! application, playback. Each ends the connection with an RTMP error status
 //! and a log line; ffmpeg reports the failure.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 mod common;
 
@@ -16,7 +17,24 @@ async fn ffmpeg_refused(url: &str) -> String {
     let out = timeout(
         Duration::from_secs(20),
         tokio::process::Command::new("ffmpeg")
-            .args(["-hide_banner", "-loglevel", "error", "-nostdin", "-re", "-f", "lavfi", "-i", "testsrc2=size=160x120:rate=30", "-t", "2", "-c:v", "libx264", "-f", "flv", url])
+            .args([
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-nostdin",
+                "-re",
+                "-f",
+                "lavfi",
+                "-i",
+                "testsrc2=size=160x120:rate=30",
+                "-t",
+                "2",
+                "-c:v",
+                "libx264",
+                "-f",
+                "flv",
+                url,
+            ])
             .stdin(Stdio::null())
             .kill_on_drop(true)
             .output(),
@@ -49,15 +67,30 @@ async fn ffmpeg_sees_refusals() {
 async fn client_gets_status_descriptions() {
     let server = Server::start().await;
     let a = server.addr;
-    let e = Client::publish(a, "live", "cam?token=wrong").await.err().unwrap();
-    assert!(e.contains("NetStream.Publish.Unauthorized") && e.contains("token"), "{e}");
+    let e = Client::publish(a, "live", "cam?token=wrong")
+        .await
+        .err()
+        .unwrap();
+    assert!(
+        e.contains("NetStream.Publish.Unauthorized") && e.contains("token"),
+        "{e}"
+    );
     let e = Client::publish(a, "live", "cam").await.err().unwrap();
     assert!(e.contains("NetStream.Publish.Unauthorized"), "{e}");
-    let e = Client::publish(a, "live", &format!("a/b?token={TOKEN}")).await.err().unwrap();
+    let e = Client::publish(a, "live", &format!("a/b?token={TOKEN}"))
+        .await
+        .err()
+        .unwrap();
     assert!(e.contains("NetStream.Publish.BadName"), "{e}");
-    let e = Client::publish(a, "live", &format!("{}?token={TOKEN}", "x".repeat(65))).await.err().unwrap();
+    let e = Client::publish(a, "live", &format!("{}?token={TOKEN}", "x".repeat(65)))
+        .await
+        .err()
+        .unwrap();
     assert!(e.contains("NetStream.Publish.BadName"), "{e}");
-    let e = Client::publish(a, "vod", &format!("cam?token={TOKEN}")).await.err().unwrap();
+    let e = Client::publish(a, "vod", &format!("cam?token={TOKEN}"))
+        .await
+        .err()
+        .unwrap();
     assert!(e.contains("unknown application"), "{e}");
     // The token may also come in the connect URL's query (OBS server field).
     let ok = Client::publish(a, &format!("live?token={TOKEN}"), "cam").await;

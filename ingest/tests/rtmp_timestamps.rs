@@ -2,6 +2,7 @@
 //! throughout) and forced jumps (an hour forward, then back to zero). An
 //! ffmpeg-made FLV is replayed in real time by our own client with rewritten
 //! timestamps; viewers must see monotonic time, no stall, no A/V drift.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 mod common;
 
@@ -22,7 +23,9 @@ async fn replay(name: &str, secs: u32, map: impl Fn(u32) -> u32) -> Seen {
     };
     let tags = read_flv(&ffmpeg_flv(e).await);
     let server = Server::start().await;
-    let mut c = Client::publish(server.addr, "live", &format!("{name}?token={TOKEN}")).await.unwrap();
+    let mut c = Client::publish(server.addr, "live", &format!("{name}?token={TOKEN}"))
+        .await
+        .unwrap();
     let registry = server.registry.clone();
     let name2 = name.to_string();
     let viewer = tokio::spawn(async move {
@@ -39,27 +42,49 @@ async fn replay(name: &str, secs: u32, map: impl Fn(u32) -> u32) -> Seen {
 fn check(name: &str, seen: &Seen, max_reanchors: usize) {
     let video: Vec<_> = seen.video.iter().map(|g| &g.frame).collect();
     assert!(video[0].keyframe);
-    let steps: Vec<u64> = video.windows(2).map(|w| w[1].dts.checked_sub(w[0].dts).expect("dts went back")).collect();
+    let steps: Vec<u64> = video
+        .windows(2)
+        .map(|w| w[1].dts.checked_sub(w[0].dts).expect("dts went back"))
+        .collect();
     let max_step = steps.iter().max().copied().unwrap_or(0);
     assert!(steps.iter().all(|&s| s > 0), "dts repeated");
     // 30 fps is 3000 ticks; a rebase may add tens of ms, never seconds.
-    assert!(max_step < 90 * 200, "{name}: video dts step {max_step} ticks");
+    assert!(
+        max_step < 90 * 200,
+        "{name}: video dts step {max_step} ticks"
+    );
     let audio: Vec<_> = seen.audio.iter().map(|g| &g.frame).collect();
     let odd: Vec<u64> = audio
         .windows(2)
         .map(|w| w[1].pts.checked_sub(w[0].pts).expect("audio pts went back"))
         .filter(|&s| s != 960)
         .collect();
-    println!("{name}: max video dts step {:.1} ms, audio re-anchors {odd:?}", max_step as f64 / 90.0);
+    println!(
+        "{name}: max video dts step {:.1} ms, audio re-anchors {odd:?}",
+        max_step as f64 / 90.0
+    );
     assert!(odd.len() <= max_reanchors, "{name}: audio steps {odd:?}");
-    assert!(odd.iter().all(|&s| s > 960 && s < 48 * 200), "{name}: audio steps {odd:?}");
+    assert!(
+        odd.iter().all(|&s| s > 960 && s < 48 * 200),
+        "{name}: audio steps {odd:?}"
+    );
     // Viewers never stall.
     for (what, list) in [("video", &seen.video), ("audio", &seen.audio)] {
-        let worst = list.windows(2).map(|w| w[1].at - w[0].at).max().unwrap_or_default();
-        assert!(worst < Duration::from_millis(500), "{name}: {what} stalled {worst:?}");
+        let worst = list
+            .windows(2)
+            .map(|w| w[1].at - w[0].at)
+            .max()
+            .unwrap_or_default();
+        assert!(
+            worst < Duration::from_millis(500),
+            "{name}: {what} stalled {worst:?}"
+        );
     }
     let (drift, windows) = av_drift(seen, Duration::from_secs(1));
-    println!("{name}: A/V offsets {windows:.3?}, drift {:.1} ms", drift * 1000.0);
+    println!(
+        "{name}: A/V offsets {windows:.3?}, drift {:.1} ms",
+        drift * 1000.0
+    );
     assert!(drift < 0.040, "{name}: A/V drift {drift}");
 }
 

@@ -128,8 +128,14 @@ impl Transcoder {
             self.resampler = if rate == OPUS_RATE {
                 None
             } else {
-                let r = FftFixedIn::<f32>::new(rate as usize, OPUS_RATE as usize, RESAMPLER_CHUNK, 2, self.channels)
-                    .map_err(|e| Error::Internal(e.to_string()))?;
+                let r = FftFixedIn::<f32>::new(
+                    rate as usize,
+                    OPUS_RATE as usize,
+                    RESAMPLER_CHUNK,
+                    2,
+                    self.channels,
+                )
+                .map_err(|e| Error::Internal(e.to_string()))?;
                 Some(r)
             };
             self.anchor = None;
@@ -173,7 +179,9 @@ impl Transcoder {
         let decoder = &mut self.decoder;
         let channels = self.channels;
         guarded(move || -> Result<(u32, Vec<Vec<f32>>), Error> {
-            let decoded = decoder.decode(&packet).map_err(|e| Error::Decode(e.to_string()))?;
+            let decoded = decoder
+                .decode(&packet)
+                .map_err(|e| Error::Decode(e.to_string()))?;
             let spec = *decoded.spec();
             let frames = decoded.frames();
             let src_channels = spec.channels.count().max(1);
@@ -210,7 +218,8 @@ impl Transcoder {
                 return Ok(());
             }
             let chunk: Vec<&[f32]> = self.pending.iter().map(|p| &p[..need]).collect();
-            let resampled = guarded(|| r.process(&chunk, None))?.map_err(|e| Error::Internal(e.to_string()))?;
+            let resampled =
+                guarded(|| r.process(&chunk, None))?.map_err(|e| Error::Internal(e.to_string()))?;
             self.pending.iter_mut().for_each(|p| {
                 p.drain(..need);
             });
@@ -218,7 +227,13 @@ impl Transcoder {
             // Output sample j shows the input at j - delay: drop the warm-up.
             let skip = delay.saturating_sub(self.out_count).min(n);
             let start = anchor + (self.out_count + skip) as i64 - delay as i64;
-            push_fifo(&mut self.fifo, &mut self.fifo_pts, &resampled, skip as usize, start);
+            push_fifo(
+                &mut self.fifo,
+                &mut self.fifo_pts,
+                &resampled,
+                skip as usize,
+                start,
+            );
             self.out_count += n;
         }
     }
@@ -252,7 +267,13 @@ impl Transcoder {
 
 /// Appends planar samples from index `skip` on to the interleaved fifo; the
 /// first appended sample has time `start` (sets the fifo time when empty).
-fn push_fifo(fifo: &mut Vec<f32>, fifo_pts: &mut i64, planar: &[Vec<f32>], skip: usize, start: i64) {
+fn push_fifo(
+    fifo: &mut Vec<f32>,
+    fifo_pts: &mut i64,
+    planar: &[Vec<f32>],
+    skip: usize,
+    start: i64,
+) {
     let n = planar.first().map_or(0, Vec::len);
     if skip >= n {
         return;
@@ -270,7 +291,8 @@ fn push_fifo(fifo: &mut Vec<f32>, fifo_pts: &mut i64, planar: &[Vec<f32>], skip:
 /// Runs third-party codec code so that a panic on hostile input costs this
 /// stream its audio, not the connection task.
 fn guarded<T>(f: impl FnOnce() -> T) -> Result<T, Error> {
-    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).map_err(|_| Error::Internal("codec panicked".into()))
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f))
+        .map_err(|_| Error::Internal("codec panicked".into()))
 }
 
 #[cfg(test)]

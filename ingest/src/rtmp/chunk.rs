@@ -132,7 +132,9 @@ impl Guard {
                 }
                 continue;
             }
-            let Some((&b, rest)) = data.split_first() else { break };
+            let Some((&b, rest)) = data.split_first() else {
+                break;
+            };
             data = rest;
             self.header.push(b);
             if let Some(chunk_len) = self.try_header()? {
@@ -149,7 +151,9 @@ impl Guard {
     /// Parses the buffered header bytes; `None` until they are complete.
     fn try_header(&mut self) -> Result<Option<u32>, Error> {
         let h = &self.header;
-        let Some(&b0) = h.first() else { return Ok(None) };
+        let Some(&b0) = h.first() else {
+            return Ok(None);
+        };
         let fmt = b0 >> 6;
         let (csid, mut at) = match b0 & 0x3f {
             0 => match h.get(1) {
@@ -178,7 +182,9 @@ impl Guard {
             2 => 3,
             _ => 0,
         };
-        let Some(fields) = h.get(at..at + body) else { return Ok(None) };
+        let Some(fields) = h.get(at..at + body) else {
+            return Ok(None);
+        };
         if body >= 3 {
             header.ts_field = u24(&fields[0..3]);
         }
@@ -188,7 +194,9 @@ impl Guard {
         }
         at += body;
         if header.ts_field >= EXTENDED {
-            let Some(ext) = h.get(at..at + 4) else { return Ok(None) };
+            let Some(ext) = h.get(at..at + 4) else {
+                return Ok(None);
+            };
             let ext = u32::from_be_bytes([ext[0], ext[1], ext[2], ext[3]]);
             // rml_rtmp subtracts the escape value from a delta's extended
             // field; a smaller value would underflow there.
@@ -222,7 +230,9 @@ impl Guard {
 
     /// A chunk's payload ended: maybe the message too.
     fn end_chunk(&mut self) -> Result<(), Error> {
-        let Some(mut m) = self.in_flight else { return Ok(()) };
+        let Some(mut m) = self.in_flight else {
+            return Ok(());
+        };
         let chunk = m.remaining.min(self.chunk_size);
         m.remaining -= chunk;
         if m.remaining > 0 {
@@ -314,7 +324,10 @@ mod tests {
         let mut g = Guard::new();
         assert_eq!(g.feed(&[0xc5]), Err(Error::NoPrevious(5)));
         let mut g = Guard::new();
-        assert_eq!(g.feed(&full(2, 0, 1, &0u32.to_be_bytes())), Err(Error::ChunkSize(0)));
+        assert_eq!(
+            g.feed(&full(2, 0, 1, &0u32.to_be_bytes())),
+            Err(Error::ChunkSize(0))
+        );
         let mut g = Guard::new();
         let mut v = full(4, 0, 9, &[0; 10]);
         v[6] = 200; // announce 200 bytes, send 128 then start another message

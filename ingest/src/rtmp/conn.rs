@@ -10,7 +10,9 @@ use bytes::Bytes;
 use cascade_origin::frame::Frame;
 use cascade_origin::registry::Publisher;
 use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
-use rml_rtmp::sessions::{ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult};
+use rml_rtmp::sessions::{
+    ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult,
+};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
 use tokio::time::{timeout, Instant};
@@ -18,7 +20,10 @@ use tokio_util::sync::CancellationToken;
 
 use super::chunk::Guard;
 use super::media::{self, Media, Track};
-use super::{parse_key, query_token, token_matches, Ctx, Error, APP, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT, WRITE_TIMEOUT};
+use super::{
+    parse_key, query_token, token_matches, Ctx, Error, APP, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT,
+    WRITE_TIMEOUT,
+};
 use crate::metrics as m;
 
 /// Bytes read per socket read.
@@ -69,13 +74,17 @@ enum Wake {
 
 impl Conn {
     /// Runs a connection to its end; `Ok` carries why it ended normally.
-    pub(super) async fn run(mut io: TcpStream, ctx: Arc<Ctx>, shutdown: CancellationToken) -> Result<&'static str, Error> {
+    pub(super) async fn run(
+        mut io: TcpStream,
+        ctx: Arc<Ctx>,
+        shutdown: CancellationToken,
+    ) -> Result<&'static str, Error> {
         let rest = tokio::select! {
             _ = shutdown.cancelled() => return Ok("shutdown"),
             r = timeout(HANDSHAKE_TIMEOUT, handshake(&mut io)) => r.map_err(|_| Error::HandshakeTimeout)??,
         };
-        let (session, results) =
-            ServerSession::new(ServerSessionConfig::new()).map_err(|e| Error::Session(e.to_string()))?;
+        let (session, results) = ServerSession::new(ServerSessionConfig::new())
+            .map_err(|e| Error::Session(e.to_string()))?;
         let mut conn = Self {
             io,
             session,
@@ -103,7 +112,9 @@ impl Conn {
                 .as_ref()
                 .filter(|p| p.publisher.is_none())
                 .and_then(|p| p.media.ready_deadline())
-                .map(|ms| Instant::now() + std::time::Duration::from_millis(ms.saturating_sub(now_ms())));
+                .map(|ms| {
+                    Instant::now() + std::time::Duration::from_millis(ms.saturating_sub(now_ms()))
+                });
             let publisher = self.publish.as_ref().and_then(|p| p.publisher.as_ref());
             let wake = tokio::select! {
                 biased;
@@ -139,7 +150,10 @@ impl Conn {
         self.results(results).await
     }
 
-    async fn results(&mut self, results: Vec<ServerSessionResult>) -> Result<Option<&'static str>, Error> {
+    async fn results(
+        &mut self,
+        results: Vec<ServerSessionResult>,
+    ) -> Result<Option<&'static str>, Error> {
         for r in results {
             match r {
                 ServerSessionResult::OutboundResponse(p) => self.write(&p.bytes).await?,
@@ -151,7 +165,10 @@ impl Conn {
                 ServerSessionResult::UnhandleableMessageReceived(p) => {
                     metrics::counter!(m::RTMP_UNKNOWN_MESSAGES).increment(1);
                     if !std::mem::replace(&mut self.unknown_logged, true) {
-                        tracing::info!(type_id = p.type_id, "ignoring rtmp message of unknown type");
+                        tracing::info!(
+                            type_id = p.type_id,
+                            "ignoring rtmp message of unknown type"
+                        );
                     }
                 }
             }
@@ -167,7 +184,13 @@ impl Conn {
     }
 
     /// Sends an error status for request `id`, then ends the connection.
-    async fn refuse(&mut self, id: u32, code: &str, text: &str, reason: &'static str) -> Result<Option<&'static str>, Error> {
+    async fn refuse(
+        &mut self,
+        id: u32,
+        code: &str,
+        text: &str,
+        reason: &'static str,
+    ) -> Result<Option<&'static str>, Error> {
         if let Ok(results) = self.session.reject_request(id, code, text) {
             for r in results {
                 if let ServerSessionResult::OutboundResponse(p) = r {
@@ -194,29 +217,48 @@ impl Conn {
 
     async fn event(&mut self, e: ServerSessionEvent) -> Result<Option<&'static str>, Error> {
         match e {
-            ServerSessionEvent::ConnectionRequested { request_id, app_name } => {
+            ServerSessionEvent::ConnectionRequested {
+                request_id,
+                app_name,
+            } => {
                 let (app, query) = app_name.split_once('?').unwrap_or((&app_name, ""));
                 if app.trim_end_matches('/') != APP {
                     tracing::info!(app, "rtmp connect refused: unknown application");
                     return self
-                        .refuse(request_id, "NetConnection.Connect.Rejected", "unknown application: use /live", "app")
+                        .refuse(
+                            request_id,
+                            "NetConnection.Connect.Rejected",
+                            "unknown application: use /live",
+                            "app",
+                        )
                         .await;
                 }
                 self.app_token = query_token(query).map(str::to_string);
                 self.accept(request_id).await?;
             }
             ServerSessionEvent::PublishStreamRequested {
-                request_id, stream_key, ..
+                request_id,
+                stream_key,
+                ..
             } => return self.publish_requested(request_id, &stream_key).await,
             ServerSessionEvent::PublishStreamFinished { .. } => return Ok(Some("unpublished")),
             ServerSessionEvent::PlayStreamRequested { request_id, .. } => {
                 tracing::info!("rtmp play refused: ingest only");
                 return self
-                    .refuse(request_id, "NetStream.Play.Failed", "playback over RTMP is not offered: use WHEP", "play")
+                    .refuse(
+                        request_id,
+                        "NetStream.Play.Failed",
+                        "playback over RTMP is not offered: use WHEP",
+                        "play",
+                    )
                     .await;
             }
-            ServerSessionEvent::VideoDataReceived { data, timestamp, .. } => self.media(Track::Video, timestamp.value, data)?,
-            ServerSessionEvent::AudioDataReceived { data, timestamp, .. } => self.media(Track::Audio, timestamp.value, data)?,
+            ServerSessionEvent::VideoDataReceived {
+                data, timestamp, ..
+            } => self.media(Track::Video, timestamp.value, data)?,
+            ServerSessionEvent::AudioDataReceived {
+                data, timestamp, ..
+            } => self.media(Track::Audio, timestamp.value, data)?,
             ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
                 tracing::debug!(?metadata, "rtmp metadata");
             }
@@ -225,25 +267,47 @@ impl Conn {
         Ok(None)
     }
 
-    async fn publish_requested(&mut self, id: u32, key: &str) -> Result<Option<&'static str>, Error> {
+    async fn publish_requested(
+        &mut self,
+        id: u32,
+        key: &str,
+    ) -> Result<Option<&'static str>, Error> {
         if self.publish.is_some() {
             return self
-                .refuse(id, "NetStream.Publish.BadName", "this connection is already publishing", "protocol")
+                .refuse(
+                    id,
+                    "NetStream.Publish.BadName",
+                    "this connection is already publishing",
+                    "protocol",
+                )
                 .await;
         }
         let (name, token) = parse_key(key);
         let token = token.or(self.app_token.as_deref());
         // Never log the token, only whether one came.
         if !token.is_some_and(|t| token_matches(t, &self.ctx.token)) {
-            tracing::info!(token_given = token.is_some(), "rtmp publish refused: missing or wrong token");
+            tracing::info!(
+                token_given = token.is_some(),
+                "rtmp publish refused: missing or wrong token"
+            );
             return self
-                .refuse(id, "NetStream.Publish.Unauthorized", "publish token missing or wrong (key: {stream}?token=TOKEN)", "token")
+                .refuse(
+                    id,
+                    "NetStream.Publish.Unauthorized",
+                    "publish token missing or wrong (key: {stream}?token=TOKEN)",
+                    "token",
+                )
                 .await;
         }
         if !cascade_origin::valid_stream_name(name) {
             tracing::info!("rtmp publish refused: bad stream name");
             return self
-                .refuse(id, "NetStream.Publish.BadName", "bad stream name: use 1-64 characters of A-Z a-z 0-9 _ -", "name")
+                .refuse(
+                    id,
+                    "NetStream.Publish.BadName",
+                    "bad stream name: use 1-64 characters of A-Z a-z 0-9 _ -",
+                    "name",
+                )
                 .await;
         }
         let name = name.to_string();
@@ -263,7 +327,9 @@ impl Conn {
 
     /// One audio or video message through the media core.
     fn media(&mut self, track: Track, ts: u32, data: Bytes) -> Result<(), Error> {
-        let Some(p) = &mut self.publish else { return Ok(()) };
+        let Some(p) = &mut self.publish else {
+            return Ok(());
+        };
         let mut out = Vec::new();
         let now = now_ms();
         let wall = cascade_origin::wallclock_us();
@@ -286,7 +352,9 @@ impl Conn {
                 tracing::debug!(track = track.name(), error = %e, "dropped rtmp media message");
             }
         }
-        let Some(p) = &mut self.publish else { return Ok(()) };
+        let Some(p) = &mut self.publish else {
+            return Ok(());
+        };
         if p.publisher.is_none() {
             for f in out {
                 if p.pending.len() >= PENDING_FRAMES {
@@ -305,13 +373,18 @@ impl Conn {
 
     /// Publishes the stream once the catalog is ready.
     fn go_live(&mut self) -> Result<(), Error> {
-        let Some(p) = &mut self.publish else { return Ok(()) };
+        let Some(p) = &mut self.publish else {
+            return Ok(());
+        };
         if p.publisher.is_some() || !p.media.ready(now_ms()) {
             return Ok(());
         }
         p.media.take_catalog_changed();
         let catalog = p.media.catalog();
-        let publisher = self.ctx.registry.publish(&p.name, catalog.clone(), "rtmp")?;
+        let publisher = self
+            .ctx
+            .registry
+            .publish(&p.name, catalog.clone(), "rtmp")?;
         let codecs: Vec<String> = catalog.tracks.iter().map(|t| t.codec.to_string()).collect();
         tracing::info!(?codecs, "rtmp stream live");
         metrics::counter!(m::RTMP_PUBLISHES).increment(1);
@@ -346,12 +419,16 @@ impl Publishing {
     }
 
     fn write(&mut self, frames: Vec<(Track, Frame)>) -> Result<(), Error> {
-        let Some(publisher) = &self.publisher else { return Ok(()) };
+        let Some(publisher) = &self.publisher else {
+            return Ok(());
+        };
         for (track, frame) in frames {
             if track == Track::Audio {
                 metrics::counter!(m::OPUS_FRAMES).increment(1);
             }
-            let Some(producer) = publisher.track(track.name()) else { continue };
+            let Some(producer) = publisher.track(track.name()) else {
+                continue;
+            };
             if producer.write(frame).is_err() {
                 // Taken over: the select loop notices and closes.
                 return Ok(());
@@ -373,7 +450,9 @@ async fn handshake(io: &mut TcpStream) -> Result<Vec<u8>, Error> {
             .process_bytes(buf.get(..n).unwrap_or_default())
             .map_err(|e| Error::Handshake(e.to_string()))?;
         match r {
-            HandshakeProcessResult::InProgress { response_bytes } => io.write_all(&response_bytes).await?,
+            HandshakeProcessResult::InProgress { response_bytes } => {
+                io.write_all(&response_bytes).await?
+            }
             HandshakeProcessResult::Completed {
                 response_bytes,
                 remaining_bytes,

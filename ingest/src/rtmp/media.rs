@@ -60,7 +60,10 @@ pub enum Error {
 enum VideoConfig {
     Nal(h264::Config),
     /// AV1: the sequence header OBU(s) from av1C, put before keyframes.
-    Av1 { obus: Bytes, fmtp: String },
+    Av1 {
+        obus: Bytes,
+        fmtp: String,
+    },
     Vp9,
 }
 
@@ -72,8 +75,13 @@ struct VideoState {
 
 enum AudioState {
     None,
-    Aac { asc: Bytes, transcoder: Box<Transcoder> },
-    Opus { channels: u8 },
+    Aac {
+        asc: Bytes,
+        transcoder: Box<Transcoder>,
+    },
+    Opus {
+        channels: u8,
+    },
 }
 
 /// The media core of one publisher.
@@ -115,7 +123,10 @@ impl Media {
         let video = self.video.is_some();
         let audio = !matches!(self.audio, AudioState::None);
         (video && audio)
-            || ((video || audio) && self.first_header_ms.is_some_and(|t| now_ms >= t + HEADER_WAIT_MS))
+            || ((video || audio)
+                && self
+                    .first_header_ms
+                    .is_some_and(|t| now_ms >= t + HEADER_WAIT_MS))
     }
 
     /// When [`Media::ready`] turns true without more input, if it will.
@@ -161,7 +172,11 @@ impl Media {
             AudioState::Opus { channels } => Some(usize::from(*channels)),
         };
         if let Some(ch) = opus_channels {
-            let stereo = if ch > 1 { ";stereo=1;sprop-stereo=1" } else { "" };
+            let stereo = if ch > 1 {
+                ";stereo=1;sprop-stereo=1"
+            } else {
+                ""
+            };
             tracks.push(TrackInfo {
                 name: Track::Audio.name().into(),
                 codec: Codec::Opus,
@@ -191,7 +206,9 @@ impl Media {
                 data,
                 codec: _,
             } => {
-                let Some(v) = &self.video else { return Err(Error::NoConfig) };
+                let Some(v) = &self.video else {
+                    return Err(Error::NoConfig);
+                };
                 let (payload, keyframe) = match &v.config {
                     VideoConfig::Nal(c) => {
                         let au = h264::to_annexb(&data, c)?;
@@ -236,13 +253,20 @@ impl Media {
             VideoCodec::Av1 => {
                 // av1C (AV1-ISOBMFF §2.3): 4 bytes, then the config OBUs.
                 let b1 = *record.get(1).ok_or(h264::Error::Truncated("av1C"))?;
-                let obus = record.get(4..).map(Bytes::copy_from_slice).unwrap_or_default();
+                let obus = record
+                    .get(4..)
+                    .map(Bytes::copy_from_slice)
+                    .unwrap_or_default();
                 let fmtp = format!("profile={}", b1 >> 5);
                 (Codec::Av1, VideoConfig::Av1 { obus, fmtp })
             }
             VideoCodec::Vp9 => (Codec::Vp9, VideoConfig::Vp9),
         };
-        self.video = Some(VideoState { codec, record, config });
+        self.video = Some(VideoState {
+            codec,
+            record,
+            config,
+        });
         self.catalog_changed = true;
         self.first_header_ms.get_or_insert(now_ms);
         Ok(())
@@ -340,7 +364,11 @@ fn obu_types(data: &[u8]) -> impl Iterator<Item = u8> + '_ {
     std::iter::from_fn(move || {
         let (&h, tail) = rest.split_first()?;
         let t = (h >> 3) & 0x0f;
-        rest = if h & 0x02 == 0 { &[] } else { skip_obu(tail, h & 0x04 != 0) };
+        rest = if h & 0x02 == 0 {
+            &[]
+        } else {
+            skip_obu(tail, h & 0x04 != 0)
+        };
         Some(t)
     })
 }
@@ -348,10 +376,14 @@ fn obu_types(data: &[u8]) -> impl Iterator<Item = u8> + '_ {
 /// The bytes after an OBU whose header byte was just read; empty when
 /// malformed (the walk then ends).
 fn skip_obu(tail: &[u8], extension: bool) -> &[u8] {
-    let Some(mut tail) = tail.get(usize::from(extension)..) else { return &[] };
+    let Some(mut tail) = tail.get(usize::from(extension)..) else {
+        return &[];
+    };
     let mut size = 0usize;
     for i in 0..8 {
-        let Some((&b, t2)) = tail.split_first() else { return &[] };
+        let Some((&b, t2)) = tail.split_first() else {
+            return &[];
+        };
         tail = t2;
         size |= usize::from(b & 0x7f) << (7 * i);
         if b & 0x80 == 0 {
@@ -366,7 +398,10 @@ mod tests {
     use super::*;
 
     fn avc_seq() -> Bytes {
-        let mut v = vec![0x17, 0, 0, 0, 0, 1, 0x64, 0, 0x1f, 0xff, 0xe1, 0, 4, 0x67, 0x64, 0, 0x1f, 1, 0, 2, 0x68, 0xee];
+        let mut v = vec![
+            0x17, 0, 0, 0, 0, 1, 0x64, 0, 0x1f, 0xff, 0xe1, 0, 4, 0x67, 0x64, 0, 0x1f, 1, 0, 2,
+            0x68, 0xee,
+        ];
         v.truncate(22);
         Bytes::from(v)
     }
@@ -382,14 +417,22 @@ mod tests {
     fn video_frames_and_bframes() {
         let mut m = Media::new();
         let mut out = Vec::new();
-        assert!(matches!(m.video(0, &avc_frame(true, 0, 0x65), 0, 0, &mut out), Err(Error::NoConfig)));
+        assert!(matches!(
+            m.video(0, &avc_frame(true, 0, 0x65), 0, 0, &mut out),
+            Err(Error::NoConfig)
+        ));
         m.video(0, &avc_seq(), 1_000, 0, &mut out).unwrap();
         assert!(!m.ready(1_500) && m.ready(2_000));
         assert!(m.take_catalog_changed());
         let c = m.catalog();
-        assert_eq!(c.tracks[0].fmtp, "profile-level-id=64001f;packetization-mode=1");
-        m.video(0, &avc_frame(true, 66, 0x65), 1_000, 0, &mut out).unwrap();
-        m.video(33, &avc_frame(false, 0, 0x41), 1_033, 0, &mut out).unwrap();
+        assert_eq!(
+            c.tracks[0].fmtp,
+            "profile-level-id=64001f;packetization-mode=1"
+        );
+        m.video(0, &avc_frame(true, 66, 0x65), 1_000, 0, &mut out)
+            .unwrap();
+        m.video(33, &avc_frame(false, 0, 0x41), 1_033, 0, &mut out)
+            .unwrap();
         let (_, f) = &out[0];
         assert!(f.keyframe);
         assert_eq!(f.dts, 1_000 * 90);

@@ -128,7 +128,10 @@ pub async fn serve(
             },
         };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
-            tracing::info!(max = MAX_CONNECTIONS, "rtmp connection refused: node at its connection limit");
+            tracing::info!(
+                max = MAX_CONNECTIONS,
+                "rtmp connection refused: node at its connection limit"
+            );
             metrics::counter!(crate::metrics::RTMP_REFUSED, "reason" => "limit").increment(1);
             drop(socket);
             continue;
@@ -147,7 +150,12 @@ pub async fn serve(
     }
 }
 
-async fn run(socket: tokio::net::TcpStream, peer: SocketAddr, ctx: Arc<Ctx>, shutdown: CancellationToken) {
+async fn run(
+    socket: tokio::net::TcpStream,
+    peer: SocketAddr,
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+) {
     metrics::counter!(crate::metrics::RTMP_ACCEPTED).increment(1);
     metrics::gauge!(crate::metrics::RTMP_CONNECTIONS).increment(1.0);
     // Client addresses are PII: debug level only.

@@ -138,7 +138,13 @@ pub fn ogg_opus(packets: &[Bytes], channels: u8, pre_skip: u16) -> Vec<u8> {
     for (i, p) in packets.iter().enumerate() {
         let last = i + 1 == packets.len();
         let granule = (i as u64 + 1) * 960;
-        ogg_page(&mut out, p, granule, i as u32 + 2, if last { 0x04 } else { 0 });
+        ogg_page(
+            &mut out,
+            p,
+            granule,
+            i as u32 + 2,
+            if last { 0x04 } else { 0 },
+        );
     }
     out
 }
@@ -146,7 +152,22 @@ pub fn ogg_opus(packets: &[Bytes], channels: u8, pre_skip: u16) -> Vec<u8> {
 /// Decodes an Ogg Opus file with ffmpeg to mono 48 kHz samples.
 pub async fn ffmpeg_decode(ogg: Vec<u8>) -> Vec<i16> {
     let mut child = tokio::process::Command::new("ffmpeg")
-        .args(["-hide_banner", "-loglevel", "error", "-f", "ogg", "-i", "-", "-f", "s16le", "-ac", "1", "-ar", "48000", "-"])
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-f",
+            "ogg",
+            "-i",
+            "-",
+            "-f",
+            "s16le",
+            "-ac",
+            "1",
+            "-ar",
+            "48000",
+            "-",
+        ])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .kill_on_drop(true)
@@ -156,7 +177,10 @@ pub async fn ffmpeg_decode(ogg: Vec<u8>) -> Vec<i16> {
     let writer = tokio::spawn(async move {
         stdin.write_all(&ogg).await.unwrap();
     });
-    let out = timeout(Duration::from_secs(30), child.wait_with_output()).await.unwrap().unwrap();
+    let out = timeout(Duration::from_secs(30), child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
     writer.await.unwrap();
     assert!(out.status.success());
     out.stdout
@@ -218,8 +242,20 @@ pub fn av_drift(seen: &Seen, skip: Duration) -> (f64, Vec<f64>) {
     let mut w = t0 + skip;
     while w + DRIFT_WINDOW <= end {
         let in_w = |g: &&Got| g.at >= w && g.at < w + DRIFT_WINDOW;
-        let a = median(seen.audio.iter().filter(in_w).map(|g| offset(g, g.frame.pts, 48_000.0)).collect());
-        let v = median(seen.video.iter().filter(in_w).map(|g| offset(g, g.frame.dts, 90_000.0)).collect());
+        let a = median(
+            seen.audio
+                .iter()
+                .filter(in_w)
+                .map(|g| offset(g, g.frame.pts, 48_000.0))
+                .collect(),
+        );
+        let v = median(
+            seen.video
+                .iter()
+                .filter(in_w)
+                .map(|g| offset(g, g.frame.dts, 90_000.0))
+                .collect(),
+        );
         if let (Some(a), Some(v)) = (a, v) {
             diffs.push(a - v);
         }

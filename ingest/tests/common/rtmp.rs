@@ -55,7 +55,9 @@ impl Server {
         let task = tokio::spawn({
             let (registry, shutdown) = (registry.clone(), shutdown.clone());
             async move {
-                rtmp::serve(listener, registry, Arc::from(TOKEN), shutdown).await.unwrap();
+                rtmp::serve(listener, registry, Arc::from(TOKEN), shutdown)
+                    .await
+                    .unwrap();
             }
         });
         Self {
@@ -121,14 +123,32 @@ fn encode_args(e: Encode) -> Vec<String> {
     .map(|s| s.to_string())
     .collect();
     a.push(format!("sine=frequency={}:sample_rate={}", e.tone, e.rate));
-    for s in ["-t", &e.secs.to_string(), "-c:v", "libx264", "-pix_fmt", "yuv420p", "-g", "30"] {
+    for s in [
+        "-t",
+        &e.secs.to_string(),
+        "-c:v",
+        "libx264",
+        "-pix_fmt",
+        "yuv420p",
+        "-g",
+        "30",
+    ] {
         a.push(s.to_string());
     }
     if let Some(bf) = e.bframes {
         a.push("-bf".into());
         a.push(bf.to_string());
     }
-    for s in ["-c:a", "aac", "-ar", &e.rate.to_string(), "-ac", &e.channels.to_string(), "-b:a", "128k"] {
+    for s in [
+        "-c:a",
+        "aac",
+        "-ar",
+        &e.rate.to_string(),
+        "-ac",
+        &e.channels.to_string(),
+        "-b:a",
+        "128k",
+    ] {
         a.push(s.to_string());
     }
     a
@@ -154,12 +174,19 @@ pub async fn ffmpeg_flv(e: Encode) -> Vec<u8> {
     args.extend(["-f".into(), "flv".into(), "-".into()]);
     let out = timeout(
         Duration::from_secs(60),
-        tokio::process::Command::new("ffmpeg").args(args).stdin(Stdio::null()).output(),
+        tokio::process::Command::new("ffmpeg")
+            .args(args)
+            .stdin(Stdio::null())
+            .output(),
     )
     .await
     .unwrap()
     .unwrap();
-    assert!(out.status.success(), "ffmpeg: {}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "ffmpeg: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     out.stdout
 }
 
@@ -200,13 +227,17 @@ pub fn read_flv(file: &[u8]) -> Vec<Tag> {
 /// Completes a client handshake on `io`; returns bytes read past it.
 pub async fn client_handshake(io: &mut TcpStream) -> Vec<u8> {
     let mut hs = Handshake::new(PeerType::Client);
-    io.write_all(&hs.generate_outbound_p0_and_p1().unwrap()).await.unwrap();
+    io.write_all(&hs.generate_outbound_p0_and_p1().unwrap())
+        .await
+        .unwrap();
     let mut buf = [0u8; 4096];
     loop {
         let n = timeout(WAIT, io.read(&mut buf)).await.unwrap().unwrap();
         assert!(n > 0, "server closed during handshake");
         match hs.process_bytes(&buf[..n]).unwrap() {
-            HandshakeProcessResult::InProgress { response_bytes } => io.write_all(&response_bytes).await.unwrap(),
+            HandshakeProcessResult::InProgress { response_bytes } => {
+                io.write_all(&response_bytes).await.unwrap()
+            }
             HandshakeProcessResult::Completed {
                 response_bytes,
                 remaining_bytes,
@@ -235,13 +266,19 @@ impl Client {
         let mut c = Self { io, session };
         let r = c.session.request_connection(app.to_string()).unwrap();
         c.send_result(r).await;
-        c.until(rest, |e| matches!(e, ClientSessionEvent::ConnectionRequestAccepted)).await?;
+        c.until(rest, |e| {
+            matches!(e, ClientSessionEvent::ConnectionRequestAccepted)
+        })
+        .await?;
         let r = c
             .session
             .request_publishing(key.to_string(), PublishRequestType::Live)
             .unwrap();
         c.send_result(r).await;
-        c.until(Vec::new(), |e| matches!(e, ClientSessionEvent::PublishRequestAccepted)).await?;
+        c.until(Vec::new(), |e| {
+            matches!(e, ClientSessionEvent::PublishRequestAccepted)
+        })
+        .await?;
         Ok(c)
     }
 
@@ -251,27 +288,38 @@ impl Client {
         }
     }
 
-    async fn until(&mut self, mut pending: Vec<u8>, done: impl Fn(&ClientSessionEvent) -> bool) -> Result<(), String> {
+    async fn until(
+        &mut self,
+        mut pending: Vec<u8>,
+        done: impl Fn(&ClientSessionEvent) -> bool,
+    ) -> Result<(), String> {
         let mut buf = vec![0u8; 65536];
         loop {
             if !pending.is_empty() {
-                let results = self.session.handle_input(&pending).map_err(|e| e.to_string())?;
+                let results = self
+                    .session
+                    .handle_input(&pending)
+                    .map_err(|e| e.to_string())?;
                 pending.clear();
                 let mut finished = false;
                 for r in results {
                     match r {
-                        ClientSessionResult::OutboundResponse(p) => {
-                            self.io.write_all(&p.bytes).await.map_err(|e| e.to_string())?
-                        }
+                        ClientSessionResult::OutboundResponse(p) => self
+                            .io
+                            .write_all(&p.bytes)
+                            .await
+                            .map_err(|e| e.to_string())?,
                         // Results after the event (e.g. the chunk size) still go out.
                         ClientSessionResult::RaisedEvent(e) if done(&e) => finished = true,
-                        ClientSessionResult::RaisedEvent(ClientSessionEvent::ConnectionRequestRejected {
-                            description,
-                        }) => return Err(description),
-                        ClientSessionResult::RaisedEvent(ClientSessionEvent::UnhandleableOnStatusCode { code }) => {
-                            return Err(code)
-                        }
-                        ClientSessionResult::RaisedEvent(e @ ClientSessionEvent::UnknownTransactionResultReceived { .. }) => {
+                        ClientSessionResult::RaisedEvent(
+                            ClientSessionEvent::ConnectionRequestRejected { description },
+                        ) => return Err(description),
+                        ClientSessionResult::RaisedEvent(
+                            ClientSessionEvent::UnhandleableOnStatusCode { code },
+                        ) => return Err(code),
+                        ClientSessionResult::RaisedEvent(
+                            e @ ClientSessionEvent::UnknownTransactionResultReceived { .. },
+                        ) => {
                             // Our refusals come as `_error` results.
                             return Err(format!("{e:?}"));
                         }
@@ -320,7 +368,11 @@ impl Client {
 }
 
 /// Sends FLV tags paced in real time, timestamps rewritten by `map`.
-pub async fn send_paced(c: &mut Client, tags: &[Tag], map: impl Fn(u32) -> u32) -> std::io::Result<()> {
+pub async fn send_paced(
+    c: &mut Client,
+    tags: &[Tag],
+    map: impl Fn(u32) -> u32,
+) -> std::io::Result<()> {
     let start = tokio::time::Instant::now();
     let first = tags.iter().find(|t| t.kind != 18).map_or(0, |t| t.ts);
     for t in tags.iter().filter(|t| t.kind == 8 || t.kind == 9) {
