@@ -14,8 +14,10 @@ mod plot;
 
 use anyhow::Context;
 use clap::Parser;
+use loadtest::media::{self, Profile, TestMedia};
 use loadtest::stats::percentile;
 use loadtest::whep::{LiveCounters, Viewer, ViewerOptions, ViewerReport};
+use loadtest::whip::{Publisher, PublisherOptions, PublisherReport};
 use serde::Serialize;
 use tokio::task::JoinSet;
 
@@ -51,6 +53,22 @@ struct Args {
     /// Write a per-second CSV time series to this file.
     #[arg(long)]
     csv: Option<std::path::PathBuf>,
+    /// Also publish the test clip to this WHIP URL first (and DELETE it at the end), so the
+    /// stream exists without an external encoder.
+    #[arg(long)]
+    publish: Option<String>,
+    /// Publish token for `--publish`.
+    #[arg(long)]
+    publish_token: Option<String>,
+    /// H.264 profile of the published clip: baseline, main or high.
+    #[arg(long, default_value = "baseline", value_parser = parse_profile)]
+    profile: Profile,
+    /// Video bitrate of the published clip, kbit/s.
+    #[arg(long, default_value_t = 2500)]
+    video_kbps: u32,
+    /// GOP length of the published clip, frames (30 fps).
+    #[arg(long, default_value_t = 30)]
+    gop: u32,
     /// Plot the time series (viewers, packets/s, lost) as SVG to this file.
     #[arg(long)]
     svg: Option<std::path::PathBuf>,
@@ -80,6 +98,43 @@ struct Summary {
     first_packet_ms_p50: Option<f64>,
     duration_s: f64,
     errors: Vec<String>,
+    publisher_video_frames: Option<u64>,
+    publisher_keyframe_requests: Option<u64>,
+}
+
+fn parse_profile(s: &str) -> Result<Profile, String> {
+    match s {
+        "baseline" | "constrained-baseline" => Ok(Profile::ConstrainedBaseline),
+        "main" => Ok(Profile::Main),
+        "high" => Ok(Profile::High),
+        _ => Err(format!("unknown profile {s:?} (baseline, main, high)")),
+    }
+}
+
+/// Generate the clip and publish it; returns once media flows.
+async fn start_publisher(args: &Args, url: &str) -> anyhow::Result<Publisher> {
+    let opts = media::Options {
+        profile: args.profile,
+        gop_frames: args.gop,
+        video_kbps: args.video_kbps,
+        seconds: 10,
+        ..media::Options::default()
+    };
+    let clip = TestMedia::generate(opts)
+        .await
+        .context("generate test media")?;
+    let mut p = PublisherOptions::new(url);
+    p.token.clone_from(&args.publish_token);
+    p.bind = args.bind;
+    let mut publisher = Publisher::start(p, Arc::new(clip))
+        .await
+        .context("publish")?;
+    publisher
+        .wait_connected()
+        .await
+        .context("publisher connect")?;
+    eprintln!("publishing to {url}");
+    Ok(publisher)
 }
 
 /// Distinct error messages kept for the summary (they repeat across viewers).
@@ -109,6 +164,10 @@ async fn main() -> anyhow::Result<()> {
 }
 
 async fn run(args: &Args) -> anyhow::Result<Summary> {
+    let publisher = match &args.publish {
+        Some(url) => Some(start_publisher(args, url).await?),
+        None => None,
+    };
     let live = Arc::new(LiveCounters::default());
     let start = Instant::now();
     let end = start + args.duration;
@@ -137,6 +196,8 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         opts.live = Some(Arc::clone(&live));
         opts.headers_only = i % args.full_every != 0;
         let live = Arc::clone(&live);
+        // Our own publisher may take a moment to make the stream live: retry 404 until then.
+        let wait_live = args.publish.is_some().then(|| start + WAIT_LIVE);
         tasks.spawn(async move {
             tokio::time::sleep_until(at.into()).await;
             if Instant::now() >= end {
@@ -144,7 +205,7 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
                     "run ended before this viewer's slot",
                 ));
             }
-            let viewer = match Viewer::start(opts).await {
+            let viewer = match start_viewer(opts, wait_live).await {
                 Ok(v) => v,
                 Err(e) => {
                     live.failed.fetch_add(1, Ordering::Relaxed);
@@ -236,7 +297,38 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
     {
         errors.push("some viewers did not stop in 30 s".into());
     }
-    Ok(summarize(args, &reports, failed, errors, start.elapsed()))
+    let elapsed = start.elapsed();
+    let published = match publisher {
+        Some(p) => match p.delete().await {
+            Ok((_, r)) => Some(r),
+            Err(e) => {
+                errors.push(format!("publisher: {e}"));
+                None
+            }
+        },
+        None => None,
+    };
+    Ok(summarize(
+        args, &reports, failed, errors, elapsed, published,
+    ))
+}
+
+/// How long viewers retry `404` after the run starts when we publish ourselves.
+const WAIT_LIVE: Duration = Duration::from_secs(5);
+/// Pause between those retries.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+async fn start_viewer(opts: ViewerOptions, wait_live: Option<Instant>) -> loadtest::Result<Viewer> {
+    loop {
+        match Viewer::start(opts.clone()).await {
+            Err(loadtest::Error::Status { status: 404, .. })
+                if wait_live.is_some_and(|t| Instant::now() < t) =>
+            {
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            r => return r,
+        }
+    }
 }
 
 async fn wait_finished(v: &mut Viewer) {
@@ -262,6 +354,7 @@ fn summarize(
     failed: u64,
     errors: Vec<String>,
     elapsed: Duration,
+    published: Option<PublisherReport>,
 ) -> Summary {
     let connected: Vec<&ViewerReport> = reports.iter().filter(|r| r.connected).collect();
     let sum = |f: fn(&ViewerReport) -> u64| reports.iter().map(f).sum::<u64>();
@@ -316,5 +409,7 @@ fn summarize(
         first_packet_ms_p50: percentile(&first_packet, 50.0),
         duration_s: elapsed.as_secs_f64(),
         errors,
+        publisher_video_frames: published.as_ref().map(|p| p.video_frames),
+        publisher_keyframe_requests: published.as_ref().map(|p| p.keyframe_requests),
     }
 }

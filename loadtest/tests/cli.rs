@@ -6,11 +6,8 @@
 
 mod common;
 
-use std::sync::Arc;
 use std::time::Duration;
 
-use loadtest::media::{Options, TestMedia};
-use loadtest::whip::{Publisher, PublisherOptions};
 use tokio::time::timeout;
 
 const VIEWERS: u32 = 30;
@@ -18,30 +15,22 @@ const VIEWERS: u32 = 30;
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cli_viewers_receive_without_loss() {
     let server = common::start("tok").await;
-    let opts = Options {
-        seconds: 2,
-        ..Options::default()
-    };
-    let media = Arc::new(
-        timeout(Duration::from_secs(60), TestMedia::generate(opts))
-            .await
-            .unwrap()
-            .unwrap(),
-    );
-    let mut popts = PublisherOptions::new(server.whip_url("load"));
-    popts.token = Some("tok".into());
-    let mut publisher = Publisher::start(popts, media).await.unwrap();
-    publisher.wait_connected().await.unwrap();
-
     let dir = std::env::temp_dir().join(format!("loadtest-cli-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let (csv, svg) = (dir.join("series.csv"), dir.join("series.svg"));
     let out = timeout(
-        Duration::from_secs(60),
+        Duration::from_secs(120),
         tokio::process::Command::new(env!("CARGO_BIN_EXE_loadtest"))
             .args(["--url", &server.whep_url("load")])
             .args(["--viewers", &VIEWERS.to_string(), "--duration", "5s"])
             .args(["--ramp", "100", "--full-every", "5", "--json"])
+            .args([
+                "--publish",
+                &server.whip_url("load"),
+                "--publish-token",
+                "tok",
+            ])
+            .args(["--video-kbps", "1000", "--gop", "15"])
             .arg("--csv")
             .arg(&csv)
             .arg("--svg")
@@ -73,9 +62,12 @@ async fn cli_viewers_receive_without_loss() {
     assert_eq!(v["first_frame_keyframe_pct"], 100.0, "{last}");
     assert_eq!(v["viewers_full"], u64::from(VIEWERS / 5), "{last}");
     assert!(v["jitter_ms_p95"].as_f64().is_some(), "{last}");
+    assert!(
+        v["publisher_video_frames"].as_u64().unwrap() >= 150,
+        "{last}"
+    );
     let series = std::fs::read_to_string(&csv).unwrap();
     assert!(series.lines().count() >= 4, "{series}");
     assert!(std::fs::read_to_string(&svg).unwrap().contains("<polyline"));
     std::fs::remove_dir_all(&dir).unwrap();
-    publisher.stop().await.unwrap();
 }
