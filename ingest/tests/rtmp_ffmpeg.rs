@@ -38,6 +38,9 @@ async fn publish_and_check(name: &str, e: Encode) {
     let server = Server::start().await;
     let mut ff = ffmpeg_publish(&server.url(name), e);
     let sub = wait_live(&server.registry, name, Duration::from_secs(15)).await;
+    // The B-frame flag is known when the stream goes live (the catalog
+    // waits for the first picture, which x264 gives a composition offset).
+    let early = sub.catalog();
     let seen = collect(sub, Duration::from_secs(u64::from(e.secs) + 20)).await;
     let status = timeout(WAIT, ff.wait()).await.unwrap().unwrap();
     assert!(status.success(), "ffmpeg failed: {status}");
@@ -51,6 +54,11 @@ async fn publish_and_check(name: &str, e: Encode) {
         v.fmtp
     );
     assert_eq!(v.bframes, expect_bframes, "catalog bframes flag");
+    assert_eq!(
+        early.track(Kind::Video).map(|t| t.bframes),
+        Some(expect_bframes),
+        "flag at go-live"
+    );
     let a = seen.catalog.track(Kind::Audio).expect("audio track");
     assert_eq!((a.codec, a.channels), (Codec::Opus, Some(2)));
 

@@ -111,7 +111,7 @@ impl Conn {
                 .publish
                 .as_ref()
                 .filter(|p| p.publisher.is_none())
-                .and_then(|p| p.media.ready_deadline())
+                .and_then(|p| p.media.ready_deadline(now_ms()))
                 .map(|ms| {
                     Instant::now() + std::time::Duration::from_millis(ms.saturating_sub(now_ms()))
                 });

@@ -15,6 +15,11 @@ use crate::h264;
 /// How long to wait for the second sequence header after the first before
 /// publishing an audio-only or video-only stream.
 pub const HEADER_WAIT_MS: u64 = 1_000;
+/// How long to wait for the first video frame after the first header: the
+/// catalog then says whether the stream has B-frames (x264 gives its first
+/// picture a composition offset) before any viewer reads it. x264's
+/// lookahead delays the first frame by about a second.
+pub const FRAME_WAIT_MS: u64 = 3_000;
 /// Video clock rate (RFC 6184/7798/AV1 RTP: 90 kHz); FLV counts ms.
 const VIDEO_PER_MS: u64 = 90;
 /// Opus clock per ms.
@@ -92,6 +97,7 @@ pub struct Media {
     bframes: bool,
     catalog_changed: bool,
     first_header_ms: Option<u64>,
+    video_frames: u64,
     last_video_dts: u64,
     last_audio_pts: u64,
 }
@@ -112,26 +118,38 @@ impl Media {
             bframes: false,
             catalog_changed: false,
             first_header_ms: None,
+            video_frames: 0,
             last_video_dts: 0,
             last_audio_pts: 0,
         }
     }
 
     /// True once the catalog is worth publishing: both sequence headers
-    /// seen, or one of them and [`HEADER_WAIT_MS`] passed.
+    /// and the first video frame seen; or, after [`HEADER_WAIT_MS`], the one
+    /// track that came (video: with its first frame); or, after
+    /// [`FRAME_WAIT_MS`], whatever came.
     pub fn ready(&self, now_ms: u64) -> bool {
+        let Some(t) = self.first_header_ms else {
+            return false;
+        };
         let video = self.video.is_some();
         let audio = !matches!(self.audio, AudioState::None);
-        (video && audio)
-            || ((video || audio)
-                && self
-                    .first_header_ms
-                    .is_some_and(|t| now_ms >= t + HEADER_WAIT_MS))
+        let video_done = video && self.video_frames > 0;
+        let waited = now_ms.saturating_sub(t);
+        (video_done && audio)
+            || (waited >= HEADER_WAIT_MS && (video_done || (audio && !video)))
+            || waited >= FRAME_WAIT_MS
     }
 
-    /// When [`Media::ready`] turns true without more input, if it will.
-    pub fn ready_deadline(&self) -> Option<u64> {
-        self.first_header_ms.map(|t| t + HEADER_WAIT_MS)
+    /// When [`Media::ready`] may turn true without more input, if ever.
+    pub fn ready_deadline(&self, now_ms: u64) -> Option<u64> {
+        self.first_header_ms.map(|t| {
+            if now_ms < t + HEADER_WAIT_MS {
+                t + HEADER_WAIT_MS
+            } else {
+                t + FRAME_WAIT_MS
+            }
+        })
     }
 
     /// True (once per change) when the catalog changed since the last call.
@@ -227,6 +245,7 @@ impl Media {
                     self.catalog_changed = true;
                 }
                 let pts_ms = dts_ms.saturating_add_signed(i64::from(cts));
+                self.video_frames += 1;
                 out.push((
                     Track::Video,
                     Frame {
@@ -422,7 +441,9 @@ mod tests {
             Err(Error::NoConfig)
         ));
         m.video(0, &avc_seq(), 1_000, 0, &mut out).unwrap();
-        assert!(!m.ready(1_500) && m.ready(2_000));
+        // Video-only: ready after the header wait once a frame came, or
+        // after the frame wait regardless.
+        assert!(!m.ready(1_500) && !m.ready(2_000) && m.ready(4_000));
         assert!(m.take_catalog_changed());
         let c = m.catalog();
         assert_eq!(
@@ -441,6 +462,49 @@ mod tests {
         assert!(!out[1].1.keyframe);
         assert!(m.bframes() && m.take_catalog_changed());
         assert!(m.catalog().tracks[0].bframes);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn garbage_tags_never_panic(
+            tags in proptest::collection::vec((proptest::bool::ANY, any_u32(), proptest::collection::vec(0u8..=255, 0..64)), 1..40)
+        ) {
+            let mut m = Media::new();
+            let mut out = Vec::new();
+            // With and without valid configuration in place.
+            m.video(0, &avc_seq(), 1_000, 0, &mut out).unwrap();
+            m.audio(0, &Bytes::from_static(&[0xaf, 0, 0x12, 0x10]), 1_000, 0, &mut out).unwrap();
+            for (video, ts, data) in tags {
+                let data = Bytes::from(data);
+                let _ = if video {
+                    m.video(ts, &data, 2_000, 0, &mut out)
+                } else {
+                    m.audio(ts, &data, 2_000, 0, &mut out)
+                };
+            }
+            let _ = m.catalog();
+        }
+    }
+
+    fn any_u32() -> impl proptest::strategy::Strategy<Value = u32> {
+        proptest::num::u32::ANY
+    }
+
+    #[test]
+    fn he_aac_config_decodes_its_core() {
+        // Explicit SBR signalling: object type 5, 22.05 kHz core, stereo,
+        // 44.1 kHz extension rate, then AAC-LC.
+        let mut m = Media::new();
+        let mut out = Vec::new();
+        m.audio(
+            0,
+            &Bytes::from_static(&[0xaf, 0, 0x2b, 0x92, 0x08, 0x00]),
+            0,
+            0,
+            &mut out,
+        )
+        .unwrap();
+        assert_eq!(m.catalog().tracks[0].codec, Codec::Opus);
     }
 
     #[test]

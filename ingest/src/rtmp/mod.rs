@@ -30,7 +30,7 @@ use tracing::Instrument;
 
 pub use chunk::{Guard, MAX_CHUNK_SIZE, MAX_COMMAND_MESSAGE, MAX_MEDIA_MESSAGE};
 pub use clock::Clock;
-pub use media::{Media, Track, HEADER_WAIT_MS};
+pub use media::{Media, Track, FRAME_WAIT_MS, HEADER_WAIT_MS};
 
 /// The only RTMP application name we publish on (INTERFACE.md).
 pub const APP: &str = "live";
