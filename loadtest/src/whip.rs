@@ -5,6 +5,7 @@
 //! video frame tagged ([`crate::tag`]). Keyframe requests are counted (a file cannot honour them).
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -93,6 +94,7 @@ pub struct Publisher {
     task: Option<JoinHandle<Result<PublisherReport>>>,
     duration: Option<Duration>,
     connect_timeout: Duration,
+    next_seq: Arc<AtomicU64>,
 }
 
 impl Publisher {
@@ -148,7 +150,9 @@ impl Publisher {
         };
         let cancel = CancellationToken::new();
         let (connected_tx, connected) = watch::channel(false);
+        let next_seq = Arc::new(AtomicU64::new(opts.seq_start));
         let session = Session {
+            next_seq: Arc::clone(&next_seq),
             peer,
             media,
             video: (video_mid, video_pt),
@@ -169,7 +173,14 @@ impl Publisher {
             task: Some(task),
             duration: opts.duration,
             connect_timeout: opts.connect_timeout,
+            next_seq,
         })
+    }
+
+    /// The tag sequence number the next video frame will carry (frames sent so far +
+    /// `seq_start`): a takeover publisher can continue from here.
+    pub fn next_seq(&self) -> u64 {
+        self.next_seq.load(Ordering::Relaxed)
     }
 
     /// The session resource URL (from `Location`).
@@ -250,6 +261,7 @@ struct Session {
     posted: Instant,
     cancel: CancellationToken,
     connected: watch::Sender<bool>,
+    next_seq: Arc<AtomicU64>,
 }
 
 /// Where the pacer is in the looping clip.
@@ -380,6 +392,7 @@ impl Session {
             report.video_frames += 1;
             report.keyframes += u64::from(keyframe);
             report.next_seq += 1;
+            self.next_seq.store(report.next_seq, Ordering::Relaxed);
             wrote = true;
             advance(v, self.media.video.len());
         }

@@ -123,7 +123,9 @@ async fn high_profile_and_viewer_delete() {
     .unwrap()
     .unwrap();
     v.wait_connected().await.unwrap();
-    tokio::time::sleep(Duration::from_secs(6)).await;
+    // 5 s of video: enough for the A/V drift window.
+    v.wait_video_frames(150, LIMIT).await.unwrap();
+    assert!(publisher.next_seq() >= 150);
     let (status, r) = v.delete().await.unwrap();
     assert_eq!(status, 200);
     assert_eq!(r.end, "stopped");

@@ -120,6 +120,11 @@ impl HeaderTap {
         true
     }
 
+    /// Video frames (marker bits) seen so far.
+    pub(crate) fn video_frames(&self) -> u64 {
+        self.video_frames
+    }
+
     /// Fold the counts into `r` (whose frame-level fields stay empty).
     pub(crate) fn finish(&self, r: &mut ViewerReport) {
         r.headers_only = true;

@@ -8,7 +8,7 @@ mod check;
 mod light;
 
 use std::net::{IpAddr, Ipv4Addr};
-use std::sync::atomic::Ordering;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -133,6 +133,7 @@ pub struct Viewer {
     task: Option<JoinHandle<Result<ViewerReport>>>,
     duration: Option<Duration>,
     connect_timeout: Duration,
+    video_frames: Arc<AtomicU64>,
 }
 
 impl Viewer {
@@ -155,7 +156,9 @@ impl Viewer {
         let cancel = CancellationToken::new();
         let (connected_tx, connected) = watch::channel(false);
         let live = opts.live.clone().unwrap_or_default();
+        let video_frames = Arc::new(AtomicU64::new(0));
         let session = Session {
+            video_frames: Arc::clone(&video_frames),
             peer,
             mids,
             posted,
@@ -179,7 +182,30 @@ impl Viewer {
             task: Some(task),
             duration: opts.duration,
             connect_timeout: opts.connect_timeout,
+            video_frames,
         })
+    }
+
+    /// Video frames this viewer has received so far.
+    pub fn video_frames(&self) -> u64 {
+        self.video_frames.load(Ordering::Relaxed)
+    }
+
+    /// Wait until this viewer has received at least `n` video frames, within `limit`.
+    pub async fn wait_video_frames(&self, n: u64, limit: Duration) -> Result<()> {
+        let poll = async {
+            while self.video_frames() < n {
+                if self.is_finished() {
+                    return Err(Error::Task("viewer ended".into()));
+                }
+                // Frames come every ~33 ms; polling at 10 ms adds little delay.
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            Ok(())
+        };
+        tokio::time::timeout(limit, poll)
+            .await
+            .map_err(|_| Error::Timeout("viewer video frames"))?
     }
 
     /// The session resource URL (from `Location`).
@@ -258,6 +284,7 @@ struct Session {
     connected: watch::Sender<bool>,
     live: Arc<LiveCounters>,
     tap: Option<HeaderTap>,
+    video_frames: Arc<AtomicU64>,
 }
 
 impl Session {
@@ -295,6 +322,9 @@ impl Session {
                     _ => {}
                 })
                 .await?;
+            let tapped = self.tap.as_ref().map_or(0, HeaderTap::video_frames);
+            self.video_frames
+                .store(checker.report.video_frames + tapped, Ordering::Relaxed);
             let now = Instant::now();
             if connected_now && !checker.report.connected {
                 checker.report.connected = true;
