@@ -12,6 +12,7 @@
 
 mod auth;
 mod client;
+mod order;
 mod recv;
 mod send;
 mod server;

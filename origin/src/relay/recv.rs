@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
 
+use super::order::Order;
 use super::session::Event;
 use super::wire::{self, MAX_GROUP_BYTES};
 use super::{code, AbortOnDrop};
@@ -30,11 +31,16 @@ const ROUTE_WAIT: Duration = Duration::from_secs(2);
 /// How often the stream task checks for takeover and idleness.
 const TICK: Duration = Duration::from_millis(500);
 
-/// One frame with where it belongs.
-pub(crate) struct Media {
-    track: Arc<str>,
-    group: u64,
-    frame: Frame,
+/// What group readers pass to their stream task.
+pub(crate) enum Media {
+    /// A frame of a group.
+    Frame {
+        track: Arc<str>,
+        group: u64,
+        frame: Frame,
+    },
+    /// The group's stream ended (finished, reset or failed).
+    End { track: Arc<str>, group: u64 },
 }
 
 /// Which local stream task each publication or subscription id feeds.
@@ -73,6 +79,14 @@ impl Routes {
                 return None;
             }
         }
+    }
+}
+
+/// Sleeps until `at`; pending forever without a deadline.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
     }
 }
 
@@ -157,26 +171,40 @@ async fn run(
     linger: Option<Linger>,
 ) {
     let mut index = track_index(&mut publisher);
-    let mut newest: HashMap<Arc<str>, u64> = HashMap::new();
+    let mut orders: HashMap<Arc<str>, Order> = HashMap::new();
+    let mut ready: Vec<(Arc<str>, Frame)> = Vec::new();
+    let mut out: Vec<Frame> = Vec::new();
     let mut tick = tokio::time::interval(TICK);
     let mut idle_since: Option<Instant> = None;
     loop {
+        let deadline = orders.values().filter_map(Order::deadline).min();
         tokio::select! {
             m = media.recv() => {
                 let Some(m) = m else { break };
-                // Groups of a track arrive on separate streams: a frame of a
-                // group older than the newest seen would go backwards.
-                if newest.get(&m.track).is_some_and(|&g| m.group < g) {
+                let now = Instant::now();
+                let (track, dropped) = match m {
+                    Media::Frame { track, group, frame } => {
+                        metrics::counter!(RELAY_FRAMES_RECEIVED).increment(1);
+                        let order = orders.entry(track.clone()).or_default();
+                        (track, order.frame(group, frame, now, &mut out))
+                    }
+                    Media::End { track, group } => {
+                        if let Some(order) = orders.get_mut(&track) {
+                            order.end(group, now, &mut out);
+                        }
+                        (track, 0)
+                    }
+                };
+                if dropped > 0 {
                     metrics::counter!(RELAY_FRAMES_DROPPED).increment(1);
-                    continue;
                 }
-                newest.insert(m.track.clone(), m.group);
-                metrics::counter!(RELAY_FRAMES_RECEIVED).increment(1);
-                let producer = index.get(&*m.track).and_then(|&i| publisher.tracks_mut().get(i));
-                if let Some(p) = producer {
-                    if p.write(m.frame).is_err() {
-                        // A newer publisher took the stream over.
-                        break;
+                ready.extend(out.drain(..).map(|f| (track.clone(), f)));
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                let now = Instant::now();
+                for (track, order) in orders.iter_mut() {
+                    if order.expire(now, &mut out) {
+                        ready.extend(out.drain(..).map(|f| (track.clone(), f)));
                     }
                 }
             }
@@ -218,6 +246,19 @@ async fn run(
                 }
             }
         }
+        let mut superseded = false;
+        for (track, frame) in ready.drain(..) {
+            let producer = index
+                .get(&*track)
+                .and_then(|&i| publisher.tracks_mut().get(i));
+            if producer.is_some_and(|p| p.write(frame).is_err()) {
+                superseded = true;
+            }
+        }
+        if superseded {
+            // A newer publisher took the stream over.
+            break;
+        }
     }
     drop(publisher);
     let _ = events.send(Event::Gone { id }).await;
@@ -245,18 +286,30 @@ pub(crate) async fn read_group(
         return;
     };
     let track: Arc<str> = header.track.into();
+    let group = header.group;
+    read_frames(&conn, &mut recv, &tx, &track, group).await;
+    let _ = tx.send(Media::End { track, group }).await;
+}
+
+async fn read_frames(
+    conn: &quinn::Connection,
+    recv: &mut quinn::RecvStream,
+    tx: &mpsc::Sender<Media>,
+    track: &Arc<str>,
+    group: u64,
+) {
     let mut bytes = 0usize;
     loop {
-        match wire::read_frame(&mut recv).await {
+        match wire::read_frame(recv).await {
             Ok(Some(frame)) => {
                 bytes = bytes.saturating_add(frame.payload.len());
                 if bytes > MAX_GROUP_BYTES {
                     conn.close(code::PROTOCOL, b"group too large");
                     return;
                 }
-                let m = Media {
+                let m = Media::Frame {
                     track: track.clone(),
-                    group: header.group,
+                    group,
                     frame,
                 };
                 if tx.send(m).await.is_err() {

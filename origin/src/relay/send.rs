@@ -3,9 +3,9 @@
 //! into groups), one per group (its own unidirectional stream).
 //!
 //! Policy: every frame is written as it arrives; each group gets a higher
-//! priority than the ones before it; a group whose frames QUIC has still not
-//! accepted shortly after the next group of its track started, or that is
-//! still unacknowledged one group later, is reset, never queued behind.
+//! priority than the ones before it; a group still not delivered (all its
+//! data acknowledged) 500 ms after the next group of its track started is
+//! reset, never queued behind.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -38,9 +38,11 @@ const AUDIO_RUN_FRAMES: usize = 25;
 const AUDIO_RUN: Duration = Duration::from_millis(500);
 /// Audio groups outrank video groups: they are small and a gap is audible.
 const AUDIO_PRIORITY: i32 = 1 << 30;
-/// How long a superseded group may still take to hand its queued frames to
-/// QUIC: covers scheduling delays on a busy node, not a slow link.
-const SUPERSEDED_DRAIN: Duration = Duration::from_millis(200);
+/// How long a group may still take to be delivered (acknowledged) once a
+/// newer group of its track started: far above a healthy link's RTT plus
+/// ACK delay and a busy node's scheduling delays, far below what a viewer
+/// would wait for. Past it the link is behind and the group is reset.
+const SUPERSEDED_GRACE: Duration = Duration::from_millis(500);
 /// How long a finished group waits for its acknowledgement before the
 /// writer gives up watching it.
 const ACK_WAIT: Duration = Duration::from_secs(10);
@@ -192,25 +194,17 @@ async fn run_track(
     let cancel = CancellationToken::new();
     let guard = cancel.clone().drop_guard();
     let mut current: Option<Group> = None;
-    let mut previous: Option<Group> = None;
     while let Ok(frame) = consumer.next().await {
         let starts = frame.keyframe
             && current.as_ref().is_none_or(|g| {
                 !audio || g.frames >= AUDIO_RUN_FRAMES || g.started.elapsed() >= AUDIO_RUN
             });
         if starts {
-            if let Some(old) = previous.take() {
-                // A whole group later and still not acknowledged: the link
-                // is behind; stop spending it on the past.
-                old.reset();
-            }
             if let Some(mut cur) = current.take() {
+                // No more frames for it; what it has not delivered within
+                // `SUPERSEDED_GRACE` from now is abandoned by its writer.
                 cur.close();
-                // Frames QUIC has not taken yet: the writer gets a short
-                // drain period (it may just not have been scheduled), then
-                // the group is reset.
                 cur.superseded.cancel();
-                previous = Some(cur);
             }
             let group = seq.fetch_add(1, Ordering::Relaxed);
             let header = GroupHeader {
@@ -322,8 +316,8 @@ impl Drop for DoneOnDrop {
 struct Signals {
     /// Abandon now (aborted, overflowed, or two groups behind).
     cancel: CancellationToken,
-    /// A newer group started: what QUIC cannot take within
-    /// `SUPERSEDED_DRAIN` is abandoned.
+    /// A newer group started: unless delivered within `SUPERSEDED_GRACE`,
+    /// the group is abandoned.
     superseded: CancellationToken,
 }
 
@@ -339,7 +333,7 @@ async fn write_group(
     let Signals { cancel, superseded } = signals;
     let drained = async {
         superseded.cancelled().await;
-        tokio::time::sleep(SUPERSEDED_DRAIN).await;
+        tokio::time::sleep(SUPERSEDED_GRACE).await;
     };
     tokio::pin!(drained);
     let mut send = tokio::select! {
@@ -395,6 +389,10 @@ async fn write_group(
     tokio::select! {
         _ = acked => {}
         _ = cancel.cancelled() => {
+            let _ = send.reset(code::SUPERSEDED);
+        }
+        _ = &mut drained => {
+            metrics::counter!(RELAY_GROUPS_RESET).increment(1);
             let _ = send.reset(code::SUPERSEDED);
         }
         _ = tokio::time::sleep(ACK_WAIT) => {}

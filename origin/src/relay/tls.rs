@@ -22,6 +22,9 @@ const KEEP_ALIVE: Duration = Duration::from_secs(3);
 /// Concurrent group streams a peer may open: two or three live groups per
 /// track (the newest and ones still draining) for a few hundred streams.
 pub const MAX_UNI_STREAMS: u32 = 1024;
+/// Bytes a peer may have in flight to us over all streams of a link: a few
+/// seconds of a hundred 6 Mbit/s streams; bounds what a peer can make us buffer.
+const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -36,6 +39,7 @@ fn transport() -> Result<Arc<quinn::TransportConfig>> {
     // One control stream per link, opened by the connecting side.
     t.max_concurrent_bidi_streams(1u32.into());
     t.max_concurrent_uni_streams(MAX_UNI_STREAMS.into());
+    t.receive_window(CONNECTION_WINDOW.into());
     t.keep_alive_interval(Some(KEEP_ALIVE));
     t.max_idle_timeout(Some(IDLE_TIMEOUT.try_into().map_err(tls_error)?));
     Ok(Arc::new(t))

@@ -461,9 +461,30 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>> {
         Err(e) => return Err(read_error(e)),
     }
     let h = FrameHeader::decode(&head)?;
-    let mut payload = vec![0u8; h.len];
-    recv.read_exact(&mut payload).await.map_err(read_error)?;
-    Ok(Some(h.with_payload(Bytes::from(payload))))
+    // Memory grows only as data arrives (never trust the announced length),
+    // and a frame that arrives in one chunk is used as is, without a copy.
+    let mut remaining = h.len;
+    let mut single: Option<Bytes> = None;
+    let mut joined = BytesMut::new();
+    while remaining > 0 {
+        let chunk = recv
+            .read_chunk(remaining, true)
+            .await
+            .map_err(|e| read_error(quinn::ReadExactError::ReadError(e)))?
+            .ok_or_else(|| protocol_error("stream ended early"))?;
+        let bytes = chunk.bytes;
+        remaining = remaining.saturating_sub(bytes.len());
+        match single.take() {
+            None if joined.is_empty() && remaining == 0 => single = Some(bytes),
+            None => joined.extend_from_slice(&bytes),
+            Some(first) => {
+                joined.extend_from_slice(&first);
+                joined.extend_from_slice(&bytes);
+            }
+        }
+    }
+    let payload = single.unwrap_or_else(|| joined.freeze());
+    Ok(Some(h.with_payload(payload)))
 }
 
 #[cfg(test)]
