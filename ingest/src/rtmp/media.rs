@@ -3,10 +3,11 @@
 //! order as Annex-B (parameter sets before every keyframe) with pts and dts
 //! in 90 kHz; AAC becomes Opus at 48 kHz; B-frames are detected.
 
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::Bytes;
 use cascade_origin::catalog::{Catalog, Codec, TrackInfo};
 use cascade_origin::frame::Frame;
 
+use super::av1;
 use super::clock::Clock;
 use crate::audio::{self, Transcoder};
 use crate::flv::{self, Audio, Video, VideoCodec};
@@ -60,6 +61,9 @@ pub enum Error {
     /// A frame arrived before its sequence header.
     #[error("frame before sequence header")]
     NoConfig,
+    /// A frame's codec differs from its sequence header's.
+    #[error("frame codec differs from the sequence header")]
+    CodecMismatch,
 }
 
 enum VideoConfig {
@@ -222,17 +226,22 @@ impl Media {
                 keyframe,
                 cts,
                 data,
-                codec: _,
+                codec,
             } => {
                 let Some(v) = &self.video else {
                     return Err(Error::NoConfig);
                 };
+                if catalog_codec(codec) != v.codec {
+                    return Err(Error::CodecMismatch);
+                }
                 let (payload, keyframe) = match &v.config {
                     VideoConfig::Nal(c) => {
                         let au = h264::to_annexb(&data, c)?;
                         (au.payload, au.keyframe)
                     }
-                    VideoConfig::Av1 { obus, .. } => (av1_frame(obus, data, keyframe), keyframe),
+                    VideoConfig::Av1 { obus, .. } => {
+                        (av1::with_sequence_header(obus, data, keyframe), keyframe)
+                    }
                     VideoConfig::Vp9 => (data, keyframe),
                 };
                 if payload.is_empty() {
@@ -266,9 +275,9 @@ impl Media {
         if self.video.as_ref().is_some_and(|v| v.record == record) {
             return Ok(()); // re-sent unchanged (OBS does on reconnect of its output)
         }
-        let (codec, config) = match codec {
-            VideoCodec::H264 => (Codec::H264, VideoConfig::Nal(h264::parse_avcc(&record)?)),
-            VideoCodec::H265 => (Codec::H265, VideoConfig::Nal(h264::parse_hvcc(&record)?)),
+        let config = match codec {
+            VideoCodec::H264 => VideoConfig::Nal(h264::parse_avcc(&record)?),
+            VideoCodec::H265 => VideoConfig::Nal(h264::parse_hvcc(&record)?),
             VideoCodec::Av1 => {
                 // av1C (AV1-ISOBMFF §2.3): 4 bytes, then the config OBUs.
                 let b1 = *record.get(1).ok_or(h264::Error::Truncated("av1C"))?;
@@ -277,10 +286,11 @@ impl Media {
                     .map(Bytes::copy_from_slice)
                     .unwrap_or_default();
                 let fmtp = format!("profile={}", b1 >> 5);
-                (Codec::Av1, VideoConfig::Av1 { obus, fmtp })
+                VideoConfig::Av1 { obus, fmtp }
             }
-            VideoCodec::Vp9 => (Codec::Vp9, VideoConfig::Vp9),
+            VideoCodec::Vp9 => VideoConfig::Vp9,
         };
+        let codec = catalog_codec(codec);
         self.video = Some(VideoState {
             codec,
             record,
@@ -350,6 +360,15 @@ impl Media {
     }
 }
 
+fn catalog_codec(codec: VideoCodec) -> Codec {
+    match codec {
+        VideoCodec::H264 => Codec::H264,
+        VideoCodec::H265 => Codec::H265,
+        VideoCodec::Av1 => Codec::Av1,
+        VideoCodec::Vp9 => Codec::Vp9,
+    }
+}
+
 fn audio_frame(payload: Bytes, pts: u64, ingest_us: u64) -> Frame {
     Frame {
         payload,
@@ -359,57 +378,6 @@ fn audio_frame(payload: Bytes, pts: u64, ingest_us: u64) -> Frame {
         keyframe: true,
         ingest_us,
     }
-}
-
-/// An AV1 temporal unit with the sequence header in front of keyframes that
-/// lack one, so that a group decodes on its own.
-fn av1_frame(seq: &Bytes, data: Bytes, keyframe: bool) -> Bytes {
-    // OBU type is bits 3..6 of the header byte; 1 = sequence header,
-    // 2 = temporal delimiter (which may precede it).
-    let has_seq = obu_types(&data).any(|t| t == 1);
-    if !keyframe || seq.is_empty() || has_seq {
-        return data;
-    }
-    let mut b = BytesMut::with_capacity(seq.len() + data.len());
-    b.put_slice(seq);
-    b.put_slice(&data);
-    b.freeze()
-}
-
-/// The types of the first OBUs of a low-overhead bitstream (those with size
-/// fields); stops at the first OBU without one or on malformed input.
-fn obu_types(data: &[u8]) -> impl Iterator<Item = u8> + '_ {
-    let mut rest = data;
-    std::iter::from_fn(move || {
-        let (&h, tail) = rest.split_first()?;
-        let t = (h >> 3) & 0x0f;
-        rest = if h & 0x02 == 0 {
-            &[]
-        } else {
-            skip_obu(tail, h & 0x04 != 0)
-        };
-        Some(t)
-    })
-}
-
-/// The bytes after an OBU whose header byte was just read; empty when
-/// malformed (the walk then ends).
-fn skip_obu(tail: &[u8], extension: bool) -> &[u8] {
-    let Some(mut tail) = tail.get(usize::from(extension)..) else {
-        return &[];
-    };
-    let mut size = 0usize;
-    for i in 0..8 {
-        let Some((&b, t2)) = tail.split_first() else {
-            return &[];
-        };
-        tail = t2;
-        size |= usize::from(b & 0x7f) << (7 * i);
-        if b & 0x80 == 0 {
-            return tail.get(size..).unwrap_or(&[]);
-        }
-    }
-    &[]
 }
 
 #[cfg(test)]
@@ -508,10 +476,39 @@ mod tests {
     }
 
     #[test]
-    fn obu_walk() {
-        // Temporal delimiter (size 0), sequence header (size 1).
-        let d = [0x12, 0x00, 0x0a, 0x01, 0xaa];
-        assert_eq!(obu_types(&d).collect::<Vec<_>>(), vec![2, 1]);
-        assert_eq!(obu_types(&[0x12, 0x85]).collect::<Vec<_>>(), vec![2]);
+    fn opus_passes_through() {
+        let mut m = Media::new();
+        let mut out = Vec::new();
+        let mut head = b"OpusHead".to_vec();
+        head.extend_from_slice(&[1, 1, 0x38, 1, 0x80, 0xbb, 0, 0, 0, 0, 0]);
+        let mut tag = vec![0x90, b'O', b'p', b'u', b's'];
+        tag.extend_from_slice(&head);
+        m.audio(0, &Bytes::from(tag), 5_000, 0, &mut out).unwrap();
+        assert!(m.ready(6_000));
+        let cat = m.catalog();
+        assert_eq!(
+            (cat.tracks[0].codec, cat.tracks[0].fmtp.as_str()),
+            (Codec::Opus, "minptime=10;useinbandfec=1")
+        );
+        for i in 0..3u32 {
+            let tag = Bytes::from(vec![0x91, b'O', b'p', b'u', b's', 0xfc, i as u8]);
+            m.audio(i * 20, &tag, 5_000 + u64::from(i) * 20, 7, &mut out)
+                .unwrap();
+        }
+        let pts: Vec<u64> = out.iter().map(|(_, f)| f.pts).collect();
+        assert_eq!(pts, vec![5_000 * 48, 5_020 * 48, 5_040 * 48]);
+        assert_eq!(&out[1].1.payload[..], &[0xfc, 1]);
+    }
+
+    #[test]
+    fn frame_codec_must_match_its_header() {
+        let mut m = Media::new();
+        let mut out = Vec::new();
+        m.video(0, &avc_seq(), 0, 0, &mut out).unwrap();
+        let hevc = Bytes::from_static(&[0x93, b'h', b'v', b'c', b'1', 0, 0, 0, 2, 0x26, 1]);
+        assert!(matches!(
+            m.video(0, &hevc, 0, 0, &mut out),
+            Err(Error::CodecMismatch)
+        ));
     }
 }

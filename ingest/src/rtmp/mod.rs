@@ -12,6 +12,7 @@
 //!
 //! RTMP cannot answer keyframe requests; viewers rely on the group cache.
 
+mod av1;
 pub mod chunk;
 pub mod clock;
 mod conn;
