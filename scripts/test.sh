@@ -9,6 +9,9 @@ cd "$(dirname "$0")/.."
 # nftables, coturn, janus, ...).
 APT_PACKAGES=(
   ffmpeg # test media: H.264 (libx264) + Opus (libopus), see loadtest/src/media.rs
+  chromium chromium-driver # browser tests (tests/browser.rs, headless, fake camera)
+  iproute2 # network namespaces + veth for the browser tests (Chromium skips loopback)
+  nftables # browser test: UDP dropped, the viewer plays over ICE-TCP
 )
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -40,6 +43,12 @@ install_packages() {
 }
 
 install_packages
+
+# Node packages of the browser tests (playwright-core drives Debian's chromium).
+if command -v npm >/dev/null; then
+  log "npm ci (tests/browser)"
+  (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
 
 # No --locked: several people add dependencies at once here, and a stale committed
 # Cargo.lock should not fail the whole suite (cargo resolves it from crates.io).

@@ -1,0 +1,186 @@
+//! Browser tests: Debian's headless Chromium (driven by tests/browser/run.mjs
+//! through playwright-core) against the real `cascade` binary. Chromium
+//! gathers no loopback candidates, so each test makes its own network
+//! namespace with a veth pair on 198.18.0.0/15 addresses (both ends inside)
+//! and runs cascade, the publisher and Chromium in it. Root only.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
+#[path = "browser/netns.rs"]
+mod netns;
+
+use std::time::Duration;
+
+use netns::{Cascade, Netns, STATIC_IP};
+use serde_json::Value;
+
+/// One test's budget (the brief: ≤ 60 s each).
+const TEST_BUDGET: Duration = Duration::from_secs(60);
+
+fn setup(name: &str) -> Option<(Netns, Cascade)> {
+    let ns = Netns::create(name)?;
+    let cascade = Cascade::start(&ns, &[]);
+    Some((ns, cascade))
+}
+
+fn frames_flow(v: &Value) {
+    let first = &v["first"];
+    let last = &v["last"];
+    assert!(v["ok"] == true, "runner failed: {v:#}");
+    let f0 = first["framesDecoded"].as_u64().unwrap_or(0);
+    let f1 = last["framesDecoded"].as_u64().unwrap_or(0);
+    let a0 = first["audioPackets"].as_u64().unwrap_or(0);
+    let a1 = last["audioPackets"].as_u64().unwrap_or(0);
+    assert!(f0 > 0, "first frame decoded: {v:#}");
+    assert!(
+        f1 > f0 + 30,
+        "frames keep being decoded ({f0} → {f1}): {v:#}"
+    );
+    assert!(
+        a1 > a0 + 50,
+        "audio packets keep arriving ({a0} → {a1}): {v:#}"
+    );
+    assert!(last["width"].as_u64().unwrap_or(0) > 0, "a picture: {v:#}");
+}
+
+#[test]
+fn player_page_plays() {
+    let Some((ns, cascade)) = setup("play") else {
+        return;
+    };
+    let _publisher = ns.publisher(&cascade, "live", 40);
+    let v = ns.run_browser(
+        serde_json::json!({
+            "kind": "play", "base": cascade.base, "stream": "live", "secs": 3,
+            "screenshot": netns::screenshot("player.png"),
+        }),
+        TEST_BUDGET,
+    );
+    frames_flow(&v);
+    eprintln!(
+        "player page: first frame {} ms after the peer connection",
+        v["ttffMs"]
+    );
+}
+
+#[test]
+fn browser_publishes_and_another_tab_watches() {
+    let Some((ns, cascade)) = setup("pub") else {
+        return;
+    };
+    let v = ns.run_browser(
+        serde_json::json!({
+            "kind": "publish-and-watch", "base": cascade.base, "stream": "fromchrome",
+            "token": netns::TOKEN, "secs": 3,
+            "screenshot": netns::screenshot("publish.png"),
+        }),
+        TEST_BUDGET,
+    );
+    assert_eq!(v["publishState"], "live", "publish page went live: {v:#}");
+    frames_flow(&v);
+}
+
+#[test]
+fn whep_client_on_another_origin_with_trickle_and_ice_restart() {
+    let Some((ns, cascade)) = setup("cors") else {
+        return;
+    };
+    let _publisher = ns.publisher(&cascade, "live", 40);
+    let v = ns.run_browser(
+        serde_json::json!({
+            "kind": "whep-client", "base": cascade.base, "stream": "live",
+            "staticHost": STATIC_IP, "restart": true,
+        }),
+        TEST_BUDGET,
+    );
+    assert!(v["ok"] == true, "runner failed: {v:#}");
+    let origin = v["client"]["origin"].as_str().unwrap_or("");
+    assert!(
+        origin.contains(STATIC_IP) && !cascade.base.contains(origin),
+        "another origin: {v:#}"
+    );
+    assert!(
+        v["before"]["first"]["framesDecoded"].as_u64().unwrap_or(0) > 0,
+        "plays: {v:#}"
+    );
+    // Trickle PATCHes were answered 204 (they went through the CORS preflight).
+    let trickle = v["client"]["trickleStatus"]
+        .as_array()
+        .cloned()
+        .unwrap_or_default();
+    assert!(
+        !trickle.is_empty() && trickle.iter().all(|s| s == 204),
+        "trickle 204: {v:#}"
+    );
+    let r = &v["restart"];
+    assert_eq!(r["status"], 200, "ice restart answered: {v:#}");
+    assert_eq!(r["contentType"], "application/trickle-ice-sdpfrag");
+    assert_ne!(r["etag"], r["etagBefore"], "new etag");
+    let before = v["afterRestart"]["mid"]["framesDecoded"]
+        .as_u64()
+        .unwrap_or(0);
+    let after = v["afterRestart"]["last"]["framesDecoded"]
+        .as_u64()
+        .unwrap_or(0);
+    assert!(
+        after > before + 30,
+        "frames keep flowing after the restart ({before} → {after}): {v:#}"
+    );
+    assert_eq!(v["afterRestart"]["last"]["state"], "connected", "{v:#}");
+}
+
+#[test]
+fn ice_tcp_when_udp_is_dropped() {
+    let Some((ns, cascade)) = setup("tcp") else {
+        return;
+    };
+    // Every UDP packet but the publisher's is dropped: the viewer can only
+    // use cascade's passive TCP candidate.
+    let _publisher = ns.publisher(&cascade, "live", 40);
+    ns.drop_udp();
+    let v = ns.run_browser(
+        serde_json::json!({ "kind": "play", "base": cascade.base, "stream": "live", "secs": 3 }),
+        TEST_BUDGET,
+    );
+    frames_flow(&v);
+    assert_eq!(
+        v["last"]["path"]["protocol"], "tcp",
+        "viewer path is TCP: {v:#}"
+    );
+}
+
+#[test]
+fn time_to_first_frame_over_20_joins() {
+    let Some((ns, cascade)) = setup("ttff") else {
+        return;
+    };
+    let _publisher = ns.publisher(&cascade, "live", 55);
+    let v = ns.run_browser(
+        serde_json::json!({ "kind": "ttff", "base": cascade.base, "stream": "live", "joins": 20 }),
+        TEST_BUDGET,
+    );
+    assert!(v["ok"] == true, "runner failed: {v:#}");
+    let mut joins: Vec<u64> = v["joins"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|j| j.as_u64().expect("every join decoded a frame"))
+        .collect();
+    joins.sort_unstable();
+    let p = |q: f64| joins[((joins.len() as f64 - 1.0) * q).round() as usize];
+    eprintln!(
+        "chromium time to first frame over {} joins: p50 {} ms, p95 {} ms, max {} ms",
+        joins.len(),
+        p(0.5),
+        p(0.95),
+        p(1.0)
+    );
+    assert!(p(0.5) < 1500, "p50 {} ms", p(0.5));
+}
+
+/// Not a test on its own: the WHIP publisher that the tests above start
+/// inside their namespace by running this test binary again there.
+#[test]
+fn helper_whip_publisher() {
+    netns::publisher_main();
+}

@@ -1,0 +1,207 @@
+// Drives headless Chromium for cascade's browser tests (tests/browser.rs runs
+// this inside a network namespace). Every RTCPeerConnection a page creates is
+// recorded by an init script, so any player (ours, OvenPlayer, Eyevinn's) is
+// measured the same way through getStats(). Prints one JSON object.
+//
+// usage: node run.mjs '<json job>'   (see the `job.kind` switch below)
+import { chromium } from "playwright-core";
+import http from "node:http";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const job = JSON.parse(process.argv[2] || "{}");
+const out = { ok: false, kind: job.kind };
+
+// Records every peer connection and the time it was made.
+const RECORD_PCS = `
+  (() => {
+    const Orig = window.RTCPeerConnection;
+    window.__pcs = [];
+    window.RTCPeerConnection = function (...args) {
+      const pc = new Orig(...args);
+      pc.__created = performance.now();
+      window.__pcs.push(pc);
+      return pc;
+    };
+    window.RTCPeerConnection.prototype = Orig.prototype;
+    Object.setPrototypeOf(window.RTCPeerConnection, Orig);
+  })();
+`;
+
+// One getStats() summary over the page's receiving peer connections.
+async function sample(page) {
+  return page.evaluate(async () => {
+    const s = { pcs: window.__pcs ? window.__pcs.length : 0, framesDecoded: 0, audioPackets: 0, videoPackets: 0,
+      width: 0, height: 0, path: null, state: null, created: null, framesSent: 0, audioSent: 0 };
+    for (const pc of window.__pcs || []) {
+      if (pc.connectionState === "closed") continue;
+      s.state = pc.connectionState;
+      s.created = pc.__created;
+      const r = await pc.getStats();
+      r.forEach((x) => {
+        if (x.type === "inbound-rtp" && x.kind === "video") {
+          s.framesDecoded += x.framesDecoded || 0; s.videoPackets += x.packetsReceived || 0;
+          s.width = x.frameWidth || s.width; s.height = x.frameHeight || s.height;
+        }
+        if (x.type === "inbound-rtp" && x.kind === "audio") s.audioPackets += x.packetsReceived || 0;
+        if (x.type === "outbound-rtp" && x.kind === "video") s.framesSent += x.framesSent || 0;
+        if (x.type === "outbound-rtp" && x.kind === "audio") s.audioSent += x.packetsSent || 0;
+        if (x.type === "candidate-pair" && x.nominated && x.state === "succeeded") {
+          const l = r.get(x.localCandidateId), rm = r.get(x.remoteCandidateId);
+          if (l && rm) s.path = { local: l.candidateType, protocol: l.protocol, relay: l.relayProtocol || null,
+            remote: rm.address + ":" + rm.port, remoteProtocol: rm.protocol };
+        }
+      });
+    }
+    s.now = performance.now();
+    return s;
+  });
+}
+
+async function waitFor(page, pred, ms, every = 25) {
+  const end = Date.now() + ms;
+  let s = await sample(page);
+  while (!pred(s) && Date.now() < end) {
+    await new Promise((r) => setTimeout(r, every));
+    s = await sample(page);
+  }
+  return s;
+}
+
+// Watches a page for `secs`: frames and audio must keep rising.
+async function watch(page, secs) {
+  const first = await waitFor(page, (s) => s.framesDecoded > 0, 20000);
+  const ttff = first.framesDecoded > 0 && first.created != null ? Math.round(first.now - first.created) : null;
+  await new Promise((r) => setTimeout(r, secs * 1000));
+  const last = await sample(page);
+  return { first, last, ttffMs: ttff };
+}
+
+// Static files for "another origin" pages (players from npm, our WHEP client).
+function serveStatic(host) {
+  const files = {
+    "/whep-client.html": ["text/html", path.join(here, "whep-client.html")],
+    "/ovenplayer.html": ["text/html", path.join(here, "ovenplayer.html")],
+    "/ovenplayer.js": ["text/javascript", path.join(here, "node_modules/ovenplayer/dist/ovenplayer.js")],
+    "/eyevinn.html": ["text/html", path.join(here, "eyevinn.html")],
+    "/eyevinn.js": ["text/javascript", path.join(here, "build/eyevinn.js")],
+  };
+  const server = http.createServer((req, res) => {
+    const f = files[new URL(req.url, "http://x").pathname];
+    if (!f || !fs.existsSync(f[1])) { res.writeHead(404); res.end(); return; }
+    res.writeHead(200, { "content-type": f[0] });
+    fs.createReadStream(f[1]).pipe(res);
+  });
+  return new Promise((resolve) => server.listen(0, host, () => resolve(server)));
+}
+
+const FLAGS = [
+  "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+  "--autoplay-policy=no-user-gesture-required",
+];
+
+async function main() {
+  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "cascade-chromium-"));
+  const ctx = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: job.chromium || "/usr/bin/chromium",
+    headless: true,
+    // getUserMedia needs a secure context; the test origin is plain http.
+    args: FLAGS.concat(job.base ? [`--unsafely-treat-insecure-origin-as-secure=${job.base}`] : [], job.flags || []),
+    viewport: { width: 1000, height: 640 },
+  });
+  await ctx.addInitScript(RECORD_PCS);
+  const logs = [];
+  ctx.on("page", (p) => p.on("console", (m) => logs.push(m.type() + ": " + m.text())));
+  let server = null;
+  try {
+    const base = job.base; // http://198.18.0.1:PORT
+    const newPage = async () => { const p = await ctx.newPage(); p.on("console", (m) => logs.push(m.type() + ": " + m.text())); return p; };
+    switch (job.kind) {
+      case "play": {
+        const page = await newPage();
+        await page.goto(`${base}/play/${job.stream}${job.query || ""}`, { waitUntil: "domcontentloaded" });
+        Object.assign(out, await watch(page, job.secs || 3));
+        if (job.screenshot) await page.screenshot({ path: job.screenshot });
+        break;
+      }
+      case "publish-and-watch": {
+        const pub = await newPage();
+        await pub.goto(`${base}/publish/${job.stream}?token=${encodeURIComponent(job.token)}&autostart=1`, { waitUntil: "domcontentloaded" });
+        const sent = await waitFor(pub, (s) => s.framesSent > 30, 20000, 100);
+        out.publisher = sent;
+        out.publishState = await pub.evaluate(() => window.cascade && window.cascade.state);
+        const view = await newPage();
+        await view.goto(`${base}/play/${job.stream}`, { waitUntil: "domcontentloaded" });
+        Object.assign(out, await watch(view, job.secs || 3));
+        if (job.screenshot) await pub.screenshot({ path: job.screenshot });
+        if (job.screenshotPlayer) await view.screenshot({ path: job.screenshotPlayer });
+        // Closing the publishing tab ends the WHIP session (pagehide → DELETE).
+        await pub.close({ runBeforeUnload: true });
+        break;
+      }
+      case "whep-client": {
+        // Our own minimal WHEP client on another origin: CORS, trickle, ICE restart.
+        server = await serveStatic(job.staticHost);
+        const origin = `http://${job.staticHost}:${server.address().port}`;
+        const page = await newPage();
+        await page.goto(`${origin}/whep-client.html?url=${encodeURIComponent(`${base}/whep/${job.stream}`)}`, { waitUntil: "domcontentloaded" });
+        const before = await watch(page, 2);
+        Object.assign(out, { before, ttffMs: before.ttffMs });
+        if (job.restart) {
+          out.restart = await page.evaluate(() => window.client.restartIce());
+          const mid = await sample(page);
+          await new Promise((r) => setTimeout(r, 3000));
+          out.afterRestart = { mid, last: await sample(page) };
+        }
+        out.client = await page.evaluate(() => ({ state: window.client.state, trickled: window.client.trickled, trickleStatus: window.client.trickleStatus, origin: location.origin }));
+        out.last = await sample(page);
+        break;
+      }
+      case "ttff": {
+        // Joins one after another; time from the peer connection's creation
+        // to the first decoded frame.
+        out.joins = [];
+        for (let i = 0; i < (job.joins || 20); i++) {
+          const page = await newPage();
+          await page.goto(`${base}/play/${job.stream}`, { waitUntil: "domcontentloaded" });
+          const s = await waitFor(page, (x) => x.framesDecoded > 0, 10000, 10);
+          out.joins.push(s.framesDecoded > 0 && s.created != null ? Math.round(s.now - s.created) : null);
+          await page.close({ runBeforeUnload: true });
+        }
+        break;
+      }
+      case "player": {
+        // A player from npm served from another origin (ovenplayer.html, eyevinn.html).
+        server = await serveStatic(job.staticHost);
+        const origin = `http://${job.staticHost}:${server.address().port}`;
+        const page = await newPage();
+        await page.goto(`${origin}/${job.page}?${job.pageQuery || ""}`, { waitUntil: "domcontentloaded" });
+        Object.assign(out, await watch(page, job.secs || 3));
+        if (job.screenshot) await page.screenshot({ path: job.screenshot });
+        break;
+      }
+      default:
+        throw new Error("unknown job kind " + job.kind);
+    }
+    out.ok = true;
+  } catch (e) {
+    out.error = String(e && e.stack || e);
+  } finally {
+    out.logs = logs.slice(-40);
+    if (server) server.close();
+    await ctx.close().catch(() => {});
+    fs.rmSync(userDataDir, { recursive: true, force: true });
+  }
+  process.stdout.write(JSON.stringify(out) + "\n");
+}
+
+const killer = setTimeout(() => {
+  process.stdout.write(JSON.stringify({ ok: false, kind: job.kind, error: "runner timeout" }) + "\n");
+  process.exit(2);
+}, (job.timeoutSecs || 55) * 1000);
+main().then(() => { clearTimeout(killer); process.exit(0); });
