@@ -1,0 +1,217 @@
+//! Edge test harness: a real `cascade_rtc::Server` on 127.0.0.1 (UDP port 0),
+//! a registry fed by an in-process publisher writing real H.264 + Opus made by
+//! ffmpeg (loadtest's test media, every video frame tagged with a sequence
+//! number), and the edge router on 127.0.0.1:0. Viewers are loadtest's str0m
+//! WHEP viewers.
+#![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // test harness: failures panic the test
+
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use cascade_origin::catalog::{Catalog, Codec, TrackInfo};
+use cascade_origin::frame::Frame;
+use cascade_origin::Registry;
+use loadtest::media::{Options, TestMedia};
+use loadtest::tag::{self, Tag};
+use tokio::task::JoinHandle;
+
+/// Everything a test talks to.
+pub struct Edge {
+    pub registry: Arc<Registry>,
+    pub rtc: cascade_rtc::Server,
+    pub http: SocketAddr,
+}
+
+impl Edge {
+    pub async fn start(cfg: cascade_edge::Config) -> Self {
+        Self::start_with(cfg, 1000).await
+    }
+
+    pub async fn start_with(cfg: cascade_edge::Config, max_sessions: usize) -> Self {
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(std::env::var("RUST_LOG").unwrap_or_else(|_| "warn".into()))
+            .with_test_writer()
+            .try_init();
+        let registry = Registry::new();
+        let rtc = cascade_rtc::Server::bind(cascade_rtc::Config {
+            udp: SocketAddr::from(([127, 0, 0, 1], 0)),
+            tcp: None,
+            advertise: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)],
+            shards: 2,
+            max_sessions,
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let app = cascade_edge::router(registry.clone(), rtc.clone(), cfg);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let http = listener.local_addr().unwrap();
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        Self {
+            registry,
+            rtc,
+            http,
+        }
+    }
+
+    pub fn whep_url(&self, stream: &str) -> String {
+        format!("http://{}/whep/{stream}", self.http)
+    }
+}
+
+/// Test media: 640×360 30 fps constrained baseline, a keyframe every
+/// `gop_frames`, 20 ms Opus; cached on disk between runs.
+pub async fn media(gop_frames: u32) -> Arc<TestMedia> {
+    let m = tokio::time::timeout(
+        Duration::from_secs(180),
+        TestMedia::generate(Options {
+            gop_frames,
+            seconds: 6,
+            video_kbps: 800,
+            ..Default::default()
+        }),
+    )
+    .await
+    .expect("ffmpeg took too long")
+    .expect("ffmpeg failed: install it with apt-get install -y ffmpeg");
+    Arc::new(m)
+}
+
+pub fn catalog() -> Catalog {
+    Catalog {
+        tracks: vec![
+            TrackInfo {
+                name: "video".into(),
+                codec: Codec::H264,
+                fmtp: "profile-level-id=42e01f;packetization-mode=1".into(),
+                channels: None,
+                bframes: false,
+            },
+            TrackInfo {
+                name: "audio".into(),
+                codec: Codec::Opus,
+                fmtp: "minptime=10;useinbandfec=1".into(),
+                channels: Some(2),
+                bframes: false,
+            },
+        ],
+    }
+}
+
+/// An in-process publisher looping the clip in real time; dropping it ends
+/// the stream (unless a newer publisher took it over).
+pub struct Publisher {
+    task: JoinHandle<()>,
+    pub keyframe_requests: Arc<AtomicU64>,
+    pub video_frames: Arc<AtomicU64>,
+}
+
+impl Drop for Publisher {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl Publisher {
+    /// Publishes `name`, tagging video frames with sequence numbers from
+    /// `seq_start`; timestamps start at 0 like a fresh encoder.
+    pub fn start(
+        registry: &Arc<Registry>,
+        name: &str,
+        media: Arc<TestMedia>,
+        seq_start: u64,
+    ) -> Self {
+        let mut publisher = registry.publish(name, catalog(), "test").unwrap();
+        let keyframe_requests = Arc::new(AtomicU64::new(0));
+        let video_frames = Arc::new(AtomicU64::new(0));
+        let (kf, vf) = (keyframe_requests.clone(), video_frames.clone());
+        let task = tokio::spawn(async move {
+            let start = tokio::time::Instant::now();
+            let (mut vi, mut ai, mut vloops, mut aloops) = (0usize, 0usize, 0u64, 0u64);
+            let mut seq = seq_start;
+            loop {
+                let vpts = vloops * media.duration_90k + media.video[vi].pts_90k;
+                let apts = aloops * media.duration_48k + media.audio[ai].pts_48k;
+                let vdue = start + Duration::from_micros(vpts * 1_000_000 / 90_000);
+                let adue = start + Duration::from_micros(apts * 1_000_000 / 48_000);
+                let due = vdue.min(adue);
+                tokio::select! {
+                    _ = tokio::time::sleep_until(due) => {}
+                    _ = async {
+                        match publisher.track_mut("video") {
+                            Some(p) => p.keyframe_requested().await,
+                            None => std::future::pending().await,
+                        }
+                    } => {
+                        kf.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    }
+                }
+                if vdue <= adue {
+                    let f = &media.video[vi];
+                    let au = tag::insert(
+                        &f.annexb,
+                        Tag {
+                            seq,
+                            sent_us: loadtest::wallclock_us(),
+                        },
+                    );
+                    seq += 1;
+                    let frame = Frame {
+                        payload: Bytes::from(au),
+                        pts: vpts,
+                        dts: vpts,
+                        keyframe: f.keyframe,
+                        ingest_us: cascade_origin::wallclock_us(),
+                    };
+                    if publisher.track("video").unwrap().write(frame).is_err() {
+                        return;
+                    }
+                    vf.fetch_add(1, Ordering::Relaxed);
+                    vi += 1;
+                    if vi == media.video.len() {
+                        vi = 0;
+                        vloops += 1;
+                    }
+                } else {
+                    let f = &media.audio[ai];
+                    let frame = Frame {
+                        payload: f.packet.clone(),
+                        pts: apts,
+                        dts: apts,
+                        keyframe: true,
+                        ingest_us: cascade_origin::wallclock_us(),
+                    };
+                    if publisher.track("audio").unwrap().write(frame).is_err() {
+                        return;
+                    }
+                    ai += 1;
+                    if ai == media.audio.len() {
+                        ai = 0;
+                        aloops += 1;
+                    }
+                }
+            }
+        });
+        Self {
+            task,
+            keyframe_requests,
+            video_frames,
+        }
+    }
+}
+
+/// Polls `f` until it holds or `limit` passes.
+pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
+    let until = Instant::now() + limit;
+    while Instant::now() < until {
+        if f() {
+            return true;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    f()
+}

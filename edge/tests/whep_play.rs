@@ -1,0 +1,159 @@
+//! Real WHEP viewers (str0m, real sockets on 127.0.0.1) watching a stream fed
+//! with ffmpeg-made H.264 + Opus: frame order, fast start mid-GOP, DELETE,
+//! publisher takeover and stream end.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{eventually, media, Edge, Publisher};
+use loadtest::whep::{Viewer, ViewerOptions};
+
+/// 3 s GOP: a viewer that waited for the next keyframe would wait up to 3 s.
+const GOP_FRAMES: u32 = 90;
+
+fn opts(edge: &Edge, stream: &str, secs: u64) -> ViewerOptions {
+    let mut o = ViewerOptions::new(edge.whep_url(stream));
+    o.duration = Some(Duration::from_secs(secs));
+    o
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_frame_in_order_from_a_keyframe_with_audio() {
+    let edge = Edge::start(Default::default()).await;
+    let media = media(GOP_FRAMES).await;
+    let _p = Publisher::start(&edge.registry, "play", media, 0);
+    // Join mid-GOP.
+    tokio::time::sleep(Duration::from_millis(1400)).await;
+    let viewer = Viewer::start(opts(&edge, "play", 4)).await.unwrap();
+    let r = viewer.finish_duration().await.unwrap();
+    println!(
+        "viewer: ttff {:?} ms, connect {:?} ms, video {} frames, audio {}, latency p50 {:?} ms p99 {:?} ms",
+        r.ttff_ms, r.connect_ms, r.video_frames, r.audio_frames, r.latency_ms_p50, r.latency_ms_p99
+    );
+    assert!(r.connected);
+    assert_eq!(r.video_codec.as_deref(), Some("H264"));
+    assert_eq!(
+        r.first_frame_keyframe,
+        Some(true),
+        "first frame must be decodable"
+    );
+    assert!(r.video_frames >= 90, "video frames {}", r.video_frames);
+    assert!(r.audio_frames >= 150, "audio frames {}", r.audio_frames);
+    assert!(r.seq_gaps.is_empty(), "gaps {:?}", r.seq_gaps);
+    assert!(
+        r.seq_backwards.is_empty(),
+        "backwards {:?}",
+        r.seq_backwards
+    );
+    assert_eq!(r.packets_lost, 0);
+    assert_eq!(r.tagged_frames, r.video_frames);
+    let ttff = r.ttff_ms.unwrap();
+    assert!(
+        ttff < 1000.0,
+        "time to first frame {ttff} ms with a 3 s GOP"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewers_joining_mid_gop_start_fast() {
+    let edge = Edge::start(Default::default()).await;
+    let media = media(GOP_FRAMES).await;
+    let _p = Publisher::start(&edge.registry, "join", media, 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut ttffs = Vec::new();
+    // Joins spread over two GOPs, at different distances from the keyframe.
+    for i in 0..6 {
+        tokio::time::sleep(Duration::from_millis(700)).await;
+        let v = Viewer::start(opts(&edge, "join", 2)).await.unwrap();
+        let r = v.finish_duration().await.unwrap();
+        println!(
+            "viewer {i}: ttff {:?} ms, seqs {:?}..{:?}, frames {}, keyframes {}, lost {}, noncontiguous {}",
+            r.ttff_ms, r.first_seq, r.last_seq, r.video_frames, r.keyframes, r.packets_lost, r.noncontiguous_frames
+        );
+        assert_eq!(r.first_frame_keyframe, Some(true), "viewer {i}");
+        assert!(r.seq_gaps.is_empty(), "viewer {i}: gaps {:?}", r.seq_gaps);
+        ttffs.push(r.ttff_ms.unwrap());
+    }
+    ttffs.sort_by(f64::total_cmp);
+    println!("time to first frame (ms, sorted, 3 s GOP, loopback): {ttffs:?}");
+    let p50 = ttffs[ttffs.len() / 2];
+    assert!(p50 < 600.0, "ttff p50 {p50} ms");
+    assert!(ttffs.iter().all(|t| *t < 1500.0), "{ttffs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn delete_frees_the_session() {
+    let edge = Edge::start(Default::default()).await;
+    let media = media(GOP_FRAMES).await;
+    let _p = Publisher::start(&edge.registry, "del", media, 0);
+    let mut v = Viewer::start(opts(&edge, "del", 30)).await.unwrap();
+    v.wait_connected().await.unwrap();
+    assert_eq!(edge.registry.viewers("del"), 1);
+    assert_eq!(edge.rtc.sessions(), 1);
+    let (status, report) = v.delete().await.unwrap();
+    assert_eq!(status, 200);
+    assert!(report.video_frames > 0);
+    let freed = eventually(Duration::from_secs(3), || {
+        edge.registry.viewers("del") == 0 && edge.rtc.sessions() == 0
+    })
+    .await;
+    assert!(
+        freed,
+        "viewers {} sessions {}",
+        edge.registry.viewers("del"),
+        edge.rtc.sessions()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn takeover_keeps_viewers_on_a_continuous_timeline() {
+    let edge = Edge::start(Default::default()).await;
+    let media = media(GOP_FRAMES).await;
+    let first = Publisher::start(&edge.registry, "take", media.clone(), 0);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let viewer = Viewer::start(opts(&edge, "take", 7)).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    // A reconnecting encoder: timestamps restart at 0, sequence tags jump.
+    let _second = Publisher::start(&edge.registry, "take", media, 1_000_000);
+    drop(first);
+    let r = viewer.finish_duration().await.unwrap();
+    println!(
+        "takeover: video {} frames, gaps {:?}, video drift {:?} ms, a/v drift {:?} ms",
+        r.video_frames, r.seq_gaps, r.video_drift_ms, r.av_drift_ms
+    );
+    assert!(
+        r.last_seq.unwrap() >= 1_000_000 + 30,
+        "viewer resumed on the new publisher"
+    );
+    assert!(r.seq_backwards.is_empty());
+    assert_eq!(r.seq_gaps.len(), 1, "{:?}", r.seq_gaps);
+    assert!(r.keyframes >= 2);
+    // Without re-basing, the RTP clock would step back ~3 s at the takeover.
+    let drift = r.video_drift_ms.unwrap();
+    assert!(
+        drift.abs() < 500.0,
+        "video clock drift {drift} ms across takeover"
+    );
+    assert!(
+        r.av_drift_ms.unwrap().abs() < 200.0,
+        "a/v drift {:?}",
+        r.av_drift_ms
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_end_closes_viewer_sessions() {
+    let edge = Edge::start(Default::default()).await;
+    let media = media(GOP_FRAMES).await;
+    let p = Publisher::start(&edge.registry, "end", media, 0);
+    let mut v = Viewer::start(opts(&edge, "end", 30)).await.unwrap();
+    v.wait_connected().await.unwrap();
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    drop(p);
+    let closed = eventually(Duration::from_secs(3), || edge.rtc.sessions() == 0).await;
+    assert!(closed, "session still open after the stream ended");
+    assert_eq!(edge.registry.viewers("end"), 0);
+    let _ = v.stop().await;
+}
