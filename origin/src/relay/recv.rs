@@ -8,6 +8,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use tokio::sync::{mpsc, watch, Notify};
+use tracing::Instrument;
 
 use super::order::Order;
 use super::session::Event;
@@ -117,7 +118,9 @@ impl Incoming {
         let (tx, rx) = mpsc::channel(MEDIA_QUEUE);
         routes.insert(id, tx);
         let (catalog, catalog_rx) = watch::channel(publisher.catalog());
-        let task = tokio::spawn(run(id, publisher, rx, catalog_rx, events, linger));
+        let span = tracing::info_span!("stream", stream = %publisher.name(), id);
+        let task =
+            tokio::spawn(run(id, publisher, rx, catalog_rx, events, linger).instrument(span));
         Self {
             id,
             catalog,

@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 use super::session::Event;
 use super::wire::{encode_frame_header, GroupHeader, MAX_GROUP_BYTES};
@@ -71,7 +72,9 @@ impl Outgoing {
     ) -> Self {
         let (tx, rx) = mpsc::channel(KEYFRAME_QUEUE);
         let live = subscriber.clone();
-        let task = tokio::spawn(run(id, subscriber, conn, seq, rx, events, resume));
+        let span = tracing::info_span!("stream", stream = %subscriber.name(), id);
+        let task =
+            tokio::spawn(run(id, subscriber, conn, seq, rx, events, resume).instrument(span));
         Self {
             keyframes: tx,
             live,
@@ -161,14 +164,17 @@ fn sync_tracks(
             consumer.skip_to_keyframe();
             consumer.request_keyframe();
         }
-        let task = tokio::spawn(run_track(
-            ctx.id,
-            info.name.clone(),
-            info.kind() == Kind::Audio,
-            consumer,
-            ctx.conn.clone(),
-            ctx.seq.clone(),
-        ));
+        let task = tokio::spawn(
+            run_track(
+                ctx.id,
+                info.name.clone(),
+                info.kind() == Kind::Audio,
+                consumer,
+                ctx.conn.clone(),
+                ctx.seq.clone(),
+            )
+            .in_current_span(),
+        );
         running.insert(info.name.clone(), (info.clone(), AbortOnDrop(task)));
     }
 }

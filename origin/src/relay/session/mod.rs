@@ -14,6 +14,7 @@ use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
+use tracing::Instrument;
 
 mod handle;
 
@@ -287,7 +288,7 @@ impl Session {
                 }
                 uni = self.conn.accept_uni() => match uni {
                     Ok(stream) => {
-                        tokio::spawn(read_group(self.conn.clone(), stream, self.routes.clone()));
+                        tokio::spawn(read_group(self.conn.clone(), stream, self.routes.clone()).in_current_span());
                         Ok(())
                     }
                     Err(e) => Err(Error::Connection(e)),
