@@ -36,9 +36,15 @@ fn browser_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
 }
 
-/// Where a screenshot of a page goes (committed under docs/screenshots/).
+/// Where a screenshot of a page goes: docs/screenshots/ (committed) when
+/// `CASCADE_SCREENSHOTS=1`, else a temporary directory, so a test run
+/// leaves the work tree as it was.
 pub(crate) fn screenshot(name: &str) -> String {
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots");
+    let dir = if std::env::var("CASCADE_SCREENSHOTS").is_ok_and(|v| v == "1") {
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("docs/screenshots")
+    } else {
+        std::env::temp_dir().join("cascade-screenshots")
+    };
     let _ = std::fs::create_dir_all(&dir);
     dir.join(name).to_string_lossy().into_owned()
 }
