@@ -273,3 +273,36 @@ async fn deeply_nested_amf_within_the_size_cap_is_survived() {
     server.stop().await;
     assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a task panicked");
 }
+
+#[tokio::test]
+async fn connections_past_the_limit_are_closed_at_once() {
+    count_panics();
+    let server = Server::start().await;
+    let mut held = Vec::new();
+    for _ in 0..cascade_ingest::rtmp::MAX_CONNECTIONS {
+        held.push(TcpStream::connect(server.addr).await.unwrap());
+    }
+    // Let the server accept them all before the one too many.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut extra = TcpStream::connect(server.addr).await.unwrap();
+    assert!(
+        closed_within(&mut extra, Duration::from_secs(2)).await,
+        "connection past the limit kept"
+    );
+    // The held ones are still open (they are in their handshake deadline).
+    assert!(!closed_within(&mut held[0], Duration::from_millis(200)).await);
+    drop(held);
+    // Slots free up: a publish works again.
+    let mut ok = None;
+    for _ in 0..50 {
+        if let Ok(c) = Client::publish(server.addr, "live", &format!("s?token={TOKEN}")).await {
+            ok = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(ok.is_some(), "no slot freed after the clients left");
+    drop(ok);
+    server.stop().await;
+    assert_eq!(PANICS.load(Ordering::SeqCst), 0, "a task panicked");
+}

@@ -55,6 +55,16 @@ impl Clock {
         out
     }
 
+    /// Moves the timeline forward by `ms` from the last timestamp on: used
+    /// when one track stepped back on its own (a per-track jump the shared
+    /// clock tolerates as interleaving), so both tracks move together.
+    pub fn advance(&mut self, ms: u64) {
+        if let Some(last) = &mut self.last {
+            last.out = last.out.saturating_add(ms);
+            self.jumps += 1;
+        }
+    }
+
     /// Jumps rebased so far.
     pub fn jumps(&self) -> u64 {
         self.jumps

@@ -441,11 +441,16 @@ impl Publishing {
 async fn handshake(io: &mut TcpStream) -> Result<Vec<u8>, Error> {
     let mut hs = Handshake::new(PeerType::Server);
     let mut buf = [0u8; 4096];
+    let mut total = 0;
     loop {
         let n = io.read(&mut buf).await?;
+        if n == 0 && total == 0 {
+            return Err(Error::ClosedEarly);
+        }
         if n == 0 {
             return Err(Error::Handshake("closed during handshake".into()));
         }
+        total += n;
         let r = hs
             .process_bytes(buf.get(..n).unwrap_or_default())
             .map_err(|e| Error::Handshake(e.to_string()))?;

@@ -25,6 +25,9 @@ pub const FRAME_WAIT_MS: u64 = 3_000;
 const VIDEO_PER_MS: u64 = 90;
 /// Opus clock per ms.
 const AUDIO_PER_MS: u64 = 48;
+/// Where a video frame that stepped back in time is put after the previous
+/// one: about a frame at 30 fps.
+const BACKSTEP_GAP_MS: u64 = 33;
 
 /// Which track a frame belongs to.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -247,7 +250,13 @@ impl Media {
                 if payload.is_empty() {
                     return Ok(());
                 }
-                let dts_ms = self.clock.map(raw_ts, now_ms).max(self.last_video_dts);
+                let mut dts_ms = self.clock.map(raw_ts, now_ms);
+                if self.video_frames > 0 && dts_ms < self.last_video_dts {
+                    // Video stepped back on its own: continue one frame on.
+                    let target = self.last_video_dts + BACKSTEP_GAP_MS;
+                    self.clock.advance(target - dts_ms);
+                    dts_ms = target;
+                }
                 self.last_video_dts = dts_ms;
                 if cts != 0 && !self.bframes {
                     self.bframes = true;
@@ -332,7 +341,15 @@ impl Media {
                 let mut packets = Vec::new();
                 transcoder.push(&frame, pts, &mut packets)?;
                 for p in packets {
-                    out.push((Track::Audio, audio_frame(p.payload, p.pts, ingest_us)));
+                    // A new AudioSpecificConfig restarts the transcoder: never
+                    // let its first packets step back over the old ones.
+                    let pts = if self.last_audio_pts == 0 {
+                        p.pts
+                    } else {
+                        p.pts.max(self.last_audio_pts + audio::FRAME_SAMPLES as u64)
+                    };
+                    self.last_audio_pts = pts;
+                    out.push((Track::Audio, audio_frame(p.payload, pts, ingest_us)));
                 }
                 Ok(())
             }
@@ -473,6 +490,25 @@ mod tests {
         )
         .unwrap();
         assert_eq!(m.catalog().tracks[0].codec, Codec::Opus);
+    }
+
+    #[test]
+    fn video_stepping_back_moves_both_tracks_on() {
+        let mut m = Media::new();
+        let mut out = Vec::new();
+        m.video(0, &avc_seq(), 10_000, 0, &mut out).unwrap();
+        m.video(1_000, &avc_frame(true, 0, 0x65), 10_000, 0, &mut out)
+            .unwrap();
+        m.video(1_033, &avc_frame(false, 0, 0x41), 10_033, 0, &mut out)
+            .unwrap();
+        // 500 ms back: within the interleaving tolerance of the shared clock.
+        m.video(533, &avc_frame(false, 0, 0x41), 10_066, 0, &mut out)
+            .unwrap();
+        m.video(566, &avc_frame(false, 0, 0x41), 10_100, 0, &mut out)
+            .unwrap();
+        let dts: Vec<u64> = out.iter().map(|(_, f)| f.dts / 90).collect();
+        assert_eq!(dts, vec![10_000, 10_033, 10_066, 10_099]);
+        assert_eq!(m.jumps(), 1);
     }
 
     #[test]

@@ -54,6 +54,9 @@ pub enum Error {
     /// Socket failure.
     #[error("io: {0}")]
     Io(#[from] std::io::Error),
+    /// The peer closed before sending a byte (a port probe, a health check).
+    #[error("closed before the handshake")]
+    ClosedEarly,
     /// The handshake was malformed.
     #[error("handshake: {0}")]
     Handshake(String),
@@ -85,7 +88,7 @@ impl Error {
     pub fn reason(&self) -> &'static str {
         match self {
             Self::Io(_) | Self::WriteTimeout => "io",
-            Self::Handshake(_) | Self::HandshakeTimeout => "handshake",
+            Self::Handshake(_) | Self::HandshakeTimeout | Self::ClosedEarly => "handshake",
             Self::Idle => "idle",
             Self::Chunk(_) | Self::Session(_) => "protocol",
             Self::Refused(r) => r,
@@ -164,6 +167,7 @@ async fn run(
     let _ = socket.set_nodelay(true);
     match conn::Conn::run(socket, ctx, shutdown).await {
         Ok(reason) => tracing::info!(reason, "rtmp connection closed"),
+        Err(Error::ClosedEarly) => tracing::debug!("rtmp connection closed before the handshake"),
         Err(e) => {
             tracing::info!(error = %e, "rtmp connection refused");
             metrics::counter!(crate::metrics::RTMP_REFUSED, "reason" => e.reason()).increment(1);
