@@ -261,7 +261,12 @@ fn message_len(buf: &[u8]) -> Result<Option<usize>> {
     Ok(Some(len))
 }
 
-/// The header opening every group stream.
+/// The header opening every group stream. On the wire (big-endian):
+/// `id: u64 | group: u64 | track_len: u8 | track: [u8; track_len]`, then
+/// frames until the stream ends, each
+/// `flags: u8 (bit 0 keyframe) | pts: u64 | dts: u64 | ingest_us: u64 |
+/// len: u32 | payload: [u8; len]`. Control messages on the bidirectional
+/// stream are `len: u32 | JSON body` ([`Message`]).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct GroupHeader {
     /// Publication or subscription id the group belongs to.
