@@ -41,7 +41,9 @@ pub type Nonce = [u8; 32];
 /// `Subscribe` (even ids by the connecting side, odd by the accepting side),
 /// so every later message names its publication or subscription by id.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(tag = "type", rename_all = "snake_case", deny_unknown_fields)]
+// Unknown fields are ignored so a later minor revision can add optional
+// fields without breaking older nodes; unknown types are errors.
+#[serde(tag = "type", rename_all = "snake_case")]
 pub enum Message {
     /// Connecting side opens: protocol version and its challenge.
     Hello {
@@ -660,5 +662,12 @@ mod tests {
         assert!(Message::decode(&bytes).is_err());
         let hello = br#"{"type":"hello","version":2,"nonce":"00"}"#;
         assert!(Message::decode_body(hello).is_err());
+        // Forward compatible: extra fields are ignored, unknown types refused.
+        let extra = br#"{"type":"ended","id":4,"reason":"later revision"}"#;
+        assert_eq!(
+            Message::decode_body(extra).unwrap(),
+            Message::Ended { id: 4 }
+        );
+        assert!(Message::decode_body(br#"{"type":"teleport","id":4}"#).is_err());
     }
 }
