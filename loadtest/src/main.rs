@@ -41,6 +41,9 @@ struct Args {
     /// RTP headers only. 1 = all full.
     #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
     full_every: u32,
+    /// Viewers use ICE-TCP only (as behind a UDP-blocking network).
+    #[arg(long)]
+    tcp: bool,
     /// Viewer token (Authorization: Bearer).
     #[arg(long)]
     token: Option<String>,
@@ -195,6 +198,9 @@ async fn run(args: &Args) -> anyhow::Result<Summary> {
         opts.bind = args.bind;
         opts.live = Some(Arc::clone(&live));
         opts.headers_only = i % args.full_every != 0;
+        if args.tcp {
+            opts.transport = loadtest::whep::Transport::Tcp;
+        }
         let live = Arc::clone(&live);
         // Our own publisher may take a moment to make the stream live: retry 404 until then.
         let wait_live = args.publish.is_some().then(|| start + WAIT_LIVE);

@@ -1,23 +1,41 @@
-//! Drives one str0m `Rtc` on its own UDP socket under tokio (client side, full ICE).
+//! Drives one str0m `Rtc` under tokio (client side, full ICE) over UDP or ICE-TCP.
 //!
 //! Loop shape used by the publisher and viewer:
 //! `loop { drain() -> events + next timeout; select!{ datagram => handle, deadline => tick } }`.
+//! ICE-TCP (RFC 6544) uses an active candidate on the discard port 9 and RFC 4571 framing
+//! (2-byte length) on one connection to the server's passive candidate.
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
-use str0m::net::{Protocol, Receive};
+use str0m::net::{Protocol, Receive, TcpType};
 use str0m::{Candidate, Event, Input, Output, Rtc};
-use tokio::net::UdpSocket;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::{TcpStream, UdpSocket};
 
 use crate::{Error, Result};
 
 /// Largest datagram we expect (SRTP over a 1500-byte MTU fits easily).
 const RECV_BUF: usize = 2048;
+/// TCP read buffer: several RFC 4571 frames per read.
+const TCP_READ_BUF: usize = 64 * 1024;
+/// Active TCP candidates advertise port 9 (RFC 6544 §4.5).
+const ACTIVE_TCP_PORT: u16 = 9;
+/// Deadline for the TCP connect to the server's passive candidate.
+const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
+
+enum Transport {
+    Udp(UdpSocket),
+    Tcp {
+        conn: Option<(TcpStream, SocketAddr)>,
+        /// Bytes read but not yet a whole frame.
+        pending: Vec<u8>,
+    },
+}
 
 pub(crate) struct Peer {
     pub(crate) rtc: Rtc,
-    socket: UdpSocket,
+    transport: Transport,
     local: SocketAddr,
     buf: Vec<u8>,
 }
@@ -32,9 +50,31 @@ impl Peer {
         rtc.add_local_candidate(cand);
         Ok(Self {
             rtc,
-            socket,
+            transport: Transport::Udp(socket),
             local,
             buf: vec![0; RECV_BUF],
+        })
+    }
+
+    /// Use ICE-TCP only: an active host candidate on `ip`; the connection is made when
+    /// str0m first sends to a remote (passive) TCP candidate.
+    pub(crate) fn tcp(mut rtc: Rtc, ip: IpAddr) -> Result<Self> {
+        let local = SocketAddr::new(ip, ACTIVE_TCP_PORT);
+        let cand = Candidate::builder()
+            .tcp()
+            .host(local)
+            .tcptype(TcpType::Active)
+            .build()
+            .map_err(|e| Error::BadAnswer(format!("tcp candidate: {e}")))?;
+        rtc.add_local_candidate(cand);
+        Ok(Self {
+            rtc,
+            transport: Transport::Tcp {
+                conn: None,
+                pending: Vec::new(),
+            },
+            local,
+            buf: vec![0; TCP_READ_BUF],
         })
     }
 
@@ -44,14 +84,48 @@ impl Peer {
         loop {
             match self.rtc.poll_output()? {
                 Output::Timeout(t) => return Ok(t),
-                Output::Transmit(t) => {
-                    // UDP: a failed send is loss, which str0m's retransmissions handle.
-                    if let Err(e) = self.socket.send_to(&t.contents, t.destination).await {
-                        tracing::debug!(error = %e, "udp send failed");
-                    }
-                }
+                Output::Transmit(t) => self.send(&t.contents, t.destination, t.proto).await,
                 Output::Event(e) => on_event(e),
             }
+        }
+    }
+
+    async fn send(&mut self, data: &[u8], dst: SocketAddr, proto: Protocol) {
+        // A failed send is loss, which str0m's retransmissions and ICE checks handle.
+        let res = match (&mut self.transport, proto) {
+            (Transport::Udp(s), Protocol::Udp) => s.send_to(data, dst).await.map(|_| ()),
+            (Transport::Tcp { conn, .. }, Protocol::Tcp) => {
+                if conn.is_none() {
+                    match tokio::time::timeout(TCP_CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
+                        Ok(Ok(s)) => {
+                            let _ = s.set_nodelay(true);
+                            *conn = Some((s, dst));
+                        }
+                        Ok(Err(e)) => {
+                            tracing::debug!(error = %e, %dst, "tcp connect failed");
+                            return;
+                        }
+                        Err(_) => return,
+                    }
+                }
+                match conn {
+                    // One connection: checks towards other TCP candidates are dropped.
+                    Some((s, remote)) if *remote == dst => match u16::try_from(data.len()) {
+                        Ok(len) => {
+                            let mut frame = Vec::with_capacity(data.len() + 2);
+                            frame.extend_from_slice(&len.to_be_bytes());
+                            frame.extend_from_slice(data);
+                            s.write_all(&frame).await
+                        }
+                        Err(_) => Ok(()),
+                    },
+                    _ => Ok(()),
+                }
+            }
+            _ => Ok(()),
+        };
+        if let Err(e) = res {
+            tracing::debug!(error = %e, "send failed");
         }
     }
 
@@ -68,34 +142,118 @@ impl Peer {
         tap: &mut (dyn FnMut(&[u8], Instant) -> bool + Send),
     ) -> Result<()> {
         let sleep = tokio::time::sleep_until(until.into());
-        tokio::select! {
-            r = self.socket.recv_from(&mut self.buf) => {
-                let (n, source) = r?;
-                let now = Instant::now();
-                let Some(data) = self.buf.get(..n) else {
-                    return Ok(());
-                };
-                if tap(data, now) {
-                    return Ok(());
-                }
-                // Anything str0m cannot classify (not STUN/DTLS/RTP) is dropped.
-                // A datagram str0m rejects is the peer's problem, not a reason to end.
-                if let Ok(contents) = data.try_into() {
-                    let input = Input::Receive(now, Receive {
-                        proto: Protocol::Udp,
-                        source,
-                        destination: self.local,
-                        contents,
-                    });
-                    if let Err(e) = self.rtc.handle_input(input) {
-                        tracing::debug!(error = %e, "datagram rejected");
+        match &mut self.transport {
+            Transport::Udp(socket) => {
+                tokio::select! {
+                    r = socket.recv_from(&mut self.buf) => {
+                        let (n, source) = r?;
+                        let now = Instant::now();
+                        if let Some(data) = self.buf.get(..n) {
+                            if !tap(data, now) {
+                                feed(&mut self.rtc, Protocol::Udp, source, self.local, data, now);
+                            }
+                        }
                     }
+                    _ = sleep => self.rtc.handle_input(Input::Timeout(Instant::now()))?,
                 }
             }
-            _ = sleep => {
+            Transport::Tcp {
+                conn: Some((stream, remote)),
+                pending,
+            } => {
+                // One frame per call, as for UDP: str0m must be drained between inputs (a
+                // DTLS Finished and the SRTP right behind it often share one read).
+                if let Some(frame) = next_frame(pending) {
+                    let now = Instant::now();
+                    if !tap(&frame, now) {
+                        feed(
+                            &mut self.rtc,
+                            Protocol::Tcp,
+                            *remote,
+                            self.local,
+                            &frame,
+                            now,
+                        );
+                    }
+                    return Ok(());
+                }
+                tokio::select! {
+                    r = stream.read(&mut self.buf) => {
+                        let n = r?;
+                        if n == 0 {
+                            return Err(Error::Io(std::io::ErrorKind::UnexpectedEof.into()));
+                        }
+                        pending.extend_from_slice(self.buf.get(..n).unwrap_or_default());
+                    }
+                    _ = sleep => self.rtc.handle_input(Input::Timeout(Instant::now()))?,
+                }
+            }
+            Transport::Tcp { conn: None, .. } => {
+                sleep.await;
                 self.rtc.handle_input(Input::Timeout(Instant::now()))?;
             }
         }
         Ok(())
+    }
+}
+
+/// Take one whole RFC 4571 frame (16-bit length + bytes) off the front of `pending`.
+fn next_frame(pending: &mut Vec<u8>) -> Option<Vec<u8>> {
+    let &[hi, lo] = pending.get(..2)? else {
+        return None;
+    };
+    let len = usize::from(u16::from_be_bytes([hi, lo]));
+    let frame = pending.get(2..2 + len)?.to_vec();
+    pending.drain(..2 + len);
+    Some(frame)
+}
+
+/// Hand one datagram to str0m; one it rejects is the peer's problem, not a reason to end.
+fn feed(
+    rtc: &mut Rtc,
+    proto: Protocol,
+    source: SocketAddr,
+    dst: SocketAddr,
+    data: &[u8],
+    now: Instant,
+) {
+    // Anything str0m cannot classify (not STUN/DTLS/RTP) is dropped.
+    let Ok(contents) = data.try_into() else {
+        return;
+    };
+    let input = Input::Receive(
+        now,
+        Receive {
+            proto,
+            source,
+            destination: dst,
+            contents,
+        },
+    );
+    if let Err(e) = rtc.handle_input(input) {
+        tracing::debug!(error = %e, "datagram rejected");
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use proptest::prelude::*;
+
+    #[test]
+    fn splits_rfc4571_frames() {
+        let mut p = vec![0, 2, 7, 8, 0, 1, 9, 0];
+        assert_eq!(next_frame(&mut p), Some(vec![7, 8]));
+        assert_eq!(next_frame(&mut p), Some(vec![9]));
+        assert_eq!(next_frame(&mut p), None); // half a length
+        assert_eq!(p, vec![0]);
+    }
+
+    proptest! {
+        #[test]
+        fn framing_never_panics(data in proptest::collection::vec(any::<u8>(), 0..300)) {
+            let mut p = data;
+            while next_frame(&mut p).is_some() {}
+        }
     }
 }

@@ -43,6 +43,16 @@ pub enum VideoCodec {
     Av1,
 }
 
+/// How a viewer's media travels.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Transport {
+    /// A UDP host candidate (the normal case).
+    #[default]
+    Udp,
+    /// ICE-TCP only (an active candidate, RFC 4571 framing): a viewer whose network blocks UDP.
+    Tcp,
+}
+
 /// How to view.
 #[derive(Debug, Clone)]
 pub struct ViewerOptions {
@@ -65,6 +75,8 @@ pub struct ViewerOptions {
     /// Read only the clear RTP headers (no SRTP decryption, no frame checks): a cheap
     /// viewer for load, measuring loss, jitter and packet counts.
     pub headers_only: bool,
+    /// UDP or ICE-TCP.
+    pub transport: Transport,
 }
 
 impl ViewerOptions {
@@ -80,6 +92,7 @@ impl ViewerOptions {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             live: None,
             headers_only: false,
+            transport: Transport::Udp,
         }
     }
 }
@@ -143,7 +156,10 @@ impl Viewer {
         let posted = Instant::now();
         let rtc = config(&opts.video_codecs, opts.audio).build(Instant::now());
         // Bind first: the offer carries the candidates known when it is made.
-        let mut peer = Peer::bind(rtc, opts.bind).await?;
+        let mut peer = match opts.transport {
+            Transport::Udp => Peer::bind(rtc, opts.bind).await?,
+            Transport::Tcp => Peer::tcp(rtc, opts.bind)?,
+        };
         let video = !opts.video_codecs.is_empty();
         let (offer, pending, mids) = add_media(&mut peer.rtc, video, opts.audio)?;
         let offer_sdp = offer.to_sdp_string();
