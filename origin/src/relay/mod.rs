@@ -54,8 +54,6 @@ pub mod code {
     pub const SUPERSEDED: VarInt = VarInt::from_u32(0x10);
     /// Stream stopped: the group names no live publication or subscription.
     pub const UNKNOWN: VarInt = VarInt::from_u32(0x11);
-    /// Stream reset: the subscription ended.
-    pub const CANCELLED: VarInt = VarInt::from_u32(0x12);
 }
 
 /// Aborts a spawned task when dropped, so a task tree follows its owner.
