@@ -262,7 +262,12 @@ impl Conn {
             ServerSessionEvent::StreamMetadataChanged { metadata, .. } => {
                 tracing::debug!(?metadata, "rtmp metadata");
             }
-            other => tracing::trace!(?other, "rtmp event"),
+            // Not the event itself: releaseStream/FCPublish carry the stream
+            // key, token included, and tokens are never logged.
+            ServerSessionEvent::UnhandleableAmf0Command { command_name, .. } => {
+                tracing::trace!(command = %command_name, "rtmp command ignored");
+            }
+            _ => tracing::trace!("rtmp event ignored"),
         }
         Ok(None)
     }
