@@ -178,6 +178,45 @@ fn time_to_first_frame_over_20_joins() {
     assert!(p(0.5) < 1500, "p50 {} ms", p(0.5));
 }
 
+#[test]
+fn ovenplayer_from_npm_plays_over_ome_websocket_signalling() {
+    let Some(ns) = Netns::create("oven") else {
+        return;
+    };
+    // With a viewer token: a WebSocket cannot send headers, ?token= it is.
+    let cascade = Cascade::start(&ns, &["--viewer-token", "oven-secret"]);
+    let _publisher = ns.publisher(&cascade, "live", 40);
+    let ws = format!(
+        "{}/ws/live/live?token=oven-secret",
+        cascade.base.replacen("http://", "ws://", 1)
+    );
+    let v = ns.run_browser(
+        serde_json::json!({
+            "kind": "player", "base": cascade.base, "staticHost": STATIC_IP,
+            "page": "ovenplayer.html", "pageQuery": format!("ws={}", urlencode(&ws)), "secs": 3,
+            "closeThenMetric": "cascade_rtc_sessions{kind=\"ws\"}",
+            "screenshot": netns::screenshot("ovenplayer.png"),
+        }),
+        TEST_BUDGET,
+    );
+    frames_flow(&v);
+    // No TURN configured: no ice_servers key, so OvenPlayer did not force relay.
+    assert_ne!(v["last"]["path"]["local"], "relay", "{v:#}");
+    // Closing the tab closed the WebSocket, which freed the session at once.
+    assert_eq!(v["metricAfterClose"], 0.0, "ws session freed: {v:#}");
+}
+
+fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
+
 /// Not a test on its own: the WHIP publisher that the tests above start
 /// inside their namespace by running this test binary again there.
 #[test]

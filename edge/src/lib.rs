@@ -21,6 +21,7 @@ mod player;
 mod sdp;
 pub mod viewer;
 pub mod whep;
+mod ws;
 
 use std::sync::Arc;
 
@@ -37,8 +38,11 @@ pub struct Config {
 }
 
 /// The edge's routes: WHEP (`/whep/{stream}` and its session resources) and
-/// the player page (`/play/{stream}`).
+/// the player page (`/play/{stream}`), OvenPlayer's WebSocket signalling
+/// (`/ws/live/{stream}`, see `ws.rs`).
 pub fn router(registry: Arc<Registry>, rtc: cascade_rtc::Server, cfg: Config) -> axum::Router {
     let whep = Arc::new(whep::Whep::new(registry, rtc.clone(), cfg));
-    cascade_rtc::http::router(whep, rtc).merge(player::router())
+    cascade_rtc::http::router(whep.clone(), rtc)
+        .merge(player::router())
+        .merge(ws::router(whep))
 }

@@ -28,8 +28,12 @@ pub const PACKETIZE_SECONDS: &str = "cascade_edge_packetize_seconds";
 /// WHEP POST to the first media written to the viewer, seconds.
 pub const FIRST_FRAME_SECONDS: &str = "cascade_edge_first_frame_seconds";
 
+/// OvenPlayer WebSocket sessions, by result (`created`, `not_live`, ...).
+pub const WS_SESSIONS: &str = "cascade_edge_ws_sessions_total";
+
 /// Registers descriptions.
 pub fn describe() {
+    metrics::describe_counter!(WS_SESSIONS, "ovenplayer websocket sessions, by result");
     metrics::describe_gauge!(VIEWERS, "whep viewers alive on this node");
     metrics::describe_counter!(OFFERS, "whep offers answered, by result");
     metrics::describe_counter!(VIEWERS_ENDED, "whep viewer sessions ended, by reason");

@@ -25,11 +25,12 @@ use crate::Config;
 
 /// The WHEP endpoint of a node.
 pub struct Whep {
-    registry: Arc<Registry>,
-    rtc: cascade_rtc::Server,
-    cfg: Config,
+    pub(crate) registry: Arc<Registry>,
+    pub(crate) rtc: cascade_rtc::Server,
+    pub(crate) cfg: Config,
     hub: Arc<Hub>,
-    viewers: Arc<AtomicUsize>,
+    // Shared with OvenPlayer sessions (`ws`): one viewer limit per node.
+    pub(crate) viewers: Arc<AtomicUsize>,
 }
 
 impl Whep {

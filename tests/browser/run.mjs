@@ -182,7 +182,17 @@ async function main() {
         const page = await newPage();
         await page.goto(`${origin}/${job.page}?${job.pageQuery || ""}`, { waitUntil: "domcontentloaded" });
         Object.assign(out, await watch(page, job.secs || 3));
+        out.events = await page.evaluate(() => window.events || []);
         if (job.screenshot) await page.screenshot({ path: job.screenshot });
+        if (job.closeThenMetric) {
+          // Close the tab, then read the server's gauge (e.g. live ws sessions).
+          await page.close({ runBeforeUnload: true });
+          await new Promise((r) => setTimeout(r, 1000));
+          const text = await (await fetch(`${base}/metrics`)).text();
+          const line = text.split("\n").find((l) => l.startsWith(job.closeThenMetric + " "));
+          out.metricAfterClose = line ? Number(line.split(" ").pop()) : null;
+          out.metricLine = line || null;
+        }
         break;
       }
       default:
