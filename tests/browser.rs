@@ -206,6 +206,23 @@ fn ovenplayer_from_npm_plays_over_ome_websocket_signalling() {
     assert_eq!(v["metricAfterClose"], 0.0, "ws session freed: {v:#}");
 }
 
+#[test]
+fn eyevinn_whep_player_from_npm_plays() {
+    let Some((ns, cascade)) = setup("eyevinn") else {
+        return;
+    };
+    let _publisher = ns.publisher(&cascade, "live", 40);
+    let whep = format!("{}/whep/live", cascade.base);
+    let v = ns.run_browser(
+        serde_json::json!({
+            "kind": "player", "base": cascade.base, "staticHost": STATIC_IP,
+            "page": "eyevinn.html", "pageQuery": format!("url={}", urlencode(&whep)), "secs": 3,
+        }),
+        TEST_BUDGET,
+    );
+    frames_flow(&v);
+}
+
 fn urlencode(s: &str) -> String {
     s.bytes()
         .map(|b| match b {

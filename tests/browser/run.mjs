@@ -177,6 +177,12 @@ async function main() {
       }
       case "player": {
         // A player from npm served from another origin (ovenplayer.html, eyevinn.html).
+        if (job.page === "eyevinn.html") {
+          // Eyevinn's player is CommonJS: bundle it for the browser first.
+          const esbuild = await import("esbuild");
+          await esbuild.build({ entryPoints: [path.join(here, "eyevinn-entry.js")], bundle: true, format: "iife",
+            platform: "browser", outfile: path.join(here, "build/eyevinn.js"), logLevel: "error" });
+        }
         server = await serveStatic(job.staticHost);
         const origin = `http://${job.staticHost}:${server.address().port}`;
         const page = await newPage();
