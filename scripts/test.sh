@@ -12,6 +12,7 @@ APT_PACKAGES=(
   chromium chromium-driver # browser tests (tests/browser.rs, headless, fake camera)
   iproute2 # network namespaces + veth for the browser tests (Chromium skips loopback)
   nftables # browser test: UDP dropped, the viewer plays over ICE-TCP
+  coturn # browser test: TURN relay with REST (use-auth-secret) credentials
 )
 
 log() { printf '==> %s\n' "$*" >&2; }

@@ -207,6 +207,69 @@ fn ovenplayer_from_npm_plays_over_ome_websocket_signalling() {
 }
 
 #[test]
+fn turn_relay_with_coturn_rest_credentials() {
+    let Some(ns) = Netns::create("turn") else {
+        return;
+    };
+    // coturn on the other end of the veth, with the REST secret cascade
+    // mints credentials from; OvenPlayer goes relay-only when the offer
+    // carries ice_servers, so media must cross the TURN relay.
+    let mut turn = ns.cmd("turnserver");
+    turn.args([
+        "-n",
+        "--listening-ip",
+        STATIC_IP,
+        "--relay-ip",
+        STATIC_IP,
+        "--listening-port",
+        "3478",
+    ])
+    .args([
+        "--use-auth-secret",
+        "--static-auth-secret",
+        "turn-test-secret",
+        "--realm",
+        "cascade",
+    ])
+    .args([
+        "--no-tls",
+        "--no-dtls",
+        "--no-cli",
+        "--log-file",
+        "stdout",
+        "--simple-log",
+        "--fingerprint",
+    ]);
+    let mut turn = netns::Proc::spawn(turn);
+    let _ = turn.wait_line(
+        |l| l.contains("listener opened on"),
+        std::time::Duration::from_secs(5),
+    );
+    let ice = format!("turn:{STATIC_IP}:3478?transport=udp");
+    let cascade = Cascade::start(
+        &ns,
+        &["--ice-servers", &ice, "--turn-secret", "turn-test-secret"],
+    );
+    let _publisher = ns.publisher(&cascade, "live", 40);
+    let ws = format!(
+        "{}/ws/live/live",
+        cascade.base.replacen("http://", "ws://", 1)
+    );
+    let v = ns.run_browser(
+        serde_json::json!({
+            "kind": "player", "base": cascade.base, "staticHost": STATIC_IP,
+            "page": "ovenplayer.html", "pageQuery": format!("ws={}", urlencode(&ws)), "secs": 3,
+        }),
+        TEST_BUDGET,
+    );
+    frames_flow(&v);
+    assert_eq!(
+        v["last"]["path"]["local"], "relay",
+        "media through TURN: {v:#}"
+    );
+}
+
+#[test]
 fn eyevinn_whep_player_from_npm_plays() {
     let Some((ns, cascade)) = setup("eyevinn") else {
         return;
