@@ -40,7 +40,10 @@ async fn healthz(State(api): State<Api>) -> Response {
 async fn metrics(State(api): State<Api>) -> Response {
     match &api.prometheus {
         Some(p) => (
-            [(header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")],
+            [(
+                header::CONTENT_TYPE,
+                "text/plain; version=0.0.4; charset=utf-8",
+            )],
             p.render(),
         )
             .into_response(),
@@ -51,8 +54,10 @@ async fn metrics(State(api): State<Api>) -> Response {
 async fn streams(State(api): State<Api>) -> Response {
     let mut res = Json(api.registry.list()).into_response();
     // Dashboards on other origins poll this.
-    res.headers_mut()
-        .insert(header::ACCESS_CONTROL_ALLOW_ORIGIN, header::HeaderValue::from_static("*"));
+    res.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        header::HeaderValue::from_static("*"),
+    );
     res
 }
 
@@ -75,10 +80,17 @@ mod tests {
     async fn healthz_turns_503_when_draining() {
         let a = api();
         let r = router(a.clone());
-        let res = r.clone().oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+        let res = r
+            .clone()
+            .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(res.status(), 200);
         a.draining.store(true, Ordering::Relaxed);
-        let res = r.oneshot(Request::get("/healthz").body(Body::empty()).unwrap()).await.unwrap();
+        let res = r
+            .oneshot(Request::get("/healthz").body(Body::empty()).unwrap())
+            .await
+            .unwrap();
         assert_eq!(res.status(), 503);
     }
 
@@ -94,7 +106,9 @@ mod tests {
             .await
             .unwrap();
         assert_eq!(res.status(), 200);
-        let body = axum::body::to_bytes(res.into_body(), 1 << 20).await.unwrap();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
         let v: serde_json::Value = serde_json::from_slice(&body).unwrap();
         assert_eq!(v[0]["stream"], "s1");
         assert_eq!(v[0]["protocol"], "whip");

@@ -36,7 +36,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
     let client = match (role, &cfg.origin) {
-        (Role::Ingest | Role::Edge, Some(origin)) => Some(relay::Client::connect(origin.clone(), secret.clone())),
+        (Role::Ingest | Role::Edge, Some(origin)) => {
+            Some(relay::Client::connect(origin.clone(), secret.clone()))
+        }
         _ => None,
     };
     if let Some(c) = &client {
@@ -58,7 +60,9 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 ice: cfg.ice.clone(),
             })
             .await
-            .with_context(|| format!("binding WebRTC media on udp {} / tcp {}", cfg.udp, cfg.tcp))?,
+            .with_context(|| {
+                format!("binding WebRTC media on udp {} / tcp {}", cfg.udp, cfg.tcp)
+            })?,
         )
     } else {
         None
@@ -69,7 +73,11 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut rtmp_addr = None;
     if matches!(role, Role::All | Role::Ingest) {
         if let Some(rtc) = &rtc {
-            router = router.merge(cascade_ingest::whip::router(registry.clone(), rtc.clone(), token.clone()));
+            router = router.merge(cascade_ingest::whip::router(
+                registry.clone(),
+                rtc.clone(),
+                token.clone(),
+            ));
         }
         let listener = TcpListener::bind(cfg.rtmp)
             .await
@@ -104,7 +112,13 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         .await
         .with_context(|| format!("binding HTTP on {}", cfg.http))?;
     let http_addr = http.local_addr()?;
-    banner(&cfg, http_addr, rtmp_addr, rtc.as_ref(), relay_server.as_ref());
+    banner(
+        &cfg,
+        http_addr,
+        rtmp_addr,
+        rtc.as_ref(),
+        relay_server.as_ref(),
+    );
 
     let http_stop = stop.clone();
     let server = tokio::spawn(async move {
@@ -149,12 +163,9 @@ enum Signal {
 }
 
 async fn wait_for_signal() -> Signal {
-    let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-        Ok(s) => s,
-        Err(_) => {
-            let _ = tokio::signal::ctrl_c().await;
-            return Signal::Interrupt;
-        }
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return Signal::Interrupt;
     };
     tokio::select! {
         _ = tokio::signal::ctrl_c() => Signal::Interrupt,
@@ -201,13 +212,21 @@ fn banner(
     };
     let host = public_host(http, &advertise);
     let port = http.port();
-    println!("cascade {} is running ({})", env!("CARGO_PKG_VERSION"), cfg.role.as_str());
+    println!(
+        "cascade {} is running ({})",
+        env!("CARGO_PKG_VERSION"),
+        cfg.role.as_str()
+    );
     if let Some(r) = rtc {
         println!(
             "  WebRTC media: udp {} / ice-tcp {} — candidates: {}",
             r.local_udp(),
             r.local_tcp().map_or("off".into(), |a| a.to_string()),
-            r.advertise().iter().map(|a| a.to_string()).collect::<Vec<_>>().join(", ")
+            r.advertise()
+                .iter()
+                .map(|a| a.to_string())
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     if let Some(r) = relay {

@@ -2,6 +2,8 @@
 //! decodable in order with audio, mid-GOP joins start at a keyframe, DELETE
 //! frees a viewer, and a publisher takeover keeps viewers playing.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -71,7 +73,11 @@ async fn delete_frees_the_viewer() {
     .await
     .expect("viewer count drops after DELETE");
     // The resource is gone.
-    let again = reqwest::Client::new().delete(location.as_str()).send().await.unwrap();
+    let again = reqwest::Client::new()
+        .delete(location.as_str())
+        .send()
+        .await
+        .unwrap();
     assert_eq!(again.status(), 404);
     let _ = p.stop().await;
 }

@@ -1,14 +1,22 @@
 //! The roles as separate processes: origin + ingest + two edges over QUIC.
 //! A WHIP publish on the ingest plays on both edges.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::{assert_good_viewer, media, publish, view, Node, SECRET};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn origin_ingest_two_edges() {
-    let origin = Node::start("origin", &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"]);
-    let quic = origin.quic.clone().expect("origin prints its relay address");
+    let origin = Node::start(
+        "origin",
+        &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"],
+    );
+    let quic = origin
+        .quic
+        .clone()
+        .expect("origin prints its relay address");
     let ingest = Node::start("ingest", &["--cluster-secret", SECRET, "--origin", &quic]);
     let edge1 = Node::start("edge", &["--cluster-secret", SECRET, "--origin", &quic]);
     let edge2 = Node::start("edge", &["--cluster-secret", SECRET, "--origin", &quic]);
@@ -27,12 +35,20 @@ async fn origin_ingest_two_edges() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn edge_with_wrong_secret_sees_nothing() {
-    let origin = Node::start("origin", &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"]);
+    let origin = Node::start(
+        "origin",
+        &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"],
+    );
     let quic = origin.quic.clone().unwrap();
     let ingest = Node::start("ingest", &["--cluster-secret", SECRET, "--origin", &quic]);
     let bad_edge = Node::start(
         "edge",
-        &["--cluster-secret", "another-secret-0123456789", "--origin", &quic],
+        &[
+            "--cluster-secret",
+            "another-secret-0123456789",
+            "--origin",
+            &quic,
+        ],
     );
     let p = publish(&ingest.http, "sec", media(30).await, 0).await;
     common::wait_live(&origin.http, "sec").await;
@@ -43,7 +59,10 @@ async fn edge_with_wrong_secret_sees_nothing() {
     )
     .await
     .unwrap();
-    assert_eq!(r.status, 404, "an edge that cannot authenticate serves nothing");
+    assert_eq!(
+        r.status, 404,
+        "an edge that cannot authenticate serves nothing"
+    );
     let _ = p.stop().await;
 }
 

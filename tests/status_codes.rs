@@ -1,5 +1,7 @@
 //! Every status of INTERFACE.md's error table, against the real binary.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use std::time::Duration;
@@ -7,7 +9,12 @@ use std::time::Duration;
 use common::{media, publish, wait_live, Node, TOKEN};
 use loadtest::whep::{offer_sdp, VideoCodec};
 
-async fn post(url: &str, ctype: &str, body: impl Into<reqwest::Body>, token: Option<&str>) -> reqwest::Response {
+async fn post(
+    url: &str,
+    ctype: &str,
+    body: impl Into<reqwest::Body>,
+    token: Option<&str>,
+) -> reqwest::Response {
     let mut rq = reqwest::Client::new()
         .post(url)
         .header("content-type", ctype)
@@ -31,18 +38,22 @@ async fn whip_errors() {
     let (s, body) = status_and_text(post(&url, "application/sdp", offer.clone(), None).await).await;
     assert_eq!(s, 401, "no token");
     assert!(body.contains("token"), "{body}");
-    let (s, _) = status_and_text(post(&url, "application/sdp", offer.clone(), Some("wrong")).await).await;
+    let (s, _) =
+        status_and_text(post(&url, "application/sdp", offer.clone(), Some("wrong")).await).await;
     assert_eq!(s, 401, "wrong token");
-    let (s, body) = status_and_text(post(&url, "text/plain", offer.clone(), Some(TOKEN)).await).await;
+    let (s, body) =
+        status_and_text(post(&url, "text/plain", offer.clone(), Some(TOKEN)).await).await;
     assert_eq!(s, 415);
     assert!(body.contains("application/sdp"), "{body}");
     let big = "a".repeat(65 * 1024);
     let (s, _) = status_and_text(post(&url, "application/sdp", big, Some(TOKEN)).await).await;
     assert_eq!(s, 413);
-    let (s, body) = status_and_text(post(&url, "application/sdp", "garbage", Some(TOKEN)).await).await;
+    let (s, body) =
+        status_and_text(post(&url, "application/sdp", "garbage", Some(TOKEN)).await).await;
     assert_eq!(s, 400, "{body}");
     let bad = format!("{}/whip/bad%20name", node.http);
-    let (s, body) = status_and_text(post(&bad, "application/sdp", offer.clone(), Some(TOKEN)).await).await;
+    let (s, body) =
+        status_and_text(post(&bad, "application/sdp", offer.clone(), Some(TOKEN)).await).await;
     assert_eq!(s, 400, "{body}");
     let long = format!("{}/whip/{}", node.http, "a".repeat(65));
     let (s, _) = status_and_text(post(&long, "application/sdp", offer, Some(TOKEN)).await).await;
@@ -53,7 +64,10 @@ async fn whip_errors() {
     assert_eq!(s, 400, "recvonly offer to WHIP: {body}");
     // Unknown session resources.
     let r = reqwest::Client::new()
-        .delete(format!("{}/whip/s1/00000000000000000000000000000000", node.http))
+        .delete(format!(
+            "{}/whip/s1/00000000000000000000000000000000",
+            node.http
+        ))
         .send()
         .await
         .unwrap();
@@ -68,7 +82,10 @@ async fn whip_errors() {
         .unwrap();
     assert!(r.status().is_success());
     assert_eq!(r.headers()["accept-post"], "application/sdp");
-    assert_eq!(r.headers()["access-control-allow-origin"], "http://elsewhere.example");
+    assert_eq!(
+        r.headers()["access-control-allow-origin"],
+        "http://elsewhere.example"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -79,28 +96,66 @@ async fn whep_errors() {
 
     let (s, _) = status_and_text(post(&url, "application/sdp", h264.clone(), None).await).await;
     assert_eq!(s, 401, "viewer token required when set");
-    let (s, body) = status_and_text(post(&url, "application/sdp", h264.clone(), Some("view-secret")).await).await;
+    let (s, body) =
+        status_and_text(post(&url, "application/sdp", h264.clone(), Some("view-secret")).await)
+            .await;
     assert_eq!(s, 404, "not live: {body}");
     assert!(!body.is_empty());
     // ?token= works where headers cannot be sent.
-    let (s, _) = status_and_text(post(&format!("{url}?token=view-secret"), "application/sdp", h264.clone(), None).await).await;
+    let (s, _) = status_and_text(
+        post(
+            &format!("{url}?token=view-secret"),
+            "application/sdp",
+            h264.clone(),
+            None,
+        )
+        .await,
+    )
+    .await;
     assert_eq!(s, 404);
 
     let p = publish(&node.http, "s2", media(30).await, 0).await;
     wait_live(&node.http, "s2").await;
     let vp8 = offer_sdp(&[VideoCodec::Vp8], false).unwrap();
-    let (s, body) = status_and_text(post(&url, "application/sdp", vp8, Some("view-secret")).await).await;
+    let (s, body) =
+        status_and_text(post(&url, "application/sdp", vp8, Some("view-secret")).await).await;
     assert_eq!(s, 406, "{body}");
-    assert!(body.contains("H264"), "406 names the stream's codec: {body}");
-    let (s, _) = status_and_text(post(&url, "application/x-www-form-urlencoded", h264.clone(), Some("view-secret")).await).await;
+    assert!(
+        body.contains("H264"),
+        "406 names the stream's codec: {body}"
+    );
+    let (s, _) = status_and_text(
+        post(
+            &url,
+            "application/x-www-form-urlencoded",
+            h264.clone(),
+            Some("view-secret"),
+        )
+        .await,
+    )
+    .await;
     assert_eq!(s, 415);
-    let (s, _) = status_and_text(post(&url, "application/sdp", "v=0 nonsense", Some("view-secret")).await).await;
+    let (s, _) =
+        status_and_text(post(&url, "application/sdp", "v=0 nonsense", Some("view-secret")).await)
+            .await;
     assert_eq!(s, 400);
-    let (s, _) = status_and_text(post(&url, "application/sdp", vec![b'x'; 70_000], Some("view-secret")).await).await;
+    let (s, _) = status_and_text(
+        post(
+            &url,
+            "application/sdp",
+            vec![b'x'; 70_000],
+            Some("view-secret"),
+        )
+        .await,
+    )
+    .await;
     assert_eq!(s, 413);
     let r = post(&url, "application/sdp", h264, Some("view-secret")).await;
     assert_eq!(r.status(), 201);
-    assert!(r.headers().get("location").is_some_and(|l| l.to_str().unwrap().starts_with("/whep/s2/")));
+    assert!(r
+        .headers()
+        .get("location")
+        .is_some_and(|l| l.to_str().unwrap().starts_with("/whep/s2/")));
     assert!(r.headers().get("etag").is_some());
     let _ = p.stop().await;
 }
@@ -111,7 +166,13 @@ async fn full_node_is_503_with_retry_after() {
     let p = publish(&node.http, "s3", media(30).await, 0).await;
     wait_live(&node.http, "s3").await;
     let h264 = offer_sdp(&[VideoCodec::H264], true).unwrap();
-    let r = post(&format!("{}/whep/s3", node.http), "application/sdp", h264, None).await;
+    let r = post(
+        &format!("{}/whep/s3", node.http),
+        "application/sdp",
+        h264,
+        None,
+    )
+    .await;
     assert_eq!(r.status(), 503, "the publisher holds the only session");
     assert!(r.headers().get("retry-after").is_some());
     let _ = p.stop().await;
@@ -128,7 +189,13 @@ async fn sigterm_drains() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     assert_eq!(reqwest::get(&health).await.unwrap().status(), 503);
     let h264 = offer_sdp(&[VideoCodec::H264], true).unwrap();
-    let r = post(&format!("{}/whep/s4", node.http), "application/sdp", h264, None).await;
+    let r = post(
+        &format!("{}/whep/s4", node.http),
+        "application/sdp",
+        h264,
+        None,
+    )
+    .await;
     assert_eq!(r.status(), 503);
     assert!(r.headers().get("retry-after").is_some());
     let code = tokio::task::spawn_blocking(move || node.wait_exit(Duration::from_secs(10)))

@@ -43,7 +43,11 @@ pub struct Whip {
 impl Whip {
     /// A WHIP endpoint publishing into `registry`, requiring `token`.
     pub fn new(registry: Arc<Registry>, rtc: cascade_rtc::Server, token: Arc<str>) -> Self {
-        Self { registry, rtc, token }
+        Self {
+            registry,
+            rtc,
+            token,
+        }
     }
 }
 
@@ -126,16 +130,24 @@ impl Endpoint for Whip {
                 .accept_offer(sdp)
                 .map_err(|e| ApiError::BadRequest(format!("offer refused: {e}")))?;
             let answer = answer.to_sdp_string();
-            if !answer.lines().any(|l| l.starts_with("m=") && !l.starts_with("m=application") && !l.contains(" 0 ")) {
+            if !answer.lines().any(|l| {
+                l.starts_with("m=") && !l.starts_with("m=application") && !l.contains(" 0 ")
+            }) {
                 return Err(ApiError::NotAcceptable(
                     "no codec in the offer that cascade can ingest (H.264, VP8, VP9, AV1, H.265, Opus)".into(),
                 ));
             }
-            let span = tracing::info_span!("whip", stream = %stream, session = tracing::field::Empty);
+            let span =
+                tracing::info_span!("whip", stream = %stream, session = tracing::field::Empty);
             let expected = usize::from(audio) + usize::from(video);
             let handle = rtc.add(session, "whip", &stream, span.clone(), |id, _waker| {
                 span.record("session", tracing::field::display(id));
-                Box::new(Session::new(registry, stream.clone(), expected, span.clone()))
+                Box::new(Session::new(
+                    registry,
+                    stream.clone(),
+                    expected,
+                    span.clone(),
+                ))
             })?;
             metrics::counter!(m::WHIP_SESSIONS).increment(1);
             Ok(Created { answer, handle })
@@ -212,7 +224,10 @@ impl Session {
     }
 
     fn pli(&mut self, ctx: &mut Ctx<'_>, mid: Mid) {
-        if self.last_pli.is_some_and(|t| ctx.now.duration_since(t) < PLI_INTERVAL) {
+        if self
+            .last_pli
+            .is_some_and(|t| ctx.now.duration_since(t) < PLI_INTERVAL)
+        {
             return;
         }
         if let Some(rx) = ctx.rtc.direct_api().stream_rx_by_mid(mid, None) {
@@ -288,7 +303,9 @@ impl Session {
         metrics::counter!(m::WHIP_FRAMES, "track" => name).increment(1);
 
         if self.publisher.is_none() {
-            let waited = self.first_frame.is_some_and(|t| ctx.now.duration_since(t) >= PUBLISH_WAIT);
+            let waited = self
+                .first_frame
+                .is_some_and(|t| ctx.now.duration_since(t) >= PUBLISH_WAIT);
             if self.tracks.len() < self.expected && !waited {
                 return Flow::Continue;
             }
@@ -366,7 +383,8 @@ fn with_parameter_sets(payload: Bytes, cache: &mut Vec<Bytes>, keyframe: &mut bo
     if !*keyframe || has_ps || cache.is_empty() {
         return payload;
     }
-    let mut out = BytesMut::with_capacity(payload.len() + cache.iter().map(|p| p.len() + 4).sum::<usize>());
+    let mut out =
+        BytesMut::with_capacity(payload.len() + cache.iter().map(|p| p.len() + 4).sum::<usize>());
     for ps in cache.iter() {
         out.put_slice(&[0, 0, 0, 1]);
         out.put_slice(ps);
@@ -380,7 +398,11 @@ impl Handler for Session {
         match event {
             Event::MediaData(data) => self.on_media(ctx, data),
             Event::Connected => {
-                let video = self.tracks.iter().find(|(_, t)| t.name == "video").map(|(m, _)| *m);
+                let video = self
+                    .tracks
+                    .iter()
+                    .find(|(_, t)| t.name == "video")
+                    .map(|(m, _)| *m);
                 if let Some(mid) = video {
                     self.pli(ctx, mid);
                 }
@@ -414,7 +436,9 @@ mod tests {
     fn parameter_sets_prepended() {
         let mut cache = Vec::new();
         let mut key = false;
-        let with = Bytes::from_static(&[0, 0, 0, 1, 0x67, 1, 0, 0, 0, 1, 0x68, 2, 0, 0, 0, 1, 0x65, 3]);
+        let with = Bytes::from_static(&[
+            0, 0, 0, 1, 0x67, 1, 0, 0, 0, 1, 0x68, 2, 0, 0, 0, 1, 0x65, 3,
+        ]);
         let out = with_parameter_sets(with.clone(), &mut cache, &mut key);
         assert!(key);
         assert_eq!(out, with);
@@ -423,7 +447,10 @@ mod tests {
         let idr = Bytes::from_static(&[0, 0, 0, 1, 0x65, 9]);
         let out = with_parameter_sets(idr, &mut cache, &mut key);
         assert!(key);
-        assert_eq!(&out[..], &[0, 0, 0, 1, 0x67, 1, 0, 0, 0, 1, 0x68, 2, 0, 0, 0, 1, 0x65, 9]);
+        assert_eq!(
+            &out[..],
+            &[0, 0, 0, 1, 0x67, 1, 0, 0, 0, 1, 0x68, 2, 0, 0, 0, 1, 0x65, 9]
+        );
         let mut key = false;
         let p = Bytes::from_static(&[0, 0, 0, 1, 0x41, 9]);
         assert_eq!(with_parameter_sets(p.clone(), &mut cache, &mut key), p);

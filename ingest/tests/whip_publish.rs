@@ -3,6 +3,8 @@
 //! keyframe first, on one A/V timeline; bad tokens are refused; a second
 //! publisher takes the stream over.
 
+#![allow(clippy::unwrap_used)]
+
 use std::sync::Arc;
 use std::time::Duration;
 

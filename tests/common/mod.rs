@@ -49,13 +49,18 @@ impl Node {
         let mut child = Command::new(env!("CARGO_BIN_EXE_cascade"))
             .args(&args)
             .env_remove("RUST_LOG")
-            .env("CASCADE_LOG", std::env::var("CASCADE_TEST_LOG").unwrap_or_else(|_| "info".into()))
+            .env(
+                "CASCADE_LOG",
+                std::env::var("CASCADE_TEST_LOG").unwrap_or_else(|_| "info".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
             .expect("cascade binary runs");
         let stdout = child.stdout.take().expect("stdout piped");
-        let (tx, rx) = mpsc::channel();
+        // Bounded: only the banner is read; once `rx` is dropped sends fail and
+        // the thread just drains the pipe.
+        let (tx, rx) = mpsc::sync_channel(256);
         std::thread::spawn(move || {
             for line in BufReader::new(stdout).lines().map_while(Result::ok) {
                 // Keep draining after the banner so the child never blocks.
@@ -138,7 +143,11 @@ pub async fn media(gop_frames: u32) -> std::sync::Arc<loadtest::media::TestMedia
         gop_frames,
         ..Default::default()
     };
-    std::sync::Arc::new(loadtest::media::TestMedia::generate(opts).await.expect("ffmpeg makes test media"))
+    std::sync::Arc::new(
+        loadtest::media::TestMedia::generate(opts)
+            .await
+            .expect("ffmpeg makes test media"),
+    )
 }
 
 /// Starts a WHIP publisher on `base` for `stream` and waits until it is connected.
@@ -151,7 +160,9 @@ pub async fn publish(
     let mut o = loadtest::whip::PublisherOptions::new(format!("{base}/whip/{stream}"));
     o.token = Some(TOKEN.into());
     o.seq_start = seq_start;
-    let mut p = loadtest::whip::Publisher::start(o, media).await.expect("whip publish accepted");
+    let mut p = loadtest::whip::Publisher::start(o, media)
+        .await
+        .expect("whip publish accepted");
     tokio::time::timeout(Duration::from_secs(15), p.wait_connected())
         .await
         .expect("publisher connects in time")
@@ -184,7 +195,9 @@ pub async fn wait_live(base: &str, stream: &str) {
 pub async fn view(base: &str, stream: &str, secs: u64) -> loadtest::whep::ViewerReport {
     let mut o = loadtest::whep::ViewerOptions::new(format!("{base}/whep/{stream}"));
     o.duration = Some(Duration::from_secs(secs));
-    let v = loadtest::whep::Viewer::start(o).await.expect("whep viewer accepted");
+    let v = loadtest::whep::Viewer::start(o)
+        .await
+        .expect("whep viewer accepted");
     tokio::time::timeout(Duration::from_secs(secs + 20), v.finish_duration())
         .await
         .expect("viewer finishes")
@@ -194,11 +207,23 @@ pub async fn view(base: &str, stream: &str, secs: u64) -> loadtest::whep::Viewer
 /// Asserts what every healthy viewer must have seen.
 pub fn assert_good_viewer(r: &loadtest::whep::ViewerReport) {
     assert!(r.connected, "viewer connected: {r:?}");
-    assert_eq!(r.first_frame_keyframe, Some(true), "first frame is a keyframe: {r:?}");
+    assert_eq!(
+        r.first_frame_keyframe,
+        Some(true),
+        "first frame is a keyframe: {r:?}"
+    );
     assert!(r.video_frames > 30, "video frames arrive: {r:?}");
     assert!(r.audio_frames > 20, "audio frames arrive: {r:?}");
-    assert!(r.seq_gaps.is_empty(), "no frame gaps on loopback: {:?}", r.seq_gaps);
-    assert!(r.seq_backwards.is_empty(), "frames in order: {:?}", r.seq_backwards);
+    assert!(
+        r.seq_gaps.is_empty(),
+        "no frame gaps on loopback: {:?}",
+        r.seq_gaps
+    );
+    assert!(
+        r.seq_backwards.is_empty(),
+        "frames in order: {:?}",
+        r.seq_backwards
+    );
     if let Some(d) = r.av_drift_ms {
         assert!(d.abs() < 40.0, "A/V drift {d} ms");
     }
