@@ -78,6 +78,8 @@ fn browser_publishes_and_another_tab_watches() {
     );
     assert_eq!(v["publishState"], "live", "publish page went live: {v:#}");
     frames_flow(&v);
+    // The closed tab sent DELETE on pagehide: no consent timeout needed.
+    assert_eq!(v["whipSessionsAfterClose"], 0.0, "whip session freed at once: {v:#}");
 }
 
 #[test]

@@ -194,6 +194,16 @@ mod tests {
         assert!(!Url::parse("stun:x").unwrap().is_turn());
     }
 
+    proptest::proptest! {
+        #[test]
+        fn url_parse_never_panics(s in ".{0,300}") {
+            if let Ok(u) = Url::parse(&s) {
+                // Whatever passes is safe inside a Link header and JSON.
+                proptest::prop_assert!(!u.as_str().contains(['"', '<', '>', ',', ';', ' ']));
+            }
+        }
+    }
+
     #[test]
     fn coturn_rest_credentials() {
         // Reference value computed with: printf '1700000000:alice' |

@@ -142,6 +142,10 @@ async function main() {
         if (job.screenshotPlayer) await view.screenshot({ path: job.screenshotPlayer });
         // Closing the publishing tab ends the WHIP session (pagehide → DELETE).
         await pub.close({ runBeforeUnload: true });
+        await new Promise((r) => setTimeout(r, 1000));
+        const metrics = await (await fetch(`${base}/metrics`)).text();
+        const line = metrics.split("\n").find((l) => l.startsWith('cascade_rtc_sessions{kind="whip"} '));
+        out.whipSessionsAfterClose = line ? Number(line.split(" ").pop()) : null;
         break;
       }
       case "whep-client": {
