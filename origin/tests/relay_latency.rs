@@ -51,12 +51,19 @@ async fn one_and_two_hop_latency_on_loopback() {
     let edge_reader = read(at_edge);
     let origin_reader = read(at_origin);
 
-    // ~2.5 Mbit/s video at 30 fps sent at 500 fps to keep the test short.
+    // ~2.5 Mbit/s video at 30 fps sent at 500 fps to keep the test short;
+    // RELAY_LATENCY_FPS=30 paces it like a live encoder (33 s).
+    let fps: u64 = std::env::var("RELAY_LATENCY_FPS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|&f| f > 0)
+        .unwrap_or(500);
+    let mut pace = tokio::time::interval(Duration::from_micros(1_000_000 / fps));
     for n in 0..FRAMES {
+        pace.tick().await;
         let key = n % GOP == 0;
         let f = frame(n, key, if key { 60_000 } else { 8_000 });
         publisher.track("video").unwrap().write(f).unwrap();
-        tokio::time::sleep(Duration::from_millis(2)).await;
     }
     let one = origin_reader.await.unwrap();
     let two = edge_reader.await.unwrap();
