@@ -1,0 +1,115 @@
+//! RTMP in, WebRTC out, through the real binary: Debian's ffmpeg publishes
+//! x264 (default B-frames, and `-bf 0`) + AAC over RTMP; WHEP viewers get
+//! H.264 starting at a keyframe and Opus audio, in sync.
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::{view, wait_live, Node, TOKEN};
+
+fn ffmpeg(rtmp: &str, stream: &str, extra: &[&str], secs: u32) -> tokio::process::Child {
+    let url = format!("rtmp://{rtmp}/live/{stream}?token={TOKEN}");
+    let mut args: Vec<String> = [
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+        &format!("testsrc2=size=640x360:rate=30:duration={secs}"),
+        "-f",
+        "lavfi",
+        "-i",
+        &format!("sine=frequency=1000:sample_rate=44100:duration={secs}"),
+        "-c:v",
+        "libx264",
+        "-preset",
+        "veryfast",
+        "-g",
+        "60",
+        "-pix_fmt",
+        "yuv420p",
+        "-c:a",
+        "aac",
+        "-ac",
+        "2",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    args.extend(extra.iter().map(|s| s.to_string()));
+    args.extend(["-f".to_string(), "flv".to_string(), url]);
+    tokio::process::Command::new("ffmpeg")
+        .args(&args)
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ffmpeg runs (scripts/test.sh installs it)")
+}
+
+async fn rtmp_plays(stream: &str, extra: &[&str]) -> serde_json::Value {
+    let node = Node::start("all", &[]);
+    let rtmp = node
+        .rtmp
+        .clone()
+        .expect("all-in-one prints its RTMP address");
+    let mut child = ffmpeg(&rtmp, stream, extra, 12);
+    wait_live(&node.http, stream).await;
+    let r = view(&node.http, stream, 5).await;
+    assert!(r.connected, "{r:?}");
+    assert_eq!(
+        r.first_frame_keyframe,
+        Some(true),
+        "starts at a keyframe: {r:?}"
+    );
+    assert!(r.video_frames >= 100, "≈30 fps for 5 s: {r:?}");
+    assert!(r.audio_frames >= 150, "Opus every 20 ms for 5 s: {r:?}");
+    assert_eq!(
+        r.audio_codec
+            .as_deref()
+            .map(str::to_ascii_lowercase)
+            .as_deref(),
+        Some("opus")
+    );
+    assert_eq!(
+        r.noncontiguous_frames, 0,
+        "no broken frames on loopback: {r:?}"
+    );
+    if let Some(d) = r.av_drift_ms {
+        assert!(d.abs() < 40.0, "A/V drift {d} ms");
+    }
+    eprintln!(
+        "rtmp {stream}: ttff {:?} ms, av drift {:?} ms",
+        r.ttff_ms, r.av_drift_ms
+    );
+    let streams: serde_json::Value = reqwest::get(format!("{}/api/streams", node.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let _ = child.kill().await;
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    streams
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_with_bframes_plays_over_whep() {
+    let streams = rtmp_plays("bf", &[]).await;
+    assert_eq!(streams[0]["protocol"], "rtmp");
+    assert_eq!(
+        streams[0]["bframes"], true,
+        "x264 defaults use B-frames: {streams}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_without_bframes_plays_over_whep() {
+    let streams = rtmp_plays("nobf", &["-bf", "0"]).await;
+    assert_eq!(streams[0]["bframes"], false, "{streams}");
+}
