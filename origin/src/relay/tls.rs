@@ -15,10 +15,12 @@ use crate::{Error, Result};
 
 /// Name in the self-signed certificate and in the client's SNI.
 pub const SERVER_NAME: &str = "cascade-relay";
-/// A silent peer is dropped after this long.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(10);
-/// Keep-alives keep an idle link (no streams live) from timing out.
-const KEEP_ALIVE: Duration = Duration::from_secs(3);
+/// A silent peer (crashed node, cut network) is dropped after this long;
+/// its streams then get `LINK_GRACE` before they end.
+const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
+/// Keep-alives keep an idle link (no streams live) from timing out: two
+/// may be lost before the link is declared dead.
+const KEEP_ALIVE: Duration = Duration::from_secs(2);
 /// Concurrent group streams a peer may open: two or three live groups per
 /// track (the newest and ones still draining) for a few hundred streams.
 pub const MAX_UNI_STREAMS: u32 = 1024;
