@@ -21,6 +21,8 @@ const RECV_BUF: usize = 2048;
 const TCP_READ_BUF: usize = 64 * 1024;
 /// Active TCP candidates advertise port 9 (RFC 6544 §4.5).
 const ACTIVE_TCP_PORT: u16 = 9;
+/// Datagrams read per wakeup when the tap takes them all (bounded for fairness).
+const MAX_TAPPED_BURST: usize = 64;
 /// Deadline for the TCP connect to the server's passive candidate.
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -146,12 +148,22 @@ impl Peer {
             Transport::Udp(socket) => {
                 tokio::select! {
                     r = socket.recv_from(&mut self.buf) => {
-                        let (n, source) = r?;
-                        let now = Instant::now();
-                        if let Some(data) = self.buf.get(..n) {
+                        let (n, mut source) = r?;
+                        let mut now = Instant::now();
+                        let mut data = self.buf.get(..n).unwrap_or_default();
+                        // Datagrams the tap takes leave str0m untouched, so a burst of them (one
+                        // video frame) is read in this one wakeup; the first one for str0m ends it.
+                        for _ in 0..MAX_TAPPED_BURST {
                             if !tap(data, now) {
                                 feed(&mut self.rtc, Protocol::Udp, source, self.local, data, now);
+                                break;
                             }
+                            let Ok((n, src)) = socket.try_recv_from(&mut self.buf) else {
+                                break;
+                            };
+                            source = src;
+                            now = Instant::now();
+                            data = self.buf.get(..n).unwrap_or_default();
                         }
                     }
                     _ = sleep => self.rtc.handle_input(Input::Timeout(Instant::now()))?,
