@@ -7,6 +7,8 @@ mod common;
 use std::time::Duration;
 
 use cascade_origin::catalog::Codec;
+use cascade_origin::relay::{Client, Server};
+use cascade_origin::Registry;
 use common::*;
 use tokio::time::timeout;
 
@@ -128,4 +130,74 @@ async fn catalog_updates_and_codec_changes_reach_the_edge() {
         number(&timeout(WAIT, video.next()).await.unwrap().unwrap()),
         11
     );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_restart_keeps_edge_viewers() {
+    init_tracing();
+    let origin = Registry::new();
+    let server = Server::bind(
+        "127.0.0.1:0".parse().unwrap(),
+        SECRET.into(),
+        origin.clone(),
+    )
+    .await
+    .unwrap();
+    let addr = server.local_addr().unwrap();
+    let ingest = Registry::new();
+    let uplink = Client::connect_with(addr.to_string(), SECRET.into(), options());
+    uplink.uplink(ingest.clone());
+    let publisher = ingest.publish("restart", catalog(), "whip").unwrap();
+    wait_live(&origin, "restart").await;
+    let edge = edge_of(&addr.to_string(), SECRET).await;
+    let sub = timeout(WAIT, edge.registry.subscribe("restart"))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut video = sub.track("video").unwrap();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publisher
+        .track("video")
+        .unwrap()
+        .write(frame(1, true, 1000))
+        .unwrap();
+    assert_eq!(
+        number(&timeout(WAIT, video.next()).await.unwrap().unwrap()),
+        1
+    );
+
+    // The origin goes away and a fresh one (empty registry) takes its port.
+    drop(server);
+    let origin = Registry::new();
+    let _server = timeout(WAIT, async {
+        loop {
+            match Server::bind(addr, SECRET.into(), origin.clone()).await {
+                Ok(s) => break s,
+                Err(_) => tokio::time::sleep(Duration::from_millis(50)).await,
+            }
+        }
+    })
+    .await
+    .expect("port not released");
+    // The ingest republishes; the edge asks again until the stream is back.
+    wait_live(&origin, "restart").await;
+    timeout(WAIT, async {
+        while origin.subscribers("restart") == 0 {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("edge did not subscribe again");
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    publisher
+        .track("video")
+        .unwrap()
+        .write(frame(2, true, 1000))
+        .unwrap();
+    assert_eq!(
+        number(&timeout(WAIT, video.next()).await.unwrap().unwrap()),
+        2
+    );
+    assert!(sub.is_live());
+    uplink.close();
 }

@@ -2,12 +2,13 @@
 //! from its stream tasks, to local commands, and to local streams to uplink.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use tokio::sync::oneshot;
 
 use super::{
     Command, Event, Pending, Session, MAX_PENDING, MAX_PUBLICATIONS, MAX_SUBSCRIPTIONS,
-    RESOLVE_TIMEOUT,
+    RESOLVE_TIMEOUT, RETRY,
 };
 use crate::model::catalog::Catalog;
 use crate::registry::Registry;
@@ -87,6 +88,21 @@ impl Session {
                     self.pending_names.remove(&p.name);
                     for w in p.waiters {
                         let _ = w.send(Err(Error::NotLive));
+                    }
+                    if let Some(until) = p.retry_until.filter(|&t| Instant::now() + RETRY < t) {
+                        tracing::debug!(stream = %p.name, "not back upstream yet: retrying");
+                        let events = self.events_tx.clone();
+                        let (registry, name) = (p.registry, p.name);
+                        tokio::spawn(async move {
+                            tokio::time::sleep(RETRY).await;
+                            let _ = events
+                                .send(Event::Retry {
+                                    registry,
+                                    name,
+                                    until,
+                                })
+                                .await;
+                        });
                     }
                 }
             }
@@ -188,6 +204,16 @@ impl Session {
                     self.write(&Message::Unsubscribe { id }).await?;
                 }
             }
+            Event::Retry {
+                registry,
+                name,
+                until,
+            } => {
+                // Only while the held-over stream still has readers.
+                if registry.is_live(&name) && registry.subscribers(&name) > 0 {
+                    self.subscribe(registry, name, None, Some(until)).await?;
+                }
+            }
             Event::Resolved { id, subscriber } => {
                 let Some(resume) = self.resolving.remove(&id) else {
                     return Ok(());
@@ -226,7 +252,7 @@ impl Session {
         if reply.is_closed() {
             return Ok(());
         }
-        self.subscribe(registry, name, Some(reply), false).await
+        self.subscribe(registry, name, Some(reply), None).await
     }
 
     /// Subscribes upstream unless already subscribed or asked; `reply`
@@ -236,7 +262,7 @@ impl Session {
         registry: Arc<Registry>,
         name: String,
         reply: Option<oneshot::Sender<Result<()>>>,
-        resume: bool,
+        retry_until: Option<Instant>,
     ) -> Result<()> {
         if let Some((id, _)) = self.subscribed.get(&name) {
             if self.incoming.contains_key(id) && registry.is_live(&name) {
@@ -264,7 +290,8 @@ impl Session {
         self.write(&Message::Subscribe {
             id,
             stream: name.clone(),
-            resume,
+            // A re-subscription: our viewers already saw the current group.
+            resume: retry_until.is_some(),
         })
         .await?;
         self.pending_names.insert(name.clone(), id);
@@ -274,6 +301,7 @@ impl Session {
                 registry,
                 name,
                 waiters: reply.into_iter().collect(),
+                retry_until,
             },
         );
         Ok(())

@@ -10,7 +10,7 @@
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
 use std::sync::Arc;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use tokio::sync::{broadcast, mpsc, oneshot, watch, Notify};
 use tokio_util::sync::CancellationToken;
@@ -21,7 +21,7 @@ mod handle;
 use super::recv::{read_group, Incoming, Routes};
 use super::send::Outgoing;
 use super::wire::{read_message, Message};
-use super::{code, AbortOnDrop};
+use super::{code, AbortOnDrop, LINK_GRACE};
 use crate::metrics::{RELAY_LINKS, RELAY_PROTOCOL_ERRORS};
 use crate::model::catalog::Catalog;
 use crate::registry::{Registry, Subscriber};
@@ -42,6 +42,8 @@ const MAX_PUBLICATIONS: usize = 256;
 const MAX_SUBSCRIPTIONS: usize = 1024;
 /// Our own subscriptions awaiting an answer.
 const MAX_PENDING: usize = 256;
+/// Pause between re-subscription attempts after a lost link.
+const RETRY: Duration = Duration::from_millis(500);
 
 /// What stream tasks report to their session.
 pub(crate) enum Event {
@@ -55,6 +57,12 @@ pub(crate) enum Event {
     Idle { id: u64 },
     /// A stream we receive was taken over locally or closed.
     Gone { id: u64 },
+    /// Time to ask again for a stream held over from a lost link.
+    Retry {
+        registry: Arc<Registry>,
+        name: String,
+        until: Instant,
+    },
     /// The peer's subscription found (or did not find) its stream.
     Resolved {
         id: u64,
@@ -76,6 +84,9 @@ struct Pending {
     registry: Arc<Registry>,
     name: String,
     waiters: Vec<oneshot::Sender<Result<()>>>,
+    /// For a re-subscription after a lost link: keep asking until then
+    /// (the upstream may be back before its own publisher is).
+    retry_until: Option<Instant>,
 }
 
 /// Which end of the link this is; decides id parity and metric labels.
@@ -259,7 +270,8 @@ impl Session {
         }
         for (registry, name) in std::mem::take(&mut inputs.resubscribe) {
             if registry.subscribers(&name) > 0 {
-                self.subscribe(registry, name, None, true).await?;
+                let until = Instant::now() + LINK_GRACE;
+                self.subscribe(registry, name, None, Some(until)).await?;
             }
         }
         let kick = inputs.kick.clone().unwrap_or_default();
