@@ -21,6 +21,8 @@ const RECV_BUF: usize = 2048;
 const TCP_READ_BUF: usize = 64 * 1024;
 /// Active TCP candidates advertise port 9 (RFC 6544 §4.5).
 const ACTIVE_TCP_PORT: u16 = 9;
+/// Requested SO_RCVBUF for each client socket.
+const UDP_RECV_BUFFER: usize = 1 << 20;
 /// Datagrams read per wakeup when the tap takes them all (bounded for fairness).
 const MAX_TAPPED_BURST: usize = 64;
 /// Deadline for the TCP connect to the server's passive candidate.
@@ -44,8 +46,8 @@ pub(crate) struct Peer {
 
 impl Peer {
     /// Bind a UDP socket on `ip` (port 0) and add it as the host candidate.
-    pub(crate) async fn bind(mut rtc: Rtc, ip: IpAddr) -> Result<Self> {
-        let socket = UdpSocket::bind(SocketAddr::new(ip, 0)).await?;
+    pub(crate) fn bind(mut rtc: Rtc, ip: IpAddr) -> Result<Self> {
+        let socket = udp_socket(SocketAddr::new(ip, 0))?;
         let local = socket.local_addr()?;
         let cand = Candidate::host(local, "udp")
             .map_err(|e| Error::BadAnswer(format!("host candidate: {e}")))?;
@@ -207,6 +209,22 @@ impl Peer {
         }
         Ok(())
     }
+}
+
+/// A non-blocking UDP socket with a receive buffer that holds a keyframe burst even when
+/// the task is late (the 208 KiB default overflows with many viewers on one machine).
+fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
+    use socket2::{Domain, Socket, Type};
+    let s = Socket::new(
+        Domain::for_address(addr),
+        Type::DGRAM,
+        Some(socket2::Protocol::UDP),
+    )?;
+    // Best effort: the kernel caps it at net.core.rmem_max.
+    let _ = s.set_recv_buffer_size(UDP_RECV_BUFFER);
+    s.set_nonblocking(true)?;
+    s.bind(&addr.into())?;
+    Ok(UdpSocket::from_std(s.into())?)
 }
 
 /// Take one whole RFC 4571 frame (16-bit length + bytes) off the front of `pending`.

@@ -109,7 +109,7 @@ impl Publisher {
             true,
             media.options.profile.profile_level_id(),
         );
-        let mut peer = Peer::bind(cfg.build(Instant::now()), opts.bind).await?;
+        let mut peer = Peer::bind(cfg.build(Instant::now()), opts.bind)?;
         let mut api = peer.rtc.sdp_api();
         let msid = Some("cascade-loadtest".to_string());
         let video_mid = api.add_media(

@@ -157,7 +157,7 @@ impl Viewer {
         let rtc = config(&opts.video_codecs, opts.audio).build(Instant::now());
         // Bind first: the offer carries the candidates known when it is made.
         let mut peer = match opts.transport {
-            Transport::Udp => Peer::bind(rtc, opts.bind).await?,
+            Transport::Udp => Peer::bind(rtc, opts.bind)?,
             Transport::Tcp => Peer::tcp(rtc, opts.bind)?,
         };
         let video = !opts.video_codecs.is_empty();
