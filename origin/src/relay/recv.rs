@@ -29,6 +29,9 @@ const HEADER_TIMEOUT: Duration = Duration::from_secs(5);
 /// A group may arrive before the control message that announces its
 /// stream (streams are not ordered with each other): wait this long.
 const ROUTE_WAIT: Duration = Duration::from_secs(2);
+/// Least time between two keyframe requests for one track sent upstream:
+/// about what an encoder needs to answer one.
+const KEYFRAME_SPACING: Duration = Duration::from_millis(500);
 /// How often the stream task checks for takeover and idleness.
 const TICK: Duration = Duration::from_millis(500);
 
@@ -80,6 +83,51 @@ impl Routes {
                 return None;
             }
         }
+    }
+}
+
+/// Spaces the keyframe requests sent upstream: at most one per track per
+/// `KEYFRAME_SPACING`. One inside the window is deferred to its end, not
+/// dropped, so a request is never lost, but many readers joining or lagging
+/// at once cost the publisher one keyframe, not a storm of them.
+#[derive(Default)]
+struct Throttle {
+    last: HashMap<String, Instant>,
+    due: HashMap<String, Instant>,
+}
+
+impl Throttle {
+    /// A request for `track`: returns it when it may go now.
+    fn request(&mut self, track: String, now: Instant) -> Option<String> {
+        match self.last.get(&track) {
+            Some(&t) if now < t + KEYFRAME_SPACING => {
+                self.due.entry(track).or_insert(t + KEYFRAME_SPACING);
+                None
+            }
+            _ => {
+                self.last.insert(track.clone(), now);
+                Some(track)
+            }
+        }
+    }
+
+    fn deadline(&self) -> Option<Instant> {
+        self.due.values().min().copied()
+    }
+
+    /// Deferred requests whose time has come.
+    fn poll(&mut self, now: Instant) -> Vec<String> {
+        let ready: Vec<String> = self
+            .due
+            .iter()
+            .filter(|(_, &at)| at <= now)
+            .map(|(track, _)| track.clone())
+            .collect();
+        for track in &ready {
+            self.due.remove(track);
+            self.last.insert(track.clone(), now);
+        }
+        ready
     }
 }
 
@@ -175,12 +223,17 @@ async fn run(
 ) {
     let mut index = track_index(&mut publisher);
     let mut orders: HashMap<Arc<str>, Order> = HashMap::new();
+    let mut throttle = Throttle::default();
     let mut ready: Vec<(Arc<str>, Frame)> = Vec::new();
     let mut out: Vec<Frame> = Vec::new();
     let mut tick = tokio::time::interval(TICK);
     let mut idle_since: Option<Instant> = None;
     loop {
-        let deadline = orders.values().filter_map(Order::deadline).min();
+        let deadline = orders
+            .values()
+            .filter_map(Order::deadline)
+            .chain(throttle.deadline())
+            .min();
         tokio::select! {
             m = media.recv() => {
                 let Some(m) = m else { break };
@@ -210,6 +263,9 @@ async fn run(
                         ready.extend(out.drain(..).map(|f| (track.clone(), f)));
                     }
                 }
+                for track in throttle.poll(now) {
+                    let _ = events.send(Event::Keyframe { id, track }).await;
+                }
             }
             changed = catalog.changed() => {
                 if changed.is_err() {
@@ -223,15 +279,18 @@ async fn run(
                 // keyframe may have raced ahead into the old one: ask again.
                 for t in &c.tracks {
                     if before.by_name(&t.name).is_none_or(|b| b.codec != t.codec) {
-                        let track = t.name.clone();
-                        let _ = events.send(Event::Keyframe { id, track }).await;
+                        if let Some(track) = throttle.request(t.name.clone(), Instant::now()) {
+                            let _ = events.send(Event::Keyframe { id, track }).await;
+                        }
                     }
                 }
             }
             track = keyframe_wanted(&mut publisher) => {
                 // Without a session (link lost, stream held for the grace
                 // period) there is nobody to ask; the stream stays up.
-                let _ = events.send(Event::Keyframe { id, track }).await;
+                if let Some(track) = throttle.request(track, Instant::now()) {
+                    let _ = events.send(Event::Keyframe { id, track }).await;
+                }
             }
             _ = tick.tick() => {
                 if !publisher.is_current() {
@@ -335,6 +394,25 @@ async fn read_frames(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keyframe_requests_are_spaced_not_lost() {
+        let mut t = Throttle::default();
+        let now = Instant::now();
+        assert_eq!(t.request("video".into(), now).as_deref(), Some("video"));
+        assert_eq!(t.request("video".into(), now + KEYFRAME_SPACING / 4), None);
+        assert_eq!(t.request("video".into(), now + KEYFRAME_SPACING / 2), None);
+        assert_eq!(t.request("audio".into(), now).as_deref(), Some("audio"));
+        assert_eq!(t.deadline(), Some(now + KEYFRAME_SPACING));
+        assert!(t.poll(now + KEYFRAME_SPACING / 2).is_empty());
+        assert_eq!(t.poll(now + KEYFRAME_SPACING), vec!["video".to_string()]);
+        assert_eq!(t.deadline(), None);
+        assert_eq!(
+            t.request("video".into(), now + KEYFRAME_SPACING * 3)
+                .as_deref(),
+            Some("video")
+        );
+    }
 
     #[tokio::test]
     async fn route_appearing_late_is_found() {
