@@ -277,6 +277,8 @@ impl Drop for Proc {
 pub(crate) struct Cascade {
     /// `http://198.18.0.1:PORT`
     pub(crate) base: String,
+    /// The ports of WebRTC media: UDP and ICE-TCP.
+    pub(crate) media_ports: (u16, u16),
     _proc: Proc,
 }
 
@@ -306,7 +308,22 @@ impl Cascade {
             .and_then(|u| u.strip_suffix("/healthz"))
             .expect("health url")
             .to_string();
-        Self { base, _proc: p }
+        // "WebRTC media: udp IP:PORT / ice-tcp IP:PORT — candidates: …"
+        let port_after = |key: &str| -> u16 {
+            p.seen
+                .iter()
+                .find_map(|l| l.split(key).nth(1))
+                .and_then(|r| r.split_whitespace().next())
+                .and_then(|a| a.rsplit(':').next())
+                .and_then(|p| p.parse().ok())
+                .unwrap_or(0)
+        };
+        let media_ports = (port_after("udp "), port_after("ice-tcp "));
+        Self {
+            base,
+            media_ports,
+            _proc: p,
+        }
     }
 }
 

@@ -10,6 +10,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
+import { execFileSync } from "node:child_process";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const job = JSON.parse(process.argv[2] || "{}");
@@ -40,6 +41,7 @@ async function sample(page) {
       if (pc.connectionState === "closed") continue;
       s.state = pc.connectionState;
       s.created = pc.__created;
+      s.ufrag = pc.localDescription ? (pc.localDescription.sdp.match(/a=ice-ufrag:(.*)/) || [])[1] : null;
       const r = await pc.getStats();
       r.forEach((x) => {
         if (x.type === "inbound-rtp" && x.kind === "video") {
@@ -127,6 +129,21 @@ async function main() {
         await page.goto(`${base}/play/${job.stream}${job.query || ""}`, { waitUntil: "domcontentloaded" });
         Object.assign(out, await watch(page, job.secs || 3));
         if (job.screenshot) await page.screenshot({ path: job.screenshot });
+        break;
+      }
+      case "blip": {
+        // The player page through a network blip: media paths dropped with
+        // nftables (the HTTP port stays open for the restart's PATCH).
+        const page = await newPage();
+        await page.goto(`${base}/play/${job.stream}`, { waitUntil: "domcontentloaded" });
+        out.before = await watch(page, 1);
+        execFileSync("nft", ["-f", "-"], { input: job.rules });
+        await new Promise((r) => setTimeout(r, job.blipSecs * 1000));
+        out.during = await sample(page);
+        execFileSync("nft", ["delete", "table", "inet", "cascade_blip"]);
+        const back = await waitFor(page, (x) => x.state === "connected" && x.framesDecoded > out.during.framesDecoded + 30, 15000, 100);
+        out.after = back;
+        out.recoveredMs = Math.round(back.now - out.during.now);
         break;
       }
       case "publish-and-watch": {
