@@ -10,16 +10,17 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use reqwest::Url;
-use str0m::change::SdpAnswer;
+use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
-use str0m::{Event, IceConnectionState, RtcConfig};
+use str0m::{Event, IceConnectionState, Rtc, RtcConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-use crate::media::TestMedia;
+pub use crate::http::{post_offer, Reply};
+use crate::media::{Profile, TestMedia};
 use crate::peer::Peer;
 use crate::tag::{self, Tag};
 use crate::{http, wallclock_us, Error, Result};
@@ -83,6 +84,50 @@ pub struct PublisherReport {
     pub end: &'static str,
 }
 
+/// A publisher's offer as SDP text (no candidates, no session behind it): for tests that
+/// only look at the HTTP answer (401, 400, 415, 413, …).
+pub fn offer_sdp(profile: Profile, audio: bool) -> Result<String> {
+    let mut rtc = config(profile).build(Instant::now());
+    let (offer, ..) = add_media(&mut rtc, audio)?;
+    Ok(offer.to_sdp_string())
+}
+
+fn config(profile: Profile) -> RtcConfig {
+    let mut cfg = RtcConfig::new().clear_codecs().enable_opus(true, false);
+    cfg.codec_config().add_h264(
+        PT_H264.into(),
+        Some(PT_H264_RTX.into()),
+        true,
+        profile.profile_level_id(),
+    );
+    cfg
+}
+
+fn add_media(rtc: &mut Rtc, audio: bool) -> Result<(SdpOffer, SdpPendingOffer, Mid, Option<Mid>)> {
+    let mut api = rtc.sdp_api();
+    let msid = Some("cascade-loadtest".to_string());
+    let video = api.add_media(
+        MediaKind::Video,
+        Direction::SendOnly,
+        msid.clone(),
+        Some("video".into()),
+        None,
+    );
+    let audio = audio.then(|| {
+        api.add_media(
+            MediaKind::Audio,
+            Direction::SendOnly,
+            msid,
+            Some("audio".into()),
+            None,
+        )
+    });
+    let (offer, pending) = api
+        .apply()
+        .ok_or_else(|| Error::BadAnswer("nothing to offer".into()))?;
+    Ok((offer, pending, video, audio))
+}
+
 /// A running publisher (its session runs in a tokio task). Dropping it stops the task.
 #[derive(Debug)]
 pub struct Publisher {
@@ -102,36 +147,9 @@ impl Publisher {
     /// answered `201`; a non-201 answer is [`Error::Status`].
     pub async fn start(opts: PublisherOptions, media: Arc<TestMedia>) -> Result<Self> {
         let posted = Instant::now();
-        let mut cfg = RtcConfig::new().clear_codecs().enable_opus(true, false);
-        cfg.codec_config().add_h264(
-            PT_H264.into(),
-            Some(PT_H264_RTX.into()),
-            true,
-            media.options.profile.profile_level_id(),
-        );
+        let cfg = config(media.options.profile);
         let mut peer = Peer::bind(cfg.build(Instant::now()), opts.bind)?;
-        let mut api = peer.rtc.sdp_api();
-        let msid = Some("cascade-loadtest".to_string());
-        let video_mid = api.add_media(
-            MediaKind::Video,
-            Direction::SendOnly,
-            msid.clone(),
-            Some("video".into()),
-            None,
-        );
-        let audio_mid = opts.audio.then(|| {
-            api.add_media(
-                MediaKind::Audio,
-                Direction::SendOnly,
-                msid,
-                Some("audio".into()),
-                None,
-            )
-        });
-        let (offer, pending) = api
-            .apply()
-            // invariant: we just added media, so there are changes to offer.
-            .ok_or_else(|| Error::BadAnswer("nothing to offer".into()))?;
+        let (offer, pending, video_mid, audio_mid) = add_media(&mut peer.rtc, opts.audio)?;
         let client = http::client()?;
         let created = http::create_session(
             &client,

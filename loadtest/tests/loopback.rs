@@ -147,7 +147,12 @@ async fn error_statuses_are_exposed() {
         .await
         .unwrap_err();
     assert!(matches!(err, Error::Status { status: 404, .. }), "{err}");
-    // Wrong publish token: 401.
+    // Wrong publish token: 401, raw and through the Publisher.
+    let sdp = loadtest::whip::offer_sdp(Profile::Main, true).unwrap();
+    let reply = loadtest::whip::post_offer(&server.whip_url("live"), &sdp, Some("bad"))
+        .await
+        .unwrap();
+    assert_eq!(reply.status, 401);
     let mut o = PublisherOptions::new(server.whip_url("live"));
     o.token = Some("wrong".into());
     let err = Publisher::start(o, media(Profile::ConstrainedBaseline).await)
