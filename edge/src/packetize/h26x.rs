@@ -47,14 +47,18 @@ impl Flavor {
 pub(crate) fn nal_units(data: &[u8]) -> Vec<&[u8]> {
     let mut out = Vec::new();
     let mut start = 0;
-    let mut i = 0;
-    while i + 3 <= data.len() {
-        if data.get(i..i + 3) == Some(&[0, 0, 1][..]) {
-            push_nal(data, start, i, &mut out);
-            i += 3;
-            start = i;
+    // Look for the 0x01 of each `00 00 01`: a byte search the compiler
+    // vectorizes, instead of matching three bytes at every offset.
+    let mut i = 2;
+    while let Some(k) = data.get(i..).and_then(|s| s.iter().position(|&b| b == 1)) {
+        let j = i + k;
+        if data.get(j - 2..j) == Some(&[0, 0][..]) {
+            push_nal(data, start, j - 2, &mut out);
+            start = j + 1;
+            // The next start code's 0x01 comes at least 3 bytes later.
+            i = j + 3;
         } else {
-            i += 1;
+            i = j + 1;
         }
     }
     push_nal(data, start, data.len(), &mut out);
@@ -305,6 +309,26 @@ mod tests {
         assert_eq!((out[0].data[0] >> 1) & 0x3f, 48);
         assert!(out.iter().all(|p| p.data.len() <= 1100));
         assert_eq!(depacketize_h265(&out), vec![vps, sps, idr]);
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn nal_units_match_a_naive_split(data in proptest::collection::vec(proptest::prop_oneof![proptest::prelude::Just(0u8), proptest::prelude::Just(1u8), proptest::prelude::any::<u8>()], 0..200)) {
+            // Naive reference: split at every 00 00 01, trim trailing zeros.
+            let mut want: Vec<&[u8]> = Vec::new();
+            let (mut start, mut i) = (0, 0);
+            while i + 3 <= data.len() {
+                if data[i..i + 3] == [0, 0, 1] {
+                    push_nal(&data, start, i, &mut want);
+                    i += 3;
+                    start = i;
+                } else {
+                    i += 1;
+                }
+            }
+            push_nal(&data, start, data.len(), &mut want);
+            proptest::prop_assert_eq!(nal_units(&data), want);
+        }
     }
 
     #[test]
