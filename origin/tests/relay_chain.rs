@@ -230,7 +230,8 @@ async fn idle_edge_unsubscribes_after_grace() {
     let before = c.origin.subscribers("idle");
     let edge = c.edge().await;
     // Many viewers at once: one upstream subscription serves them all.
-    let subs = futures::future::join_all((0..20).map(|_| edge.registry.subscribe("idle"))).await;
+    let many = futures::future::join_all((0..20).map(|_| edge.registry.subscribe("idle")));
+    let subs = timeout(WAIT, many).await.unwrap();
     let subs: Vec<_> = subs.into_iter().map(|s| s.unwrap()).collect();
     assert_eq!(edge.registry.viewers("idle"), 20);
     let one_edge = c.origin.subscribers("idle");

@@ -172,11 +172,8 @@ pub async fn raw_connect_with(
 ) -> quinn::Connection {
     let mut endpoint = quinn::Endpoint::client("127.0.0.1:0".parse().unwrap()).unwrap();
     endpoint.set_default_client_config(config);
-    endpoint
-        .connect(addr, tls::SERVER_NAME)
-        .unwrap()
-        .await
-        .unwrap()
+    let connecting = endpoint.connect(addr, tls::SERVER_NAME).unwrap();
+    timeout(WAIT, connecting).await.unwrap().unwrap()
 }
 
 pub fn close_code(e: quinn::ConnectionError) -> Option<quinn::VarInt> {
