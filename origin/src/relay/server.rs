@@ -104,6 +104,13 @@ async fn accept_loop(
 fn refusal(e: &Error) -> (&'static str, quinn::VarInt, &'static [u8]) {
     match e {
         Error::Auth => ("auth", code::AUTH, b"relay authentication failed"),
+        // The peer checks our proof first: a secret mismatch usually shows
+        // here as the peer closing with the auth code.
+        Error::Connection(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == code::AUTH =>
+        {
+            ("auth", code::AUTH, b"relay authentication failed")
+        }
         Error::Connection(_) | Error::Closed => ("connection", code::CLOSED, b"connection lost"),
         _ => ("protocol", code::PROTOCOL, b"relay handshake failed"),
     }
