@@ -254,6 +254,57 @@ fn ovenplayer_from_npm_plays_over_ome_websocket_signalling() {
 }
 
 #[test]
+fn ovenplayer_signalling_refusals_and_offer_shape() {
+    let Some(ns) = Netns::create("wsprobe") else {
+        return;
+    };
+    let cascade = Cascade::start(&ns, &["--viewer-token", "probe-secret"]);
+    let _publisher = ns.publisher(&cascade, "live", 30);
+    let ws = cascade.base.replacen("http://", "ws://", 1);
+    let v = ns.run_browser(
+        serde_json::json!({
+            "kind": "ws-probe", "base": cascade.base,
+            "urls": [
+                format!("{ws}/ws/live/live"),
+                format!("{ws}/ws/live/live?token=wrong"),
+                format!("{ws}/ws/live/offline?token=probe-secret"),
+                format!("{ws}/ws/live/live?token=probe-secret"),
+            ],
+        }),
+        TEST_BUDGET,
+    );
+    assert!(v["ok"] == true, "runner failed: {v:#}");
+    let p = v["probes"].as_array().unwrap();
+    assert_eq!(
+        p[0]["opened"], false,
+        "no token: the upgrade is refused: {v:#}"
+    );
+    assert_eq!(p[1]["opened"], false, "wrong token: refused: {v:#}");
+    assert_eq!(
+        p[2]["messages"][0]["code"], 404,
+        "not live: OME error shape: {v:#}"
+    );
+    assert!(
+        p[2]["messages"][0]["error"]
+            .as_str()
+            .unwrap_or("")
+            .contains("not live"),
+        "{v:#}"
+    );
+    let offer = &p[3]["messages"][0];
+    assert_eq!(offer["command"], "offer", "{v:#}");
+    assert_eq!(offer["peer_id"], 0);
+    assert!(offer["id"].is_u64());
+    assert_eq!(offer["sdp"]["type"], "offer");
+    assert!(offer["candidates"].is_array());
+    assert_eq!(p[3]["sdpHasCandidates"], true);
+    assert_eq!(
+        p[3]["hasIceServersKey"], false,
+        "no ice_servers key without --ice-servers: {v:#}"
+    );
+}
+
+#[test]
 fn turn_relay_with_coturn_rest_credentials() {
     let Some(ns) = Netns::create("turn") else {
         return;

@@ -131,6 +131,32 @@ async function main() {
         if (job.screenshot) await page.screenshot({ path: job.screenshot });
         break;
       }
+      case "ws-probe": {
+        // Raw OME signalling from a page: what the server says to each URL.
+        const page = await newPage();
+        await page.goto(`${base}/publish/probe`, { waitUntil: "domcontentloaded" });
+        out.probes = [];
+        for (const url of job.urls) {
+          out.probes.push(await page.evaluate((u) => new Promise((resolve) => {
+            const ws = new WebSocket(u);
+            const got = { url: u, messages: [], opened: false };
+            const done = () => resolve(got);
+            ws.onopen = () => { got.opened = true; ws.send(JSON.stringify({ command: "request_offer" })); };
+            ws.onmessage = (e) => {
+              const m = JSON.parse(e.data);
+              got.messages.push(m);
+              if (m.command === "offer") {
+                got.sdpHasCandidates = /a=candidate:/.test(m.sdp.sdp);
+                got.hasIceServersKey = "ice_servers" in m;
+                ws.close();
+              }
+            };
+            ws.onclose = (e) => { got.closeCode = e.code; done(); };
+            setTimeout(done, 5000);
+          }), url));
+        }
+        break;
+      }
       case "blip": {
         // The player page through a network blip: media paths dropped with
         // nftables (the HTTP port stays open for the restart's PATCH).
