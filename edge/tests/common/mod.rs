@@ -215,3 +215,114 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     }
     f()
 }
+
+/// VP8 or VP9 test video (320×240, 30 fps, a keyframe every 30 frames, 3 s)
+/// made by ffmpeg/libvpx as IVF, split into (frame, keyframe) pairs.
+pub async fn vpx_frames(codec: Codec) -> Vec<(Bytes, bool)> {
+    let (name, encoder) = match codec {
+        Codec::Vp8 => ("vp8", "libvpx"),
+        _ => ("vp9", "libvpx-vp9"),
+    };
+    let path = std::env::temp_dir().join(format!("cascade-edge-test-{name}.ivf"));
+    if !path.exists() {
+        let tmp = path.with_extension(format!("{}.tmp", std::process::id()));
+        let status = tokio::time::timeout(
+            Duration::from_secs(120),
+            tokio::process::Command::new("ffmpeg")
+                .args([
+                    "-hide_banner",
+                    "-loglevel",
+                    "error",
+                    "-y",
+                    "-f",
+                    "lavfi",
+                    "-i",
+                ])
+                .arg("testsrc=size=320x240:rate=30")
+                .args([
+                    "-t",
+                    "3",
+                    "-c:v",
+                    encoder,
+                    "-g",
+                    "30",
+                    "-keyint_min",
+                    "30",
+                    "-b:v",
+                    "400k",
+                ])
+                .args([
+                    "-deadline",
+                    "realtime",
+                    "-cpu-used",
+                    "8",
+                    "-auto-alt-ref",
+                    "0",
+                    "-lag-in-frames",
+                    "0",
+                ])
+                .args(["-f", "ivf"])
+                .arg(&tmp)
+                .status(),
+        )
+        .await
+        .expect("ffmpeg took too long")
+        .expect("ffmpeg missing: apt-get install -y ffmpeg");
+        assert!(status.success(), "ffmpeg failed to encode {name}");
+        std::fs::rename(&tmp, &path).unwrap();
+    }
+    let data = std::fs::read(&path).unwrap();
+    let header = u16::from_le_bytes([data[6], data[7]]) as usize;
+    let mut frames = Vec::new();
+    let mut i = header;
+    while i + 12 <= data.len() {
+        let len = u32::from_le_bytes(data[i..i + 4].try_into().unwrap()) as usize;
+        let frame = &data[i + 12..i + 12 + len];
+        let keyframe = match codec {
+            // RFC 6386 §9.1: bit 0 of the frame tag is the inverse key frame flag.
+            Codec::Vp8 => frame[0] & 1 == 0,
+            // VP9 uncompressed header (profile 0): frame_type bit after
+            // frame_marker, profile and show_existing_frame.
+            _ => frame[0] & 0x0c == 0,
+        };
+        frames.push((Bytes::copy_from_slice(frame), keyframe));
+        i += 12 + len;
+    }
+    frames
+}
+
+/// Publishes a video-only stream looping `frames` at 30 fps.
+pub fn publish_video(
+    registry: &Arc<Registry>,
+    name: &str,
+    codec: Codec,
+    frames: Vec<(Bytes, bool)>,
+) -> JoinHandle<()> {
+    let catalog = Catalog {
+        tracks: vec![TrackInfo {
+            name: "video".into(),
+            codec,
+            fmtp: String::new(),
+            channels: None,
+            bframes: false,
+        }],
+    };
+    let publisher = registry.publish(name, catalog, "test").unwrap();
+    tokio::spawn(async move {
+        let start = tokio::time::Instant::now();
+        for n in 0u64.. {
+            let (payload, keyframe) = frames[(n as usize) % frames.len()].clone();
+            tokio::time::sleep_until(start + Duration::from_micros(n * 33_333)).await;
+            let frame = Frame {
+                payload,
+                pts: n * 3000,
+                dts: n * 3000,
+                keyframe,
+                ingest_us: cascade_origin::wallclock_us(),
+            };
+            if publisher.track("video").unwrap().write(frame).is_err() {
+                return;
+            }
+        }
+    })
+}
