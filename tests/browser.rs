@@ -71,13 +71,24 @@ fn browser_publishes_and_another_tab_watches() {
     let v = ns.run_browser(
         serde_json::json!({
             "kind": "publish-and-watch", "base": cascade.base, "stream": "fromchrome",
-            "token": netns::TOKEN, "secs": 3,
+            "token": netns::TOKEN, "secs": 3, "restartPublisher": true,
             "screenshot": netns::screenshot("publish.png"),
         }),
         TEST_BUDGET,
     );
     assert_eq!(v["publishState"], "live", "publish page went live: {v:#}");
     frames_flow(&v);
+    let r = &v["publisherRestart"];
+    assert_eq!(r["restarts"], 1, "publish page restarted ICE: {v:#}");
+    assert_eq!(r["state"], "live", "{v:#}");
+    let (b, a) = (
+        r["viewerBefore"].as_u64().unwrap_or(0),
+        r["viewerAfter"].as_u64().unwrap_or(0),
+    );
+    assert!(
+        a > b + 30,
+        "viewer frames go on across the publisher's ICE restart ({b} → {a}): {v:#}"
+    );
     // The closed tab sent DELETE on pagehide: no consent timeout needed.
     assert_eq!(
         v["whipSessionsAfterClose"], 0.0,

@@ -183,6 +183,19 @@ async function main() {
         Object.assign(out, await watch(view, job.secs || 3));
         if (job.screenshot) await pub.screenshot({ path: job.screenshot });
         if (job.screenshotPlayer) await view.screenshot({ path: job.screenshotPlayer });
+        if (job.restartPublisher) {
+          // ICE restart of the WHIP session (PATCH); the viewer must not notice.
+          const before = await sample(view);
+          await pub.evaluate(() => window.cascade.restartIce());
+          await new Promise((r) => setTimeout(r, 3000));
+          out.publisherRestart = {
+            restarts: await pub.evaluate(() => window.cascade.restarts),
+            state: await pub.evaluate(() => window.cascade.state),
+            error: await pub.evaluate(() => window.cascade.error),
+            viewerBefore: before.framesDecoded,
+            viewerAfter: (await sample(view)).framesDecoded,
+          };
+        }
         // Closing the publishing tab ends the WHIP session (pagehide → DELETE).
         await pub.close({ runBeforeUnload: true });
         await new Promise((r) => setTimeout(r, 1000));
