@@ -65,9 +65,9 @@ RUSTDOCFLAGS=-Dwarnings cargo doc --workspace --no-deps --quiet
 
 log "tests"
 if command -v cargo-nextest >/dev/null; then
-  cargo nextest run --workspace --no-fail-fast
-  # nextest does not run doctests.
+  # nextest does not run doctests; run them first so nextest's summary closes the log.
   cargo test --workspace --doc
+  cargo nextest run --workspace --no-fail-fast
 else
   cargo test --workspace --no-fail-fast
 fi
