@@ -315,6 +315,10 @@ impl Handler for Viewer {
         match event {
             Event::Connected => {
                 self.connected = true;
+                if self.outs.is_empty() {
+                    // Every track ended between the answer and the handshake.
+                    return Flow::Close;
+                }
                 for out in &mut self.outs {
                     if !out.start() {
                         return Flow::Close;

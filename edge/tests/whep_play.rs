@@ -157,3 +157,29 @@ async fn stream_end_closes_viewer_sessions() {
     assert_eq!(edge.registry.viewers("end"), 0);
     let _ = v.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn viewer_without_cached_group_asks_for_a_keyframe() {
+    let edge = Edge::start(Default::default()).await;
+    let media = media(GOP_FRAMES).await;
+    // Mid-GOP start: nothing decodable is cached for 3 s, unless the
+    // publisher honours the keyframe request the joining viewer makes.
+    let p = Publisher::start_at(&edge.registry, "kf", media, 0, 5, true);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let viewer = Viewer::start(opts(&edge, "kf", 2)).await.unwrap();
+    let r = viewer.finish_duration().await.unwrap();
+    println!(
+        "no cached group: keyframe requests {}, ttff {:?} ms",
+        p.keyframe_requests
+            .load(std::sync::atomic::Ordering::Relaxed),
+        r.ttff_ms
+    );
+    assert!(
+        p.keyframe_requests
+            .load(std::sync::atomic::Ordering::Relaxed)
+            >= 1
+    );
+    assert_eq!(r.first_frame_keyframe, Some(true));
+    assert!(r.seq_gaps.is_empty(), "{:?}", r.seq_gaps);
+    assert!(r.ttff_ms.unwrap() < 1000.0, "ttff {:?}", r.ttff_ms);
+}

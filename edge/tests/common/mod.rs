@@ -124,17 +124,36 @@ impl Publisher {
         media: Arc<TestMedia>,
         seq_start: u64,
     ) -> Self {
+        Self::start_at(registry, name, media, seq_start, 0, false)
+    }
+
+    /// Like [`Publisher::start`] but from clip frame `first` (mid-GOP: no
+    /// keyframe until the clip's next one); with `honour`, a keyframe request
+    /// jumps to the clip's next keyframe, as an encoder would make one.
+    pub fn start_at(
+        registry: &Arc<Registry>,
+        name: &str,
+        media: Arc<TestMedia>,
+        seq_start: u64,
+        first: usize,
+        honour: bool,
+    ) -> Self {
         let mut publisher = registry.publish(name, catalog(), "test").unwrap();
         let keyframe_requests = Arc::new(AtomicU64::new(0));
         let video_frames = Arc::new(AtomicU64::new(0));
         let (kf, vf) = (keyframe_requests.clone(), video_frames.clone());
         let task = tokio::spawn(async move {
             let start = tokio::time::Instant::now();
-            let (mut vi, mut ai, mut vloops, mut aloops) = (0usize, 0usize, 0u64, 0u64);
+            let (mut vi, mut ai, mut vloops, mut aloops) = (first, 0usize, 0u64, 0u64);
+            // Clip pts of the first frame sent: the stream timeline starts at 0.
+            let skew = media.video[first].pts_90k;
             let mut seq = seq_start;
+            let mut jump = 0u64;
             loop {
-                let vpts = vloops * media.duration_90k + media.video[vi].pts_90k;
+                let vpts =
+                    (vloops * media.duration_90k + media.video[vi].pts_90k).saturating_sub(skew);
                 let apts = aloops * media.duration_48k + media.audio[ai].pts_48k;
+                let vpts = vpts.saturating_sub(jump);
                 let vdue = start + Duration::from_micros(vpts * 1_000_000 / 90_000);
                 let adue = start + Duration::from_micros(apts * 1_000_000 / 48_000);
                 let due = vdue.min(adue);
@@ -147,6 +166,23 @@ impl Publisher {
                         }
                     } => {
                         kf.fetch_add(1, Ordering::Relaxed);
+                        if honour {
+                            // The next keyframe of the clip, sent at once: the
+                            // clip's timeline jumps, the stream's does not.
+                            let next = (1..media.video.len())
+                                .map(|d| (vi + d) % media.video.len())
+                                .find(|&i| media.video[i].keyframe)
+                                .unwrap_or(vi);
+                            let now_pts = vpts_of(&media, vi, vloops, skew);
+                            let mut loops = vloops + u64::from(next < vi);
+                            while vpts_of(&media, next, loops, skew) < now_pts {
+                                loops += 1;
+                            }
+                            // Pretend the frames in between never existed.
+                            jump += vpts_of(&media, next, loops, skew) - now_pts;
+                            vi = next;
+                            vloops = loops;
+                        }
                         continue;
                     }
                 }
@@ -202,6 +238,10 @@ impl Publisher {
             video_frames,
         }
     }
+}
+
+fn vpts_of(media: &TestMedia, index: usize, loops: u64, skew: u64) -> u64 {
+    (loops * media.duration_90k + media.video[index].pts_90k).saturating_sub(skew)
 }
 
 /// Polls `f` until it holds or `limit` passes.
