@@ -1,0 +1,262 @@
+//! B-frames in Chromium: Debian's ffmpeg publishes x264 over RTMP (default
+//! B-frames, and `-bf 0`) with the frame number drawn as a barcode, the player
+//! page plays it in headless Chromium, and tests/browser/smooth.mjs reads
+//! getStats() and the barcode of every presented frame (docs/bframes.md).
+//! Root only (network namespace, as tests/browser.rs).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
+
+#[allow(dead_code)] // shared with tests/browser.rs, which uses all of it
+#[path = "browser/netns.rs"]
+mod netns;
+
+use std::path::PathBuf;
+use std::process::Command;
+use std::time::Duration;
+
+use netns::{Netns, Proc, CASCADE_IP, TOKEN};
+use serde_json::{json, Value};
+
+/// One test's budget (≤ 60 s each).
+const TEST_BUDGET: Duration = Duration::from_secs(60);
+/// The edge's B-frame mapping override (edge/src/fanout.rs, docs/bframes.md).
+const METHOD_ENV: &str = "CASCADE_EDGE_BFRAME_TS";
+
+/// cascade (`all`) in the namespace with its HTTP base and RTMP address.
+struct Node {
+    base: String,
+    rtmp: String,
+    _proc: Proc,
+}
+
+impl Node {
+    /// Starts cascade; `method` sets the edge's B-frame mapping.
+    fn start(ns: &Netns, method: Option<&str>) -> Self {
+        let mut c = ns.cmd(env!("CARGO_BIN_EXE_cascade"));
+        let any = format!("{CASCADE_IP}:0");
+        c.args([
+            "all", "--http", &any, "--rtmp", &any, "--udp", &any, "--tcp", &any,
+        ])
+        .args(["--advertise", CASCADE_IP, "--publish-token", TOKEN])
+        .env_remove("RUST_LOG")
+        .env_remove(METHOD_ENV)
+        .env(
+            "CASCADE_LOG",
+            std::env::var("CASCADE_TEST_LOG").unwrap_or_else(|_| "warn".into()),
+        );
+        if let Some(m) = method {
+            c.env(METHOD_ENV, m);
+        }
+        let mut p = Proc::spawn(c);
+        let within = Duration::from_secs(30);
+        let rtmp = p
+            .wait_line(|l| l.contains("rtmp://"), within)
+            .unwrap_or_else(|lines| panic!("cascade printed no RTMP address: {lines:?}"));
+        let rtmp = rtmp
+            .split("rtmp://")
+            .nth(1)
+            .and_then(|r| r.split('/').next())
+            .expect("rtmp address")
+            .to_string();
+        let health = p
+            .wait_line(|l| l.trim().starts_with("Health:"), within)
+            .unwrap_or_else(|lines| panic!("cascade did not start: {lines:?}"));
+        let base = health
+            .trim()
+            .trim_start_matches("Health:")
+            .split_whitespace()
+            .next()
+            .and_then(|u| u.strip_suffix("/healthz"))
+            .expect("health url")
+            .to_string();
+        Self {
+            base,
+            rtmp,
+            _proc: p,
+        }
+    }
+
+    fn publish_url(&self, stream: &str) -> String {
+        format!("rtmp://{}/live/{stream}?token={TOKEN}", self.rtmp)
+    }
+
+    fn play_url(&self, stream: &str) -> String {
+        format!("{}/play/{stream}", self.base)
+    }
+}
+
+/// Barcode of the frame number: 10 boxes of 32×32 px along the top edge,
+/// box k white when bit k of `n` is set (read back by smooth.mjs).
+fn barcode_filter() -> String {
+    let mut f = String::from("drawbox=x=0:y=0:w=320:h=32:color=black:t=fill");
+    for k in 0..10u32 {
+        f.push_str(&format!(
+            ",drawbox=x={}:y=0:w=32:h=32:color=white:t=fill:enable='mod(floor(n/{}),2)'",
+            32 * k,
+            1u32 << k
+        ));
+    }
+    f
+}
+
+/// Debian's ffmpeg in the namespace: one x264 + AAC encode (testsrc2, moving
+/// picture, barcode) sent over RTMP to every URL at once (tee muxer), so
+/// every receiver gets the same bytes. `bframes` false adds `-bf 0`.
+fn ffmpeg(ns: &Netns, urls: &[String], bframes: bool, secs: u32) -> Proc {
+    let mut c = ns.cmd("ffmpeg");
+    let video = format!(
+        "testsrc2=size=640x360:rate=30:duration={secs},{}",
+        barcode_filter()
+    );
+    c.args([
+        "-hide_banner",
+        "-loglevel",
+        "error",
+        "-re",
+        "-f",
+        "lavfi",
+        "-i",
+    ])
+    .arg(video)
+    .args(["-f", "lavfi", "-i"])
+    .arg(format!(
+        "sine=frequency=1000:sample_rate=48000:duration={secs}"
+    ))
+    .args(["-map", "0:v", "-map", "1:a", "-c:v", "libx264"])
+    .args(["-preset", "veryfast", "-g", "60", "-pix_fmt", "yuv420p"]);
+    if !bframes {
+        c.args(["-bf", "0"]);
+    }
+    // The tee muxer does not ask for global headers itself; FLV needs them
+    // (AVC sequence header, AudioSpecificConfig).
+    c.args(["-c:a", "aac", "-ac", "2", "-flags:v", "+global_header"])
+        .args(["-flags:a", "+global_header", "-f", "tee"])
+        .arg(
+            urls.iter()
+                .map(|u| format!("[f=flv:onfail=ignore]{u}"))
+                .collect::<Vec<_>>()
+                .join("|"),
+        )
+        .stdin(std::process::Stdio::null());
+    Proc::spawn(c)
+}
+
+/// Runs smooth.mjs with `job` in the namespace and returns its JSON.
+fn run_smooth(ns: &Netns, mut job: Value, within: Duration) -> Value {
+    job["timeoutSecs"] = Value::from(within.as_secs().saturating_sub(5));
+    let mut c: Command = ns.cmd("node");
+    c.current_dir(PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser"))
+        .arg("smooth.mjs")
+        .arg(job.to_string());
+    let mut p = Proc::spawn(c);
+    let line = p
+        .wait_line(|l| l.starts_with('{'), within)
+        .unwrap_or_else(|lines| panic!("smooth.mjs printed no result: {lines:?}"));
+    serde_json::from_str(&line).unwrap_or_else(|e| panic!("smooth.mjs output {line}: {e}"))
+}
+
+fn num(v: &Value, path: &[&str]) -> f64 {
+    path.iter()
+        .fold(v, |v, k| &v[*k])
+        .as_f64()
+        .unwrap_or(f64::NAN)
+}
+
+/// One line of the comparison table.
+fn row(label: &str, r: &Value) -> String {
+    let s = |k: &str| num(r, &["stats", k]);
+    let d = |k: &str| num(r, &["display", k]);
+    format!(
+        "{label:<12} decoded {:>4} dropped {:>3} freezes {:>2} ({:>5.2} s) jb {:>6.1} ms ifd {:>5.1}±{:>5.1} ms | shown {:>4} back {:>3} skip {:>3} rep {:>3} gap p99 {:>5.1} max {:>5.1} >100ms {:>2}",
+        s("framesDecoded"),
+        s("framesDropped"),
+        s("freezeCount"),
+        s("totalFreezesDuration"),
+        s("jitterBufferMs"),
+        s("interFrameMeanMs"),
+        s("interFrameSdMs"),
+        d("presented"),
+        d("backwards"),
+        d("skipped"),
+        d("repeats"),
+        d("intervalP99Ms"),
+        d("intervalMaxMs"),
+        d("hitchesOver100ms"),
+    )
+}
+
+/// A default x264 stream (B-frames on) plays in Chromium: frames keep being
+/// decoded and shown in order, no freeze storm. Bounds, not timings.
+#[test]
+fn default_x264_over_rtmp_plays_in_chromium() {
+    let Some(ns) = Netns::create("bfplay") else {
+        return;
+    };
+    let node = Node::start(&ns, None);
+    let _ff = ffmpeg(&ns, &[node.publish_url("bf")], true, 40);
+    let v = run_smooth(
+        &ns,
+        json!({ "pages": [{ "label": "bf", "url": node.play_url("bf") }], "warmSecs": 3, "secs": 10 }),
+        TEST_BUDGET,
+    );
+    assert!(v["ok"] == true, "runner failed: {v:#}");
+    let r = &v["results"]["bf"];
+    eprintln!("{}", row("x264 default", r));
+    let decoded = num(r, &["stats", "framesDecoded"]);
+    assert!(decoded >= 150.0, "≈30 fps for 10 s keeps decoding: {r:#}");
+    assert!(
+        num(r, &["stats", "freezeCount"]) <= 3.0,
+        "no freeze storm: {r:#}"
+    );
+    let shown = num(r, &["display", "presented"]);
+    if !shown.is_nan() {
+        assert!(shown >= 150.0, "frames are shown: {r:#}");
+        assert!(
+            num(r, &["display", "backwards"]) <= 2.0,
+            "shown in presentation order: {r:#}"
+        );
+    }
+}
+
+/// The measurement behind docs/bframes.md: one x264 encode with default
+/// B-frames sent to one cascade per mapping method, one `-bf 0` encode as
+/// the reference, every player in one Chromium at once. Prints the table.
+/// `CASCADE_BFRAME_METHODS=pts,dts` picks the methods.
+#[test]
+#[ignore = "measurement (≈45 s, prints a table): cargo test --test browser_bframes -- --ignored"]
+fn bframe_methods_side_by_side() {
+    let Some(ns) = Netns::create("bfcmp") else {
+        return;
+    };
+    let methods: Vec<String> = std::env::var("CASCADE_BFRAME_METHODS")
+        .unwrap_or_else(|_| "pts,dts,pts-delay,drop".into())
+        .split(',')
+        .map(str::to_string)
+        .collect();
+    let nodes: Vec<Node> = methods.iter().map(|m| Node::start(&ns, Some(m))).collect();
+    let reference = Node::start(&ns, None);
+    let urls: Vec<String> = nodes.iter().map(|n| n.publish_url("bf")).collect();
+    let _bf = ffmpeg(&ns, &urls, true, 50);
+    let _nobf = ffmpeg(&ns, &[reference.publish_url("nobf")], false, 50);
+    let mut pages: Vec<Value> = methods
+        .iter()
+        .zip(&nodes)
+        .map(|(m, n)| json!({ "label": m, "url": n.play_url("bf") }))
+        .collect();
+    pages.push(json!({ "label": "no-bframes", "url": reference.play_url("nobf") }));
+    let secs = std::env::var("CASCADE_BFRAME_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(15);
+    let v = run_smooth(
+        &ns,
+        json!({ "pages": pages, "warmSecs": 3, "secs": secs }),
+        Duration::from_secs(secs + 45),
+    );
+    assert!(v["ok"] == true, "runner failed: {v:#}");
+    eprintln!("{v}");
+    for p in &pages {
+        let label = p["label"].as_str().unwrap();
+        eprintln!("{}", row(label, &v["results"][label]));
+    }
+}
