@@ -191,7 +191,6 @@ fn describe(track: &TrackInfo) -> String {
             "H264 (profile-level-id={:06x}, packetization-mode=1)",
             track.profile_level_id().unwrap_or(DEFAULT_PLID)
         ),
-        Codec::Av1 => "AV1 (not served over WebRTC by this version)".into(),
         c => c.sdp_name().to_string(),
     }
 }
@@ -231,7 +230,11 @@ fn score(track: &TrackInfo, f: &Format) -> Option<u8> {
             let got = fmtp_value(&f.fmtp, "profile-id").unwrap_or("0");
             Some(if want == got { 2 } else { 1 })
         }
-        Codec::Av1 => None,
+        Codec::Av1 => {
+            let want = fmtp_value(&track.fmtp, "profile").unwrap_or("0");
+            let got = fmtp_value(&f.fmtp, "profile").unwrap_or("0");
+            Some(if want == got { 2 } else { 1 })
+        }
         Codec::H265 | Codec::Vp8 | Codec::Opus => Some(1),
     }
 }

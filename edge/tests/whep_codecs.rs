@@ -1,4 +1,4 @@
-//! VP8 and VP9 streams (libvpx via ffmpeg) played by str0m WHEP viewers:
+//! VP8, VP9 and AV1 streams (libvpx, libaom via ffmpeg) played by str0m WHEP viewers:
 //! our packetizers against str0m's depacketizers over real sockets.
 #![allow(clippy::unwrap_used)]
 
@@ -48,6 +48,15 @@ async fn vp8_plays() {
 async fn vp9_plays() {
     let r = play(Codec::Vp9, VideoCodec::Vp9).await;
     assert_eq!(r.video_codec.as_deref(), Some("Vp9"));
+    assert!(r.video_frames >= 80, "{} frames", r.video_frames);
+    assert_eq!(r.packets_lost, 0);
+    assert_eq!(r.noncontiguous_frames, 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn av1_plays() {
+    let r = play(Codec::Av1, VideoCodec::Av1).await;
+    assert_eq!(r.video_codec.as_deref(), Some("Av1"));
     assert!(r.video_frames >= 80, "{} frames", r.video_frames);
     assert_eq!(r.packets_lost, 0);
     assert_eq!(r.noncontiguous_frames, 0);

@@ -3,12 +3,14 @@
 //!
 //! Each codec follows its RTP payload format: H.264 (RFC 6184, single NAL,
 //! STAP-A, FU-A), H.265 (RFC 7798, single NAL, AP, FU), VP8 (RFC 7741),
-//! VP9 (RFC 9628, non-flexible mode) and Opus (RFC 7587, one frame per packet).
+//! VP9 (RFC 9628, non-flexible mode), AV1 (AOM RTP spec, OBU elements) and
+//! Opus (RFC 7587, one frame per packet).
 
 use std::sync::Arc;
 
 use cascade_origin::catalog::Codec;
 
+mod av1;
 mod h26x;
 mod vp8;
 mod vp9;
@@ -36,15 +38,13 @@ pub struct Packetizer {
 }
 
 impl Packetizer {
-    /// A packetizer for `codec`; `None` for codecs without one here (AV1).
+    /// A packetizer for `codec` (every codec of the catalog has one; the
+    /// `Option` leaves room for codecs that will not).
     pub fn new(codec: Codec) -> Option<Self> {
-        match codec {
-            Codec::H264 | Codec::H265 | Codec::Vp8 | Codec::Vp9 | Codec::Opus => Some(Self {
-                codec,
-                picture_id: 0,
-            }),
-            Codec::Av1 => None,
-        }
+        Some(Self {
+            codec,
+            picture_id: 0,
+        })
     }
 
     /// The codec.
@@ -77,7 +77,7 @@ impl Packetizer {
                     });
                 }
             }
-            Codec::Av1 => {}
+            Codec::Av1 => av1::packetize(frame, keyframe, MAX_PAYLOAD, &mut out),
         }
         out
     }
@@ -91,7 +91,7 @@ mod tests {
     proptest! {
         #[test]
         fn never_panics_and_respects_mtu(data in proptest::collection::vec(any::<u8>(), 0..5000), key in any::<bool>()) {
-            for codec in [Codec::H264, Codec::H265, Codec::Vp8, Codec::Vp9, Codec::Opus] {
+            for codec in [Codec::H264, Codec::H265, Codec::Vp8, Codec::Vp9, Codec::Av1, Codec::Opus] {
                 let mut p = Packetizer::new(codec).unwrap();
                 let out = p.packetize(&data, key);
                 for pl in &out {
@@ -117,6 +117,5 @@ mod tests {
         assert_eq!(out.len(), 1);
         assert_eq!(&*out[0].data, &[1, 2, 3]);
         assert!(p.packetize(&[], true).is_empty());
-        assert!(Packetizer::new(Codec::Av1).is_none());
     }
 }

@@ -256,12 +256,40 @@ pub async fn eventually(limit: Duration, mut f: impl FnMut() -> bool) -> bool {
     f()
 }
 
-/// VP8 or VP9 test video (320×240, 30 fps, a keyframe every 30 frames, 3 s)
-/// made by ffmpeg/libvpx as IVF, split into (frame, keyframe) pairs.
+/// VP8, VP9 or AV1 test video (320×240, 30 fps, a keyframe every 30
+/// frames, 3 s) made by ffmpeg (libvpx, libaom) as IVF, split into
+/// (frame, keyframe) pairs.
 pub async fn vpx_frames(codec: Codec) -> Vec<(Bytes, bool)> {
-    let (name, encoder) = match codec {
-        Codec::Vp8 => ("vp8", "libvpx"),
-        _ => ("vp9", "libvpx-vp9"),
+    let (name, encoder, tuning): (&str, &str, &[&str]) = match codec {
+        Codec::Vp8 => (
+            "vp8",
+            "libvpx",
+            &[
+                "-deadline",
+                "realtime",
+                "-cpu-used",
+                "8",
+                "-auto-alt-ref",
+                "0",
+            ],
+        ),
+        Codec::Vp9 => (
+            "vp9",
+            "libvpx-vp9",
+            &[
+                "-deadline",
+                "realtime",
+                "-cpu-used",
+                "8",
+                "-auto-alt-ref",
+                "0",
+            ],
+        ),
+        _ => (
+            "av1",
+            "libaom-av1",
+            &["-usage", "realtime", "-cpu-used", "8"],
+        ),
     };
     let path = std::env::temp_dir().join(format!("cascade-edge-test-{name}.ivf"));
     if !path.exists() {
@@ -291,16 +319,8 @@ pub async fn vpx_frames(codec: Codec) -> Vec<(Bytes, bool)> {
                     "-b:v",
                     "400k",
                 ])
-                .args([
-                    "-deadline",
-                    "realtime",
-                    "-cpu-used",
-                    "8",
-                    "-auto-alt-ref",
-                    "0",
-                    "-lag-in-frames",
-                    "0",
-                ])
+                .args(tuning)
+                .args(["-lag-in-frames", "0"])
                 .args(["-f", "ivf"])
                 .arg(&tmp)
                 .status(),
@@ -323,12 +343,38 @@ pub async fn vpx_frames(codec: Codec) -> Vec<(Bytes, bool)> {
             Codec::Vp8 => frame[0] & 1 == 0,
             // VP9 uncompressed header (profile 0): frame_type bit after
             // frame_marker, profile and show_existing_frame.
-            _ => frame[0] & 0x0c == 0,
+            Codec::Vp9 => frame[0] & 0x0c == 0,
+            // AV1: libaom repeats the sequence header on every keyframe.
+            _ => av1_has_sequence_header(frame),
         };
         frames.push((Bytes::copy_from_slice(frame), keyframe));
         i += 12 + len;
     }
     frames
+}
+
+fn av1_has_sequence_header(mut tu: &[u8]) -> bool {
+    while let Some(&h) = tu.first() {
+        if (h >> 3) & 0x0f == 1 {
+            return true;
+        }
+        let mut i = 1 + usize::from(h & 0x04 != 0);
+        if h & 0x02 == 0 {
+            return false;
+        }
+        let (mut size, mut shift) = (0usize, 0);
+        loop {
+            let Some(&b) = tu.get(i) else { return false };
+            size |= usize::from(b & 0x7f) << shift;
+            shift += 7;
+            i += 1;
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        tu = tu.get(i + size..).unwrap_or_default();
+    }
+    false
 }
 
 /// Publishes a video-only stream looping `frames` at 30 fps.
