@@ -36,20 +36,24 @@ async fn one_and_two_hop_latency_on_loopback() {
         .unwrap();
     tokio::time::sleep(Duration::from_millis(100)).await;
 
-    let read = |sub: cascade_origin::registry::Subscriber| {
+    let read = |sub: cascade_origin::registry::Subscriber, where_: &'static str| {
         tokio::spawn(async move {
             let mut video = sub.track("video").unwrap();
             let mut lat = Vec::with_capacity(FRAMES as usize);
-            for _ in 0..FRAMES {
-                let f = timeout(WAIT, video.next()).await.unwrap().unwrap();
+            for n in 0..FRAMES {
+                let f = timeout(WAIT, video.next())
+                    .await
+                    .unwrap_or_else(|_| panic!("{where_}: frame {n} never came"))
+                    .unwrap();
+                assert_eq!(number(&f), n, "{where_}: frames out of order");
                 lat.push(wallclock_us().saturating_sub(f.ingest_us));
             }
             lat.sort_unstable();
             lat
         })
     };
-    let edge_reader = read(at_edge);
-    let origin_reader = read(at_origin);
+    let edge_reader = read(at_edge, "edge");
+    let origin_reader = read(at_origin, "origin");
 
     // ~2.5 Mbit/s video at 30 fps sent at 500 fps to keep the test short;
     // RELAY_LATENCY_FPS=30 paces it like a live encoder (33 s).

@@ -41,10 +41,15 @@ pub(crate) enum Media {
     Frame {
         track: Arc<str>,
         group: u64,
+        prev: u64,
         frame: Frame,
     },
     /// The group's stream ended (finished, reset or failed).
-    End { track: Arc<str>, group: u64 },
+    End {
+        track: Arc<str>,
+        group: u64,
+        prev: u64,
+    },
 }
 
 /// Which local stream task each publication or subscription id feeds.
@@ -239,14 +244,14 @@ async fn run(
                 let Some(m) = m else { break };
                 let now = Instant::now();
                 let (track, dropped) = match m {
-                    Media::Frame { track, group, frame } => {
+                    Media::Frame { track, group, prev, frame } => {
                         metrics::counter!(RELAY_FRAMES_RECEIVED).increment(1);
                         let order = orders.entry(track.clone()).or_default();
-                        (track, order.frame(group, frame, now, &mut out))
+                        (track, order.frame(group, prev, frame, now, &mut out))
                     }
-                    Media::End { track, group } => {
+                    Media::End { track, group, prev } => {
                         if let Some(order) = orders.get_mut(&track) {
-                            order.end(group, now, &mut out);
+                            order.end(group, prev, now, &mut out);
                         }
                         (track, 0)
                     }
@@ -260,6 +265,7 @@ async fn run(
                 let now = Instant::now();
                 for (track, order) in orders.iter_mut() {
                     if order.expire(now, &mut out) {
+                        tracing::debug!(%track, "group abandoned: the next one waited too long");
                         ready.extend(out.drain(..).map(|f| (track.clone(), f)));
                     }
                 }
@@ -348,9 +354,9 @@ pub(crate) async fn read_group(
         return;
     };
     let track: Arc<str> = header.track.into();
-    let group = header.group;
-    read_frames(&conn, &mut recv, &tx, &track, group).await;
-    let _ = tx.send(Media::End { track, group }).await;
+    let (group, prev) = (header.group, header.prev);
+    read_frames(&conn, &mut recv, &tx, &track, (group, prev)).await;
+    let _ = tx.send(Media::End { track, group, prev }).await;
 }
 
 async fn read_frames(
@@ -358,7 +364,7 @@ async fn read_frames(
     recv: &mut quinn::RecvStream,
     tx: &mpsc::Sender<Media>,
     track: &Arc<str>,
-    group: u64,
+    (group, prev): (u64, u64),
 ) {
     let mut bytes = 0usize;
     loop {
@@ -372,6 +378,7 @@ async fn read_frames(
                 let m = Media::Frame {
                     track: track.clone(),
                     group,
+                    prev,
                     frame,
                 };
                 if tx.send(m).await.is_err() {

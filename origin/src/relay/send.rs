@@ -200,6 +200,9 @@ async fn run_track(
     let cancel = CancellationToken::new();
     let guard = cancel.clone().drop_guard();
     let mut current: Option<Group> = None;
+    // The track's previous group on this link, named in each header so the
+    // receiver can restore the order whatever order streams arrive in.
+    let mut prev = 0;
     while let Ok(frame) = consumer.next().await {
         let starts = frame.keyframe
             && current.as_ref().is_none_or(|g| {
@@ -216,8 +219,10 @@ async fn run_track(
             let header = GroupHeader {
                 id,
                 group,
+                prev,
                 track: name.clone(),
             };
+            prev = group;
             let Ok(header) = header.encode() else {
                 return;
             };
@@ -362,6 +367,7 @@ async fn write_group(
                 return;
             }
             _ = &mut drained => {
+                tracing::debug!("group reset: not delivered in time");
                 metrics::counter!(RELAY_GROUPS_RESET).increment(1);
                 let _ = send.reset(code::SUPERSEDED);
                 return;
@@ -398,6 +404,7 @@ async fn write_group(
             let _ = send.reset(code::SUPERSEDED);
         }
         _ = &mut drained => {
+            tracing::debug!("group reset: not acknowledged in time");
             metrics::counter!(RELAY_GROUPS_RESET).increment(1);
             let _ = send.reset(code::SUPERSEDED);
         }

@@ -27,8 +27,8 @@ const MAX_PROTOCOL: usize = 16;
 pub const MAX_TRACK_NAME: usize = 64;
 /// Fixed part of a frame on a group stream: flags, pts, dts, ingest_us, length.
 pub const FRAME_HEADER: usize = 1 + 8 + 8 + 8 + 4;
-/// Fixed part of a group header: id, group sequence, track name length.
-pub const GROUP_HEADER_FIXED: usize = 8 + 8 + 1;
+/// Fixed part of a group header: id, group sequence, previous group, track name length.
+pub const GROUP_HEADER_FIXED: usize = 8 + 8 + 8 + 1;
 /// Version spoken in `Hello` (the ALPN carries it too).
 pub const VERSION: u32 = 1;
 
@@ -264,7 +264,7 @@ fn message_len(buf: &[u8]) -> Result<Option<usize>> {
 }
 
 /// The header opening every group stream. On the wire (big-endian):
-/// `id: u64 | group: u64 | track_len: u8 | track: [u8; track_len]`, then
+/// `id: u64 | group: u64 | prev: u64 | track_len: u8 | track: [u8; track_len]`, then
 /// frames until the stream ends, each
 /// `flags: u8 (bit 0 keyframe) | pts: u64 | dts: u64 | ingest_us: u64 |
 /// len: u32 | payload: [u8; len]`. Control messages on the bidirectional
@@ -273,9 +273,13 @@ fn message_len(buf: &[u8]) -> Result<Option<usize>> {
 pub struct GroupHeader {
     /// Publication or subscription id the group belongs to.
     pub id: u64,
-    /// Group sequence, increasing per connection: a receiver drops frames of
-    /// a group older than the newest it has seen on the same track.
+    /// Group sequence, increasing per connection from 1: a receiver drops
+    /// frames of a group older than the newest it passed on the same track.
     pub group: u64,
+    /// The sequence of the track's previous group on this link, 0 for the
+    /// first: the receiver waits for that one to end before passing this
+    /// one on, whatever order the streams arrive in.
+    pub prev: u64,
     /// Track name.
     pub track: String,
 }
@@ -290,6 +294,7 @@ impl GroupHeader {
         let mut out = BytesMut::with_capacity(GROUP_HEADER_FIXED + self.track.len());
         out.put_u64(self.id);
         out.put_u64(self.group);
+        out.put_u64(self.prev);
         out.put_u8(len);
         out.put_slice(self.track.as_bytes());
         Ok(out.freeze())
@@ -303,6 +308,7 @@ impl GroupHeader {
         };
         let (id, rest) = split_u64(fixed);
         let (group, rest) = split_u64(rest);
+        let (prev, rest) = split_u64(rest);
         let name_len = usize::from(rest.first().copied().unwrap_or(0));
         if name_len == 0 || name_len > MAX_TRACK_NAME {
             return Err(protocol_error("bad track name"));
@@ -317,6 +323,7 @@ impl GroupHeader {
         let header = Self {
             id,
             group,
+            prev,
             track: track.to_string(),
         };
         Ok(Some((header, GROUP_HEADER_FIXED + name_len)))
@@ -608,8 +615,8 @@ mod tests {
         }
 
         #[test]
-        fn group_header_roundtrip(id in any::<u64>(), group in any::<u64>(), track in name()) {
-            let h = GroupHeader { id, group, track };
+        fn group_header_roundtrip(id in any::<u64>(), group in any::<u64>(), prev in any::<u64>(), track in name()) {
+            let h = GroupHeader { id, group, prev, track };
             let bytes = h.encode().unwrap();
             let (back, used) = GroupHeader::decode(&bytes).unwrap().unwrap();
             prop_assert_eq!(back, h);

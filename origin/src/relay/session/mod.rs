@@ -221,7 +221,8 @@ impl Session {
             // Ids never clash: the connecting side uses even, the accepting odd.
             next_id: if side == Side::Connected { 0 } else { 1 },
             routes: Arc::new(Routes::default()),
-            seq: Arc::new(AtomicU64::new(0)),
+            // Group sequences start at 1: 0 means "no previous group".
+            seq: Arc::new(AtomicU64::new(1)),
             outgoing: HashMap::new(),
             incoming: HashMap::new(),
             resolving: HashMap::new(),
