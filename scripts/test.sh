@@ -10,6 +10,7 @@ cd "$(dirname "$0")/.."
 APT_PACKAGES=(
   ffmpeg # test media: H.264 (libx264) + Opus (libopus), see loadtest/src/media.rs
   chromium chromium-driver # browser tests (tests/browser.rs, headless, fake camera)
+  firefox-esr # browser test: the player page in Firefox (WebDriver BiDi, puppeteer-core)
   iproute2 # network namespaces + veth for the browser tests (Chromium skips loopback)
   nftables # browser test: UDP dropped, the viewer plays over ICE-TCP
   coturn # browser test: TURN relay with REST (use-auth-secret) credentials

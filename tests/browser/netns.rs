@@ -32,7 +32,7 @@ fn sh(args: &[&str]) -> bool {
         .is_ok_and(|s| s.success())
 }
 
-fn browser_dir() -> PathBuf {
+pub(crate) fn browser_dir() -> PathBuf {
     PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/browser")
 }
 
@@ -181,12 +181,18 @@ impl Netns {
         p
     }
 
-    /// Runs run.mjs with `job` inside the namespace and returns its JSON.
-    pub(crate) fn run_browser(&self, mut job: Value, within: Duration) -> Value {
+    /// Runs run.mjs (Chromium) with `job` inside the namespace and returns its JSON.
+    pub(crate) fn run_browser(&self, job: Value, within: Duration) -> Value {
+        self.run_script("run.mjs", job, within)
+    }
+
+    /// Runs a node script of tests/browser with `job` inside the namespace
+    /// and returns the JSON object it prints.
+    pub(crate) fn run_script(&self, script: &str, mut job: Value, within: Duration) -> Value {
         job["timeoutSecs"] = Value::from(within.as_secs().saturating_sub(5));
         let mut c = self.cmd("node");
         c.current_dir(browser_dir())
-            .arg("run.mjs")
+            .arg(script)
             .arg(job.to_string());
         let mut p = Proc::spawn(c);
         let line = p

@@ -157,6 +157,19 @@ async function main() {
         }
         break;
       }
+      case "publish-hold": {
+        // Publishes from the /publish page for job.secs; prints PUBLISHING
+        // once live so another browser can start watching.
+        const pub = await newPage();
+        await pub.goto(`${base}/publish/${job.stream}?token=${encodeURIComponent(job.token)}&autostart=1${job.query || ""}`,
+          { waitUntil: "domcontentloaded" });
+        out.publisher = await waitFor(pub, (s) => s.framesSent > 10, 20000, 100);
+        out.publishState = await pub.evaluate(() => window.cascade && window.cascade.state);
+        out.codec = await pub.evaluate(() => window.cascade.stats && window.cascade.stats.codec);
+        process.stdout.write("PUBLISHING " + out.publishState + "\n");
+        await new Promise((r) => setTimeout(r, job.secs * 1000));
+        break;
+      }
       case "blip": {
         // The player page through a network blip: media paths dropped with
         // nftables (the HTTP port stays open for the restart's PATCH).
