@@ -183,3 +183,43 @@ async fn viewer_without_cached_group_asks_for_a_keyframe() {
     assert!(r.seq_gaps.is_empty(), "{:?}", r.seq_gaps);
     assert!(r.ttff_ms.unwrap() < 1000.0, "ttff {:?}", r.ttff_ms);
 }
+
+/// Fast start must not raise latency for the rest of the session: a
+/// receiver anchors its playout clock on the first frame (arrival − media
+/// time); if the cached group kept its original timestamps, that anchor
+/// would sit the group's age (here ~2.6 s) behind live frames.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fast_start_keeps_the_receiver_on_live_time() {
+    let edge = Edge::start(Default::default()).await;
+    let media = media(GOP_FRAMES).await;
+    let _p = Publisher::start(&edge.registry, "anchor", media, 0);
+    // Join 2.6 s into a 3 s GOP: ~78 frames cached.
+    tokio::time::sleep(Duration::from_millis(2600)).await;
+    let samples = common::probe::watch(&edge.whep_url("anchor"), 3).await;
+    let video: Vec<_> = samples.iter().filter(|s| s.video).collect();
+    assert!(video.len() > 100, "{} video frames", video.len());
+    let t0 = video[0].arrival;
+    let offset = |s: &common::probe::Sample| {
+        s.arrival.duration_since(t0).as_secs_f64() - (s.media_secs - video[0].media_secs)
+    };
+    let last = video.last().unwrap().arrival;
+    let live = video
+        .iter()
+        .filter(|s| last.duration_since(s.arrival) < Duration::from_secs(1))
+        .map(|s| offset(s))
+        .fold(f64::INFINITY, f64::min);
+    // Positive: live frames arrive later than the first frame's anchor
+    // predicts, i.e. the anchor adds no delay; negative: latency added.
+    let added_ms = -live * 1000.0;
+    let backlog_span = video
+        .windows(2)
+        .take_while(|w| w[1].media_secs - w[0].media_secs < 0.01)
+        .count();
+    println!("fast start: {backlog_span} compressed frames, latency added by the first-frame anchor: {added_ms:.0} ms");
+    assert!(
+        added_ms < 300.0,
+        "first-frame anchor {added_ms:.0} ms behind live"
+    );
+    // RTP media time never goes backwards.
+    assert!(video.windows(2).all(|w| w[1].media_secs > w[0].media_secs));
+}

@@ -5,6 +5,8 @@
 //! WHEP viewers.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // test harness: failures panic the test
 
+pub mod probe;
+
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
