@@ -3,6 +3,7 @@
 //! resources" (201 + Location + ETag, PATCH trickle 204 / ICE restart 200 +
 //! new ETag, 412, 428, DELETE 200, OPTIONS with Accept-Post, CORS, Link
 //! rel="ice-server" with coturn REST credentials) for both resources.
+#![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
 mod common;
 
