@@ -141,7 +141,8 @@ pub trait Endpoint: Send + Sync + 'static {
     /// Creates a session on `stream` from an SDP offer.
     fn create(&self, stream: String, offer: String) -> CreateFuture;
 
-    /// `Link: <…>; rel="ice-server"` values to send with the answer.
+    /// Extra `Link: <…>; rel="ice-server"` values to send with the answer,
+    /// after those of the node's configured servers ([`crate::ice`]).
     fn ice_servers(&self) -> Vec<String> {
         Vec::new()
     }
