@@ -30,9 +30,11 @@
 pub mod annexb;
 mod error;
 pub mod http;
+pub mod load;
 pub mod media;
 pub mod ogg;
 mod peer;
+mod plot;
 pub mod rtp;
 pub mod stats;
 pub mod tag;

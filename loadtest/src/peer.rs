@@ -155,9 +155,14 @@ impl Peer {
                         let mut data = self.buf.get(..n).unwrap_or_default();
                         // Datagrams the tap takes leave str0m untouched, so a burst of them (one
                         // video frame) is read in this one wakeup; the first one for str0m ends it.
-                        for _ in 0..MAX_TAPPED_BURST {
+                        // Never read a datagram the loop will not hand on: the last one read
+                        // past the burst limit was silently lost (counted as viewer loss).
+                        for taken in 1..=MAX_TAPPED_BURST {
                             if !tap(data, now) {
                                 feed(&mut self.rtc, Protocol::Udp, source, self.local, data, now);
+                                break;
+                            }
+                            if taken == MAX_TAPPED_BURST {
                                 break;
                             }
                             let Ok((n, src)) = socket.try_recv_from(&mut self.buf) else {

@@ -1,0 +1,422 @@
+//! The load run behind the `loadtest` binary, as a library so tests drive the same code: viewers
+//! on a ramp, progress each second, a CSV/SVG time series and the [`Summary`] (the `--json` line).
+//!
+//! Each viewer does a full WHEP exchange, ICE and DTLS. Every `--full-every`-th viewer then
+//! decrypts, depacketizes and checks every frame (TTFF, latency, order); the others read only
+//! the clear RTP headers (loss, jitter). One tokio task and one UDP socket per viewer for now.
+
+use std::io::Write;
+use std::net::IpAddr;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+use serde::Serialize;
+use tokio::task::JoinSet;
+
+use crate::media::{self, Profile, TestMedia};
+use crate::plot;
+use crate::stats::percentile;
+use crate::whep::{LiveCounters, Viewer, ViewerOptions, ViewerReport};
+use crate::whip::{Publisher, PublisherOptions, PublisherReport};
+
+/// Real WebRTC viewers for a cascade edge (or any WHEP server).
+#[derive(Debug, Parser)]
+#[command(version, about)]
+pub struct Args {
+    /// WHEP URL, e.g. http://127.0.0.1:8080/whep/live
+    #[arg(long)]
+    pub url: String,
+    /// Number of viewers.
+    #[arg(long, default_value_t = 10)]
+    pub viewers: u32,
+    /// How long to run after the first viewer starts (e.g. 30s, 2m).
+    #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
+    pub duration: Duration,
+    /// Viewer joins per second (0 = all at once).
+    #[arg(long, default_value_t = 0.0)]
+    pub ramp: f64,
+    /// Every N-th viewer (from the first) fully decrypts and checks frames; the rest read
+    /// RTP headers only. 1 = all full.
+    #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u32).range(1..))]
+    pub full_every: u32,
+    /// Viewers use ICE-TCP only (as behind a UDP-blocking network).
+    #[arg(long)]
+    pub tcp: bool,
+    /// Viewer token (Authorization: Bearer).
+    #[arg(long)]
+    pub token: Option<String>,
+    /// Local IP for the viewers' UDP sockets.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub bind: IpAddr,
+    /// Print one JSON summary object as the last stdout line.
+    #[arg(long)]
+    pub json: bool,
+    /// Write a per-second CSV time series to this file.
+    #[arg(long)]
+    pub csv: Option<std::path::PathBuf>,
+    /// Also publish the test clip to this WHIP URL first (and DELETE it at the end), so the
+    /// stream exists without an external encoder.
+    #[arg(long)]
+    pub publish: Option<String>,
+    /// Publish token for `--publish`.
+    #[arg(long)]
+    pub publish_token: Option<String>,
+    /// H.264 profile of the published clip: baseline, main or high.
+    #[arg(long, default_value = "baseline", value_parser = parse_profile)]
+    pub profile: Profile,
+    /// Video bitrate of the published clip, kbit/s.
+    #[arg(long, default_value_t = 2500)]
+    pub video_kbps: u32,
+    /// GOP length of the published clip, frames (30 fps).
+    #[arg(long, default_value_t = 30)]
+    pub gop: u32,
+    /// Plot the time series (viewers, packets/s, lost) as SVG to this file.
+    #[arg(long)]
+    pub svg: Option<std::path::PathBuf>,
+}
+
+/// The final summary (the `--json` line): the field names are the JSON keys.
+#[derive(Debug, Serialize)]
+pub struct Summary {
+    /// Viewers asked for (`--viewers`).
+    pub viewers_requested: u32,
+    /// Viewers whose ICE and DTLS completed.
+    pub viewers_connected: u64,
+    /// Viewers that failed to start or never connected.
+    pub viewers_failed: u64,
+    /// Connected viewers that fully decrypted and checked frames.
+    pub viewers_full: u64,
+    /// RTP packets received by all viewers.
+    pub packets_received: u64,
+    /// RTP packets missing from the sequence numbers (all viewers).
+    pub packets_lost: u64,
+    /// `packets_lost` as a percentage of packets expected.
+    pub loss_pct: f64,
+    /// Video frames received (full viewers).
+    pub video_frames: u64,
+    /// Audio frames received (full viewers).
+    pub audio_frames: u64,
+    /// Share of full viewers whose first video frame was a keyframe.
+    pub first_frame_keyframe_pct: f64,
+    /// Viewers that saw a gap in the publisher's frame tags.
+    pub viewers_with_seq_gaps: u64,
+    /// Time to first frame (WHEP POST to first complete frame), median.
+    pub ttff_ms_p50: Option<f64>,
+    /// Time to first frame, 95th percentile.
+    pub ttff_ms_p95: Option<f64>,
+    /// Publisher send to viewer arrival (SEI wall clock tag), median.
+    pub latency_ms_p50: Option<f64>,
+    /// Publisher send to viewer arrival, 99th percentile.
+    pub latency_ms_p99: Option<f64>,
+    /// Largest audio/video drift seen by a full viewer.
+    pub av_drift_ms_max: Option<f64>,
+    /// Video interarrival jitter (RFC 3550), median over viewers.
+    pub jitter_ms_p50: Option<f64>,
+    /// Video interarrival jitter, 95th percentile over viewers.
+    pub jitter_ms_p95: Option<f64>,
+    /// WHEP POST to first RTP packet, median.
+    pub first_packet_ms_p50: Option<f64>,
+    /// Wall time of the run.
+    pub duration_s: f64,
+    /// Distinct error messages (at most ten).
+    pub errors: Vec<String>,
+    /// Video frames our publisher sent (`--publish`).
+    pub publisher_video_frames: Option<u64>,
+    /// Keyframe requests our publisher received (`--publish`).
+    pub publisher_keyframe_requests: Option<u64>,
+}
+
+fn parse_profile(s: &str) -> Result<Profile, String> {
+    match s {
+        "baseline" | "constrained-baseline" => Ok(Profile::ConstrainedBaseline),
+        "main" => Ok(Profile::Main),
+        "high" => Ok(Profile::High),
+        _ => Err(format!("unknown profile {s:?} (baseline, main, high)")),
+    }
+}
+
+/// Generate the clip and publish it; returns once media flows.
+async fn start_publisher(args: &Args, url: &str) -> anyhow::Result<Publisher> {
+    let opts = media::Options {
+        profile: args.profile,
+        gop_frames: args.gop,
+        video_kbps: args.video_kbps,
+        seconds: 10,
+        ..media::Options::default()
+    };
+    let clip = TestMedia::generate(opts)
+        .await
+        .context("generate test media")?;
+    let mut p = PublisherOptions::new(url);
+    p.token.clone_from(&args.publish_token);
+    p.bind = args.bind;
+    let mut publisher = Publisher::start(p, Arc::new(clip))
+        .await
+        .context("publish")?;
+    publisher
+        .wait_connected()
+        .await
+        .context("publisher connect")?;
+    eprintln!("publishing to {url}");
+    Ok(publisher)
+}
+
+/// Distinct error messages kept for the summary (they repeat across viewers).
+const MAX_ERRORS: usize = 10;
+
+/// Runs the load: publishes first when asked, starts the viewers on their ramp, prints progress
+/// to stderr each second and returns the summary.
+pub async fn run(args: &Args) -> anyhow::Result<Summary> {
+    let publisher = match &args.publish {
+        Some(url) => Some(start_publisher(args, url).await?),
+        None => None,
+    };
+    let live = Arc::new(LiveCounters::default());
+    let start = Instant::now();
+    let end = start + args.duration;
+    let mut csv = match &args.csv {
+        Some(p) => {
+            let mut f = std::fs::File::create(p).with_context(|| format!("create {p:?}"))?;
+            writeln!(
+                f,
+                "t_s,connected,failed,packets_received,packets_lost,video_frames,audio_frames"
+            )?;
+            Some(f)
+        }
+        None => None,
+    };
+    // Viewers start on their ramp slot and stop at `end`; each returns its report.
+    let mut tasks: JoinSet<crate::Result<ViewerReport>> = JoinSet::new();
+    for i in 0..args.viewers {
+        let at = if args.ramp > 0.0 {
+            start + Duration::from_secs_f64(f64::from(i) / args.ramp)
+        } else {
+            start
+        };
+        let mut opts = ViewerOptions::new(args.url.clone());
+        opts.token.clone_from(&args.token);
+        opts.bind = args.bind;
+        opts.live = Some(Arc::clone(&live));
+        opts.headers_only = i % args.full_every != 0;
+        if args.tcp {
+            opts.transport = crate::whep::Transport::Tcp;
+        }
+        let live = Arc::clone(&live);
+        // Our own publisher may take a moment to make the stream live: retry 404 until then.
+        let wait_live = args.publish.is_some().then(|| start + WAIT_LIVE);
+        tasks.spawn(async move {
+            tokio::time::sleep_until(at.into()).await;
+            if Instant::now() >= end {
+                return Err(crate::Error::Timeout("run ended before this viewer's slot"));
+            }
+            let viewer = match start_viewer(opts, wait_live).await {
+                Ok(v) => v,
+                Err(e) => {
+                    live.failed.fetch_add(1, Ordering::Relaxed);
+                    return Err(e);
+                }
+            };
+            let remaining = end.saturating_duration_since(Instant::now());
+            // The session ends by itself only on error or disconnect; otherwise stop at `end`.
+            let mut viewer = viewer;
+            tokio::select! {
+                _ = tokio::time::sleep(remaining) => {}
+                _ = wait_finished(&mut viewer) => {}
+            }
+            viewer.stop().await
+        });
+    }
+    let mut tick = tokio::time::interval(Duration::from_secs(1));
+    tick.tick().await;
+    let mut prev_packets = 0;
+    let mut series: [Vec<(f64, f64)>; 3] = Default::default();
+    while Instant::now() < end {
+        tick.tick().await;
+        let t = start.elapsed().as_secs_f64();
+        let s = snapshot(&live);
+        eprintln!(
+            "t={t:>5.1}s connected={} failed={} packets={} (+{}/s) lost={} video_frames={} audio_frames={}",
+            s[0], s[1], s[2], s[2] - prev_packets, s[3], s[4], s[5]
+        );
+        series[0].push((t, s[0] as f64));
+        series[1].push((t, (s[2] - prev_packets) as f64));
+        series[2].push((t, s[3] as f64));
+        prev_packets = s[2];
+        if let Some(f) = csv.as_mut() {
+            writeln!(
+                f,
+                "{t:.1},{},{},{},{},{},{}",
+                s[0], s[1], s[2], s[3], s[4], s[5]
+            )?;
+        }
+    }
+    if let Some(p) = &args.svg {
+        let [viewers, rate, lost] = series;
+        let svg = plot::svg(
+            &format!("loadtest {} viewers: {}", args.viewers, args.url),
+            &[
+                plot::Series {
+                    name: "viewers connected",
+                    points: viewers,
+                },
+                plot::Series {
+                    name: "packets received / s",
+                    points: rate,
+                },
+                plot::Series {
+                    name: "packets lost (total)",
+                    points: lost,
+                },
+            ],
+        );
+        std::fs::write(p, svg).with_context(|| format!("write {p:?}"))?;
+    }
+    let mut reports = Vec::new();
+    let mut errors: Vec<String> = Vec::new();
+    let mut failed = 0u64;
+    // Every viewer stops within a few seconds of `end`; bound the collection anyway.
+    let collect = async {
+        while let Some(r) = tasks.join_next().await {
+            match r {
+                Ok(Ok(rep)) => reports.push(rep),
+                Ok(Err(e)) => {
+                    failed += 1;
+                    let msg = e.to_string();
+                    if errors.len() < MAX_ERRORS && !errors.contains(&msg) {
+                        errors.push(msg);
+                    }
+                }
+                Err(e) => {
+                    failed += 1;
+                    if errors.len() < MAX_ERRORS {
+                        errors.push(format!("task: {e}"));
+                    }
+                }
+            }
+        }
+    };
+    if tokio::time::timeout(Duration::from_secs(30), collect)
+        .await
+        .is_err()
+    {
+        errors.push("some viewers did not stop in 30 s".into());
+    }
+    let elapsed = start.elapsed();
+    let published = match publisher {
+        Some(p) => match p.delete().await {
+            Ok((_, r)) => Some(r),
+            Err(e) => {
+                errors.push(format!("publisher: {e}"));
+                None
+            }
+        },
+        None => None,
+    };
+    Ok(summarize(
+        args, &reports, failed, errors, elapsed, published,
+    ))
+}
+
+/// How long viewers retry `404` after the run starts when we publish ourselves.
+const WAIT_LIVE: Duration = Duration::from_secs(5);
+/// Pause between those retries.
+const RETRY_PAUSE: Duration = Duration::from_millis(100);
+
+async fn start_viewer(opts: ViewerOptions, wait_live: Option<Instant>) -> crate::Result<Viewer> {
+    loop {
+        match Viewer::start(opts.clone()).await {
+            Err(crate::Error::Status { status: 404, .. })
+                if wait_live.is_some_and(|t| Instant::now() < t) =>
+            {
+                tokio::time::sleep(RETRY_PAUSE).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+async fn wait_finished(v: &mut Viewer) {
+    while !v.is_finished() {
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+fn snapshot(l: &LiveCounters) -> [u64; 6] {
+    [
+        l.connected.load(Ordering::Relaxed),
+        l.failed.load(Ordering::Relaxed),
+        l.packets_received.load(Ordering::Relaxed),
+        l.packets_lost.load(Ordering::Relaxed),
+        l.video_frames.load(Ordering::Relaxed),
+        l.audio_frames.load(Ordering::Relaxed),
+    ]
+}
+
+fn summarize(
+    args: &Args,
+    reports: &[ViewerReport],
+    failed: u64,
+    errors: Vec<String>,
+    elapsed: Duration,
+    published: Option<PublisherReport>,
+) -> Summary {
+    let connected: Vec<&ViewerReport> = reports.iter().filter(|r| r.connected).collect();
+    let sum = |f: fn(&ViewerReport) -> u64| reports.iter().map(f).sum::<u64>();
+    let packets_received = sum(|r| r.packets_received);
+    let packets_lost = sum(|r| r.packets_lost);
+    let ttff: Vec<f64> = reports.iter().filter_map(|r| r.ttff_ms).collect();
+    let jitter: Vec<f64> = reports.iter().filter_map(|r| r.video_jitter_ms).collect();
+    let first_packet: Vec<f64> = reports.iter().filter_map(|r| r.first_packet_ms).collect();
+    let latency: Vec<f64> = reports
+        .iter()
+        .flat_map(|r| r.latency_samples_ms.iter().copied())
+        .collect();
+    let with_video: Vec<&&ViewerReport> = connected
+        .iter()
+        .filter(|r| r.first_frame_keyframe.is_some())
+        .collect();
+    let key_first = with_video
+        .iter()
+        .filter(|r| r.first_frame_keyframe == Some(true))
+        .count();
+    let total = packets_received + packets_lost;
+    Summary {
+        viewers_requested: args.viewers,
+        viewers_connected: connected.len() as u64,
+        viewers_failed: failed + (reports.len() - connected.len()) as u64,
+        viewers_full: connected.iter().filter(|r| !r.headers_only).count() as u64,
+        packets_received,
+        packets_lost,
+        loss_pct: if total == 0 {
+            0.0
+        } else {
+            packets_lost as f64 * 100.0 / total as f64
+        },
+        video_frames: sum(|r| r.video_frames),
+        audio_frames: sum(|r| r.audio_frames),
+        first_frame_keyframe_pct: if with_video.is_empty() {
+            0.0
+        } else {
+            key_first as f64 * 100.0 / with_video.len() as f64
+        },
+        viewers_with_seq_gaps: reports.iter().filter(|r| !r.seq_gaps.is_empty()).count() as u64,
+        ttff_ms_p50: percentile(&ttff, 50.0),
+        ttff_ms_p95: percentile(&ttff, 95.0),
+        latency_ms_p50: percentile(&latency, 50.0),
+        latency_ms_p99: percentile(&latency, 99.0),
+        av_drift_ms_max: reports
+            .iter()
+            .filter_map(|r| r.av_drift_ms.map(f64::abs))
+            .max_by(f64::total_cmp),
+        jitter_ms_p50: percentile(&jitter, 50.0),
+        jitter_ms_p95: percentile(&jitter, 95.0),
+        first_packet_ms_p50: percentile(&first_packet, 50.0),
+        duration_s: elapsed.as_secs_f64(),
+        errors,
+        publisher_video_frames: published.as_ref().map(|p| p.video_frames),
+        publisher_keyframe_requests: published.as_ref().map(|p| p.keyframe_requests),
+    }
+}
