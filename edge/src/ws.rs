@@ -33,6 +33,9 @@ const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 const ANSWER_TIMEOUT: Duration = Duration::from_secs(15);
 /// How often the socket task checks that its session still lives.
 const LIVENESS_TICK: Duration = Duration::from_millis(500);
+/// OME's keepalive: reverse proxies close a silent WebSocket (nginx after
+/// 60 s), which would end the viewer; OvenPlayer answers `ping` with `pong`.
+const PING_EVERY: Duration = Duration::from_secs(20);
 /// Largest signalling message accepted (an answer SDP is a few KiB).
 const MAX_MESSAGE: usize = 64 * 1024;
 
@@ -126,8 +129,15 @@ async fn session(whep: Arc<Whep>, stream: String, mut socket: WebSocket) {
 /// session ending on its own (stream over, consent lost).
 async fn serve(whep: &Whep, stream: &str, handle: SessionHandle, mut socket: WebSocket) {
     let mut tick = tokio::time::interval(LIVENESS_TICK);
+    let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     loop {
         tokio::select! {
+            _ = ping.tick() => {
+                let msg = Message::Text(json!({ "command": "ping" }).to_string().into());
+                if socket.send(msg).await.is_err() {
+                    break;
+                }
+            }
             msg = socket.recv() => {
                 let text = match msg {
                     Some(Ok(Message::Text(t))) => t,
