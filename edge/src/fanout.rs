@@ -180,7 +180,7 @@ impl Feed {
         st.group_bytes = 0;
     }
 
-    fn end(&self) {
+    pub(crate) fn end(&self) {
         let mut st = self.lock();
         st.tx = None;
         st.group.clear();

@@ -7,13 +7,19 @@
 //! cached frame keeps its live timestamp and older ones sit 1 ms apart before
 //! it; the receiver decodes the backlog at once and plays live from then on,
 //! instead of anchoring its playout clock on the old keyframe (which would
-//! add the group's age to its latency for the whole session).
+//! add the group's age to its latency for the whole session). The cached
+//! group is paced (`BACKLOG_PACKETS_PER_WAKE`) so it does not overflow
+//! receive buffers. Measured on loopback (tests/whep_play.rs, 3 s GOP,
+//! joining 2.6 s in): first frame 5–15 ms after the POST; 79 compressed
+//! frames put the receiver's first-frame anchor ~110 ms behind live, where
+//! uncompressed timestamps would put it ~2.6 s behind.
 
-use std::collections::VecDeque;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::fanout::{Member, PacketizedFrame};
+use crate::metrics as m;
 use cascade_origin::catalog::Kind;
 use cascade_origin::registry::Subscriber;
 use cascade_rtc::session::CloseReason;
@@ -21,10 +27,10 @@ use cascade_rtc::{Ctx, Flow, Handler};
 use str0m::media::{Mid, Pt};
 use str0m::rtp::RtpWrite;
 use str0m::Event;
-use tokio::sync::broadcast;
 
-use crate::fanout::{Member, PacketizedFrame};
-use crate::metrics as m;
+mod cursor;
+
+use cursor::{Cursor, Next};
 
 /// Packets str0m may hold unsent for one stream before the viewer counts as
 /// lagging: ~1 s of 2.5 Mbit/s video. Beyond it we skip to a keyframe rather
@@ -41,8 +47,6 @@ pub const RTX_CACHE_PACKETS: usize = 128;
 pub const RTX_CACHE_AGE: Duration = Duration::from_secs(1);
 /// At most one keyframe request per viewer per this interval.
 const VIEWER_KEYFRAME_INTERVAL: Duration = Duration::from_secs(1);
-/// Spacing of compressed backlog timestamps (fast start), in milliseconds.
-const BACKLOG_STEP_MS: u64 = 1;
 /// Backlog packets written per wake (frames arrive every 20–33 ms, each a
 /// wake, so this paces the cached group at ~2,000 packets/s ≈ 17 Mbit/s).
 /// Sent at once, a cached GOP (hundreds of packets) overflows receive
@@ -81,19 +85,14 @@ impl Drop for Slot {
 pub struct Out {
     mid: Mid,
     pt: Pt,
-    clock: u64,
     video: bool,
     member: Member,
-    rx: Option<broadcast::Receiver<Arc<PacketizedFrame>>>,
-    /// Cached group to send first, with compressed timestamps.
-    backlog: VecDeque<(Arc<PacketizedFrame>, u64, Instant)>,
+    cursor: Cursor,
     seq: u64,
     ts_offset: u64,
-    waiting_keyframe: bool,
     last_keyframe_request: Option<Instant>,
     frames: u64,
     packets: u64,
-    skips: u64,
 }
 
 impl Out {
@@ -103,48 +102,31 @@ impl Out {
         Self {
             mid,
             pt,
-            clock: u64::from(clock.max(1)),
             video,
             member,
-            rx: None,
-            backlog: VecDeque::new(),
+            cursor: Cursor::new(clock, video),
             // RFC 3550 §5.1: random initial sequence number and timestamp;
             // the sequence stays below 2^15 so the SRTP rollover counter starts
             // at 0 without out-of-band signalling.
             seq: u64::from(rand::random::<u16>() & 0x7fff),
             ts_offset: u64::from(rand::random::<u32>()),
-            waiting_keyframe: video,
             last_keyframe_request: None,
             frames: 0,
             packets: 0,
-            skips: 0,
         }
     }
 
-    /// Subscribes to the feed: the cached group with compressed timestamps,
-    /// then the live ring. False when the feed has ended.
+    /// Subscribes to the feed: the cached group (timestamps compressed, see
+    /// [`cursor`]), then the live ring. False when the feed has ended.
     fn start(&mut self) -> bool {
         let Some((group, rx)) = self.member.feed().subscribe() else {
             return false;
         };
-        self.rx = Some(rx);
-        let step = self.clock * BACKLOG_STEP_MS / 1000;
-        let newest = group.last().map_or(0, |f| f.ts);
-        let n = group.len();
-        for (i, f) in group.into_iter().enumerate() {
-            let behind = u64::try_from(n - 1 - i).unwrap_or(0) * step.max(1);
-            let ts = f.ts.max(newest.saturating_sub(behind));
-            let lead = Duration::from_micros((ts - f.ts) * 1_000_000 / self.clock);
-            let wallclock = f.wallclock + lead;
-            self.backlog.push_back((f, ts, wallclock));
-        }
+        self.cursor.start(group, rx);
         true
     }
 
-    fn lagging(&mut self, cause: &'static str, now: Instant) {
-        self.waiting_keyframe = true;
-        self.backlog.clear();
-        self.skips += 1;
+    fn lagged(&mut self, cause: &'static str, now: Instant) {
         metrics::counter!(m::LAG_SKIPS, "cause" => cause).increment(1);
         tracing::debug!(
             cause,
@@ -177,12 +159,6 @@ impl Out {
         ts: u64,
         wallclock: Instant,
     ) -> bool {
-        if self.waiting_keyframe {
-            if !frame.keyframe {
-                return true;
-            }
-            self.waiting_keyframe = false;
-        }
         let mut api = ctx.rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(self.mid, None) else {
             return false;
@@ -210,39 +186,25 @@ impl Out {
             .is_some_and(|n| n > MAX_QUEUED_PACKETS)
     }
 
-    /// Sends the backlog, then everything the ring holds. `Close` once the
-    /// feed ended.
+    /// Sends the backlog (a budget per wake), then everything the ring
+    /// holds. `Close` once the feed ended.
     fn pump(&mut self, ctx: &mut Ctx<'_>) -> Flow {
         let mut budget = BACKLOG_PACKETS_PER_WAKE;
-        while budget > 0 {
-            let Some((f, ts, wc)) = self.backlog.pop_front() else {
-                break;
-            };
-            budget = budget.saturating_sub(f.payloads.len());
-            if !self.write(ctx, &f, ts, wc) {
-                return Flow::Close;
-            }
-        }
-        if !self.backlog.is_empty() {
-            // The ring waits behind the backlog; the next wake continues.
-            return Flow::Continue;
-        }
         loop {
-            let Some(rx) = self.rx.as_mut() else {
-                return Flow::Continue;
-            };
-            match rx.try_recv() {
-                Ok(f) => {
-                    if !self.waiting_keyframe && self.queue_too_long(ctx) {
-                        self.lagging("queue", ctx.now);
+            match self.cursor.next(&mut budget) {
+                Next::Frame(f, ts, wallclock) => {
+                    if !f.keyframe && !self.cursor.in_backlog() && self.queue_too_long(ctx) {
+                        self.cursor.skip_to_keyframe();
+                        self.lagged("queue", ctx.now);
+                        continue;
                     }
-                    if !self.write(ctx, &f, f.ts, f.wallclock) {
+                    if !self.write(ctx, &f, ts, wallclock) {
                         return Flow::Close;
                     }
                 }
-                Err(broadcast::error::TryRecvError::Empty) => return Flow::Continue,
-                Err(broadcast::error::TryRecvError::Lagged(_)) => self.lagging("fanout", ctx.now),
-                Err(broadcast::error::TryRecvError::Closed) => return Flow::Close,
+                Next::Lagged => self.lagged("fanout", ctx.now),
+                Next::Idle => return Flow::Continue,
+                Next::Closed => return Flow::Close,
             }
         }
     }
@@ -326,7 +288,7 @@ impl Handler for Viewer {
                     // A viewer that found no cached group (the origin's cache
                     // outgrew its cap, or a takeover just happened) waits for
                     // a keyframe: ask for one.
-                    if out.video && out.backlog.is_empty() {
+                    if out.video && !out.cursor.in_backlog() {
                         out.want_keyframe("join", ctx.now);
                     }
                 }
@@ -350,7 +312,7 @@ impl Handler for Viewer {
         metrics::counter!(m::VIEWERS_ENDED, "reason" => reason.as_str()).increment(1);
         let _g = self.span.enter();
         let frames: u64 = self.outs.iter().map(|o| o.frames).sum();
-        let skips: u64 = self.outs.iter().map(|o| o.skips).sum();
+        let skips: u64 = self.outs.iter().map(|o| o.cursor.skips).sum();
         tracing::info!(
             reason = reason.as_str(),
             frames,
