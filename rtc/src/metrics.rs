@@ -10,6 +10,8 @@ pub const SESSIONS: &str = "cascade_rtc_sessions";
 pub const DATAGRAMS_IN: &str = "cascade_rtc_datagrams_in_total";
 /// Datagrams sent.
 pub const DATAGRAMS_OUT: &str = "cascade_rtc_datagrams_out_total";
+/// `sendmsg` calls on the UDP port: `datagrams_out / send_calls` is the GSO batching factor.
+pub const SEND_CALLS: &str = "cascade_rtc_send_calls_total";
 /// Datagrams dropped, by reason.
 pub const DATAGRAMS_DROPPED: &str = "cascade_rtc_datagrams_dropped_total";
 /// Signalling requests answered, by kind and status.
@@ -25,6 +27,10 @@ pub fn describe() {
     metrics::describe_gauge!(SESSIONS, "webrtc sessions alive");
     metrics::describe_counter!(DATAGRAMS_IN, "datagrams received on the media ports");
     metrics::describe_counter!(DATAGRAMS_OUT, "datagrams sent on the media ports");
+    metrics::describe_counter!(
+        SEND_CALLS,
+        "sendmsg calls on the udp port (one gso batch each)"
+    );
     metrics::describe_counter!(DATAGRAMS_DROPPED, "datagrams dropped, by reason");
     metrics::describe_counter!(ICE_RESTARTS, "ice restarts through PATCH");
     metrics::describe_counter!(HTTP_RESPONSES, "whip/whep signalling responses, by status");
