@@ -9,6 +9,7 @@
 #[allow(dead_code)] // shared with tests/browser.rs, which uses all of it
 #[path = "browser/netns.rs"]
 mod netns;
+mod rtmp_client;
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -167,22 +168,119 @@ fn row(label: &str, r: &Value) -> String {
     let s = |k: &str| num(r, &["stats", k]);
     let d = |k: &str| num(r, &["display", k]);
     format!(
-        "{label:<12} decoded {:>4} dropped {:>3} freezes {:>2} ({:>5.2} s) jb {:>6.1} ms ifd {:>5.1}±{:>5.1} ms | shown {:>4} back {:>3} skip {:>3} rep {:>3} gap p99 {:>5.1} max {:>5.1} >100ms {:>2}",
+        "{label:<12} decoded {:>4} dropped {:>3} freezes {:>2} ({:>5.2} s) jb {:>6.1} ms proc {:>6.1} ms ifd {:>5.1}±{:>5.1} ms \
+         | shown {:>4} back {:>3} skip {:>3} rep {:>3} gap sd {:>5.1} p99 {:>5.1} max {:>5.1} >100ms {:>2} \
+         | ingest→display p50 {:>6.1} p99 {:>6.1} ms, receive→display p50 {:>6.1} ms",
         s("framesDecoded"),
         s("framesDropped"),
         s("freezeCount"),
         s("totalFreezesDuration"),
         s("jitterBufferMs"),
+        s("processingMs"),
         s("interFrameMeanMs"),
         s("interFrameSdMs"),
         d("presented"),
         d("backwards"),
         d("skipped"),
         d("repeats"),
+        d("intervalSdMs"),
         d("intervalP99Ms"),
         d("intervalMaxMs"),
         d("hitchesOver100ms"),
+        d("captureToDisplayP50Ms"),
+        d("captureToDisplayP99Ms"),
+        d("receiveToDisplayP50Ms"),
     )
+}
+
+/// Runs this test binary's `helper_rtmp_replay` in the namespace: an
+/// SEI-tagged RTMP publisher of `secs` of x264 (`bframes` or `-bf 0`) to
+/// `stream` on `node`, returned once the server accepted the publish.
+fn tagged_publisher(ns: &Netns, node: &Node, stream: &str, bframes: bool, secs: u32) -> Proc {
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut c = ns.cmd(exe.to_str().expect("utf-8 path"));
+    c.args([
+        "helper_rtmp_replay",
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("CASCADE_BT_RTMP", &node.rtmp)
+    .env("CASCADE_BT_KEY", format!("{stream}?token={TOKEN}"))
+    .env("CASCADE_BT_BF", if bframes { "1" } else { "0" })
+    .env("CASCADE_BT_SECS", secs.to_string());
+    let mut p = Proc::spawn(c);
+    p.wait_line(|l| l.contains("RTMP PUBLISHING"), Duration::from_secs(40))
+        .unwrap_or_else(|lines| panic!("rtmp publisher did not start: {lines:?}"));
+    p
+}
+
+/// Not a test on its own: the tagged RTMP publisher that
+/// [`tagged_publisher`] starts inside a namespace.
+#[test]
+fn helper_rtmp_replay() {
+    let Ok(addr) = std::env::var("CASCADE_BT_RTMP") else {
+        return;
+    };
+    let key = std::env::var("CASCADE_BT_KEY").expect("stream key");
+    let bframes = std::env::var("CASCADE_BT_BF").is_ok_and(|v| v == "1");
+    let secs: u32 = std::env::var("CASCADE_BT_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(30);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .expect("runtime");
+    rt.block_on(async move {
+        let extra: &[&str] = if bframes { &[] } else { &["-bf", "0"] };
+        let tags = rtmp_client::read_flv(&rtmp_client::encode_flv(secs, extra).await);
+        let client = rtmp_client::Client::publish(&addr, "live", &key).await;
+        println!("RTMP PUBLISHING");
+        rtmp_client::replay(client, tags).await;
+    });
+}
+
+/// RTMP publish → Chromium display: SEI-tagged RTMP publishers (x264 with
+/// and without B-frames, the edge's default B-frame method), the player page
+/// in Chromium, the tag of every presented frame read back by RTP timestamp.
+/// Prints p50/p99 (docs/latency.md); asserts only that tagged frames show.
+#[test]
+fn rtmp_publish_to_chromium_display_latency() {
+    let Some(ns) = Netns::create("bflat") else {
+        return;
+    };
+    let node = Node::start(&ns, None);
+    let _a = tagged_publisher(&ns, &node, "lat-nobf", false, 30);
+    let _b = tagged_publisher(&ns, &node, "lat-bf", true, 30);
+    let v = run_smooth(
+        &ns,
+        json!({ "sei": true, "keepShown": 4, "warmSecs": 3, "secs": 10, "pages": [
+            { "label": "nobf", "url": node.play_url("lat-nobf") },
+            { "label": "bf", "url": node.play_url("lat-bf") },
+        ] }),
+        TEST_BUDGET,
+    );
+    assert!(v["ok"] == true, "runner failed: {v:#}");
+    for label in ["nobf", "bf"] {
+        let r = &v["results"][label];
+        let d = |k: &str| num(r, &["display", k]);
+        eprintln!(
+            "rtmp → chromium display ({label}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} frames; \
+             chromium receive → display p50 {:.1} ms, jitter buffer {:.1} ms, first packet → decoded {:.1} ms",
+            d("publishToDisplayP50Ms"),
+            d("publishToDisplayP99Ms"),
+            d("publishToDisplayMaxMs"),
+            d("publishToDisplaySamples"),
+            d("receiveToDisplayP50Ms"),
+            num(r, &["stats", "jitterBufferMs"]),
+            num(r, &["stats", "processingMs"]),
+        );
+        assert!(
+            d("publishToDisplaySamples") >= 100.0,
+            "tagged frames are shown: {r:#}"
+        );
+    }
 }
 
 /// A default x264 stream (B-frames on) plays in Chromium: frames keep being

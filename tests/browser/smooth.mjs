@@ -29,6 +29,54 @@ const RECORD_PCS = `
   })();
 `;
 
+// With job.sei: every received video frame's SEI tag (loadtest::tag, put
+// there by the RTMP publisher with its send wall clock) is read through
+// encoded insertable streams, keyed by RTP timestamp; the barcode reader then
+// knows, per presented frame, when its publisher sent it.
+const SEI_HOOK = `
+  (() => {
+    const Orig = window.RTCPeerConnection;
+    window.__sent = new Map();
+    const UUID = Array.from("cascade-loadtest", (c) => c.charCodeAt(0));
+    const sentMs = (d) => {
+      outer: for (let i = 0; i + 32 <= d.length; i++) {
+        for (let k = 0; k < 16; k++) if (d[i + k] !== UUID[k]) continue outer;
+        const b = [];
+        let zeros = 0;
+        for (let j = i + 16; j < d.length && b.length < 16; j++) {
+          const x = d[j];
+          if (zeros >= 2 && x === 3) { zeros = 0; continue; }
+          zeros = x === 0 ? zeros + 1 : 0;
+          b.push(x);
+        }
+        if (b.length < 16) return null;
+        let us = 0;
+        for (let k = 8; k < 16; k++) us = us * 256 + b[k];
+        return us / 1000;
+      }
+      return null;
+    };
+    window.RTCPeerConnection = function (cfg, ...rest) {
+      const pc = new Orig({ ...(cfg || {}), encodedInsertableStreams: true }, ...rest);
+      pc.addEventListener("track", (e) => {
+        const video = e.track.kind === "video";
+        const { readable, writable } = e.receiver.createEncodedStreams();
+        readable.pipeThrough(new TransformStream({ transform(frame, ctl) {
+          if (video) {
+            const s = sentMs(new Uint8Array(frame.data));
+            const md = frame.getMetadata ? frame.getMetadata() : {};
+            if (s !== null) window.__sent.set(md.rtpTimestamp ?? frame.timestamp, s);
+          }
+          ctl.enqueue(frame);
+        } })).pipeTo(writable);
+      });
+      return pc;
+    };
+    window.RTCPeerConnection.prototype = Orig.prototype;
+    Object.setPrototypeOf(window.RTCPeerConnection, Orig);
+  })();
+`;
+
 // Bits of the barcode ffmpeg draws (tests/browser_bframes.rs): BITS boxes of
 // BOX×BOX pixels along the top edge, box k white when bit k of the frame number is set.
 const BITS = 10;
@@ -50,6 +98,7 @@ async function videoStats(page) {
           totalInterFrameDelay: v.totalInterFrameDelay || 0,
           totalSquaredInterFrameDelay: v.totalSquaredInterFrameDelay || 0,
           packetsLost: v.packetsLost || 0, nackCount: v.nackCount || 0, pliCount: v.pliCount || 0,
+          totalProcessingDelay: v.totalProcessingDelay || 0, totalDecodeTime: v.totalDecodeTime || 0,
           decoder: v.decoderImplementation || null, width: v.frameWidth || 0,
         };
       }
@@ -75,7 +124,13 @@ function installBarcodeReader({ bits, box }) {
       const i = ((box >> 1) * bits * box + k * box + (box >> 1)) * 4;
       if (px[i] > 128) n |= 1 << k;
     }
-    window.__shown.push([n, now, md.presentedFrames, md.rtpTimestamp ?? null]);
+    // captureTime: the sender's capture instant from RTCP SR (cascade stamps
+    // frames with their ingest wall clock), on this page's clock.
+    window.__shown.push([n, now, md.presentedFrames, md.rtpTimestamp ?? null,
+      md.captureTime ?? null, md.receiveTime ?? null, md.expectedDisplayTime ?? null,
+      // Publish → expected display on the wall clock, when the frame had a tag.
+      window.__sent && window.__sent.has(md.rtpTimestamp)
+        ? performance.timeOrigin + md.expectedDisplayTime - window.__sent.get(md.rtpTimestamp) : null]);
     v.requestVideoFrameCallback(cb);
   };
   v.requestVideoFrameCallback(cb);
@@ -102,10 +157,18 @@ function analyse(shown) {
     if (dt > 100) hitches++;
   }
   gaps.sort((a, b) => a - b);
+  // Ingest (SR capture time) → expected display, and packet receipt → display.
+  const lat = shown.filter((f) => f[4] != null && f[6] != null).map((f) => f[6] - f[4]).sort((a, b) => a - b);
+  const pub = shown.filter((f) => f[7] != null).map((f) => f[7]).sort((a, b) => a - b);
+  const rx = shown.filter((f) => f[5] != null && f[6] != null).map((f) => f[6] - f[5]).sort((a, b) => a - b);
   const mean = gaps.length ? gaps.reduce((a, b) => a + b, 0) / gaps.length : null;
   const sd = gaps.length ? Math.sqrt(gaps.reduce((a, b) => a + (b - mean) ** 2, 0) / gaps.length) : null;
   return { presented: shown.length, backwards, repeats, skipped, hitchesOver100ms: hitches,
-    intervalMeanMs: mean, intervalSdMs: sd, intervalP99Ms: quantile(gaps, 0.99), intervalMaxMs: quantile(gaps, 1) };
+    intervalMeanMs: mean, intervalSdMs: sd, intervalP99Ms: quantile(gaps, 0.99), intervalMaxMs: quantile(gaps, 1),
+    captureToDisplayP50Ms: quantile(lat, 0.5), captureToDisplayP99Ms: quantile(lat, 0.99),
+    receiveToDisplayP50Ms: quantile(rx, 0.5), receiveToDisplayP99Ms: quantile(rx, 0.99),
+    publishToDisplaySamples: pub.length, publishToDisplayP50Ms: quantile(pub, 0.5),
+    publishToDisplayP99Ms: quantile(pub, 0.99), publishToDisplayMaxMs: quantile(pub, 1) };
 }
 
 function delta(a, b) {
@@ -123,6 +186,9 @@ function delta(a, b) {
     interFrameMeanMs: mean !== null ? 1000 * mean : null,
     // Variance of the inter-frame delay, as webrtc-stats defines it.
     interFrameSdMs: mean !== null ? 1000 * Math.sqrt(Math.max(0, sq / n - mean * mean)) : null,
+    // First packet received → decoded, per frame (jitter buffer + decode).
+    processingMs: n > 0 ? (1000 * (b.totalProcessingDelay - a.totalProcessingDelay)) / n : null,
+    decodeMs: n > 0 ? (1000 * (b.totalDecodeTime - a.totalDecodeTime)) / n : null,
     packetsLost: b.packetsLost - a.packetsLost, nackCount: b.nackCount - a.nackCount, pliCount: b.pliCount - a.pliCount,
     decoder: b.decoder, width: b.width,
   };
@@ -140,17 +206,31 @@ async function main() {
       // Background tabs must not be throttled: every page is measured at once.
       "--disable-background-timer-throttling", "--disable-renderer-backgrounding",
       "--disable-backgrounding-occluded-windows"].concat(job.flags || []),
-    viewport: { width: 640, height: 400 },
+    viewport: { width: 1000, height: 640 },
   });
   await ctx.addInitScript(RECORD_PCS);
+  if (job.sei) await ctx.addInitScript(SEI_HOOK);
   const logs = [];
   try {
+    // One page with every player in its own visible iframe: a background
+    // tab gets no requestVideoFrameCallback, a visible iframe does.
+    const page = await ctx.newPage();
+    page.on("console", (m) => logs.push(m.type() + ": " + m.text()));
+    const cols = Math.min(3, job.pages.length);
+    const cell = { w: 480, h: 290 };
+    await page.setViewportSize({ width: cols * cell.w + 20, height: Math.ceil(job.pages.length / cols) * cell.h + 20 });
+    const html = job.pages.map((p) => `<iframe src="${p.url}" allow="autoplay" width="${cell.w - 10}" height="${cell.h - 10}"></iframe>`).join("");
+    await page.setContent(`<body style="margin:0">${html}</body>`);
     const pages = [];
     for (const p of job.pages) {
-      const page = await ctx.newPage();
-      page.on("console", (m) => logs.push(p.label + " " + m.type() + ": " + m.text()));
-      await page.goto(p.url, { waitUntil: "domcontentloaded" });
-      pages.push({ ...p, page });
+      let frame = null;
+      const until = Date.now() + 10000;
+      while (!frame && Date.now() < until) {
+        frame = page.frames().find((f) => f.url() === p.url);
+        if (!frame) await new Promise((r) => setTimeout(r, 50));
+      }
+      if (!frame) throw new Error("no iframe for " + p.url);
+      pages.push({ ...p, page: frame });
     }
     // First decoded frame everywhere, then the warm-up (start-up bursts).
     const end = Date.now() + 20000;
@@ -176,6 +256,7 @@ async function main() {
         stats: p.s0 && s1 ? delta(p.s0, s1) : null,
         display: p.barcode ? analyse(shown) : null,
         firstShown: shown.slice(0, job.keepShown || 0),
+        tagged: await p.page.evaluate(() => (window.__sent ? { n: window.__sent.size, last: [...window.__sent.entries()].slice(-3) } : null)),
       };
     }
     out.origins = origins;
