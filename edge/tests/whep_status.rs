@@ -69,6 +69,22 @@ async fn offer_errors() {
         .unwrap();
     assert_eq!(r.status, 201, "{}", r.body);
     assert!(r.header("location").unwrap().starts_with("/whep/live/"));
+    assert_eq!(r.header("content-type"), Some("application/sdp"));
+    assert!(r.header("etag").is_some());
+    // The answer: only what we send (one H.264 PT + RTX, Opus), our host
+    // candidate, MID but no transport-wide-cc (no feedback we would ignore).
+    let answer = &r.body;
+    assert!(
+        answer.contains("a=candidate:") && answer.contains("127.0.0.1"),
+        "{answer}"
+    );
+    assert!(
+        answer.contains("urn:ietf:params:rtp-hdrext:sdes:mid"),
+        "{answer}"
+    );
+    assert!(!answer.contains("transport-wide-cc"), "{answer}");
+    assert_eq!(answer.matches(" H264/90000").count(), 1, "{answer}");
+    assert!(answer.contains("a=sendonly"), "{answer}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

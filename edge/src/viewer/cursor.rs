@@ -212,7 +212,10 @@ mod tests {
         }
         assert!(matches!(c.next(&mut budget), Next::Lagged));
         assert_eq!(c.skips, 1);
-        assert!(matches!(c.next(&mut budget), Next::Idle), "delta frames skipped");
+        assert!(
+            matches!(c.next(&mut budget), Next::Idle),
+            "delta frames skipped"
+        );
         // The keyframe resumes (the ring overran again meanwhile: counted).
         feed.publish(frame(1_000_000, true, 1, t0));
         feed.publish(frame(1_003_000, false, 1, t0));
