@@ -64,6 +64,38 @@ fn player_page_plays() {
 }
 
 #[test]
+fn player_page_says_when_the_server_offers_only_loopback() {
+    let Some(ns) = Netns::create("loop") else {
+        return;
+    };
+    // The operator's mistake: media advertised on 127.0.0.1 while the page
+    // is reached on the machine's address.
+    // (Media bound on every address so the publisher still reaches it.)
+    let cascade = Cascade::start(
+        &ns,
+        &[
+            "--advertise",
+            "127.0.0.1",
+            "--udp",
+            "0.0.0.0:0",
+            "--tcp",
+            "0.0.0.0:0",
+        ],
+    );
+    let _publisher = ns.publisher(&cascade, "live", 30);
+    let v = ns.run_browser(
+        serde_json::json!({ "kind": "play", "base": cascade.base, "stream": "live", "expectNoMedia": true }),
+        TEST_BUDGET,
+    );
+    assert!(v["ok"] == true, "runner failed: {v:#}");
+    let warning = v["warning"].as_str().unwrap_or("");
+    assert!(
+        warning.contains("127.0.0.1") && warning.contains("--advertise"),
+        "warning shown: {v:#}"
+    );
+}
+
+#[test]
 fn player_page_plays_in_firefox() {
     let Some((ns, cascade)) = setup("firefox") else {
         return;

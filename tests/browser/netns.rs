@@ -292,13 +292,22 @@ impl Cascade {
     pub(crate) fn start(ns: &Netns, extra: &[&str]) -> Self {
         let mut c = ns.cmd(env!("CARGO_BIN_EXE_cascade"));
         let any = format!("{CASCADE_IP}:0");
-        c.args([
-            "all", "--http", &any, "--rtmp", &any, "--udp", &any, "--tcp", &any,
-        ])
-        .args(["--advertise", CASCADE_IP, "--publish-token", TOKEN])
-        .args(extra)
-        .env_remove("RUST_LOG")
-        .env(
+        // Defaults, each left out when `extra` sets the flag itself.
+        let defaults = [
+            ("--http", any.as_str()),
+            ("--rtmp", any.as_str()),
+            ("--udp", any.as_str()),
+            ("--tcp", any.as_str()),
+            ("--advertise", CASCADE_IP),
+            ("--publish-token", TOKEN),
+        ];
+        c.arg("all");
+        for (flag, value) in defaults {
+            if !extra.contains(&flag) {
+                c.args([flag, value]);
+            }
+        }
+        c.args(extra).env_remove("RUST_LOG").env(
             "CASCADE_LOG",
             std::env::var("CASCADE_TEST_LOG").unwrap_or_else(|_| "info".into()),
         );

@@ -127,6 +127,13 @@ async function main() {
       case "play": {
         const page = await newPage();
         await page.goto(`${base}/play/${job.stream}${job.query || ""}`, { waitUntil: "domcontentloaded" });
+        if (job.expectNoMedia) {
+          // Only the page's own diagnosis matters: give it time to get an answer.
+          await new Promise((r) => setTimeout(r, 3000));
+          out.warning = await page.evaluate(() => (document.getElementById("warn") || {}).textContent || "");
+          out.last = await sample(page);
+          break;
+        }
         Object.assign(out, await watch(page, job.secs || 3));
         if (job.screenshot) await page.screenshot({ path: job.screenshot });
         break;
