@@ -94,6 +94,10 @@ impl Cursor {
                     return Next::Idle;
                 };
                 *budget = budget.saturating_sub(entry.0.payloads.len().max(1));
+                if self.backlog.is_empty() {
+                    // Release the group's slots: viewers live long, groups once.
+                    self.backlog = VecDeque::new();
+                }
                 entry
             } else {
                 let Some(rx) = self.rx.as_mut() else {

@@ -81,6 +81,14 @@ impl Drop for Slot {
     }
 }
 
+fn kind_label(video: bool) -> &'static str {
+    if video {
+        "video"
+    } else {
+        "audio"
+    }
+}
+
 /// One outgoing track of a viewer.
 pub struct Out {
     mid: Mid,
@@ -93,6 +101,10 @@ pub struct Out {
     last_keyframe_request: Option<Instant>,
     frames: u64,
     packets: u64,
+    /// Metric handles resolved once: a lookup per wake per viewer would cost
+    /// more than the counting.
+    frames_out: metrics::Counter,
+    packets_out: metrics::Counter,
 }
 
 impl Out {
@@ -113,6 +125,8 @@ impl Out {
             last_keyframe_request: None,
             frames: 0,
             packets: 0,
+            frames_out: metrics::counter!(m::FRAMES_OUT, "kind" => kind_label(video)),
+            packets_out: metrics::counter!(m::PACKETS_OUT, "kind" => kind_label(video)),
         }
     }
 
@@ -252,10 +266,9 @@ impl Viewer {
             if out.pump(ctx) == Flow::Close {
                 flow = Flow::Close;
             }
-            let kind = if out.video { "video" } else { "audio" };
             if out.frames > frames {
-                metrics::counter!(m::FRAMES_OUT, "kind" => kind).increment(out.frames - frames);
-                metrics::counter!(m::PACKETS_OUT, "kind" => kind).increment(out.packets - packets);
+                out.frames_out.increment(out.frames - frames);
+                out.packets_out.increment(out.packets - packets);
             }
         }
         if !self.first_written && self.outs.iter().any(|o| o.video && o.frames > 0) {
