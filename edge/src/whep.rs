@@ -62,7 +62,7 @@ impl Whep {
 /// congestion control: the edge does no bandwidth estimation yet, and TWCC
 /// feedback every ~50 ms per viewer is a fifth of a viewer's cost (DESIGN.md).
 /// The id is Chrome's; str0m answers with the offerer's id anyway.
-fn viewer_extensions() -> ExtensionMap {
+pub(crate) fn viewer_extensions() -> ExtensionMap {
     let mut map = ExtensionMap::empty();
     map.set(4, Extension::RtpMid);
     map

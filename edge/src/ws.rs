@@ -272,7 +272,12 @@ async fn negotiate(
             "not_acceptable",
         ));
     }
-    let mut cfg = whep.rtc.rtc_builder().clear_codecs().set_rtp_mode(true);
+    let mut cfg = whep
+        .rtc
+        .rtc_builder()
+        .clear_codecs()
+        .set_rtp_mode(true)
+        .set_extension_map(crate::whep::viewer_extensions());
     for p in &plans {
         cfg.codec_config().add_config(
             Pt::from(p.pt),
