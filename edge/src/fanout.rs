@@ -325,7 +325,9 @@ pub fn packetize_frame(
 ) -> PacketizedFrame {
     let payloads = p.packetize(&frame.payload, frame.keyframe);
     let micros = u128::from(ts) * 1_000_000 / u128::from(clock.max(1));
-    let wallclock = anchor + Duration::from_micros(u64::try_from(micros).unwrap_or(u64::MAX / 2));
+    // Publisher timestamps are input: never let them overflow the instant.
+    let after = Duration::from_micros(u64::try_from(micros).unwrap_or(u64::MAX));
+    let wallclock = anchor.checked_add(after).unwrap_or(anchor);
     PacketizedFrame {
         payloads,
         ts,
@@ -405,7 +407,7 @@ fn anchor_of(frame: &Frame, clock: u32) -> Instant {
     let media = Duration::from_micros(
         u64::try_from(u128::from(frame.pts) * 1_000_000 / u128::from(clock.max(1))).unwrap_or(0),
     );
-    now.checked_sub(age + media)
+    now.checked_sub(age.saturating_add(media))
         .or_else(|| now.checked_sub(age))
         .unwrap_or(now)
 }
@@ -428,6 +430,38 @@ mod tests {
         let (ts, jumped) = t.map(3000 + 90_000 * 3600, 3000 + 90_000 * 3600, 1_200_000);
         assert!(jumped);
         assert!(ts > 15_000 && ts < 15_000 + 90_000);
+    }
+
+    proptest::proptest! {
+        /// Whatever timestamps publishers send (jumps, wraps, takeovers), the
+        /// edge timeline never goes backwards and never panics.
+        #[test]
+        fn timeline_is_monotonic(steps in proptest::collection::vec((proptest::prelude::any::<u64>(), 0u64..10_000_000), 1..200)) {
+            let mut t = Timeline::new(90_000);
+            let mut last = None;
+            for (dts, us) in steps {
+                let (ts, _) = t.map(dts, dts, us);
+                if let Some(l) = last {
+                    proptest::prop_assert!(ts >= l, "{ts} after {l}");
+                }
+                last = Some(ts);
+            }
+        }
+    }
+
+    #[test]
+    fn extreme_timestamps_do_not_overflow_the_clock() {
+        let mut p = Packetizer::new(Codec::Opus).unwrap();
+        let f = Frame {
+            payload: bytes::Bytes::from_static(b"x"),
+            pts: u64::MAX,
+            dts: u64::MAX,
+            keyframe: true,
+            ingest_us: 0,
+        };
+        let anchor = anchor_of(&f, 48_000);
+        let out = packetize_frame(&mut p, &f, u64::MAX, anchor, 48_000);
+        assert_eq!(out.payloads.len(), 1);
     }
 
     #[test]

@@ -65,7 +65,7 @@ impl Cursor {
             let behind = u64::try_from(n - 1 - i).unwrap_or(0).saturating_mul(step);
             let ts = f.ts.max(newest.saturating_sub(behind));
             let lead = Duration::from_micros((ts - f.ts).saturating_mul(1_000_000) / self.clock);
-            let wallclock = f.wallclock + lead;
+            let wallclock = f.wallclock.checked_add(lead).unwrap_or(f.wallclock);
             self.backlog.push_back((f, ts, wallclock));
         }
     }
