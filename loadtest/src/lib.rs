@@ -30,6 +30,7 @@
 pub mod annexb;
 mod error;
 pub mod http;
+pub mod janus;
 pub mod load;
 pub mod media;
 pub mod ogg;

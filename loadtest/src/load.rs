@@ -73,6 +73,10 @@ pub struct Args {
     /// GOP length of the published clip, frames (30 fps).
     #[arg(long, default_value_t = 30)]
     pub gop: u32,
+    /// Watch this Janus streaming mountpoint: `--url` is then Janus's HTTP API
+    /// (`http://HOST:8088/janus`), for side-by-side runs against Janus.
+    #[arg(long)]
+    pub janus_mountpoint: Option<u64>,
     /// Plot the time series (viewers, packets/s, lost) as SVG to this file.
     #[arg(long)]
     pub svg: Option<std::path::PathBuf>,
@@ -201,6 +205,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
         opts.bind = args.bind;
         opts.live = Some(Arc::clone(&live));
         opts.headers_only = i % args.full_every != 0;
+        opts.janus_mountpoint = args.janus_mountpoint;
         if args.tcp {
             opts.transport = crate::whep::Transport::Tcp;
         }

@@ -27,7 +27,7 @@ pub use crate::http::{post_offer, Reply};
 use self::check::{Checker, Received};
 use self::light::HeaderTap;
 use crate::peer::Peer;
-use crate::{http, Error, Result};
+use crate::{http, janus, Error, Result};
 
 /// Video codecs a viewer can offer.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -77,6 +77,9 @@ pub struct ViewerOptions {
     pub headers_only: bool,
     /// UDP or ICE-TCP.
     pub transport: Transport,
+    /// Watch this Janus streaming mountpoint instead: `url` is then the Janus HTTP API
+    /// (`http://HOST:8088/janus`) and Janus makes the offer ([`crate::janus`]).
+    pub janus_mountpoint: Option<u64>,
 }
 
 impl ViewerOptions {
@@ -93,6 +96,7 @@ impl ViewerOptions {
             live: None,
             headers_only: false,
             transport: Transport::Udp,
+            janus_mountpoint: None,
         }
     }
 }
@@ -138,6 +142,7 @@ fn add_media(rtc: &mut Rtc, video: bool, audio: bool) -> Result<(SdpOffer, SdpPe
 /// A running viewer. Dropping it stops the task.
 #[derive(Debug)]
 pub struct Viewer {
+    janus: bool,
     location: Url,
     token: Option<String>,
     client: reqwest::Client,
@@ -160,15 +165,34 @@ impl Viewer {
             Transport::Udp => Peer::bind(rtc, opts.bind)?,
             Transport::Tcp => Peer::tcp(rtc, opts.bind)?,
         };
-        let video = !opts.video_codecs.is_empty();
-        let (offer, pending, mids) = add_media(&mut peer.rtc, video, opts.audio)?;
-        let offer_sdp = offer.to_sdp_string();
         let client = http::client()?;
-        let created =
-            http::create_session(&client, &opts.url, &offer_sdp, opts.token.as_deref()).await?;
-        let answer = SdpAnswer::from_sdp_string(&created.answer)
-            .map_err(|e| Error::BadAnswer(format!("answer sdp: {e}")))?;
-        peer.rtc.sdp_api().accept_answer(pending, answer)?;
+        let (answer_sdp, location, mids) = match opts.janus_mountpoint {
+            None => {
+                let video = !opts.video_codecs.is_empty();
+                let (offer, pending, mids) = add_media(&mut peer.rtc, video, opts.audio)?;
+                let offer_sdp = offer.to_sdp_string();
+                let created =
+                    http::create_session(&client, &opts.url, &offer_sdp, opts.token.as_deref())
+                        .await?;
+                let answer = SdpAnswer::from_sdp_string(&created.answer)
+                    .map_err(|e| Error::BadAnswer(format!("answer sdp: {e}")))?;
+                peer.rtc.sdp_api().accept_answer(pending, answer)?;
+                (created.answer, created.location, mids)
+            }
+            Some(mountpoint) => {
+                let w = janus::watch(&client, &opts.url, mountpoint).await?;
+                let offer = SdpOffer::from_sdp_string(&w.offer)
+                    .map_err(|e| Error::BadAnswer(format!("janus offer sdp: {e}")))?;
+                let answer = peer.rtc.sdp_api().accept_offer(offer)?.to_sdp_string();
+                janus::start(&client, &w, &answer).await?;
+                let (v, a) = janus::mids(&answer);
+                let mids = (
+                    v.map(|m| Mid::from(m.as_str())),
+                    a.map(|m| Mid::from(m.as_str())),
+                );
+                (answer, w.session, mids)
+            }
+        };
         let cancel = CancellationToken::new();
         let (connected_tx, connected) = watch::channel(false);
         let live = opts.live.clone().unwrap_or_default();
@@ -185,12 +209,13 @@ impl Viewer {
             live,
             tap: opts
                 .headers_only
-                .then(|| HeaderTap::new(&created.answer, posted)),
+                .then(|| HeaderTap::new(&answer_sdp, posted)),
         };
-        let span = tracing::info_span!("whep_viewer", location = %created.location);
+        let span = tracing::info_span!("whep_viewer", location = %location);
         let task = tokio::spawn(session.run().instrument(span));
         Ok(Self {
-            location: created.location,
+            janus: opts.janus_mountpoint.is_some(),
+            location,
             token: opts.token,
             client,
             cancel,
@@ -252,7 +277,11 @@ impl Viewer {
 
     /// `DELETE` the session, then stop. Returns the DELETE status and the report.
     pub async fn delete(mut self) -> Result<(u16, ViewerReport)> {
-        let status = http::delete(&self.client, &self.location, self.token.as_deref()).await;
+        let status = if self.janus {
+            janus::destroy(&self.client, &self.location).await
+        } else {
+            http::delete(&self.client, &self.location, self.token.as_deref()).await
+        };
         self.cancel.cancel();
         let report = self.join(Duration::from_secs(5)).await?;
         Ok((status?, report))

@@ -1,0 +1,206 @@
+#!/usr/bin/env python3
+"""Edge load benchmark: release `cascade all` pinned to one core, `loadtest` (publisher at
+2.5 Mbit/s + viewers on a ramp) pinned to the other; samples the server's CPU (utime+stime
+from /proc/PID/stat) and VmRSS each second, reads its /metrics at the end and writes one JSON
+line per run (and CSV/SVG series) to OUT_DIR. Every run is bounded in viewers and time.
+
+usage: edge_load.py OUT_DIR VIEWERS [VIEWERS...] [--duration 25] [--ramp 300] [--no-gso]
+                    [--server-cpu 0] [--client-cpu 1] [--kbps 2500] [--perf SECONDS]
+"""
+import argparse
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+CASCADE = os.environ.get("CASCADE_BIN", os.path.join(ROOT, "target/release/cascade"))
+LOADTEST = os.environ.get("LOADTEST_BIN", os.path.join(ROOT, "target/release/loadtest"))
+HTTP, UDP = "127.0.0.1:18080", "127.0.0.1:18189"
+TOKEN = "bench-token"
+TICK = os.sysconf("SC_CLK_TCK")
+# The box is shared (other builds and tests): a bounded run gets priority so CPU starvation
+# does not show up as server latency.
+NICE = ["nice", "-n", "-10"]
+
+
+def cpu_seconds(pid):
+    """utime + stime of a process, seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        fields = f.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def rss_kib(pid):
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+def metrics():
+    out = subprocess.run(["curl", "-s", f"http://{HTTP}/metrics"], capture_output=True,
+                         text=True, timeout=10).stdout
+    vals, quantiles = {}, {}
+    for line in out.splitlines():
+        q = re.match(r'cascade_edge_first_frame_seconds\{quantile="([0-9.]+)"\} (\S+)', line)
+        if q:
+            quantiles[q.group(1)] = float(q.group(2))
+        if line.startswith("#") or not line.strip():
+            continue
+        name, _, value = line.rpartition(" ")
+        base = re.sub(r"\{.*\}", "", name)
+        try:
+            vals[base] = vals.get(base, 0.0) + float(value)
+        except ValueError:
+            pass
+    return vals, quantiles
+
+
+def server_socket_drops(port):
+    """The `drops` column of /proc/net/udp for the server's media socket."""
+    hexport = f"{port:04X}"
+    total = 0
+    for path in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(path) as f:
+                for line in list(f)[1:]:
+                    cols = line.split()
+                    if cols[1].endswith(":" + hexport):
+                        total += int(cols[-1])
+        except OSError:
+            pass
+    return total
+
+
+def rcvbuf_errors():
+    with open("/proc/net/snmp") as f:
+        udp = [l.split() for l in f if l.startswith("Udp:")]
+    return int(dict(zip(udp[0], udp[1]))["RcvbufErrors"])
+
+
+def run(args, viewers, out_dir):
+    env = dict(os.environ)
+    env.pop("RUST_LOG", None)
+    if args.no_gso:
+        env["CASCADE_NO_GSO"] = "1"
+    tag = f"{viewers}{'-nogso' if args.no_gso else ''}"
+    server = subprocess.Popen(
+        NICE + ["taskset", "-c", str(args.server_cpu), CASCADE, "all", "--http", HTTP, "--rtmp",
+         "127.0.0.1:0", "--udp", UDP, "--tcp", UDP, "--advertise", "127.0.0.1",
+         "--publish-token", TOKEN, "--log", "warn", "--max-sessions", "20000"],
+        stdout=subprocess.DEVNULL, stderr=open(os.path.join(out_dir, f"server-{tag}.log"), "w"),
+        env=env)
+    time.sleep(1.5)
+    csv, svg = (os.path.join(out_dir, f"series-{tag}.{e}") for e in ("csv", "svg"))
+    client = subprocess.Popen(
+        NICE + ["taskset", "-c", str(args.client_cpu), LOADTEST, "--url", f"http://{HTTP}/whep/bench",
+         "--publish", f"http://{HTTP}/whip/bench", "--publish-token", TOKEN,
+         "--video-kbps", str(args.kbps), "--viewers", str(viewers), "--ramp", str(args.ramp),
+         "--duration", f"{args.duration}s", "--json", "--csv", csv, "--svg", svg],
+        stdout=subprocess.PIPE, stderr=open(os.path.join(out_dir, f"client-{tag}.log"), "w"),
+        text=True)
+    rcv0 = rcvbuf_errors()
+    samples = []  # (t, cpu_s, rss_kib, sessions)
+    t0 = time.time()
+    perf = None
+    m = quantiles = None
+    drops = 0
+    ramp_s = viewers / args.ramp if args.ramp else 0
+    while client.poll() is None and time.time() - t0 < args.duration + 60:
+        t = time.time() - t0
+        try:
+            samples.append((t, cpu_seconds(server.pid), rss_kib(server.pid),
+                            cpu_seconds(client.pid)))
+        except OSError:
+            break
+        if m is None and t > args.duration - 0.5:
+            # Before the viewers leave: sends to closed ports after the run are not drops.
+            m, quantiles = metrics()
+            drops = server_socket_drops(int(UDP.rsplit(":", 1)[1]))
+        if args.perf and perf is None and t > ramp_s + 4:
+            perf = subprocess.Popen(
+                ["perf", "record", "-F", "499", "-g", "-e", "cpu-clock", "-p", str(server.pid),
+                 "-o", os.path.join(out_dir, f"perf-{tag}.data"), "--", "sleep", str(args.perf)],
+                stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        time.sleep(0.5)
+    if m is None:
+        m, quantiles = metrics()
+    out, _ = client.communicate(timeout=90)
+    rcv = rcvbuf_errors() - rcv0
+    if perf:
+        perf.wait(timeout=120)
+    server.send_signal(signal.SIGKILL)
+    server.wait()
+    summary = json.loads(out.strip().splitlines()[-1])
+    # Steady window: from 3 s after the ramp ends to 2 s before the run ends.
+    lo, hi = ramp_s + 3 + 1.5, args.duration - 2 + 1.5
+    win = [s for s in samples if lo <= s[0] <= hi]
+    base_rss = samples[1][2] if len(samples) > 1 else 0
+    cpu_pct = client_pct = ramp_pct = None
+    if len(win) >= 2:
+        cpu_pct = 100 * (win[-1][1] - win[0][1]) / (win[-1][0] - win[0][0])
+        client_pct = 100 * (win[-1][3] - win[0][3]) / (win[-1][0] - win[0][0])
+    ramp = [s for s in samples if 1.5 <= s[0] <= ramp_s + 1.5]
+    if len(ramp) >= 2:
+        ramp_pct = 100 * (ramp[-1][1] - ramp[0][1]) / (ramp[-1][0] - ramp[0][0])
+    peak_rss = max(s[2] for s in samples) if samples else 0
+    steady_rss = win[-1][2] if win else peak_rss
+    conn = summary.get("viewers_connected") or 0
+    res = {
+        "viewers": viewers,
+        "gso": not args.no_gso,
+        "kbps": args.kbps,
+        "server_cpu_pct": cpu_pct,
+        "server_cpu_pct_ramp": ramp_pct,
+        "client_cpu_pct": client_pct,
+        "server_first_frame_s": {k: v for k, v in quantiles.items()},
+        "viewers_per_core": (conn * 100 / cpu_pct) if cpu_pct else None,
+        "cpu_us_per_viewer_s": (cpu_pct * 1e4 / conn) if cpu_pct and conn else None,
+        "rss_kib_base": base_rss,
+        "rss_kib_peak": peak_rss,
+        "rss_kib_steady": steady_rss,
+        "rss_kib_per_viewer": ((steady_rss - base_rss) / conn) if conn else None,
+        "server_send_drops": m.get("cascade_rtc_datagrams_dropped_total", 0),
+        "server_socket_drops": drops,
+        "host_rcvbuf_errors": rcv,
+        "datagrams_out": m.get("cascade_rtc_datagrams_out_total"),
+        "send_calls": m.get("cascade_rtc_send_calls_total"),
+        "lag_skips": m.get("cascade_edge_lag_skips_total", 0),
+        "loadtest": summary,
+    }
+    with open(os.path.join(out_dir, f"server-{tag}.csv"), "w") as f:
+        f.write("t_s,server_cpu_s,server_rss_kib,client_cpu_s\n")
+        for s in samples:
+            f.write(f"{s[0]:.1f},{s[1]:.2f},{s[2]},{s[3]:.2f}\n")
+    return res
+
+
+def main():
+    p = argparse.ArgumentParser()
+    p.add_argument("out_dir")
+    p.add_argument("viewers", type=int, nargs="+")
+    p.add_argument("--duration", type=int, default=25)
+    p.add_argument("--ramp", type=float, default=300)
+    p.add_argument("--kbps", type=int, default=2500)
+    p.add_argument("--no-gso", action="store_true")
+    p.add_argument("--server-cpu", type=int, default=0)
+    p.add_argument("--client-cpu", type=int, default=1)
+    p.add_argument("--perf", type=int, default=0, help="perf record the server this many s")
+    args = p.parse_args()
+    assert all(0 < v <= 5000 for v in args.viewers) and args.duration <= 120
+    os.makedirs(args.out_dir, exist_ok=True)
+    for v in args.viewers:
+        res = run(args, v, args.out_dir)
+        line = json.dumps(res)
+        print(line, flush=True)
+        with open(os.path.join(args.out_dir, "results.jsonl"), "a") as f:
+            f.write(line + "\n")
+
+
+if __name__ == "__main__":
+    sys.exit(main())
