@@ -197,6 +197,18 @@ fn row(label: &str, r: &Value) -> String {
 /// SEI-tagged RTMP publisher of `secs` of x264 (`bframes` or `-bf 0`) to
 /// `stream` on `node`, returned once the server accepted the publish.
 fn tagged_publisher(ns: &Netns, node: &Node, stream: &str, bframes: bool, secs: u32) -> Proc {
+    rtmp_publisher(
+        ns,
+        node,
+        stream,
+        if bframes { "h264-bf" } else { "h264" },
+        secs,
+    )
+}
+
+/// Runs `helper_rtmp_replay` in the namespace: `codec` is `h264` (SEI-tagged
+/// x264 `-bf 0`), `h264-bf` (default B-frames), `av1` or `hevc` (enhanced RTMP).
+fn rtmp_publisher(ns: &Netns, node: &Node, stream: &str, codec: &str, secs: u32) -> Proc {
     let exe = std::env::current_exe().expect("test binary path");
     let mut c = ns.cmd(exe.to_str().expect("utf-8 path"));
     c.args([
@@ -207,7 +219,7 @@ fn tagged_publisher(ns: &Netns, node: &Node, stream: &str, bframes: bool, secs: 
     ])
     .env("CASCADE_BT_RTMP", &node.rtmp)
     .env("CASCADE_BT_KEY", format!("{stream}?token={TOKEN}"))
-    .env("CASCADE_BT_BF", if bframes { "1" } else { "0" })
+    .env("CASCADE_BT_CODEC", codec)
     .env("CASCADE_BT_SECS", secs.to_string());
     let mut p = Proc::spawn(c);
     p.wait_line(|l| l.contains("RTMP PUBLISHING"), Duration::from_secs(40))
@@ -223,7 +235,7 @@ fn helper_rtmp_replay() {
         return;
     };
     let key = std::env::var("CASCADE_BT_KEY").expect("stream key");
-    let bframes = std::env::var("CASCADE_BT_BF").is_ok_and(|v| v == "1");
+    let codec = std::env::var("CASCADE_BT_CODEC").unwrap_or_default();
     let secs: u32 = std::env::var("CASCADE_BT_SECS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -233,8 +245,12 @@ fn helper_rtmp_replay() {
         .build()
         .expect("runtime");
     rt.block_on(async move {
-        let extra: &[&str] = if bframes { &[] } else { &["-bf", "0"] };
-        let tags = rtmp_client::read_flv(&rtmp_client::encode_flv(secs, extra).await);
+        let tags = match codec.as_str() {
+            "av1" => rtmp_client::encode_enhanced(false, secs).await,
+            "hevc" => rtmp_client::encode_enhanced(true, secs).await,
+            "h264-bf" => rtmp_client::read_flv(&rtmp_client::encode_flv(secs, &[]).await),
+            _ => rtmp_client::read_flv(&rtmp_client::encode_flv(secs, &["-bf", "0"]).await),
+        };
         let client = rtmp_client::Client::publish(&addr, "live", &key).await;
         println!("RTMP PUBLISHING");
         rtmp_client::replay(client, tags).await;
@@ -357,4 +373,43 @@ fn bframe_methods_side_by_side() {
         let label = p["label"].as_str().unwrap();
         eprintln!("{}", row(label, &v["results"][label]));
     }
+}
+
+/// What Chromium does with enhanced-RTMP AV1 and HEVC (docs/codecs.md):
+/// Debian's Chromium offers AV1 and plays it; it offers no H.265, so the
+/// player page gets 406 naming the stream's codec.
+#[test]
+fn av1_and_hevc_over_enhanced_rtmp_in_chromium() {
+    let Some(ns) = Netns::create("codecs") else {
+        return;
+    };
+    let node = Node::start(&ns, None);
+    let _a = rtmp_publisher(&ns, &node, "av1", "av1", 40);
+    let _h = rtmp_publisher(&ns, &node, "hevc", "hevc", 40);
+    let v = run_smooth(
+        &ns,
+        json!({ "warmSecs": 1, "secs": 5, "firstFrameSecs": 10, "pages": [
+            { "label": "av1", "url": node.play_url("av1") },
+            { "label": "hevc", "url": node.play_url("hevc") },
+        ] }),
+        TEST_BUDGET,
+    );
+    assert!(v["ok"] == true, "runner failed: {v:#}");
+    let av1 = &v["results"]["av1"];
+    eprintln!(
+        "AV1 in Chromium: {} frames decoded in 5 s by {}, {} freezes; HEVC page: {:?}",
+        av1["stats"]["framesDecoded"],
+        av1["stats"]["decoder"],
+        av1["stats"]["freezeCount"],
+        v["results"]["hevc"]["status"]
+    );
+    assert!(
+        num(av1, &["stats", "framesDecoded"]) >= 60.0,
+        "AV1 plays: {av1:#}"
+    );
+    let hevc = v["results"]["hevc"]["status"].as_str().unwrap_or("");
+    assert!(
+        hevc.contains("406") && hevc.contains("H265"),
+        "HEVC refused with the codec named: {hevc:?}"
+    );
 }

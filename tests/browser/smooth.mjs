@@ -220,7 +220,7 @@ async function main() {
     const cell = { w: 480, h: 290 };
     await page.setViewportSize({ width: cols * cell.w + 20, height: Math.ceil(job.pages.length / cols) * cell.h + 20 });
     const html = job.pages.map((p) => `<iframe src="${p.url}" allow="autoplay" width="${cell.w - 10}" height="${cell.h - 10}"></iframe>`).join("");
-    await page.setContent(`<body style="margin:0">${html}</body>`);
+    await page.setContent(`<body style="margin:0">${html}</body>`, { waitUntil: "domcontentloaded" });
     const pages = [];
     for (const p of job.pages) {
       let frame = null;
@@ -233,7 +233,7 @@ async function main() {
       pages.push({ ...p, page: frame });
     }
     // First decoded frame everywhere, then the warm-up (start-up bursts).
-    const end = Date.now() + 20000;
+    const end = Date.now() + (job.firstFrameSecs ?? 20) * 1000;
     for (const p of pages) {
       while (Date.now() < end) {
         const s = await videoStats(p.page);
@@ -256,6 +256,8 @@ async function main() {
         stats: p.s0 && s1 ? delta(p.s0, s1) : null,
         display: p.barcode ? analyse(shown) : null,
         firstShown: shown.slice(0, job.keepShown || 0),
+        // The player page's status line (e.g. a 406 naming the codec).
+        status: await p.page.evaluate(() => { const e = document.getElementById("status"); return e ? e.textContent : null; }),
         tagged: await p.page.evaluate(() => (window.__sent ? { n: window.__sent.size, last: [...window.__sent.entries()].slice(-3) } : null)),
       };
     }

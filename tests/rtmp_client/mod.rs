@@ -237,3 +237,160 @@ pub async fn replay(mut c: Client, tags: Vec<Tag>) {
         c.drain();
     }
 }
+
+/// `secs` of testsrc2 (320×240, 30 fps, 1 s GOP) as enhanced-RTMP video tags,
+/// as OBS sends them: AV1 (`av01`) or HEVC (`hvc1`, no B-frames). The first
+/// tag is the sequence start (av1C / hvcC), then one coded frame per tag.
+/// Debian's ffmpeg 5.1 cannot mux E-RTMP, so the tags are packed here.
+pub async fn encode_enhanced(hevc: bool, secs: u32) -> Vec<Tag> {
+    let codec: &[&str] = if hevc {
+        &[
+            "-c:v",
+            "libx265",
+            "-bf",
+            "0",
+            "-x265-params",
+            "log-level=error",
+        ]
+    } else {
+        &["-c:v", "libaom-av1", "-usage", "realtime", "-cpu-used", "8"]
+    };
+    let out = tokio::process::Command::new("ffmpeg")
+        .args(["-hide_banner", "-loglevel", "error", "-f", "lavfi", "-i"])
+        .arg(format!("testsrc2=size=320x240:rate=30:duration={secs}"))
+        .args(["-pix_fmt", "yuv420p", "-g", "30", "-b:v", "400k"])
+        .args(codec)
+        .args(["-f", if hevc { "hevc" } else { "obu" }, "pipe:1"])
+        .output()
+        .await
+        .expect("ffmpeg runs");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let (fourcc, config, units) = if hevc {
+        hevc_units(&out.stdout)
+    } else {
+        av1_units(&out.stdout)
+    };
+    let mut seq_start = vec![0x90];
+    seq_start.extend_from_slice(fourcc);
+    seq_start.extend_from_slice(&config);
+    let mut tags = vec![Tag {
+        kind: 9,
+        ts: 0,
+        data: seq_start,
+    }];
+    for (i, (key, unit)) in units.into_iter().enumerate() {
+        // CodedFramesX (3) for HEVC: no composition offset; AV1 uses 1.
+        let mut data = vec![0x80 | if key { 0x10 } else { 0x20 } | if hevc { 3 } else { 1 }];
+        data.extend_from_slice(fourcc);
+        data.extend_from_slice(&unit);
+        tags.push(Tag {
+            kind: 9,
+            ts: (i as u32) * 1000 / 30,
+            data,
+        });
+    }
+    tags
+}
+
+/// FourCC, configuration record, (keyframe, coded frame) per picture.
+type Packed = (&'static [u8; 4], Vec<u8>, Vec<(bool, Vec<u8>)>);
+
+/// av1C + temporal units (temporal delimiters and sequence headers dropped).
+fn av1_units(mut data: &[u8]) -> Packed {
+    let mut config = vec![0x81, 0x00, 0x0c, 0x00]; // av1C: version 1, profile 0
+    let mut units: Vec<(bool, Vec<u8>)> = Vec::new();
+    while let Some(&h) = data.first() {
+        let mut at = 1 + usize::from(h & 0x04 != 0);
+        let mut size = 0usize;
+        for i in 0..8 {
+            let b = data[at];
+            at += 1;
+            size |= usize::from(b & 0x7f) << (7 * i);
+            if b & 0x80 == 0 {
+                break;
+            }
+        }
+        let (obu, rest) = data.split_at(at + size);
+        data = rest;
+        match (h >> 3) & 0x0f {
+            2 => units.push((false, Vec::new())),
+            1 => {
+                if config.len() == 4 {
+                    config.extend_from_slice(obu);
+                }
+                if let Some((key, _)) = units.last_mut() {
+                    *key = true;
+                }
+            }
+            _ => {
+                if let Some((_, tu)) = units.last_mut() {
+                    tu.extend_from_slice(obu);
+                }
+            }
+        }
+    }
+    (b"av01", config, units)
+}
+
+/// hvcC (VPS/SPS/PPS) + length-prefixed access units.
+fn hevc_units(stream: &[u8]) -> Packed {
+    let mut nals = Vec::new();
+    let mut i = 0;
+    let mut start = None;
+    while i + 3 <= stream.len() {
+        if stream[i..i + 3] == [0, 0, 1] {
+            if let Some(s) = start {
+                let mut end = i;
+                while end > s && stream[end - 1] == 0 {
+                    end -= 1;
+                }
+                nals.push(&stream[s..end]);
+            }
+            i += 3;
+            start = Some(i);
+        } else {
+            i += 1;
+        }
+    }
+    if let Some(s) = start {
+        nals.push(&stream[s..]);
+    }
+    let kind = |n: &[u8]| (n[0] >> 1) & 0x3f;
+    let params: Vec<&[u8]> = nals
+        .iter()
+        .copied()
+        .filter(|n| (32..=34).contains(&kind(n)))
+        .take(3)
+        .collect();
+    // hvcC: version, profile (Main), 19 bytes the ingest does not read, length size 4.
+    let mut config = vec![1, 1];
+    config.extend_from_slice(&[0; 19]);
+    config.extend_from_slice(&[0xff, 3]);
+    for p in &params {
+        config.push(0x80 | kind(p));
+        config.extend_from_slice(&1u16.to_be_bytes());
+        config.extend_from_slice(&(p.len() as u16).to_be_bytes());
+        config.extend_from_slice(p);
+    }
+    let mut units: Vec<(bool, Vec<u8>)> = Vec::new();
+    for n in nals.iter().filter(|n| n.len() > 2) {
+        let t = kind(n);
+        if (32..=35).contains(&t) {
+            continue;
+        }
+        if t < 32 && n[2] & 0x80 != 0 {
+            units.push((false, Vec::new()));
+        }
+        let Some((key, au)) = units.last_mut() else {
+            continue;
+        };
+        *key |= (16..=21).contains(&t);
+        au.extend_from_slice(&(n.len() as u32).to_be_bytes());
+        au.extend_from_slice(n);
+    }
+    (b"hvc1", config, units)
+}
