@@ -76,7 +76,10 @@ pub fn is_h264_b_slice(au: &[u8]) -> bool {
             // Enough of the slice header for two ue(v), escapes removed.
             let body = au.get(start + 1..).unwrap_or(&[]);
             let rbsp = unescape(body, 16);
-            let mut r = Bits { data: &rbsp, pos: 0 };
+            let mut r = Bits {
+                data: &rbsp,
+                pos: 0,
+            };
             return r.ue().is_some() && r.ue().is_some_and(|t| t % 5 == 1);
         }
         i = start;
@@ -173,6 +176,7 @@ mod tests {
         assert!(!is_h264_b_slice(&slice(1, 0))); // P
         assert!(!is_h264_b_slice(&slice(5, 7))); // I (IDR)
         assert!(!is_h264_b_slice(&slice(1, 5))); // P, all slices
+
         // SEI and SPS in front are skipped.
         let mut au = vec![0, 0, 0, 1, 0x06, 5, 1, 0x80, 0, 0, 1, 0x67, 0x64];
         au.extend(slice(1, 1));

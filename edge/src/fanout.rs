@@ -19,6 +19,7 @@ use cascade_rtc::Waker;
 use tokio::sync::{broadcast, Notify};
 use tracing::Instrument;
 
+use crate::bframes::{is_h264_b_slice, BframeTs};
 use crate::metrics as m;
 use crate::packetize::{Packetizer, Payload};
 
@@ -100,6 +101,13 @@ impl Timeline {
         self.last = Some((dts, mapped_dts, ingest_us));
         let ts = (i128::from(pts) + self.offset).max(0);
         (u64::try_from(ts).unwrap_or(u64::MAX), jumped)
+    }
+
+    /// The decode timestamp of the last mapped frame on the edge timeline.
+    pub(crate) fn dts(&self) -> u64 {
+        self.last.map_or(0, |(_, mapped, _)| {
+            u64::try_from(mapped.max(0)).unwrap_or(u64::MAX)
+        })
     }
 }
 
@@ -351,6 +359,16 @@ async fn run(
         "audio"
     };
     let mut timeline = Timeline::new(clock);
+    // How B-frames get their RTP timestamps (bframes.rs); frames without
+    // B-frames (pts = dts) come out the same under every method.
+    let method = if codec == Codec::H264 {
+        BframeTs::current()
+    } else {
+        BframeTs::Pts
+    };
+    // pts − dts of the timeline's first frame (a keyframe): shifts dts-based
+    // timestamps onto the presentation clock the audio uses.
+    let mut reorder: Option<u64> = None;
     let mut anchor: Option<Instant> = None;
     let mut waiting_keyframe = false;
     let mut wanted = false;
@@ -365,8 +383,9 @@ async fn run(
             _ = tokio::time::sleep_until(retry_at.into()), if wanted => {}
             next = consumer.next() => {
                 let Ok(frame) = next else { break "stream ended" };
-                let (ts, jumped) = timeline.map(frame.dts, frame.pts, frame.ingest_us);
+                let (pts_ts, jumped) = timeline.map(frame.dts, frame.pts, frame.ingest_us);
                 if jumped {
+                    reorder = None;
                     // A new publisher: its frames decode only from its keyframe.
                     metrics::counter!(m::REBASES, "kind" => kind).increment(1);
                     tracing::info!("timeline re-based (publisher takeover)");
@@ -377,6 +396,16 @@ async fn run(
                     continue;
                 }
                 waiting_keyframe = false;
+                if method == BframeTs::DropB && is_h264_b_slice(&frame.payload) {
+                    continue;
+                }
+                let ts = match method {
+                    BframeTs::Pts => pts_ts,
+                    BframeTs::Dts | BframeTs::DropB => {
+                        let delay = *reorder.get_or_insert(frame.pts.saturating_sub(frame.dts));
+                        timeline.dts().saturating_add(delay)
+                    }
+                };
                 let anchor = *anchor.get_or_insert_with(|| anchor_of(&frame, clock));
                 let started = Instant::now();
                 let out = packetize_frame(&mut packetizer, &frame, ts, anchor, clock);
@@ -462,6 +491,18 @@ mod tests {
         let anchor = anchor_of(&f, 48_000);
         let out = packetize_frame(&mut p, &f, u64::MAX, anchor, 48_000);
         assert_eq!(out.payloads.len(), 1);
+    }
+
+    #[test]
+    fn dts_follows_the_timeline() {
+        let mut t = Timeline::new(90_000);
+        t.map(1000, 7000, 0);
+        assert_eq!(t.dts(), 1000);
+        t.map(4000, 4000, 33_000);
+        assert_eq!(t.dts(), 4000);
+        // Takeover: the new timeline continues after the old one.
+        t.map(0, 6000, 66_000);
+        assert_eq!(t.dts(), 4000 + 2970);
     }
 
     #[test]
