@@ -37,6 +37,7 @@ pub mod ogg;
 mod peer;
 mod plot;
 pub mod rtp;
+pub mod rtpfeed;
 pub mod stats;
 pub mod tag;
 pub mod whep;

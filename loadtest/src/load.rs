@@ -77,6 +77,11 @@ pub struct Args {
     /// (`http://HOST:8088/janus`), for side-by-side runs against Janus.
     #[arg(long)]
     pub janus_mountpoint: Option<u64>,
+    /// Also send the test clip as plain tagged RTP to `VIDEO_ADDR,AUDIO_ADDR` (H.264 PT 96,
+    /// Opus PT 111) for the whole run: feeds a Janus streaming mountpoint like `--publish`
+    /// feeds cascade, so both report the same latency.
+    #[arg(long, value_delimiter = ',')]
+    pub rtp_feed: Vec<std::net::SocketAddr>,
     /// Plot the time series (viewers, packets/s, lost) as SVG to this file.
     #[arg(long)]
     pub svg: Option<std::path::PathBuf>,
@@ -142,16 +147,44 @@ fn parse_profile(s: &str) -> Result<Profile, String> {
     }
 }
 
-/// Generate the clip and publish it; returns once media flows.
-async fn start_publisher(args: &Args, url: &str) -> anyhow::Result<Publisher> {
-    let opts = media::Options {
+/// How long the RTP feed runs before the viewers start, so the mountpoint has media.
+const FEED_LEAD: Duration = Duration::from_secs(2);
+
+/// Generate the clip and start sending it as plain RTP for the run (plus the lead-in).
+async fn start_feed(
+    args: &Args,
+    video: std::net::SocketAddr,
+    audio: std::net::SocketAddr,
+) -> anyhow::Result<tokio::task::JoinHandle<crate::Result<u64>>> {
+    let clip = TestMedia::generate(clip_options(args))
+        .await
+        .context("generate test media")?;
+    let o = crate::rtpfeed::FeedOptions {
+        video,
+        audio,
+        video_pt: 96,
+        audio_pt: 111,
+        duration: args.duration + FEED_LEAD + Duration::from_secs(5),
+    };
+    let task = tokio::spawn(crate::rtpfeed::run(Arc::new(clip), o));
+    tokio::time::sleep(FEED_LEAD).await;
+    eprintln!("feeding RTP to {video} and {audio}");
+    Ok(task)
+}
+
+fn clip_options(args: &Args) -> media::Options {
+    media::Options {
         profile: args.profile,
         gop_frames: args.gop,
         video_kbps: args.video_kbps,
         seconds: 10,
         ..media::Options::default()
-    };
-    let clip = TestMedia::generate(opts)
+    }
+}
+
+/// Generate the clip and publish it; returns once media flows.
+async fn start_publisher(args: &Args, url: &str) -> anyhow::Result<Publisher> {
+    let clip = TestMedia::generate(clip_options(args))
         .await
         .context("generate test media")?;
     let mut p = PublisherOptions::new(url);
@@ -177,6 +210,11 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
     let publisher = match &args.publish {
         Some(url) => Some(start_publisher(args, url).await?),
         None => None,
+    };
+    let feed = match args.rtp_feed.as_slice() {
+        [video, audio] => Some(start_feed(args, *video, *audio).await?),
+        [] => None,
+        _ => anyhow::bail!("--rtp-feed takes VIDEO_ADDR,AUDIO_ADDR"),
     };
     let live = Arc::new(LiveCounters::default());
     let start = Instant::now();
@@ -310,6 +348,9 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
         errors.push("some viewers did not stop in 30 s".into());
     }
     let elapsed = start.elapsed();
+    if let Some(f) = feed {
+        f.abort();
+    }
     let published = match publisher {
         Some(p) => match p.delete().await {
             Ok((_, r)) => Some(r),
