@@ -166,6 +166,8 @@ fn fragment(flavor: Flavor, nal: &[u8], max: usize, out: &mut Vec<Payload>) {
     let (Some(header), Some(body)) = (nal.get(..hdr), nal.get(hdr..)) else {
         return;
     };
+    // invariant: `header` is exactly the NAL header (1 byte H.264, 2 bytes
+    // H.265), so header[0] and (for H.265) header[1] exist.
     // FU indicator/payload header plus the FU header.
     let fu_hdr = hdr + 1;
     let room = max.saturating_sub(fu_hdr).max(1);
