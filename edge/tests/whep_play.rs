@@ -223,3 +223,43 @@ async fn fast_start_keeps_the_receiver_on_live_time() {
     // RTP media time never goes backwards.
     assert!(video.windows(2).all(|w| w[1].media_secs > w[0].media_secs));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn video_only_and_audio_only_viewers() {
+    let edge = Edge::start(Default::default()).await;
+    let media = media(GOP_FRAMES).await;
+    let _p = Publisher::start(&edge.registry, "parts", media, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut video_only = opts(&edge, "parts", 2);
+    video_only.audio = false;
+    let mut audio_only = opts(&edge, "parts", 2);
+    audio_only.video_codecs.clear();
+    let (v, a) = tokio::join!(
+        async {
+            Viewer::start(video_only)
+                .await
+                .unwrap()
+                .finish_duration()
+                .await
+                .unwrap()
+        },
+        async {
+            Viewer::start(audio_only)
+                .await
+                .unwrap()
+                .finish_duration()
+                .await
+                .unwrap()
+        },
+    );
+    assert!(
+        v.video_frames >= 40 && v.audio_frames == 0,
+        "video-only: {v:?}"
+    );
+    assert_eq!(v.first_frame_keyframe, Some(true));
+    assert!(
+        a.audio_frames >= 60 && a.video_frames == 0,
+        "audio-only: {a:?}"
+    );
+    assert_eq!(a.packets_lost, 0);
+}
