@@ -278,7 +278,8 @@ fn rtmp_publish_to_chromium_display_latency() {
         TEST_BUDGET,
     );
     assert!(v["ok"] == true, "runner failed: {v:#}");
-    for label in ["nobf", "bf"] {
+    // With B-frames the edge sends the I/P frames only (docs/bframes.md).
+    for (label, min) in [("nobf", 150.0), ("bf", 50.0)] {
         let r = &v["results"][label];
         let d = |k: &str| num(r, &["display", k]);
         eprintln!(
@@ -293,14 +294,16 @@ fn rtmp_publish_to_chromium_display_latency() {
             num(r, &["stats", "processingMs"]),
         );
         assert!(
-            d("publishToDisplaySamples") >= 100.0,
+            d("publishToDisplaySamples") >= min,
             "tagged frames are shown: {r:#}"
         );
     }
 }
 
 /// A default x264 stream (B-frames on) plays in Chromium: frames keep being
-/// decoded and shown in order, no freeze storm. Bounds, not timings.
+/// decoded and shown in order, no freeze storm. Bounds, not timings: the
+/// edge drops B slices for Chromium's sake (edge/src/bframes.rs), so of
+/// 30 fps about 8–15 remain; with B-frames kept Chromium decoded ~1 fps.
 #[test]
 fn default_x264_over_rtmp_plays_in_chromium() {
     let Some(ns) = Netns::create("bfplay") else {
@@ -310,21 +313,24 @@ fn default_x264_over_rtmp_plays_in_chromium() {
     let _ff = ffmpeg(&ns, &[node.publish_url("bf")], true, 40);
     let v = run_smooth(
         &ns,
-        json!({ "pages": [{ "label": "bf", "url": node.play_url("bf") }], "warmSecs": 3, "secs": 10 }),
+        json!({ "pages": [{ "label": "bf", "url": node.play_url("bf") }], "warmSecs": 3, "secs": 10, "flags": std::env::var("CASCADE_CHROMIUM_FLAGS").map(|f| f.split(' ').map(str::to_string).collect::<Vec<_>>()).unwrap_or_default() }),
         TEST_BUDGET,
     );
     assert!(v["ok"] == true, "runner failed: {v:#}");
     let r = &v["results"]["bf"];
     eprintln!("{}", row("x264 default", r));
     let decoded = num(r, &["stats", "framesDecoded"]);
-    assert!(decoded >= 150.0, "≈30 fps for 10 s keeps decoding: {r:#}");
+    assert!(
+        decoded >= 50.0,
+        "the I/P frames keep being decoded (B-frames kept gave ~10 in 10 s): {r:#}"
+    );
     assert!(
         num(r, &["stats", "freezeCount"]) <= 3.0,
         "no freeze storm: {r:#}"
     );
     let shown = num(r, &["display", "presented"]);
     if !shown.is_nan() {
-        assert!(shown >= 150.0, "frames are shown: {r:#}");
+        assert!(shown >= 50.0, "frames are shown: {r:#}");
         assert!(
             num(r, &["display", "backwards"]) <= 2.0,
             "shown in presentation order: {r:#}"

@@ -33,9 +33,10 @@ async fn measure(stream: &str, extra: &[&str]) -> loadtest::whep::ViewerReport {
     r
 }
 
-/// Frames of the cached group a joining viewer gets first (up to one 2 s
-/// GOP at 30 fps): their latency is the group's age, not the path's.
-const BACKLOG_FRAMES: usize = 60;
+/// The cached group a joining viewer gets first arrives in a burst, its
+/// latency the group's age (up to a GOP); live frames follow. Samples count
+/// as live from the first one under this bound on.
+const LIVE_FROM_MS: f64 = 50.0;
 
 fn percentile(sorted: &[f64], q: f64) -> f64 {
     if sorted.is_empty() {
@@ -50,7 +51,7 @@ fn print(label: &str, r: &loadtest::whep::ViewerReport) -> f64 {
     let mut live: Vec<f64> = r
         .latency_samples_ms
         .iter()
-        .skip(BACKLOG_FRAMES)
+        .skip_while(|&&ms| ms >= LIVE_FROM_MS)
         .copied()
         .collect();
     live.sort_by(f64::total_cmp);
@@ -75,9 +76,10 @@ async fn rtmp_publish_to_whep_viewer_latency() {
     print("x264 -bf 0", &nobf);
     let bf = measure("lat-bf", &[]).await;
     print("x264 default B-frames", &bf);
-    for r in [&nobf, &bf] {
+    // With B-frames the edge sends the I/P frames only (docs/bframes.md).
+    for (r, min) in [(&nobf, 200), (&bf, 60)] {
         assert!(r.connected, "{r:?}");
-        assert!(r.tagged_frames >= 200, "tagged frames arrive: {r:?}");
+        assert!(r.tagged_frames >= min, "tagged frames arrive: {r:?}");
         assert!(r.latency_ms_p50.is_some(), "{r:?}");
     }
 }

@@ -52,7 +52,9 @@ fn ffmpeg(rtmp: &str, stream: &str, extra: &[&str], secs: u32) -> tokio::process
         .expect("ffmpeg runs (scripts/test.sh installs it)")
 }
 
-async fn rtmp_plays(stream: &str, extra: &[&str]) -> serde_json::Value {
+/// `min_video` frames in 5 s: ≈30 fps, or the I/P frames alone when the
+/// edge drops B slices (edge/src/bframes.rs, docs/bframes.md).
+async fn rtmp_plays(stream: &str, extra: &[&str], min_video: u64) -> serde_json::Value {
     let node = Node::start("all", &[]);
     let rtmp = node
         .rtmp
@@ -67,7 +69,7 @@ async fn rtmp_plays(stream: &str, extra: &[&str]) -> serde_json::Value {
         Some(true),
         "starts at a keyframe: {r:?}"
     );
-    assert!(r.video_frames >= 100, "≈30 fps for 5 s: {r:?}");
+    assert!(r.video_frames >= min_video, "video for 5 s: {r:?}");
     assert!(r.audio_frames >= 150, "Opus every 20 ms for 5 s: {r:?}");
     assert_eq!(
         r.audio_codec
@@ -100,7 +102,8 @@ async fn rtmp_plays(stream: &str, extra: &[&str]) -> serde_json::Value {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmp_with_bframes_plays_over_whep() {
-    let streams = rtmp_plays("bf", &[]).await;
+    // The edge drops B slices for Chromium's sake: ~8–15 of 30 fps remain.
+    let streams = rtmp_plays("bf", &[], 40).await;
     assert_eq!(streams[0]["protocol"], "rtmp");
     assert_eq!(
         streams[0]["bframes"], true,
@@ -110,6 +113,6 @@ async fn rtmp_with_bframes_plays_over_whep() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmp_without_bframes_plays_over_whep() {
-    let streams = rtmp_plays("nobf", &["-bf", "0"]).await;
+    let streams = rtmp_plays("nobf", &["-bf", "0"], 100).await;
     assert_eq!(streams[0]["bframes"], false, "{streams}");
 }

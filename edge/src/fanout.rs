@@ -400,8 +400,10 @@ async fn run(
                     continue;
                 }
                 let ts = match method {
-                    BframeTs::Pts => pts_ts,
-                    BframeTs::Dts | BframeTs::DropB => {
+                    // Without B slices the rest is in presentation order:
+                    // pts is monotonic and keeps A/V sync exact.
+                    BframeTs::Pts | BframeTs::DropB => pts_ts,
+                    BframeTs::Dts => {
                         let delay = *reorder.get_or_insert(frame.pts.saturating_sub(frame.dts));
                         timeline.dts().saturating_add(delay)
                     }
