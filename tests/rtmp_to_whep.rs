@@ -54,7 +54,8 @@ fn ffmpeg(rtmp: &str, stream: &str, extra: &[&str], secs: u32) -> tokio::process
 
 /// `min_video` frames in 5 s: ≈30 fps, or the I/P frames alone when the
 /// edge drops B slices (edge/src/bframes.rs, docs/bframes.md).
-async fn rtmp_plays(stream: &str, extra: &[&str], min_video: u64) -> serde_json::Value {
+/// Returns `/api/streams` and the edge's count of dropped B-frames.
+async fn rtmp_plays(stream: &str, extra: &[&str], min_video: u64) -> (serde_json::Value, f64) {
     let node = Node::start("all", &[]);
     let rtmp = node
         .rtmp
@@ -95,15 +96,28 @@ async fn rtmp_plays(stream: &str, extra: &[&str], min_video: u64) -> serde_json:
         .json()
         .await
         .unwrap();
+    let metrics = reqwest::get(format!("{}/metrics", node.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let dropped = metrics
+        .lines()
+        .find(|l| l.starts_with("cascade_edge_bframes_dropped_total"))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0);
     let _ = child.kill().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    streams
+    (streams, dropped)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmp_with_bframes_plays_over_whep() {
     // The edge drops B slices for Chromium's sake: ~8–15 of 30 fps remain.
-    let streams = rtmp_plays("bf", &[], 40).await;
+    let (streams, dropped) = rtmp_plays("bf", &[], 40).await;
+    assert!(dropped > 0.0, "the edge counts the B-frames it drops");
     assert_eq!(streams[0]["protocol"], "rtmp");
     assert_eq!(
         streams[0]["bframes"], true,
@@ -113,6 +127,7 @@ async fn rtmp_with_bframes_plays_over_whep() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmp_without_bframes_plays_over_whep() {
-    let streams = rtmp_plays("nobf", &["-bf", "0"], 100).await;
+    let (streams, dropped) = rtmp_plays("nobf", &["-bf", "0"], 100).await;
+    assert_eq!(dropped, 0.0, "no B-frames, none dropped");
     assert_eq!(streams[0]["bframes"], false, "{streams}");
 }

@@ -397,6 +397,7 @@ async fn run(
                 }
                 waiting_keyframe = false;
                 if method == BframeTs::DropB && is_h264_b_slice(&frame.payload) {
+                    metrics::counter!(m::BFRAMES_DROPPED).increment(1);
                     continue;
                 }
                 let ts = match method {

@@ -23,6 +23,9 @@ pub const KEYFRAME_REQUESTS: &str = "cascade_edge_keyframe_requests_total";
 pub const LAG_SKIPS: &str = "cascade_edge_lag_skips_total";
 /// Publisher takeovers (timestamp discontinuities) re-based by a fan-out.
 pub const REBASES: &str = "cascade_edge_timeline_rebases_total";
+/// B-frames a fan-out dropped (edge/src/bframes.rs: Chromium cannot play
+/// them), once per track, not per viewer.
+pub const BFRAMES_DROPPED: &str = "cascade_edge_bframes_dropped_total";
 /// Time to packetize one frame, seconds.
 pub const PACKETIZE_SECONDS: &str = "cascade_edge_packetize_seconds";
 /// WHEP POST to the first media written to the viewer, seconds.
@@ -55,6 +58,10 @@ pub fn describe() {
     metrics::describe_counter!(
         REBASES,
         "timestamp discontinuities (publisher takeover) re-based"
+    );
+    metrics::describe_counter!(
+        BFRAMES_DROPPED,
+        "b-frames dropped before packetizing (browsers cannot play them)"
     );
     metrics::describe_histogram!(
         PACKETIZE_SECONDS,
