@@ -227,6 +227,35 @@ fn rtmp_publisher(ns: &Netns, node: &Node, stream: &str, codec: &str, secs: u32)
     p
 }
 
+/// Runs `helper_whip_publisher` in the namespace: loadtest's WHIP publisher
+/// (SEI-tagged H.264, 1 s GOP, + Opus) to `stream` for `secs`, returned once
+/// connected.
+fn whip_publisher(ns: &Netns, node: &Node, stream: &str, secs: u64) -> Proc {
+    let exe = std::env::current_exe().expect("test binary path");
+    let mut c = ns.cmd(exe.to_str().expect("utf-8 path"));
+    c.args([
+        "helper_whip_publisher",
+        "--exact",
+        "--nocapture",
+        "--test-threads=1",
+    ])
+    .env("CASCADE_BT_PUBLISH", format!("{}/whip/{stream}", node.base))
+    .env("CASCADE_BT_SECS", secs.to_string());
+    let mut p = Proc::spawn(c);
+    p.wait_line(
+        |l| l.contains("PUBLISHER CONNECTED"),
+        Duration::from_secs(30),
+    )
+    .unwrap_or_else(|lines| panic!("whip publisher did not connect: {lines:?}"));
+    p
+}
+
+/// Not a test on its own: the WHIP publisher [`whip_publisher`] starts.
+#[test]
+fn helper_whip_publisher() {
+    netns::publisher_main();
+}
+
 /// Not a test on its own: the tagged RTMP publisher that
 /// [`tagged_publisher`] starts inside a namespace.
 #[test]
@@ -257,8 +286,9 @@ fn helper_rtmp_replay() {
     });
 }
 
-/// RTMP publish → Chromium display: SEI-tagged RTMP publishers (x264 with
-/// and without B-frames, the edge's default B-frame method), the player page
+/// Publish → Chromium display: SEI-tagged RTMP publishers (x264 with and
+/// without B-frames, the edge's default B-frame method) and loadtest's WHIP
+/// publisher (tagged the same way), the player page
 /// in Chromium, the tag of every presented frame read back by RTP timestamp.
 /// Prints p50/p99 (docs/latency.md); asserts only that tagged frames show.
 #[test]
@@ -269,21 +299,23 @@ fn rtmp_publish_to_chromium_display_latency() {
     let node = Node::start(&ns, None);
     let _a = tagged_publisher(&ns, &node, "lat-nobf", false, 30);
     let _b = tagged_publisher(&ns, &node, "lat-bf", true, 30);
+    let _w = whip_publisher(&ns, &node, "lat-whip", 30);
     let v = run_smooth(
         &ns,
         json!({ "sei": true, "keepShown": 4, "warmSecs": 3, "secs": 10, "pages": [
             { "label": "nobf", "url": node.play_url("lat-nobf") },
             { "label": "bf", "url": node.play_url("lat-bf") },
+            { "label": "whip", "url": node.play_url("lat-whip") },
         ] }),
         TEST_BUDGET,
     );
     assert!(v["ok"] == true, "runner failed: {v:#}");
     // With B-frames the edge sends the I/P frames only (docs/bframes.md).
-    for (label, min) in [("nobf", 150.0), ("bf", 50.0)] {
+    for (label, min) in [("nobf", 150.0), ("bf", 50.0), ("whip", 150.0)] {
         let r = &v["results"][label];
         let d = |k: &str| num(r, &["display", k]);
         eprintln!(
-            "rtmp → chromium display ({label}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} frames; \
+            "publish → chromium display ({label}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} frames; \
              chromium receive → display p50 {:.1} ms, jitter buffer {:.1} ms, first packet → decoded {:.1} ms",
             d("publishToDisplayP50Ms"),
             d("publishToDisplayP99Ms"),
