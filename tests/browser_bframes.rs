@@ -316,7 +316,7 @@ fn rtmp_publish_to_chromium_display_latency() {
         let d = |k: &str| num(r, &["display", k]);
         eprintln!(
             "publish → chromium display ({label}): p50 {:.1} ms, p99 {:.1} ms, max {:.1} ms over {} frames; \
-             chromium receive → display p50 {:.1} ms, jitter buffer {:.1} ms, first packet → decoded {:.1} ms",
+             chromium receive → display p50 {:.1} ms, jitter buffer {:.1} ms, first packet → decoded {:.1} ms, audio jitter buffer {:.1} ms",
             d("publishToDisplayP50Ms"),
             d("publishToDisplayP99Ms"),
             d("publishToDisplayMaxMs"),
@@ -324,6 +324,7 @@ fn rtmp_publish_to_chromium_display_latency() {
             d("receiveToDisplayP50Ms"),
             num(r, &["stats", "jitterBufferMs"]),
             num(r, &["stats", "processingMs"]),
+            num(r, &["stats", "audioJitterBufferMs"]),
         );
         assert!(
             d("publishToDisplaySamples") >= min,

@@ -86,8 +86,11 @@ async function videoStats(page) {
   return page.evaluate(async () => {
     for (const pc of window.__pcs || []) {
       if (pc.connectionState === "closed") continue;
-      let v = null;
-      (await pc.getStats()).forEach((x) => { if (x.type === "inbound-rtp" && x.kind === "video") v = x; });
+      let v = null, a = null;
+      (await pc.getStats()).forEach((x) => {
+        if (x.type === "inbound-rtp" && x.kind === "video") v = x;
+        if (x.type === "inbound-rtp" && x.kind === "audio") a = x;
+      });
       if (v) {
         return {
           t: performance.now(), framesDecoded: v.framesDecoded || 0, framesDropped: v.framesDropped || 0,
@@ -100,6 +103,8 @@ async function videoStats(page) {
           packetsLost: v.packetsLost || 0, nackCount: v.nackCount || 0, pliCount: v.pliCount || 0,
           totalProcessingDelay: v.totalProcessingDelay || 0, totalDecodeTime: v.totalDecodeTime || 0,
           decoder: v.decoderImplementation || null, width: v.frameWidth || 0,
+          audioJitterBufferDelay: a ? a.jitterBufferDelay || 0 : 0,
+          audioJitterBufferEmittedCount: a ? a.jitterBufferEmittedCount || 0 : 0,
         };
       }
     }
@@ -189,6 +194,9 @@ function delta(a, b) {
     // First packet received → decoded, per frame (jitter buffer + decode).
     processingMs: n > 0 ? (1000 * (b.totalProcessingDelay - a.totalProcessingDelay)) / n : null,
     decodeMs: n > 0 ? (1000 * (b.totalDecodeTime - a.totalDecodeTime)) / n : null,
+    // Audio's jitter buffer: lip sync holds video back to match it.
+    audioJitterBufferMs: b.audioJitterBufferEmittedCount > a.audioJitterBufferEmittedCount
+      ? (1000 * (b.audioJitterBufferDelay - a.audioJitterBufferDelay)) / (b.audioJitterBufferEmittedCount - a.audioJitterBufferEmittedCount) : null,
     packetsLost: b.packetsLost - a.packetsLost, nackCount: b.nackCount - a.nackCount, pliCount: b.pliCount - a.pliCount,
     decoder: b.decoder, width: b.width,
   };
