@@ -31,6 +31,27 @@ pub(crate) struct Egress {
     /// `CASCADE_NO_GSO=1` sends one datagram per `sendmsg` (A/B benchmarks, or a NIC whose
     /// driver mishandles UDP GSO without failing the send).
     pub(crate) gso: bool,
+    /// Metric handles, resolved once: a `counter!` lookup per drain hashed the key every time
+    /// (~2% of a shard's CPU at 600 viewers, measured with perf).
+    pub(crate) counters: Counters,
+}
+
+/// The egress counters, resolved once.
+pub(crate) struct Counters {
+    out: metrics::Counter,
+    calls: metrics::Counter,
+    send_dropped: metrics::Counter,
+}
+
+impl Counters {
+    /// Resolves the handles; call after the metrics recorder is installed.
+    pub(crate) fn new() -> Self {
+        Self {
+            out: metrics::counter!(m::DATAGRAMS_OUT),
+            calls: metrics::counter!(m::SEND_CALLS),
+            send_dropped: metrics::counter!(m::DATAGRAMS_DROPPED, "reason" => "send"),
+        }
+    }
 }
 
 /// Whether the environment allows GSO (`CASCADE_NO_GSO` unset or `0`).
@@ -178,10 +199,10 @@ impl Egress {
             }
         }
         batch.clear();
-        metrics::counter!(m::DATAGRAMS_OUT).increment(sent);
-        metrics::counter!(m::SEND_CALLS).increment(calls);
+        self.counters.out.increment(sent);
+        self.counters.calls.increment(calls);
         if dropped > 0 {
-            metrics::counter!(m::DATAGRAMS_DROPPED, "reason" => "send").increment(dropped);
+            self.counters.send_dropped.increment(dropped);
         }
     }
 
@@ -272,6 +293,7 @@ mod tests {
             routes: Arc::new(Routes::default()),
             local_ips: HashSet::new(),
             gso: true,
+            counters: Counters::new(),
         };
         let to = rx.local_addr().unwrap();
         let mut b = Batch::default();

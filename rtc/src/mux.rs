@@ -35,9 +35,11 @@ const TCP_FIRST_PACKET: std::time::Duration = std::time::Duration::from_secs(10)
 
 /// Where a session lives.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Route {
-    pub(crate) shard: usize,
-    pub(crate) id: SessionId,
+pub struct Route {
+    /// Index of the shard that owns the session.
+    pub shard: usize,
+    /// The session.
+    pub id: SessionId,
 }
 
 /// A datagram on its way to a shard.
@@ -49,9 +51,10 @@ pub(crate) struct Datagram {
     pub(crate) data: Vec<u8>,
 }
 
-/// The routing tables shared by the receive loops and the shards.
+/// The routing tables shared by the receive loops and the shards (public for the demux
+/// bench, `benches/mux.rs`).
 #[derive(Default)]
-pub(crate) struct Routes {
+pub struct Routes {
     ufrag: RwLock<HashMap<String, Route>>,
     addr: RwLock<HashMap<(bool, SocketAddr), Route>>,
     tcp: RwLock<HashMap<SocketAddr, mpsc::Sender<Vec<u8>>>>,
@@ -79,12 +82,13 @@ fn write<T>(l: &RwLock<T>) -> RwLockWriteGuard<'_, T> {
 }
 
 impl Routes {
-    pub(crate) fn add_ufrag(&self, ufrag: String, route: Route) {
+    /// Routes binding requests carrying `ufrag` (our local ICE ufrag) to `route`.
+    pub fn add_ufrag(&self, ufrag: String, route: Route) {
         write(&self.ufrag).insert(ufrag, route);
     }
 
     /// Forgets every route of a session (its ufrag and learnt addresses).
-    pub(crate) fn remove(&self, ufrag: &str, addrs: &[(Protocol, SocketAddr)]) {
+    pub fn remove(&self, ufrag: &str, addrs: &[(Protocol, SocketAddr)]) {
         write(&self.ufrag).remove(ufrag);
         let mut a = write(&self.addr);
         for (p, s) in addrs {
@@ -94,12 +98,7 @@ impl Routes {
 
     /// Routes one datagram; learns the source address from a binding request
     /// carrying a known ufrag. Returns the route and whether it was learnt now.
-    pub(crate) fn route(
-        &self,
-        proto: Protocol,
-        source: SocketAddr,
-        data: &[u8],
-    ) -> Option<(Route, bool)> {
+    pub fn route(&self, proto: Protocol, source: SocketAddr, data: &[u8]) -> Option<(Route, bool)> {
         let key = (is_tcp(proto), source);
         if let Some(ufrag) = stun::local_ufrag(data) {
             let route = read(&self.ufrag).get(ufrag).copied()?;
@@ -197,6 +196,9 @@ pub(crate) async fn udp_loop(
 ) {
     let port = socket.local_addr().map(|a| a.port()).unwrap_or(0);
     let mut buf = vec![0u8; RECV_BUF];
+    // Resolved once: this loop counts every datagram of the node.
+    let datagrams_in = metrics::counter!(m::DATAGRAMS_IN);
+    let unrouted = metrics::counter!(m::DATAGRAMS_DROPPED, "reason" => "unrouted");
     loop {
         if socket.readable().await.is_err() {
             return;
@@ -218,9 +220,9 @@ pub(crate) async fn udp_loop(
         let stride = meta.stride.max(1);
         let data = buf.get(..meta.len).unwrap_or(&[]);
         for chunk in data.chunks(stride) {
-            metrics::counter!(m::DATAGRAMS_IN).increment(1);
+            datagrams_in.increment(1);
             let Some((route, learnt)) = routes.route(Protocol::Udp, meta.addr, chunk) else {
-                metrics::counter!(m::DATAGRAMS_DROPPED, "reason" => "unrouted").increment(1);
+                unrouted.increment(1);
                 continue;
             };
             if learnt {

@@ -440,6 +440,7 @@ impl Server {
             routes: routes.clone(),
             local_ips,
             gso: crate::egress::gso_allowed(),
+            counters: crate::egress::Counters::new(),
         });
         let n = if cfg.shards == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
