@@ -6,6 +6,16 @@ line per run (and CSV/SVG series) to OUT_DIR. Every run is bounded in viewers an
 
 usage: edge_load.py OUT_DIR VIEWERS [VIEWERS...] [--duration 25] [--ramp 300] [--no-gso]
                     [--server-cpu 0] [--client-cpu 1] [--kbps 2500] [--perf SECONDS]
+                    [--janus] [--addr 198.18.0.1]
+
+--janus runs Janus (Debian package, streaming plugin, scripts/bench/janus/*.jcfg) instead of
+cascade, fed by loadtest's tagged RTP feed, watched by the same viewers. libnice never gathers
+loopback addresses, so side-by-side runs go inside a network namespace with a veth address:
+  ip netns add jb; ip netns exec jb ip link set lo up
+  ip netns exec jb ip link add v0 type veth peer name v1
+  ip netns exec jb ip addr add 198.18.0.1/24 dev v0; ip netns exec jb ip link set v0 up
+  ip netns exec jb ip link set v1 up
+  ip netns exec jb python3 scripts/bench/edge_load.py OUT 500 --addr 198.18.0.1 [--janus]
 """
 import argparse
 import json
@@ -19,7 +29,7 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CASCADE = os.environ.get("CASCADE_BIN", os.path.join(ROOT, "target/release/cascade"))
 LOADTEST = os.environ.get("LOADTEST_BIN", os.path.join(ROOT, "target/release/loadtest"))
-HTTP, UDP = "127.0.0.1:18080", "127.0.0.1:18189"
+HTTP, UDP_PORT = "127.0.0.1:18080", 18189
 TOKEN = "bench-token"
 TICK = os.sysconf("SC_CLK_TCK")
 # The box is shared (other builds and tests): a bounded run gets priority so CPU starvation
@@ -32,6 +42,19 @@ def cpu_seconds(pid):
     with open(f"/proc/{pid}/stat") as f:
         fields = f.read().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def ksoftirqd(cpu):
+    """The pid of ksoftirqd/CPU: loopback delivery it takes over is server work too."""
+    for pid in os.listdir("/proc"):
+        if pid.isdigit():
+            try:
+                with open(f"/proc/{pid}/comm") as f:
+                    if f.read().strip() == f"ksoftirqd/{cpu}":
+                        return int(pid)
+            except OSError:
+                pass
+    return None
 
 
 def rss_kib(pid):
@@ -83,23 +106,46 @@ def rcvbuf_errors():
     return int(dict(zip(udp[0], udp[1]))["RcvbufErrors"])
 
 
+def janus_conf(out_dir):
+    """Materialize scripts/bench/janus/*.jcfg with their folder filled in."""
+    src = os.path.join(os.path.dirname(os.path.abspath(__file__)), "janus")
+    dst = os.path.join(out_dir, "janusconf")
+    os.makedirs(dst, exist_ok=True)
+    for name in os.listdir(src):
+        with open(os.path.join(src, name)) as f:
+            text = f.read().replace("CONFDIR", dst)
+        with open(os.path.join(dst, name), "w") as f:
+            f.write(text)
+    return dst
+
+
 def run(args, viewers, out_dir):
     env = dict(os.environ)
     env.pop("RUST_LOG", None)
     if args.no_gso:
         env["CASCADE_NO_GSO"] = "1"
-    tag = f"{viewers}{'-nogso' if args.no_gso else ''}"
-    server = subprocess.Popen(
-        NICE + ["taskset", "-c", str(args.server_cpu), CASCADE, "all", "--http", HTTP, "--rtmp",
-         "127.0.0.1:0", "--udp", UDP, "--tcp", UDP, "--advertise", "127.0.0.1",
-         "--publish-token", TOKEN, "--log", "warn", "--max-sessions", "20000"],
-        stdout=subprocess.DEVNULL, stderr=open(os.path.join(out_dir, f"server-{tag}.log"), "w"),
-        env=env)
+    tag = f"{'janus-' if args.janus else ''}{viewers}{'-nogso' if args.no_gso else ''}"
+    pin = NICE + ["taskset", "-c", str(args.server_cpu)]
+    log = open(os.path.join(out_dir, f"server-{tag}.log"), "w")
+    if args.janus:
+        conf = janus_conf(out_dir)
+        server = subprocess.Popen(pin + ["janus", "-F", conf, "-C", f"{conf}/janus.jcfg"],
+                                  stdout=log, stderr=log, env=env)
+        source = ["--url", "http://127.0.0.1:18088/janus", "--janus-mountpoint", "1",
+                  "--rtp-feed", "127.0.0.1:5004,127.0.0.1:5002"]
+    else:
+        server = subprocess.Popen(
+            pin + [CASCADE, "all", "--http", HTTP, "--rtmp", "127.0.0.1:0", "--udp", f"{args.addr}:{UDP_PORT}",
+                   "--tcp", f"{args.addr}:{UDP_PORT}", "--advertise", args.addr, "--publish-token", TOKEN,
+                   "--log", "warn", "--max-sessions", "20000"],
+            stdout=subprocess.DEVNULL, stderr=log, env=env)
+        source = ["--url", f"http://{HTTP}/whep/bench", "--publish", f"http://{HTTP}/whip/bench",
+                  "--publish-token", TOKEN]
     time.sleep(1.5)
     csv, svg = (os.path.join(out_dir, f"series-{tag}.{e}") for e in ("csv", "svg"))
     client = subprocess.Popen(
-        NICE + ["taskset", "-c", str(args.client_cpu), LOADTEST, "--url", f"http://{HTTP}/whep/bench",
-         "--publish", f"http://{HTTP}/whip/bench", "--publish-token", TOKEN,
+        NICE + ["taskset", "-c", str(args.client_cpu), LOADTEST] + source +
+        ["--bind", args.addr,
          "--video-kbps", str(args.kbps), "--viewers", str(viewers), "--ramp", str(args.ramp),
          "--duration", f"{args.duration}s", "--json", "--csv", csv, "--svg", svg],
         stdout=subprocess.PIPE, stderr=open(os.path.join(out_dir, f"client-{tag}.log"), "w"),
@@ -108,6 +154,7 @@ def run(args, viewers, out_dir):
     samples = []  # (t, cpu_s, rss_kib, sessions)
     t0 = time.time()
     perf = None
+    softirqd = ksoftirqd(args.server_cpu)
     m = quantiles = None
     drops = 0
     ramp_s = viewers / args.ramp if args.ramp else 0
@@ -115,13 +162,13 @@ def run(args, viewers, out_dir):
         t = time.time() - t0
         try:
             samples.append((t, cpu_seconds(server.pid), rss_kib(server.pid),
-                            cpu_seconds(client.pid)))
+                            cpu_seconds(client.pid), cpu_seconds(softirqd) if softirqd else 0))
         except OSError:
             break
-        if m is None and t > args.duration - 0.5:
+        if m is None and not args.janus and t > args.duration - 0.5:
             # Before the viewers leave: sends to closed ports after the run are not drops.
             m, quantiles = metrics()
-            drops = server_socket_drops(int(UDP.rsplit(":", 1)[1]))
+            drops = server_socket_drops(UDP_PORT)
         if args.perf and perf is None and t > ramp_s + 4:
             perf = subprocess.Popen(
                 ["perf", "record", "-F", "499", "-g", "-e", "cpu-clock", "-p", str(server.pid),
@@ -129,7 +176,7 @@ def run(args, viewers, out_dir):
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
     if m is None:
-        m, quantiles = metrics()
+        m, quantiles = ({}, {}) if args.janus else metrics()
     out, _ = client.communicate(timeout=90)
     rcv = rcvbuf_errors() - rcv0
     if perf:
@@ -141,10 +188,11 @@ def run(args, viewers, out_dir):
     lo, hi = ramp_s + 3 + 1.5, args.duration - 2 + 1.5
     win = [s for s in samples if lo <= s[0] <= hi]
     base_rss = samples[1][2] if len(samples) > 1 else 0
-    cpu_pct = client_pct = ramp_pct = None
+    cpu_pct = client_pct = ramp_pct = softirq_pct = None
     if len(win) >= 2:
         cpu_pct = 100 * (win[-1][1] - win[0][1]) / (win[-1][0] - win[0][0])
         client_pct = 100 * (win[-1][3] - win[0][3]) / (win[-1][0] - win[0][0])
+        softirq_pct = 100 * (win[-1][4] - win[0][4]) / (win[-1][0] - win[0][0])
     ramp = [s for s in samples if 1.5 <= s[0] <= ramp_s + 1.5]
     if len(ramp) >= 2:
         ramp_pct = 100 * (ramp[-1][1] - ramp[0][1]) / (ramp[-1][0] - ramp[0][0])
@@ -153,11 +201,13 @@ def run(args, viewers, out_dir):
     conn = summary.get("viewers_connected") or 0
     res = {
         "viewers": viewers,
+        "server": "janus" if args.janus else "cascade",
         "gso": not args.no_gso,
         "kbps": args.kbps,
         "server_cpu_pct": cpu_pct,
         "server_cpu_pct_ramp": ramp_pct,
         "client_cpu_pct": client_pct,
+        "ksoftirqd_cpu_pct": softirq_pct,
         "server_first_frame_s": {k: v for k, v in quantiles.items()},
         "viewers_per_core": (conn * 100 / cpu_pct) if cpu_pct else None,
         "cpu_us_per_viewer_s": (cpu_pct * 1e4 / conn) if cpu_pct and conn else None,
@@ -191,6 +241,8 @@ def main():
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
     p.add_argument("--perf", type=int, default=0, help="perf record the server this many s")
+    p.add_argument("--janus", action="store_true", help="measure Janus instead of cascade")
+    p.add_argument("--addr", default="127.0.0.1", help="address viewers bind and cascade advertises")
     args = p.parse_args()
     assert all(0 < v <= 5000 for v in args.viewers) and args.duration <= 120
     os.makedirs(args.out_dir, exist_ok=True)
