@@ -30,6 +30,10 @@ pub const BFRAMES_DROPPED: &str = "cascade_edge_bframes_dropped_total";
 pub const PACKETIZE_SECONDS: &str = "cascade_edge_packetize_seconds";
 /// WHEP POST to the first media written to the viewer, seconds.
 pub const FIRST_FRAME_SECONDS: &str = "cascade_edge_first_frame_seconds";
+/// Ingest wall clock to the moment a live video frame is handed to a
+/// viewer's session (sent in the same drain), seconds: the latency the
+/// node adds (DESIGN.md goal: p99 ≤ 20 ms). Fast-start backlog excluded.
+pub const EGRESS_DELAY_SECONDS: &str = "cascade_edge_egress_delay_seconds";
 
 /// OvenPlayer WebSocket sessions, by result (`created`, `not_live`, ...).
 pub const WS_SESSIONS: &str = "cascade_edge_ws_sessions_total";
@@ -72,5 +76,10 @@ pub fn describe() {
         FIRST_FRAME_SECONDS,
         metrics::Unit::Seconds,
         "whep post to first media written to the viewer"
+    );
+    metrics::describe_histogram!(
+        EGRESS_DELAY_SECONDS,
+        metrics::Unit::Seconds,
+        "ingest wall clock to a live video frame handed to a viewer session"
     );
 }

@@ -70,9 +70,10 @@ def metrics():
                          text=True, timeout=10).stdout
     vals, quantiles = {}, {}
     for line in out.splitlines():
-        q = re.match(r'cascade_edge_first_frame_seconds\{quantile="([0-9.]+)"\} (\S+)', line)
+        q = re.match(r'cascade_edge_(first_frame|egress_delay)_seconds\{quantile="([0-9.]+)"\} (\S+)',
+                     line)
         if q:
-            quantiles[q.group(1)] = float(q.group(2))
+            quantiles[f"{q.group(1)}_{q.group(2)}"] = float(q.group(3))
         if line.startswith("#") or not line.strip():
             continue
         name, _, value = line.rpartition(" ")
@@ -208,7 +209,7 @@ def run(args, viewers, out_dir):
         "server_cpu_pct_ramp": ramp_pct,
         "client_cpu_pct": client_pct,
         "ksoftirqd_cpu_pct": softirq_pct,
-        "server_first_frame_s": {k: v for k, v in quantiles.items()},
+        "server_quantiles_s": quantiles,
         "viewers_per_core": (conn * 100 / cpu_pct) if cpu_pct else None,
         "cpu_us_per_viewer_s": (cpu_pct * 1e4 / conn) if cpu_pct and conn else None,
         "rss_kib_base": base_rss,

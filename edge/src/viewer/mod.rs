@@ -105,6 +105,8 @@ pub struct Out {
     /// more than the counting.
     frames_out: metrics::Counter,
     packets_out: metrics::Counter,
+    /// Video only: ingest → handed to this session (live frames, not backlog).
+    egress_delay: Option<metrics::Histogram>,
 }
 
 impl Out {
@@ -127,6 +129,7 @@ impl Out {
             packets: 0,
             frames_out: metrics::counter!(m::FRAMES_OUT, "kind" => kind_label(video)),
             packets_out: metrics::counter!(m::PACKETS_OUT, "kind" => kind_label(video)),
+            egress_delay: video.then(|| metrics::histogram!(m::EGRESS_DELAY_SECONDS)),
         }
     }
 
@@ -205,6 +208,8 @@ impl Out {
     fn pump(&mut self, ctx: &mut Ctx<'_>) -> Flow {
         let mut budget = BACKLOG_PACKETS_PER_WAKE;
         loop {
+            // Backlog frames left the publisher up to a GOP ago: not a delay we add.
+            let live = !self.cursor.in_backlog();
             match self.cursor.next(&mut budget) {
                 Next::Frame(f, ts, wallclock) => {
                     if !f.keyframe && !self.cursor.in_backlog() && self.queue_too_long(ctx) {
@@ -214,6 +219,10 @@ impl Out {
                     }
                     if !self.write(ctx, &f, ts, wallclock) {
                         return Flow::Close;
+                    }
+                    if let (true, Some(h)) = (live, &self.egress_delay) {
+                        let us = cascade_origin::wallclock_us().saturating_sub(f.ingest_us);
+                        h.record(us as f64 / 1e6);
                     }
                 }
                 Next::Lagged => self.lagged("fanout", ctx.now),
