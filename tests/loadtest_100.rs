@@ -93,6 +93,8 @@ async fn hundred_viewers_receive_without_loss() {
         "ttff_ms_p95",
         "latency_ms_p50",
         "latency_ms_p99",
+        "latency_live_ms_p50",
+        "latency_live_ms_p99",
     ] {
         assert!(v[k].as_f64().is_some(), "{k} missing: {line}");
     }

@@ -120,6 +120,11 @@ pub struct Summary {
     pub latency_ms_p50: Option<f64>,
     /// Publisher send to viewer arrival, 99th percentile.
     pub latency_ms_p99: Option<f64>,
+    /// Like `latency_ms_p50`, live frames only: frames sent after the viewer's POST (a
+    /// fast-start backlog excluded).
+    pub latency_live_ms_p50: Option<f64>,
+    /// Like `latency_ms_p99`, live frames only.
+    pub latency_live_ms_p99: Option<f64>,
     /// Largest audio/video drift seen by a full viewer.
     pub av_drift_ms_max: Option<f64>,
     /// Video interarrival jitter (RFC 3550), median over viewers.
@@ -420,6 +425,10 @@ fn summarize(
         .iter()
         .flat_map(|r| r.latency_samples_ms.iter().copied())
         .collect();
+    let live_latency: Vec<f64> = reports
+        .iter()
+        .flat_map(|r| r.live_latency_samples_ms.iter().copied())
+        .collect();
     let with_video: Vec<&&ViewerReport> = connected
         .iter()
         .filter(|r| r.first_frame_keyframe.is_some())
@@ -453,6 +462,8 @@ fn summarize(
         ttff_ms_p95: percentile(&ttff, 95.0),
         latency_ms_p50: percentile(&latency, 50.0),
         latency_ms_p99: percentile(&latency, 99.0),
+        latency_live_ms_p50: percentile(&live_latency, 50.0),
+        latency_live_ms_p99: percentile(&live_latency, 99.0),
         av_drift_ms_max: reports
             .iter()
             .filter_map(|r| r.av_drift_ms.map(f64::abs))

@@ -99,6 +99,11 @@ pub struct ViewerReport {
     /// Latency samples (ms), kept for aggregation across viewers.
     #[serde(skip)]
     pub latency_samples_ms: Vec<f64>,
+    /// Latency samples (ms) of frames the publisher sent after this viewer's POST: live
+    /// frames only, without a fast-start backlog (a server's cached group left the
+    /// publisher before the viewer asked, so its age is not delay the server adds).
+    #[serde(skip)]
+    pub live_latency_samples_ms: Vec<f64>,
 }
 
 /// Tracks one media clock against arrival time in 1-second buckets of arrival; the minimum
@@ -201,8 +206,12 @@ impl Checker {
         if let Some(t) = tag::find(f.data) {
             r.tagged_frames += 1;
             let now_us = crate::wallclock_us();
-            r.latency_samples_ms
-                .push(now_us.saturating_sub(t.sent_us) as f64 / 1000.0);
+            let latency_ms = now_us.saturating_sub(t.sent_us) as f64 / 1000.0;
+            r.latency_samples_ms.push(latency_ms);
+            let since_post_us = u64::try_from(f.since_post.as_micros()).unwrap_or(u64::MAX);
+            if t.sent_us >= now_us.saturating_sub(since_post_us) {
+                r.live_latency_samples_ms.push(latency_ms);
+            }
             r.first_seq.get_or_insert(t.seq);
             if let Some(prev) = r.last_seq {
                 let gap = SeqGap {
