@@ -38,7 +38,11 @@ impl Role {
 
 /// Command line; every option also reads `CASCADE_<NAME>`.
 #[derive(Parser, Debug, Default)]
-#[command(name = "cascade", version, about = "Low-latency live broadcast: WHIP/RTMP in, WebRTC out")]
+#[command(
+    name = "cascade",
+    version,
+    about = "Low-latency live broadcast: WHIP/RTMP in, WebRTC out"
+)]
 pub struct Cli {
     /// Role to run (default: all).
     #[command(subcommand)]
@@ -70,16 +74,31 @@ pub struct Options {
     #[arg(long, global = true, env = "CASCADE_ADVERTISE", value_delimiter = ',')]
     pub advertise: Option<Vec<IpAddr>>,
     /// Bearer token required to publish [default: random, printed at start]
-    #[arg(long, global = true, env = "CASCADE_PUBLISH_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "CASCADE_PUBLISH_TOKEN",
+        hide_env_values = true
+    )]
     pub publish_token: Option<String>,
     /// Token viewers must present [default: none, open viewing]
-    #[arg(long, global = true, env = "CASCADE_VIEWER_TOKEN", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "CASCADE_VIEWER_TOKEN",
+        hide_env_values = true
+    )]
     pub viewer_token: Option<String>,
     /// Origin relay (QUIC) listen address [default: 0.0.0.0:4433 for origin]
     #[arg(long, global = true, env = "CASCADE_QUIC")]
     pub quic: Option<SocketAddr>,
     /// Secret shared by every node of a split cluster
-    #[arg(long, global = true, env = "CASCADE_CLUSTER_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "CASCADE_CLUSTER_SECRET",
+        hide_env_values = true
+    )]
     pub cluster_secret: Option<String>,
     /// On SIGTERM let current sessions run this long, then exit 0 [default: 30s]
     #[arg(long, global = true, env = "CASCADE_DRAIN_TIMEOUT", value_parser = humantime::parse_duration)]
@@ -96,10 +115,20 @@ pub struct Options {
     pub max_sessions: Option<usize>,
     /// STUN/TURN servers offered to WebRTC clients, comma separated
     /// (stun:HOST:PORT, turn:HOST:PORT?transport=udp) [default: none]
-    #[arg(long, global = true, env = "CASCADE_ICE_SERVERS", value_delimiter = ',')]
+    #[arg(
+        long,
+        global = true,
+        env = "CASCADE_ICE_SERVERS",
+        value_delimiter = ','
+    )]
     pub ice_servers: Option<Vec<String>>,
     /// coturn static-auth-secret: TURN servers get time-limited credentials [default: none]
-    #[arg(long, global = true, env = "CASCADE_TURN_SECRET", hide_env_values = true)]
+    #[arg(
+        long,
+        global = true,
+        env = "CASCADE_TURN_SECRET",
+        hide_env_values = true
+    )]
     pub turn_secret: Option<String>,
     /// Lifetime of minted TURN credentials [default: 24h]
     #[arg(long, global = true, env = "CASCADE_TURN_TTL", value_parser = humantime::parse_duration)]
@@ -115,7 +144,9 @@ mod humantime_serde_opt {
 
     use serde::{Deserialize, Deserializer};
 
-    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(
+        d: D,
+    ) -> Result<Option<Duration>, D::Error> {
         let s: Option<String> = Option::deserialize(d)?;
         s.map(|s| humantime::parse_duration(&s).map_err(serde::de::Error::custom))
             .transpose()
@@ -196,7 +227,9 @@ impl Config {
     }
 
     fn resolve(role: Role, o: Options) -> anyhow::Result<Self> {
-        let udp = o.udp.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8189)));
+        let udp = o
+            .udp
+            .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8189)));
         let (publish_token, generated) = match o.publish_token {
             Some(t) if t.trim().is_empty() => bail!("--publish-token must not be empty"),
             Some(t) => (t, false),
@@ -214,13 +247,19 @@ impl Config {
             );
         }
         if matches!(role, Role::Ingest | Role::Edge) && o.origin.is_none() {
-            bail!("`cascade {}` needs --origin HOST:PORT (the origin's --quic address)", role.as_str());
+            bail!(
+                "`cascade {}` needs --origin HOST:PORT (the origin's --quic address)",
+                role.as_str()
+            );
         }
         if o.pull.as_ref().is_some_and(|p| !p.is_empty()) {
             bail!("[[pull]] (RTSP pull) is not supported by this version of cascade");
         }
         let quic = match role {
-            Role::Origin => Some(o.quic.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 4433)))),
+            Role::Origin => Some(
+                o.quic
+                    .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 4433))),
+            ),
             // Elsewhere the relay listens only when asked to (an edge serving
             // further edges, or `all` serving edges): nothing listens that
             // the operator did not ask for.
@@ -230,8 +269,16 @@ impl Config {
             bail!("--quic needs --cluster-secret: relay peers authenticate with it");
         }
         let mut urls = Vec::new();
-        for u in o.ice_servers.iter().flatten().filter(|u| !u.trim().is_empty()) {
-            urls.push(cascade_rtc::ice::Url::parse(u).map_err(|e| anyhow::anyhow!("--ice-servers: {e}"))?);
+        for u in o
+            .ice_servers
+            .iter()
+            .flatten()
+            .filter(|u| !u.trim().is_empty())
+        {
+            urls.push(
+                cascade_rtc::ice::Url::parse(u)
+                    .map_err(|e| anyhow::anyhow!("--ice-servers: {e}"))?,
+            );
         }
         let ice = cascade_rtc::ice::IceServers {
             urls,
@@ -240,8 +287,12 @@ impl Config {
         };
         Ok(Self {
             role,
-            http: o.http.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
-            rtmp: o.rtmp.unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 1935))),
+            http: o
+                .http
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8080))),
+            rtmp: o
+                .rtmp
+                .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 1935))),
             udp,
             tcp: o.tcp.unwrap_or(udp),
             advertise: o.advertise.unwrap_or_default(),
@@ -284,20 +335,25 @@ mod tests {
         assert!(c.publish_token_generated);
         assert_eq!(c.publish_token.len(), 32);
         assert!(c.viewer_token.is_none());
-        assert!(c.quic.is_none(), "all listens on no relay port unless asked");
+        assert!(
+            c.quic.is_none(),
+            "all listens on no relay port unless asked"
+        );
     }
 
     #[test]
     fn origin_defaults_and_secret_required() {
         assert!(Config::from_cli(parse(&["origin"])).is_err());
-        let c = Config::from_cli(parse(&["origin", "--cluster-secret", "0123456789abcdef"])).unwrap();
+        let c =
+            Config::from_cli(parse(&["origin", "--cluster-secret", "0123456789abcdef"])).unwrap();
         assert_eq!(c.quic, Some("0.0.0.0:4433".parse().unwrap()));
         assert!(Config::from_cli(parse(&["origin", "--cluster-secret", "short"])).is_err());
     }
 
     #[test]
     fn edge_needs_origin() {
-        let e = Config::from_cli(parse(&["edge", "--cluster-secret", "0123456789abcdef"])).unwrap_err();
+        let e =
+            Config::from_cli(parse(&["edge", "--cluster-secret", "0123456789abcdef"])).unwrap_err();
         assert!(e.to_string().contains("--origin"));
         let c = Config::from_cli(parse(&[
             "edge",
@@ -319,9 +375,19 @@ mod tests {
             "http = \"127.0.0.1:9000\"\nrtmp = \"127.0.0.1:9001\"\ndrain-timeout = \"5s\"\nadvertise = [\"10.0.0.1\"]\n",
         )
         .unwrap();
-        let c = Config::from_cli(parse(&["--config", path.to_str().unwrap(), "--http", "127.0.0.1:7000"])).unwrap();
+        let c = Config::from_cli(parse(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--http",
+            "127.0.0.1:7000",
+        ]))
+        .unwrap();
         assert_eq!(c.http, "127.0.0.1:7000".parse().unwrap(), "flag over file");
-        assert_eq!(c.rtmp, "127.0.0.1:9001".parse().unwrap(), "file fills unset");
+        assert_eq!(
+            c.rtmp,
+            "127.0.0.1:9001".parse().unwrap(),
+            "file fills unset"
+        );
         assert_eq!(c.drain_timeout, Duration::from_secs(5));
         assert_eq!(c.advertise, vec!["10.0.0.1".parse::<IpAddr>().unwrap()]);
     }

@@ -108,9 +108,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         draining: draining.clone(),
     }));
 
-    let http = TcpListener::bind(cfg.http)
-        .await
-        .with_context(|| format!("binding HTTP on {}", cfg.http))?;
+    let http = listen_http(cfg.http).with_context(|| format!("binding HTTP on {}", cfg.http))?;
     let http_addr = http.local_addr()?;
     banner(
         &cfg,
@@ -157,13 +155,29 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Pending connections the HTTP listener queues: a join ramp of 300
+/// viewers/s overflowed the default 128 and clients waited 1-3 s to retry.
+const HTTP_BACKLOG: u32 = 4096;
+
+fn listen_http(addr: SocketAddr) -> std::io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(HTTP_BACKLOG)
+}
+
 enum Signal {
     Interrupt,
     Terminate,
 }
 
 async fn wait_for_signal() -> Signal {
-    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) else {
+    let Ok(mut term) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+    else {
         let _ = tokio::signal::ctrl_c().await;
         return Signal::Interrupt;
     };

@@ -55,8 +55,13 @@ fn publisher_opts(base: &str, stream: &str) -> PublisherOptions {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frames_reach_registry_keyframe_first_with_audio() {
     let n = node().await;
-    let mut p = Publisher::start(publisher_opts(&n.base, "cam"), media().await).await.unwrap();
-    timeout(Duration::from_secs(10), p.wait_connected()).await.unwrap().unwrap();
+    let mut p = Publisher::start(publisher_opts(&n.base, "cam"), media().await)
+        .await
+        .unwrap();
+    timeout(Duration::from_secs(10), p.wait_connected())
+        .await
+        .unwrap()
+        .unwrap();
     let sub = timeout(Duration::from_secs(10), async {
         loop {
             if let Some(s) = n.registry.subscribe_local("cam") {
@@ -74,28 +79,45 @@ async fn frames_reach_registry_keyframe_first_with_audio() {
     assert_eq!(cat.by_name("audio").unwrap().codec.to_string(), "opus");
     let mut video = sub.track("video").unwrap();
     let mut audio = sub.track("audio").unwrap();
-    let first = timeout(Duration::from_secs(5), video.next()).await.unwrap().unwrap();
+    let first = timeout(Duration::from_secs(5), video.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(first.keyframe, "viewers start at a keyframe");
     let nals: Vec<u8> = loadtest::annexb::nal_units(&first.payload)
         .iter()
         .map(|n| loadtest::annexb::nal_type(n))
         .collect();
-    assert!(nals.contains(&7) && nals.contains(&8) && nals.contains(&5), "SPS+PPS+IDR in {nals:?}");
+    assert!(
+        nals.contains(&7) && nals.contains(&8) && nals.contains(&5),
+        "SPS+PPS+IDR in {nals:?}"
+    );
     let mut last = first.pts;
     for _ in 0..45 {
-        let f = timeout(Duration::from_secs(5), video.next()).await.unwrap().unwrap();
+        let f = timeout(Duration::from_secs(5), video.next())
+            .await
+            .unwrap()
+            .unwrap();
         assert!(f.pts > last, "video pts increase");
         last = f.pts;
     }
-    let a = timeout(Duration::from_secs(5), audio.next()).await.unwrap().unwrap();
+    let a = timeout(Duration::from_secs(5), audio.next())
+        .await
+        .unwrap()
+        .unwrap();
     assert!(!a.payload.is_empty());
     // One timeline: the audio and video pts (in seconds) are close.
     let v_s = last as f64 / 90_000.0;
     let a_s = a.pts as f64 / 48_000.0;
-    assert!((v_s - a_s).abs() < 2.0, "audio {a_s:.3}s vs video {v_s:.3}s");
+    assert!(
+        (v_s - a_s).abs() < 2.0,
+        "audio {a_s:.3}s vs video {v_s:.3}s"
+    );
     let (status, _) = p.delete().await.unwrap();
     assert_eq!(status, 200);
-    timeout(Duration::from_secs(5), sub.ended()).await.expect("DELETE ends the stream");
+    timeout(Duration::from_secs(5), sub.ended())
+        .await
+        .expect("DELETE ends the stream");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -114,8 +136,13 @@ async fn wrong_token_is_401() {
 async fn takeover_keeps_subscribers() {
     let n = node().await;
     let m = media().await;
-    let mut p1 = Publisher::start(publisher_opts(&n.base, "s"), m.clone()).await.unwrap();
-    timeout(Duration::from_secs(10), p1.wait_connected()).await.unwrap().unwrap();
+    let mut p1 = Publisher::start(publisher_opts(&n.base, "s"), m.clone())
+        .await
+        .unwrap();
+    timeout(Duration::from_secs(10), p1.wait_connected())
+        .await
+        .unwrap()
+        .unwrap();
     let sub = timeout(Duration::from_secs(10), async {
         loop {
             if let Some(s) = n.registry.subscribe_local("s") {
@@ -127,16 +154,25 @@ async fn takeover_keeps_subscribers() {
     .await
     .unwrap();
     let mut video = sub.track("video").unwrap();
-    timeout(Duration::from_secs(5), video.next()).await.unwrap().unwrap();
+    timeout(Duration::from_secs(5), video.next())
+        .await
+        .unwrap()
+        .unwrap();
     let mut o2 = publisher_opts(&n.base, "s");
     o2.seq_start = 1_000_000;
     let mut p2 = Publisher::start(o2, m).await.unwrap();
-    timeout(Duration::from_secs(10), p2.wait_connected()).await.unwrap().unwrap();
+    timeout(Duration::from_secs(10), p2.wait_connected())
+        .await
+        .unwrap()
+        .unwrap();
     // The subscriber keeps reading and eventually sees the new publisher's
     // frames (SEI sequence numbers from 1,000,000 on).
     let saw_new = timeout(Duration::from_secs(10), async {
         loop {
-            let f = video.next().await.expect("track stays open across takeover");
+            let f = video
+                .next()
+                .await
+                .expect("track stays open across takeover");
             if let Some(tag) = loadtest::tag::find(&f.payload) {
                 if tag.seq >= 1_000_000 {
                     return;
