@@ -92,8 +92,11 @@ async fn delete_frees_the_session() {
     v.wait_connected().await.unwrap();
     assert_eq!(edge.registry.viewers("del"), 1);
     assert_eq!(edge.rtc.sessions(), 1);
-    // Let media flow first (the viewer's DTLS can finish before ours).
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Let media flow first (the viewer's DTLS can finish before ours): wait
+    // for frames rather than a fixed sleep, which a loaded machine outlasts.
+    v.wait_video_frames(1, Duration::from_secs(10))
+        .await
+        .unwrap();
     let (status, report) = v.delete().await.unwrap();
     assert_eq!(status, 200);
     assert!(report.video_frames > 0);
