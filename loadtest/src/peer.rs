@@ -270,6 +270,23 @@ fn feed(
     }
 }
 
+/// Waits up to `limit` for a client task (publisher or viewer) and returns
+/// its report; `what` names it in the timeout error.
+pub(crate) async fn join_task<T>(
+    task: &mut Option<tokio::task::JoinHandle<Result<T>>>,
+    limit: Duration,
+    what: &'static str,
+) -> Result<T> {
+    let Some(task) = task.take() else {
+        return Err(Error::Task("already joined".into()));
+    };
+    match tokio::time::timeout(limit, task).await {
+        Ok(Ok(r)) => r,
+        Ok(Err(e)) => Err(Error::Task(e.to_string())),
+        Err(_) => Err(Error::Timeout(what)),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -240,14 +240,7 @@ impl Publisher {
     }
 
     async fn join(&mut self, limit: Duration) -> Result<PublisherReport> {
-        let Some(task) = self.task.take() else {
-            return Err(Error::Task("already joined".into()));
-        };
-        match tokio::time::timeout(limit, task).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => Err(Error::Task(e.to_string())),
-            Err(_) => Err(Error::Timeout("publisher task")),
-        }
+        crate::peer::join_task(&mut self.task, limit, "publisher task").await
     }
 }
 

@@ -302,14 +302,7 @@ impl Viewer {
     }
 
     async fn join(&mut self, limit: Duration) -> Result<ViewerReport> {
-        let Some(task) = self.task.take() else {
-            return Err(Error::Task("already joined".into()));
-        };
-        match tokio::time::timeout(limit, task).await {
-            Ok(Ok(r)) => r,
-            Ok(Err(e)) => Err(Error::Task(e.to_string())),
-            Err(_) => Err(Error::Timeout("viewer task")),
-        }
+        crate::peer::join_task(&mut self.task, limit, "viewer task").await
     }
 }
 
