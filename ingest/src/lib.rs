@@ -3,7 +3,8 @@
 //! - [`whip`]: WHIP (RFC 9725) publishers on the node's WebRTC sessions
 //!   ([`cascade_rtc`]), H.264/VP8/VP9/AV1/H.265 + Opus passed through.
 //! - [`rtmp`]: RTMP publishers (OBS, ffmpeg, hardware encoders), FLV parsed
-//!   by [`flv`], AAC transcoded to Opus by [`audio`].
+//!   by [`flv`], AAC transcoded to Opus by [`audio`], H.264 with B-frames
+//!   re-encoded without them by [`transcode`] (an ffmpeg child).
 //! - [`publish`]: the browser publish page `/publish/{stream}` (WHIP from
 //!   the camera or the screen), served with the WHIP routes.
 //!
@@ -15,4 +16,5 @@ pub mod h264;
 pub mod metrics;
 pub mod publish;
 pub mod rtmp;
+pub mod transcode;
 pub mod whip;

@@ -22,6 +22,18 @@ pub const BFRAMES_STREAMS: &str = "cascade_ingest_bframes_streams";
 /// Opus frames produced by the AAC transcoder.
 pub const OPUS_FRAMES: &str = "cascade_ingest_opus_frames_total";
 
+/// B-frame transcodes (ffmpeg children) running.
+pub const TRANSCODES: &str = "cascade_ingest_transcodes";
+/// Frames into and out of the transcoders, by `direction` (`in`, `out`).
+pub const TRANSCODE_FRAMES: &str = "cascade_ingest_transcode_frames_total";
+/// Source frames not transcoded because ffmpeg fell behind.
+pub const TRANSCODE_DROPPED: &str = "cascade_ingest_transcode_dropped_frames_total";
+/// B-frame streams passed through instead of transcoded, by `reason`
+/// (`limit`, `spawn`, `exit`, `output`, `stall`).
+pub const TRANSCODE_FALLBACKS: &str = "cascade_ingest_transcode_fallbacks_total";
+/// Time a frame spends in ffmpeg (stdin queue to parsed output), seconds.
+pub const TRANSCODE_DELAY: &str = "cascade_ingest_transcode_delay_seconds";
+
 /// WHIP sessions created.
 pub const WHIP_SESSIONS: &str = "cascade_ingest_whip_sessions_total";
 /// WHIP sessions ended, by `reason` (the rtc close reasons).
@@ -58,4 +70,21 @@ pub fn describe() {
     metrics::describe_counter!(TIMESTAMP_JUMPS, "publisher timestamp jumps rebased");
     metrics::describe_gauge!(BFRAMES_STREAMS, "live streams whose video carries B-frames");
     metrics::describe_counter!(OPUS_FRAMES, "Opus frames produced from AAC");
+    metrics::describe_gauge!(TRANSCODES, "B-frame transcodes (ffmpeg children) running");
+    metrics::describe_counter!(
+        TRANSCODE_FRAMES,
+        "frames into and out of the B-frame transcoders, by direction"
+    );
+    metrics::describe_counter!(
+        TRANSCODE_DROPPED,
+        "source frames not transcoded because ffmpeg fell behind"
+    );
+    metrics::describe_counter!(
+        TRANSCODE_FALLBACKS,
+        "B-frame streams passed through instead of transcoded, by reason"
+    );
+    metrics::describe_histogram!(
+        TRANSCODE_DELAY,
+        "time a frame spends in the B-frame transcoder, seconds"
+    );
 }

@@ -1,12 +1,15 @@
 //! One RTMP connection: handshake under a deadline, then the session loop
 //! that authenticates the publish, feeds [`Media`] and writes its frames
 //! into the registry until the peer leaves, idles, is taken over or the
-//! node shuts down.
+//! node shuts down. An H.264 stream with B-frames may have its video go
+//! through a [`Transcoder`] (ffmpeg) first; if that fails, the source is
+//! passed through from its next keyframe on.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 
 use bytes::Bytes;
+use cascade_origin::catalog::Catalog;
 use cascade_origin::frame::Frame;
 use cascade_origin::registry::Publisher;
 use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
@@ -15,6 +18,7 @@ use rml_rtmp::sessions::{
 };
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tokio::time::{timeout, Instant};
 use tokio_util::sync::CancellationToken;
 
@@ -25,6 +29,7 @@ use super::{
     WRITE_TIMEOUT,
 };
 use crate::metrics as m;
+use crate::transcode::{self, Event, Policy, Transcoder};
 
 /// Bytes read per socket read.
 const READ_BUF: usize = 64 * 1024;
@@ -43,6 +48,12 @@ struct Publishing {
     pending: VecDeque<(Track, Frame)>,
     bframes_counted: bool,
     jumps_counted: u64,
+    /// The B-frame transcode of the video, while it runs.
+    transcoder: Option<Box<Transcoder>>,
+    /// Set once a transcode was considered (it is tried once per publish).
+    transcode_tried: bool,
+    /// After a failed transcode: source video resumes at a keyframe.
+    video_wait_key: bool,
 }
 
 impl Drop for Publishing {
@@ -61,6 +72,9 @@ pub(super) struct Conn {
     /// Token given in the connect URL's query (`rtmp://h/live?token=T`).
     app_token: Option<String>,
     publish: Option<Publishing>,
+    /// Output of the publish's transcoder (a field of its own so the
+    /// select loop can wait on it next to the socket).
+    transcoded: Option<mpsc::Receiver<Event>>,
     bad_tags: u64,
     unknown_logged: bool,
 }
@@ -70,6 +84,8 @@ enum Wake {
     Shutdown,
     Superseded,
     HeaderWait,
+    Transcoded(Option<Event>),
+    Stalled,
 }
 
 impl Conn {
@@ -92,6 +108,7 @@ impl Conn {
             ctx,
             app_token: None,
             publish: None,
+            transcoded: None,
             bad_tags: 0,
             unknown_logged: false,
         };
@@ -110,23 +127,33 @@ impl Conn {
             let header_wait = self
                 .publish
                 .as_ref()
-                .filter(|p| p.publisher.is_none())
+                .filter(|p| p.publisher.is_none() && !p.warming())
                 .and_then(|p| p.media.ready_deadline(now_ms()))
                 .map(|ms| {
                     Instant::now() + std::time::Duration::from_millis(ms.saturating_sub(now_ms()))
                 });
+            let stall_at = self
+                .publish
+                .as_ref()
+                .and_then(|p| p.transcoder.as_ref())
+                .and_then(|t| t.stall_deadline())
+                .map(Instant::from_std);
             let publisher = self.publish.as_ref().and_then(|p| p.publisher.as_ref());
             let wake = tokio::select! {
                 biased;
                 _ = shutdown.cancelled() => Wake::Shutdown,
                 _ = superseded(publisher) => Wake::Superseded,
                 _ = sleep_until(header_wait) => Wake::HeaderWait,
+                ev = next_event(&mut self.transcoded) => Wake::Transcoded(ev),
+                _ = sleep_until(stall_at) => Wake::Stalled,
                 r = timeout(IDLE_TIMEOUT, self.io.read(&mut buf)) => Wake::Read(r.map_err(|_| Error::Idle)??),
             };
             match wake {
                 Wake::Shutdown => return Ok("shutdown"),
                 Wake::Superseded => return Ok("taken over by a new publisher"),
                 Wake::HeaderWait => self.go_live()?,
+                Wake::Transcoded(ev) => self.transcoded(ev)?,
+                Wake::Stalled => self.fall_back(transcode::Error::Stalled)?,
                 Wake::Read(0) => return Ok("closed by peer"),
                 Wake::Read(n) => {
                     if let Some(reason) = self.input(buf.get(..n).unwrap_or_default()).await? {
@@ -326,6 +353,9 @@ impl Conn {
             pending: VecDeque::new(),
             bframes_counted: false,
             jumps_counted: 0,
+            transcoder: None,
+            transcode_tried: false,
+            video_wait_key: false,
         });
         Ok(None)
     }
@@ -360,6 +390,25 @@ impl Conn {
         let Some(p) = &mut self.publish else {
             return Ok(());
         };
+        if p.media.bframes() && !p.transcode_tried {
+            p.transcode_tried = true;
+            if let (Policy::Transcode(settings), Some(avcc)) =
+                (&self.ctx.bframes, p.media.h264_record())
+            {
+                match Transcoder::spawn(settings, &avcc) {
+                    Ok((t, rx)) => {
+                        p.transcoder = Some(Box::new(t));
+                        self.transcoded = Some(rx);
+                    }
+                    Err(e) => {
+                        metrics::counter!(m::TRANSCODE_FALLBACKS, "reason" => e.reason())
+                            .increment(1);
+                        tracing::warn!(error = %e, "B-frame transcode not started: passing the video through (B-frames dropped at the edge)");
+                    }
+                }
+            }
+        }
+        let out = p.route(out);
         if p.publisher.is_none() {
             for f in out {
                 if p.pending.len() >= PENDING_FRAMES {
@@ -381,26 +430,152 @@ impl Conn {
         let Some(p) = &mut self.publish else {
             return Ok(());
         };
-        if p.publisher.is_some() || !p.media.ready(now_ms()) {
+        if p.publisher.is_some() || !p.media.ready(now_ms()) || p.warming() {
             return Ok(());
         }
         p.media.take_catalog_changed();
-        let catalog = p.media.catalog();
+        let catalog = p.catalog();
         let publisher = self
             .ctx
             .registry
             .publish(&p.name, catalog.clone(), "rtmp")?;
         let codecs: Vec<String> = catalog.tracks.iter().map(|t| t.codec.to_string()).collect();
-        tracing::info!(?codecs, "rtmp stream live");
+        tracing::info!(
+            ?codecs,
+            transcoded = p.transcoder.is_some(),
+            "rtmp stream live"
+        );
         metrics::counter!(m::RTMP_PUBLISHES).increment(1);
         p.publisher = Some(publisher);
         p.after_media();
         let pending: Vec<_> = p.pending.drain(..).collect();
         p.write(pending)
     }
+
+    /// One event from the transcoder: a frame to publish, or its end.
+    fn transcoded(&mut self, ev: Option<Event>) -> Result<(), Error> {
+        let ev = ev.unwrap_or_else(|| {
+            Event::Ended(transcode::Error::Exited("output channel closed".into()))
+        });
+        let Some(t) = self.publish.as_mut().and_then(|p| p.transcoder.as_mut()) else {
+            self.transcoded = None;
+            return Ok(());
+        };
+        let was_started = t.started();
+        let frame = match t.output(ev) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(e) => return self.fall_back(e),
+        };
+        let Some(p) = &mut self.publish else {
+            return Ok(());
+        };
+        if p.publisher.is_none() {
+            if !was_started {
+                // Source video held from before the B-frames showed.
+                p.pending.retain(|(t, _)| *t != Track::Video);
+            }
+            if p.pending.len() >= PENDING_FRAMES {
+                p.pending.pop_front();
+            }
+            p.pending.push_back((Track::Video, frame));
+            return self.go_live();
+        }
+        if !was_started {
+            // Late B-frames: the source played so far, switch now.
+            p.set_catalog();
+        }
+        p.write(vec![(Track::Video, frame)])
+    }
+
+    /// Ends the transcode: the source video is passed through from its
+    /// next keyframe (the edge drops its B-frames).
+    fn fall_back(&mut self, e: transcode::Error) -> Result<(), Error> {
+        self.transcoded = None;
+        let Some(p) = &mut self.publish else {
+            return Ok(());
+        };
+        let Some(t) = p.transcoder.take() else {
+            return Ok(());
+        };
+        metrics::counter!(m::TRANSCODE_FALLBACKS, "reason" => e.reason()).increment(1);
+        tracing::error!(error = %e, "B-frame transcode failed: passing the video through from its next keyframe (B-frames dropped at the edge)");
+        let was_started = t.started();
+        drop(t);
+        p.video_wait_key = true;
+        if p.publisher.is_some() {
+            if was_started {
+                p.set_catalog();
+            }
+            Ok(())
+        } else {
+            self.go_live()
+        }
+    }
 }
 
 impl Publishing {
+    /// True while a transcode runs that has not produced a frame yet: the
+    /// stream goes live with its first frame (and its fmtp).
+    fn warming(&self) -> bool {
+        self.transcoder.as_ref().is_some_and(|t| !t.started())
+    }
+
+    /// The media core's catalog, with the transcoder's fmtp on the video
+    /// track while its frames are the ones published. `bframes` stays as
+    /// the source has it.
+    fn catalog(&self) -> Catalog {
+        let mut c = self.media.catalog();
+        let fmtp = self
+            .transcoder
+            .as_ref()
+            .filter(|t| t.started())
+            .and_then(|t| t.fmtp());
+        if let Some(fmtp) = fmtp {
+            for t in c
+                .tracks
+                .iter_mut()
+                .filter(|t| t.name == Track::Video.name())
+            {
+                t.fmtp = fmtp.to_string();
+            }
+        }
+        c
+    }
+
+    fn set_catalog(&mut self) {
+        let catalog = self.catalog();
+        if let Some(publisher) = &mut self.publisher {
+            tracing::info!(?catalog, "catalog changed");
+            publisher.set_catalog(catalog);
+        }
+    }
+
+    /// Sends video frames into the transcoder when one runs; returns what
+    /// is published from the source.
+    fn route(&mut self, out: Vec<(Track, Frame)>) -> Vec<(Track, Frame)> {
+        let mut keep = Vec::with_capacity(out.len());
+        for (track, frame) in out {
+            if track == Track::Video {
+                if let Some(t) = &mut self.transcoder {
+                    t.push(&frame);
+                    // Until its first frame the source keeps playing (a
+                    // stream that is live already).
+                    if t.started() || self.publisher.is_none() {
+                        continue;
+                    }
+                } else if self.video_wait_key {
+                    if !frame.keyframe {
+                        continue;
+                    }
+                    self.video_wait_key = false;
+                }
+            }
+            keep.push((track, frame));
+        }
+        keep
+    }
+
     /// Follows catalog changes, B-frame detection and rebased jumps.
     fn after_media(&mut self) {
         if self.media.bframes() && !self.bframes_counted {
@@ -415,11 +590,7 @@ impl Publishing {
             self.jumps_counted = jumps;
         }
         if self.media.take_catalog_changed() {
-            if let Some(publisher) = &mut self.publisher {
-                let catalog = self.media.catalog();
-                tracing::info!(?catalog, "catalog changed");
-                publisher.set_catalog(catalog);
-            }
+            self.set_catalog();
         }
     }
 
@@ -477,6 +648,13 @@ async fn handshake(io: &mut TcpStream) -> Result<Vec<u8>, Error> {
 async fn superseded(p: Option<&Publisher>) {
     match p {
         Some(p) => p.superseded().await,
+        None => std::future::pending().await,
+    }
+}
+
+async fn next_event(rx: &mut Option<mpsc::Receiver<Event>>) -> Option<Event> {
+    match rx {
+        Some(rx) => rx.recv().await,
         None => std::future::pending().await,
     }
 }

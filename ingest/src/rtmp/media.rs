@@ -169,6 +169,14 @@ impl Media {
         self.bframes
     }
 
+    /// The avcC of an H.264 stream: what the B-frame transcoder starts from.
+    pub fn h264_record(&self) -> Option<Bytes> {
+        self.video
+            .as_ref()
+            .filter(|v| v.codec == Codec::H264)
+            .map(|v| v.record.clone())
+    }
+
     /// Timestamp jumps rebased so far.
     pub fn jumps(&self) -> u64 {
         self.clock.jumps()

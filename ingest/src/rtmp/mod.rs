@@ -11,6 +11,9 @@
 //! ```
 //!
 //! RTMP cannot answer keyframe requests; viewers rely on the group cache.
+//! H.264 with B-frames is re-encoded without them when the [`Policy`] says
+//! so: the connection's video then goes through an ffmpeg child
+//! ([`crate::transcode`]) whose output is one more `select!` arm.
 
 mod av1;
 pub mod chunk;
@@ -23,6 +26,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
+pub use crate::transcode::Policy;
 use cascade_origin::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -101,20 +105,36 @@ impl Error {
 struct Ctx {
     registry: Arc<Registry>,
     token: Arc<str>,
+    bframes: Policy,
 }
 
 /// Accepts RTMP connections on `listener` until `shutdown` is cancelled,
 /// publishing into `registry` with protocol `rtmp`. Every connection is
-/// closed when `shutdown` fires. Returns only on shutdown.
+/// closed when `shutdown` fires. Returns only on shutdown. Streams with
+/// B-frames are passed through ([`Policy::Drop`]); see [`serve_with`].
 pub async fn serve(
     listener: TcpListener,
     registry: Arc<Registry>,
     publish_token: Arc<str>,
     shutdown: CancellationToken,
 ) -> Result<(), Error> {
+    serve_with(listener, registry, publish_token, shutdown, Policy::Drop).await
+}
+
+/// [`serve`] with a policy for H.264 streams with B-frames: pass them
+/// through, or re-encode their video without B-frames
+/// ([`crate::transcode`]).
+pub async fn serve_with(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    publish_token: Arc<str>,
+    shutdown: CancellationToken,
+    bframes: Policy,
+) -> Result<(), Error> {
     let ctx = Arc::new(Ctx {
         registry,
         token: publish_token,
+        bframes,
     });
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let ids = AtomicU64::new(0);

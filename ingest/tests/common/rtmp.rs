@@ -47,6 +47,11 @@ pub struct Server {
 impl Server {
     /// Starts `rtmp::serve` on 127.0.0.1:0.
     pub async fn start() -> Self {
+        Self::start_with(rtmp::Policy::Drop).await
+    }
+
+    /// Starts `rtmp::serve_with` on 127.0.0.1:0 with a B-frame policy.
+    pub async fn start_with(policy: rtmp::Policy) -> Self {
         init_tracing();
         let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = listener.local_addr().unwrap();
@@ -55,7 +60,7 @@ impl Server {
         let task = tokio::spawn({
             let (registry, shutdown) = (registry.clone(), shutdown.clone());
             async move {
-                rtmp::serve(listener, registry, Arc::from(TOKEN), shutdown)
+                rtmp::serve_with(listener, registry, Arc::from(TOKEN), shutdown, policy)
                     .await
                     .unwrap();
             }
