@@ -5,10 +5,12 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 use std::time::Duration;
 
 use anyhow::{bail, Context};
-use clap::{Parser, Subcommand};
+use cascade_ingest::transcode::{self, Policy};
+use clap::{Parser, Subcommand, ValueEnum};
 use serde::Deserialize;
 
 /// Which parts of cascade this process runs.
@@ -34,6 +36,16 @@ impl Role {
             Self::Edge => "edge",
         }
     }
+}
+
+/// What the ingest does with RTMP H.264 streams that have B-frames.
+#[derive(ValueEnum, Deserialize, Debug, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum Bframes {
+    /// Re-encode the video without B-frames (one ffmpeg per stream).
+    Transcode,
+    /// Pass it through; viewers get only its I/P frames.
+    Drop,
 }
 
 /// Command line; every option also reads `CASCADE_<NAME>`.
@@ -134,6 +146,17 @@ pub struct Options {
     #[arg(long, global = true, env = "CASCADE_TURN_TTL", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde_opt")]
     pub turn_ttl: Option<Duration>,
+    /// RTMP H.264 with B-frames: `transcode` (re-encode without them, smooth
+    /// in browsers) or `drop` (pass through, browsers show only I/P frames)
+    /// [default: transcode if ffmpeg is found, else drop]
+    #[arg(long, global = true, env = "CASCADE_BFRAMES", value_enum)]
+    pub bframes: Option<Bframes>,
+    /// The ffmpeg binary used by `--bframes transcode` [default: ffmpeg on PATH]
+    #[arg(long, global = true, env = "CASCADE_FFMPEG")]
+    pub ffmpeg: Option<PathBuf>,
+    /// B-frame transcodes at once; streams past it are passed through [default: 4]
+    #[arg(long, global = true, env = "CASCADE_MAX_TRANSCODES")]
+    pub max_transcodes: Option<usize>,
     /// RTSP pulls (TOML only; not supported by this version)
     #[arg(skip)]
     pub pull: Option<Vec<toml::Value>>,
@@ -173,6 +196,9 @@ impl Options {
             ice_servers: self.ice_servers.or(lower.ice_servers),
             turn_secret: self.turn_secret.or(lower.turn_secret),
             turn_ttl: self.turn_ttl.or(lower.turn_ttl),
+            bframes: self.bframes.or(lower.bframes),
+            ffmpeg: self.ffmpeg.or(lower.ffmpeg),
+            max_transcodes: self.max_transcodes.or(lower.max_transcodes),
             pull: self.pull.or(lower.pull),
         }
     }
@@ -200,6 +226,11 @@ pub struct Config {
     pub max_sessions: usize,
     /// STUN/TURN servers offered to clients, with TURN credentials.
     pub ice: cascade_rtc::ice::IceServers,
+    /// RTMP H.264 with B-frames: transcode (with these settings) or drop.
+    pub bframes: Policy,
+    /// Set when `bframes` fell back to drop because no ffmpeg was found
+    /// (logged once at start).
+    pub bframes_note: Option<String>,
 }
 
 /// Shortest cluster secret accepted: it is the only thing between the
@@ -230,6 +261,11 @@ impl Config {
         let udp = o
             .udp
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8189)));
+        let (bframes, bframes_note) = if matches!(role, Role::All | Role::Ingest) {
+            bframes_policy(&o)?
+        } else {
+            (Policy::Drop, None) // no RTMP ingest in this role
+        };
         let (publish_token, generated) = match o.publish_token {
             Some(t) if t.trim().is_empty() => bail!("--publish-token must not be empty"),
             Some(t) => (t, false),
@@ -306,8 +342,39 @@ impl Config {
             origin: o.origin,
             max_sessions: o.max_sessions.unwrap_or(10_000),
             ice,
+            bframes,
+            bframes_note,
         })
     }
+}
+
+/// `--bframes`, `--ffmpeg`, `--max-transcodes`: transcoding is the default
+/// when an ffmpeg binary is there; asking for it without one is an error.
+fn bframes_policy(o: &Options) -> anyhow::Result<(Policy, Option<String>)> {
+    let max = o.max_transcodes.unwrap_or(transcode::DEFAULT_MAX);
+    let found = transcode::find_ffmpeg(o.ffmpeg.as_deref());
+    let where_ = || match &o.ffmpeg {
+        Some(p) => format!("no executable ffmpeg at {}", p.display()),
+        None => "no ffmpeg on PATH".to_string(),
+    };
+    Ok(match (o.bframes, found) {
+        (Some(Bframes::Drop), _) => (Policy::Drop, None),
+        (_, Some(path)) => (
+            Policy::Transcode(Arc::new(transcode::Settings::new(path, max))),
+            None,
+        ),
+        (Some(Bframes::Transcode), None) => bail!(
+            "--bframes transcode: {} (install ffmpeg or set --ffmpeg PATH)",
+            where_()
+        ),
+        (None, None) => (
+            Policy::Drop,
+            Some(format!(
+                "{}: RTMP streams with B-frames are passed through and browsers show only their I/P frames (install ffmpeg, or set --bframes drop to silence this)",
+                where_()
+            )),
+        ),
+    })
 }
 
 /// 128 random bits as 32 hex digits.
@@ -421,6 +488,59 @@ mod tests {
         assert_eq!(c.ice.turn_ttl, Duration::from_secs(3600));
         assert!(Config::from_cli(parse(&["--ice-servers", "http://x"])).is_err());
         assert!(Config::from_cli(parse(&[])).unwrap().ice.is_empty());
+    }
+
+    #[test]
+    fn bframes_policy_follows_ffmpeg() {
+        // An explicit binary (any executable stands in for ffmpeg here).
+        let c = Config::from_cli(parse(&["--ffmpeg", "/bin/sh", "--max-transcodes", "2"])).unwrap();
+        match &c.bframes {
+            Policy::Transcode(s) => {
+                assert_eq!(
+                    (s.ffmpeg.as_path(), s.max),
+                    (std::path::Path::new("/bin/sh"), 2)
+                );
+            }
+            Policy::Drop => panic!("transcode is the default when ffmpeg exists"),
+        }
+        assert!(c.bframes_note.is_none());
+        // None there: drop, with a note to log.
+        let c = Config::from_cli(parse(&["--ffmpeg", "/nonexistent/ffmpeg"])).unwrap();
+        assert_eq!(c.bframes, Policy::Drop);
+        assert!(c.bframes_note.unwrap().contains("/nonexistent/ffmpeg"));
+        // Asked for without one: refused at start.
+        let e = Config::from_cli(parse(&[
+            "--bframes",
+            "transcode",
+            "--ffmpeg",
+            "/nonexistent/ffmpeg",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("--bframes transcode"), "{e}");
+        let c = Config::from_cli(parse(&["--bframes", "drop", "--ffmpeg", "/bin/sh"])).unwrap();
+        assert_eq!((c.bframes, c.bframes_note), (Policy::Drop, None));
+        assert!(Cli::try_parse_from(["cascade", "--bframes", "keep"]).is_err());
+    }
+
+    #[test]
+    fn bframes_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "bframes = \"drop\"\nffmpeg = \"/bin/sh\"\nmax-transcodes = 8\n",
+        )
+        .unwrap();
+        let c = Config::from_cli(parse(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(c.bframes, Policy::Drop);
+        let c = Config::from_cli(parse(&[
+            "--config",
+            path.to_str().unwrap(),
+            "--bframes",
+            "transcode",
+        ]))
+        .unwrap();
+        assert!(matches!(&c.bframes, Policy::Transcode(s) if s.max == 8));
     }
 
     #[test]

@@ -84,8 +84,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("binding RTMP on {}", cfg.rtmp))?;
         rtmp_addr = listener.local_addr().ok();
         let (registry, token, stop) = (registry.clone(), token.clone(), stop.clone());
+        if let Some(note) = &cfg.bframes_note {
+            tracing::warn!("{note}");
+        }
+        let bframes = cfg.bframes.clone();
         tokio::spawn(async move {
-            if let Err(e) = cascade_ingest::rtmp::serve(listener, registry, token, stop).await {
+            if let Err(e) =
+                cascade_ingest::rtmp::serve_with(listener, registry, token, stop, bframes).await
+            {
                 tracing::error!(error = %e, "rtmp listener failed");
             }
         });
