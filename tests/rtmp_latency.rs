@@ -4,6 +4,9 @@
 //! with the send wall clock into every video access unit, and a
 //! loadtest::whep::Viewer reads it back: latency = arrival − send. Prints
 //! p50/p99 (docs/latency.md); asserts only that tagged frames arrive.
+//! B-frame streams are measured both ways: re-encoded (`--bframes
+//! transcode`, the default; the tag is carried over to the new frame) and
+//! passed through (`--bframes drop`).
 
 #![allow(clippy::unwrap_used)]
 
@@ -15,10 +18,10 @@ use std::time::Duration;
 use common::{wait_live, Node, TOKEN};
 use rtmp_client::{encode_flv, read_flv, replay, Client};
 
-async fn measure(stream: &str, extra: &[&str]) -> loadtest::whep::ViewerReport {
+async fn measure(stream: &str, extra: &[&str], node_args: &[&str]) -> loadtest::whep::ViewerReport {
     let flv = encode_flv(16, extra).await;
     let tags = read_flv(&flv);
-    let node = Node::start("all", &[]);
+    let node = Node::start("all", node_args);
     let rtmp = node
         .rtmp
         .clone()
@@ -72,12 +75,18 @@ fn print(label: &str, r: &loadtest::whep::ViewerReport) -> f64 {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmp_publish_to_whep_viewer_latency() {
-    let nobf = measure("lat-nobf", &["-bf", "0"]).await;
-    print("x264 -bf 0", &nobf);
-    let bf = measure("lat-bf", &[]).await;
-    print("x264 default B-frames", &bf);
-    // With B-frames the edge sends the I/P frames only (docs/bframes.md).
-    for (r, min) in [(&nobf, 200), (&bf, 60)] {
+    let nobf = measure("lat-nobf", &["-bf", "0"], &[]).await;
+    let nobf_p50 = print("x264 -bf 0", &nobf);
+    let tc = measure("lat-bf", &[], &["--bframes", "transcode"]).await;
+    let tc_p50 = print("x264 default B-frames, transcoded", &tc);
+    let bf = measure("lat-bf", &[], &["--bframes", "drop"]).await;
+    print("x264 default B-frames, passed through", &bf);
+    eprintln!(
+        "rtmp latency added by the B-frame transcode: {:.1} ms (live p50)",
+        tc_p50 - nobf_p50
+    );
+    // Passed through, the edge sends the I/P frames only (docs/bframes.md).
+    for (r, min) in [(&nobf, 200), (&tc, 200), (&bf, 60)] {
         assert!(r.connected, "{r:?}");
         assert!(r.tagged_frames >= min, "tagged frames arrive: {r:?}");
         assert!(r.latency_ms_p50.is_some(), "{r:?}");

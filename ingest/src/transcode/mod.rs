@@ -228,6 +228,11 @@ pub fn args() -> Vec<&'static str> {
         "-copyts",
         "-fps_mode",
         "passthrough",
+        // Encode in the input's millisecond time base: with a guessed frame
+        // rate ffmpeg would round pts to 1/fps ticks (1 ms off, A/V and the
+        // pts matching of pipe::Unpipe).
+        "-enc_time_base",
+        "-1",
         "-flush_packets",
         "1",
         "-f",

@@ -9,6 +9,10 @@
 //! first frame, so that FLV's 32-bit timestamps stay small and positive;
 //! adding the base back puts the output on the publisher's timeline, the
 //! same one the audio is on (A/V sync unchanged).
+//!
+//! User-data SEI of a source frame (captions, frame tags such as
+//! loadtest's latency tag) would be lost by the re-encode: [`Unpipe`] puts
+//! them back into the output frame with the same pts.
 
 use std::collections::VecDeque;
 use std::time::Instant;
@@ -229,11 +233,58 @@ impl FlvReader {
 }
 
 /// A frame that went into ffmpeg and has not come out yet.
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Debug)]
 struct Sent {
     pts: u64,
     ingest_us: u64,
     at: Instant,
+    sei: Vec<Bytes>,
+}
+
+/// x264's own user-data SEI (its version and options): never carried over,
+/// decoders key bug workarounds on the encoder build it names.
+const X264_UUID: [u8; 16] = [
+    0xdc, 0x45, 0xe9, 0xbd, 0xe6, 0xd9, 0x48, 0xb7, 0x96, 0x2c, 0xd8, 0x20, 0xd9, 0x23, 0xee, 0xef,
+];
+
+/// SEI NAL units of an Annex-B access unit whose first message is user
+/// data: payload type 4 (registered ITU-T T.35: CEA-608/708 captions) or
+/// 5 (unregistered: application tags), x264's own excepted.
+pub fn user_data_sei(au: &[u8]) -> Vec<Bytes> {
+    h264::split_annexb(au)
+        .into_iter()
+        .filter(|n| n.first().is_some_and(|b| b & 0x1f == 6))
+        .filter(|n| match n.get(1) {
+            Some(4) => true,
+            // Type 5, then the payload size byte, then the UUID.
+            Some(5) => n.get(3..19) != Some(X264_UUID.as_slice()),
+            _ => false,
+        })
+        .map(Bytes::copy_from_slice)
+        .collect()
+}
+
+/// `au` with `sei` NAL units put in front of its first coded slice.
+fn with_sei(au: &Bytes, sei: &[Bytes]) -> Bytes {
+    if sei.is_empty() {
+        return au.clone();
+    }
+    let units = h264::split_annexb(au);
+    let extra: usize = sei.iter().map(|n| n.len() + 4).sum();
+    let mut out = BytesMut::with_capacity(au.len() + extra + 4 * units.len());
+    let mut done = false;
+    for u in units {
+        if !done && u.first().is_some_and(|b| matches!(b & 0x1f, 1..=5)) {
+            for n in sei {
+                out.put_slice(&[0, 0, 0, 1]);
+                out.put_slice(n);
+            }
+            done = true;
+        }
+        out.put_slice(&[0, 0, 0, 1]);
+        out.put_slice(u);
+    }
+    out.freeze()
 }
 
 /// ffmpeg's output tags to frames on the publisher's timeline, each given
@@ -275,6 +326,7 @@ impl Unpipe {
             pts: frame.pts,
             ingest_us: frame.ingest_us,
             at,
+            sei: user_data_sei(&frame.payload),
         });
     }
 
@@ -310,13 +362,17 @@ impl Unpipe {
                 let ts = self.unwrap(tag.ts);
                 let pts_ms = map.from_pipe(ts.saturating_add_signed(i64::from(cts)));
                 let pts = pts_ms * PER_MS;
-                let (ingest_us, delay) = match self.take_sent(pts) {
-                    Some(s) => (s.ingest_us, Some(now.saturating_duration_since(s.at))),
-                    None => (cascade_origin::wallclock_us(), None),
+                let (ingest_us, delay, payload) = match self.take_sent(pts) {
+                    Some(s) => (
+                        s.ingest_us,
+                        Some(now.saturating_duration_since(s.at)),
+                        with_sei(&au.payload, &s.sei),
+                    ),
+                    None => (cascade_origin::wallclock_us(), None, au.payload),
                 };
                 Ok(Some(Out {
                     frame: Frame {
-                        payload: au.payload,
+                        payload,
                         pts,
                         // Output has no B-frames: decode order is
                         // presentation order.
@@ -470,6 +526,50 @@ mod tests {
             u.sent(&frame(1_000 + i, 1_000 + i, false, 0x41), now);
         }
         assert_eq!(u.in_flight(), IN_FLIGHT, "bounded");
+    }
+
+    #[test]
+    fn user_data_sei_is_carried_over() {
+        let tag = [
+            6u8, 5, 17, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16, 42, 0x80,
+        ];
+        let mut x264 = vec![6u8, 5, 40];
+        x264.extend_from_slice(&X264_UUID);
+        x264.extend_from_slice(b"x264 - core 164");
+        let captions = [6u8, 4, 3, 0xb5, 0, 0x31, 0x80];
+        let timing = [6u8, 1, 1, 0, 0x80];
+        let mut au = Vec::new();
+        for n in [&tag[..], &x264, &captions, &timing, &[0x65, 0x88]] {
+            au.extend_from_slice(&[0, 0, 0, 1]);
+            au.extend_from_slice(n);
+        }
+        let sei = user_data_sei(&au);
+        assert_eq!(
+            sei,
+            vec![
+                Bytes::copy_from_slice(&tag),
+                Bytes::copy_from_slice(&captions)
+            ]
+        );
+        let mut out = vec![0, 0, 0, 1, 0x67, 0x64, 0, 0, 0, 1, 0x68, 0xee];
+        out.extend_from_slice(&[0, 0, 0, 1, 0x65, 0x88]);
+        let out = with_sei(&Bytes::from(out), &sei);
+        assert_eq!(nal_types(&out), vec![7, 8, 6, 6, 5]);
+        let now = Instant::now();
+        let mut u = Unpipe::new();
+        let mut f = frame(1_000, 1_000, true, 0x65);
+        f.payload = Bytes::from(au);
+        u.sent(&f, now);
+        let mut w = FlvWriter::new();
+        let mut r = FlvReader::new();
+        r.push(&FlvWriter::header(&avcc()));
+        r.push(&w.frame(&frame(1_000, 1_000, true, 0x65)));
+        let map = w.map().unwrap();
+        let t = r.next_tag().unwrap().unwrap();
+        u.tag(&t, map, now).unwrap();
+        let t = r.next_tag().unwrap().unwrap();
+        let o = u.tag(&t, map, now).unwrap().unwrap();
+        assert_eq!(nal_types(&o.frame.payload), vec![7, 8, 6, 6, 5]);
     }
 
     #[test]
