@@ -13,7 +13,7 @@ use reqwest::Url;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::format::Codec;
 use str0m::media::{Direction, Frequency, MediaKind, MediaTime, Mid, Pt};
-use str0m::{Event, IceConnectionState, Rtc, RtcConfig};
+use str0m::{Event, IceConnectionState, Input, Rtc, RtcConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tokio_util::sync::CancellationToken;
@@ -28,6 +28,9 @@ use crate::{http, wallclock_us, Error, Result};
 /// Payload type we offer for H.264 (and its RTX), as browsers use dynamic ones.
 const PT_H264: u8 = 102;
 const PT_H264_RTX: u8 = 103;
+/// Immediate timeouts handled per loop turn before falling back to the timer (str0m asks
+/// for `Timeout(now)` once or twice after a write; the bound keeps a bug from spinning).
+const MAX_IMMEDIATE: usize = 8;
 
 /// How to publish.
 #[derive(Debug, Clone)]
@@ -294,15 +297,28 @@ impl Session {
         loop {
             let mut disconnected = false;
             let mut connected_now = false;
-            let timeout = self.peer.drain(|e| match e {
-                Event::Connected => connected_now = true,
-                Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
-                    disconnected = true
+            let mut immediate = 0;
+            let timeout = loop {
+                let timeout = self.peer.drain(|e| match e {
+                    Event::Connected => connected_now = true,
+                    Event::IceConnectionStateChange(IceConnectionState::Disconnected) => {
+                        disconnected = true
+                    }
+                    Event::KeyframeRequest(_) => report.keyframe_requests += 1,
+                    _ => {}
+                });
+                let timeout = timeout.await?;
+                // After a write str0m asks for `Timeout(now)`: it hands out queued packets
+                // only after a timeout. Left to the tokio timer (1 ms ticks, rounded up),
+                // every frame left ~1.3 ms late (measured: docs/benchmarks.md, "Where the
+                // flat 10 ms went"), which the latency figures then charged to the server.
+                let now = Instant::now();
+                if timeout > now || immediate == MAX_IMMEDIATE {
+                    break timeout;
                 }
-                Event::KeyframeRequest(_) => report.keyframe_requests += 1,
-                _ => {}
-            });
-            let timeout = timeout.await?;
+                immediate += 1;
+                self.peer.rtc.handle_input(Input::Timeout(now))?;
+            };
             let now = Instant::now();
             if connected_now && t0.is_none() {
                 t0 = Some(now);
