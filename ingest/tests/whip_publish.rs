@@ -1,6 +1,7 @@
 //! A real WHIP publisher (str0m, H.264 + Opus made by ffmpeg) against the
 //! WHIP endpoint on real sockets: frames reach the registry decodable,
-//! keyframe first, on one A/V timeline; bad tokens are refused; a second
+//! keyframe first, on one A/V timeline; a frame is delivered on its own last
+//! packet, not held for the next frame; bad tokens are refused; a second
 //! publisher takes the stream over.
 
 #![allow(clippy::unwrap_used)]
@@ -118,6 +119,59 @@ async fn frames_reach_registry_keyframe_first_with_audio() {
     timeout(Duration::from_secs(5), sub.ended())
         .await
         .expect("DELETE ends the stream");
+}
+
+/// A frame completes on its marker bit: the publisher's last frame, with no
+/// frame after it, still reaches the registry. (A depacketizer that ended a
+/// frame at the next frame's first packet, or an ingest that held a frame
+/// back, would never deliver it: the stream stays open until the consent
+/// timeout, 10 s, so nothing else flushes it.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn last_frame_arrives_without_a_next_one() {
+    let n = node().await;
+    let mut p = Publisher::start(publisher_opts(&n.base, "last"), media().await)
+        .await
+        .unwrap();
+    timeout(Duration::from_secs(10), p.wait_connected())
+        .await
+        .unwrap()
+        .unwrap();
+    let sub = timeout(Duration::from_secs(10), async {
+        loop {
+            if let Some(s) = n.registry.subscribe_local("last") {
+                return s;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .unwrap();
+    let mut video = sub.track("video").unwrap();
+    let seq = |f: &cascade_origin::frame::Frame| loadtest::tag::find(&f.payload).map(|t| t.seq);
+    // Live for a few frames, then stop without telling the server (no
+    // DELETE: the stream stays open).
+    let mut seen = 0;
+    timeout(Duration::from_secs(10), async {
+        while seen < 5 {
+            seen = seq(&video.next().await.unwrap()).unwrap_or(seen).max(seen);
+        }
+    })
+    .await
+    .unwrap();
+    let report = p.stop().await.unwrap();
+    let last = report.next_seq - 1;
+    // Frames arrive in order: `last` was seen already or is still to come.
+    timeout(Duration::from_secs(5), async {
+        while seen < last {
+            let f = video
+                .next()
+                .await
+                .expect("stream open until consent timeout");
+            seen = seq(&f).unwrap_or(seen).max(seen);
+        }
+    })
+    .await
+    .expect("the last frame sent arrives on its own");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
