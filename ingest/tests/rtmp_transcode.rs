@@ -199,7 +199,8 @@ async fn x264_bframes_are_transcoded_in_sync() {
 /// the source playing: B-frames passed through, from a keyframe on.
 async fn falls_back(policy: Policy, name: &str) {
     let server = Server::start_with(policy).await;
-    let e = bframe_encode(4);
+    // Long enough to outlast the stall detection (5 s) by 3 s of frames.
+    let e = bframe_encode(9);
     let mut ff = ffmpeg_publish(&server.url(name), e);
     let sub = wait_live(&server.registry, name, Duration::from_secs(20)).await;
     let seen = collect(sub, Duration::from_secs(u64::from(e.secs) + 20)).await;
@@ -228,4 +229,15 @@ async fn a_transcoder_that_exits_falls_back_to_the_source() {
 async fn past_the_limit_streams_fall_back_to_the_source() {
     let ffmpeg = find_ffmpeg(None).expect("ffmpeg");
     falls_back(transcode_policy(ffmpeg, 0), "bf_limit").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transcoder_that_stalls_falls_back_to_the_source() {
+    // Takes ffmpeg's arguments, reads nothing, writes nothing: a hung child.
+    use std::os::unix::fs::PermissionsExt;
+    let script = std::env::temp_dir().join(format!("cascade-stall-{}.sh", std::process::id()));
+    std::fs::write(&script, "#!/bin/sh\nexec sleep 60\n").unwrap();
+    std::fs::set_permissions(&script, std::fs::Permissions::from_mode(0o755)).unwrap();
+    falls_back(transcode_policy(script.clone(), 4), "bf_stalls").await;
+    let _ = std::fs::remove_file(&script);
 }
