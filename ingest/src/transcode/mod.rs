@@ -21,7 +21,6 @@ pub mod pipe;
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -438,7 +437,6 @@ async fn read_stdout(
 async fn log_stderr(stderr: tokio::process::ChildStderr) {
     let mut lines = BufReader::new(stderr).lines();
     let mut n = 0u64;
-    static NOTED: AtomicBool = AtomicBool::new(false);
     while let Ok(Some(line)) = lines.next_line().await {
         // Said of every stream: the input is read without probing.
         if line.contains("not enough frames to estimate rate") {
@@ -448,7 +446,7 @@ async fn log_stderr(stderr: tokio::process::ChildStderr) {
         n += 1;
         if n <= STDERR_LINES {
             tracing::warn!(ffmpeg = %line, "ffmpeg");
-        } else if n == STDERR_LINES + 1 && !NOTED.swap(true, Ordering::Relaxed) {
+        } else if n == STDERR_LINES + 1 {
             tracing::warn!("further ffmpeg messages of this transcode are not logged");
         }
     }
