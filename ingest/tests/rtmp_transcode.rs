@@ -241,3 +241,43 @@ async fn a_transcoder_that_stalls_falls_back_to_the_source() {
     falls_back(transcode_policy(script.clone(), 4), "bf_stalls").await;
     let _ = std::fs::remove_file(&script);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_takeover_replaces_the_transcoder() {
+    let ffmpeg = find_ffmpeg(None).expect("ffmpeg");
+    let server = Server::start_with(transcode_policy(ffmpeg, 4)).await;
+    let name = "bf_takeover";
+    let _first = ffmpeg_publish(&server.url(name), bframe_encode(20));
+    let _sub = wait_live(&server.registry, name, Duration::from_secs(20)).await;
+    let old = transcode_children();
+    assert_eq!(old.len(), 1, "{old:?}");
+    let _second = ffmpeg_publish(&server.url(name), bframe_encode(20));
+    // The new publisher gets its own transcoder; the old one is killed with
+    // the connection it served.
+    let replaced = timeout(Duration::from_secs(20), async {
+        loop {
+            let now = transcode_children();
+            if now.len() == 1 && now != old {
+                return now;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        replaced.is_ok(),
+        "transcoders after the takeover: {:?} (before: {old:?})",
+        transcode_children()
+    );
+    server.stop().await;
+    let gone = timeout(WAIT, async {
+        while !transcode_children().is_empty() {
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    })
+    .await;
+    assert!(
+        gone.is_ok(),
+        "ffmpeg transcoder still running after shutdown"
+    );
+}
