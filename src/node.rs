@@ -84,8 +84,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .with_context(|| format!("binding RTMP on {}", cfg.rtmp))?;
         rtmp_addr = listener.local_addr().ok();
         let (registry, token, stop) = (registry.clone(), token.clone(), stop.clone());
-        if let Some(note) = &cfg.bframes_note {
-            tracing::warn!("{note}");
+        match (&cfg.bframes, &cfg.bframes_note) {
+            (_, Some(note)) => tracing::warn!("{note}"),
+            (cascade_ingest::transcode::Policy::Transcode(s), None) => tracing::info!(
+                ffmpeg = %s.ffmpeg.display(),
+                max = s.max,
+                "RTMP H.264 with B-frames is re-encoded without them"
+            ),
+            (_, None) => tracing::info!("RTMP H.264 with B-frames is passed through"),
         }
         let bframes = cfg.bframes.clone();
         tokio::spawn(async move {
