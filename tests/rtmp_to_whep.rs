@@ -52,11 +52,27 @@ fn ffmpeg(rtmp: &str, stream: &str, extra: &[&str], secs: u32) -> tokio::process
         .expect("ffmpeg runs (scripts/test.sh installs it)")
 }
 
+/// The value of the first sample of `name` (any labels) in a Prometheus text.
+fn metric(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
+        .and_then(|l| l.split_whitespace().last())
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0.0)
+}
+
 /// `min_video` frames in 5 s: ≈30 fps, or the I/P frames alone when the
 /// edge drops B slices (edge/src/bframes.rs, docs/bframes.md).
-/// Returns `/api/streams` and the edge's count of dropped B-frames.
-async fn rtmp_plays(stream: &str, extra: &[&str], min_video: u64) -> (serde_json::Value, f64) {
-    let node = Node::start("all", &[]);
+/// `node_args` pick the B-frame policy. Returns `/api/streams` and the
+/// node's `/metrics` text.
+async fn rtmp_plays(
+    node_args: &[&str],
+    stream: &str,
+    extra: &[&str],
+    min_video: u64,
+) -> (serde_json::Value, String) {
+    let node = Node::start("all", node_args);
     let rtmp = node
         .rtmp
         .clone()
@@ -102,22 +118,47 @@ async fn rtmp_plays(stream: &str, extra: &[&str], min_video: u64) -> (serde_json
         .text()
         .await
         .unwrap();
-    let dropped = metrics
-        .lines()
-        .find(|l| l.starts_with("cascade_edge_bframes_dropped_total"))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0);
     let _ = child.kill().await;
     tokio::time::sleep(Duration::from_millis(100)).await;
-    (streams, dropped)
+    (streams, metrics)
 }
 
+/// The default policy where ffmpeg exists: the ingest re-encodes a
+/// B-frame stream without B-frames, so viewers get the full frame rate and
+/// the edge has nothing to drop.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn rtmp_with_bframes_plays_over_whep() {
-    // The edge drops B slices for Chromium's sake: ~8–15 of 30 fps remain.
-    let (streams, dropped) = rtmp_plays("bf", &[], 40).await;
-    assert!(dropped > 0.0, "the edge counts the B-frames it drops");
+async fn rtmp_with_bframes_is_transcoded_and_plays_over_whep() {
+    let (streams, metrics) = rtmp_plays(&["--bframes", "transcode"], "bft", &[], 100).await;
+    assert_eq!(
+        metric(&metrics, "cascade_edge_bframes_dropped_total"),
+        0.0,
+        "re-encoded without B-frames: nothing to drop"
+    );
+    assert!(
+        metric(&metrics, "cascade_ingest_transcode_frames_total") > 0.0,
+        "frames went through the transcoder"
+    );
+    assert_eq!(streams[0]["protocol"], "rtmp");
+    assert_eq!(
+        streams[0]["bframes"], true,
+        "the source's B-frames are still reported: {streams}"
+    );
+}
+
+/// `--bframes drop`: no re-encode; the edge drops B slices for Chromium's
+/// sake and ~8–15 of 30 fps remain.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rtmp_with_bframes_dropped_at_the_edge_plays_over_whep() {
+    let (streams, metrics) = rtmp_plays(&["--bframes", "drop"], "bf", &[], 40).await;
+    assert!(
+        metric(&metrics, "cascade_edge_bframes_dropped_total") > 0.0,
+        "the edge counts the B-frames it drops"
+    );
+    assert_eq!(
+        metric(&metrics, "cascade_ingest_transcode_frames_total"),
+        0.0,
+        "no transcoder with --bframes drop"
+    );
     assert_eq!(streams[0]["protocol"], "rtmp");
     assert_eq!(
         streams[0]["bframes"], true,
@@ -127,7 +168,16 @@ async fn rtmp_with_bframes_plays_over_whep() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmp_without_bframes_plays_over_whep() {
-    let (streams, dropped) = rtmp_plays("nobf", &["-bf", "0"], 100).await;
-    assert_eq!(dropped, 0.0, "no B-frames, none dropped");
+    let (streams, metrics) = rtmp_plays(&[], "nobf", &["-bf", "0"], 100).await;
+    assert_eq!(
+        metric(&metrics, "cascade_edge_bframes_dropped_total"),
+        0.0,
+        "no B-frames, none dropped"
+    );
+    assert_eq!(
+        metric(&metrics, "cascade_ingest_transcode_frames_total"),
+        0.0,
+        "no B-frames, no transcoder"
+    );
     assert_eq!(streams[0]["bframes"], false, "{streams}");
 }
