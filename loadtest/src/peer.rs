@@ -4,9 +4,18 @@
 //! `loop { drain() -> events + next timeout; select!{ datagram => handle, deadline => tick } }`.
 //! ICE-TCP (RFC 6544) uses an active candidate on the discard port 9 and RFC 4571 framing
 //! (2-byte length) on one connection to the server's passive candidate.
+//!
+//! UDP sockets receive with GRO (quinn-udp): a server's GSO batch (one viewer-frame, a few
+//! equal-size datagrams) arrives as one buffer that is split by its stride here. Without it,
+//! on loopback the kernel segments every batch again and delivers each datagram separately,
+//! and that receive-side work runs in the *sender's* softirq: the load generator would be
+//! billed to the server it measures.
 
+use std::io::IoSliceMut;
 use std::net::{IpAddr, SocketAddr};
 use std::time::{Duration, Instant};
+
+use quinn_udp::{RecvMeta, UdpSocketState};
 
 use str0m::net::{Protocol, Receive, TcpType};
 use str0m::{Candidate, Event, Input, Output, Rtc};
@@ -15,8 +24,9 @@ use tokio::net::{TcpStream, UdpSocket};
 
 use crate::{Error, Result};
 
-/// Largest datagram we expect (SRTP over a 1500-byte MTU fits easily).
-const RECV_BUF: usize = 2048;
+/// UDP receive buffer: a GRO buffer holds up to 64 KiB of coalesced datagrams, and a
+/// shorter buffer would truncate them.
+const RECV_BUF: usize = 64 * 1024;
 /// TCP read buffer: several RFC 4571 frames per read.
 const TCP_READ_BUF: usize = 64 * 1024;
 /// Active TCP candidates advertise port 9 (RFC 6544 §4.5).
@@ -29,7 +39,12 @@ const MAX_TAPPED_BURST: usize = 64;
 const TCP_CONNECT_TIMEOUT: Duration = Duration::from_secs(5);
 
 enum Transport {
-    Udp(UdpSocket),
+    Udp {
+        socket: UdpSocket,
+        state: UdpSocketState,
+        /// Datagrams of the last GRO read not yet handled (in `Peer::buf`).
+        pending: Segments,
+    },
     Tcp {
         conn: Option<(TcpStream, SocketAddr)>,
         /// Bytes read but not yet a whole frame.
@@ -54,7 +69,11 @@ impl Peer {
         rtc.add_local_candidate(cand);
         Ok(Self {
             rtc,
-            transport: Transport::Udp(socket),
+            transport: Transport::Udp {
+                state: UdpSocketState::new((&socket).into())?,
+                socket,
+                pending: Segments::default(),
+            },
             local,
             buf: vec![0; RECV_BUF],
         })
@@ -97,7 +116,9 @@ impl Peer {
     async fn send(&mut self, data: &[u8], dst: SocketAddr, proto: Protocol) {
         // A failed send is loss, which str0m's retransmissions and ICE checks handle.
         let res = match (&mut self.transport, proto) {
-            (Transport::Udp(s), Protocol::Udp) => s.send_to(data, dst).await.map(|_| ()),
+            (Transport::Udp { socket, .. }, Protocol::Udp) => {
+                socket.send_to(data, dst).await.map(|_| ())
+            }
             (Transport::Tcp { conn, .. }, Protocol::Tcp) => {
                 if conn.is_none() {
                     match tokio::time::timeout(TCP_CONNECT_TIMEOUT, TcpStream::connect(dst)).await {
@@ -147,33 +168,51 @@ impl Peer {
     ) -> Result<()> {
         let sleep = tokio::time::sleep_until(until.into());
         match &mut self.transport {
-            Transport::Udp(socket) => {
-                tokio::select! {
-                    r = socket.recv_from(&mut self.buf) => {
-                        let (n, mut source) = r?;
-                        let mut now = Instant::now();
-                        let mut data = self.buf.get(..n).unwrap_or_default();
-                        // Datagrams the tap takes leave str0m untouched, so a burst of them (one
-                        // video frame) is read in this one wakeup; the first one for str0m ends it.
-                        // Never read a datagram the loop will not hand on: the last one read
-                        // past the burst limit was silently lost (counted as viewer loss).
-                        for taken in 1..=MAX_TAPPED_BURST {
-                            if !tap(data, now) {
-                                feed(&mut self.rtc, Protocol::Udp, source, self.local, data, now);
-                                break;
-                            }
-                            if taken == MAX_TAPPED_BURST {
-                                break;
-                            }
-                            let Ok((n, src)) = socket.try_recv_from(&mut self.buf) else {
-                                break;
-                            };
-                            source = src;
-                            now = Instant::now();
-                            data = self.buf.get(..n).unwrap_or_default();
+            Transport::Udp {
+                socket,
+                state,
+                pending,
+            } => {
+                if pending.is_empty() {
+                    tokio::select! {
+                        r = recv_gro(socket, state, &mut self.buf) => *pending = r?,
+                        _ = sleep => {
+                            self.rtc.handle_input(Input::Timeout(Instant::now()))?;
+                            return Ok(());
                         }
                     }
-                    _ = sleep => self.rtc.handle_input(Input::Timeout(Instant::now()))?,
+                }
+                // Datagrams the tap takes leave str0m untouched, so a burst of them (one
+                // video frame) is read in this one wakeup; the first one for str0m ends it
+                // and the rest of its GRO buffer waits for the next call (str0m must be
+                // drained between inputs). Never read a datagram the loop will not hand on.
+                let mut now = Instant::now();
+                for taken in 1..=MAX_TAPPED_BURST {
+                    let Some(range) = pending.next() else {
+                        match try_recv_gro(socket, state, &mut self.buf) {
+                            Ok(p) => {
+                                *pending = p;
+                                now = Instant::now();
+                                continue;
+                            }
+                            Err(_) => break,
+                        }
+                    };
+                    let data = self.buf.get(range).unwrap_or_default();
+                    if !tap(data, now) {
+                        feed(
+                            &mut self.rtc,
+                            Protocol::Udp,
+                            pending.source,
+                            self.local,
+                            data,
+                            now,
+                        );
+                        break;
+                    }
+                    if taken == MAX_TAPPED_BURST {
+                        break;
+                    }
                 }
             }
             Transport::Tcp {
@@ -230,6 +269,75 @@ fn udp_socket(addr: SocketAddr) -> Result<UdpSocket> {
     s.set_nonblocking(true)?;
     s.bind(&addr.into())?;
     Ok(UdpSocket::from_std(s.into())?)
+}
+
+/// The datagrams of one GRO read: `len` bytes in the buffer, split every `stride` bytes.
+#[derive(Debug, PartialEq)]
+struct Segments {
+    pos: usize,
+    len: usize,
+    stride: usize,
+    source: SocketAddr,
+}
+
+impl Default for Segments {
+    fn default() -> Self {
+        Self {
+            pos: 0,
+            len: 0,
+            stride: 0,
+            source: SocketAddr::from(([0, 0, 0, 0], 0)),
+        }
+    }
+}
+
+impl Segments {
+    fn is_empty(&self) -> bool {
+        self.pos >= self.len
+    }
+
+    /// The byte range of the next datagram, if any is left.
+    fn next(&mut self) -> Option<std::ops::Range<usize>> {
+        if self.is_empty() {
+            return None;
+        }
+        let end = self.len.min(self.pos + self.stride.max(1));
+        let range = self.pos..end;
+        self.pos = end;
+        Some(range)
+    }
+}
+
+/// Waits for and reads one GRO buffer.
+async fn recv_gro(socket: &UdpSocket, state: &UdpSocketState, buf: &mut [u8]) -> Result<Segments> {
+    loop {
+        socket.readable().await?;
+        match try_recv_gro(socket, state, buf) {
+            Ok(s) => return Ok(s),
+            Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => continue,
+            Err(e) => return Err(e.into()),
+        }
+    }
+}
+
+/// Reads one GRO buffer if one is ready, without waiting.
+fn try_recv_gro(
+    socket: &UdpSocket,
+    state: &UdpSocketState,
+    buf: &mut [u8],
+) -> std::io::Result<Segments> {
+    let mut meta = [RecvMeta::default()];
+    socket.try_io(tokio::io::Interest::READABLE, || {
+        let mut bufs = [IoSliceMut::new(buf)];
+        state.recv(socket.into(), &mut bufs, &mut meta)
+    })?;
+    let [meta] = meta;
+    Ok(Segments {
+        pos: 0,
+        len: meta.len,
+        stride: meta.stride,
+        source: meta.addr,
+    })
 }
 
 /// Take one whole RFC 4571 frame (16-bit length + bytes) off the front of `pending`.
@@ -291,6 +399,28 @@ pub(crate) async fn join_task<T>(
 mod tests {
     use super::*;
     use proptest::prelude::*;
+
+    #[test]
+    fn splits_a_gro_buffer_by_stride() {
+        let mut s = Segments {
+            len: 10,
+            stride: 4,
+            ..Segments::default()
+        };
+        assert_eq!(s.next(), Some(0..4));
+        assert_eq!(s.next(), Some(4..8));
+        assert_eq!(s.next(), Some(8..10)); // GSO allows a short last segment
+        assert_eq!(s.next(), None);
+        assert!(s.is_empty());
+        // No GRO: stride equals the one datagram's length.
+        let mut one = Segments {
+            len: 5,
+            stride: 5,
+            ..Segments::default()
+        };
+        assert_eq!(one.next(), Some(0..5));
+        assert_eq!(one.next(), None);
+    }
 
     #[test]
     fn splits_rfc4571_frames() {

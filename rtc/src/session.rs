@@ -42,6 +42,11 @@ impl fmt::Display for SessionId {
 pub enum Flow {
     /// Keep the session.
     Continue,
+    /// Keep the session; `on_wake` wrote nothing, so the shard skips polling it.
+    /// A shard serves the viewers of many streams and every frame of any of them
+    /// wakes the whole shard: without this, each wake polled every session (str0m's
+    /// timeout handling included) whether it had media or not.
+    Idle,
     /// End the session (the handler decided: e.g. the stream ended).
     Close,
 }

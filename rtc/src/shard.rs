@@ -225,10 +225,11 @@ impl Shard {
                 now,
                 id,
             });
-            if flow == Flow::Close {
-                self.close(id, CloseReason::Handler);
-            } else {
-                self.drain(id, now);
+            match flow {
+                Flow::Close => self.close(id, CloseReason::Handler),
+                // Nothing written: its timers are on the heap, nothing to poll.
+                Flow::Idle => {}
+                Flow::Continue => self.drain(id, now),
             }
         }
         self.ids = ids;

@@ -267,15 +267,18 @@ impl Viewer {
 
     fn pump(&mut self, ctx: &mut Ctx<'_>) -> Flow {
         if !self.connected {
-            return Flow::Continue;
+            return Flow::Idle;
         }
-        let mut flow = Flow::Continue;
+        let mut flow = Flow::Idle;
         for out in &mut self.outs {
             let (frames, packets) = (out.frames, out.packets);
             if out.pump(ctx) == Flow::Close {
                 flow = Flow::Close;
             }
             if out.frames > frames {
+                if flow == Flow::Idle {
+                    flow = Flow::Continue;
+                }
                 out.frames_out.increment(out.frames - frames);
                 out.packets_out.increment(out.packets - packets);
             }
