@@ -10,16 +10,33 @@ use anyhow::Context;
 use axum::Router;
 use cascade_origin::relay;
 use cascade_origin::Registry;
-use metrics_exporter_prometheus::PrometheusBuilder;
+use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
 use tokio::net::TcpListener;
 use tokio_util::sync::CancellationToken;
 
 use crate::api::{self, Api};
 use crate::config::{Config, Role};
 
+/// Bucket bounds (seconds) for every `*_seconds` histogram: from the
+/// microseconds a packetization takes to the seconds of a slow first frame.
+const SECONDS_BUCKETS: &[f64] = &[
+    0.000_01, 0.000_05, 0.000_1, 0.000_25, 0.000_5, 0.001, 0.002, 0.003, 0.005, 0.007_5, 0.01,
+    0.015, 0.02, 0.03, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.5, 0.75, 1.0, 2.0, 5.0,
+];
+
+/// Durations are exported as Prometheus histograms, not client-side
+/// summaries: buckets add up across edges and across time, so a dashboard
+/// (or `scripts/bench/edge_load.py`) takes quantiles of any window by
+/// subtracting two scrapes, where a summary only knows its own rolling one.
+fn prometheus_builder() -> PrometheusBuilder {
+    PrometheusBuilder::new()
+        .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS_BUCKETS)
+        .expect("bucket bounds are not empty")
+}
+
 /// Runs the node until shut down.
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
-    let prometheus = PrometheusBuilder::new().install_recorder().ok();
+    let prometheus = prometheus_builder().install_recorder().ok();
     if let Some(handle) = prometheus.clone() {
         // Histograms buffer samples in blocks until a render or an upkeep
         // folds them into the summary; a scrape only every 15–60 s would
@@ -296,4 +313,30 @@ fn banner(
     }
     println!("  Health: http://{host}:{port}/healthz   Metrics: http://{host}:{port}/metrics   Streams: http://{host}:{port}/api/streams");
     println!("  (replace STREAM with any name of 1-64 characters A-Z a-z 0-9 _ -)");
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn durations_are_histograms_with_buckets() {
+        let recorder = prometheus_builder().build_recorder();
+        let handle = recorder.handle();
+        metrics::with_local_recorder(&recorder, || {
+            metrics::histogram!("cascade_test_delay_seconds").record(0.004);
+            metrics::histogram!("cascade_test_size").record(3.0);
+        });
+        let text = handle.render();
+        assert!(
+            text.contains(r#"cascade_test_delay_seconds_bucket{le="0.005"} 1"#),
+            "{text}"
+        );
+        assert!(
+            text.contains(r#"cascade_test_delay_seconds_bucket{le="0.003"} 0"#),
+            "{text}"
+        );
+        // Other histograms keep the exporter's default (a summary).
+        assert!(text.contains(r#"cascade_test_size{quantile="#), "{text}");
+    }
 }

@@ -65,15 +65,20 @@ def rss_kib(pid):
     return 0
 
 
+QUANTILES = (0.5, 0.9, 0.95, 0.99, 0.999)
+
+
 def metrics():
+    """Sums per metric name, and the cumulative buckets of the first-frame and egress-delay
+    histograms as {name: [(le, count), ...]}."""
     out = subprocess.run(["curl", "-s", f"http://{HTTP}/metrics"], capture_output=True,
                          text=True, timeout=10).stdout
-    vals, quantiles = {}, {}
+    vals, buckets = {}, {}
     for line in out.splitlines():
-        q = re.match(r'cascade_edge_(first_frame|egress_delay)_seconds\{quantile="([0-9.]+)"\} (\S+)',
+        b = re.match(r'cascade_edge_(first_frame|egress_delay)_seconds_bucket\{le="([^"]+)"\} (\S+)',
                      line)
-        if q:
-            quantiles[f"{q.group(1)}_{q.group(2)}"] = float(q.group(3))
+        if b:
+            buckets.setdefault(b.group(1), []).append((float(b.group(2)), float(b.group(3))))
         if line.startswith("#") or not line.strip():
             continue
         name, _, value = line.rpartition(" ")
@@ -82,7 +87,31 @@ def metrics():
             vals[base] = vals.get(base, 0.0) + float(value)
         except ValueError:
             pass
-    return vals, quantiles
+    return vals, buckets
+
+
+def bucket_quantiles(end, start=None):
+    """Quantiles of the samples between two scrapes (or since the start), interpolated
+    linearly inside a bucket as Prometheus' histogram_quantile does."""
+    res = {}
+    for name, cum in (end or {}).items():
+        before = dict((start or {}).get(name, []))
+        cum = sorted((le, n - before.get(le, 0.0)) for le, n in cum)
+        total = cum[-1][1] if cum else 0
+        res[f"{name}_count"] = total
+        if not total:
+            continue
+        for q in QUANTILES:
+            rank, prev_le, prev_n = q * total, 0.0, 0.0
+            for le, n in cum:
+                if n >= rank:
+                    if le == float("inf"):
+                        res[f"{name}_{q}"] = prev_le  # beyond the last bound: its lower edge
+                    else:
+                        res[f"{name}_{q}"] = prev_le + (le - prev_le) * (rank - prev_n) / max(n - prev_n, 1e-9)
+                    break
+                prev_le, prev_n = le, n
+    return res
 
 
 def server_socket_drops(port):
@@ -156,7 +185,7 @@ def run(args, viewers, out_dir):
     t0 = time.time()
     perf = None
     softirqd = ksoftirqd(args.server_cpu)
-    m = quantiles = None
+    m = buckets = steady_start = None
     drops = 0
     ramp_s = viewers / args.ramp if args.ramp else 0
     while client.poll() is None and time.time() - t0 < args.duration + 60:
@@ -166,9 +195,12 @@ def run(args, viewers, out_dir):
                             cpu_seconds(client.pid), cpu_seconds(softirqd) if softirqd else 0))
         except OSError:
             break
+        if steady_start is None and not args.janus and t > ramp_s + 3 + 1.5:
+            # The steady window's histograms are the end scrape minus this one.
+            steady_start = metrics()[1]
         if m is None and not args.janus and t > args.duration - 0.5:
             # Before the viewers leave: sends to closed ports after the run are not drops.
-            m, quantiles = metrics()
+            m, buckets = metrics()
             drops = server_socket_drops(UDP_PORT)
         if args.perf and perf is None and t > ramp_s + 4:
             perf = subprocess.Popen(
@@ -177,7 +209,7 @@ def run(args, viewers, out_dir):
                 stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         time.sleep(0.5)
     if m is None:
-        m, quantiles = ({}, {}) if args.janus else metrics()
+        m, buckets = ({}, {}) if args.janus else metrics()
     out, _ = client.communicate(timeout=90)
     rcv = rcvbuf_errors() - rcv0
     if perf:
@@ -209,7 +241,9 @@ def run(args, viewers, out_dir):
         "server_cpu_pct_ramp": ramp_pct,
         "client_cpu_pct": client_pct,
         "ksoftirqd_cpu_pct": softirq_pct,
-        "server_quantiles_s": quantiles,
+        # Whole run (ramp included) and the steady window alone.
+        "server_quantiles_s": bucket_quantiles(buckets),
+        "server_quantiles_steady_s": bucket_quantiles(buckets, steady_start),
         "viewers_per_core": (conn * 100 / cpu_pct) if cpu_pct else None,
         "cpu_us_per_viewer_s": (cpu_pct * 1e4 / conn) if cpu_pct and conn else None,
         "rss_kib_base": base_rss,

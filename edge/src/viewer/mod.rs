@@ -168,18 +168,28 @@ impl Out {
         self.member.feed().request_keyframe();
     }
 
-    /// Writes one frame. False when str0m has no stream for the mid.
+    /// Writes one frame, unless it is a live non-keyframe and str0m's send
+    /// queue is already too long: then the viewer lags and skips to the next
+    /// keyframe. One stream lookup serves both (it is per viewer per frame).
     fn write(
         &mut self,
         ctx: &mut Ctx<'_>,
         frame: &PacketizedFrame,
         ts: u64,
         wallclock: Instant,
-    ) -> bool {
+    ) -> Written {
+        let check_queue = !frame.keyframe && !self.cursor.in_backlog();
         let mut api = ctx.rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(self.mid, None) else {
-            return false;
+            return Written::NoStream;
         };
+        if check_queue
+            && tx
+                .queue_info()
+                .is_some_and(|q| q.packet_count() > MAX_QUEUED_PACKETS)
+        {
+            return Written::QueueFull;
+        }
         // RTP timestamps wrap modulo 2^32 by design (RFC 3550 §5.1); the mask
         // makes the narrowing exact.
         let rtp_ts = ((ts.wrapping_add(self.ts_offset)) & 0xffff_ffff) as u32;
@@ -193,14 +203,7 @@ impl Out {
         }
         self.frames += 1;
         self.packets += frame.payloads.len() as u64;
-        true
-    }
-
-    fn queue_too_long(&mut self, ctx: &mut Ctx<'_>) -> bool {
-        let mut api = ctx.rtc.direct_api();
-        api.stream_tx_by_mid(self.mid, None)
-            .and_then(|tx| tx.queue_info().map(|q| q.packet_count()))
-            .is_some_and(|n| n > MAX_QUEUED_PACKETS)
+        Written::Sent
     }
 
     /// Sends the backlog (a budget per wake), then everything the ring
@@ -212,13 +215,14 @@ impl Out {
             let live = !self.cursor.in_backlog();
             match self.cursor.next(&mut budget) {
                 Next::Frame(f, ts, wallclock) => {
-                    if !f.keyframe && !self.cursor.in_backlog() && self.queue_too_long(ctx) {
-                        self.cursor.skip_to_keyframe();
-                        self.lagged("queue", ctx.now);
-                        continue;
-                    }
-                    if !self.write(ctx, &f, ts, wallclock) {
-                        return Flow::Close;
+                    match self.write(ctx, &f, ts, wallclock) {
+                        Written::Sent => {}
+                        Written::QueueFull => {
+                            self.cursor.skip_to_keyframe();
+                            self.lagged("queue", ctx.now);
+                            continue;
+                        }
+                        Written::NoStream => return Flow::Close,
                     }
                     if let (true, Some(h)) = (live, &self.egress_delay) {
                         let us = cascade_origin::wallclock_us().saturating_sub(f.ingest_us);
@@ -231,6 +235,15 @@ impl Out {
             }
         }
     }
+}
+
+/// What [`Out::write`] did with a frame.
+enum Written {
+    Sent,
+    /// Not sent: the viewer cannot keep up (see `MAX_QUEUED_PACKETS`).
+    QueueFull,
+    /// str0m has no stream for the mid: the session is broken.
+    NoStream,
 }
 
 /// A WHEP viewer.
