@@ -2,7 +2,7 @@
 //! shared UDP socket; the [`Server`] spreads new sessions over them.
 //!
 //! Shard loop (one tokio task per shard):
-//! `select! { commands, datagrams (batch), wake (media ready), earliest timer,
+//! `select! { commands, wake (media ready), datagrams (batch), earliest timer,
 //! housekeeping }`; after every input the touched session is drained
 //! (`poll_output` until a future `Timeout`), transmitting as it goes.
 
@@ -112,6 +112,12 @@ impl Shard {
                     }
                     Some(cmd) => self.command(cmd),
                 },
+                // Media before the inbox: a wake means a frame is ready for
+                // every viewer, while the inbox is mostly viewers' RTCP and
+                // STUN. Under load the inbox is never empty, so with it first a
+                // frame waited behind batch after batch of feedback. A wake
+                // comes at most once per frame, so the inbox is not starved.
+                _ = wake.notified() => self.wake_all(),
                 Some(d) = inbox.recv() => {
                     self.datagram(d);
                     for _ in 1..INBOX_BATCH {
@@ -121,7 +127,6 @@ impl Shard {
                         }
                     }
                 }
-                _ = wake.notified() => self.wake_all(),
                 _ = tokio::time::sleep_until(next.into()) => self.timers(Instant::now()),
                 _ = housekeeping.tick() => self.housekeeping(Instant::now()),
             }
