@@ -38,10 +38,11 @@ fn prometheus_builder() -> PrometheusBuilder {
 pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let prometheus = prometheus_builder().install_recorder().ok();
     if let Some(handle) = prometheus.clone() {
-        // Histograms buffer samples in blocks until a render or an upkeep
-        // folds them into the summary; a scrape only every 15–60 s would
-        // keep just the newest block and report quantiles of the last few
-        // dozen samples (docs/benchmarks.md, "Where the flat 10 ms went").
+        // Histogram samples wait in an unbounded buffer until a render or
+        // an upkeep folds them into their buckets (or summary): without a
+        // scrape that buffer would grow for ever, and a summary read rarely
+        // keeps only its newest block of samples (docs/benchmarks.md, "Where
+        // the flat 10 ms went").
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(Duration::from_secs(1));
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);

@@ -9,7 +9,7 @@ mod common;
 use std::time::Duration;
 
 use clap::Parser;
-use common::{publish, wait_live, Node};
+use common::{metric_sum, publish, wait_live, Node};
 
 const VIEWERS: u32 = 100;
 
@@ -118,12 +118,4 @@ fn udp_rcvbuf_errors() -> u64 {
         .find(|(n, _)| *n == "RcvbufErrors")
         .and_then(|(_, v)| v.parse().ok())
         .unwrap_or(0)
-}
-
-/// Sum of every series of a Prometheus metric (all label sets).
-fn metric_sum(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
-        .sum()
 }

@@ -9,7 +9,7 @@ mod common;
 use std::process::Stdio;
 use std::time::Duration;
 
-use common::{view, wait_live, Node, TOKEN};
+use common::{metric_sum, view, wait_live, Node, TOKEN};
 
 fn ffmpeg(rtmp: &str, stream: &str, extra: &[&str], secs: u32) -> tokio::process::Child {
     let url = format!("rtmp://{rtmp}/live/{stream}?token={TOKEN}");
@@ -50,16 +50,6 @@ fn ffmpeg(rtmp: &str, stream: &str, extra: &[&str], secs: u32) -> tokio::process
         .kill_on_drop(true)
         .spawn()
         .expect("ffmpeg runs (scripts/test.sh installs it)")
-}
-
-/// The value of the first sample of `name` (any labels) in a Prometheus text.
-fn metric(text: &str, name: &str) -> f64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .find(|l| l.starts_with(name) && l[name.len()..].starts_with([' ', '{']))
-        .and_then(|l| l.split_whitespace().last())
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0.0)
 }
 
 /// `min_video` frames in 5 s: ≈30 fps, or the I/P frames alone when the
@@ -130,12 +120,12 @@ async fn rtmp_plays(
 async fn rtmp_with_bframes_is_transcoded_and_plays_over_whep() {
     let (streams, metrics) = rtmp_plays(&["--bframes", "transcode"], "bft", &[], 100).await;
     assert_eq!(
-        metric(&metrics, "cascade_edge_bframes_dropped_total"),
+        metric_sum(&metrics, "cascade_edge_bframes_dropped_total"),
         0.0,
         "re-encoded without B-frames: nothing to drop"
     );
     assert!(
-        metric(&metrics, "cascade_ingest_transcode_frames_total") > 0.0,
+        metric_sum(&metrics, "cascade_ingest_transcode_frames_total") > 0.0,
         "frames went through the transcoder"
     );
     assert_eq!(streams[0]["protocol"], "rtmp");
@@ -151,11 +141,11 @@ async fn rtmp_with_bframes_is_transcoded_and_plays_over_whep() {
 async fn rtmp_with_bframes_dropped_at_the_edge_plays_over_whep() {
     let (streams, metrics) = rtmp_plays(&["--bframes", "drop"], "bf", &[], 40).await;
     assert!(
-        metric(&metrics, "cascade_edge_bframes_dropped_total") > 0.0,
+        metric_sum(&metrics, "cascade_edge_bframes_dropped_total") > 0.0,
         "the edge counts the B-frames it drops"
     );
     assert_eq!(
-        metric(&metrics, "cascade_ingest_transcode_frames_total"),
+        metric_sum(&metrics, "cascade_ingest_transcode_frames_total"),
         0.0,
         "no transcoder with --bframes drop"
     );
@@ -170,12 +160,12 @@ async fn rtmp_with_bframes_dropped_at_the_edge_plays_over_whep() {
 async fn rtmp_without_bframes_plays_over_whep() {
     let (streams, metrics) = rtmp_plays(&[], "nobf", &["-bf", "0"], 100).await;
     assert_eq!(
-        metric(&metrics, "cascade_edge_bframes_dropped_total"),
+        metric_sum(&metrics, "cascade_edge_bframes_dropped_total"),
         0.0,
         "no B-frames, none dropped"
     );
     assert_eq!(
-        metric(&metrics, "cascade_ingest_transcode_frames_total"),
+        metric_sum(&metrics, "cascade_ingest_transcode_frames_total"),
         0.0,
         "no B-frames, no transcoder"
     );

@@ -228,3 +228,16 @@ pub fn assert_good_viewer(r: &loadtest::whep::ViewerReport) {
         assert!(d.abs() < 40.0, "A/V drift {d} ms");
     }
 }
+
+/// Sum of every series of the Prometheus metric `name` (all label sets) in a
+/// `/metrics` text; 0 when it is absent.
+pub fn metric_sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter(|l| {
+            l.strip_prefix(name)
+                .is_some_and(|rest| rest.starts_with([' ', '{']))
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum()
+}
