@@ -73,6 +73,11 @@ pub struct Args {
     /// GOP length of the published clip, frames (30 fps).
     #[arg(long, default_value_t = 30)]
     pub gop: u32,
+    /// Publish the clip without the per-frame SEI tag (`--publish` only). Viewers then
+    /// measure no latency and no tag gaps; the server carries what a real encoder sends
+    /// (x264 writes its SEI once), one small RTP packet per frame fewer than tagged.
+    #[arg(long)]
+    pub no_tag: bool,
     /// Watch this Janus streaming mountpoint: `--url` is then Janus's HTTP API
     /// (`http://HOST:8088/janus`), for side-by-side runs against Janus.
     #[arg(long)]
@@ -195,6 +200,7 @@ async fn start_publisher(args: &Args, url: &str) -> anyhow::Result<Publisher> {
     let mut p = PublisherOptions::new(url);
     p.token.clone_from(&args.publish_token);
     p.bind = args.bind;
+    p.tag = !args.no_tag;
     let mut publisher = Publisher::start(p, Arc::new(clip))
         .await
         .context("publish")?;

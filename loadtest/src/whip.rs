@@ -49,6 +49,8 @@ pub struct PublisherOptions {
     pub bind: IpAddr,
     /// Send the Opus track too.
     pub audio: bool,
+    /// Put the SEI tag (sequence, send time) into every video frame.
+    pub tag: bool,
 }
 
 impl PublisherOptions {
@@ -62,6 +64,7 @@ impl PublisherOptions {
             seq_start: 0,
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             audio: true,
+            tag: true,
         }
     }
 }
@@ -407,7 +410,11 @@ impl Session {
                 seq: report.next_seq,
                 sent_us: wallclock_us(),
             };
-            let data = tag::insert(&frame.annexb, t);
+            let data = if self.opts.tag {
+                tag::insert(&frame.annexb, t)
+            } else {
+                frame.annexb.to_vec()
+            };
             let time = MediaTime::new(self.video_time(v), Frequency::NINETY_KHZ);
             let keyframe = frame.keyframe;
             let writer = self

@@ -130,6 +130,7 @@ impl Shard {
                 _ = tokio::time::sleep_until(next.into()) => self.timers(Instant::now()),
                 _ = housekeeping.tick() => self.housekeeping(Instant::now()),
             }
+            self.egress.publish(&mut self.batch);
         }
     }
 
