@@ -35,8 +35,8 @@ pub struct Args {
     /// How long to run after the first viewer starts (e.g. 30s, 2m).
     #[arg(long, default_value = "30s", value_parser = humantime::parse_duration)]
     pub duration: Duration,
-    /// Viewer joins per second (0 = all at once).
-    #[arg(long, default_value_t = 0.0)]
+    /// Viewer joins per second, as `300` or `300/s` (0 = all at once).
+    #[arg(long, default_value = "0", value_parser = parse_ramp)]
     pub ramp: f64,
     /// Every N-th viewer (from the first) fully decrypts and checks frames; the rest read
     /// RTP headers only. 1 = all full.
@@ -146,6 +146,17 @@ pub struct Summary {
     pub publisher_video_frames: Option<u64>,
     /// Keyframe requests our publisher received (`--publish`).
     pub publisher_keyframe_requests: Option<u64>,
+}
+
+/// A join rate: a number of joins per second, optionally written with its unit (`300/s`).
+fn parse_ramp(s: &str) -> Result<f64, String> {
+    let n = s.trim().strip_suffix("/s").unwrap_or(s.trim());
+    match n.parse::<f64>() {
+        Ok(r) if r.is_finite() && r >= 0.0 => Ok(r),
+        _ => Err(format!(
+            "invalid join rate {s:?}: joins per second, e.g. 300 or 300/s"
+        )),
+    }
 }
 
 fn parse_profile(s: &str) -> Result<Profile, String> {
@@ -481,5 +492,21 @@ fn summarize(
         errors,
         publisher_video_frames: published.as_ref().map(|p| p.video_frames),
         publisher_keyframe_requests: published.as_ref().map(|p| p.keyframe_requests),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn ramp_takes_a_rate_with_or_without_its_unit() {
+        assert_eq!(parse_ramp("300"), Ok(300.0));
+        assert_eq!(parse_ramp("300/s"), Ok(300.0));
+        assert_eq!(parse_ramp("2.5/s"), Ok(2.5));
+        assert_eq!(parse_ramp("0"), Ok(0.0));
+        for bad in ["", "/s", "-1", "fast", "NaN", "inf/s", "300/m"] {
+            assert!(parse_ramp(bad).is_err(), "{bad:?} accepted");
+        }
     }
 }
