@@ -115,22 +115,37 @@ impl Shard {
                 // Media before the inbox: a wake means a frame is ready for
                 // every viewer, while the inbox is mostly viewers' RTCP and
                 // STUN. Under load the inbox is never empty, so with it first a
-                // frame waited behind batch after batch of feedback. A wake
-                // comes at most once per frame, so the inbox is not starved.
-                _ = wake.notified() => self.wake_all(),
-                Some(d) = inbox.recv() => {
-                    self.datagram(d);
-                    for _ in 1..INBOX_BATCH {
-                        match inbox.try_recv() {
-                            Ok(d) => self.datagram(d),
-                            Err(_) => break,
-                        }
-                    }
+                // frame waited behind batch after batch of feedback.
+                _ = wake.notified() => {
+                    self.wake_all();
+                    // Under load a pass lasts about a frame interval, so the next wake is
+                    // often ready when it ends and the inbox would only get the gaps: a
+                    // joining viewer's ICE and DTLS datagrams waited pass after pass, and
+                    // str0m's timers (DTLS retransmits, RTCP) behind both. One inbox batch
+                    // and the due timers after each pass bound that wait to a pass.
+                    self.inbox_batch(&mut inbox, None);
+                    self.timers(Instant::now());
                 }
+                Some(d) = inbox.recv() => self.inbox_batch(&mut inbox, Some(d)),
                 _ = tokio::time::sleep_until(next.into()) => self.timers(Instant::now()),
                 _ = housekeeping.tick() => self.housekeeping(Instant::now()),
             }
             self.egress.publish(&mut self.batch);
+        }
+    }
+
+    /// Handles `first` and up to `INBOX_BATCH` datagrams in all that are already queued.
+    fn inbox_batch(&mut self, inbox: &mut mpsc::Receiver<Datagram>, first: Option<Datagram>) {
+        let mut budget = INBOX_BATCH;
+        if let Some(d) = first {
+            self.datagram(d);
+            budget -= 1;
+        }
+        for _ in 0..budget {
+            match inbox.try_recv() {
+                Ok(d) => self.datagram(d),
+                Err(_) => break,
+            }
         }
     }
 
