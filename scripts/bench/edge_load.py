@@ -52,17 +52,22 @@ def cpu_seconds(pid):
     return (int(fields[11]) + int(fields[12])) / TICK
 
 
-def ksoftirqd(cpu):
-    """The pid of ksoftirqd/CPU: loopback delivery it takes over is server work too."""
+def kthread(matches):
+    """The pid of the first process whose name (`/proc/PID/comm`) satisfies `matches`."""
     for pid in os.listdir("/proc"):
         if pid.isdigit():
             try:
                 with open(f"/proc/{pid}/comm") as f:
-                    if f.read().strip() == f"ksoftirqd/{cpu}":
+                    if matches(f.read().strip()):
                         return int(pid)
             except OSError:
                 pass
     return None
+
+
+def ksoftirqd(cpu):
+    """The pid of ksoftirqd/CPU: loopback delivery it takes over is server work too."""
+    return kthread(lambda name: name == f"ksoftirqd/{cpu}")
 
 
 def rss_kib(pid):
@@ -158,15 +163,7 @@ def netns(args, side):
 
 def napi_thread(dev):
     """The pid of the threaded-NAPI kthread of a device (`napi/DEV-ID`)."""
-    for pid in os.listdir("/proc"):
-        if pid.isdigit():
-            try:
-                with open(f"/proc/{pid}/comm") as f:
-                    if f.read().strip().startswith(f"napi/{dev}-"):
-                        return int(pid)
-            except OSError:
-                pass
-    return None
+    return kthread(lambda name: name.startswith(f"napi/{dev}-"))
 
 
 def veth_setup(args):
