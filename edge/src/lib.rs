@@ -17,6 +17,7 @@
 pub mod bframes;
 pub mod fanout;
 pub mod metrics;
+mod offer;
 pub mod packetize;
 mod player;
 mod sdp;
