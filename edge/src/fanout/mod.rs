@@ -177,6 +177,8 @@ impl Feed {
 #[derive(Default)]
 pub struct Hub {
     feeds: Mutex<HashMap<(String, String), Arc<Feed>>>,
+    /// How feeds of H.264 tracks stamp (or drop) B-frames ([`crate::Config`]).
+    bframe_ts: BframeTs,
 }
 
 /// A viewer's hold on a feed; dropping it leaves (the last one stops the feed).
@@ -200,6 +202,14 @@ impl Drop for Member {
 }
 
 impl Hub {
+    /// A hub whose H.264 feeds handle B-frames by `bframe_ts`.
+    pub fn new(bframe_ts: BframeTs) -> Self {
+        Self {
+            feeds: Mutex::default(),
+            bframe_ts,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<(String, String), Arc<Feed>>> {
         self.feeds.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -219,7 +229,7 @@ impl Hub {
             _ => {
                 let consumer = sub.track(track)?;
                 let info = consumer.info();
-                let core = feed::Core::new(info.codec, BframeTs::current())?;
+                let core = feed::Core::new(info.codec, self.bframe_ts)?;
                 let feed = Feed::detached(&key.0, track, info.kind());
                 feeds.insert(key, feed.clone());
                 let span = tracing::info_span!("feed", role = "edge", stream = %feed.stream, track = %feed.track);
