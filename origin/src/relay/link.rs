@@ -571,3 +571,575 @@ impl<R: Clone, W, S> Link<R, W, S> {
         Ok(id)
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::relay::wire::MAX_LABEL;
+    use crate::Error;
+
+    /// Registries are named, waiters numbered, local streams named.
+    type TestLink = Link<&'static str, u32, &'static str>;
+    type TestAction = Action<&'static str, u32, &'static str>;
+
+    fn drain(link: &mut TestLink) -> Vec<TestAction> {
+        std::iter::from_fn(|| link.poll_action()).collect()
+    }
+
+    fn writes(actions: &[TestAction]) -> Vec<&Message> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Write(m) => Some(m),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn source(protocol: &str) -> Source<&'static str> {
+        Source {
+            handle: "local",
+            catalog: Catalog::default(),
+            protocol: protocol.into(),
+        }
+    }
+
+    fn publish(id: u64, stream: &str) -> Message {
+        Message::Publish {
+            id,
+            stream: stream.into(),
+            protocol: "whip".into(),
+            catalog: Catalog::default(),
+        }
+    }
+
+    fn subscribe(id: u64, stream: &str) -> Message {
+        Message::Subscribe {
+            id,
+            stream: stream.into(),
+            resume: false,
+        }
+    }
+
+    fn subscribe_ok(id: u64) -> Message {
+        Message::SubscribeOk {
+            id,
+            catalog: Catalog::default(),
+            protocol: "whip".into(),
+        }
+    }
+
+    fn violation(r: Result<()>) -> ProtocolError {
+        match r {
+            Err(Error::Protocol(e)) => e,
+            other => panic!("expected a protocol violation, got {other:?}"),
+        }
+    }
+
+    /// A client link with `name` fetched from the peer and attached.
+    fn fetched(now: Instant, name: &str) -> (TestLink, u64) {
+        let mut link = TestLink::new(Side::Connected, false, HashSet::new());
+        link.handle_fetch("edge", name.into(), 1, false);
+        let Some(Action::Write(Message::Subscribe { id, .. })) = link.poll_action() else {
+            panic!("no subscribe");
+        };
+        link.handle_message(now, subscribe_ok(id)).unwrap();
+        drain(&mut link);
+        link.handle_attached(id, true);
+        drain(&mut link);
+        (link, id)
+    }
+
+    #[test]
+    fn each_side_allocates_its_own_parity() {
+        let mut client = TestLink::new(Side::Connected, false, HashSet::new());
+        let mut server = TestLink::new(Side::Accepted, true, HashSet::new());
+        for n in 0..3 {
+            client.handle_announce(&format!("s{n}"), source("whip"));
+            server.handle_announce(&format!("s{n}"), source("whip"));
+        }
+        let ids = |link: &mut TestLink| -> Vec<u64> {
+            writes(&drain(link))
+                .iter()
+                .filter_map(|m| match m {
+                    Message::Publish { id, .. } => Some(*id),
+                    _ => None,
+                })
+                .collect()
+        };
+        assert_eq!(ids(&mut client), vec![0, 2, 4]);
+        assert_eq!(ids(&mut server), vec![1, 3, 5]);
+    }
+
+    #[test]
+    fn peer_ids_of_our_parity_or_in_use_are_violations() {
+        let now = Instant::now();
+        let mut server = TestLink::new(Side::Accepted, true, HashSet::new());
+        let e = violation(server.handle_message(now, publish(1, "s")));
+        assert!(matches!(e, ProtocolError::WrongIdParity(1)));
+        server.handle_message(now, publish(2, "s")).unwrap();
+        let e = violation(server.handle_message(now, publish(2, "t")));
+        assert!(matches!(e, ProtocolError::IdInUse(2)));
+        // A subscription still being resolved holds its id too.
+        server.handle_message(now, subscribe(4, "t")).unwrap();
+        let e = violation(server.handle_message(now, subscribe(4, "t")));
+        assert!(matches!(e, ProtocolError::IdInUse(4)));
+        let mut client = TestLink::new(Side::Connected, false, HashSet::new());
+        let e = violation(client.handle_message(now, subscribe(0, "s")));
+        assert!(matches!(e, ProtocolError::WrongIdParity(0)));
+    }
+
+    #[test]
+    fn peer_publications_are_accepted_only_when_serving() {
+        let now = Instant::now();
+        let mut server = TestLink::new(Side::Accepted, true, HashSet::new());
+        server.handle_message(now, publish(0, "cam")).unwrap();
+        assert_eq!(
+            drain(&mut server),
+            vec![Action::Accept {
+                id: 0,
+                stream: "cam".into(),
+                protocol: "whip".into(),
+                catalog: Catalog::default(),
+            }]
+        );
+        // Catalog updates reach a known publication, not an unknown id.
+        server
+            .handle_message(
+                now,
+                Message::CatalogUpdate {
+                    id: 0,
+                    catalog: Catalog::default(),
+                },
+            )
+            .unwrap();
+        server
+            .handle_message(
+                now,
+                Message::CatalogUpdate {
+                    id: 8,
+                    catalog: Catalog::default(),
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            drain(&mut server),
+            vec![Action::SetCatalog {
+                id: 0,
+                catalog: Catalog::default()
+            }]
+        );
+        let mut client = TestLink::new(Side::Connected, false, HashSet::new());
+        let e = violation(client.handle_message(now, publish(1, "cam")));
+        assert!(matches!(e, ProtocolError::PublishRefused));
+    }
+
+    #[test]
+    fn too_many_peer_publications_end_the_link() {
+        let now = Instant::now();
+        let mut server = TestLink::new(Side::Accepted, true, HashSet::new());
+        for n in 0..MAX_PUBLICATIONS as u64 {
+            server.handle_message(now, publish(n * 2, "s")).unwrap();
+        }
+        let e = violation(server.handle_message(now, publish(MAX_PUBLICATIONS as u64 * 2, "s")));
+        assert!(matches!(e, ProtocolError::TooManyPublications { max: 256 }));
+    }
+
+    #[test]
+    fn handshake_messages_after_the_handshake_are_violations() {
+        let mut link = TestLink::new(Side::Accepted, true, HashSet::new());
+        let e = violation(link.handle_message(Instant::now(), Message::AuthOk));
+        assert!(matches!(
+            e,
+            ProtocolError::UnexpectedMessage { got: "auth_ok", .. }
+        ));
+    }
+
+    #[test]
+    fn peer_subscriptions_are_resolved_then_served_or_refused() {
+        let now = Instant::now();
+        let mut server = TestLink::new(Side::Accepted, true, HashSet::new());
+        server
+            .handle_message(
+                now,
+                Message::Subscribe {
+                    id: 0,
+                    stream: "cam".into(),
+                    resume: true,
+                },
+            )
+            .unwrap();
+        assert_eq!(
+            drain(&mut server),
+            vec![Action::Resolve {
+                id: 0,
+                stream: "cam".into()
+            }]
+        );
+        server.handle_resolved(0, Some(source("rtmp")));
+        assert_eq!(
+            drain(&mut server),
+            vec![
+                Action::Write(Message::SubscribeOk {
+                    id: 0,
+                    catalog: Catalog::default(),
+                    protocol: "rtmp".into(),
+                }),
+                Action::StartSending {
+                    id: 0,
+                    source: "local",
+                    resume: true
+                },
+            ]
+        );
+        // Keyframe requests reach the stream we send; then the peer leaves.
+        let key = Message::KeyframeRequest {
+            id: 0,
+            track: "video".into(),
+        };
+        server.handle_message(now, key).unwrap();
+        server
+            .handle_message(now, Message::Unsubscribe { id: 0 })
+            .unwrap();
+        assert_eq!(
+            drain(&mut server),
+            vec![
+                Action::RequestKeyframe {
+                    id: 0,
+                    track: "video".into()
+                },
+                Action::StopSending { id: 0 },
+            ]
+        );
+        // Not found locally.
+        server.handle_message(now, subscribe(2, "gone")).unwrap();
+        drain(&mut server);
+        server.handle_resolved(2, None);
+        assert_eq!(
+            drain(&mut server),
+            vec![Action::Write(Message::NotFound { id: 2 })]
+        );
+        // Unsubscribed while resolving: the late answer is dropped.
+        server.handle_message(now, subscribe(4, "cam")).unwrap();
+        server
+            .handle_message(now, Message::Unsubscribe { id: 4 })
+            .unwrap();
+        drain(&mut server);
+        server.handle_resolved(4, Some(source("whip")));
+        assert!(drain(&mut server).is_empty());
+        // A side that serves nothing answers at once.
+        let mut client = TestLink::new(Side::Connected, false, HashSet::new());
+        client.handle_message(now, subscribe(1, "cam")).unwrap();
+        assert_eq!(
+            drain(&mut client),
+            vec![Action::Write(Message::NotFound { id: 1 })]
+        );
+    }
+
+    #[test]
+    fn pending_subscription_answers_every_waiter() {
+        let now = Instant::now();
+        let mut link = TestLink::new(Side::Connected, false, HashSet::new());
+        link.handle_fetch("edge", "cam".into(), 1, false);
+        // A second fetch of the same stream joins the first.
+        link.handle_fetch("edge", "cam".into(), 2, false);
+        assert_eq!(
+            drain(&mut link),
+            vec![Action::Write(Message::Subscribe {
+                id: 0,
+                stream: "cam".into(),
+                resume: false
+            })]
+        );
+        link.handle_message(now, subscribe_ok(0)).unwrap();
+        assert_eq!(
+            drain(&mut link),
+            vec![Action::Attach {
+                id: 0,
+                target: "edge",
+                name: "cam".into(),
+                catalog: Catalog::default(),
+                protocol: "whip".into(),
+            }]
+        );
+        link.handle_attached(0, true);
+        assert_eq!(
+            drain(&mut link),
+            vec![
+                Action::Answer {
+                    waiter: 1,
+                    live: true
+                },
+                Action::Answer {
+                    waiter: 2,
+                    live: true
+                },
+            ]
+        );
+        // Subscribed and live: a later fetch is answered without asking.
+        link.handle_fetch("edge", "cam".into(), 3, true);
+        assert_eq!(
+            drain(&mut link),
+            vec![Action::Answer {
+                waiter: 3,
+                live: true
+            }]
+        );
+        // Keyframe requests of local readers go upstream.
+        link.handle_report(Report::Keyframe {
+            id: 0,
+            track: "video".into(),
+        });
+        link.handle_report(Report::Keyframe {
+            id: 6,
+            track: "video".into(),
+        });
+        assert_eq!(
+            drain(&mut link),
+            vec![Action::Write(Message::KeyframeRequest {
+                id: 0,
+                track: "video".into()
+            })]
+        );
+    }
+
+    #[test]
+    fn pending_subscription_fails_on_not_found_or_local_refusal() {
+        let now = Instant::now();
+        let mut link = TestLink::new(Side::Connected, false, HashSet::new());
+        link.handle_fetch("edge", "cam".into(), 1, false);
+        link.handle_fetch("edge", "cam".into(), 2, false);
+        drain(&mut link);
+        link.handle_message(now, Message::NotFound { id: 0 })
+            .unwrap();
+        assert_eq!(
+            drain(&mut link),
+            vec![
+                Action::Answer {
+                    waiter: 1,
+                    live: false
+                },
+                Action::Answer {
+                    waiter: 2,
+                    live: false
+                },
+            ]
+        );
+        // A fetch that never asked again schedules nothing.
+        assert_eq!(link.poll_timeout(), None);
+        // Found upstream, but the local registry refused it.
+        link.handle_fetch("edge", "cam".into(), 3, false);
+        drain(&mut link);
+        link.handle_message(now, subscribe_ok(2)).unwrap();
+        drain(&mut link);
+        link.handle_attached(2, false);
+        assert_eq!(
+            drain(&mut link),
+            vec![
+                Action::Answer {
+                    waiter: 3,
+                    live: false
+                },
+                Action::Write(Message::Unsubscribe { id: 2 }),
+            ]
+        );
+        // An answer nobody waits for is turned down.
+        link.handle_message(now, subscribe_ok(40)).unwrap();
+        assert_eq!(
+            drain(&mut link),
+            vec![Action::Write(Message::Unsubscribe { id: 40 })]
+        );
+    }
+
+    #[test]
+    fn pending_subscriptions_are_bounded() {
+        let mut link = TestLink::new(Side::Connected, false, HashSet::new());
+        for n in 0..MAX_PENDING {
+            link.handle_fetch("edge", format!("s{n}"), 0, false);
+        }
+        drain(&mut link);
+        link.handle_fetch("edge", "one-more".into(), 7, false);
+        assert_eq!(
+            drain(&mut link),
+            vec![Action::Answer {
+                waiter: 7,
+                live: false
+            }]
+        );
+    }
+
+    #[test]
+    fn resubscription_retries_until_its_deadline() {
+        let t0 = Instant::now();
+        let until = t0 + Duration::from_secs(2);
+        let mut link = TestLink::new(Side::Connected, false, HashSet::new());
+        link.handle_resubscribe("edge", "cam".into(), until, true);
+        assert_eq!(
+            drain(&mut link),
+            vec![Action::Write(Message::Subscribe {
+                id: 0,
+                stream: "cam".into(),
+                // Our viewers saw the current group before the link broke.
+                resume: true
+            })]
+        );
+        link.handle_message(t0, Message::NotFound { id: 0 })
+            .unwrap();
+        assert!(drain(&mut link).is_empty());
+        assert_eq!(link.poll_timeout(), Some(t0 + RETRY));
+        link.handle_timeout(t0 + RETRY - Duration::from_millis(1));
+        assert!(drain(&mut link).is_empty());
+        link.handle_timeout(t0 + RETRY);
+        assert_eq!(
+            drain(&mut link),
+            vec![Action::Retry {
+                target: "edge",
+                name: "cam".into(),
+                until
+            }]
+        );
+        assert_eq!(link.poll_timeout(), None);
+        // The shell still has readers: ask again, same deadline.
+        link.handle_resubscribe("edge", "cam".into(), until, true);
+        drain(&mut link);
+        // Too close to the deadline for another round: give up.
+        let late = until - RETRY;
+        link.handle_message(late, Message::NotFound { id: 2 })
+            .unwrap();
+        assert!(drain(&mut link).is_empty());
+        assert_eq!(link.poll_timeout(), None);
+    }
+
+    #[test]
+    fn lost_link_leaves_what_the_next_one_resumes() {
+        let t0 = Instant::now();
+        let (mut lost, id) = fetched(t0, "cam");
+        lost.handle_announce("ingest-1", source("rtmp"));
+        drain(&mut lost);
+        let left = lost.orphans();
+        assert_eq!(left.resubscribe, vec![("edge", "cam".to_string())]);
+        assert_eq!(left.uplinked, HashSet::from(["ingest-1".to_string()]));
+        // The old link forgot them: reports for its ids do nothing.
+        lost.handle_report(Report::Idle { id });
+        assert!(drain(&mut lost).is_empty());
+
+        let mut next = TestLink::new(Side::Connected, false, left.uplinked);
+        for (target, name) in left.resubscribe {
+            next.handle_resubscribe(target, name, t0 + Duration::from_secs(5), true);
+        }
+        next.handle_announce("ingest-1", source("rtmp"));
+        next.handle_announce("ingest-2", source("rtmp"));
+        let actions = drain(&mut next);
+        let resumed: Vec<(u64, bool)> = actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::StartSending { id, resume, .. } => Some((*id, *resume)),
+                _ => None,
+            })
+            .collect();
+        // The peer has seen the current group of what the lost link sent.
+        assert_eq!(resumed, vec![(2, true), (4, false)]);
+        assert_eq!(
+            writes(&actions)[0],
+            &Message::Subscribe {
+                id: 0,
+                stream: "cam".into(),
+                resume: true
+            }
+        );
+    }
+
+    #[test]
+    fn streams_we_receive_end_by_report_or_by_the_peer() {
+        let now = Instant::now();
+        // Idle (or taken over locally): unsubscribe and forget it.
+        for report in [Report::Idle { id: 0 }, Report::Gone { id: 0 }] {
+            let (mut link, id) = fetched(now, "cam");
+            link.handle_report(report);
+            assert_eq!(
+                drain(&mut link),
+                vec![
+                    Action::StopReceiving { id },
+                    Action::Write(Message::Unsubscribe { id }),
+                ]
+            );
+            // No longer subscribed: the next fetch asks again.
+            link.handle_fetch("edge", "cam".into(), 9, true);
+            assert!(matches!(
+                link.poll_action(),
+                Some(Action::Write(Message::Subscribe { id: 2, .. }))
+            ));
+        }
+        // Ended at its source.
+        let (mut link, id) = fetched(now, "cam");
+        link.handle_message(now, Message::Ended { id }).unwrap();
+        assert_eq!(drain(&mut link), vec![Action::StopReceiving { id }]);
+        assert!(link.orphans().resubscribe.is_empty());
+    }
+
+    #[test]
+    fn streams_we_send_end_by_report_or_by_the_peer() {
+        let now = Instant::now();
+        let mut link = TestLink::new(Side::Connected, false, HashSet::new());
+        link.handle_announce("a", source("whip"));
+        link.handle_announce("b", source("whip"));
+        drain(&mut link);
+        assert_eq!(link.uplinked("a"), Some(0));
+        link.handle_report(Report::Catalog {
+            id: 0,
+            catalog: Catalog::default(),
+        });
+        link.handle_report(Report::Ended { id: 0 });
+        // Taken over at the peer by another publisher.
+        link.handle_message(now, Message::Unsubscribe { id: 2 })
+            .unwrap();
+        assert_eq!(
+            drain(&mut link),
+            vec![
+                Action::Write(Message::CatalogUpdate {
+                    id: 0,
+                    catalog: Catalog::default()
+                }),
+                Action::StopSending { id: 0 },
+                Action::Write(Message::Ended { id: 0 }),
+                Action::StopSending { id: 2 },
+            ]
+        );
+        assert_eq!(link.uplinked("a"), None);
+        assert_eq!(link.uplinked("b"), None);
+        // Reports about ids no longer sent are dropped.
+        link.handle_report(Report::Ended { id: 0 });
+        assert!(drain(&mut link).is_empty());
+    }
+
+    #[test]
+    fn labels_follow_the_wire_rule() {
+        assert_eq!(label("whip".into()), "whip");
+        assert_eq!(label("a".repeat(MAX_LABEL)), "a".repeat(MAX_LABEL));
+        assert_eq!(label(String::new()), FALLBACK_LABEL);
+        assert_eq!(label("a".repeat(MAX_LABEL + 1)), FALLBACK_LABEL);
+        assert_eq!(label("rtmp push".into()), FALLBACK_LABEL);
+        assert!(valid_label(FALLBACK_LABEL));
+        // What the session sends always encodes, even from an unlabelled
+        // local stream (the registry's label starts empty).
+        let mut server = TestLink::new(Side::Accepted, true, HashSet::new());
+        server
+            .handle_message(Instant::now(), subscribe(0, "cam"))
+            .unwrap();
+        drain(&mut server);
+        server.handle_resolved(0, Some(source("")));
+        server.handle_announce("cam", source(&"x".repeat(40)));
+        let actions = drain(&mut server);
+        let sent = writes(&actions);
+        assert_eq!(sent.len(), 2);
+        for msg in sent {
+            match msg {
+                Message::SubscribeOk { protocol, .. } | Message::Publish { protocol, .. } => {
+                    assert_eq!(protocol, FALLBACK_LABEL);
+                }
+                other => panic!("unexpected {other:?}"),
+            }
+            assert!(msg.encode().is_ok());
+        }
+    }
+}
