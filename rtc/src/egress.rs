@@ -15,6 +15,7 @@ use tokio::net::UdpSocket;
 
 use crate::metrics as m;
 use crate::mux::Routes;
+use crate::shard::Sink;
 
 /// Largest GSO super-datagram: the UDP length field caps it at 64 KiB minus headers.
 const MAX_GSO_BYTES: usize = 65_000;
@@ -144,6 +145,27 @@ impl Batch {
             .iter()
             .map(|g| (g.destination, g.len, g.segment))
             .collect()
+    }
+}
+
+/// One shard's way out: the shared [`Egress`] and the shard's own [`Batch`].
+pub(crate) struct ShardEgress {
+    pub(crate) egress: Arc<Egress>,
+    pub(crate) batch: Batch,
+}
+
+impl Sink for ShardEgress {
+    #[inline]
+    fn push(&mut self, t: &Transmit) {
+        self.egress.push(&mut self.batch, t);
+    }
+
+    fn flush(&mut self) {
+        self.egress.flush(&mut self.batch);
+    }
+
+    fn publish(&mut self) {
+        self.egress.publish(&mut self.batch);
     }
 }
 

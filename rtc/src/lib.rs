@@ -3,8 +3,8 @@
 //! listener, shared by WHIP publishers and WHEP viewers.
 //!
 //! How it is driven:
-//! - [`Server::bind`] opens the UDP socket (and the TCP listener), starts the
-//!   receive loop ([`mux`]) and the shards ([`shard`]).
+//! - [`Server::bind`] ([`server`]) opens the UDP socket (and the TCP listener),
+//!   starts the receive loop ([`mux`]) and the shards ([`shard`]).
 //! - A signalling layer (WHIP in ingest, WHEP in edge) builds an `Rtc` with
 //!   [`Server::rtc_builder`], negotiates, then hands it to [`Server::add`] with
 //!   a [`Handler`] that reacts to str0m events and writes media when woken.
@@ -22,14 +22,15 @@ pub mod ice;
 pub mod metrics;
 pub mod mux;
 pub mod sdpfrag;
+pub mod server;
 pub mod session;
 pub mod shard;
 pub mod stun;
 
 use std::net::{IpAddr, SocketAddr};
 
+pub use server::Server;
 pub use session::{Ctx, Flow, Handler, SessionHandle, SessionId, Waker};
-pub use shard::Server;
 
 /// Errors of the WebRTC session layer.
 #[derive(Debug, thiserror::Error)]
