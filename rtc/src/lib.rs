@@ -68,6 +68,10 @@ pub struct Config {
     pub max_sessions: usize,
     /// STUN/TURN servers offered to clients (`Link: rel="ice-server"`).
     pub ice: ice::IceServers,
+    /// Send a drain's equal-size datagrams to one peer in one `sendmsg` (UDP GSO) where
+    /// the kernel offers it. Off sends one datagram per call: A/B benchmarks, or a NIC
+    /// whose driver mishandles UDP GSO without failing the send.
+    pub gso: bool,
 }
 
 impl Default for Config {
@@ -79,6 +83,7 @@ impl Default for Config {
             shards: 0,
             max_sessions: 10_000,
             ice: ice::IceServers::default(),
+            gso: true,
         }
     }
 }

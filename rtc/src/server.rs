@@ -89,7 +89,7 @@ impl Server {
             state: state.clone(),
             routes: routes.clone(),
             local_ips,
-            gso: crate::egress::gso_allowed(),
+            gso: cfg.gso,
             counters: crate::egress::Counters::new(),
         });
         let n = if cfg.shards == 0 {
