@@ -352,7 +352,7 @@ impl Config {
 /// when an ffmpeg binary is there; asking for it without one is an error.
 fn bframes_policy(o: &Options) -> anyhow::Result<(Policy, Option<String>)> {
     let max = o.max_transcodes.unwrap_or(transcode::DEFAULT_MAX);
-    let found = transcode::find_ffmpeg(o.ffmpeg.as_deref());
+    let found = transcode::find_ffmpeg(o.ffmpeg.as_deref(), std::env::var_os("PATH").as_deref());
     let where_ = || match &o.ffmpeg {
         Some(p) => format!("no executable ffmpeg at {}", p.display()),
         None => "no ffmpeg on PATH".to_string(),

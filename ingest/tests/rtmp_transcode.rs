@@ -97,7 +97,8 @@ fn transcode_children() -> Vec<u32> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn x264_bframes_are_transcoded_in_sync() {
-    let ffmpeg = find_ffmpeg(None).expect("ffmpeg is required (apt-get install -y ffmpeg)");
+    let ffmpeg = find_ffmpeg(None, std::env::var_os("PATH").as_deref())
+        .expect("ffmpeg is required (apt-get install -y ffmpeg)");
     let server = Server::start_with(transcode_policy(ffmpeg, 4)).await;
     let e = bframe_encode(6);
     let name = "bf_transcoded";
@@ -227,7 +228,7 @@ async fn a_transcoder_that_exits_falls_back_to_the_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn past_the_limit_streams_fall_back_to_the_source() {
-    let ffmpeg = find_ffmpeg(None).expect("ffmpeg");
+    let ffmpeg = find_ffmpeg(None, std::env::var_os("PATH").as_deref()).expect("ffmpeg");
     falls_back(transcode_policy(ffmpeg, 0), "bf_limit").await;
 }
 
@@ -244,7 +245,7 @@ async fn a_transcoder_that_stalls_falls_back_to_the_source() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_takeover_replaces_the_transcoder() {
-    let ffmpeg = find_ffmpeg(None).expect("ffmpeg");
+    let ffmpeg = find_ffmpeg(None, std::env::var_os("PATH").as_deref()).expect("ffmpeg");
     let server = Server::start_with(transcode_policy(ffmpeg, 4)).await;
     let name = "bf_takeover";
     let _first = ffmpeg_publish(&server.url(name), bframe_encode(20));

@@ -93,13 +93,17 @@ impl Settings {
     }
 }
 
-/// The first `ffmpeg` on `PATH`, or `configured` if it names a file.
-pub fn find_ffmpeg(configured: Option<&Path>) -> Option<PathBuf> {
+/// `configured` if it names an executable file, else the first `ffmpeg` in
+/// `search_path` (a `PATH`-style list the binary reads from its environment:
+/// library crates read no environment themselves).
+pub fn find_ffmpeg(
+    configured: Option<&Path>,
+    search_path: Option<&std::ffi::OsStr>,
+) -> Option<PathBuf> {
     if let Some(p) = configured {
         return is_executable(p).then(|| p.to_path_buf());
     }
-    let path = std::env::var_os("PATH")?;
-    std::env::split_paths(&path)
+    std::env::split_paths(search_path?)
         .map(|d| d.join("ffmpeg"))
         .find(|p| is_executable(p))
 }
@@ -510,13 +514,20 @@ mod tests {
 
     #[test]
     fn finds_binaries_and_refuses_missing_ones() {
-        assert_eq!(find_ffmpeg(Some(Path::new("/nonexistent/ffmpeg"))), None);
         assert_eq!(
-            find_ffmpeg(Some(Path::new("/bin/sh"))),
+            find_ffmpeg(Some(Path::new("/nonexistent/ffmpeg")), None),
+            None
+        );
+        assert_eq!(
+            find_ffmpeg(Some(Path::new("/bin/sh")), None),
             Some(PathBuf::from("/bin/sh"))
         );
         let not_executable = Path::new(env!("CARGO_MANIFEST_DIR")).join("Cargo.toml");
-        assert_eq!(find_ffmpeg(Some(&not_executable)), None);
+        assert_eq!(find_ffmpeg(Some(&not_executable), None), None);
+        // Searched in the given path only.
+        let dir = std::ffi::OsString::from("/nonexistent:/also/not");
+        assert_eq!(find_ffmpeg(None, Some(&dir)), None);
+        assert_eq!(find_ffmpeg(None, None), None);
     }
 
     #[tokio::test]
