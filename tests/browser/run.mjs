@@ -207,10 +207,13 @@ const FLAGS = [
 
 async function main() {
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "cascade-chromium-"));
-  // The static origin is up before Chromium starts: pages there may capture too.
+  // The static origin is up before Chromium starts, so that a page there
+  // may capture ("simulcast"). Only then is it a secure context: as one,
+  // whep-client.html trickles more candidates, and its PATCHes racing its
+  // ICE restart get the (correct) 412 that tests/browser.rs does not expect.
   let server = job.staticHost ? await serveStatic(job.staticHost) : null;
   const staticOrigin = server ? `http://${job.staticHost}:${server.address().port}` : null;
-  const secure = [job.base, staticOrigin].filter(Boolean).join(",");
+  const secure = [job.base, job.kind === "simulcast" ? staticOrigin : null].filter(Boolean).join(",");
   const ctx = await chromium.launchPersistentContext(userDataDir, {
     executablePath: job.chromium || "/usr/bin/chromium",
     headless: true,
