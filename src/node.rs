@@ -141,6 +141,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 rtc.clone(),
                 cascade_edge::Config {
                     viewer_token: cfg.viewer_token.clone(),
+                    bframe_ts: bframe_ts_from_env(),
                     ..Default::default()
                 },
             ));
@@ -202,6 +203,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 /// Pending connections the HTTP listener queues: a join ramp of 300
 /// viewers/s overflowed the default 128 and clients waited 1-3 s to retry.
 const HTTP_BACKLOG: u32 = 4096;
+
+/// Environment variable that overrides the edge's B-frame timestamp method
+/// ([`cascade_edge::bframes::BframeTs::DEFAULT`]) for the whole process: the
+/// side-by-side measurement (tests/browser_bframes.rs) runs one cascade per
+/// method. Not part of the operator interface, so not a flag.
+const BFRAME_TS_ENV: &str = "CASCADE_EDGE_BFRAME_TS";
+
+/// The edge's B-frame method: [`BFRAME_TS_ENV`] (`pts`, `dts`, `drop-b`)
+/// when set, else the default.
+fn bframe_ts_from_env() -> cascade_edge::bframes::BframeTs {
+    use cascade_edge::bframes::BframeTs;
+    let m = std::env::var(BFRAME_TS_ENV).ok();
+    match m.as_deref().map(BframeTs::parse) {
+        Some(Some(m)) => {
+            tracing::warn!(method = ?m, "B-frame timestamp method overridden by {BFRAME_TS_ENV}");
+            m
+        }
+        Some(None) => {
+            tracing::warn!(value = ?m, "unknown {BFRAME_TS_ENV} ignored");
+            BframeTs::DEFAULT
+        }
+        None => BframeTs::DEFAULT,
+    }
+}
 
 fn listen_http(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {

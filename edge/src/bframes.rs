@@ -2,17 +2,13 @@
 //! are sent), chosen by measurement in headless Chromium: docs/bframes.md.
 //! Streams without B-frames (pts = dts) come out the same under every method.
 
-use std::sync::OnceLock;
-
-/// Environment variable that overrides [`BframeTs::DEFAULT`] for the whole
-/// process: the side-by-side measurement (tests/browser_bframes.rs) runs one
-/// cascade per method. Not part of the operator interface.
-pub const METHOD_ENV: &str = "CASCADE_EDGE_BFRAME_TS";
-
 /// A video frame's RTP timestamp, frames always sent in decode order.
 /// Measured in Debian's Chromium 156 (docs/bframes.md): with B-frames in
 /// the stream it decodes only keyframes whatever the timestamps (~1 fps,
-/// a PLI storm), so the default drops B slices.
+/// a PLI storm), so the default drops B slices. Chosen per node by
+/// [`crate::Config::bframe_ts`]; the cascade binary lets the side-by-side
+/// measurement (tests/browser_bframes.rs) override it with the environment
+/// variable `CASCADE_EDGE_BFRAME_TS`, not part of the operator interface.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum BframeTs {
     /// RTP timestamp = pts (RFC 6184's sampling instant of the picture).
@@ -37,26 +33,6 @@ impl BframeTs {
     /// keeps a B-frame stream moving in Chromium without transcoding.
     pub const DEFAULT: Self = Self::DropB;
 
-    /// The method of this process: [`METHOD_ENV`] (`pts`, `dts`, `drop-b`)
-    /// when set, else [`BframeTs::DEFAULT`].
-    pub fn current() -> Self {
-        static METHOD: OnceLock<BframeTs> = OnceLock::new();
-        *METHOD.get_or_init(|| {
-            let m = std::env::var(METHOD_ENV).ok();
-            match m.as_deref().map(Self::parse) {
-                Some(Some(m)) => {
-                    tracing::warn!(method = ?m, "B-frame timestamp method overridden by {METHOD_ENV}");
-                    m
-                }
-                Some(None) => {
-                    tracing::warn!(value = ?m, "unknown {METHOD_ENV} ignored");
-                    Self::DEFAULT
-                }
-                None => Self::DEFAULT,
-            }
-        })
-    }
-
     /// `pts`, `dts`, `drop-b`.
     pub fn parse(s: &str) -> Option<Self> {
         match s {
@@ -65,6 +41,12 @@ impl BframeTs {
             "drop-b" | "drop" => Some(Self::DropB),
             _ => None,
         }
+    }
+}
+
+impl Default for BframeTs {
+    fn default() -> Self {
+        Self::DEFAULT
     }
 }
 

@@ -17,6 +17,7 @@
 pub mod bframes;
 pub mod fanout;
 pub mod metrics;
+mod offer;
 pub mod packetize;
 mod player;
 mod sdp;
@@ -36,6 +37,9 @@ pub struct Config {
     /// Viewers this node serves before answering 503 (0 = no limit of its
     /// own; the rtc server's session limit still applies).
     pub max_viewers: usize,
+    /// How H.264 tracks with B-frames are stamped or thinned for viewers
+    /// ([`bframes::BframeTs::DEFAULT`] unless overridden for a measurement).
+    pub bframe_ts: bframes::BframeTs,
 }
 
 /// The edge's routes: WHEP (`/whep/{stream}` and its session resources) and

@@ -197,7 +197,7 @@ fn describe(track: &TrackInfo) -> String {
 
 /// RFC 6184 §8.1: an absent profile-level-id means baseline level 1.0; our
 /// ingest always sets one, so default to what browsers always decode.
-const DEFAULT_PLID: u32 = 0x42e01f;
+pub(crate) const DEFAULT_PLID: u32 = 0x42e01f;
 
 /// The best offered format for `track`, if any plays it.
 fn pick(line: &MediaLine, track: &TrackInfo) -> Option<Format> {
@@ -241,7 +241,7 @@ fn score(track: &TrackInfo, f: &Format) -> Option<u8> {
 
 /// H.264 profiles as far as "can this decoder play that stream" goes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-enum H264Profile {
+pub(crate) enum H264Profile {
     ConstrainedBaseline,
     Baseline,
     Main,
@@ -252,7 +252,8 @@ enum H264Profile {
 }
 
 impl H264Profile {
-    fn of(plid: u32) -> Self {
+    /// The profile a `profile-level-id` names (its level ignored).
+    pub(crate) fn of(plid: u32) -> Self {
         let [_, idc, iop, _] = plid.to_be_bytes();
         match idc {
             // constraint_set1 makes baseline constrained (RFC 6184 table 5).
@@ -274,7 +275,7 @@ impl H264Profile {
 /// mismatch. A mismatch is still served (browsers decode far more than
 /// they offer, e.g. Firefox offers only constrained baseline); callers
 /// prefer better fits when several are offered.
-fn h264_fit(stream: H264Profile, decoder: H264Profile) -> u8 {
+pub(crate) fn h264_fit(stream: H264Profile, decoder: H264Profile) -> u8 {
     use H264Profile::*;
     if stream == decoder {
         return 3;

@@ -40,8 +40,8 @@ impl Whep {
         Self {
             registry,
             rtc,
+            hub: Arc::new(Hub::new(cfg.bframe_ts)),
             cfg,
-            hub: Arc::new(Hub::default()),
             viewers: Arc::new(AtomicUsize::new(0)),
         }
     }

@@ -14,16 +14,18 @@ use axum::http::HeaderMap;
 use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
-use cascade_origin::catalog::{Catalog, Codec, Kind, TrackInfo};
+use cascade_origin::catalog::Kind;
 use cascade_rtc::http::{request_token, token_matches, ApiError, QueryToken};
 use cascade_rtc::SessionHandle;
 use serde_json::{json, Value};
 use str0m::change::{SdpAnswer, SdpPendingOffer};
-use str0m::format::{Codec as RtcCodec, FormatParams};
-use str0m::media::{Direction, Frequency, MediaKind, Mid, Pt};
+use str0m::format::FormatParams;
+use str0m::media::{Direction, MediaKind, Pt};
 use str0m::{Candidate, Rtc};
+use tokio::sync::oneshot;
 
 use crate::metrics as m;
+use crate::offer;
 use crate::viewer::{Out, Slot, Viewer, RTX_CACHE_AGE, RTX_CACHE_PACKETS};
 use crate::whep::Whep;
 
@@ -36,13 +38,12 @@ const LIVENESS_TICK: Duration = Duration::from_millis(500);
 /// OME's keepalive: reverse proxies close a silent WebSocket (nginx after
 /// 60 s), which would end the viewer; OvenPlayer answers `ping` with `pong`.
 const PING_EVERY: Duration = Duration::from_secs(20);
+/// A player whose ICE has not connected this long after its answer is told
+/// so (OME error message) and the session ends: a browser that can reach us
+/// connects in well under a second, even through TURN.
+const CONNECT_REPORT: Duration = Duration::from_secs(8);
 /// Largest signalling message accepted (an answer SDP is a few KiB).
 const MAX_MESSAGE: usize = 64 * 1024;
-
-/// Payload types of our offer (dynamic range, RFC 3551).
-const PT_VIDEO: u8 = 96;
-const PT_VIDEO_RTX: u8 = 97;
-const PT_AUDIO: u8 = 111;
 
 /// `GET /ws/live/{stream}` (WebSocket upgrade).
 pub(crate) fn router(whep: Arc<Whep>) -> Router {
@@ -112,26 +113,73 @@ async fn session(whep: Arc<Whep>, stream: String, mut socket: WebSocket) {
         }
     }
     let id: u32 = rand::random::<u32>() >> 1;
-    let handle = match negotiate(&whep, &stream, id, posted, &mut socket).await {
-        Ok(h) => h,
-        Err((code, text, label)) => {
-            result(label);
-            let _ = socket.send(error_message(code, &text)).await;
+    let negotiated = match negotiate(&whep, &stream, id, posted, &mut socket).await {
+        Ok(n) => n,
+        Err(refused) => {
+            result(refused.label());
+            match &refused {
+                Refused::ClientLeft
+                | Refused::NotLive(_)
+                | Refused::NodeFull
+                | Refused::EdgeFull => {
+                    tracing::debug!(stream, reason = %refused, "ws viewer refused");
+                }
+                _ => tracing::warn!(stream, reason = %refused, "ws viewer refused"),
+            }
+            let _ = socket
+                .send(error_message(refused.code(), &refused.to_string()))
+                .await;
             let _ = socket.send(Message::Close(None)).await;
             return;
         }
     };
     result("created");
-    serve(&whep, &stream, handle, socket).await;
+    if let Some(text) = &negotiated.warning {
+        // OvenPlayer ignores notification types it does not know; other
+        // clients see why there is no sound.
+        let msg = json!({ "command": "notification", "type": "warning", "message": text });
+        let _ = socket.send(Message::Text(msg.to_string().into())).await;
+    }
+    serve(&whep, &stream, negotiated, socket).await;
 }
 
-/// After the answer: trickled candidates, `stop`, the socket closing, or the
-/// session ending on its own (stream over, consent lost).
-async fn serve(whep: &Whep, stream: &str, handle: SessionHandle, mut socket: WebSocket) {
+/// After the answer: trickled candidates, `stop`, the socket closing, the
+/// session ending on its own (stream over, consent lost), or ICE never
+/// connecting, which the player hears about as an error instead of showing a
+/// black `playing` until the shard's connect timeout.
+async fn serve(whep: &Whep, stream: &str, negotiated: Negotiated, mut socket: WebSocket) {
+    let Negotiated {
+        handle,
+        mut connected,
+        ..
+    } = negotiated;
+    let mut waiting_connect = true;
+    let connect_deadline = tokio::time::sleep(CONNECT_REPORT);
+    tokio::pin!(connect_deadline);
     let mut tick = tokio::time::interval(LIVENESS_TICK);
     let mut ping = tokio::time::interval_at(tokio::time::Instant::now() + PING_EVERY, PING_EVERY);
     loop {
         tokio::select! {
+            r = &mut connected, if waiting_connect => {
+                waiting_connect = false;
+                if r.is_err() {
+                    // The viewer ended before connecting; the tick below
+                    // notices the session is gone.
+                    continue;
+                }
+            }
+            () = &mut connect_deadline, if waiting_connect => {
+                let text = format!(
+                    "no ICE connection within {} s: the browser could not reach {} (check --advertise, firewalls, or configure TURN)",
+                    CONNECT_REPORT.as_secs(),
+                    advertised(whep),
+                );
+                result("not_connected");
+                tracing::warn!(stream, session = %handle.id(), reason = %text, "ws viewer never connected");
+                let _ = socket.send(error_message(408, &text)).await;
+                let _ = socket.send(Message::Close(None)).await;
+                break;
+            }
             _ = ping.tick() => {
                 let msg = Message::Text(json!({ "command": "ping" }).to_string().into());
                 if socket.send(msg).await.is_err() {
@@ -177,67 +225,21 @@ async fn serve(whep: &Whep, stream: &str, handle: SessionHandle, mut socket: Web
     let _ = handle.close().await;
 }
 
-/// One track we offer: its catalog entry, payload type and str0m codec.
-struct Plan {
-    track: TrackInfo,
-    pt: u8,
-    rtx: Option<u8>,
-    codec: RtcCodec,
-    clock: Frequency,
-    channels: Option<u8>,
-    fmtp: String,
-    mid: Option<Mid>,
-}
-
-/// What we can offer a browser for the catalog's tracks.
-fn plans(catalog: &Catalog) -> Vec<Plan> {
-    let mut out = Vec::new();
-    if let Some(v) = catalog.track(Kind::Video) {
-        let (codec, fmtp) = match v.codec {
-            Codec::H264 => (
-                RtcCodec::H264,
-                format!(
-                    "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id={:06x}",
-                    v.profile_level_id().unwrap_or(0x42e01f)
-                ),
-            ),
-            Codec::Vp8 => (RtcCodec::Vp8, String::new()),
-            Codec::Vp9 => (RtcCodec::Vp9, "profile-id=0".to_string()),
-            Codec::H265 => (RtcCodec::H265, v.fmtp.clone()),
-            _ => (RtcCodec::Unknown, String::new()),
-        };
-        if codec != RtcCodec::Unknown {
-            out.push(Plan {
-                track: v.clone(),
-                pt: PT_VIDEO,
-                rtx: Some(PT_VIDEO_RTX),
-                codec,
-                clock: Frequency::NINETY_KHZ,
-                channels: None,
-                fmtp,
-                mid: None,
-            });
-        }
+/// The addresses in our candidates, for an error a user can act on.
+fn advertised(whep: &Whep) -> String {
+    let udp = whep.rtc.local_udp().port();
+    let ips: Vec<String> = whep
+        .rtc
+        .advertise()
+        .iter()
+        .map(|ip| format!("{ip}:{udp}"))
+        .collect();
+    if ips.is_empty() {
+        "the server".into()
+    } else {
+        ips.join(", ")
     }
-    if let Some(a) = catalog
-        .track(Kind::Audio)
-        .filter(|a| a.codec == Codec::Opus)
-    {
-        out.push(Plan {
-            track: a.clone(),
-            pt: PT_AUDIO,
-            rtx: None,
-            codec: RtcCodec::Opus,
-            clock: Frequency::FORTY_EIGHT_KHZ,
-            channels: Some(2),
-            fmtp: "minptime=10;useinbandfec=1".into(),
-            mid: None,
-        });
-    }
-    out
 }
-
-type Refused = (u16, String, &'static str);
 
 /// Offer → answer → session in a shard.
 async fn negotiate(
@@ -246,31 +248,24 @@ async fn negotiate(
     id: u32,
     posted: Instant,
     socket: &mut WebSocket,
-) -> Result<SessionHandle, Refused> {
-    whep.rtc.admit().map_err(|_| {
-        (
-            503,
-            "node at its session limit or draining, retry later".into(),
-            "full",
-        )
-    })?;
-    let slot = Slot::acquire(&whep.viewers, whep.cfg.max_viewers).ok_or((
-        503,
-        "edge at its viewer limit, retry later".into(),
-        "full",
-    ))?;
+) -> Result<Negotiated, Refused> {
+    whep.rtc.admit().map_err(|_| Refused::NodeFull)?;
+    let slot = Slot::acquire(&whep.viewers, whep.cfg.max_viewers).ok_or(Refused::EdgeFull)?;
     let subscriber = whep
         .registry
         .subscribe(stream)
         .await
-        .map_err(|_| (404, format!("stream {stream} is not live"), "not_live"))?;
-    let mut plans = plans(&subscriber.catalog());
-    if !plans.iter().any(|p| p.track.kind() == Kind::Video) {
-        return Err((
-            406,
-            format!("stream {stream} has no video a browser can play"),
-            "not_acceptable",
-        ));
+        .map_err(|_| Refused::NotLive(stream.to_string()))?;
+    let catalog = subscriber.catalog();
+    let mut plans = offer::plans(&catalog);
+    if !plans.iter().any(|p| p.kind() == Kind::Video) {
+        let what = catalog
+            .track(Kind::Video)
+            .map_or_else(|| "no video".to_string(), |v| v.codec.to_string());
+        return Err(Refused::NoPlayableVideo {
+            stream: stream.to_string(),
+            what,
+        });
     }
     let mut cfg = whep
         .rtc
@@ -279,20 +274,22 @@ async fn negotiate(
         .set_rtp_mode(true)
         .set_extension_map(crate::whep::viewer_extensions());
     for p in &plans {
-        cfg.codec_config().add_config(
-            Pt::from(p.pt),
-            p.rtx.map(Pt::from),
-            p.codec,
-            p.clock,
-            p.channels,
-            FormatParams::parse_line(&p.fmtp),
-        );
+        for f in &p.formats {
+            cfg.codec_config().add_config(
+                Pt::from(f.pt),
+                f.rtx.map(Pt::from),
+                p.codec,
+                p.clock,
+                p.channels,
+                FormatParams::parse_line(&f.fmtp),
+            );
+        }
     }
     let mut rtc = cfg.build(Instant::now());
     whep.rtc.add_local_candidates(&mut rtc);
     let mut api = rtc.sdp_api();
     for p in &mut plans {
-        let kind = if p.track.kind() == Kind::Video {
+        let kind = if p.kind() == Kind::Video {
             MediaKind::Video
         } else {
             MediaKind::Audio
@@ -305,17 +302,20 @@ async fn negotiate(
             None,
         ));
     }
-    let (offer, pending) =
-        api.apply()
-            .ok_or((500, "could not build an offer".into(), "internal"))?;
-    let sdp = cascade_rtc::sdpfrag::strip_candidate_ufrag(&offer.to_sdp_string());
+    let (offer, pending) = api
+        .apply()
+        .ok_or(Refused::Internal("could not build an offer"))?;
+    let sdp = offer::spread_candidates(&cascade_rtc::sdpfrag::strip_candidate_ufrag(
+        &offer.to_sdp_string(),
+    ));
     let mut msg = json!({
         "command": "offer",
         "id": id,
         "peer_id": 0,
         "sdp": { "type": "offer", "sdp": sdp },
-        // Our host candidates are in the SDP already.
-        "candidates": [],
+        // In the SDP on every m-line too; here as OME sends them, so a player
+        // that only looks at the array still gets them.
+        "candidates": offer::candidates_json(&sdp),
     });
     let ice = whep.rtc.ice_servers();
     if !ice.is_empty() {
@@ -331,27 +331,34 @@ async fn negotiate(
         .await
         .is_err()
     {
-        return Err((499, "client left".into(), "client_left"));
+        return Err(Refused::ClientLeft);
     }
     let answer = loop {
-        let v = recv_json(socket, ANSWER_TIMEOUT).await.ok_or((
-            408,
-            "no answer to the offer".into(),
-            "no_answer",
-        ))?;
+        let v = recv_json(socket, ANSWER_TIMEOUT)
+            .await
+            .ok_or(Refused::NoAnswer)?;
         if v["command"] == "answer" {
             break v;
         }
         if v["command"] == "stop" {
-            return Err((499, "client stopped".into(), "client_left"));
+            return Err(Refused::ClientLeft);
         }
     };
     let text = answer["sdp"]["sdp"].as_str().unwrap_or("");
-    let answer = SdpAnswer::from_sdp_string(text)
-        .map_err(|e| (400, format!("malformed SDP answer: {e}"), "bad_answer"))?;
+    let rejected = offer::rejected_mids(text);
+    let answer = SdpAnswer::from_sdp_string(text).map_err(|e| Refused::BadAnswer(e.to_string()))?;
     accept(
-        rtc, pending, answer, plans, whep, stream, subscriber, slot, posted,
+        rtc, pending, answer, &rejected, plans, whep, stream, subscriber, slot, posted,
     )
+}
+
+/// A session that is in its shard, and what the player should hear about it.
+struct Negotiated {
+    handle: SessionHandle,
+    /// Fires when ICE and DTLS are up (the viewer's `Event::Connected`).
+    connected: oneshot::Receiver<()>,
+    /// A track the answer rejected while the rest plays (audio).
+    warning: Option<String>,
 }
 
 #[allow(clippy::too_many_arguments)]
@@ -359,41 +366,59 @@ fn accept(
     mut rtc: Rtc,
     pending: SdpPendingOffer,
     answer: SdpAnswer,
-    plans: Vec<Plan>,
+    rejected: &[String],
+    plans: Vec<offer::Plan>,
     whep: &Whep,
     stream: &str,
     subscriber: cascade_origin::registry::Subscriber,
     slot: Slot,
     posted: Instant,
-) -> Result<SessionHandle, Refused> {
+) -> Result<Negotiated, Refused> {
     rtc.sdp_api()
         .accept_answer(pending, answer)
-        .map_err(|e| (400, format!("answer refused: {e}"), "bad_answer"))?;
+        .map_err(|e| Refused::BadAnswer(e.to_string()))?;
     let mut planned = Vec::new();
+    let mut warning = None;
     for p in &plans {
         let Some(mid) = p.mid else { continue };
+        let chosen = if rejected.iter().any(|r| r.as_str() == &*mid) {
+            None
+        } else {
+            rtc.media(mid).and_then(|m| p.chosen(m.remote_pts()))
+        };
+        let Some(pt) = chosen else {
+            // Video decides, as in WHEP: without it the player would show a
+            // black `playing` forever.
+            if p.kind() == Kind::Video {
+                return Err(Refused::VideoRejected(p.describe()));
+            }
+            let text = format!("the browser rejected the audio ({})", p.describe());
+            tracing::warn!(stream, reason = %text, "ws viewer gets video only");
+            warning = Some(text);
+            continue;
+        };
         let mut api = rtc.direct_api();
         let Some(tx) = api.stream_tx_by_mid(mid, None) else {
             continue;
         };
         tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, None);
-        planned.push((
-            mid,
-            Pt::from(p.pt),
-            p.track.codec.clock_rate(),
-            p.track.name.clone(),
-        ));
+        planned.push((mid, pt, p.track.codec.clock_rate(), p.track.name.clone()));
     }
     if planned.is_empty() {
-        return Err((
-            406,
-            "the answer accepts none of the offered media".into(),
-            "not_acceptable",
-        ));
+        return Err(Refused::NothingAccepted);
     }
     let span =
         tracing::info_span!("ws", role = "edge", stream = %stream, session = tracing::field::Empty);
     let hub = whep.hub().clone();
+    let (tx, connected) = oneshot::channel();
+    let codecs: Vec<String> = planned
+        .iter()
+        .filter_map(|(_, pt, _, track)| {
+            let p = plans.iter().find(|p| &p.track.name == track)?;
+            let f = p.formats.iter().find(|f| Pt::from(f.pt) == *pt)?;
+            Some(format!("{} pt {} {}", p.track.codec, f.pt, f.fmtp))
+        })
+        .collect();
     let handle = whep
         .rtc
         .add(rtc, "ws", stream, span.clone(), |id, waker| {
@@ -405,49 +430,71 @@ fn accept(
                     Some(Out::new(mid, pt, clock, member))
                 })
                 .collect();
-            Box::new(Viewer::new(outs, subscriber, slot, span.clone(), posted))
+            Box::new(Viewer::new(outs, subscriber, slot, span.clone(), posted).on_connected(tx))
         })
-        .map_err(|_| (503, "node at its session limit, retry later".into(), "full"))?;
-    Ok(handle)
+        .map_err(|_| Refused::NodeFull)?;
+    {
+        let _g = span.enter();
+        tracing::info!(codecs = ?codecs, "viewer started");
+    }
+    Ok(Negotiated {
+        handle,
+        connected,
+        warning,
+    })
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
+/// Why a WebSocket viewer was not served: one table of OME error codes
+/// (HTTP-like, shown by OvenPlayer), metric labels and texts.
+#[derive(Debug, thiserror::Error)]
+enum Refused {
+    #[error("node at its session limit or draining, retry later")]
+    NodeFull,
+    #[error("edge at its viewer limit, retry later")]
+    EdgeFull,
+    #[error("stream {0} is not live")]
+    NotLive(String),
+    #[error("stream {stream} has no video a browser can play ({what})")]
+    NoPlayableVideo { stream: String, what: String },
+    #[error("client left")]
+    ClientLeft,
+    #[error("no answer to the offer")]
+    NoAnswer,
+    #[error("malformed or refused SDP answer: {0}")]
+    BadAnswer(String),
+    #[error("this browser cannot play the stream's video: it rejected {0}")]
+    VideoRejected(String),
+    #[error("the answer accepts none of the offered media")]
+    NothingAccepted,
+    #[error("internal error: {0}")]
+    Internal(&'static str),
+}
 
-    fn track(codec: Codec, name: &str, fmtp: &str) -> TrackInfo {
-        TrackInfo {
-            name: name.into(),
-            codec,
-            fmtp: fmtp.into(),
-            channels: None,
-            bframes: false,
+impl Refused {
+    /// The `code` of OME's error message.
+    fn code(&self) -> u16 {
+        match self {
+            Self::NodeFull | Self::EdgeFull => 503,
+            Self::NotLive(_) => 404,
+            Self::NoPlayableVideo { .. } | Self::VideoRejected(_) | Self::NothingAccepted => 406,
+            Self::ClientLeft => 499,
+            Self::NoAnswer => 408,
+            Self::BadAnswer(_) => 400,
+            Self::Internal(_) => 500,
         }
     }
 
-    #[test]
-    fn offers_h264_with_the_stream_profile_and_opus() {
-        let c = Catalog {
-            tracks: vec![
-                track(
-                    Codec::H264,
-                    "video",
-                    "profile-level-id=640028;packetization-mode=1",
-                ),
-                track(Codec::Opus, "audio", ""),
-            ],
-        };
-        let p = plans(&c);
-        assert_eq!(p.len(), 2);
-        assert!(
-            p[0].fmtp.contains("profile-level-id=640028"),
-            "{}",
-            p[0].fmtp
-        );
-        assert_eq!(p[1].codec, RtcCodec::Opus);
-        let av1 = Catalog {
-            tracks: vec![track(Codec::Av1, "video", "")],
-        };
-        assert!(plans(&av1).is_empty());
+    /// The `result` label of `cascade_edge_ws_sessions_total`.
+    fn label(&self) -> &'static str {
+        match self {
+            Self::NodeFull | Self::EdgeFull => "full",
+            Self::NotLive(_) => "not_live",
+            Self::NoPlayableVideo { .. } | Self::NothingAccepted => "not_acceptable",
+            Self::VideoRejected(_) => "video_rejected",
+            Self::ClientLeft => "client_left",
+            Self::NoAnswer => "no_answer",
+            Self::BadAnswer(_) => "bad_answer",
+            Self::Internal(_) => "internal",
+        }
     }
 }

@@ -267,6 +267,9 @@ pub struct Viewer {
     posted: Instant,
     connected: bool,
     first_written: bool,
+    /// Told once when ICE and DTLS are up (OvenPlayer signalling reports a
+    /// viewer that never gets there).
+    on_connected: Option<tokio::sync::oneshot::Sender<()>>,
 }
 
 impl Viewer {
@@ -287,7 +290,16 @@ impl Viewer {
             posted,
             connected: false,
             first_written: false,
+            on_connected: None,
         }
+    }
+
+    /// Sends `()` on `tx` when the session connects (dropped unsent if it
+    /// never does).
+    #[must_use]
+    pub fn on_connected(mut self, tx: tokio::sync::oneshot::Sender<()>) -> Self {
+        self.on_connected = Some(tx);
+        self
     }
 
     fn pump(&mut self, ctx: &mut Ctx<'_>) -> Flow {
@@ -327,6 +339,9 @@ impl Handler for Viewer {
         match event {
             Event::Connected => {
                 self.connected = true;
+                if let Some(tx) = self.on_connected.take() {
+                    let _ = tx.send(());
+                }
                 if self.outs.is_empty() {
                     // Every track ended between the answer and the handshake.
                     return Flow::Close;

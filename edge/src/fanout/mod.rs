@@ -3,25 +3,30 @@
 //! packetized current group for fast start and publishes frames to viewers
 //! through a bounded broadcast ring, waking each shard that has viewers.
 //!
-//! Feed loop: `select! { stop (last viewer left), keyframe wanted, next frame }`
-//! → map to the edge timeline → packetize → cache + publish → wake shards.
-//! The task ends when the track closes (stream over) or its last viewer leaves.
+//! Feed task: `select! { stop (last viewer left), keyframe wanted, keyframe
+//! retry timer, next frame }` → the sans-IO core ([`feed`]: edge timeline,
+//! B-frames, packetizing, keyframe rate limit) → drain its outputs: cache +
+//! publish + wake shards, keyframe requests upstream, metrics. The task ends
+//! when the track closes (stream over) or its last viewer leaves.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
 use cascade_origin::catalog::{Codec, Kind};
-use cascade_origin::frame::Frame;
 use cascade_origin::registry::Subscriber;
 use cascade_origin::track::Consumer;
 use cascade_rtc::Waker;
 use tokio::sync::{broadcast, Notify};
 use tracing::Instrument;
 
-use crate::bframes::{is_h264_b_slice, BframeTs};
+use crate::bframes::BframeTs;
 use crate::metrics as m;
-use crate::packetize::{Packetizer, Payload};
+use crate::packetize::Payload;
+
+mod feed;
+
+pub use feed::packetize_frame;
 
 /// Frames a viewer may fall behind the feed before it skips to the next
 /// keyframe: ~4 s of 30 fps video or ~2.5 s of 20 ms Opus. Packets are
@@ -33,10 +38,6 @@ pub const MAX_GROUP_BYTES: usize = 16 * 1024 * 1024;
 /// At most one keyframe request upstream per this interval: a burst of
 /// joining or lagging viewers needs one keyframe, not one each.
 pub const KEYFRAME_INTERVAL: Duration = Duration::from_millis(500);
-/// A decode-timestamp step larger than this (or any step backwards) is a
-/// new publisher's timeline (takeover), not a gap in one encoder's output.
-const MAX_STEP: Duration = Duration::from_secs(5);
-
 /// A viewer's end of a feed's ring.
 pub type Receiver = broadcast::Receiver<Arc<PacketizedFrame>>;
 
@@ -59,55 +60,6 @@ pub struct PacketizedFrame {
 impl PacketizedFrame {
     fn bytes(&self) -> usize {
         self.payloads.iter().map(|p| p.data.len()).sum()
-    }
-}
-
-/// Maps a publisher's timestamps to the edge timeline, re-basing on jumps.
-#[derive(Debug)]
-pub(crate) struct Timeline {
-    clock: u64,
-    offset: i128,
-    last: Option<(u64, i128, u64)>,
-}
-
-impl Timeline {
-    pub(crate) fn new(clock: u32) -> Self {
-        Self {
-            clock: u64::from(clock),
-            offset: 0,
-            last: None,
-        }
-    }
-
-    /// The frame's pts on the edge timeline, and whether a new timeline
-    /// (publisher takeover) started with it.
-    pub(crate) fn map(&mut self, dts: u64, pts: u64, ingest_us: u64) -> (u64, bool) {
-        let max_step = u128::from(self.clock) * MAX_STEP.as_millis() / 1000;
-        let mut jumped = false;
-        if let Some((last_dts, last_mapped, last_us)) = self.last {
-            let forward = u128::from(dts.saturating_sub(last_dts));
-            if dts < last_dts || forward > max_step {
-                // Continue by the wall time between the two frames, so audio
-                // and video (re-based independently) stay in step.
-                let wall_us = u128::from(ingest_us.saturating_sub(last_us));
-                let ticks =
-                    (wall_us * u128::from(self.clock) / 1_000_000).clamp(1, max_step.max(1));
-                let ticks = i128::try_from(ticks).unwrap_or(1);
-                self.offset = last_mapped + ticks - i128::from(dts);
-                jumped = true;
-            }
-        }
-        let mapped_dts = i128::from(dts) + self.offset;
-        self.last = Some((dts, mapped_dts, ingest_us));
-        let ts = (i128::from(pts) + self.offset).max(0);
-        (u64::try_from(ts).unwrap_or(u64::MAX), jumped)
-    }
-
-    /// The decode timestamp of the last mapped frame on the edge timeline.
-    pub(crate) fn dts(&self) -> u64 {
-        self.last.map_or(0, |(_, mapped, _)| {
-            u64::try_from(mapped.max(0)).unwrap_or(u64::MAX)
-        })
     }
 }
 
@@ -225,6 +177,8 @@ impl Feed {
 #[derive(Default)]
 pub struct Hub {
     feeds: Mutex<HashMap<(String, String), Arc<Feed>>>,
+    /// How feeds of H.264 tracks stamp (or drop) B-frames ([`crate::Config`]).
+    bframe_ts: BframeTs,
 }
 
 /// A viewer's hold on a feed; dropping it leaves (the last one stops the feed).
@@ -248,6 +202,14 @@ impl Drop for Member {
 }
 
 impl Hub {
+    /// A hub whose H.264 feeds handle B-frames by `bframe_ts`.
+    pub fn new(bframe_ts: BframeTs) -> Self {
+        Self {
+            feeds: Mutex::default(),
+            bframe_ts,
+        }
+    }
+
     fn lock(&self) -> MutexGuard<'_, HashMap<(String, String), Arc<Feed>>> {
         self.feeds.lock().unwrap_or_else(|e| e.into_inner())
     }
@@ -267,13 +229,12 @@ impl Hub {
             _ => {
                 let consumer = sub.track(track)?;
                 let info = consumer.info();
-                let packetizer = Packetizer::new(info.codec)?;
+                let core = feed::Core::new(info.codec, self.bframe_ts)?;
                 let feed = Feed::detached(&key.0, track, info.kind());
                 feeds.insert(key, feed.clone());
                 let span = tracing::info_span!("feed", role = "edge", stream = %feed.stream, track = %feed.track);
                 tokio::spawn(
-                    run(self.clone(), feed.clone(), consumer, packetizer, info.codec)
-                        .instrument(span),
+                    run(self.clone(), feed.clone(), consumer, core, info.codec).instrument(span),
                 );
                 metrics::gauge!(m::FEEDS).increment(1.0);
                 feed
@@ -322,107 +283,59 @@ fn remove(feeds: &mut HashMap<(String, String), Arc<Feed>>, feed: &Arc<Feed>) {
     }
 }
 
-/// Packetizes one origin frame on the edge timeline (the feed task's step,
-/// public for the bench).
-pub fn packetize_frame(
-    p: &mut Packetizer,
-    frame: &Frame,
-    ts: u64,
-    anchor: Instant,
-    clock: u32,
-) -> PacketizedFrame {
-    let payloads = p.packetize(&frame.payload, frame.keyframe);
-    let micros = u128::from(ts) * 1_000_000 / u128::from(clock.max(1));
-    // Publisher timestamps are input: never let them overflow the instant.
-    let after = Duration::from_micros(u64::try_from(micros).unwrap_or(u64::MAX));
-    let wallclock = anchor.checked_add(after).unwrap_or(anchor);
-    PacketizedFrame {
-        payloads,
-        ts,
-        keyframe: frame.keyframe,
-        ingest_us: frame.ingest_us,
-        wallclock,
-    }
-}
-
+/// The feed task: waits on its inputs, hands them to the core with the
+/// time, then does what the core asks (see the module header).
 async fn run(
     hub: Arc<Hub>,
     feed: Arc<Feed>,
     mut consumer: Consumer,
-    mut packetizer: Packetizer,
+    mut core: feed::Core,
     codec: Codec,
 ) {
-    let clock = codec.clock_rate();
     let kind = if feed.kind == Kind::Video {
         "video"
     } else {
         "audio"
     };
-    let mut timeline = Timeline::new(clock);
-    // How B-frames get their RTP timestamps (bframes.rs); frames without
-    // B-frames (pts = dts) come out the same under every method.
-    let method = if codec == Codec::H264 {
-        BframeTs::current()
-    } else {
-        BframeTs::Pts
-    };
-    // pts − dts of the timeline's first frame (a keyframe): shifts dts-based
-    // timestamps onto the presentation clock the audio uses.
-    let mut reorder: Option<u64> = None;
-    let mut anchor: Option<Instant> = None;
-    let mut waiting_keyframe = false;
-    let mut wanted = false;
-    let mut last_request: Option<Instant> = None;
     tracing::debug!(codec = %codec, "feed started");
     let reason = loop {
-        let retry_at = last_request.map_or_else(Instant::now, |t| t + KEYFRAME_INTERVAL);
+        let retry_at = core.poll_timeout();
+        // Time the core took for a frame: packetizing, mostly.
+        let mut packetized = None;
         tokio::select! {
             biased;
             _ = feed.stop.notified() => break "no viewers",
-            _ = feed.keyframe.notified() => wanted = true,
-            _ = tokio::time::sleep_until(retry_at.into()), if wanted => {}
+            _ = feed.keyframe.notified() => core.request_keyframe(Instant::now()),
+            _ = sleep_until(retry_at) => core.handle_timeout(Instant::now()),
             next = consumer.next() => {
                 let Ok(frame) = next else { break "stream ended" };
-                let (pts_ts, jumped) = timeline.map(frame.dts, frame.pts, frame.ingest_us);
-                if jumped {
-                    reorder = None;
-                    // A new publisher: its frames decode only from its keyframe.
+                let started = Instant::now();
+                core.handle_frame(started, cascade_origin::wallclock_us(), &frame);
+                packetized = Some(started.elapsed());
+            }
+        }
+        while let Some(out) = core.poll_output() {
+            match out {
+                feed::Output::Rebased => {
                     metrics::counter!(m::REBASES, "kind" => kind).increment(1);
                     tracing::info!("timeline re-based (publisher takeover)");
                     feed.reset_group();
-                    waiting_keyframe = feed.kind == Kind::Video;
                 }
-                if waiting_keyframe && !frame.keyframe {
-                    continue;
-                }
-                waiting_keyframe = false;
-                if method == BframeTs::DropB && is_h264_b_slice(&frame.payload) {
+                feed::Output::BframeDropped => {
                     metrics::counter!(m::BFRAMES_DROPPED).increment(1);
-                    continue;
                 }
-                let ts = match method {
-                    // Without B slices the rest is in presentation order:
-                    // pts is monotonic and keeps A/V sync exact.
-                    BframeTs::Pts | BframeTs::DropB => pts_ts,
-                    BframeTs::Dts => {
-                        let delay = *reorder.get_or_insert(frame.pts.saturating_sub(frame.dts));
-                        timeline.dts().saturating_add(delay)
+                feed::Output::Frame(frame) => {
+                    if let Some(d) = packetized {
+                        metrics::histogram!(m::PACKETIZE_SECONDS).record(d.as_secs_f64());
                     }
-                };
-                let anchor = *anchor.get_or_insert_with(|| anchor_of(&frame, clock));
-                let started = Instant::now();
-                let out = packetize_frame(&mut packetizer, &frame, ts, anchor, clock);
-                metrics::histogram!(m::PACKETIZE_SECONDS).record(started.elapsed().as_secs_f64());
-                metrics::counter!(m::FRAMES_PACKETIZED, "kind" => kind).increment(1);
-                feed.publish(Arc::new(out));
+                    metrics::counter!(m::FRAMES_PACKETIZED, "kind" => kind).increment(1);
+                    feed.publish(Arc::new(frame));
+                }
+                feed::Output::RequestKeyframe => {
+                    consumer.request_keyframe();
+                    metrics::counter!(m::KEYFRAME_REQUESTS, "cause" => "upstream").increment(1);
+                }
             }
-        }
-        let now = Instant::now();
-        if wanted && last_request.is_none_or(|t| now >= t + KEYFRAME_INTERVAL) {
-            consumer.request_keyframe();
-            metrics::counter!(m::KEYFRAME_REQUESTS, "cause" => "upstream").increment(1);
-            last_request = Some(now);
-            wanted = false;
         }
     };
     feed.end();
@@ -431,91 +344,17 @@ async fn run(
     tracing::debug!(reason, "feed ended");
 }
 
-/// The local instant of the stream timeline's zero, from a frame's ingest
-/// wall clock: `ts / clock` after it is the frame's capture instant.
-fn anchor_of(frame: &Frame, clock: u32) -> Instant {
-    let now = Instant::now();
-    let age = Duration::from_micros(cascade_origin::wallclock_us().saturating_sub(frame.ingest_us));
-    let media = Duration::from_micros(
-        u64::try_from(u128::from(frame.pts) * 1_000_000 / u128::from(clock.max(1))).unwrap_or(0),
-    );
-    now.checked_sub(age.saturating_add(media))
-        .or_else(|| now.checked_sub(age))
-        .unwrap_or(now)
+/// Sleeps until `at`; never wakes without one.
+async fn sleep_until(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn timeline_continues_across_takeover() {
-        let mut t = Timeline::new(90_000);
-        assert_eq!(t.map(0, 0, 1_000_000), (0, false));
-        assert_eq!(t.map(3000, 3000, 1_033_333), (3000, false));
-        // New publisher restarts at 0, 100 ms of wall time later.
-        let (ts, jumped) = t.map(0, 0, 1_133_333);
-        assert!(jumped);
-        assert_eq!(ts, 3000 + 9000);
-        assert_eq!(t.map(3000, 3000, 1_166_666), (15_000, false));
-        // A forward jump of an hour is a new timeline too.
-        let (ts, jumped) = t.map(3000 + 90_000 * 3600, 3000 + 90_000 * 3600, 1_200_000);
-        assert!(jumped);
-        assert!(ts > 15_000 && ts < 15_000 + 90_000);
-    }
-
-    proptest::proptest! {
-        /// Whatever timestamps publishers send (jumps, wraps, takeovers), the
-        /// edge timeline never goes backwards and never panics.
-        #[test]
-        fn timeline_is_monotonic(steps in proptest::collection::vec((proptest::prelude::any::<u64>(), 0u64..10_000_000), 1..200)) {
-            let mut t = Timeline::new(90_000);
-            let mut last = None;
-            for (dts, us) in steps {
-                let (ts, _) = t.map(dts, dts, us);
-                if let Some(l) = last {
-                    proptest::prop_assert!(ts >= l, "{ts} after {l}");
-                }
-                last = Some(ts);
-            }
-        }
-    }
-
-    #[test]
-    fn extreme_timestamps_do_not_overflow_the_clock() {
-        let mut p = Packetizer::new(Codec::Opus).unwrap();
-        let f = Frame {
-            payload: bytes::Bytes::from_static(b"x"),
-            pts: u64::MAX,
-            dts: u64::MAX,
-            keyframe: true,
-            ingest_us: 0,
-        };
-        let anchor = anchor_of(&f, 48_000);
-        let out = packetize_frame(&mut p, &f, u64::MAX, anchor, 48_000);
-        assert_eq!(out.payloads.len(), 1);
-    }
-
-    #[test]
-    fn dts_follows_the_timeline() {
-        let mut t = Timeline::new(90_000);
-        t.map(1000, 7000, 0);
-        assert_eq!(t.dts(), 1000);
-        t.map(4000, 4000, 33_000);
-        assert_eq!(t.dts(), 4000);
-        // Takeover: the new timeline continues after the old one.
-        t.map(0, 6000, 66_000);
-        assert_eq!(t.dts(), 4000 + 2970);
-    }
-
-    #[test]
-    fn timeline_keeps_bframe_pts() {
-        let mut t = Timeline::new(90_000);
-        // Decode order I P B: pts 0, 6000, 3000 with dts 0, 3000, 6000... shifted.
-        assert_eq!(t.map(0, 3000, 0).0, 3000);
-        assert_eq!(t.map(3000, 9000, 0).0, 9000);
-        assert_eq!(t.map(6000, 6000, 0).0, 6000);
-    }
 
     #[tokio::test]
     async fn group_cache_starts_at_keyframe() {
