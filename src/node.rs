@@ -90,6 +90,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 shards: 0,
                 max_sessions: cfg.max_sessions,
                 ice: cfg.ice.clone(),
+                // Unset, empty or `0` keeps GSO on (A/B benchmarks set it).
+                gso: std::env::var("CASCADE_NO_GSO").map_or(true, |v| v.is_empty() || v == "0"),
             })
             .await
             .with_context(|| {

@@ -11,10 +11,12 @@
 //! What this crate does not do: serve viewers or relay between nodes.
 
 pub mod audio;
+mod dimensions;
 pub mod flv;
 pub mod h264;
 pub mod metrics;
 pub mod publish;
 pub mod rtmp;
+mod simulcast;
 pub mod transcode;
 pub mod whip;

@@ -24,11 +24,12 @@ use cascade_rtc::session::CloseReason;
 use cascade_rtc::{Ctx, Flow, Handler};
 use str0m::change::SdpOffer;
 use str0m::format::Codec as RtcCodec;
-use str0m::media::{KeyframeRequestKind, MediaData, MediaKind, Mid};
+use str0m::media::{KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
 use str0m::Event;
 
 use crate::h264;
 use crate::metrics as m;
+use crate::simulcast;
 
 /// Wait this long for every offered track's first frame before going live
 /// with the tracks seen so far (an encoder whose audio starts late).
@@ -118,16 +119,7 @@ impl Endpoint for Whip {
             }
             let sdp = SdpOffer::from_sdp_string(&offer)
                 .map_err(|e| ApiError::BadRequest(format!("malformed SDP offer: {e}")))?;
-            let mut session = rtc
-                .rtc_builder()
-                .clear_codecs()
-                .enable_h264(true)
-                .enable_vp8(true)
-                .enable_vp9(true)
-                .enable_av1(true)
-                .enable_h265(true)
-                .enable_opus(true, false)
-                .build(Instant::now());
+            let mut session = with_ingest_codecs(rtc.rtc_builder()).build(Instant::now());
             rtc.add_local_candidates(&mut session);
             let answer = session
                 .sdp_api()
@@ -159,11 +151,38 @@ impl Endpoint for Whip {
     }
 }
 
+/// The codecs a publisher may send us. str0m's default header extensions
+/// stay: `rtp-stream-id` (simulcast layers) and transport-wide sequence
+/// numbers, whose feedback lets a publisher's bandwidth estimate grow enough
+/// to send its top layer.
+fn with_ingest_codecs(builder: str0m::RtcConfig) -> str0m::RtcConfig {
+    builder
+        .clear_codecs()
+        .enable_h264(true)
+        .enable_vp8(true)
+        .enable_vp9(true)
+        .enable_av1(true)
+        .enable_h265(true)
+        .enable_opus(true, false)
+}
+
 /// One received track.
 struct Track {
     name: &'static str,
     codec: Codec,
     fmtp: String,
+    /// Per layer (`None` without simulcast): str0m depacketizes each rid
+    /// on its own, with its own RTP clock offset and parameter sets.
+    lanes: HashMap<Option<Rid>, Lane>,
+    /// Simulcast: which layer the stream carries.
+    selector: Option<simulcast::Selector>,
+    /// pts of the last frame written: a layer switch continues after it.
+    last_pts: Option<u64>,
+}
+
+/// One layer of a track.
+#[derive(Default)]
+struct Lane {
     /// RTP time of the first frame and its pts on the stream timeline.
     anchor: Option<(u64, u64)>,
     waiting_keyframe: bool,
@@ -181,7 +200,8 @@ struct Session {
     /// Wall clock (µs) of the stream's first frame: zero of the timeline.
     zero_us: Option<u64>,
     first_frame: Option<Instant>,
-    last_pli: Option<Instant>,
+    /// Last keyframe request per layer (`None`: the track's only layer).
+    last_pli: HashMap<Option<Rid>, Instant>,
 }
 
 fn map_codec(c: RtcCodec) -> Option<Codec> {
@@ -207,7 +227,7 @@ impl Session {
             publisher: None,
             zero_us: None,
             first_frame: None,
-            last_pli: None,
+            last_pli: HashMap::new(),
         }
     }
 
@@ -227,18 +247,26 @@ impl Session {
         Catalog { tracks }
     }
 
-    fn pli(&mut self, ctx: &mut Ctx<'_>, mid: Mid) {
+    fn pli(&mut self, ctx: &mut Ctx<'_>, mid: Mid, rid: Option<Rid>) {
         if self
             .last_pli
-            .is_some_and(|t| ctx.now.duration_since(t) < PLI_INTERVAL)
+            .get(&rid)
+            .is_some_and(|t| ctx.now.duration_since(*t) < PLI_INTERVAL)
         {
             return;
         }
-        if let Some(rx) = ctx.rtc.direct_api().stream_rx_by_mid(mid, None) {
+        if let Some(rx) = ctx.rtc.direct_api().stream_rx_by_mid(mid, rid) {
             rx.request_keyframe(KeyframeRequestKind::Pli);
-            self.last_pli = Some(ctx.now);
+            self.last_pli.insert(rid, ctx.now);
             metrics::counter!(m::WHIP_PLI).increment(1);
         }
+    }
+
+    /// The layer keyframe requests for a track go to: the forwarded one.
+    fn video_target(&self) -> Option<(Mid, Option<Rid>)> {
+        let (mid, t) = self.tracks.iter().find(|(_, t)| t.name == "video")?;
+        let rid = t.selector.as_ref().and_then(|s| s.current()).map(Rid::from);
+        Some((*mid, rid))
     }
 
     fn on_media(&mut self, ctx: &mut Ctx<'_>, data: MediaData) -> Flow {
@@ -273,36 +301,89 @@ impl Session {
             name,
             codec,
             fmtp: fmtp_of(&data),
-            anchor: None,
-            waiting_keyframe: name == "video",
-            parameter_sets: Vec::new(),
+            lanes: HashMap::new(),
+            selector: None,
+            last_pts: None,
         });
         if is_new {
             let _g = self.span.enter();
             tracing::info!(track = name, codec = %codec, "track started");
         }
+        let mut keyframe = name == "audio" || data.is_keyframe();
+        // Simulcast: one layer becomes the stream's video, the others are
+        // dropped here (renditions of their own come with per-viewer layers).
+        let rid = data.rid.filter(|_| name == "video");
+        let mut switched = false;
+        if let Some(rid) = rid {
+            let size = keyframe
+                .then(|| crate::dimensions::of_keyframe(codec, &data.data))
+                .flatten();
+            let selector = track.selector.get_or_insert_with(Default::default);
+            let verdict = selector.on_frame(ctx.now, &rid, keyframe, size, data.data.len());
+            if let Some(sw) = selector.take_switch() {
+                switched = true;
+                metrics::counter!(m::WHIP_SIMULCAST_SWITCHES).increment(1);
+                let _g = self.span.enter();
+                let size = sw
+                    .size
+                    .map_or_else(|| "size unknown".into(), |(w, h)| format!("{w}x{h}"));
+                tracing::info!(
+                    layer = %sw.to,
+                    from = sw.from.as_deref().unwrap_or("-"),
+                    size = %size,
+                    dropped = ?sw.dropped,
+                    "simulcast publisher: the stream carries one layer, the others are dropped at ingest"
+                );
+            }
+            match verdict {
+                simulcast::Verdict::Forward => {}
+                simulcast::Verdict::Drop => {
+                    metrics::counter!(m::WHIP_SIMULCAST_DROPPED).increment(1);
+                    return Flow::Continue;
+                }
+                simulcast::Verdict::DropAndRequestKeyframe => {
+                    metrics::counter!(m::WHIP_SIMULCAST_DROPPED).increment(1);
+                    self.pli(ctx, data.mid, Some(rid));
+                    return Flow::Continue;
+                }
+            }
+        }
+        let Some(track) = self.tracks.get_mut(&data.mid) else {
+            return Flow::Continue;
+        };
+        let lane = track.lanes.entry(rid).or_insert_with(|| Lane {
+            waiting_keyframe: name == "video",
+            ..Lane::default()
+        });
         let rtp = data.time.numer();
         let clock = u64::from(codec.clock_rate());
-        let (rtp0, pts0) = *track
+        if switched {
+            // Another layer has its own RTP clock offset: continue the
+            // timeline from the frame before, at this frame's arrival.
+            let at = (arrived_us.saturating_sub(zero) * clock / 1_000_000)
+                .max(track.last_pts.map_or(0, |p| p + 1));
+            lane.anchor = Some((rtp, at));
+        }
+        let (rtp0, pts0) = *lane
             .anchor
             .get_or_insert_with(|| (rtp, arrived_us.saturating_sub(zero) * clock / 1_000_000));
         let pts = pts0 + rtp.saturating_sub(rtp0);
-        let mut keyframe = name == "audio" || data.is_keyframe();
         let mut payload = Bytes::copy_from_slice(&data.data);
         if name == "video" {
             if !data.contiguous && !keyframe {
                 // Loss broke the group: decoding on would show corruption.
-                track.waiting_keyframe = true;
+                lane.waiting_keyframe = true;
             }
-            if track.waiting_keyframe && !keyframe {
-                self.pli(ctx, data.mid);
+            if lane.waiting_keyframe && !keyframe {
+                self.pli(ctx, data.mid, rid);
                 return Flow::Continue;
             }
-            track.waiting_keyframe = false;
+            lane.waiting_keyframe = false;
             if codec == Codec::H264 {
-                payload = with_parameter_sets(payload, &mut track.parameter_sets, &mut keyframe);
+                payload = with_parameter_sets(payload, &mut lane.parameter_sets, &mut keyframe);
             }
         }
+        track.last_pts = Some(pts);
         let frame = Frame {
             payload,
             pts,
@@ -349,9 +430,8 @@ impl Session {
             }
         }
         if want_keyframe {
-            if let Some((mid, _)) = self.tracks.iter().find(|(_, t)| t.name == "video") {
-                let mid = *mid;
-                self.pli(ctx, mid);
+            if let Some((mid, rid)) = self.video_target() {
+                self.pli(ctx, mid, rid);
             }
         }
         Flow::Continue
@@ -417,13 +497,8 @@ impl Handler for Session {
         match event {
             Event::MediaData(data) => self.on_media(ctx, data),
             Event::Connected => {
-                let video = self
-                    .tracks
-                    .iter()
-                    .find(|(_, t)| t.name == "video")
-                    .map(|(m, _)| *m);
-                if let Some(mid) = video {
-                    self.pli(ctx, mid);
+                if let Some((mid, rid)) = self.video_target() {
+                    self.pli(ctx, mid, rid);
                 }
                 Flow::Continue
             }
@@ -450,6 +525,55 @@ mod tests {
         assert_eq!(sending_kinds(o), (false, true));
         assert_eq!(sending_kinds("v=0\r\n"), (false, false));
     }
+
+    /// Accepts `offer` as `create` does and returns the answer.
+    fn answer(offer: &str) -> String {
+        let mut rtc =
+            with_ingest_codecs(str0m::Rtc::builder().set_ice_lite(true)).build(Instant::now());
+        let offer = SdpOffer::from_sdp_string(offer).unwrap();
+        rtc.sdp_api().accept_offer(offer).unwrap().to_sdp_string()
+    }
+
+    #[test]
+    fn simulcast_offers_are_answered_with_every_layer() {
+        // Recorded from Debian's Chromium 156: sendEncodings q/h/f.
+        let chromium = include_str!("testdata/chromium156-simulcast-offer.sdp");
+        let a = answer(chromium);
+        assert!(a.contains("a=simulcast:recv q;h;f"), "{a}");
+        for rid in ["q", "h", "f"] {
+            assert!(a.contains(&format!("a=rid:{rid} recv")), "{a}");
+        }
+        assert!(
+            a.contains("urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id"),
+            "{a}"
+        );
+        assert_eq!(sending_kinds(chromium), (true, true));
+        // OBS 32.1 with its simulcast option: H.264 only, rids 0/1/2. It
+        // aborts when the answer keeps fewer layers.
+        let a = answer(OBS_SIMULCAST);
+        assert!(a.contains("a=simulcast:recv 0;1;2"), "{a}");
+        assert!(!a.contains("m=video 0 "), "{a}");
+    }
+
+    /// An OBS-shaped simulcast offer (obs-webrtc builds it with libdatachannel:
+    /// Opus + H.264, three send rids, no candidates).
+    const OBS_SIMULCAST: &str = "v=0\r\n\
+        o=rtc 3735928559 0 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
+        a=group:BUNDLE 0 1\r\na=group:LS 0 1\r\na=msid-semantic:WMS *\r\n\
+        a=ice-options:ice2,trickle\r\n\
+        a=fingerprint:sha-256 9A:9F:9B:30:D7:10:86:43:64:2E:96:8B:23:C2:38:F9:D4:A0:37:12:D7:1A:8E:BD:5A:AC:35:5B:9D:8B:A5:6F\r\n\
+        m=audio 9 UDP/TLS/RTP/SAVPF 111\r\nc=IN IP4 0.0.0.0\r\na=mid:0\r\na=sendonly\r\n\
+        a=ssrc:1001 cname:obs\r\na=ssrc:1001 msid:obs obs-audio\r\na=msid:obs obs-audio\r\n\
+        a=rtcp-mux\r\na=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;maxaveragebitrate=96000;stereo=1;sprop-stereo=1;useinbandfec=1\r\n\
+        a=setup:actpass\r\na=ice-ufrag:obsu\r\na=ice-pwd:obspasswordobspassword12\r\n\
+        m=video 9 UDP/TLS/RTP/SAVPF 96\r\nc=IN IP4 0.0.0.0\r\na=mid:1\r\na=sendonly\r\n\
+        a=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid\r\n\
+        a=extmap:10 urn:ietf:params:rtp-hdrext:sdes:rtp-stream-id\r\n\
+        a=rid:0 send\r\na=rid:1 send\r\na=rid:2 send\r\na=simulcast:send 0;1;2\r\n\
+        a=msid:obs obs-video\r\na=rtcp-mux\r\n\
+        a=rtpmap:96 H264/90000\r\na=rtcp-fb:96 nack\r\na=rtcp-fb:96 nack pli\r\na=rtcp-fb:96 goog-remb\r\n\
+        a=fmtp:96 profile-level-id=42e01f;packetization-mode=1;level-asymmetry-allowed=1\r\n\
+        a=setup:actpass\r\na=ice-ufrag:obsu\r\na=ice-pwd:obspasswordobspassword12\r\n";
 
     #[test]
     fn ingest_stamp_is_the_first_packets_arrival() {

@@ -28,7 +28,7 @@ async fn node() -> Node {
         advertise: vec!["127.0.0.1".parse().unwrap()],
         shards: 2,
         max_sessions: 16,
-        ice: Default::default(),
+        ..Default::default()
     })
     .await
     .unwrap();

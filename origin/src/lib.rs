@@ -1,6 +1,13 @@
 //! cascade's relay: the data model every role shares, the stream registry
 //! that fans frames out, and the QUIC relay that links nodes.
 //!
+//! Despite its name, this crate is not only the origin role: it is the
+//! shared data model, registry and relay that every role links. Ingest
+//! publishes into a [`Registry`] and uplinks it with a [`relay::Client`];
+//! the origin serves its registry with a [`relay::Server`]; an edge fetches
+//! through a client into its own registry and fans out from there. The
+//! origin role is this crate alone, the other roles add their protocols.
+//!
 //! - [`model`]: stream → catalog → track → group → frame. A
 //!   [`model::track::Producer`] writes frames; any number of
 //!   [`model::track::Consumer`]s read them, each with its own cursor, starting
@@ -16,52 +23,15 @@
 //! RTMP. Frames are opaque access units with timestamps.
 #![warn(missing_docs)]
 
+mod error;
 pub mod metrics;
 pub mod model;
 pub mod registry;
 pub mod relay;
 
+pub use error::{Error, ProtocolError, Result};
 pub use model::{catalog, frame, track};
 pub use registry::Registry;
-
-/// Errors of the relay and registry.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum Error {
-    /// The stream name is not 1–64 characters of `[A-Za-z0-9_-]`.
-    #[error("bad stream name: use 1-64 characters of A-Z a-z 0-9 _ -")]
-    BadStreamName,
-    /// The stream has no publisher.
-    #[error("stream is not live")]
-    NotLive,
-    /// The track or broadcast was closed by its producer.
-    #[error("closed")]
-    Closed,
-    /// A peer node broke the relay protocol.
-    #[error("relay protocol: {0}")]
-    Protocol(String),
-    /// The peer node did not present the cluster secret.
-    #[error("relay authentication failed")]
-    Auth,
-    /// QUIC connection failure.
-    #[error("quic: {0}")]
-    Connection(#[from] quinn::ConnectionError),
-    /// QUIC connect failure.
-    #[error("quic connect: {0}")]
-    Connect(#[from] quinn::ConnectError),
-    /// TLS set-up failure (certificate generation, configuration).
-    #[error("tls: {0}")]
-    Tls(String),
-    /// The relay link to the upstream node is down or did not answer in time.
-    #[error("relay link unavailable")]
-    Unavailable,
-    /// I/O failure (sockets, certificates).
-    #[error("io: {0}")]
-    Io(#[from] std::io::Error),
-}
-
-/// Result with the crate's [`Error`].
-pub type Result<T, E = Error> = std::result::Result<T, E>;
 
 /// Checks a stream name against INTERFACE.md: 1–64 characters of `[A-Za-z0-9_-]`.
 pub fn valid_stream_name(name: &str) -> bool {

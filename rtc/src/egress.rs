@@ -15,6 +15,7 @@ use tokio::net::UdpSocket;
 
 use crate::metrics as m;
 use crate::mux::Routes;
+use crate::shard::Sink;
 
 /// Largest GSO super-datagram: the UDP length field caps it at 64 KiB minus headers.
 const MAX_GSO_BYTES: usize = 65_000;
@@ -28,8 +29,8 @@ pub(crate) struct Egress {
     pub(crate) routes: Arc<Routes>,
     /// Addresses of this host: only these may be set as the source of a send.
     pub(crate) local_ips: HashSet<IpAddr>,
-    /// `CASCADE_NO_GSO=1` sends one datagram per `sendmsg` (A/B benchmarks, or a NIC whose
-    /// driver mishandles UDP GSO without failing the send).
+    /// Off ([`Config::gso`](crate::Config::gso)) sends one datagram per `sendmsg` (A/B
+    /// benchmarks, or a NIC whose driver mishandles UDP GSO without failing the send).
     pub(crate) gso: bool,
     /// Metric handles, resolved once: a `counter!` lookup per drain hashed the key every time
     /// (~2% of a shard's CPU at 600 viewers, measured with perf). Counts gather in the
@@ -55,11 +56,6 @@ impl Counters {
             send_dropped: metrics::counter!(m::DATAGRAMS_DROPPED, "reason" => "send"),
         }
     }
-}
-
-/// Whether the environment allows GSO (`CASCADE_NO_GSO` unset or `0`).
-pub(crate) fn gso_allowed() -> bool {
-    std::env::var("CASCADE_NO_GSO").map_or(true, |v| v.is_empty() || v == "0")
 }
 
 /// One run of datagrams for one destination, all `segment` bytes but possibly the last.
@@ -144,6 +140,27 @@ impl Batch {
             .iter()
             .map(|g| (g.destination, g.len, g.segment))
             .collect()
+    }
+}
+
+/// One shard's way out: the shared [`Egress`] and the shard's own [`Batch`].
+pub(crate) struct ShardEgress {
+    pub(crate) egress: Arc<Egress>,
+    pub(crate) batch: Batch,
+}
+
+impl Sink for ShardEgress {
+    #[inline]
+    fn push(&mut self, t: &Transmit) {
+        self.egress.push(&mut self.batch, t);
+    }
+
+    fn flush(&mut self) {
+        self.egress.flush(&mut self.batch);
+    }
+
+    fn publish(&mut self) {
+        self.egress.publish(&mut self.batch);
     }
 }
 

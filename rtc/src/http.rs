@@ -466,7 +466,7 @@ async fn patch_inner(
         })
         .await?;
     s.server.set_remote_ufrag(handle.id(), ufrag);
-    let etag = crate::shard::new_etag();
+    let etag = crate::server::new_etag();
     s.server.set_etag(handle.id(), etag.clone());
     metrics::counter!(m::ICE_RESTARTS, "kind" => s.endpoint.kind()).increment(1);
     let ours: Vec<String> = s

@@ -3,8 +3,8 @@
 //! listener, shared by WHIP publishers and WHEP viewers.
 //!
 //! How it is driven:
-//! - [`Server::bind`] opens the UDP socket (and the TCP listener), starts the
-//!   receive loop ([`mux`]) and the shards ([`shard`]).
+//! - [`Server::bind`] ([`server`]) opens the UDP socket (and the TCP listener),
+//!   starts the receive loop ([`mux`]) and the shards ([`shard`]).
 //! - A signalling layer (WHIP in ingest, WHEP in edge) builds an `Rtc` with
 //!   [`Server::rtc_builder`], negotiates, then hands it to [`Server::add`] with
 //!   a [`Handler`] that reacts to str0m events and writes media when woken.
@@ -22,14 +22,15 @@ pub mod ice;
 pub mod metrics;
 pub mod mux;
 pub mod sdpfrag;
+pub mod server;
 pub mod session;
 pub mod shard;
 pub mod stun;
 
 use std::net::{IpAddr, SocketAddr};
 
+pub use server::Server;
 pub use session::{Ctx, Flow, Handler, SessionHandle, SessionId, Waker};
-pub use shard::Server;
 
 /// Errors of the WebRTC session layer.
 #[derive(Debug, thiserror::Error)]
@@ -67,6 +68,10 @@ pub struct Config {
     pub max_sessions: usize,
     /// STUN/TURN servers offered to clients (`Link: rel="ice-server"`).
     pub ice: ice::IceServers,
+    /// Send a drain's equal-size datagrams to one peer in one `sendmsg` (UDP GSO) where
+    /// the kernel offers it. Off sends one datagram per call: A/B benchmarks, or a NIC
+    /// whose driver mishandles UDP GSO without failing the send.
+    pub gso: bool,
 }
 
 impl Default for Config {
@@ -78,6 +83,7 @@ impl Default for Config {
             shards: 0,
             max_sessions: 10_000,
             ice: ice::IceServers::default(),
+            gso: true,
         }
     }
 }

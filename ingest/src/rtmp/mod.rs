@@ -2,12 +2,15 @@
 //!
 //! rml_rtmp does the handshake, chunking and command flow; [`chunk::Guard`]
 //! checks the chunk stream before rml_rtmp sees it; [`media::Media`] turns FLV
-//! tags into the catalog and frames published into the registry. One task
-//! and one tracing span per connection:
+//! tags into the catalog and frames published into the registry. All of it
+//! runs in a sans-IO `session::Session` per connection (handshake, commands,
+//! publish state machine, deadlines); `conn` is its I/O shell, one task and
+//! one tracing span per connection:
 //!
 //! ```text
-//! loop { select! { shutdown | superseded | header-wait deadline | read(idle timeout) }
-//!        read → guard → ServerSession → events → Media → registry }
+//! loop { drain Session outputs → socket writes, registry, ffmpeg spawn, close
+//!        select! { shutdown | superseded | transcoder | Session deadline | read }
+//!        → Session::handle_* }
 //! ```
 //!
 //! RTMP cannot answer keyframe requests; viewers rely on the group cache.
@@ -20,6 +23,7 @@ pub mod chunk;
 pub mod clock;
 mod conn;
 pub mod media;
+mod session;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};

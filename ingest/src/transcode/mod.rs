@@ -183,8 +183,22 @@ impl Drop for Transcoder {
     }
 }
 
-/// The ffmpeg arguments (chosen by measurement, docs/bframes.md).
-pub fn args() -> Vec<&'static str> {
+/// The x264 profile of the re-encode for a source of H.264 profile
+/// `profile_idc`: never above the source's (a Main stream stays Main), and
+/// High becomes Main, which every browser lists for receiving (Debian's
+/// Chromium lists no High; OvenPlayer's server-made offer must match).
+/// x264 at `veryfast` would otherwise pick High (8×8 transform) for any
+/// source.
+pub fn output_profile(profile_idc: u8) -> &'static str {
+    match profile_idc {
+        66 => "baseline",
+        _ => "main",
+    }
+}
+
+/// The ffmpeg arguments for an output `profile` (chosen by measurement,
+/// docs/bframes.md).
+pub fn args(profile: &'static str) -> Vec<&'static str> {
     vec![
         "-hide_banner",
         "-nostdin",
@@ -207,6 +221,8 @@ pub fn args() -> Vec<&'static str> {
         "0:v",
         "-c:v",
         "libx264",
+        "-profile:v",
+        profile,
         "-preset",
         "veryfast",
         "-tune",
@@ -253,8 +269,11 @@ impl Transcoder {
             path: settings.ffmpeg.display().to_string(),
             error,
         };
+        // AVCDecoderConfigurationRecord: version, profile_idc, ...
+        let source_profile = avcc.get(1).copied().unwrap_or(100);
+        let profile = output_profile(source_profile);
         let mut child = Command::new(&settings.ffmpeg)
-            .args(args())
+            .args(args(profile))
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -267,7 +286,13 @@ impl Transcoder {
         let stderr = child.stderr.take().ok_or_else(missing)?;
         let span = tracing::info_span!("transcode", pid = child.id());
         metrics::gauge!(m::TRANSCODES).increment(1.0);
-        span.in_scope(|| tracing::info!("transcoding B-frame video with ffmpeg"));
+        span.in_scope(|| {
+            tracing::info!(
+                source_profile_idc = source_profile,
+                profile,
+                "transcoding B-frame video with ffmpeg"
+            )
+        });
 
         let (queue, rx_in) = mpsc::channel::<Bytes>(INPUT_QUEUE);
         let (tx_out, rx_out) = mpsc::channel::<Event>(OUTPUT_QUEUE);
@@ -385,6 +410,19 @@ async fn write_stdin(mut stdin: tokio::process::ChildStdin, mut rx: mpsc::Receiv
     // Sender dropped: closing stdin lets ffmpeg finish on its own.
 }
 
+/// Logs the profile-level-id of the re-encode's AVC sequence header (what
+/// viewers will be offered).
+fn log_output_profile(tag: &Tag) {
+    // Video tag, AVC (codec id 7), AVCPacketType 0, then the avcC record.
+    let b = &tag.body;
+    if tag.kind == 9 && b.len() > 8 && b[0] & 0x0f == 7 && b[1] == 0 {
+        tracing::info!(
+            profile_level_id = %format!("{:02x}{:02x}{:02x}", b[6], b[7], b[8]),
+            "transcode output"
+        );
+    }
+}
+
 async fn read_stdout(
     mut child: Child,
     mut stdout: tokio::process::ChildStdout,
@@ -403,6 +441,7 @@ async fn read_stdout(
         loop {
             match reader.next_tag() {
                 Ok(Some(tag)) => {
+                    log_output_profile(&tag);
                     if tx.send(Event::Tag(tag)).await.is_err() {
                         return; // the transcoder is gone
                     }
@@ -455,6 +494,17 @@ async fn log_stderr(stderr: tokio::process::ChildStderr) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_re_encode_never_raises_the_profile() {
+        assert_eq!(output_profile(77), "main");
+        assert_eq!(output_profile(100), "main", "High may become Main");
+        assert_eq!(output_profile(66), "baseline");
+        let a = args("main");
+        let i = a.iter().position(|x| *x == "-profile:v").unwrap();
+        assert_eq!(a[i + 1], "main");
+        assert!(i > a.iter().position(|x| *x == "libx264").unwrap());
+    }
 
     #[test]
     fn finds_binaries_and_refuses_missing_ones() {

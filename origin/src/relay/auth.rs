@@ -14,7 +14,7 @@ use rand::RngCore;
 use sha2::Sha256;
 
 use super::wire::{read_message, Message, Nonce, VERSION};
-use crate::{Error, Result};
+use crate::{Error, ProtocolError, Result};
 
 type HmacSha256 = Hmac<Sha256>;
 
@@ -47,12 +47,20 @@ fn nonce() -> Nonce {
     n
 }
 
+fn unexpected(expected: &'static str, got: &Message) -> Error {
+    ProtocolError::UnexpectedMessage {
+        expected,
+        got: got.kind(),
+    }
+    .into()
+}
+
 async fn send(stream: &mut quinn::SendStream, msg: &Message) -> Result<()> {
     let bytes = msg.encode()?;
     stream
         .write_all(&bytes)
         .await
-        .map_err(|e| Error::Protocol(e.to_string()))
+        .map_err(|e| ProtocolError::Write(e).into())
 }
 
 /// The connecting side of the handshake. The caller bounds it in time.
@@ -70,12 +78,9 @@ pub(crate) async fn connect(
         },
     )
     .await?;
-    let Message::Challenge {
-        nonce: theirs,
-        proof: p,
-    } = read_message(recv).await?
-    else {
-        return Err(Error::Protocol("expected challenge".into()));
+    let (theirs, p) = match read_message(recv).await? {
+        Message::Challenge { nonce, proof } => (nonce, proof),
+        other => return Err(unexpected("challenge", &other)),
     };
     if !verify(secret, b"server", &ours, &theirs, &p) {
         return Err(Error::Auth);
@@ -89,7 +94,7 @@ pub(crate) async fn connect(
     .await?;
     match read_message(recv).await? {
         Message::AuthOk => Ok(()),
-        _ => Err(Error::Protocol("expected auth_ok".into())),
+        other => Err(unexpected("auth_ok", &other)),
     }
 }
 
@@ -99,8 +104,9 @@ pub(crate) async fn accept(
     recv: &mut quinn::RecvStream,
     secret: &str,
 ) -> Result<()> {
-    let Message::Hello { nonce: theirs, .. } = read_message(recv).await? else {
-        return Err(Error::Protocol("expected hello".into()));
+    let theirs = match read_message(recv).await? {
+        Message::Hello { nonce, .. } => nonce,
+        other => return Err(unexpected("hello", &other)),
     };
     let ours = nonce();
     send(
@@ -111,8 +117,9 @@ pub(crate) async fn accept(
         },
     )
     .await?;
-    let Message::Auth { proof: p } = read_message(recv).await? else {
-        return Err(Error::Protocol("expected auth".into()));
+    let p = match read_message(recv).await? {
+        Message::Auth { proof } => proof,
+        other => return Err(unexpected("auth", &other)),
     };
     if !verify(secret, b"client", &ours, &theirs, &p) {
         return Err(Error::Auth);

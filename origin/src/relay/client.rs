@@ -85,7 +85,7 @@ impl Client {
         let cancel = CancellationToken::new();
         let kick = Arc::new(Notify::new());
         let span = tracing::info_span!("relay", role = "client", %origin);
-        let link = Link {
+        let dialer = Dialer {
             origin,
             secret,
             options,
@@ -98,7 +98,7 @@ impl Client {
             resume_uplink: HashSet::new(),
             resubscribe_until: Instant::now(),
         };
-        tokio::spawn(link.run().instrument(span));
+        tokio::spawn(dialer.run().instrument(span));
         Self {
             inner: Arc::new(Inner {
                 commands,
@@ -173,7 +173,7 @@ impl Upstream for Client {
 }
 
 /// The background task: connect, run the session, back off, repeat.
-struct Link {
+struct Dialer {
     origin: String,
     secret: String,
     options: Options,
@@ -189,7 +189,7 @@ struct Link {
     resubscribe_until: Instant,
 }
 
-impl Link {
+impl Dialer {
     async fn run(mut self) {
         let mut backoff = MIN_BACKOFF;
         let mut was_failing = false;
@@ -204,7 +204,6 @@ impl Link {
                     backoff = MIN_BACKOFF;
                     was_failing = false;
                     self.connected.send_replace(true);
-                    let mut session = Session::new(conn, send, Side::Connected, None);
                     let (resubscribe, resume_uplink) = if Instant::now() < self.resubscribe_until {
                         (
                             std::mem::take(&mut self.resubscribe),
@@ -213,6 +212,8 @@ impl Link {
                     } else {
                         (Vec::new(), HashSet::new())
                     };
+                    let mut session =
+                        Session::new(conn, send, Side::Connected, None, resume_uplink);
                     let inputs = Inputs {
                         commands: Some(&mut self.commands),
                         uplink: Some(self.uplink.clone()),
@@ -220,7 +221,6 @@ impl Link {
                         cancel: self.cancel.clone(),
                         kick: Some(self.kick.clone()),
                         resubscribe,
-                        resume_uplink,
                     };
                     let end = session.run(recv, Side::Connected, inputs).await;
                     self.connected.send_replace(false);

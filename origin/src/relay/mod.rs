@@ -8,10 +8,13 @@
 //! each group of each track travels on its own unidirectional stream,
 //! newest first, and a group a slow link cannot deliver in time is reset
 //! rather than queued (`send`). The receiving side feeds a local publisher
-//! (`recv`), so the registry above never knows a link is involved.
+//! (`recv`), so the registry above never knows a link is involved. The
+//! link protocol itself (ids, subscriptions, retries) is a sans-IO core
+//! (`link`) that the per-connection task (`session`) drives.
 
 mod auth;
 mod client;
+mod link;
 mod order;
 mod recv;
 mod send;

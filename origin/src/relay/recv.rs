@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use tokio::sync::{mpsc, watch, Notify};
 use tracing::Instrument;
 
+use super::link::Report;
 use super::order::Order;
 use super::session::Event;
 use super::wire::{self, MAX_GROUP_BYTES};
@@ -270,7 +271,7 @@ async fn run(
                     }
                 }
                 for track in throttle.poll(now) {
-                    let _ = events.send(Event::Keyframe { id, track }).await;
+                    let _ = events.send(Report::Keyframe { id, track }.into()).await;
                 }
             }
             changed = catalog.changed() => {
@@ -286,7 +287,7 @@ async fn run(
                 for t in &c.tracks {
                     if before.by_name(&t.name).is_none_or(|b| b.codec != t.codec) {
                         if let Some(track) = throttle.request(t.name.clone(), Instant::now()) {
-                            let _ = events.send(Event::Keyframe { id, track }).await;
+                            let _ = events.send(Report::Keyframe { id, track }.into()).await;
                         }
                     }
                 }
@@ -295,7 +296,7 @@ async fn run(
                 // Without a session (link lost, stream held for the grace
                 // period) there is nobody to ask; the stream stays up.
                 if let Some(track) = throttle.request(track, Instant::now()) {
-                    let _ = events.send(Event::Keyframe { id, track }).await;
+                    let _ = events.send(Report::Keyframe { id, track }.into()).await;
                 }
             }
             _ = tick.tick() => {
@@ -308,7 +309,7 @@ async fn run(
                     } else if idle_since.get_or_insert_with(Instant::now).elapsed() >= l.grace {
                         tracing::debug!(stream = %l.name, "no readers left: unsubscribing");
                         drop(publisher);
-                        let _ = events.send(Event::Idle { id }).await;
+                        let _ = events.send(Report::Idle { id }.into()).await;
                         return;
                     }
                 }
@@ -329,7 +330,7 @@ async fn run(
         }
     }
     drop(publisher);
-    let _ = events.send(Event::Gone { id }).await;
+    let _ = events.send(Report::Gone { id }.into()).await;
 }
 
 /// Reads one group stream and feeds its frames to the stream it names.

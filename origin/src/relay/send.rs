@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::link::Report;
 use super::session::Event;
 use super::wire::{encode_frame_header, GroupHeader, MAX_GROUP_BYTES};
 use super::{code, AbortOnDrop};
@@ -116,7 +117,7 @@ async fn run(
                 }
                 let catalog = catalog_rx.borrow_and_update().clone();
                 sync_tracks(&mut tracks, &catalog.tracks, &subscriber, &ctx, false);
-                if events.send(Event::Catalog { id, catalog }).await.is_err() {
+                if events.send(Report::Catalog { id, catalog }.into()).await.is_err() {
                     return;
                 }
             }
@@ -130,7 +131,7 @@ async fn run(
     // The producers are gone; let the track tasks send what they still hold.
     let drain = futures::future::join_all(tracks.values_mut().map(|(_, t)| &mut t.0));
     let _ = tokio::time::timeout(TAIL_WAIT, drain).await;
-    let _ = events.send(Event::Ended { id }).await;
+    let _ = events.send(Report::Ended { id }.into()).await;
 }
 
 struct TrackCtx {

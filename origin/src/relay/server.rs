@@ -156,7 +156,13 @@ async fn serve(
         }
     };
     tracing::info!("relay peer connected");
-    let mut session = Session::new(conn, send, Side::Accepted, Some(registry));
+    let mut session = Session::new(
+        conn,
+        send,
+        Side::Accepted,
+        Some(registry),
+        Default::default(),
+    );
     let inputs = Inputs {
         commands: None,
         uplink: None,
@@ -164,7 +170,6 @@ async fn serve(
         cancel,
         kick: None,
         resubscribe: Vec::new(),
-        resume_uplink: Default::default(),
     };
     let end = session.run(recv, Side::Accepted, inputs).await;
     match &end {

@@ -7,7 +7,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::model::catalog::Catalog;
 use crate::model::frame::Frame;
-use crate::{valid_stream_name, Error, Result};
+use crate::{valid_stream_name, Error, ProtocolError, Result};
 
 /// Largest control message body: a catalog with parameter sets fits many
 /// times over; anything bigger is a broken or hostile peer.
@@ -21,8 +21,8 @@ pub const MAX_GROUP_BYTES: usize = 32 * 1024 * 1024;
 pub const MAX_TRACKS: usize = 16;
 /// Bytes of an fmtp value (H.265 parameter sets are the largest we carry).
 const MAX_FMTP: usize = 4096;
-/// Bytes of a protocol label (`whip`, `rtmp`, `rtsp`, `relay`).
-const MAX_PROTOCOL: usize = 16;
+/// Characters of a protocol label (`whip`, `rtmp`, `rtsp`, `relay`).
+pub const MAX_LABEL: usize = 16;
 /// Bytes of a track name.
 pub const MAX_TRACK_NAME: usize = 64;
 /// Fixed part of a frame on a group stream: flags, pts, dts, ingest_us, length.
@@ -147,8 +147,13 @@ mod hex_nonce {
     }
 }
 
-fn protocol_error(what: &str) -> Error {
-    Error::Protocol(what.to_string())
+/// The protocol label rule, one for the codec (both directions) and the
+/// session: 1–[`MAX_LABEL`] characters of `[A-Za-z0-9-]`.
+pub fn valid_label(label: &str) -> bool {
+    (1..=MAX_LABEL).contains(&label.len())
+        && label
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
 /// True for a track name we accept: same alphabet as stream names.
@@ -156,31 +161,96 @@ pub fn valid_track_name(name: &str) -> bool {
     valid_stream_name(name)
 }
 
-fn check_catalog(c: &Catalog) -> Result<()> {
+fn check_catalog(c: &Catalog) -> Result<(), ProtocolError> {
     if c.tracks.len() > MAX_TRACKS {
-        return Err(protocol_error("too many tracks"));
+        return Err(ProtocolError::TooManyTracks {
+            count: c.tracks.len(),
+            max: MAX_TRACKS,
+        });
     }
     for t in &c.tracks {
-        if !valid_track_name(&t.name) || t.fmtp.len() > MAX_FMTP {
-            return Err(protocol_error("bad track"));
+        if !valid_track_name(&t.name) {
+            return Err(ProtocolError::BadTrackName);
+        }
+        if t.fmtp.len() > MAX_FMTP {
+            return Err(ProtocolError::FmtpTooLong {
+                len: t.fmtp.len(),
+                max: MAX_FMTP,
+            });
         }
     }
     Ok(())
 }
 
-fn check_protocol(p: &str) -> Result<()> {
-    if p.len() > MAX_PROTOCOL || !p.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-') {
-        return Err(protocol_error("bad protocol label"));
+fn check_label(label: &str) -> Result<(), ProtocolError> {
+    if valid_label(label) {
+        Ok(())
+    } else {
+        Err(ProtocolError::BadLabel)
     }
-    Ok(())
+}
+
+/// The type names of [`Message`] on the wire, to tell an unknown type (a
+/// newer peer) from a malformed message.
+const MESSAGE_TYPES: [&str; 12] = [
+    "hello",
+    "challenge",
+    "auth",
+    "auth_ok",
+    "publish",
+    "catalog_update",
+    "subscribe",
+    "subscribe_ok",
+    "not_found",
+    "unsubscribe",
+    "keyframe_request",
+    "ended",
+];
+
+/// Why a body did not decode: an unknown type, or malformed JSON.
+fn decode_error(body: &[u8], e: serde_json::Error) -> ProtocolError {
+    #[derive(Deserialize)]
+    struct Tagged {
+        #[serde(rename = "type")]
+        kind: String,
+    }
+    match serde_json::from_slice::<Tagged>(body) {
+        Ok(t) if !MESSAGE_TYPES.contains(&t.kind.as_str()) => {
+            // The name comes from the peer: keep the log line short.
+            ProtocolError::UnknownMessage(t.kind.chars().take(32).collect())
+        }
+        _ => ProtocolError::MalformedMessage(e),
+    }
 }
 
 impl Message {
+    /// The message's type as on the wire, for logs and errors.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            Self::Hello { .. } => "hello",
+            Self::Challenge { .. } => "challenge",
+            Self::Auth { .. } => "auth",
+            Self::AuthOk => "auth_ok",
+            Self::Publish { .. } => "publish",
+            Self::CatalogUpdate { .. } => "catalog_update",
+            Self::Subscribe { .. } => "subscribe",
+            Self::SubscribeOk { .. } => "subscribe_ok",
+            Self::NotFound { .. } => "not_found",
+            Self::Unsubscribe { .. } => "unsubscribe",
+            Self::KeyframeRequest { .. } => "keyframe_request",
+            Self::Ended { .. } => "ended",
+        }
+    }
+
     /// Checks what serde cannot: names, sizes, labels.
     fn validate(&self) -> Result<()> {
         match self {
             Self::Hello { version, .. } if *version != VERSION => {
-                Err(protocol_error("unsupported version"))
+                Err(ProtocolError::VersionMismatch {
+                    ours: VERSION,
+                    theirs: *version,
+                }
+                .into())
             }
             Self::Publish {
                 stream,
@@ -191,33 +261,42 @@ impl Message {
                 if !valid_stream_name(stream) {
                     return Err(Error::BadStreamName);
                 }
-                check_protocol(protocol)?;
-                check_catalog(catalog)
+                check_label(protocol)?;
+                Ok(check_catalog(catalog)?)
             }
             Self::SubscribeOk {
                 catalog, protocol, ..
             } => {
-                check_protocol(protocol)?;
-                check_catalog(catalog)
+                check_label(protocol)?;
+                Ok(check_catalog(catalog)?)
             }
-            Self::CatalogUpdate { catalog, .. } => check_catalog(catalog),
+            Self::CatalogUpdate { catalog, .. } => Ok(check_catalog(catalog)?),
             Self::Subscribe { stream, .. } if !valid_stream_name(stream) => {
                 Err(Error::BadStreamName)
             }
             Self::KeyframeRequest { track, .. } if !valid_track_name(track) => {
-                Err(protocol_error("bad track name"))
+                Err(ProtocolError::BadTrackName.into())
             }
             _ => Ok(()),
         }
     }
 
-    /// The message with its 4-byte big-endian length prefix.
+    /// The message with its 4-byte big-endian length prefix. A protocol
+    /// label is held to the same rule as on decoding, so a label the peer
+    /// would refuse fails here, on the node that has it wrong.
     pub fn encode(&self) -> Result<Bytes> {
-        let body = serde_json::to_vec(self).map_err(|e| Error::Protocol(e.to_string()))?;
-        if body.len() > MAX_MESSAGE {
-            return Err(protocol_error("message too large"));
+        if let Self::Publish { protocol, .. } | Self::SubscribeOk { protocol, .. } = self {
+            check_label(protocol)?;
         }
-        let len = u32::try_from(body.len()).map_err(|_| protocol_error("message too large"))?;
+        let body = serde_json::to_vec(self).map_err(ProtocolError::Encode)?;
+        let too_large = || ProtocolError::MessageTooLarge {
+            len: body.len(),
+            max: MAX_MESSAGE,
+        };
+        if body.len() > MAX_MESSAGE {
+            return Err(too_large().into());
+        }
+        let len = u32::try_from(body.len()).map_err(|_| too_large())?;
         let mut out = BytesMut::with_capacity(4 + body.len());
         out.put_u32(len);
         out.put_slice(&body);
@@ -227,10 +306,13 @@ impl Message {
     /// Decodes one message body (without its length prefix).
     pub fn decode_body(body: &[u8]) -> Result<Self> {
         if body.len() > MAX_MESSAGE {
-            return Err(protocol_error("message too large"));
+            return Err(ProtocolError::MessageTooLarge {
+                len: body.len(),
+                max: MAX_MESSAGE,
+            }
+            .into());
         }
-        let msg: Self =
-            serde_json::from_slice(body).map_err(|_| protocol_error("malformed message"))?;
+        let msg: Self = serde_json::from_slice(body).map_err(|e| decode_error(body, e))?;
         msg.validate()?;
         Ok(msg)
     }
@@ -255,10 +337,14 @@ fn message_len(buf: &[u8]) -> Result<Option<usize>> {
     };
     let mut be = [0u8; 4];
     be.copy_from_slice(prefix);
-    let len =
-        usize::try_from(u32::from_be_bytes(be)).map_err(|_| protocol_error("message too large"))?;
+    let announced = u32::from_be_bytes(be);
+    let too_large = || ProtocolError::MessageTooLarge {
+        len: usize::try_from(announced).unwrap_or(usize::MAX),
+        max: MAX_MESSAGE,
+    };
+    let len = usize::try_from(announced).map_err(|_| too_large())?;
     if len > MAX_MESSAGE {
-        return Err(protocol_error("message too large"));
+        return Err(too_large().into());
     }
     Ok(Some(len))
 }
@@ -287,9 +373,9 @@ pub struct GroupHeader {
 impl GroupHeader {
     /// Encodes the header.
     pub fn encode(&self) -> Result<Bytes> {
-        let len = u8::try_from(self.track.len()).map_err(|_| protocol_error("bad track name"))?;
+        let len = u8::try_from(self.track.len()).map_err(|_| ProtocolError::BadTrackName)?;
         if !valid_track_name(&self.track) {
-            return Err(protocol_error("bad track name"));
+            return Err(ProtocolError::BadTrackName.into());
         }
         let mut out = BytesMut::with_capacity(GROUP_HEADER_FIXED + self.track.len());
         out.put_u64(self.id);
@@ -311,14 +397,14 @@ impl GroupHeader {
         let (prev, rest) = split_u64(rest);
         let name_len = usize::from(rest.first().copied().unwrap_or(0));
         if name_len == 0 || name_len > MAX_TRACK_NAME {
-            return Err(protocol_error("bad track name"));
+            return Err(ProtocolError::BadTrackName.into());
         }
         let Some(name) = buf.get(GROUP_HEADER_FIXED..GROUP_HEADER_FIXED + name_len) else {
             return Ok(None);
         };
-        let track = std::str::from_utf8(name).map_err(|_| protocol_error("bad track name"))?;
+        let track = std::str::from_utf8(name).map_err(|_| ProtocolError::BadTrackName)?;
         if !valid_track_name(track) {
-            return Err(protocol_error("bad track name"));
+            return Err(ProtocolError::BadTrackName.into());
         }
         let header = Self {
             id,
@@ -344,7 +430,10 @@ pub fn encode_frame_header(frame: &Frame) -> Result<Bytes> {
     let len = u32::try_from(frame.payload.len())
         .ok()
         .filter(|&l| l as usize <= MAX_FRAME)
-        .ok_or_else(|| protocol_error("frame too large"))?;
+        .ok_or(ProtocolError::FrameTooLarge {
+            len: frame.payload.len(),
+            max: MAX_FRAME,
+        })?;
     let mut out = BytesMut::with_capacity(FRAME_HEADER);
     out.put_u8(if frame.keyframe { FLAG_KEYFRAME } else { 0 });
     out.put_u64(frame.pts);
@@ -375,17 +464,21 @@ impl FrameHeader {
     pub fn decode(buf: &[u8; FRAME_HEADER]) -> Result<Self> {
         let flags = buf[0];
         if flags & !FLAG_KEYFRAME != 0 {
-            return Err(protocol_error("unknown frame flags"));
+            return Err(ProtocolError::UnknownFrameFlags(flags).into());
         }
         let (pts, rest) = split_u64(&buf[1..]);
         let (dts, rest) = split_u64(rest);
         let (ingest_us, rest) = split_u64(rest);
         let mut be = [0u8; 4];
         be.copy_from_slice(rest);
-        let len = usize::try_from(u32::from_be_bytes(be))
-            .map_err(|_| protocol_error("frame too large"))?;
+        let announced = u32::from_be_bytes(be);
+        let too_large = || ProtocolError::FrameTooLarge {
+            len: usize::try_from(announced).unwrap_or(usize::MAX),
+            max: MAX_FRAME,
+        };
+        let len = usize::try_from(announced).map_err(|_| too_large())?;
         if len > MAX_FRAME {
-            return Err(protocol_error("frame too large"));
+            return Err(too_large().into());
         }
         Ok(Self {
             keyframe: flags & FLAG_KEYFRAME != 0,
@@ -428,13 +521,13 @@ pub fn decode_frame(buf: &[u8]) -> Result<Option<(Frame, usize)>> {
 
 fn read_error(e: quinn::ReadExactError) -> Error {
     match e {
-        quinn::ReadExactError::FinishedEarly(_) => protocol_error("stream ended early"),
+        quinn::ReadExactError::FinishedEarly(_) => ProtocolError::StreamEndedEarly.into(),
         quinn::ReadExactError::ReadError(quinn::ReadError::ConnectionLost(c)) => {
             Error::Connection(c)
         }
         // The sender abandoned the stream (a superseded group): not garbage.
         quinn::ReadExactError::ReadError(quinn::ReadError::Reset(_)) => Error::Closed,
-        quinn::ReadExactError::ReadError(e) => Error::Protocol(e.to_string()),
+        quinn::ReadExactError::ReadError(e) => ProtocolError::Read(e).into(),
     }
 }
 
@@ -453,16 +546,16 @@ pub async fn read_group_header(recv: &mut quinn::RecvStream) -> Result<GroupHead
     let mut buf = [0u8; GROUP_HEADER_FIXED + MAX_TRACK_NAME];
     let fixed = buf
         .get_mut(..GROUP_HEADER_FIXED)
-        .ok_or_else(|| protocol_error("header"))?;
+        .ok_or(ProtocolError::BadGroupHeader)?;
     recv.read_exact(fixed).await.map_err(read_error)?;
     let name_len = usize::from(buf[GROUP_HEADER_FIXED - 1]).min(MAX_TRACK_NAME);
     let name = buf
         .get_mut(GROUP_HEADER_FIXED..GROUP_HEADER_FIXED + name_len)
-        .ok_or_else(|| protocol_error("header"))?;
+        .ok_or(ProtocolError::BadGroupHeader)?;
     recv.read_exact(name).await.map_err(read_error)?;
     match GroupHeader::decode(&buf[..GROUP_HEADER_FIXED + name_len])? {
         Some((h, _)) => Ok(h),
-        None => Err(protocol_error("bad group header")),
+        None => Err(ProtocolError::BadGroupHeader.into()),
     }
 }
 
@@ -485,7 +578,7 @@ pub async fn read_frame(recv: &mut quinn::RecvStream) -> Result<Option<Frame>> {
             .read_chunk(remaining, true)
             .await
             .map_err(|e| read_error(quinn::ReadExactError::ReadError(e)))?
-            .ok_or_else(|| protocol_error("stream ended early"))?;
+            .ok_or(ProtocolError::StreamEndedEarly)?;
         let bytes = chunk.bytes;
         remaining = remaining.saturating_sub(bytes.len());
         match single.take() {
@@ -538,7 +631,7 @@ mod tests {
     }
 
     fn message() -> impl Strategy<Value = Message> {
-        let proto = "[a-z]{0,16}";
+        let proto = "[A-Za-z0-9-]{1,16}";
         prop_oneof![
             any::<[u8; 32]>().prop_map(|nonce| Message::Hello {
                 version: VERSION,
@@ -595,6 +688,10 @@ mod tests {
         #[test]
         fn message_roundtrip(m in message()) {
             let bytes = m.encode().unwrap();
+            // `kind` names the type as serde tags it, and it is a known one.
+            let json: serde_json::Value = serde_json::from_slice(&bytes[4..]).unwrap();
+            prop_assert_eq!(json["type"].as_str(), Some(m.kind()));
+            prop_assert!(MESSAGE_TYPES.contains(&m.kind()));
             let (back, used) = Message::decode(&bytes).unwrap().unwrap();
             prop_assert_eq!(back, m);
             prop_assert_eq!(used, bytes.len());
@@ -648,6 +745,140 @@ mod tests {
                 let _ = FrameHeader::decode(&fixed);
             }
         }
+    }
+
+    fn publish(protocol: &str) -> Message {
+        Message::Publish {
+            id: 2,
+            stream: "s".into(),
+            protocol: protocol.into(),
+            catalog: Catalog::default(),
+        }
+    }
+
+    /// The body of `msg` with its protocol label replaced, bypassing the encoder.
+    fn with_label(msg: &Message, label: &str) -> Vec<u8> {
+        let mut json = serde_json::to_value(msg).unwrap();
+        json["protocol"] = label.into();
+        serde_json::to_vec(&json).unwrap()
+    }
+
+    fn protocol_error(r: Result<impl std::fmt::Debug>) -> ProtocolError {
+        match r {
+            Err(Error::Protocol(e)) => e,
+            other => panic!("expected a protocol error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn label_rule() {
+        assert!(valid_label("whip"));
+        assert!(valid_label("a"));
+        assert!(valid_label("rtmp-2"));
+        assert!(valid_label(&"a".repeat(MAX_LABEL)));
+        assert!(!valid_label(""));
+        assert!(!valid_label(&"a".repeat(MAX_LABEL + 1)));
+        assert!(!valid_label("a b"));
+        assert!(!valid_label("a_b"));
+        assert!(!valid_label("é"));
+    }
+
+    #[test]
+    fn labels_are_checked_by_encoder_and_decoder() {
+        let ok = Message::SubscribeOk {
+            id: 1,
+            catalog: Catalog::default(),
+            protocol: "rtmp".into(),
+        };
+        for msg in [publish("whip"), ok] {
+            assert!(Message::decode_body(&with_label(&msg, "relay")).is_ok());
+            for bad in ["", "seventeen-chars-x", "no space"] {
+                let e = protocol_error(Message::decode_body(&with_label(&msg, bad)));
+                assert!(matches!(e, ProtocolError::BadLabel), "{bad:?}: {e}");
+            }
+        }
+        for bad in ["", "seventeen-chars-x", "no space"] {
+            let e = protocol_error(publish(bad).encode());
+            assert!(matches!(e, ProtocolError::BadLabel), "{bad:?}: {e}");
+        }
+        assert!(publish(&"a".repeat(MAX_LABEL)).encode().is_ok());
+    }
+
+    #[test]
+    fn errors_name_their_cause() {
+        let hello = serde_json::json!({"type": "hello", "version": 2, "nonce": "00".repeat(32)});
+        let hello = serde_json::to_vec(&hello).unwrap();
+        assert!(matches!(
+            protocol_error(Message::decode_body(&hello)),
+            ProtocolError::VersionMismatch {
+                ours: VERSION,
+                theirs: 2
+            }
+        ));
+        let unknown = protocol_error(Message::decode_body(br#"{"type":"teleport","id":4}"#));
+        assert!(matches!(&unknown, ProtocolError::UnknownMessage(t) if t == "teleport"));
+        assert_eq!(
+            unknown.to_string(),
+            "unknown control message type \"teleport\""
+        );
+        let missing = br#"{"type":"ended"}"#;
+        assert!(matches!(
+            protocol_error(Message::decode_body(missing)),
+            ProtocolError::MalformedMessage(_)
+        ));
+        assert!(matches!(
+            protocol_error(Message::decode_body(b"not json")),
+            ProtocolError::MalformedMessage(_)
+        ));
+        assert!(matches!(
+            protocol_error(Message::decode(&[0xff, 0xff, 0xff, 0xff])),
+            ProtocolError::MessageTooLarge {
+                len: 0xffff_ffff,
+                max: MAX_MESSAGE
+            }
+        ));
+        let mut head = [0u8; FRAME_HEADER];
+        head[0] = 0x80;
+        assert!(matches!(
+            protocol_error(FrameHeader::decode(&head)),
+            ProtocolError::UnknownFrameFlags(0x80)
+        ));
+        head[0] = 0;
+        head[FRAME_HEADER - 4..].copy_from_slice(&u32::MAX.to_be_bytes());
+        assert!(matches!(
+            protocol_error(FrameHeader::decode(&head)),
+            ProtocolError::FrameTooLarge { max: MAX_FRAME, .. }
+        ));
+        let header = GroupHeader {
+            id: 0,
+            group: 1,
+            prev: 0,
+            track: "a b".into(),
+        };
+        assert!(matches!(
+            protocol_error(header.encode()),
+            ProtocolError::BadTrackName
+        ));
+        let catalog = Catalog {
+            tracks: vec![
+                crate::model::catalog::TrackInfo {
+                    name: "video".into(),
+                    codec: Codec::H264,
+                    fmtp: String::new(),
+                    channels: None,
+                    bframes: false,
+                };
+                MAX_TRACKS + 1
+            ],
+        };
+        let update = Message::CatalogUpdate { id: 1, catalog };
+        assert!(matches!(
+            protocol_error(Message::decode(&update.encode().unwrap())),
+            ProtocolError::TooManyTracks {
+                count: 17,
+                max: MAX_TRACKS
+            }
+        ));
     }
 
     #[test]

@@ -1,11 +1,13 @@
-//! One authenticated relay link, the same on both ends: it serves the
-//! peer's `Publish`/`Subscribe` from a registry (server side), issues its
-//! own for the uplink and for upstream fetches (client side), and routes
-//! every later message by id to the stream task it concerns.
+//! One authenticated relay link, the same on both ends: the async shell
+//! around the link core ([`Link`]). The core decides (ids, subscriptions,
+//! retries); the shell writes its control messages, runs the stream tasks
+//! it starts and stops, asks the registry, and feeds back what happens.
 //!
-//! Loop: `select!` over control messages (read by a helper task), events
-//! from stream tasks, local commands, uplink announcements and new group
-//! streams; the link ends on any control-stream error.
+//! Loop: perform the core's actions until none is left, then `select!` over
+//! control messages (read by a helper task), events from stream tasks, local
+//! commands, uplink announcements, new group streams and the core's next
+//! retry, and hand what arrives to the core. The link ends on any
+//! control-stream error.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::AtomicU64;
@@ -18,12 +20,13 @@ use tracing::Instrument;
 
 mod handle;
 
+pub(crate) use super::link::Side;
+use super::link::{Link, Report};
 use super::recv::{read_group, Incoming, Routes};
 use super::send::Outgoing;
 use super::wire::{read_message, Message};
 use super::{code, AbortOnDrop, LINK_GRACE};
 use crate::metrics::{RELAY_LINKS, RELAY_PROTOCOL_ERRORS};
-use crate::model::catalog::Catalog;
 use crate::registry::{Registry, Subscriber};
 use crate::{Error, Result};
 
@@ -36,38 +39,29 @@ const CONTROL_WRITE_TIMEOUT: Duration = Duration::from_secs(5);
 /// How long a `Subscribe` from the peer may wait for the stream (a cascading
 /// node fetches it from its own upstream first).
 const RESOLVE_TIMEOUT: Duration = Duration::from_secs(3);
-/// Streams the peer may publish to us on one link.
-const MAX_PUBLICATIONS: usize = 256;
-/// Streams the peer may subscribe to on one link.
-const MAX_SUBSCRIPTIONS: usize = 1024;
-/// Our own subscriptions awaiting an answer.
-const MAX_PENDING: usize = 256;
-/// Pause between re-subscription attempts after a lost link.
-const RETRY: Duration = Duration::from_millis(500);
 
-/// What stream tasks report to their session.
+/// The link core with the shell's handles: fetched streams are published in
+/// a registry, fetches wait on a oneshot, local streams are sent from a
+/// registry subscriber.
+type Core = Link<Arc<Registry>, Fetch, Subscriber>;
+/// Where a local fetch hears whether the stream came.
+type Fetch = oneshot::Sender<Result<()>>;
+
+/// What the session's tasks send it.
 pub(crate) enum Event {
-    /// A stream we send changed its catalog.
-    Catalog { id: u64, catalog: Catalog },
-    /// A stream we send ended.
-    Ended { id: u64 },
-    /// A local reader of a stream we receive wants a keyframe.
-    Keyframe { id: u64, track: String },
-    /// A stream we receive has had no readers for the grace period.
-    Idle { id: u64 },
-    /// A stream we receive was taken over locally or closed.
-    Gone { id: u64 },
-    /// Time to ask again for a stream held over from a lost link.
-    Retry {
-        registry: Arc<Registry>,
-        name: String,
-        until: Instant,
-    },
+    /// A stream task's report, for the core.
+    Stream(Report),
     /// The peer's subscription found (or did not find) its stream.
     Resolved {
         id: u64,
         subscriber: Option<Subscriber>,
     },
+}
+
+impl From<Report> for Event {
+    fn from(r: Report) -> Self {
+        Self::Stream(r)
+    }
 }
 
 /// Requests from the local node to the link.
@@ -80,22 +74,6 @@ pub(crate) enum Command {
     },
 }
 
-struct Pending {
-    registry: Arc<Registry>,
-    name: String,
-    waiters: Vec<oneshot::Sender<Result<()>>>,
-    /// For a re-subscription after a lost link: keep asking until then
-    /// (the upstream may be back before its own publisher is).
-    retry_until: Option<Instant>,
-}
-
-/// Which end of the link this is; decides id parity and metric labels.
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(crate) enum Side {
-    Accepted,
-    Connected,
-}
-
 /// Local inputs a session may take besides the peer.
 pub(crate) struct Inputs<'a> {
     pub(crate) commands: Option<&'a mut mpsc::Receiver<Command>>,
@@ -106,8 +84,6 @@ pub(crate) struct Inputs<'a> {
     pub(crate) kick: Option<Arc<Notify>>,
     /// Streams to subscribe again at once (held over from a lost link).
     pub(crate) resubscribe: Vec<(Arc<Registry>, String)>,
-    /// Streams the lost link published upstream.
-    pub(crate) resume_uplink: HashSet<String>,
 }
 
 /// What a lost link leaves behind: the streams it fed, kept live for a
@@ -151,21 +127,12 @@ pub(crate) struct Session {
     conn: quinn::Connection,
     control: quinn::SendStream,
     serve: Option<Arc<Registry>>,
-    next_id: u64,
+    core: Core,
     routes: Arc<Routes>,
     seq: Arc<AtomicU64>,
+    /// The stream tasks of the ids the core sends and receives.
     outgoing: HashMap<u64, Outgoing>,
     incoming: HashMap<u64, Incoming>,
-    /// Peer subscriptions waiting for their stream, with their `resume` flag.
-    resolving: HashMap<u64, bool>,
-    pending: HashMap<u64, Pending>,
-    pending_names: HashMap<String, u64>,
-    /// Our subscriptions by name: id and the registry they feed.
-    subscribed: HashMap<String, (u64, Arc<Registry>)>,
-    uplinked: HashMap<String, u64>,
-    /// Streams the previous (lost) link already published: the peer has
-    /// seen their current group, so they resume at the next keyframe.
-    resume_uplink: HashSet<String>,
     events_tx: mpsc::Sender<Event>,
     linger: Duration,
 }
@@ -195,6 +162,14 @@ async fn next_announcement(
     }
 }
 
+/// Sleeps until the core's next retry; pending forever without one.
+async fn retry_due(at: Option<Instant>) {
+    match at {
+        Some(at) => tokio::time::sleep_until(at.into()).await,
+        None => std::future::pending().await,
+    }
+}
+
 async fn uplink_changed(
     rx: &mut Option<watch::Receiver<Option<Arc<Registry>>>>,
 ) -> Option<Arc<Registry>> {
@@ -208,29 +183,26 @@ async fn uplink_changed(
 }
 
 impl Session {
+    /// A session on an authenticated link. `serve`: the registry the peer
+    /// may publish to and subscribe from. `resume_uplink`: the streams the
+    /// lost link before this one published.
     pub(crate) fn new(
         conn: quinn::Connection,
         control: quinn::SendStream,
         side: Side,
         serve: Option<Arc<Registry>>,
+        resume_uplink: HashSet<String>,
     ) -> Self {
         Self {
             conn,
             control,
+            core: Link::new(side, serve.is_some(), resume_uplink),
             serve,
-            // Ids never clash: the connecting side uses even, the accepting odd.
-            next_id: if side == Side::Connected { 0 } else { 1 },
             routes: Arc::new(Routes::default()),
             // Group sequences start at 1: 0 means "no previous group".
             seq: Arc::new(AtomicU64::new(1)),
             outgoing: HashMap::new(),
             incoming: HashMap::new(),
-            resolving: HashMap::new(),
-            pending: HashMap::new(),
-            pending_names: HashMap::new(),
-            subscribed: HashMap::new(),
-            uplinked: HashMap::new(),
-            resume_uplink: HashSet::new(),
             events_tx: mpsc::channel(1).0,
             linger: Duration::ZERO,
         }
@@ -247,7 +219,6 @@ impl Session {
         metrics::gauge!(RELAY_LINKS, "direction" => direction).increment(1.0);
         let _gauge = LinkGauge(direction);
         self.linger = inputs.linger;
-        self.resume_uplink = std::mem::take(&mut inputs.resume_uplink);
         let (events_tx, mut events) = mpsc::channel(EVENT_QUEUE);
         self.events_tx = events_tx;
         let (ctl_tx, mut control) = mpsc::channel(CONTROL_QUEUE);
@@ -272,19 +243,31 @@ impl Session {
         for (registry, name) in std::mem::take(&mut inputs.resubscribe) {
             if registry.subscribers(&name) > 0 {
                 let until = Instant::now() + LINK_GRACE;
-                self.subscribe(registry, name, None, Some(until)).await?;
+                let live = registry.is_live(&name);
+                self.core.handle_resubscribe(registry, name, until, live);
             }
         }
+        self.perform_actions().await?;
         let kick = inputs.kick.clone().unwrap_or_default();
         let result = loop {
+            if let Err(e) = self.perform_actions().await {
+                break Err(e);
+            }
+            let retry_at = self.core.poll_timeout();
             let step = tokio::select! {
                 msg = control.recv() => match msg {
-                    Some(Ok(m)) => self.on_message(m).await,
+                    Some(Ok(m)) => self.core.handle_message(Instant::now(), m),
                     Some(Err(e)) => Err(e),
                     None => Err(Error::Closed),
                 },
-                Some(ev) = events.recv() => self.on_event(ev).await,
-                Some(cmd) = next_command(&mut inputs.commands) => self.on_command(cmd).await,
+                Some(ev) = events.recv() => {
+                    self.on_event(ev);
+                    Ok(())
+                }
+                Some(cmd) = next_command(&mut inputs.commands) => {
+                    self.on_command(cmd);
+                    Ok(())
+                }
                 name = next_announcement(&mut announcements) => match (name, uplink.clone()) {
                     (Ok(name), Some(reg)) => self.uplink_one(&reg, &name).await,
                     // Missed some: rescan.
@@ -306,6 +289,10 @@ impl Session {
                     }
                     Err(e) => Err(Error::Connection(e)),
                 },
+                _ = retry_due(retry_at), if retry_at.is_some() => {
+                    self.core.handle_timeout(Instant::now());
+                    Ok(())
+                }
                 _ = kick.notified() => {
                     self.conn.close(code::RECONNECT, b"reconnecting");
                     break Err(Error::Unavailable);
@@ -320,7 +307,7 @@ impl Session {
             }
         };
         let violation = match &result {
-            Err(Error::Protocol(reason)) => Some(reason.clone()),
+            Err(Error::Protocol(reason)) => Some(reason.to_string()),
             Err(Error::BadStreamName) => Some("bad stream name".to_string()),
             _ => None,
         };
@@ -334,35 +321,12 @@ impl Session {
 
     /// Takes the streams this link fed, for [`Orphans::hold`].
     pub(crate) fn orphans(&mut self) -> Orphans {
-        let resubscribe = self
-            .subscribed
-            .drain()
-            .map(|(name, (_, registry))| (registry, name))
-            .collect();
+        let left = self.core.orphans();
         Orphans {
             held: self.incoming.drain().map(|(_, i)| i).collect(),
-            resubscribe,
-            uplinked: self.uplinked.drain().map(|(name, _)| name).collect(),
+            resubscribe: left.resubscribe,
+            uplinked: left.uplinked,
         }
-    }
-
-    fn alloc_id(&mut self) -> u64 {
-        let id = self.next_id;
-        self.next_id += 2;
-        id
-    }
-
-    fn peer_id(&self, id: u64) -> Result<u64> {
-        if id % 2 == self.next_id % 2 {
-            return Err(Error::Protocol("id of the wrong parity".into()));
-        }
-        if self.incoming.contains_key(&id)
-            || self.outgoing.contains_key(&id)
-            || self.resolving.contains_key(&id)
-        {
-            return Err(Error::Protocol("id in use".into()));
-        }
-        Ok(id)
     }
 
     async fn write(&mut self, msg: &Message) -> Result<()> {
