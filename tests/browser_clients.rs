@@ -250,9 +250,26 @@ fn simulcast(tag: &str, codec: Option<&str>) {
     );
     // What Chromium sent per layer (the lead's question: does its bandwidth
     // estimate turn the top layer on without feedback from the server?).
+    // Each layer's mean bitrate since the first trace sample that had it.
+    let first_bytes = |rid: &Value| -> (f64, f64) {
+        v["publisherTrace"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .find_map(|s| {
+                s["layers"]
+                    .as_array()?
+                    .iter()
+                    .find(|l| &l["rid"] == rid && num(l, &["bytesSent"]) > 0.0)
+                    .map(|l| (num(s, &["atMs"]), num(l, &["bytesSent"])))
+            })
+            .unwrap_or((f64::NAN, f64::NAN))
+    };
     for l in v["publisher"]["layers"].as_array().into_iter().flatten() {
+        let (t0, b0) = first_bytes(&l["rid"]);
+        let kbps = (num(l, &["bytesSent"]) - b0) * 8.0 / (num(&v["publisher"], &["atMs"]) - t0);
         eprintln!(
-            "simulcast ({label}) publisher layer {}: {}×{} {} frames sent, target {} bit/s, limited by {} {}, {} ({}), active {}, plis {}",
+            "simulcast ({label}) publisher layer {}: {}×{} {} frames sent, {kbps:.0} kbit/s sent, target {} bit/s, limited by {} {}, {} ({}), active {}, plis {}",
             l["rid"],
             l["frameWidth"],
             l["frameHeight"],
@@ -309,13 +326,14 @@ fn simulcast(tag: &str, codec: Option<&str>) {
     );
     let w = &v["viewer"]["window"];
     eprintln!(
-        "simulcast ({label}) viewer: {} frames in {WINDOW_SECS} s, heights {} (last {}), sizes over time {}, longest gap {} ms, \
-         chromium freezes {} ({} s), codec {}; streams {}",
+        "simulcast ({label}) viewer: {} frames in {WINDOW_SECS} s, heights {} (last {}), sizes over time {}, longest gap {} ms \
+         ({} ms into the window), chromium freezes {} ({} s), codec {}; streams {}",
         w["frames"],
         w["heights"],
         w["lastHeights"],
         w["sizes"],
         w["maxGapMs"],
+        w["maxGapStartMs"],
         w["freezes"],
         w["freezeSecs"],
         v["viewer"]["codec"],

@@ -127,11 +127,12 @@ function window_(trace, t0, t1) {
   const w = trace.filter((x) => x.t >= t0 && x.t <= t1);
   if (w.length < 2) return { samples: w.length, frames: 0, audio: 0, maxGapMs: null, heights: [], sizes: [] };
   const a = w[0], b = w[w.length - 1];
-  let lastNew = a.t, maxGap = 0;
+  let lastNew = a.t, maxGap = 0, maxGapAt = 0;
+  const gap = (t) => { if (t - lastNew > maxGap) { maxGap = t - lastNew; maxGapAt = lastNew - a.t; } };
   for (let i = 1; i < w.length; i++) {
-    if (w[i].f > w[i - 1].f) { maxGap = Math.max(maxGap, w[i].t - lastNew); lastNew = w[i].t; }
+    if (w[i].f > w[i - 1].f) { gap(w[i].t); lastNew = w[i].t; }
   }
-  maxGap = Math.max(maxGap, b.t - lastNew);
+  gap(b.t);
   const sizes = [];
   for (const x of w) {
     const k = x.w + "x" + x.h;
@@ -140,7 +141,7 @@ function window_(trace, t0, t1) {
   }
   return {
     samples: w.length, spanMs: Math.round(b.t - a.t), frames: b.f - a.f, framesTotal: b.f, audio: b.a - a.a,
-    maxGapMs: Math.round(maxGap), freezes: b.freezes - a.freezes, freezeSecs: +(b.freezeSecs - a.freezeSecs).toFixed(3),
+    maxGapMs: Math.round(maxGap), maxGapStartMs: Math.round(maxGapAt), freezes: b.freezes - a.freezes, freezeSecs: +(b.freezeSecs - a.freezeSecs).toFixed(3),
     heights: [...new Set(w.map((x) => x.h))], lastHeights: w.slice(-10).map((x) => x.h), sizes: sizes.slice(0, 30),
   };
 }
