@@ -431,7 +431,7 @@ async function main() {
       }
       case "simulcast": {
         // tests/browser/simulcast.html publishes three simulcast layers over
-        // WHIP; once the top layer is sent (or job.topWaitSecs passed) the
+        // WHIP; once the top layer is sent steadily (or job.topWaitSecs passed) the
         // player page plays the stream, traced as in "watch-many". The
         // publisher's layers (outbound-rtp per rid) are sampled every second
         // throughout: which layers Chromium sends, and why not (bandwidth).
@@ -460,14 +460,18 @@ async function main() {
             await new Promise((r) => setTimeout(r, 1000));
           }
         })();
-        const top = (x) => x.layers.find((l) => l.rid === "f");
+        // Steadily: ≥ 10 frames of the top layer in the last second (its
+        // bandwidth estimate may pause it for seconds right after a start).
+        const sentF = (x) => (x.layers.find((l) => l.rid === "f") || {}).framesSent || 0;
         const topEnd = Date.now() + (job.topWaitSecs || 10) * 1000;
-        let now = await layersNow();
-        while (!((top(now) || {}).framesSent > 0) && Date.now() < topEnd) {
+        const seen = [await layersNow()];
+        const steady = () => { const n = seen[seen.length - 1], o = seen.find((x) => x.atMs >= n.atMs - 1000);
+          return n.atMs - seen[0].atMs >= 1000 && sentF(n) - sentF(o) >= 10; };
+        while (!steady() && Date.now() < topEnd) {
           await new Promise((r) => setTimeout(r, 200));
-          now = await layersNow();
+          seen.push(await layersNow());
         }
-        out.topLayerSentAfterMs = (top(now) || {}).framesSent > 0 ? now.atMs : null;
+        out.topLayerSteadyAfterMs = steady() ? seen[seen.length - 1].atMs : null;
         const view = await newPage();
         await view.goto(`${base}/play/${job.stream}`, { waitUntil: "domcontentloaded" });
         await view.evaluate(() => window.__startTrace());
@@ -477,6 +481,8 @@ async function main() {
         }
         await new Promise((r) => setTimeout(r, ((job.warmSecs ?? 2) + (job.secs || 8)) * 1000));
         const got = await view.evaluate(() => ({ trace: window.__trace, t1: performance.now() }));
+        // The window on the publisher trace's clock (atMs).
+        out.windowAtMs = [Date.now() - t0 - job.secs * 1000, Date.now() - t0];
         const last = await view.evaluate(() => window.__summary());
         out.viewer = { window: window_(got.trace, got.t1 - job.secs * 1000, got.t1), codec: last.codec, state: last.state,
           size: `${last.w}x${last.h}`, framesTotal: last.f };
