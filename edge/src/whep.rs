@@ -21,7 +21,7 @@ use str0m::rtp::{Extension, ExtensionMap};
 use crate::fanout::Hub;
 use crate::metrics as m;
 use crate::sdp::{self, Refusal};
-use crate::viewer::{Out, Slot, Viewer, RTX_CACHE_AGE, RTX_CACHE_PACKETS};
+use crate::viewer::{Slot, Viewer, RTX_CACHE_AGE, RTX_CACHE_PACKETS};
 use crate::Config;
 
 /// The WHEP endpoint of a node.
@@ -198,13 +198,7 @@ impl Endpoint for Whep {
             let codecs: Vec<String> = choices.iter().map(|c| c.track.codec.to_string()).collect();
             let handle = server.add(rtc, "whep", &stream, span.clone(), |id, waker| {
                 span.record("session", tracing::field::display(id));
-                let outs = planned
-                    .into_iter()
-                    .filter_map(|(mid, pt, clock, track)| {
-                        let member = hub.join(&subscriber, &track, &waker)?;
-                        Some(Out::new(mid, pt, clock, member))
-                    })
-                    .collect();
+                let outs = crate::viewer::outs(&hub, &subscriber, planned, &waker);
                 Box::new(Viewer::new(outs, subscriber, slot, span.clone(), posted))
             })?;
             {

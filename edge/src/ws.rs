@@ -26,7 +26,7 @@ use tokio::sync::oneshot;
 
 use crate::metrics as m;
 use crate::offer;
-use crate::viewer::{Out, Slot, Viewer, RTX_CACHE_AGE, RTX_CACHE_PACKETS};
+use crate::viewer::{Slot, Viewer, RTX_CACHE_AGE, RTX_CACHE_PACKETS};
 use crate::whep::Whep;
 
 /// A client must ask for its offer this soon after connecting.
@@ -423,13 +423,7 @@ fn accept(
         .rtc
         .add(rtc, "ws", stream, span.clone(), |id, waker| {
             span.record("session", tracing::field::display(id));
-            let outs = planned
-                .into_iter()
-                .filter_map(|(mid, pt, clock, track)| {
-                    let member = hub.join(&subscriber, &track, &waker)?;
-                    Some(Out::new(mid, pt, clock, member))
-                })
-                .collect();
+            let outs = crate::viewer::outs(&hub, &subscriber, planned, &waker);
             Box::new(Viewer::new(outs, subscriber, slot, span.clone(), posted).on_connected(tx))
         })
         .map_err(|_| Refused::NodeFull)?;

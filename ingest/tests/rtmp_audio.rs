@@ -8,7 +8,7 @@ mod common;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
 
-use cascade_ingest::audio::{Packet48, Transcoder};
+use cascade_ingest::audio::{AacToOpus, Packet48};
 use cascade_ingest::flv::{parse_audio, Audio};
 use common::rtmp::{have_ffmpeg, read_flv};
 use symphonia::core::audio::SampleBuffer;
@@ -96,7 +96,7 @@ async fn opus_pts_line_up_with_the_aac_timeline() {
             reference.push((f64::from(*ts) / 1000.0, f64::from(spec.rate), mono));
         }
         // Ours: transcode with 48 kHz pts from the same timestamps, decode.
-        let mut t = Transcoder::new(&asc).unwrap();
+        let mut t = AacToOpus::new(&asc).unwrap();
         let mut packets: Vec<Packet48> = Vec::new();
         // A real timeline starts far from zero (the clock is wall-clock based):
         // shift by 10 s so no pts would be negative after delay compensation.
@@ -134,7 +134,7 @@ async fn transcode_cpu_cost_per_stream() {
     for (rate, channels) in [(44_100, 2), (48_000, 2), (48_000, 1)] {
         let (asc, frames) =
             aac_flv("sin(2*PI*440*t)+0.3*sin(2*PI*3000*t)", rate, channels, secs).await;
-        let mut t = Transcoder::new(&asc).unwrap();
+        let mut t = AacToOpus::new(&asc).unwrap();
         let mut out = Vec::new();
         let start = Instant::now();
         for (ts, f) in &frames {

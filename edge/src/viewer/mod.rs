@@ -18,12 +18,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::fanout::{Member, PacketizedFrame};
+use crate::fanout::{Hub, Member, PacketizedFrame};
 use crate::metrics as m;
 use cascade_origin::catalog::Kind;
 use cascade_origin::registry::Subscriber;
 use cascade_rtc::session::CloseReason;
-use cascade_rtc::{Ctx, Flow, Handler};
+use cascade_rtc::{Ctx, Flow, Handler, Waker};
 use str0m::media::{Mid, Pt};
 use str0m::rtp::RtpWrite;
 use str0m::rtp::Ssrc;
@@ -256,6 +256,28 @@ enum Written {
     QueueFull,
     /// str0m has no stream for the mid: the session is broken.
     NoStream,
+}
+
+/// One negotiated outgoing track: its m-line, payload type, RTP clock and
+/// the catalog track it carries.
+pub type Planned = (Mid, Pt, u32, String);
+
+/// The outgoing tracks of a new viewer: each planned track joined to its
+/// feed on this node (one packetization shared by every viewer); tracks
+/// whose feed has ended are left out.
+pub fn outs(
+    hub: &Arc<Hub>,
+    subscriber: &Subscriber,
+    planned: Vec<Planned>,
+    waker: &Waker,
+) -> Vec<Out> {
+    planned
+        .into_iter()
+        .filter_map(|(mid, pt, clock, track)| {
+            let member = hub.join(subscriber, &track, waker)?;
+            Some(Out::new(mid, pt, clock, member))
+        })
+        .collect()
 }
 
 /// A WHEP viewer.

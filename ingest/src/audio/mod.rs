@@ -55,7 +55,7 @@ pub struct Packet48 {
 }
 
 /// The AAC → Opus transcoder of one stream.
-pub struct Transcoder {
+pub struct AacToOpus {
     decoder: AacDecoder,
     /// Channels the encoder gets: 1 for mono sources, else 2.
     channels: usize,
@@ -77,7 +77,7 @@ pub struct Transcoder {
     last_pts: Option<u64>,
 }
 
-impl Transcoder {
+impl AacToOpus {
     /// A transcoder for an AudioSpecificConfig.
     pub fn new(asc: &[u8]) -> Result<Self, Error> {
         let info = crate::flv::parse_asc(asc).map_err(|e| Error::Unsupported(e.to_string()))?;
@@ -301,17 +301,17 @@ mod tests {
 
     #[test]
     fn unsupported_configs_are_refused() {
-        assert!(Transcoder::new(&[]).is_err());
+        assert!(AacToOpus::new(&[]).is_err());
         // AAC Main (object type 1) is not decoded by symphonia.
-        assert!(Transcoder::new(&[0x0a, 0x10]).is_err());
+        assert!(AacToOpus::new(&[0x0a, 0x10]).is_err());
         // 44.1 kHz stereo LC builds.
-        let t = Transcoder::new(&[0x12, 0x10]).unwrap();
+        let t = AacToOpus::new(&[0x12, 0x10]).unwrap();
         assert_eq!(t.channels(), 2);
     }
 
     #[test]
     fn garbage_frames_do_not_panic() {
-        let mut t = Transcoder::new(&[0x11, 0x88]).unwrap();
+        let mut t = AacToOpus::new(&[0x11, 0x88]).unwrap();
         let mut out = Vec::new();
         for n in 0..64u8 {
             let junk: Vec<u8> = (0..n).map(|i| i.wrapping_mul(37) ^ n).collect();

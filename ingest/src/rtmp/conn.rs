@@ -18,7 +18,7 @@ use super::media::Track;
 use super::session::{Now, Output, Session, Transcode};
 use super::{Ctx, Error, WRITE_TIMEOUT};
 use crate::metrics as m;
-use crate::transcode::{self, Event, Transcoder};
+use crate::transcode::{self, Event, Reencoder};
 
 /// Bytes read per socket read.
 const READ_BUF: usize = 64 * 1024;
@@ -141,7 +141,7 @@ impl Conn {
                 }
                 Output::Frame(track, frame) => self.write_frame(track, frame),
                 Output::StartTranscode { settings, avcc } => {
-                    let started = Transcoder::spawn(&settings, &avcc).map(|(t, rx)| {
+                    let started = Reencoder::spawn(&settings, &avcc).map(|(t, rx)| {
                         self.transcoded = Some(rx);
                         Box::new(t) as Box<dyn Transcode>
                     });

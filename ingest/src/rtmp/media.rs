@@ -9,7 +9,7 @@ use cascade_origin::frame::Frame;
 
 use super::av1;
 use super::clock::Clock;
-use crate::audio::{self, Transcoder};
+use crate::audio::{self, AacToOpus};
 use crate::flv::{self, Audio, Video, VideoCodec};
 use crate::h264;
 
@@ -89,7 +89,7 @@ enum AudioState {
     None,
     Aac {
         asc: Bytes,
-        transcoder: Box<Transcoder>,
+        transcoder: Box<AacToOpus>,
     },
     Opus {
         channels: u8,
@@ -332,7 +332,7 @@ impl Media {
                 if matches!(&self.audio, AudioState::Aac { asc: a, .. } if *a == asc) {
                     return Ok(());
                 }
-                let transcoder = Transcoder::new(&asc)?;
+                let transcoder = AacToOpus::new(&asc)?;
                 self.audio = AudioState::Aac {
                     asc,
                     transcoder: Box::new(transcoder),

@@ -10,7 +10,7 @@
 //! ffmpeg → stderr task → tracing (warn, first lines only)
 //! ```
 //!
-//! The child dies with the [`Transcoder`] (`kill_on_drop`, the tasks are
+//! The child dies with the [`Reencoder`] (`kill_on_drop`, the tasks are
 //! aborted): when the stream ends, is taken over, or falls back. A child
 //! that exits, writes garbage or stalls ends the transcode and the RTMP
 //! connection falls back to passing the source through (B-frames dropped at
@@ -157,8 +157,10 @@ pub enum Event {
     Ended(Error),
 }
 
-/// One running transcode; dropping it kills ffmpeg.
-pub struct Transcoder {
+/// One running B-frame re-encode (an ffmpeg child making the video
+/// B-frame free, see the module doc); dropping it kills ffmpeg. Not to be
+/// confused with [`crate::audio::AacToOpus`], the audio transcode.
+pub struct Reencoder {
     queue: mpsc::Sender<Bytes>,
     writer: FlvWriter,
     unpipe: Unpipe,
@@ -173,7 +175,7 @@ pub struct Transcoder {
     _permit: OwnedSemaphorePermit,
 }
 
-impl Drop for Transcoder {
+impl Drop for Reencoder {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
@@ -256,7 +258,7 @@ pub fn args(profile: &'static str) -> Vec<&'static str> {
     ]
 }
 
-impl Transcoder {
+impl Reencoder {
     /// Starts ffmpeg for a stream whose sequence header is `avcc`. Returns
     /// the transcoder and the receiver of its output, which the caller polls.
     pub fn spawn(settings: &Settings, avcc: &[u8]) -> Result<(Self, mpsc::Receiver<Event>), Error> {
@@ -520,17 +522,17 @@ mod tests {
     #[tokio::test]
     async fn limit_and_spawn_failures_are_errors() {
         let s = Settings::new(PathBuf::from("/nonexistent/ffmpeg"), 1);
-        let e = Transcoder::spawn(&s, &[]).err().unwrap();
+        let e = Reencoder::spawn(&s, &[]).err().unwrap();
         assert_eq!(e.reason(), "spawn");
         let s = Settings::new(PathBuf::from("/bin/true"), 0);
-        assert_eq!(Transcoder::spawn(&s, &[]).err().unwrap().reason(), "limit");
+        assert_eq!(Reencoder::spawn(&s, &[]).err().unwrap().reason(), "limit");
     }
 
     #[tokio::test]
     async fn a_child_that_exits_ends_the_transcode() {
         // `true` ignores its arguments and exits at once: an ffmpeg that died.
         let s = Settings::new(PathBuf::from("/bin/true"), 1);
-        let (mut t, mut rx) = Transcoder::spawn(&s, &[1, 2, 3]).unwrap();
+        let (mut t, mut rx) = Reencoder::spawn(&s, &[1, 2, 3]).unwrap();
         let e = loop {
             let ev = rx.recv().await.unwrap();
             if let Err(e) = t.output(ev) {
@@ -540,6 +542,6 @@ mod tests {
         assert_eq!(e.reason(), "exit");
         drop(t);
         // The slot is free again.
-        assert!(Transcoder::spawn(&s, &[]).is_ok());
+        assert!(Reencoder::spawn(&s, &[]).is_ok());
     }
 }

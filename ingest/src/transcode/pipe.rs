@@ -359,7 +359,7 @@ impl Unpipe {
                     return Err(Error::Unexpected("frame before sequence header"));
                 };
                 let au = h264::to_annexb(&data, config)?;
-                let ts = self.unwrap(tag.ts);
+                let ts = self.extend_timestamp(tag.ts);
                 let pts_ms = map.from_pipe(ts.saturating_add_signed(i64::from(cts)));
                 let pts = pts_ms * PER_MS;
                 let (ingest_us, delay, payload) = match self.take_sent(pts) {
@@ -388,7 +388,9 @@ impl Unpipe {
         }
     }
 
-    fn unwrap(&mut self, ts: u32) -> u64 {
+    /// Extends a 32-bit FLV millisecond timestamp (it wraps after ~49 days,
+    /// and ffmpeg writes it modulo 2^32) to a 64-bit one that keeps counting.
+    fn extend_timestamp(&mut self, ts: u32) -> u64 {
         let out = match self.last_ts {
             None => u64::from(ts),
             Some((raw, ext)) => ext.saturating_add_signed(i64::from(ts.wrapping_sub(raw) as i32)),
@@ -586,8 +588,8 @@ mod tests {
         };
         assert_eq!(cts, -40);
         let mut u = Unpipe::new();
-        assert_eq!(u.unwrap(u32::MAX - 5), u64::from(u32::MAX - 5));
-        assert_eq!(u.unwrap(10), u64::from(u32::MAX) + 11);
+        assert_eq!(u.extend_timestamp(u32::MAX - 5), u64::from(u32::MAX - 5));
+        assert_eq!(u.extend_timestamp(10), u64::from(u32::MAX) + 11);
     }
 
     #[test]

@@ -14,7 +14,7 @@ use cascade_origin::frame::Frame;
 use super::{Now, Output};
 use crate::metrics as m;
 use crate::rtmp::media::{self, Media, Track};
-use crate::transcode::{self, Event, Policy, Transcoder};
+use crate::transcode::{self, Event, Policy, Reencoder};
 
 /// Frames held while waiting for the second sequence header (~1 s of video
 /// and audio at 60 fps); the oldest go first when it overflows.
@@ -22,7 +22,7 @@ pub(super) const PENDING_FRAMES: usize = 256;
 /// Dropped tags logged at info per connection; later ones at debug.
 const BAD_TAG_LOGS: u64 = 5;
 
-/// What a publish needs of a running transcode: the [`Transcoder`] (an
+/// What a publish needs of a running transcode: the [`Reencoder`] (an
 /// ffmpeg child) in production, a script in tests.
 pub(in crate::rtmp) trait Transcode: Send {
     /// Queues one source video frame.
@@ -37,7 +37,7 @@ pub(in crate::rtmp) trait Transcode: Send {
     fn output(&mut self, event: Event) -> Result<Option<Frame>, transcode::Error>;
 }
 
-impl Transcode for Transcoder {
+impl Transcode for Reencoder {
     fn push(&mut self, frame: &Frame) {
         Self::push(self, frame);
     }
