@@ -159,6 +159,18 @@ impl Netns {
     /// a WHIP publisher of test media to `stream` for `secs`, returned once
     /// it is connected.
     pub(crate) fn publisher(&self, cascade: &Cascade, stream: &str, secs: u64) -> Proc {
+        self.publisher_with_profile(cascade, stream, secs, "baseline")
+    }
+
+    /// [`Netns::publisher`] with the H.264 profile of its media: `baseline`
+    /// (constrained, `42e01f`), `main` (`4d001f`) or `high` (`64001f`).
+    pub(crate) fn publisher_with_profile(
+        &self,
+        cascade: &Cascade,
+        stream: &str,
+        secs: u64,
+        profile: &str,
+    ) -> Proc {
         let exe = std::env::current_exe().expect("test binary path");
         let mut c = self.cmd(exe.to_str().expect("utf-8 path"));
         c.args([
@@ -171,7 +183,8 @@ impl Netns {
             "CASCADE_BT_PUBLISH",
             format!("{}/whip/{stream}", cascade.base),
         )
-        .env("CASCADE_BT_SECS", secs.to_string());
+        .env("CASCADE_BT_SECS", secs.to_string())
+        .env("CASCADE_BT_PROFILE", profile);
         let mut p = Proc::spawn(c);
         p.wait_line(
             |l| l.contains("PUBLISHER CONNECTED"),
@@ -352,11 +365,18 @@ pub(crate) fn publisher_main() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(30);
+    // Unset (other test files' publishers): constrained baseline, as before.
+    let profile = match std::env::var("CASCADE_BT_PROFILE").as_deref() {
+        Ok("high") => loadtest::media::Profile::High,
+        Ok("main") => loadtest::media::Profile::Main,
+        _ => loadtest::media::Profile::ConstrainedBaseline,
+    };
     let rt = tokio::runtime::Runtime::new().expect("runtime");
     rt.block_on(async move {
         let media = std::sync::Arc::new(
             loadtest::media::TestMedia::generate(loadtest::media::Options {
                 gop_frames: 30,
+                profile,
                 ..Default::default()
             })
             .await

@@ -63,6 +63,104 @@ async function sample(page) {
   });
 }
 
+// In-page stats for the kinds that look at smoothness ("watch-many",
+// "simulcast"): window.__summary() reads the receiving side like sample()
+// plus Chromium's freeze counters and every sending layer (outbound-rtp per
+// rid); window.__startTrace() samples it every 100 ms into window.__trace, in
+// the page, so a slow round trip to node cannot look like a freeze.
+const TRACE = `
+  (() => {
+    window.__summary = async () => {
+      const s = { t: performance.now(), f: 0, h: 0, w: 0, a: 0, vp: 0, freezes: 0, freezeSecs: 0,
+        state: null, codec: null, layers: [], outBitrate: null };
+      for (const pc of window.__pcs || []) {
+        if (pc.connectionState === "closed") continue;
+        s.state = pc.connectionState;
+        const r = await pc.getStats();
+        r.forEach((x) => {
+          if (x.type === "inbound-rtp" && x.kind === "video") {
+            s.f += x.framesDecoded || 0; s.vp += x.packetsReceived || 0;
+            s.w = x.frameWidth || s.w; s.h = x.frameHeight || s.h;
+            s.freezes += x.freezeCount || 0; s.freezeSecs += x.totalFreezesDuration || 0;
+            const c = r.get(x.codecId); if (c) s.codec = c.mimeType + (c.sdpFmtpLine ? " " + c.sdpFmtpLine : "");
+          }
+          if (x.type === "inbound-rtp" && x.kind === "audio") s.a += x.packetsReceived || 0;
+          if (x.type === "outbound-rtp" && x.kind === "video") {
+            const c = r.get(x.codecId);
+            s.layers.push({ rid: x.rid || null, ssrc: x.ssrc, active: x.active, frameWidth: x.frameWidth || 0,
+              frameHeight: x.frameHeight || 0, framesSent: x.framesSent || 0, framesEncoded: x.framesEncoded || 0,
+              bytesSent: x.bytesSent || 0, targetBitrate: x.targetBitrate || 0,
+              qualityLimitationReason: x.qualityLimitationReason, qualityLimitationDurations: x.qualityLimitationDurations,
+              encoderImplementation: x.encoderImplementation || null, scalabilityMode: x.scalabilityMode || null,
+              nackCount: x.nackCount || 0, pliCount: x.pliCount || 0, firCount: x.firCount || 0,
+              codec: c ? c.mimeType : null });
+          }
+          if (x.type === "outbound-rtp" && x.kind === "audio") s.a += x.packetsSent || 0;
+          if (x.type === "candidate-pair" && x.nominated && x.state === "succeeded" && x.availableOutgoingBitrate)
+            s.outBitrate = x.availableOutgoingBitrate;
+        });
+      }
+      s.layers.sort((a, b) => a.frameHeight - b.frameHeight);
+      return s;
+    };
+    window.__trace = [];
+    window.__startTrace = () => {
+      if (window.__tracing) return;
+      window.__tracing = true;
+      let busy = false;
+      setInterval(async () => {
+        if (busy) return;
+        busy = true;
+        try {
+          const s = await window.__summary();
+          window.__trace.push({ t: s.t, f: s.f, h: s.h, w: s.w, a: s.a, freezes: s.freezes, freezeSecs: s.freezeSecs });
+        } finally { busy = false; }
+      }, 100);
+    };
+  })();
+`;
+
+// What a page's trace shows between performance.now() times t0 and t1:
+// frames decoded and audio packets in the window, the sizes seen, and the
+// longest time without a newly decoded frame (on the 100 ms grid).
+function window_(trace, t0, t1) {
+  const w = trace.filter((x) => x.t >= t0 && x.t <= t1);
+  if (w.length < 2) return { samples: w.length, frames: 0, audio: 0, maxGapMs: null, heights: [], sizes: [] };
+  const a = w[0], b = w[w.length - 1];
+  let lastNew = a.t, maxGap = 0, maxGapAt = 0;
+  const gap = (t) => { if (t - lastNew > maxGap) { maxGap = t - lastNew; maxGapAt = lastNew - a.t; } };
+  for (let i = 1; i < w.length; i++) {
+    if (w[i].f > w[i - 1].f) { gap(w[i].t); lastNew = w[i].t; }
+  }
+  gap(b.t);
+  const sizes = [];
+  for (const x of w) {
+    const k = x.w + "x" + x.h;
+    if (!sizes.length || sizes[sizes.length - 1].size !== k) sizes.push({ size: k, samples: 1 });
+    else sizes[sizes.length - 1].samples++;
+  }
+  return {
+    samples: w.length, spanMs: Math.round(b.t - a.t), frames: b.f - a.f, framesTotal: b.f, audio: b.a - a.a,
+    maxGapMs: Math.round(maxGap), maxGapStartMs: Math.round(maxGapAt), freezes: b.freezes - a.freezes, freezeSecs: +(b.freezeSecs - a.freezeSecs).toFixed(3),
+    heights: [...new Set(w.map((x) => x.h))], lastHeights: w.slice(-10).map((x) => x.h), sizes: sizes.slice(0, 30),
+  };
+}
+
+// Waits until cascade lists every stream of `names` in /api/streams.
+async function waitLive(base, names, ms) {
+  const end = Date.now() + ms;
+  let live = [];
+  while (Date.now() < end) {
+    try {
+      const list = await (await fetch(`${base}/api/streams`)).json();
+      live = list.map((x) => x.stream);
+      if (names.every((n) => live.includes(n))) return list;
+    } catch (_) { /* not up yet */ }
+    await new Promise((r) => setTimeout(r, 200));
+  }
+  throw new Error(`streams not live after ${ms} ms: want ${names}, live ${live}`);
+}
+
 async function waitFor(page, pred, ms, every = 25) {
   const end = Date.now() + ms;
   let s = await sample(page);
@@ -90,6 +188,7 @@ function serveStatic(host) {
     "/ovenplayer.js": ["text/javascript", path.join(here, "node_modules/ovenplayer/dist/ovenplayer.js")],
     "/eyevinn.html": ["text/html", path.join(here, "eyevinn.html")],
     "/eyevinn.js": ["text/javascript", path.join(here, "build/eyevinn.js")],
+    "/simulcast.html": ["text/html", path.join(here, "simulcast.html")],
   };
   const server = http.createServer((req, res) => {
     const f = files[new URL(req.url, "http://x").pathname];
@@ -109,17 +208,24 @@ const FLAGS = [
 
 async function main() {
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "cascade-chromium-"));
+  // The static origin is up before Chromium starts, so that a page there
+  // may capture ("simulcast"). Only then is it a secure context: as one,
+  // whep-client.html trickles more candidates, and its PATCHes racing its
+  // ICE restart get the (correct) 412 that tests/browser.rs does not expect.
+  let server = job.staticHost ? await serveStatic(job.staticHost) : null;
+  const staticOrigin = server ? `http://${job.staticHost}:${server.address().port}` : null;
+  const secure = [job.base, job.kind === "simulcast" ? staticOrigin : null].filter(Boolean).join(",");
   const ctx = await chromium.launchPersistentContext(userDataDir, {
     executablePath: job.chromium || "/usr/bin/chromium",
     headless: true,
-    // getUserMedia needs a secure context; the test origin is plain http.
-    args: FLAGS.concat(job.base ? [`--unsafely-treat-insecure-origin-as-secure=${job.base}`] : [], job.flags || []),
+    // getUserMedia needs a secure context; the test origins are plain http.
+    args: FLAGS.concat(secure ? [`--unsafely-treat-insecure-origin-as-secure=${secure}`] : [], job.flags || []),
     viewport: { width: 1000, height: 640 },
   });
   await ctx.addInitScript(RECORD_PCS);
+  await ctx.addInitScript(TRACE);
   const logs = [];
   ctx.on("page", (p) => p.on("console", (m) => logs.push(m.type() + ": " + m.text())));
-  let server = null;
   try {
     const base = job.base; // http://198.18.0.1:PORT
     const newPage = async () => { const p = await ctx.newPage(); p.on("console", (m) => logs.push(m.type() + ": " + m.text())); return p; };
@@ -226,8 +332,7 @@ async function main() {
       }
       case "whep-client": {
         // Our own minimal WHEP client on another origin: CORS, trickle, ICE restart.
-        server = await serveStatic(job.staticHost);
-        const origin = `http://${job.staticHost}:${server.address().port}`;
+        const origin = staticOrigin;
         const page = await newPage();
         await page.goto(`${origin}/whep-client.html?url=${encodeURIComponent(`${base}/whep/${job.stream}`)}`, { waitUntil: "domcontentloaded" });
         const before = await watch(page, 2);
@@ -263,8 +368,7 @@ async function main() {
           await esbuild.build({ entryPoints: [path.join(here, "eyevinn-entry.js")], bundle: true, format: "iife",
             platform: "browser", outfile: path.join(here, "build/eyevinn.js"), logLevel: "error" });
         }
-        server = await serveStatic(job.staticHost);
-        const origin = `http://${job.staticHost}:${server.address().port}`;
+        const origin = staticOrigin;
         const page = await newPage();
         await page.goto(`${origin}/${job.page}?${job.pageQuery || ""}`, { waitUntil: "domcontentloaded" });
         Object.assign(out, await watch(page, job.secs || 3));
@@ -279,6 +383,118 @@ async function main() {
           out.metricAfterClose = line ? Number(line.split(" ").pop()) : null;
           out.metricLine = line || null;
         }
+        break;
+      }
+      case "watch-many": {
+        // Several players side by side (tests/browser_clients.rs): job.publishers
+        // (pages that publish, e.g. /publish/S?codec=vp8) first, then the
+        // streams job.streams must be live, then every job.pages player at
+        // once; after job.warmSecs each page's in-page trace over the last
+        // job.secs says what it played. A url "static:/x.html?…" is a page
+        // of the other origin.
+        const at = (u) => u.startsWith("static:") ? staticOrigin + u.slice("static:".length) : u;
+        out.publishers = {};
+        for (const p of job.publishers || []) {
+          const pub = await newPage();
+          await pub.goto(at(p.url), { waitUntil: "domcontentloaded" });
+          out.publishers[p.label] = await waitFor(pub, (s) => s.framesSent > 10, 20000, 100);
+        }
+        out.live = await waitLive(base, job.streams || [], 20000);
+        const pages = await Promise.all((job.pages || []).map(async (p) => {
+          const page = await newPage();
+          const opened = Date.now();
+          await page.goto(at(p.url), { waitUntil: "domcontentloaded" });
+          await page.evaluate(() => window.__startTrace());
+          return { ...p, page, opened, firstMs: null };
+        }));
+        const end = Date.now() + (job.firstFrameSecs || 15) * 1000;
+        while (Date.now() < end && pages.some((p) => p.firstMs === null)) {
+          for (const p of pages) {
+            if (p.firstMs === null && (await p.page.evaluate(() => window.__summary())).f > 0) p.firstMs = Date.now() - p.opened;
+          }
+          await new Promise((r) => setTimeout(r, 100));
+        }
+        await new Promise((r) => setTimeout(r, ((job.warmSecs ?? 1) + (job.secs || 8)) * 1000));
+        out.results = {};
+        for (const p of pages) {
+          const got = await p.page.evaluate(() => ({ trace: window.__trace, t1: performance.now(), events: window.events || null,
+            // What was negotiated: the m-lines, bundle and H.264 formats of each side.
+            sdp: (window.__pcs || []).map((pc) => [pc.remoteDescription, pc.localDescription].map((d) => d && (d.type + ": " +
+              d.sdp.split(/\r?\n/).filter((l) => /^(m=|a=group|a=fmtp:\d+ .*profile-level-id|a=candidate)/.test(l))
+                .map((l) => l.replace(/^a=candidate:\S+ \d+ (\S+) \d+ (\S+ \d+) .*/, "cand $1 $2")).join(" | ")))) }));
+          const last = await p.page.evaluate(() => window.__summary());
+          out.results[p.label] = { firstFrameMs: p.firstMs, window: window_(got.trace, got.t1 - job.secs * 1000, got.t1),
+            codec: last.codec, state: last.state, size: `${last.w}x${last.h}`, framesTotal: last.f, audioTotal: last.a, events: got.events,
+            sdp: got.sdp };
+        }
+        break;
+      }
+      case "simulcast": {
+        // tests/browser/simulcast.html publishes three simulcast layers over
+        // WHIP; once the top layer is sent steadily (or job.topWaitSecs passed) the
+        // player page plays the stream, traced as in "watch-many". The
+        // publisher's layers (outbound-rtp per rid) are sampled every second
+        // throughout: which layers Chromium sends, and why not (bandwidth).
+        const pub = await newPage();
+        const url = `${base}/whip/${job.stream}`;
+        await pub.goto(`${staticOrigin}/simulcast.html?url=${encodeURIComponent(url)}&token=${encodeURIComponent(job.token)}` +
+          (job.codec ? `&codec=${encodeURIComponent(job.codec)}` : ""), { waitUntil: "domcontentloaded" });
+        const t0 = Date.now();
+        const state = async () => pub.evaluate(() => ({ state: window.pub.state, error: window.pub.error, status: window.pub.status }));
+        let st = await state();
+        while (!["connected", "error", "failed"].includes(st.state) && Date.now() - t0 < 15000) {
+          await new Promise((r) => setTimeout(r, 100));
+          st = await state();
+        }
+        out.publish = st;
+        if (st.state !== "connected") throw new Error("simulcast publisher did not connect: " + JSON.stringify(st));
+        out.publisherTrace = [];
+        const layersNow = async () => {
+          const s = await pub.evaluate(() => window.__summary());
+          return { atMs: Date.now() - t0, outBitrate: s.outBitrate, layers: s.layers };
+        };
+        let tracing = true;
+        const tracer = (async () => {
+          while (tracing) {
+            try { out.publisherTrace.push(await layersNow()); } catch (_) { return; }
+            await new Promise((r) => setTimeout(r, 1000));
+          }
+        })();
+        // Steadily: ≥ 10 frames of the top layer in the last second (its
+        // bandwidth estimate may pause it for seconds right after a start).
+        const sentF = (x) => (x.layers.find((l) => l.rid === "f") || {}).framesSent || 0;
+        const topEnd = Date.now() + (job.topWaitSecs || 10) * 1000;
+        const seen = [await layersNow()];
+        const steady = () => { const n = seen[seen.length - 1], o = seen.find((x) => x.atMs >= n.atMs - 1000);
+          return n.atMs - seen[0].atMs >= 1000 && sentF(n) - sentF(o) >= 10; };
+        while (!steady() && Date.now() < topEnd) {
+          await new Promise((r) => setTimeout(r, 200));
+          seen.push(await layersNow());
+        }
+        out.topLayerSteadyAfterMs = steady() ? seen[seen.length - 1].atMs : null;
+        const view = await newPage();
+        await view.goto(`${base}/play/${job.stream}`, { waitUntil: "domcontentloaded" });
+        await view.evaluate(() => window.__startTrace());
+        const firstEnd = Date.now() + 15000;
+        while ((await view.evaluate(() => window.__summary())).f === 0 && Date.now() < firstEnd) {
+          await new Promise((r) => setTimeout(r, 100));
+        }
+        await new Promise((r) => setTimeout(r, ((job.warmSecs ?? 2) + (job.secs || 8)) * 1000));
+        const got = await view.evaluate(() => ({ trace: window.__trace, t1: performance.now() }));
+        // The window on the publisher trace's clock (atMs).
+        out.windowAtMs = [Date.now() - t0 - job.secs * 1000, Date.now() - t0];
+        const last = await view.evaluate(() => window.__summary());
+        out.viewer = { window: window_(got.trace, got.t1 - job.secs * 1000, got.t1), codec: last.codec, state: last.state,
+          size: `${last.w}x${last.h}`, framesTotal: last.f };
+        tracing = false;
+        await tracer;
+        out.publisher = await layersNow();
+        const sdp = await pub.evaluate(() => ({ offer: window.pub.offer, answer: window.pub.answer }));
+        // The lines that decide simulcast and congestion feedback.
+        const pick = (t) => (t || "").split(/\r?\n/).filter((l) => /^a=(simulcast|rid|extmap|rtcp-fb|rtpmap|fmtp)|^m=/.test(l));
+        out.answerLines = pick(sdp.answer);
+        out.offerSimulcast = pick(sdp.offer).filter((l) => /^a=(simulcast|rid)/.test(l));
+        out.streams = await (await fetch(`${base}/api/streams`)).json().catch(() => null);
         break;
       }
       default:
