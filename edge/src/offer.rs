@@ -15,7 +15,8 @@
 //! list, each with its RTX; the answer picks. Other codecs are offered only
 //! as what the stream is (VP9/AV1 profile, H.265 parameters).
 
-use cascade_origin::catalog::{fmtp_value, Catalog, Codec, Kind, TrackInfo};
+use cascade_media::sdp::fmtp_value;
+use cascade_origin::catalog::{Catalog, Codec, Kind, TrackInfo};
 use serde_json::{json, Value};
 use str0m::format::Codec as RtcCodec;
 use str0m::media::{Frequency, Mid, Pt};
