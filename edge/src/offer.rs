@@ -285,21 +285,7 @@ pub(crate) fn rejected_mids(answer: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn track(codec: Codec, fmtp: &str) -> TrackInfo {
-        TrackInfo {
-            name: if codec == Codec::Opus {
-                "audio"
-            } else {
-                "video"
-            }
-            .into(),
-            codec,
-            fmtp: fmtp.into(),
-            channels: None,
-            bframes: false,
-        }
-    }
+    use crate::sdp::tests::track;
 
     /// `RTCRtpReceiver.getCapabilities("video")` of Debian's Chromium
     /// 156.0.8078 (headless, this machine, 2026-12-06): mime, fmtp.

@@ -181,25 +181,15 @@ pub(crate) fn h264_fit(stream: H264Profile, decoder: H264Profile) -> u8 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const CHROME: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
-        m=audio 9 UDP/TLS/RTP/SAVPF 111 63\r\na=mid:0\r\na=recvonly\r\n\
-        a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n\
-        a=rtpmap:63 red/48000/2\r\n\
-        m=video 9 UDP/TLS/RTP/SAVPF 96 97 102 103 106 107 112 113 45\r\na=mid:1\r\na=recvonly\r\n\
-        a=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n\
-        a=rtpmap:102 H264/90000\r\na=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f\r\n\
-        a=rtpmap:103 rtx/90000\r\na=fmtp:103 apt=102\r\n\
-        a=rtpmap:106 H264/90000\r\na=fmtp:106 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
-        a=rtpmap:107 rtx/90000\r\na=fmtp:107 apt=106\r\n\
-        a=rtpmap:112 H264/90000\r\na=fmtp:112 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=64001f\r\n\
-        a=rtpmap:113 rtx/90000\r\na=fmtp:113 apt=112\r\n\
-        a=rtpmap:45 AV1/90000\r\n";
+    /// A Chromium WHEP offer (recvonly Opus + VP8/H.264×3/AV1 with RTX),
+    /// shared with cascade-media's scanner tests.
+    const CHROME: &str = include_str!("../../media/testdata/chrome-recvonly-offer.sdp");
 
-    fn track(codec: Codec, fmtp: &str) -> TrackInfo {
+    pub(crate) fn track(codec: Codec, fmtp: &str) -> TrackInfo {
         TrackInfo {
             name: if codec == Codec::Opus {
                 "audio"

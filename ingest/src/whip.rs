@@ -497,15 +497,6 @@ impl Handler for Session {
 mod tests {
     use super::*;
 
-    #[test]
-    fn kinds_from_offer() {
-        let o = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n";
-        assert_eq!(sending_kinds(o), (true, true));
-        let o = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n";
-        assert_eq!(sending_kinds(o), (false, true));
-        assert_eq!(sending_kinds("v=0\r\n"), (false, false));
-    }
-
     /// Accepts `offer` as `create` does and returns the answer.
     fn answer(offer: &str) -> String {
         let mut rtc =

@@ -172,19 +172,9 @@ mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const CHROME: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
-        m=audio 9 UDP/TLS/RTP/SAVPF 111 63\r\na=mid:0\r\na=recvonly\r\n\
-        a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n\
-        a=rtpmap:63 red/48000/2\r\n\
-        m=video 9 UDP/TLS/RTP/SAVPF 96 97 102 103 106 107 112 113 45\r\na=mid:1\r\na=recvonly\r\n\
-        a=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n\
-        a=rtpmap:102 H264/90000\r\na=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f\r\n\
-        a=rtpmap:103 rtx/90000\r\na=fmtp:103 apt=102\r\n\
-        a=rtpmap:106 H264/90000\r\na=fmtp:106 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
-        a=rtpmap:107 rtx/90000\r\na=fmtp:107 apt=106\r\n\
-        a=rtpmap:112 H264/90000\r\na=fmtp:112 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=64001f\r\n\
-        a=rtpmap:113 rtx/90000\r\na=fmtp:113 apt=112\r\n\
-        a=rtpmap:45 AV1/90000\r\n";
+    /// A Chromium WHEP offer (recvonly Opus + VP8/H.264×3/AV1 with RTX);
+    /// edge's negotiation tests read it too.
+    const CHROME: &str = include_str!("../testdata/chrome-recvonly-offer.sdp");
 
     /// Kinds with a sending m-line, as ingest's WHIP endpoint asks.
     fn sending(sdp: &str) -> (bool, bool) {
@@ -255,22 +245,28 @@ mod tests {
             let _ = scan(&s);
         }
 
+        // SDP-shaped lines in any order: the RTX pairing and the direction
+        // stay within their m-line.
         #[test]
-        fn scan_never_panics_on_sdp_like(lines in proptest::collection::vec(
+        fn scans_sdp_like_lines(lines in proptest::collection::vec(
             prop_oneof![
                 Just("m=video 9 UDP/TLS/RTP/SAVPF 96 97".to_string()),
                 Just("m=audio 0 RTP 111".to_string()),
+                Just("m=application 9 UDP/DTLS/SCTP webrtc-datachannel".to_string()),
                 "a=rtpmap:[0-9]{1,4} [A-Za-z0-9]{0,5}/[0-9]{0,6}(/[0-9]{0,3})?",
                 "a=fmtp:[0-9]{1,4} [a-z=;0-9-]{0,40}",
                 "a=mid:[a-z0-9]{0,3}",
-                Just("a=recvonly".to_string()),
+                "a=(sendrecv|sendonly|recvonly|inactive)",
             ], 0..30)) {
             let sdp = lines.join("\r\n");
-            for m in scan(&sdp) {
-                // RTX only ever points at a payload type of the same m-line.
+            let scanned = scan(&sdp);
+            let m_lines = lines.iter().filter(|l| l.starts_with("m=")).count();
+            prop_assert_eq!(scanned.len(), m_lines);
+            for m in &scanned {
+                prop_assert!(m.receives() || m.sends() || m.direction == Direction::Inactive);
                 for f in &m.formats {
                     if let Some(rtx) = f.rtx {
-                        prop_assert!(m.formats.iter().any(|g| g.pt == rtx));
+                        prop_assert!(m.formats.iter().any(|g| g.pt == rtx && g.name.eq_ignore_ascii_case("rtx")));
                     }
                 }
             }
