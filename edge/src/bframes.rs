@@ -2,6 +2,9 @@
 //! are sent), chosen by measurement in headless Chromium: docs/bframes.md.
 //! Streams without B-frames (pts = dts) come out the same under every method.
 
+use cascade_media::annexb;
+use cascade_media::nal::{h264, Nal};
+
 /// A video frame's RTP timestamp, frames always sent in decode order.
 /// Measured in Debian's Chromium 156 (docs/bframes.md): with B-frames in
 /// the stream it decodes only keyframes whatever the timestamps (~1 fps,
@@ -54,14 +57,13 @@ impl Default for BframeTs {
 /// (H.264 7.3.3: `first_mb_in_slice` ue(v), then `slice_type` ue(v),
 /// B = 1 or 6). Never panics on any input.
 pub fn is_h264_b_slice(au: &[u8]) -> bool {
-    let mut i = 0;
-    while let Some(start) = next_nal(au, i) {
-        let Some(&header) = au.get(start) else {
-            return false;
+    for nal in annexb::nal_ranges(au) {
+        let Some(&header) = au.get(nal.start) else {
+            continue;
         };
-        if matches!(header & 0x1f, 1 | 5) {
+        if matches!(Nal::H264.unit_type(header), h264::SLICE | h264::IDR) {
             // Enough of the slice header for two ue(v), escapes removed.
-            let body = au.get(start + 1..).unwrap_or(&[]);
+            let body = au.get(nal.start + 1..).unwrap_or(&[]);
             let rbsp = unescape(body, 16);
             let mut r = Bits {
                 data: &rbsp,
@@ -69,17 +71,8 @@ pub fn is_h264_b_slice(au: &[u8]) -> bool {
             };
             return r.ue().is_some() && r.ue().is_some_and(|t| t % 5 == 1);
         }
-        i = start;
     }
     false
-}
-
-/// Index of the first byte after the next 00 00 01 at or after `from`.
-fn next_nal(data: &[u8], from: usize) -> Option<usize> {
-    let rest = data.get(from..)?;
-    rest.windows(3)
-        .position(|w| w == [0, 0, 1])
-        .map(|p| from + p + 3)
 }
 
 /// Up to `max` RBSP bytes of a NAL body (emulation prevention removed).

@@ -15,7 +15,8 @@
 //! list, each with its RTX; the answer picks. Other codecs are offered only
 //! as what the stream is (VP9/AV1 profile, H.265 parameters).
 
-use cascade_origin::catalog::{fmtp_value, Catalog, Codec, Kind, TrackInfo};
+use cascade_media::sdp::fmtp_value;
+use cascade_origin::catalog::{Catalog, Codec, Kind, TrackInfo};
 use serde_json::{json, Value};
 use str0m::format::Codec as RtcCodec;
 use str0m::media::{Frequency, Mid, Pt};
@@ -284,21 +285,7 @@ pub(crate) fn rejected_mids(answer: &str) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn track(codec: Codec, fmtp: &str) -> TrackInfo {
-        TrackInfo {
-            name: if codec == Codec::Opus {
-                "audio"
-            } else {
-                "video"
-            }
-            .into(),
-            codec,
-            fmtp: fmtp.into(),
-            channels: None,
-            bframes: false,
-        }
-    }
+    use crate::sdp::tests::track;
 
     /// `RTCRtpReceiver.getCapabilities("video")` of Debian's Chromium
     /// 156.0.8078 (headless, this machine, 2026-12-06): mime, fmtp.

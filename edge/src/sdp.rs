@@ -1,122 +1,10 @@
-//! What a WHEP offer asks for, and which of it the stream can serve: a
-//! tolerant scan of the offer's m-lines (payload types, fmtp, RTX) and the
-//! codec choice per m-line against the stream's catalog.
-//!
-//! str0m parses the offer for real (and answers 400 when it cannot); this
-//! scan only reads what negotiation needs and never fails.
+//! What a WHEP offer asks for, and which of it the stream can serve: the
+//! codec choice per m-line against the stream's catalog, over the tolerant
+//! m-line scan of `cascade_media::sdp` (payload types, fmtp, RTX).
 
-use cascade_origin::catalog::{fmtp_value, Catalog, Codec, Kind, TrackInfo};
-
-/// One payload type of an m-line.
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub(crate) struct Format {
-    pub(crate) pt: u8,
-    pub(crate) name: String,
-    pub(crate) clock: u32,
-    pub(crate) channels: Option<u8>,
-    pub(crate) fmtp: String,
-    /// The RTX payload type repairing this one (`a=fmtp:X apt=pt`).
-    pub(crate) rtx: Option<u8>,
-}
-
-/// One m-line of the offer.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub(crate) struct MediaLine {
-    pub(crate) kind: String,
-    pub(crate) mid: Option<String>,
-    /// The offerer receives on it (recvonly or sendrecv).
-    pub(crate) receives: bool,
-    /// Port 0: the offerer disabled it.
-    pub(crate) disabled: bool,
-    pub(crate) formats: Vec<Format>,
-}
-
-/// Reads the m-lines of an SDP offer. Unknown or malformed lines are skipped.
-pub(crate) fn scan(offer: &str) -> Vec<MediaLine> {
-    let mut lines: Vec<MediaLine> = Vec::new();
-    let mut rtx_apt: Vec<(usize, u8, u8)> = Vec::new();
-    for line in offer.lines() {
-        let line = line.trim();
-        if let Some(rest) = line.strip_prefix("m=") {
-            let mut it = rest.split_whitespace();
-            let kind = it.next().unwrap_or_default().to_ascii_lowercase();
-            let disabled = it.next() == Some("0");
-            let _proto = it.next();
-            let formats = it
-                .filter_map(|pt| pt.parse::<u8>().ok())
-                .map(|pt| Format {
-                    pt,
-                    name: String::new(),
-                    clock: 0,
-                    channels: None,
-                    fmtp: String::new(),
-                    rtx: None,
-                })
-                .collect();
-            lines.push(MediaLine {
-                kind,
-                mid: None,
-                receives: true,
-                disabled,
-                formats,
-            });
-            continue;
-        }
-        let index = lines.len().wrapping_sub(1);
-        let Some(m) = lines.last_mut() else {
-            continue;
-        };
-        if let Some(mid) = line.strip_prefix("a=mid:") {
-            m.mid = Some(mid.trim().to_string());
-        } else if line == "a=sendonly" || line == "a=inactive" {
-            m.receives = false;
-        } else if line == "a=recvonly" || line == "a=sendrecv" {
-            m.receives = true;
-        } else if let Some(rest) = line.strip_prefix("a=rtpmap:") {
-            let Some((pt, enc)) = rest.split_once(' ') else {
-                continue;
-            };
-            let Ok(pt) = pt.trim().parse::<u8>() else {
-                continue;
-            };
-            let mut parts = enc.trim().split('/');
-            let name = parts.next().unwrap_or_default().to_string();
-            let clock = parts.next().and_then(|c| c.parse().ok()).unwrap_or(0);
-            let channels = parts.next().and_then(|c| c.parse().ok());
-            if let Some(f) = m.formats.iter_mut().find(|f| f.pt == pt) {
-                f.name = name;
-                f.clock = clock;
-                f.channels = channels;
-            }
-        } else if let Some(rest) = line.strip_prefix("a=fmtp:") {
-            let (pt, params) = rest.split_once(' ').unwrap_or((rest, ""));
-            let Ok(pt) = pt.trim().parse::<u8>() else {
-                continue;
-            };
-            if let Some(apt) = fmtp_value(params, "apt").and_then(|a| a.parse::<u8>().ok()) {
-                rtx_apt.push((index, pt, apt));
-            }
-            if let Some(f) = m.formats.iter_mut().find(|f| f.pt == pt) {
-                f.fmtp = params.trim().to_string();
-            }
-        }
-    }
-    for (index, rtx, apt) in rtx_apt {
-        let Some(m) = lines.get_mut(index) else {
-            continue;
-        };
-        let is_rtx = m
-            .formats
-            .iter()
-            .any(|f| f.pt == rtx && f.name.eq_ignore_ascii_case("rtx"));
-        if let Some(f) = m.formats.iter_mut().find(|f| f.pt == apt) {
-            if is_rtx {
-                f.rtx = Some(rtx);
-            }
-        }
-    }
-    lines
-}
+use cascade_media::sdp::fmtp_value;
+pub(crate) use cascade_media::sdp::{scan, Format, MediaLine};
+use cascade_origin::catalog::{Catalog, Codec, Kind, TrackInfo};
 
 /// What one m-line will carry.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -145,7 +33,7 @@ pub(crate) fn negotiate(lines: &[MediaLine], catalog: &Catalog) -> Result<Vec<Ch
     let usable = |kind: &str| {
         lines
             .iter()
-            .find(|m| m.kind == kind && m.receives && !m.disabled && m.mid.is_some())
+            .find(|m| m.kind == kind && m.receives() && !m.disabled && m.mid.is_some())
     };
     let (video_line, audio_line) = (usable("video"), usable("audio"));
     if video_line.is_none() && audio_line.is_none() {
@@ -293,25 +181,15 @@ pub(crate) fn h264_fit(stream: H264Profile, decoder: H264Profile) -> u8 {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use proptest::prelude::*;
 
-    const CHROME: &str = "v=0\r\no=- 1 2 IN IP4 127.0.0.1\r\ns=-\r\nt=0 0\r\n\
-        m=audio 9 UDP/TLS/RTP/SAVPF 111 63\r\na=mid:0\r\na=recvonly\r\n\
-        a=rtpmap:111 opus/48000/2\r\na=fmtp:111 minptime=10;useinbandfec=1\r\n\
-        a=rtpmap:63 red/48000/2\r\n\
-        m=video 9 UDP/TLS/RTP/SAVPF 96 97 102 103 106 107 112 113 45\r\na=mid:1\r\na=recvonly\r\n\
-        a=rtpmap:96 VP8/90000\r\na=rtpmap:97 rtx/90000\r\na=fmtp:97 apt=96\r\n\
-        a=rtpmap:102 H264/90000\r\na=fmtp:102 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42001f\r\n\
-        a=rtpmap:103 rtx/90000\r\na=fmtp:103 apt=102\r\n\
-        a=rtpmap:106 H264/90000\r\na=fmtp:106 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f\r\n\
-        a=rtpmap:107 rtx/90000\r\na=fmtp:107 apt=106\r\n\
-        a=rtpmap:112 H264/90000\r\na=fmtp:112 level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=64001f\r\n\
-        a=rtpmap:113 rtx/90000\r\na=fmtp:113 apt=112\r\n\
-        a=rtpmap:45 AV1/90000\r\n";
+    /// A Chromium WHEP offer (recvonly Opus + VP8/H.264×3/AV1 with RTX),
+    /// shared with cascade-media's scanner tests.
+    const CHROME: &str = include_str!("../../media/testdata/chrome-recvonly-offer.sdp");
 
-    fn track(codec: Codec, fmtp: &str) -> TrackInfo {
+    pub(crate) fn track(codec: Codec, fmtp: &str) -> TrackInfo {
         TrackInfo {
             name: if codec == Codec::Opus {
                 "audio"
@@ -328,17 +206,6 @@ mod tests {
 
     fn catalog(tracks: Vec<TrackInfo>) -> Catalog {
         Catalog { tracks }
-    }
-
-    #[test]
-    fn scans_chrome_offer() {
-        let lines = scan(CHROME);
-        assert_eq!(lines.len(), 2);
-        assert_eq!(lines[1].mid.as_deref(), Some("1"));
-        let h264 = lines[1].formats.iter().find(|f| f.pt == 106).unwrap();
-        assert_eq!(h264.name, "H264");
-        assert_eq!(h264.rtx, Some(107));
-        assert_eq!(lines[0].formats[0].channels, Some(2));
     }
 
     #[test]

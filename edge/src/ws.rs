@@ -74,10 +74,7 @@ async fn upgrade(
         }
     }
     if !cascade_origin::valid_stream_name(&stream) {
-        return ApiError::BadRequest(
-            "bad stream name: use 1-64 characters of A-Z a-z 0-9 _ -".into(),
-        )
-        .into_response();
+        return ApiError::BadRequest(cascade_origin::BAD_STREAM_NAME.into()).into_response();
     }
     ws.max_message_size(MAX_MESSAGE)
         .on_upgrade(move |socket| session(whep, stream, socket))

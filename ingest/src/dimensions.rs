@@ -6,11 +6,12 @@
 
 /// Width and height of a keyframe, when the codec's header says.
 pub(crate) fn of_keyframe(codec: cascade_origin::catalog::Codec, au: &[u8]) -> Option<(u32, u32)> {
+    use cascade_media::nal::h264 as nal_h264;
     use cascade_origin::catalog::Codec;
     match codec {
-        Codec::H264 => crate::h264::split_annexb(au)
+        Codec::H264 => cascade_media::annexb::nal_units(au)
             .into_iter()
-            .find(|nal| nal.first().is_some_and(|b| b & 0x1f == 7))
+            .find(|nal| nal_h264::nal_type(nal) == nal_h264::SPS)
             .and_then(|nal| h264_sps(nal.get(1..)?)),
         Codec::Vp8 => vp8(au),
         _ => None,

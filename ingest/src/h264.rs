@@ -3,9 +3,12 @@
 //! the parameter sets in front of every keyframe, as the data model requires.
 
 use bytes::{BufMut, Bytes, BytesMut};
+use cascade_media::annexb::START_CODE;
 
-/// Annex-B start code written before every NAL unit.
-const START_CODE: [u8; 4] = [0, 0, 0, 1];
+// Splitting and NAL types live in cascade-media (shared with edge and
+// loadtest); re-exported under the names this crate's callers know.
+pub use cascade_media::annexb::nal_units as split_annexb;
+pub use cascade_media::nal::Nal;
 
 /// Parameter sets a configuration record may carry. Real encoders send one
 /// SPS and one PPS (HEVC: one VPS too); the cap bounds hostile records.
@@ -21,50 +24,6 @@ pub enum Error {
     /// A field holds a value the format does not allow.
     #[error("invalid {0}")]
     Invalid(&'static str),
-}
-
-/// The two NAL-based codecs, whose NAL headers differ.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Nal {
-    /// H.264: one-byte NAL header, type in the low 5 bits.
-    H264,
-    /// H.265: two-byte NAL header, type in bits 1..7 of the first byte.
-    H265,
-}
-
-impl Nal {
-    /// The NAL unit type of a unit (its header's first byte).
-    pub fn unit_type(self, first: u8) -> u8 {
-        match self {
-            Self::H264 => first & 0x1f,
-            Self::H265 => (first >> 1) & 0x3f,
-        }
-    }
-
-    /// True for a unit a decoder can start at: H.264 IDR (5), H.265 IRAP
-    /// (BLA/IDR/CRA, 16..=21).
-    pub fn is_random_access(self, unit_type: u8) -> bool {
-        match self {
-            Self::H264 => unit_type == 5,
-            Self::H265 => (16..=21).contains(&unit_type),
-        }
-    }
-
-    /// True for a parameter set (H.264 SPS/PPS; H.265 VPS/SPS/PPS).
-    pub fn is_parameter_set(self, unit_type: u8) -> bool {
-        match self {
-            Self::H264 => unit_type == 7 || unit_type == 8,
-            Self::H265 => (32..=34).contains(&unit_type),
-        }
-    }
-
-    /// True for an access unit delimiter, which must stay first.
-    fn is_delimiter(self, unit_type: u8) -> bool {
-        match self {
-            Self::H264 => unit_type == 9,
-            Self::H265 => unit_type == 35,
-        }
-    }
 }
 
 /// A parsed decoder configuration record.
@@ -138,7 +97,10 @@ pub fn parse_avcc(record: &[u8]) -> Result<Config, Error> {
     // Bytes after the PPS (high-profile chroma fields) are not needed.
     let sps = parameter_sets
         .iter()
-        .find(|p| p.first().is_some_and(|&b| Nal::H264.unit_type(b) == 7))
+        .find(|p| {
+            p.first()
+                .is_some_and(|&b| Nal::H264.unit_type(b) == cascade_media::nal::h264::SPS)
+        })
         .ok_or(Error::Invalid("avcC without SPS"))?;
     let plid = sps.get(1..4).ok_or(Error::Truncated("SPS"))?;
     let fmtp = format!(
@@ -263,35 +225,6 @@ pub fn to_annexb(data: &[u8], config: &Config) -> Result<AccessUnit, Error> {
         payload: out.freeze(),
         keyframe,
     })
-}
-
-/// Splits an Annex-B stream into NAL units (3- or 4-byte start codes).
-pub fn split_annexb(data: &[u8]) -> Vec<&[u8]> {
-    let mut units = Vec::new();
-    let mut i = 0;
-    let mut start: Option<usize> = None;
-    while i + 3 <= data.len() {
-        if data[i] == 0 && data[i + 1] == 0 && data[i + 2] == 1 {
-            if let Some(s) = start {
-                let mut end = i;
-                // A 4-byte start code's leading zero belongs to it.
-                if end > s && data[end - 1] == 0 {
-                    end -= 1;
-                }
-                units.push(&data[s..end]);
-            }
-            i += 3;
-            start = Some(i);
-        } else {
-            i += 1;
-        }
-    }
-    if let Some(s) = start {
-        if s < data.len() {
-            units.push(&data[s..]);
-        }
-    }
-    units
 }
 
 #[cfg(test)]

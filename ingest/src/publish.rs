@@ -23,7 +23,7 @@ async fn page(Path(stream): Path<String>) -> Response {
         return (
             StatusCode::BAD_REQUEST,
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            "bad stream name: use 1-64 characters of A-Z a-z 0-9 _ -\n",
+            format!("{}\n", cascade_origin::BAD_STREAM_NAME),
         )
             .into_response();
     }

@@ -15,6 +15,8 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::{BufMut, Bytes, BytesMut};
+use cascade_media::annexb;
+use cascade_media::nal::Nal;
 use cascade_origin::catalog::{Catalog, Codec, TrackInfo};
 use cascade_origin::frame::Frame;
 use cascade_origin::registry::Publisher;
@@ -27,7 +29,6 @@ use str0m::format::Codec as RtcCodec;
 use str0m::media::{KeyframeRequestKind, MediaData, MediaKind, Mid, Rid};
 use str0m::Event;
 
-use crate::h264;
 use crate::metrics as m;
 use crate::simulcast;
 
@@ -63,33 +64,12 @@ pub fn router(registry: Arc<Registry>, rtc: cascade_rtc::Server, token: Arc<str>
     cascade_rtc::http::router(whip, rtc).merge(crate::publish::router())
 }
 
-/// Audio and video m-lines the publisher will send on.
+/// Audio and video m-lines the publisher will send on (not recvonly or
+/// inactive; port 0 is not looked at, str0m refuses what it cannot use).
 fn sending_kinds(offer: &str) -> (bool, bool) {
-    let (mut audio, mut video) = (false, false);
-    let mut current: Option<&str> = None;
-    let mut dirs: Vec<(&str, bool)> = Vec::new();
-    for line in offer.lines() {
-        let line = line.trim();
-        if let Some(rest) = line.strip_prefix("m=") {
-            if let Some(k) = current.take() {
-                dirs.push((k, true));
-            }
-            current = rest.split(' ').next();
-        } else if line == "a=recvonly" || line == "a=inactive" {
-            current = None;
-        }
-    }
-    if let Some(k) = current {
-        dirs.push((k, true));
-    }
-    for (k, _) in dirs {
-        match k {
-            "audio" => audio = true,
-            "video" => video = true,
-            _ => {}
-        }
-    }
-    (audio, video)
+    let lines = cascade_media::sdp::scan(offer);
+    let sends = |kind: &str| lines.iter().any(|m| m.kind == kind && m.sends());
+    (sends("audio"), sends("video"))
 }
 
 impl Endpoint for Whip {
@@ -463,16 +443,16 @@ fn fmtp_of(data: &MediaData) -> String {
 /// STAP-A with each IDR, but not every encoder does), and remembers the
 /// latest ones.
 fn with_parameter_sets(payload: Bytes, cache: &mut Vec<Bytes>, keyframe: &mut bool) -> Bytes {
-    let nals = h264::split_annexb(&payload);
+    let nals = annexb::nal_units(&payload);
     let mut has_ps = false;
     let mut fresh: Vec<Bytes> = Vec::new();
     for nal in &nals {
-        let t = nal.first().map_or(0, |b| b & 0x1f);
-        if t == 7 || t == 8 {
+        let t = Nal::H264.type_of(nal);
+        if Nal::H264.is_parameter_set(t) {
             has_ps = true;
             fresh.push(Bytes::copy_from_slice(nal));
         }
-        if t == 5 {
+        if Nal::H264.is_random_access(t) {
             *keyframe = true;
         }
     }
@@ -516,15 +496,6 @@ impl Handler for Session {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn kinds_from_offer() {
-        let o = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=sendonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n";
-        assert_eq!(sending_kinds(o), (true, true));
-        let o = "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\na=recvonly\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n";
-        assert_eq!(sending_kinds(o), (false, true));
-        assert_eq!(sending_kinds("v=0\r\n"), (false, false));
-    }
 
     /// Accepts `offer` as `create` does and returns the answer.
     fn answer(offer: &str) -> String {

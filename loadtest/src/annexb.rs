@@ -1,77 +1,21 @@
-//! H.264 Annex-B parsing: split a byte stream into NAL units and access units, classify them.
+//! H.264 Annex-B parsing: split a byte stream into access units, classify them (NAL
+//! splitting itself is `cascade_media::annexb`).
 //!
 //! Used on ffmpeg's output (to build frames) and on what viewers receive (str0m's depacketizer
 //! emits Annex-B), so it must never panic on arbitrary bytes.
 
 use std::ops::Range;
 
-/// NAL unit type: coded slice of a non-IDR picture.
-pub const NAL_SLICE: u8 = 1;
-/// NAL unit type: coded slice of an IDR picture.
-pub const NAL_IDR: u8 = 5;
-/// NAL unit type: supplemental enhancement information.
-pub const NAL_SEI: u8 = 6;
-/// NAL unit type: sequence parameter set.
-pub const NAL_SPS: u8 = 7;
-/// NAL unit type: picture parameter set.
-pub const NAL_PPS: u8 = 8;
-/// NAL unit type: access unit delimiter.
-pub const NAL_AUD: u8 = 9;
+// NAL splitting and types live in cascade-media (shared with ingest and
+// edge); re-exported under the names loadtest and its tests use.
+pub use cascade_media::annexb::{nal_ranges, nal_units};
+pub use cascade_media::nal::h264::{
+    is_vcl, nal_type, AUD as NAL_AUD, IDR as NAL_IDR, PPS as NAL_PPS, SEI as NAL_SEI,
+    SLICE as NAL_SLICE, SPS as NAL_SPS,
+};
 
 /// The 4-byte start code written in front of every NAL we emit.
-pub const START_CODE: &[u8] = &[0, 0, 0, 1];
-
-/// The type (low 5 bits of the header byte) of a NAL unit; 0 for an empty one.
-pub fn nal_type(nal: &[u8]) -> u8 {
-    nal.first().map_or(0, |b| b & 0x1f)
-}
-
-/// True for coded-slice NAL types (1..=5).
-pub fn is_vcl(kind: u8) -> bool {
-    (1..=5).contains(&kind)
-}
-
-/// Byte ranges of the NAL units in `data` (start codes excluded, trailing zeros of the
-/// 4-byte start code trimmed). Bytes before the first start code are ignored.
-pub fn nal_ranges(data: &[u8]) -> Vec<Range<usize>> {
-    // Positions just past each start code (00 00 01); a preceding 00 belongs to a 4-byte code.
-    let mut starts: Vec<(usize, usize)> = Vec::new(); // (code_start, payload_start)
-    let mut i = 0;
-    while i + 2 < data.len() {
-        if data.get(i..i + 3) == Some(&[0, 0, 1]) {
-            let code_start = if i > 0 && data.get(i - 1) == Some(&0) {
-                i - 1
-            } else {
-                i
-            };
-            starts.push((code_start, i + 3));
-            i += 3;
-        } else {
-            i += 1;
-        }
-    }
-    let mut out = Vec::with_capacity(starts.len());
-    for (n, &(_, begin)) in starts.iter().enumerate() {
-        let end = starts.get(n + 1).map_or(data.len(), |&(code, _)| code);
-        // Trailing zero bytes are not part of the NAL (trailing_zero_8bits).
-        let mut end = end.max(begin);
-        while end > begin && data.get(end - 1) == Some(&0) {
-            end -= 1;
-        }
-        if end > begin {
-            out.push(begin..end);
-        }
-    }
-    out
-}
-
-/// The NAL units of `data`, as slices.
-pub fn nal_units(data: &[u8]) -> Vec<&[u8]> {
-    nal_ranges(data)
-        .into_iter()
-        .filter_map(|r| data.get(r))
-        .collect()
-}
+pub const START_CODE: &[u8] = &cascade_media::annexb::START_CODE;
 
 /// What one access unit contains, as far as the tests care.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -185,16 +129,12 @@ mod tests {
     }
 
     #[test]
-    fn splits_nals_with_3_and_4_byte_codes() {
+    fn reads_the_sps_profile() {
         let mut data = nal(NAL_SPS, &[0x42, 0xe0, 0x1f]);
         data.extend_from_slice(&[0, 0, 1, 0x68, 0xce]);
         data.extend(nal(NAL_IDR, &[0x88, 1, 2]));
-        let nals = nal_units(&data);
-        assert_eq!(nals.len(), 3);
-        assert_eq!(nal_type(nals[0]), NAL_SPS);
-        assert_eq!(nals[1], &[0x68, 0xce]);
-        assert_eq!(nal_type(nals[2]), NAL_IDR);
         assert_eq!(sps_profile(&data), Some((0x42, 0xe0, 0x1f)));
+        assert_eq!(sps_profile(&data[8..]), None);
     }
 
     #[test]
@@ -228,22 +168,6 @@ mod tests {
                 let _ = au_info(&data[au]);
             }
             let _ = sps_profile(&data);
-        }
-
-        #[test]
-        fn round_trips_nal_bodies(bodies in proptest::collection::vec(
-            proptest::collection::vec(1u8..=255, 1..40), 1..8)) {
-            // Bodies without zero bytes cannot contain start codes, so splitting recovers them.
-            let mut data = Vec::new();
-            for b in &bodies {
-                data.extend_from_slice(START_CODE);
-                data.extend_from_slice(b);
-            }
-            let nals = nal_units(&data);
-            prop_assert_eq!(nals.len(), bodies.len());
-            for (n, b) in nals.iter().zip(&bodies) {
-                prop_assert_eq!(*n, b.as_slice());
-            }
         }
     }
 }

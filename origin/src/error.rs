@@ -7,7 +7,7 @@
 #[non_exhaustive]
 pub enum Error {
     /// The stream name is not 1–64 characters of `[A-Za-z0-9_-]`.
-    #[error("bad stream name: use 1-64 characters of A-Z a-z 0-9 _ -")]
+    #[error("{}", crate::BAD_STREAM_NAME)]
     BadStreamName,
     /// The stream has no publisher.
     #[error("stream is not live")]

@@ -33,6 +33,11 @@ pub use error::{Error, ProtocolError, Result};
 pub use model::{catalog, frame, track};
 pub use registry::Registry;
 
+/// What every entry point (WHIP, WHEP, WebSocket, RTMP, the HTML pages, the
+/// registry) says when [`valid_stream_name`] refuses a name: one text, so
+/// the rule is stated the same way everywhere.
+pub const BAD_STREAM_NAME: &str = "bad stream name: use 1-64 characters of A-Z a-z 0-9 _ -";
+
 /// Checks a stream name against INTERFACE.md: 1–64 characters of `[A-Za-z0-9_-]`.
 pub fn valid_stream_name(name: &str) -> bool {
     (1..=64).contains(&name.len())

@@ -248,17 +248,10 @@ pub struct QueryToken {
     pub token: Option<String>,
 }
 
-/// Compares tokens in constant time (no early exit on the first mismatch).
+/// True when a token was given and it matches `expected`, compared in
+/// constant time ([`cascade_media::token::matches`]).
 pub fn token_matches(given: Option<&str>, expected: &str) -> bool {
-    let Some(given) = given else {
-        return false;
-    };
-    let (a, b) = (given.as_bytes(), expected.as_bytes());
-    let mut diff = a.len() ^ b.len();
-    for (i, x) in b.iter().enumerate() {
-        diff |= usize::from(a.get(i).copied().unwrap_or(0) ^ x);
-    }
-    diff == 0
+    given.is_some_and(|g| cascade_media::token::matches(g, expected))
 }
 
 fn content_type_is(headers: &HeaderMap, want: &str) -> bool {
@@ -306,9 +299,7 @@ async fn create_inner(
 ) -> Result<Response, ApiError> {
     s.endpoint.authorize(request_token(&headers, &q))?;
     if !cascade_origin::valid_stream_name(&stream) {
-        return Err(ApiError::BadRequest(
-            "bad stream name: use 1-64 characters of A-Z a-z 0-9 _ -".into(),
-        ));
+        return Err(ApiError::BadRequest(cascade_origin::BAD_STREAM_NAME.into()));
     }
     if !content_type_is(&headers, "application/sdp") {
         return Err(ApiError::UnsupportedMediaType(
@@ -500,11 +491,11 @@ mod tests {
 
     #[test]
     fn tokens() {
+        // The comparison itself is tested in cascade-media.
         assert!(token_matches(Some("abc"), "abc"));
         assert!(!token_matches(Some("abd"), "abc"));
-        assert!(!token_matches(Some("ab"), "abc"));
-        assert!(!token_matches(Some("abcd"), "abc"));
         assert!(!token_matches(None, "abc"));
+        assert!(!token_matches(None, ""));
     }
 
     #[test]

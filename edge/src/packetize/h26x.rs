@@ -5,77 +5,16 @@
 
 use std::sync::Arc;
 
+use cascade_media::annexb::nal_units;
+use cascade_media::nal::Nal as Flavor;
+
 use super::Payload;
 
-/// Which of the two NAL syntaxes.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Flavor {
-    H264,
-    H265,
-}
-
-impl Flavor {
-    /// NAL unit header length.
-    fn header_len(self) -> usize {
-        match self {
-            Self::H264 => 1,
-            Self::H265 => 2,
-        }
-    }
-
-    fn nal_type(self, nal: &[u8]) -> u8 {
-        let b0 = nal.first().copied().unwrap_or(0);
-        match self {
-            Self::H264 => b0 & 0x1f,
-            Self::H265 => (b0 >> 1) & 0x3f,
-        }
-    }
-
-    /// NAL units that carry nothing a decoder needs over RTP: access unit
-    /// delimiters (RTP marks frame ends itself) and filler data.
-    fn droppable(self, nal: &[u8]) -> bool {
-        let t = self.nal_type(nal);
-        match self {
-            Self::H264 => t == 9 || t == 12,
-            Self::H265 => t == 35 || t == 38,
-        }
-    }
-}
-
-/// The NAL units of an Annex-B buffer (start codes and trailing zero bytes
-/// removed). Bytes before the first start code count as a NAL unit.
-pub(crate) fn nal_units(data: &[u8]) -> Vec<&[u8]> {
-    let mut out = Vec::new();
-    let mut start = 0;
-    // Look for the 0x01 of each `00 00 01`: a byte search the compiler
-    // vectorizes, instead of matching three bytes at every offset.
-    let mut i = 2;
-    while let Some(k) = data.get(i..).and_then(|s| s.iter().position(|&b| b == 1)) {
-        let j = i + k;
-        if data.get(j - 2..j) == Some(&[0, 0][..]) {
-            push_nal(data, start, j - 2, &mut out);
-            start = j + 1;
-            // The next start code's 0x01 comes at least 3 bytes later.
-            i = j + 3;
-        } else {
-            i = j + 1;
-        }
-    }
-    push_nal(data, start, data.len(), &mut out);
-    out
-}
-
-fn push_nal<'a>(data: &'a [u8], start: usize, mut end: usize, out: &mut Vec<&'a [u8]>) {
-    // Zeros before a start code are trailing_zero_8bits or the first byte
-    // of a 4-byte start code, never NAL payload (RBSP ends in a 1 bit).
-    while end > start && data.get(end - 1) == Some(&0) {
-        end -= 1;
-    }
-    if let Some(nal) = data.get(start..end) {
-        if !nal.is_empty() {
-            out.push(nal);
-        }
-    }
+/// NAL units that carry nothing a decoder needs over RTP: access unit
+/// delimiters (RTP marks frame ends itself) and filler data.
+fn droppable(flavor: Flavor, nal: &[u8]) -> bool {
+    let t = flavor.type_of(nal);
+    flavor.is_delimiter(t) || flavor.is_filler(t)
 }
 
 /// Packetizes one access unit into `out`; the last payload gets the marker.
@@ -86,7 +25,7 @@ pub(crate) fn packetize(flavor: Flavor, au: &[u8], max: usize, out: &mut Vec<Pay
     // Aggregation packet size so far: its header plus 16-bit size + NAL each.
     let mut agg_size = hdr;
     for nal in nal_units(au) {
-        if nal.len() <= hdr || flavor.droppable(nal) {
+        if nal.len() <= hdr || droppable(flavor, nal) {
             continue;
         }
         if hdr + 2 + nal.len() <= max {
@@ -173,7 +112,7 @@ fn fragment(flavor: Flavor, nal: &[u8], max: usize, out: &mut Vec<Payload>) {
     let room = max.saturating_sub(fu_hdr).max(1);
     let n = body.len().div_ceil(room).max(1);
     let chunk = body.len().div_ceil(n).max(1);
-    let nal_type = flavor.nal_type(nal);
+    let nal_type = flavor.type_of(nal);
     let count = body.chunks(chunk).count();
     for (i, piece) in body.chunks(chunk).enumerate() {
         let mut v = Vec::with_capacity(fu_hdr + piece.len());
@@ -311,36 +250,5 @@ mod tests {
         assert_eq!((out[0].data[0] >> 1) & 0x3f, 48);
         assert!(out.iter().all(|p| p.data.len() <= 1100));
         assert_eq!(depacketize_h265(&out), vec![vps, sps, idr]);
-    }
-
-    proptest::proptest! {
-        #[test]
-        fn nal_units_match_a_naive_split(data in proptest::collection::vec(proptest::prop_oneof![proptest::prelude::Just(0u8), proptest::prelude::Just(1u8), proptest::prelude::any::<u8>()], 0..200)) {
-            // Naive reference: split at every 00 00 01, trim trailing zeros.
-            let mut want: Vec<&[u8]> = Vec::new();
-            let (mut start, mut i) = (0, 0);
-            while i + 3 <= data.len() {
-                if data[i..i + 3] == [0, 0, 1] {
-                    push_nal(&data, start, i, &mut want);
-                    i += 3;
-                    start = i;
-                } else {
-                    i += 1;
-                }
-            }
-            push_nal(&data, start, data.len(), &mut want);
-            proptest::prop_assert_eq!(nal_units(&data), want);
-        }
-    }
-
-    #[test]
-    fn start_codes_and_trailing_zeros() {
-        let data = [
-            0, 0, 0, 1, 0x67, 1, 0, 0, 0, 0, 1, 0x68, 2, 0, 0, 1, 0x65, 3,
-        ];
-        let n = nal_units(&data);
-        assert_eq!(n, vec![&[0x67, 1][..], &[0x68, 2][..], &[0x65, 3][..]]);
-        assert!(nal_units(&[]).is_empty());
-        assert!(nal_units(&[0, 0, 1]).is_empty());
     }
 }

@@ -8,6 +8,7 @@
 
 use std::sync::Arc;
 
+use cascade_media::nal::Nal;
 use cascade_origin::catalog::Codec;
 
 mod av1;
@@ -57,8 +58,8 @@ impl Packetizer {
     pub fn packetize(&mut self, frame: &[u8], keyframe: bool) -> Vec<Payload> {
         let mut out = Vec::new();
         match self.codec {
-            Codec::H264 => h26x::packetize(h26x::Flavor::H264, frame, MAX_PAYLOAD, &mut out),
-            Codec::H265 => h26x::packetize(h26x::Flavor::H265, frame, MAX_PAYLOAD, &mut out),
+            Codec::H264 => h26x::packetize(Nal::H264, frame, MAX_PAYLOAD, &mut out),
+            Codec::H265 => h26x::packetize(Nal::H265, frame, MAX_PAYLOAD, &mut out),
             Codec::Vp8 => {
                 vp8::packetize(frame, self.picture_id, MAX_PAYLOAD, &mut out);
                 self.picture_id = (self.picture_id + 1) & 0x7fff;

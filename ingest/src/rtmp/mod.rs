@@ -211,16 +211,6 @@ fn query_token(query: &str) -> Option<&str> {
     query.split('&').find_map(|kv| kv.strip_prefix("token="))
 }
 
-/// Compares tokens in time independent of where they differ.
-fn token_matches(given: &str, expected: &str) -> bool {
-    given.len() == expected.len()
-        && given
-            .bytes()
-            .zip(expected.bytes())
-            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-            == 0
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -231,8 +221,5 @@ mod tests {
         assert_eq!(parse_key("cam?x=1&token=abc"), ("cam", Some("abc")));
         assert_eq!(parse_key("cam"), ("cam", None));
         assert_eq!(parse_key("cam?token="), ("cam", Some("")));
-        assert!(token_matches("abc", "abc"));
-        assert!(!token_matches("abd", "abc"));
-        assert!(!token_matches("", "abc"));
     }
 }

@@ -18,6 +18,8 @@ use std::collections::VecDeque;
 use std::time::Instant;
 
 use bytes::{BufMut, Bytes, BytesMut};
+use cascade_media::annexb;
+use cascade_media::nal::h264 as nal_h264;
 use cascade_origin::frame::Frame;
 
 use crate::flv::{self, Video, VideoCodec};
@@ -132,7 +134,7 @@ impl FlvWriter {
             .unwrap_or(i64::MAX)
             .saturating_sub(i64::try_from(dts_ms).unwrap_or(i64::MAX))
             .clamp(-(1 << 23), (1 << 23) - 1);
-        let units = h264::split_annexb(&frame.payload);
+        let units = annexb::nal_units(&frame.payload);
         let size: usize = units.iter().map(|u| u.len() + 4).sum();
         let mut body = BytesMut::with_capacity(5 + size);
         body.put_u8(if frame.keyframe { 0x17 } else { 0x27 });
@@ -251,9 +253,9 @@ const X264_UUID: [u8; 16] = [
 /// data: payload type 4 (registered ITU-T T.35: CEA-608/708 captions) or
 /// 5 (unregistered: application tags), x264's own excepted.
 pub fn user_data_sei(au: &[u8]) -> Vec<Bytes> {
-    h264::split_annexb(au)
+    annexb::nal_units(au)
         .into_iter()
-        .filter(|n| n.first().is_some_and(|b| b & 0x1f == 6))
+        .filter(|n| nal_h264::nal_type(n) == nal_h264::SEI)
         .filter(|n| match n.get(1) {
             Some(4) => true,
             // Type 5, then the payload size byte, then the UUID.
@@ -269,19 +271,19 @@ fn with_sei(au: &Bytes, sei: &[Bytes]) -> Bytes {
     if sei.is_empty() {
         return au.clone();
     }
-    let units = h264::split_annexb(au);
+    let units = annexb::nal_units(au);
     let extra: usize = sei.iter().map(|n| n.len() + 4).sum();
     let mut out = BytesMut::with_capacity(au.len() + extra + 4 * units.len());
     let mut done = false;
     for u in units {
-        if !done && u.first().is_some_and(|b| matches!(b & 0x1f, 1..=5)) {
+        if !done && nal_h264::is_vcl(nal_h264::nal_type(u)) {
             for n in sei {
-                out.put_slice(&[0, 0, 0, 1]);
+                out.put_slice(&annexb::START_CODE);
                 out.put_slice(n);
             }
             done = true;
         }
-        out.put_slice(&[0, 0, 0, 1]);
+        out.put_slice(&annexb::START_CODE);
         out.put_slice(u);
     }
     out.freeze()
@@ -415,7 +417,7 @@ mod tests {
 
     /// Annex-B units of `payload` (test helper and for callers checking output).
     fn nal_types(payload: &[u8]) -> Vec<u8> {
-        h264::split_annexb(payload)
+        annexb::nal_units(payload)
             .iter()
             .filter_map(|u| u.first().map(|b| b & 0x1f))
             .collect()

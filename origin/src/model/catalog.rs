@@ -99,13 +99,9 @@ impl TrackInfo {
     }
 }
 
-/// Looks up `key` in an fmtp string (`a=1;b=2`).
-pub fn fmtp_value<'a>(fmtp: &'a str, key: &str) -> Option<&'a str> {
-    fmtp.split(';').find_map(|kv| {
-        let (k, v) = kv.split_once('=')?;
-        (k.trim().eq_ignore_ascii_case(key)).then(|| v.trim())
-    })
-}
+// The fmtp parser lives with the SDP scanner in cascade-media; re-exported
+// because `TrackInfo::fmtp` holds fmtp strings and callers look here.
+pub use cascade_media::sdp::fmtp_value;
 
 /// Everything a stream carries.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -140,8 +136,6 @@ mod tests {
             bframes: false,
         };
         assert_eq!(t.profile_level_id(), Some(0x42e01f));
-        assert_eq!(fmtp_value("a=1", "b"), None);
-        assert_eq!(fmtp_value("garbage", "a"), None);
     }
 
     #[test]

@@ -27,7 +27,7 @@ use rml_rtmp::sessions::{
 
 use super::chunk::Guard;
 use super::media::Track;
-use super::{parse_key, query_token, token_matches, Error, APP, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
+use super::{parse_key, query_token, Error, APP, HANDSHAKE_TIMEOUT, IDLE_TIMEOUT};
 use crate::metrics as m;
 use crate::transcode::{self, Event, Policy, Settings};
 use publish::Publishing;
@@ -475,7 +475,7 @@ impl Session {
         let (name, token) = parse_key(key);
         let token = token.or(self.app_token.as_deref());
         // Never log the token, only whether one came.
-        if !token.is_some_and(|t| token_matches(t, &self.token)) {
+        if !token.is_some_and(|t| cascade_media::token::matches(t, &self.token)) {
             tracing::info!(
                 token_given = token.is_some(),
                 "rtmp publish refused: missing or wrong token"
@@ -492,7 +492,7 @@ impl Session {
             return self.refuse(
                 id,
                 "NetStream.Publish.BadName",
-                "bad stream name: use 1-64 characters of A-Z a-z 0-9 _ -",
+                cascade_origin::BAD_STREAM_NAME,
                 "name",
             );
         }
