@@ -11,7 +11,7 @@ mod netns;
 
 use std::time::Duration;
 
-use netns::{Cascade, Netns, STATIC_IP};
+use netns::{urlencode, Cascade, Netns, STATIC_IP};
 use serde_json::Value;
 
 /// One test's budget (the brief: ≤ 60 s each).
@@ -464,17 +464,6 @@ fn eyevinn_whep_player_from_npm_plays() {
         TEST_BUDGET,
     );
     frames_flow(&v);
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Not a test on its own: the WHIP publisher that the tests above start

@@ -22,7 +22,7 @@ mod netns;
 
 use std::time::Duration;
 
-use netns::{Cascade, Netns, Proc, CASCADE_IP, STATIC_IP, TOKEN};
+use netns::{urlencode, Cascade, Netns, Proc, CASCADE_IP, STATIC_IP, TOKEN};
 use serde_json::{json, Value};
 
 /// What the runner may take of a test's 60 s (cascade and the publishers
@@ -383,17 +383,6 @@ fn simulcast(tag: &str, codec: Option<&str>) {
         num(w, &["maxGapMs"]) <= 500.0,
         "no freeze over 500 ms: {brief:#}"
     );
-}
-
-fn urlencode(s: &str) -> String {
-    s.bytes()
-        .map(|b| match b {
-            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
-                (b as char).to_string()
-            }
-            _ => format!("%{b:02X}"),
-        })
-        .collect()
 }
 
 /// Not a test on its own: the WHIP publisher that the tests above start

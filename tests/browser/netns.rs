@@ -397,3 +397,15 @@ pub(crate) fn publisher_main() {
         let _ = tokio::time::timeout(Duration::from_secs(secs + 5), p.finish()).await;
     });
 }
+
+/// Percent-encodes `s` for a query value (a URL inside a page's query).
+pub(crate) fn urlencode(s: &str) -> String {
+    s.bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
+}
