@@ -6,6 +6,7 @@
 // usage: node run.mjs '<json job>'   (see the `job.kind` switch below)
 import { chromium } from "playwright-core";
 import http from "node:http";
+import https from "node:https";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -83,7 +84,8 @@ async function watch(page, secs) {
 }
 
 // Static files for "another origin" pages (players from npm, our WHEP client).
-function serveStatic(host) {
+// With `tls` ({cert, key}: PEM file paths) the origin is https://.
+function serveStatic(host, tls) {
   const files = {
     "/whep-client.html": ["text/html", path.join(here, "whep-client.html")],
     "/ovenplayer.html": ["text/html", path.join(here, "ovenplayer.html")],
@@ -91,12 +93,15 @@ function serveStatic(host) {
     "/eyevinn.html": ["text/html", path.join(here, "eyevinn.html")],
     "/eyevinn.js": ["text/javascript", path.join(here, "build/eyevinn.js")],
   };
-  const server = http.createServer((req, res) => {
+  const handler = (req, res) => {
     const f = files[new URL(req.url, "http://x").pathname];
     if (!f || !fs.existsSync(f[1])) { res.writeHead(404); res.end(); return; }
     res.writeHead(200, { "content-type": f[0] });
     fs.createReadStream(f[1]).pipe(res);
-  });
+  };
+  const server = tls
+    ? https.createServer({ cert: fs.readFileSync(tls.cert), key: fs.readFileSync(tls.key) }, handler)
+    : http.createServer(handler);
   return new Promise((resolve) => server.listen(0, host, () => resolve(server)));
 }
 
@@ -263,8 +268,9 @@ async function main() {
           await esbuild.build({ entryPoints: [path.join(here, "eyevinn-entry.js")], bundle: true, format: "iife",
             platform: "browser", outfile: path.join(here, "build/eyevinn.js"), logLevel: "error" });
         }
-        server = await serveStatic(job.staticHost);
-        const origin = `http://${job.staticHost}:${server.address().port}`;
+        server = await serveStatic(job.staticHost, job.staticTls);
+        const origin = `${job.staticTls ? "https" : "http"}://${job.staticHost}:${server.address().port}`;
+        out.pageOrigin = origin;
         const page = await newPage();
         await page.goto(`${origin}/${job.page}?${job.pageQuery || ""}`, { waitUntil: "domcontentloaded" });
         Object.assign(out, await watch(page, job.secs || 3));
