@@ -157,6 +157,16 @@ pub struct Options {
     /// B-frame transcodes at once; streams past it are passed through [default: 4]
     #[arg(long, global = true, env = "CASCADE_MAX_TRANSCODES")]
     pub max_transcodes: Option<usize>,
+    /// TLS certificate chain (PEM); with --tls-key, --http serves HTTPS only
+    /// (and wss://). Re-read when it changes [default: none]
+    #[arg(long, global = true, env = "CASCADE_TLS_CERT")]
+    pub tls_cert: Option<PathBuf>,
+    /// The private key of --tls-cert (PEM) [default: none]
+    #[arg(long, global = true, env = "CASCADE_TLS_KEY")]
+    pub tls_key: Option<PathBuf>,
+    /// RTMPS ingest (TLS with the --tls-cert certificate), e.g. 0.0.0.0:1936 [default: none]
+    #[arg(long, global = true, env = "CASCADE_RTMPS")]
+    pub rtmps: Option<SocketAddr>,
     /// RTSP pulls (TOML only; not supported by this version)
     #[arg(skip)]
     pub pull: Option<Vec<toml::Value>>,
@@ -200,6 +210,9 @@ impl Options {
             ffmpeg: self.ffmpeg.or(lower.ffmpeg),
             max_transcodes: self.max_transcodes.or(lower.max_transcodes),
             pull: self.pull.or(lower.pull),
+            tls_cert: self.tls_cert.or(lower.tls_cert),
+            tls_key: self.tls_key.or(lower.tls_key),
+            rtmps: self.rtmps.or(lower.rtmps),
         }
     }
 }
@@ -231,6 +244,18 @@ pub struct Config {
     /// Set when `bframes` fell back to drop because no ffmpeg was found
     /// (logged once at start).
     pub bframes_note: Option<String>,
+    /// The certificate `--http` (HTTPS) and `--rtmps` serve.
+    pub tls: Option<TlsFiles>,
+    /// RTMPS listen address (needs `tls`).
+    pub rtmps: Option<SocketAddr>,
+}
+
+/// `--tls-cert` and `--tls-key`: PEM files, read at start and again when
+/// they change.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TlsFiles {
+    pub cert: PathBuf,
+    pub key: PathBuf,
 }
 
 /// Shortest cluster secret accepted: it is the only thing between the
@@ -321,6 +346,22 @@ impl Config {
             turn_secret: o.turn_secret.filter(|t| !t.is_empty()),
             turn_ttl: o.turn_ttl.unwrap_or(cascade_rtc::ice::DEFAULT_TURN_TTL),
         };
+        let tls = match (o.tls_cert, o.tls_key) {
+            (Some(cert), Some(key)) => Some(TlsFiles { cert, key }),
+            (None, None) => None,
+            (Some(_), None) => {
+                bail!("--tls-cert needs --tls-key (the certificate's private key, PEM)")
+            }
+            (None, Some(_)) => bail!("--tls-key needs --tls-cert (the certificate chain, PEM)"),
+        };
+        if o.rtmps.is_some() {
+            if tls.is_none() {
+                bail!("--rtmps needs --tls-cert and --tls-key: RTMPS serves that certificate");
+            }
+            if !matches!(role, Role::All | Role::Ingest) {
+                bail!("--rtmps: `cascade {}` has no RTMP ingest", role.as_str());
+            }
+        }
         Ok(Self {
             role,
             http: o
@@ -344,6 +385,8 @@ impl Config {
             ice,
             bframes,
             bframes_note,
+            tls,
+            rtmps: o.rtmps,
         })
     }
 }
@@ -541,6 +584,61 @@ mod tests {
         ]))
         .unwrap();
         assert!(matches!(&c.bframes, Policy::Transcode(s) if s.max == 8));
+    }
+
+    #[test]
+    fn tls_files_come_in_pairs_and_rtmps_needs_them() {
+        let c = Config::from_cli(parse(&[])).unwrap();
+        assert_eq!((c.tls, c.rtmps), (None, None));
+        let e = Config::from_cli(parse(&["--tls-cert", "c.pem"])).unwrap_err();
+        assert!(e.to_string().contains("--tls-key"), "{e}");
+        let e = Config::from_cli(parse(&["--tls-key", "k.pem"])).unwrap_err();
+        assert!(e.to_string().contains("--tls-cert"), "{e}");
+        let e = Config::from_cli(parse(&["--rtmps", "127.0.0.1:1936"])).unwrap_err();
+        assert!(e.to_string().contains("--rtmps needs --tls-cert"), "{e}");
+        let c = Config::from_cli(parse(&[
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--rtmps",
+            "127.0.0.1:1936",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.tls,
+            Some(TlsFiles {
+                cert: "c.pem".into(),
+                key: "k.pem".into()
+            })
+        );
+        assert_eq!(c.rtmps, Some("127.0.0.1:1936".parse().unwrap()));
+        let e = Config::from_cli(parse(&[
+            "edge",
+            "--cluster-secret",
+            "0123456789abcdef",
+            "--origin",
+            "o:4433",
+            "--tls-cert",
+            "c.pem",
+            "--tls-key",
+            "k.pem",
+            "--rtmps",
+            "127.0.0.1:1936",
+        ]))
+        .unwrap_err();
+        assert!(e.to_string().contains("no RTMP ingest"), "{e}");
+        // The file's keys.
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        std::fs::write(
+            &path,
+            "tls-cert = \"/etc/c.pem\"\ntls-key = \"/etc/k.pem\"\nrtmps = \"0.0.0.0:1936\"\n",
+        )
+        .unwrap();
+        let c = Config::from_cli(parse(&["--config", path.to_str().unwrap()])).unwrap();
+        assert_eq!(c.tls.unwrap().cert, PathBuf::from("/etc/c.pem"));
+        assert_eq!(c.rtmps, Some("0.0.0.0:1936".parse().unwrap()));
     }
 
     #[test]

@@ -7,6 +7,7 @@
 mod api;
 mod config;
 mod node;
+mod tls;
 
 use std::process::ExitCode;
 

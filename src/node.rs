@@ -56,6 +56,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let registry = Registry::new();
     let draining = Arc::new(AtomicBool::new(false));
     let stop = CancellationToken::new();
+    let tls = start_tls(&cfg, &stop)?;
     let role = cfg.role;
     let secret = cfg.cluster_secret.clone().unwrap_or_default();
 
@@ -105,6 +106,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut router = Router::new();
     let token: Arc<str> = cfg.publish_token.clone().into();
     let mut rtmp_addr = None;
+    let mut rtmps_addr = None;
     if matches!(role, Role::All | Role::Ingest) {
         if let Some(rtc) = &rtc {
             router = router.merge(cascade_ingest::whip::router(
@@ -117,6 +119,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             .await
             .with_context(|| format!("binding RTMP on {}", cfg.rtmp))?;
         rtmp_addr = listener.local_addr().ok();
+        rtmps_addr = start_rtmps(&cfg, tls.as_ref(), &registry, &token, &stop).await?;
         let (registry, token, stop) = (registry.clone(), token.clone(), stop.clone());
         match (&cfg.bframes, &cfg.bframes_note) {
             (_, Some(note)) => tracing::warn!("{note}"),
@@ -161,15 +164,30 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         &cfg,
         http_addr,
         rtmp_addr,
+        rtmps_addr,
         rtc.as_ref(),
         relay_server.as_ref(),
     );
 
     let http_stop = stop.clone();
+    let https = match &tls {
+        Some(t) => Some(t.https()?),
+        None => None,
+    };
     let server = tokio::spawn(async move {
-        axum::serve(http, router)
-            .with_graceful_shutdown(async move { http_stop.cancelled().await })
-            .await
+        let stopped = async move { http_stop.cancelled().await };
+        match https {
+            None => {
+                axum::serve(http, router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+            Some(acceptor) => {
+                axum::serve(crate::tls::TlsListener::new(http, acceptor)?, router)
+                    .with_graceful_shutdown(stopped)
+                    .await
+            }
+        }
     });
 
     let reason = wait_for_signal().await;
@@ -230,6 +248,48 @@ fn bframe_ts_from_env() -> cascade_edge::bframes::BframeTs {
     }
 }
 
+/// Loads `--tls-cert`/`--tls-key` (a bad pair stops the start) and starts
+/// watching them for renewals.
+fn start_tls(cfg: &Config, stop: &CancellationToken) -> anyhow::Result<Option<crate::tls::Tls>> {
+    let Some(files) = &cfg.tls else {
+        return Ok(None);
+    };
+    let tls = crate::tls::Tls::load(&files.cert, &files.key)?;
+    tls.spawn_reload(stop.clone());
+    tracing::info!(cert = %files.cert.display(), "TLS on: HTTPS only on --http, re-read when the files change");
+    Ok(Some(tls))
+}
+
+/// Binds `--rtmps` and serves RTMPS on it: the RTMP ingest behind a TLS
+/// handshake with the `--tls-cert` certificate.
+async fn start_rtmps(
+    cfg: &Config,
+    tls: Option<&crate::tls::Tls>,
+    registry: &Arc<Registry>,
+    token: &Arc<str>,
+    stop: &CancellationToken,
+) -> anyhow::Result<Option<SocketAddr>> {
+    let (Some(addr), Some(tls)) = (cfg.rtmps, tls) else {
+        return Ok(None);
+    };
+    let listener = TcpListener::bind(addr)
+        .await
+        .with_context(|| format!("binding RTMPS on {addr}"))?;
+    let local = listener.local_addr().ok();
+    let acceptor = tls.rtmps()?;
+    let (registry, token, stop) = (registry.clone(), token.clone(), stop.clone());
+    let bframes = cfg.bframes.clone();
+    tokio::spawn(async move {
+        if let Err(e) =
+            cascade_ingest::rtmp::serve_tls(listener, acceptor, registry, token, stop, bframes)
+                .await
+        {
+            tracing::error!(error = %e, "rtmps listener failed");
+        }
+    });
+    Ok(local)
+}
+
 fn listen_http(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -263,6 +323,7 @@ fn describe_metrics() {
     cascade_rtc::metrics::describe();
     cascade_ingest::metrics::describe();
     cascade_edge::metrics::describe();
+    crate::tls::describe_metrics();
 }
 
 /// The address users should type: the first advertised (or interface)
@@ -288,6 +349,7 @@ fn banner(
     cfg: &Config,
     http: SocketAddr,
     rtmp: Option<SocketAddr>,
+    rtmps: Option<SocketAddr>,
     rtc: Option<&cascade_rtc::Server>,
     relay: Option<&relay::Server>,
 ) {
@@ -297,6 +359,11 @@ fn banner(
     };
     let host = public_host(http, &advertise);
     let port = http.port();
+    let (web, ws) = if cfg.tls.is_some() {
+        ("https", "wss")
+    } else {
+        ("http", "ws")
+    };
     println!(
         "cascade {} is running ({})",
         env!("CARGO_PKG_VERSION"),
@@ -327,19 +394,27 @@ fn banner(
         };
         println!("  Publish token: {shown}");
         println!("  Publish with WHIP (OBS: Service \"WHIP\"):");
-        println!("      Server:       http://{host}:{port}/whip/STREAM");
+        println!("      Server:       {web}://{host}:{port}/whip/STREAM");
         println!("      Bearer Token: {shown}");
         if let Some(r) = rtmp {
             println!("  Publish with RTMP (OBS: Service \"Custom\"):");
             println!("      Server:       rtmp://{host}:{}/live", r.port());
             println!("      Stream Key:   STREAM?token={shown}");
         }
+        if let Some(r) = rtmps {
+            println!("  Publish with RTMPS (OBS: Service \"Custom\"):");
+            println!("      Server:       rtmps://{host}:{}/live", r.port());
+            println!("      Stream Key:   STREAM?token={shown}");
+        }
     }
     if matches!(cfg.role, Role::All | Role::Edge) {
-        println!("  Watch:  http://{host}:{port}/play/STREAM");
-        println!("  WHEP:   http://{host}:{port}/whep/STREAM");
+        println!("  Watch:  {web}://{host}:{port}/play/STREAM");
+        println!("  WHEP:   {web}://{host}:{port}/whep/STREAM");
+        if cfg.tls.is_some() {
+            println!("  OvenPlayer: {ws}://{host}:{port}/ws/live/STREAM");
+        }
     }
-    println!("  Health: http://{host}:{port}/healthz   Metrics: http://{host}:{port}/metrics   Streams: http://{host}:{port}/api/streams");
+    println!("  Health: {web}://{host}:{port}/healthz   Metrics: {web}://{host}:{port}/metrics   Streams: {web}://{host}:{port}/api/streams");
     println!("  (replace STREAM with any name of 1-64 characters A-Z a-z 0-9 _ -)");
 }
 

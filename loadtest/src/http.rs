@@ -44,9 +44,17 @@ pub struct Created {
 
 /// A client with the signalling timeout; cheap to clone.
 pub fn client() -> Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .timeout(REQUEST_TIMEOUT)
-        .build()?)
+    client_trusting(None)
+}
+
+/// [`client`] that also trusts `root_ca` for `https://` (a private or test
+/// CA) besides the system's roots.
+pub fn client_trusting(root_ca: Option<&reqwest::Certificate>) -> Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder().timeout(REQUEST_TIMEOUT);
+    if let Some(ca) = root_ca {
+        b = b.add_root_certificate(ca.clone());
+    }
+    Ok(b.build()?)
 }
 
 /// POST `sdp` to `url` as `application/sdp` (with a Bearer token when given) and return the

@@ -51,6 +51,8 @@ pub struct PublisherOptions {
     pub audio: bool,
     /// Put the SEI tag (sequence, send time) into every video frame.
     pub tag: bool,
+    /// A CA to trust for an `https://` URL besides the system's roots.
+    pub root_ca: Option<reqwest::Certificate>,
 }
 
 impl PublisherOptions {
@@ -65,6 +67,7 @@ impl PublisherOptions {
             bind: IpAddr::V4(Ipv4Addr::LOCALHOST),
             audio: true,
             tag: true,
+            root_ca: None,
         }
     }
 }
@@ -156,7 +159,7 @@ impl Publisher {
         let cfg = config(media.options.profile);
         let mut peer = Peer::bind(cfg.build(Instant::now()), opts.bind)?;
         let (offer, pending, video_mid, audio_mid) = add_media(&mut peer.rtc, opts.audio)?;
-        let client = http::client()?;
+        let client = http::client_trusting(opts.root_ca.as_ref())?;
         let created = http::create_session(
             &client,
             &opts.url,

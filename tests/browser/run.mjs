@@ -6,6 +6,7 @@
 // usage: node run.mjs '<json job>'   (see the `job.kind` switch below)
 import { chromium } from "playwright-core";
 import http from "node:http";
+import https from "node:https";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
@@ -181,7 +182,8 @@ async function watch(page, secs) {
 }
 
 // Static files for "another origin" pages (players from npm, our WHEP client).
-function serveStatic(host) {
+// With `tls` ({cert, key}: PEM file paths) the origin is https://.
+function serveStatic(host, tls) {
   const files = {
     "/whep-client.html": ["text/html", path.join(here, "whep-client.html")],
     "/ovenplayer.html": ["text/html", path.join(here, "ovenplayer.html")],
@@ -190,12 +192,15 @@ function serveStatic(host) {
     "/eyevinn.js": ["text/javascript", path.join(here, "build/eyevinn.js")],
     "/simulcast.html": ["text/html", path.join(here, "simulcast.html")],
   };
-  const server = http.createServer((req, res) => {
+  const handler = (req, res) => {
     const f = files[new URL(req.url, "http://x").pathname];
     if (!f || !fs.existsSync(f[1])) { res.writeHead(404); res.end(); return; }
     res.writeHead(200, { "content-type": f[0] });
     fs.createReadStream(f[1]).pipe(res);
-  });
+  };
+  const server = tls
+    ? https.createServer({ cert: fs.readFileSync(tls.cert), key: fs.readFileSync(tls.key) }, handler)
+    : http.createServer(handler);
   return new Promise((resolve) => server.listen(0, host, () => resolve(server)));
 }
 
@@ -212,8 +217,8 @@ async function main() {
   // may capture ("simulcast"). Only then is it a secure context: as one,
   // whep-client.html trickles more candidates, and its PATCHes racing its
   // ICE restart get the (correct) 412 that tests/browser.rs does not expect.
-  let server = job.staticHost ? await serveStatic(job.staticHost) : null;
-  const staticOrigin = server ? `http://${job.staticHost}:${server.address().port}` : null;
+  let server = job.staticHost ? await serveStatic(job.staticHost, job.staticTls) : null;
+  const staticOrigin = server ? `${job.staticTls ? "https" : "http"}://${job.staticHost}:${server.address().port}` : null;
   const secure = [job.base, job.kind === "simulcast" ? staticOrigin : null].filter(Boolean).join(",");
   const ctx = await chromium.launchPersistentContext(userDataDir, {
     executablePath: job.chromium || "/usr/bin/chromium",
@@ -369,6 +374,7 @@ async function main() {
             platform: "browser", outfile: path.join(here, "build/eyevinn.js"), logLevel: "error" });
         }
         const origin = staticOrigin;
+        out.pageOrigin = origin;
         const page = await newPage();
         await page.goto(`${origin}/${job.page}?${job.pageQuery || ""}`, { waitUntil: "domcontentloaded" });
         Object.assign(out, await watch(page, job.secs || 3));

@@ -2,14 +2,14 @@
 //! ffmpeg child around the sans-IO [`Session`], which decides everything
 //! else (handshake, commands, go-live, transcode fallback, timeouts). The
 //! task runs until the session closes it: the peer left, idled, was taken
-//! over or refused, or the node shuts down.
+//! over or refused, or the node shuts down. The byte stream is a plain TCP
+//! socket (RTMP) or a TLS stream over one (RTMPS, [`super::tls`]).
 
 use std::sync::Arc;
 
 use cascade_origin::frame::Frame;
 use cascade_origin::registry::Publisher;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::TcpStream;
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 use tokio::sync::mpsc;
 use tokio::time::{timeout, timeout_at, Instant};
 use tokio_util::sync::CancellationToken;
@@ -23,8 +23,8 @@ use crate::transcode::{self, Event, Reencoder};
 /// Bytes read per socket read.
 const READ_BUF: usize = 64 * 1024;
 
-pub(super) struct Conn {
-    io: TcpStream,
+pub(super) struct Conn<S> {
+    io: S,
     session: Session,
     ctx: Arc<Ctx>,
     /// Set once the session went live.
@@ -42,10 +42,10 @@ enum Wake {
     Timeout,
 }
 
-impl Conn {
+impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     /// Runs a connection to its end; `Ok` carries why it ended normally.
     pub(super) async fn run(
-        io: TcpStream,
+        io: S,
         ctx: Arc<Ctx>,
         shutdown: CancellationToken,
     ) -> Result<&'static str, Error> {
@@ -111,13 +111,13 @@ impl Conn {
                 } => {
                     tokio::select! {
                         _ = shutdown.cancelled() => return Ok(Some("shutdown")),
-                        r = timeout_at(Instant::from_std(deadline), self.io.write_all(&bytes)) => {
+                        r = timeout_at(Instant::from_std(deadline), send(&mut self.io, &bytes)) => {
                             r.map_err(|_| Error::HandshakeTimeout)??
                         }
                     }
                 }
                 Output::Transmit { bytes, .. } => {
-                    timeout(WRITE_TIMEOUT, self.io.write_all(&bytes))
+                    timeout(WRITE_TIMEOUT, send(&mut self.io, &bytes))
                         .await
                         .map_err(|_| Error::WriteTimeout)??;
                 }
@@ -170,6 +170,14 @@ impl Conn {
             let _ = producer.write(frame);
         }
     }
+}
+
+/// Writes `bytes` and flushes: a TLS stream may keep records it could not
+/// write at once until the next write or flush, and the peer waits for them
+/// (a no-op on plain TCP).
+async fn send<S: AsyncWrite + Unpin>(io: &mut S, bytes: &[u8]) -> std::io::Result<()> {
+    io.write_all(bytes).await?;
+    io.flush().await
 }
 
 /// Both clocks the session wants, read once per wakeup.

@@ -17,6 +17,9 @@
 //! H.264 with B-frames is re-encoded without them when the [`Policy`] says
 //! so: the connection's video then goes through an ffmpeg child
 //! ([`crate::transcode`]) whose output is one more `select!` arm.
+//!
+//! RTMPS ([`serve_tls`]) is the same connection behind a TLS handshake
+//! ([`tls`]): `conn` runs over any byte stream.
 
 mod av1;
 pub mod chunk;
@@ -24,6 +27,7 @@ pub mod clock;
 mod conn;
 pub mod media;
 mod session;
+pub mod tls;
 
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -34,6 +38,7 @@ pub use crate::transcode::Policy;
 use cascade_origin::Registry;
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
+use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
@@ -83,6 +88,9 @@ pub enum Error {
     /// rml_rtmp refused a message.
     #[error("rtmp session: {0}")]
     Session(String),
+    /// The TLS handshake of an RTMPS connection failed.
+    #[error("tls: {0}")]
+    Tls(String),
     /// The client asked for something we refuse (reason is a metric label).
     #[error("refused: {0}")]
     Refused(&'static str),
@@ -98,6 +106,7 @@ impl Error {
             Self::Io(_) | Self::WriteTimeout => "io",
             Self::Handshake(_) | Self::HandshakeTimeout | Self::ClosedEarly => "handshake",
             Self::Idle => "idle",
+            Self::Tls(_) => "tls",
             Self::Chunk(_) | Self::Session(_) => "protocol",
             Self::Refused(r) => r,
             Self::Publish(_) => "publish",
@@ -140,9 +149,41 @@ pub async fn serve_with(
         token: publish_token,
         bframes,
     });
+    accept_loop(listener, ctx, shutdown, None).await
+}
+
+/// [`serve_with`] for RTMPS: every connection first completes a TLS
+/// handshake with `tls` (within [`tls::TLS_HANDSHAKE_TIMEOUT`]), then runs
+/// exactly as on plain RTMP. Connections count against the same kind of
+/// limit, on their own: an RTMPS listener has its own [`MAX_CONNECTIONS`].
+pub async fn serve_tls(
+    listener: TcpListener,
+    tls: TlsAcceptor,
+    registry: Arc<Registry>,
+    publish_token: Arc<str>,
+    shutdown: CancellationToken,
+    bframes: Policy,
+) -> Result<(), Error> {
+    let ctx = Arc::new(Ctx {
+        registry,
+        token: publish_token,
+        bframes,
+    });
+    accept_loop(listener, ctx, shutdown, Some(tls)).await
+}
+
+/// Accepts until `shutdown`; one task per connection, each behind a TLS
+/// handshake when `tls` is set.
+async fn accept_loop(
+    listener: TcpListener,
+    ctx: Arc<Ctx>,
+    shutdown: CancellationToken,
+    tls: Option<TlsAcceptor>,
+) -> Result<(), Error> {
     let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
     let ids = AtomicU64::new(0);
-    tracing::info!(addr = ?listener.local_addr().ok(), "rtmp ingest listening");
+    let scheme = if tls.is_some() { "rtmps" } else { "rtmp" };
+    tracing::info!(addr = ?listener.local_addr().ok(), "{scheme} ingest listening");
     loop {
         let (socket, peer) = tokio::select! {
             _ = shutdown.cancelled() => return Ok(()),
@@ -165,12 +206,18 @@ pub async fn serve_with(
             continue;
         };
         let id = ids.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!("rtmp", conn = id, stream = tracing::field::Empty);
+        let span = tracing::info_span!(
+            "rtmp",
+            conn = id,
+            tls = tls.is_some(),
+            stream = tracing::field::Empty
+        );
         let ctx = ctx.clone();
         let shutdown = shutdown.child_token();
+        let tls = tls.clone();
         tokio::spawn(
             async move {
-                run(socket, peer, ctx, shutdown).await;
+                run(socket, peer, ctx, tls, shutdown).await;
                 drop(permit);
             }
             .instrument(span),
@@ -182,6 +229,7 @@ async fn run(
     socket: tokio::net::TcpStream,
     peer: SocketAddr,
     ctx: Arc<Ctx>,
+    tls: Option<TlsAcceptor>,
     shutdown: CancellationToken,
 ) {
     metrics::counter!(crate::metrics::RTMP_ACCEPTED).increment(1);
@@ -189,7 +237,17 @@ async fn run(
     // Client addresses are PII: debug level only.
     tracing::debug!(%peer, "rtmp connection");
     let _ = socket.set_nodelay(true);
-    match conn::Conn::run(socket, ctx, shutdown).await {
+    let end = match tls {
+        None => conn::Conn::run(socket, ctx, shutdown).await,
+        Some(tls) => tokio::select! {
+            _ = shutdown.cancelled() => Ok("shutdown"),
+            r = tls::accept(&tls, socket) => match r {
+                Ok(stream) => conn::Conn::run(stream, ctx, shutdown).await,
+                Err(e) => Err(e),
+            },
+        },
+    };
+    match end {
         Ok(reason) => tracing::info!(reason, "rtmp connection closed"),
         Err(Error::ClosedEarly) => tracing::debug!("rtmp connection closed before the handshake"),
         Err(e) => {

@@ -80,6 +80,8 @@ pub struct ViewerOptions {
     /// Watch this Janus streaming mountpoint instead: `url` is then the Janus HTTP API
     /// (`http://HOST:8088/janus`) and Janus makes the offer ([`crate::janus`]).
     pub janus_mountpoint: Option<u64>,
+    /// A CA to trust for an `https://` URL besides the system's roots.
+    pub root_ca: Option<reqwest::Certificate>,
 }
 
 impl ViewerOptions {
@@ -97,6 +99,7 @@ impl ViewerOptions {
             headers_only: false,
             transport: Transport::Udp,
             janus_mountpoint: None,
+            root_ca: None,
         }
     }
 }
@@ -165,7 +168,7 @@ impl Viewer {
             Transport::Udp => Peer::bind(rtc, opts.bind)?,
             Transport::Tcp => Peer::tcp(rtc, opts.bind)?,
         };
-        let client = http::client()?;
+        let client = http::client_trusting(opts.root_ca.as_ref())?;
         let (answer_sdp, location, mids) = match opts.janus_mountpoint {
             None => {
                 let video = !opts.video_codecs.is_empty();
