@@ -178,6 +178,19 @@ async fn an_older_node_gets_a_clear_error() {
     );
 }
 
+/// This process's resident memory (Linux), for the figures in the log.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("VmRSS:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
 /// Binds a client endpoint on another loopback address: a distinct source.
 fn endpoint_at(ip: &str) -> quinn::Endpoint {
     let mut e = quinn::Endpoint::client(format!("{ip}:0").parse().unwrap()).unwrap();
@@ -196,17 +209,20 @@ async fn an_initial_flood_does_not_keep_an_edge_out() {
     // (answering Retry when asked) but never the node handshake; the
     // successful ones are held open.
     const ATTEMPTS: usize = 300;
+    let rss_before = rss_kib();
     let started = Instant::now();
     let endpoints = [endpoint_at("127.0.0.2"), endpoint_at("127.0.0.3")];
     let attempts = endpoints.iter().flat_map(|e| {
         (0..ATTEMPTS).map(|_| timeout(WAIT, e.connect(addr, tls::SERVER_NAME).unwrap()))
     });
     let mut held = Vec::new();
-    let mut refused = 0;
+    let (mut refused, mut unanswered) = (0, 0);
     for r in futures::future::join_all(attempts).await {
-        match r.unwrap() {
-            Ok(conn) => held.push(conn),
-            Err(_) => refused += 1,
+        match r {
+            Ok(Ok(conn)) => held.push(conn),
+            Ok(Err(_)) => refused += 1,
+            // Initials lost in a full socket buffer and still retrying.
+            Err(_) => unanswered += 1,
         }
     }
     let flood = started.elapsed();
@@ -214,12 +230,17 @@ async fn an_initial_flood_does_not_keep_an_edge_out() {
     // over time; at any moment each source holds at most its cap.
     let open = held.iter().filter(|c| c.close_reason().is_none()).count();
     eprintln!(
-        "flood: {} attempts in {flood:?}: {} got through QUIC ({open} still held), {refused} refused",
+        "flood: {} attempts in {flood:?}: {} got through QUIC ({open} still held), {refused} refused, {unanswered} unanswered; \
+         test process RSS {rss_before} -> {} KiB (server and flooding clients together)",
         2 * ATTEMPTS,
-        held.len()
+        held.len(),
+        rss_kib()
     );
     assert!(open <= 2 * 32, "{open} held at once");
-    assert!(refused >= ATTEMPTS, "most are refused: {refused}");
+    assert!(
+        refused + unanswered >= ATTEMPTS,
+        "most are refused: {refused}"
+    );
 
     // Meanwhile an edge joins and gets the stream.
     let joined = Instant::now();
