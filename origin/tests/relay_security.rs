@@ -205,6 +205,39 @@ async fn an_initial_flood_does_not_keep_an_edge_out() {
     wait_live(&c.origin, "live").await;
     let addr: SocketAddr = c.addr.parse().unwrap();
 
+    // A viewer's edge, linked before the flood, reading a 50 fps stream
+    // throughout: the longest gap between its frames is what a viewer sees.
+    let watcher = c.edge().await;
+    let sub = timeout(WAIT, watcher.registry.subscribe("live"))
+        .await
+        .unwrap()
+        .unwrap();
+    let mut watched = sub.track("video").unwrap();
+    let feeding = tokio::spawn(async move {
+        for n in 1.. {
+            let video = publisher.track("video").unwrap();
+            let _ = video.write(frame(n, n % 50 == 1, 1000));
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let gap = tokio::spawn(async move {
+        let mut last = Instant::now();
+        let mut worst = Duration::ZERO;
+        while let Ok(Ok(_)) = timeout(Duration::from_secs(3), watched.next()).await {
+            worst = worst.max(last.elapsed());
+            last = Instant::now();
+        }
+        worst
+    });
+    timeout(WAIT, async {
+        while sub.catalog().tracks.is_empty() {
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
     // 600 connection attempts from two other sources that complete QUIC
     // (answering Retry when asked) but never the node handshake; the
     // successful ones are held open.
@@ -242,28 +275,24 @@ async fn an_initial_flood_does_not_keep_an_edge_out() {
         "most are refused: {refused}"
     );
 
-    // Meanwhile an edge joins and gets the stream.
+    // Meanwhile a new edge joins and gets the stream.
     let joined = Instant::now();
     let edge = c.edge().await;
-    let sub = timeout(WAIT, edge.registry.subscribe("live"))
+    let sub2 = timeout(WAIT, edge.registry.subscribe("live"))
         .await
         .unwrap()
         .unwrap();
-    let mut video = sub.track("video").unwrap();
-    tokio::time::sleep(Duration::from_millis(100)).await;
-    publisher
-        .track("video")
-        .unwrap()
-        .write(frame(1, true, 1000))
-        .unwrap();
-    assert_eq!(
-        number(&timeout(WAIT, video.next()).await.unwrap().unwrap()),
-        1
-    );
+    let mut video2 = sub2.track("video").unwrap();
+    timeout(WAIT, video2.next()).await.unwrap().unwrap();
     eprintln!(
-        "edge joined and got a frame {:?} after the flood",
+        "a new edge joined and got a frame {:?} after the flood",
         joined.elapsed()
     );
+    // The viewer linked before never stalled.
+    feeding.abort();
+    let worst = gap.await.unwrap();
+    eprintln!("longest gap between frames at the linked edge: {worst:?}");
+    assert!(worst < Duration::from_secs(1), "stalled {worst:?}");
 
     // The held attempts are dropped at the handshake deadline.
     for conn in held.iter().filter(|c| c.close_reason().is_none()) {

@@ -473,4 +473,48 @@ mod tests {
             }))
         ));
     }
+
+    fn handshake_message() -> impl proptest::strategy::Strategy<Value = Message> {
+        use proptest::prelude::*;
+        prop_oneof![
+            any::<[u8; 32]>().prop_map(|nonce| Message::Hello {
+                version: VERSION,
+                nonce
+            }),
+            any::<[u8; 32]>().prop_map(|nonce| Message::Challenge { nonce }),
+            any::<[u8; 32]>().prop_map(|proof| Message::Auth { proof }),
+            any::<[u8; 32]>().prop_map(|proof| Message::AuthOk { proof }),
+            Just(Message::Ended { id: 0 }),
+        ]
+    }
+
+    proptest::proptest! {
+        /// Whatever a stranger sends, in any order, neither side
+        /// authenticates it, and the accepting side never answers with
+        /// anything derived from the secret.
+        #[test]
+        fn strangers_never_authenticate(
+            msgs in proptest::collection::vec(handshake_message(), 0..6)
+        ) {
+            let x = [9u8; 32];
+            let mut a = Acceptor::new(SECRET, x, [2; 32]);
+            for m in msgs.clone() {
+                match a.handle(m) {
+                    Ok(step) => {
+                        proptest::prop_assert!(!step.done);
+                        let proves = matches!(step.send, Some(Message::AuthOk { .. }));
+                        proptest::prop_assert!(!proves);
+                    }
+                    Err(_) => break,
+                }
+            }
+            let mut c = Connector::new(SECRET, x, [1; 32]);
+            for m in msgs {
+                match c.handle(m) {
+                    Ok(step) => proptest::prop_assert!(!step.done),
+                    Err(_) => break,
+                }
+            }
+        }
+    }
 }

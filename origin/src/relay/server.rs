@@ -148,8 +148,8 @@ async fn accept_loop(
 fn refusal(e: &Error) -> (&'static str, quinn::VarInt, &'static [u8]) {
     match e {
         Error::Auth => ("auth", code::AUTH, b"relay authentication failed"),
-        // The peer checks our proof first: a secret mismatch usually shows
-        // here as the peer closing with the auth code.
+        // The peer gave up on the handshake with the auth code (its own
+        // deadline, or a node that checks before it proves).
         Error::Connection(quinn::ConnectionError::ApplicationClosed(c))
             if c.error_code == code::AUTH =>
         {
