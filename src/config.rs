@@ -24,6 +24,8 @@ pub enum Role {
     Ingest,
     /// WHEP and OvenPlayer viewers served from an origin.
     Edge,
+    /// Print a fresh random --cluster-secret (64 hex characters) and exit.
+    Secret,
 }
 
 impl Role {
@@ -34,6 +36,7 @@ impl Role {
             Self::Origin => "origin",
             Self::Ingest => "ingest",
             Self::Edge => "edge",
+            Self::Secret => "secret",
         }
     }
 }
@@ -259,8 +262,24 @@ pub struct TlsFiles {
 }
 
 /// Shortest cluster secret accepted: it is the only thing between the
-/// relay port and anyone who can reach it.
-const MIN_SECRET: usize = 16;
+/// relay port and anyone who can reach it, and a node it dials sees a proof
+/// a guess can be tested against offline (docs/security/relay.md).
+const MIN_SECRET: usize = 32;
+
+/// A fresh cluster secret: 256 bits from the operating system's CSPRNG as
+/// 64 hex digits.
+pub fn new_secret() -> String {
+    use rand::RngCore;
+    let mut bytes = [0u8; 32];
+    rand::rngs::OsRng.fill_bytes(&mut bytes);
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+/// `cascade secret`: the secret to print, when that is the command.
+pub fn secret_command() -> Option<String> {
+    let cli = Cli::try_parse().ok()?;
+    (cli.role == Some(Role::Secret)).then(new_secret)
+}
 
 impl Config {
     /// Parses the command line, the environment and the file.
@@ -296,9 +315,15 @@ impl Config {
             Some(t) => (t, false),
             None => (random_token(), true),
         };
+        if role == Role::Secret {
+            bail!("`cascade secret` prints a secret and exits; it runs no node");
+        }
         if let Some(s) = &o.cluster_secret {
-            if s.len() < MIN_SECRET {
-                bail!("--cluster-secret must be at least {MIN_SECRET} characters");
+            let len = s.chars().count();
+            if len < MIN_SECRET {
+                bail!(
+                    "--cluster-secret must be at least {MIN_SECRET} characters (this one has {len}): `cascade secret` prints a fresh one"
+                );
             }
         }
         if role != Role::All && o.cluster_secret.is_none() {
@@ -454,21 +479,68 @@ mod tests {
     #[test]
     fn origin_defaults_and_secret_required() {
         assert!(Config::from_cli(parse(&["origin"])).is_err());
-        let c =
-            Config::from_cli(parse(&["origin", "--cluster-secret", "0123456789abcdef"])).unwrap();
+        let c = Config::from_cli(parse(&[
+            "origin",
+            "--cluster-secret",
+            "0123456789abcdef0123456789abcdef",
+        ]))
+        .unwrap();
         assert_eq!(c.quic, Some("0.0.0.0:4433".parse().unwrap()));
         assert!(Config::from_cli(parse(&["origin", "--cluster-secret", "short"])).is_err());
     }
 
     #[test]
+    fn short_secret_is_refused_with_a_clear_error() {
+        // 31 characters: one short of the minimum.
+        let e = Config::from_cli(parse(&["origin", "--cluster-secret", &"x".repeat(31)]))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("at least 32 characters"), "{e}");
+        assert!(e.contains("has 31"), "{e}");
+        assert!(e.contains("cascade secret"), "{e}");
+        assert!(!e.contains(&"x".repeat(31)), "the secret is not echoed");
+        // The same for `all` with a relay port.
+        let short = ["--quic", "127.0.0.1:0", "--cluster-secret", "short"];
+        assert!(Config::from_cli(parse(&short)).is_err());
+        assert!(Config::from_cli(parse(&[
+            "edge",
+            "--cluster-secret",
+            &"x".repeat(32),
+            "--origin",
+            "o:1"
+        ]))
+        .is_ok());
+    }
+
+    #[test]
+    fn fresh_secrets_are_64_hex_digits_and_long_enough() {
+        let (a, b) = (new_secret(), new_secret());
+        assert_eq!(a.len(), 64);
+        assert!(a
+            .bytes()
+            .all(|c| c.is_ascii_hexdigit() && !c.is_ascii_uppercase()));
+        assert_ne!(a, b);
+        assert!(Config::from_cli(parse(&["origin", "--cluster-secret", &a])).is_ok());
+        assert_eq!(parse(&["secret"]).role, Some(Role::Secret));
+        assert!(
+            Config::from_cli(parse(&["secret"])).is_err(),
+            "runs no node"
+        );
+    }
+
+    #[test]
     fn edge_needs_origin() {
-        let e =
-            Config::from_cli(parse(&["edge", "--cluster-secret", "0123456789abcdef"])).unwrap_err();
+        let e = Config::from_cli(parse(&[
+            "edge",
+            "--cluster-secret",
+            "0123456789abcdef0123456789abcdef",
+        ]))
+        .unwrap_err();
         assert!(e.to_string().contains("--origin"));
         let c = Config::from_cli(parse(&[
             "edge",
             "--cluster-secret",
-            "0123456789abcdef",
+            "0123456789abcdef0123456789abcdef",
             "--origin",
             "o:4433",
         ]))

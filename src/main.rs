@@ -15,6 +15,10 @@ use tracing_subscriber::EnvFilter;
 
 #[tokio::main]
 async fn main() -> ExitCode {
+    if let Some(secret) = config::secret_command() {
+        println!("{secret}");
+        return ExitCode::SUCCESS;
+    }
     let cfg = match config::Config::load() {
         Ok(c) => c,
         Err(e) => {

@@ -45,7 +45,7 @@ async fn edge_with_wrong_secret_sees_nothing() {
         "edge",
         &[
             "--cluster-secret",
-            "another-secret-0123456789",
+            "another-secret-0123456789abcdef-0123",
             "--origin",
             &quic,
         ],
@@ -78,4 +78,34 @@ fn split_roles_refuse_to_start_without_secret() {
         let err = String::from_utf8_lossy(&out.stderr);
         assert!(err.contains("cluster-secret"), "{role}: {err}");
     }
+}
+
+#[test]
+fn short_secret_refuses_to_start() {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args(["origin", "--cluster-secret", "short"])
+        .env_remove("CASCADE_CLUSTER_SECRET")
+        .output()
+        .unwrap();
+    assert!(!out.status.success(), "a short secret must refuse to start");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("at least 32 characters"), "{err}");
+    assert!(err.contains("cascade secret"), "{err}");
+}
+
+#[test]
+fn secret_prints_a_fresh_one() {
+    let run = || {
+        let out = std::process::Command::new(env!("CARGO_BIN_EXE_cascade"))
+            .arg("secret")
+            .output()
+            .unwrap();
+        assert!(out.status.success());
+        String::from_utf8(out.stdout).unwrap()
+    };
+    let (a, b) = (run(), run());
+    let secret = a.trim_end();
+    assert_eq!(secret.len(), 64, "{a:?}");
+    assert!(secret.bytes().all(|c| c.is_ascii_hexdigit()), "{a:?}");
+    assert_ne!(a, b, "fresh each time");
 }

@@ -20,6 +20,7 @@ use cascade_media::nal::Nal;
 use cascade_origin::catalog::{Catalog, Codec, TrackInfo};
 use cascade_origin::frame::Frame;
 use cascade_origin::registry::Publisher;
+use cascade_origin::relay::wire::MAX_TRACKS;
 use cascade_origin::Registry;
 use cascade_rtc::http::{token_matches, ApiError, CreateFuture, Created, Endpoint};
 use cascade_rtc::session::CloseReason;
@@ -64,6 +65,16 @@ pub fn router(registry: Arc<Registry>, rtc: cascade_rtc::Server, token: Arc<str>
     cascade_rtc::http::router(whip, rtc).merge(crate::publish::router())
 }
 
+/// Audio and video m-lines of an offer: each may become a track, and the
+/// relay refuses a stream with more than [`MAX_TRACKS`], so the ingest
+/// refuses the offer up front.
+fn media_lines(offer: &str) -> usize {
+    cascade_media::sdp::scan(offer)
+        .iter()
+        .filter(|m| m.kind == "audio" || m.kind == "video")
+        .count()
+}
+
 /// Audio and video m-lines the publisher will send on (not recvonly or
 /// inactive; port 0 is not looked at, str0m refuses what it cannot use).
 fn sending_kinds(offer: &str) -> (bool, bool) {
@@ -91,6 +102,12 @@ impl Endpoint for Whip {
         let registry = self.registry.clone();
         let rtc = self.rtc.clone();
         Box::pin(async move {
+            let media = media_lines(&offer);
+            if media > MAX_TRACKS {
+                return Err(ApiError::BadRequest(format!(
+                    "offer has {media} audio/video m-lines, at most {MAX_TRACKS}: a stream carries at most {MAX_TRACKS} tracks"
+                )));
+            }
             let (audio, video) = sending_kinds(&offer);
             if !audio && !video {
                 return Err(ApiError::BadRequest(
@@ -581,5 +598,18 @@ mod tests {
         let p = Bytes::from_static(&[0, 0, 0, 1, 0x41, 9]);
         assert_eq!(with_parameter_sets(p.clone(), &mut cache, &mut key), p);
         assert!(!key);
+    }
+
+    #[test]
+    fn offers_with_more_media_lines_than_tracks_are_counted() {
+        let m = "m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n";
+        let offer = |n: usize| {
+            format!(
+                "v=0\r\n{}m=application 9 UDP/DTLS/SCTP webrtc-datachannel\r\n",
+                m.repeat(n)
+            )
+        };
+        assert_eq!(media_lines(&offer(MAX_TRACKS)), MAX_TRACKS);
+        assert_eq!(media_lines(&offer(MAX_TRACKS + 1)), MAX_TRACKS + 1);
     }
 }

@@ -239,3 +239,22 @@ async fn takeover_keeps_subscribers() {
     let _ = p1.stop().await;
     let _ = p2.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn offer_with_more_tracks_than_a_stream_carries_is_refused_up_front() {
+    let n = node().await;
+    let media = (0..17)
+        .map(|i| format!("m=video 9 UDP/TLS/RTP/SAVPF 96\r\na=mid:{i}\r\na=sendonly\r\na=rtpmap:96 H264/90000\r\n"))
+        .collect::<String>();
+    let offer = format!("v=0\r\no=- 1 1 IN IP4 0.0.0.0\r\ns=-\r\nt=0 0\r\n{media}");
+    let r = loadtest::http::post_offer(&format!("{}/whip/many", n.base), &offer, Some(TOKEN))
+        .await
+        .unwrap();
+    assert_eq!(r.status, 400, "{}", r.body);
+    assert!(
+        r.body.contains("17 audio/video m-lines, at most 16"),
+        "{}",
+        r.body
+    );
+    assert!(!n.registry.is_live("many"));
+}

@@ -12,10 +12,18 @@ pub const RELAY_FRAMES_SENT: &str = "cascade_origin_relay_frames_sent_total";
 pub const RELAY_FRAMES_RECEIVED: &str = "cascade_origin_relay_frames_received_total";
 /// Frames received too late (their group was already superseded) and dropped.
 pub const RELAY_FRAMES_DROPPED: &str = "cascade_origin_relay_frames_dropped_total";
-/// Relay connections refused, by reason (`auth`, `protocol`, `timeout`, `busy`).
+/// Relay connections refused, by reason (`auth`, `protocol`, `timeout`,
+/// `busy`, `version`, `handshakes`, `handshakes_per_source`).
 pub const RELAY_REFUSED: &str = "cascade_origin_relay_refused_total";
 /// Relay links closed because the peer broke the protocol after authenticating.
 pub const RELAY_PROTOCOL_ERRORS: &str = "cascade_origin_relay_protocol_errors_total";
+
+/// Relay handshakes in progress (peers not yet authenticated).
+pub const RELAY_HANDSHAKES: &str = "cascade_origin_relay_handshakes";
+/// Relay connection attempts asked to validate their address (QUIC Retry).
+pub const RELAY_RETRIES: &str = "cascade_origin_relay_retries_total";
+/// Streams refused on a link that stays up, by reason (`catalog`).
+pub const RELAY_STREAMS_REFUSED: &str = "cascade_origin_relay_streams_refused_total";
 
 /// Registers descriptions for the relay's metrics.
 pub fn describe() {
@@ -35,5 +43,11 @@ pub fn describe() {
     metrics::describe_counter!(
         RELAY_PROTOCOL_ERRORS,
         "relay links closed for protocol violations"
+    );
+    metrics::describe_gauge!(RELAY_HANDSHAKES, "relay handshakes in progress");
+    metrics::describe_counter!(RELAY_RETRIES, "relay connection attempts sent a QUIC Retry");
+    metrics::describe_counter!(
+        RELAY_STREAMS_REFUSED,
+        "relay streams refused while their link stays up"
     );
 }

@@ -10,7 +10,7 @@ use std::sync::mpsc;
 use std::time::Duration;
 
 /// A secret for split-cluster tests.
-pub const SECRET: &str = "test-cluster-secret-0123456789";
+pub const SECRET: &str = "test-cluster-secret-0123456789abcdef";
 /// The publish token tests use.
 pub const TOKEN: &str = "test-publish-token";
 

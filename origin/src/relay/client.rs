@@ -15,10 +15,11 @@ use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::session::{Command, Inputs, Session, Side};
-use super::{auth, code, tls, AUTH_TIMEOUT, LINK_GRACE};
+use super::wire::VERSION;
+use super::{auth, code, tls, ALPN, AUTH_TIMEOUT, LINK_GRACE};
 use crate::metrics::RELAY_REFUSED;
 use crate::registry::{Registry, Upstream};
-use crate::{Error, Result};
+use crate::{Error, ProtocolError, Result};
 
 /// Fetch requests waiting for the link (e.g. while it reconnects); each
 /// waits at most `Options::fetch_timeout`, so the queue stays short.
@@ -242,6 +243,9 @@ impl Dialer {
                     if is_auth_failure(&e) {
                         metrics::counter!(RELAY_REFUSED, "reason" => "auth").increment(1);
                         tracing::error!(error = %e, "origin refused the cluster secret (or failed to prove it)");
+                    } else if is_version_mismatch(&e) {
+                        metrics::counter!(RELAY_REFUSED, "reason" => "version").increment(1);
+                        tracing::error!(error = %e, "origin speaks another relay protocol version: run the same cascade version on every node");
                     } else if !was_failing {
                         tracing::warn!(error = %e, "cannot reach origin; retrying");
                     } else {
@@ -269,6 +273,16 @@ fn is_auth_failure(e: &Error) -> bool {
     }
 }
 
+fn is_version_mismatch(e: &Error) -> bool {
+    match e {
+        Error::Protocol(ProtocolError::VersionMismatch { .. }) => true,
+        Error::Connection(quinn::ConnectionError::ApplicationClosed(c)) => {
+            c.error_code == code::VERSION
+        }
+        _ => false,
+    }
+}
+
 type Connected = (
     quinn::Endpoint,
     quinn::Connection,
@@ -290,8 +304,21 @@ async fn connect_once(origin: &str, secret: &str) -> Result<Connected> {
     endpoint.set_default_client_config(tls::client_config()?);
     let attempt = async {
         let conn = endpoint.connect(addr, tls::SERVER_NAME)?.await?;
+        if tls::negotiated_alpn(&conn).as_deref() != Some(ALPN) {
+            // An older origin (it chose the previous version we offer only
+            // to tell this apart from a network failure).
+            conn.close(
+                code::VERSION,
+                b"relay protocol 1 is no longer spoken: upgrade the origin",
+            );
+            return Err(ProtocolError::VersionMismatch {
+                ours: VERSION,
+                theirs: 1,
+            }
+            .into());
+        }
         let (mut send, mut recv) = conn.open_bi().await?;
-        if let Err(e) = auth::connect(&mut send, &mut recv, secret).await {
+        if let Err(e) = auth::connect(&conn, &mut send, &mut recv, secret).await {
             if matches!(e, Error::Auth) {
                 conn.close(code::AUTH, b"origin failed to prove the cluster secret");
             }

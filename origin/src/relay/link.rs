@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::wire::{valid_label, Message};
+use super::wire::{check_catalog, valid_label, Message};
 use crate::model::catalog::Catalog;
 use crate::{ProtocolError, Result};
 
@@ -109,6 +109,17 @@ pub(crate) enum Action<R, W, S> {
         target: R,
         name: String,
         until: Instant,
+    },
+    /// A stream was refused for a fault of its own (its catalog breaks the
+    /// relay's caps); the link and its other streams carry on. Log it.
+    Refused {
+        /// The stream's name, or its id when the name is not known here.
+        stream: String,
+        /// What is wrong with it.
+        reason: String,
+        /// True when the peer sent it, false when it is ours and is not
+        /// forwarded.
+        by_peer: bool,
     },
 }
 
@@ -242,6 +253,12 @@ impl<R: Clone, W, S> Link<R, W, S> {
                     }
                     .into());
                 }
+                if let Err(e) = check_catalog(&catalog) {
+                    // That stream only: tell the peer to stop sending it.
+                    self.refused(stream, &e, true);
+                    self.write(Message::Unsubscribe { id });
+                    return Ok(());
+                }
                 tracing::info!(%stream, %protocol, id, "peer publishes");
                 self.receiving.insert(id);
                 self.actions.push_back(Action::Accept {
@@ -252,8 +269,20 @@ impl<R: Clone, W, S> Link<R, W, S> {
                 });
             }
             Message::CatalogUpdate { id, catalog } => {
-                if self.receiving.contains(&id) {
-                    self.actions.push_back(Action::SetCatalog { id, catalog });
+                if !self.receiving.contains(&id) {
+                    return Ok(());
+                }
+                match check_catalog(&catalog) {
+                    Ok(()) => self.actions.push_back(Action::SetCatalog { id, catalog }),
+                    Err(e) => {
+                        // End that stream here and at the peer.
+                        let name = self.subscribed_name(id);
+                        self.refused(name, &e, true);
+                        self.receiving.remove(&id);
+                        self.subscribed.retain(|_, v| v.0 != id);
+                        self.actions.push_back(Action::StopReceiving { id });
+                        self.write(Message::Unsubscribe { id });
+                    }
                 }
             }
             Message::Subscribe { id, stream, resume } => {
@@ -294,7 +323,7 @@ impl<R: Clone, W, S> Link<R, W, S> {
             m @ (Message::Hello { .. }
             | Message::Challenge { .. }
             | Message::Auth { .. }
-            | Message::AuthOk) => {
+            | Message::AuthOk { .. }) => {
                 return Err(ProtocolError::UnexpectedMessage {
                     expected: "a message after the handshake",
                     got: m.kind(),
@@ -312,6 +341,18 @@ impl<R: Clone, W, S> Link<R, W, S> {
             return;
         };
         self.pending_names.remove(&p.name);
+        if let Err(e) = check_catalog(&catalog) {
+            // As if not found, without retrying: the next fetch asks again.
+            self.refused(p.name, &e, true);
+            for waiter in p.waiters {
+                self.actions.push_back(Action::Answer {
+                    waiter,
+                    live: false,
+                });
+            }
+            self.write(Message::Unsubscribe { id });
+            return;
+        }
         self.actions.push_back(Action::Attach {
             id,
             target: p.target.clone(),
@@ -369,6 +410,15 @@ impl<R: Clone, W, S> Link<R, W, S> {
         let Some(resume) = self.resolving.remove(&id) else {
             return;
         };
+        let found = match found.map(|s| (check_catalog(&s.catalog), s)) {
+            Some((Err(e), _)) => {
+                // Ours breaks the caps: the peer would refuse it.
+                self.refused(format!("id {id}"), &e, false);
+                None
+            }
+            Some((Ok(()), s)) => Some(s),
+            None => None,
+        };
         match found {
             Some(source) => {
                 self.write(Message::SubscribeOk {
@@ -391,8 +441,23 @@ impl<R: Clone, W, S> Link<R, W, S> {
     pub(crate) fn handle_report(&mut self, report: Report) {
         match report {
             Report::Catalog { id, catalog } => {
-                if self.sending.contains(&id) {
-                    self.write(Message::CatalogUpdate { id, catalog });
+                if !self.sending.contains(&id) {
+                    return;
+                }
+                match check_catalog(&catalog) {
+                    Ok(()) => self.write(Message::CatalogUpdate { id, catalog }),
+                    Err(e) => {
+                        // The peer would refuse it: end that stream there.
+                        let name = self
+                            .uplinked
+                            .iter()
+                            .find(|(_, v)| **v == id)
+                            .map_or_else(|| format!("id {id}"), |(n, _)| n.clone());
+                        self.refused(name, &e, false);
+                        if self.stop_sending(id) {
+                            self.write(Message::Ended { id });
+                        }
+                    }
                 }
             }
             Report::Ended { id } => {
@@ -498,6 +563,11 @@ impl<R: Clone, W, S> Link<R, W, S> {
 
     /// Publishes the local stream `name` to the peer.
     pub(crate) fn handle_announce(&mut self, name: &str, source: Source<S>) {
+        if let Err(e) = check_catalog(&source.catalog) {
+            // Validated before sending: the peer would refuse it anyway.
+            self.refused(name.to_string(), &e, false);
+            return;
+        }
         if self.sending.len() >= MAX_SUBSCRIPTIONS {
             tracing::warn!(
                 stream = name,
@@ -545,6 +615,22 @@ impl<R: Clone, W, S> Link<R, W, S> {
         }
         self.actions.push_back(Action::StopSending { id });
         true
+    }
+
+    fn refused(&mut self, stream: String, e: &ProtocolError, by_peer: bool) {
+        self.actions.push_back(Action::Refused {
+            stream,
+            reason: e.to_string(),
+            by_peer,
+        });
+    }
+
+    /// The name of our subscription `id`, or the id when it is none.
+    fn subscribed_name(&self, id: u64) -> String {
+        self.subscribed
+            .iter()
+            .find(|(_, v)| v.0 == id)
+            .map_or_else(|| format!("id {id}"), |(n, _)| n.clone())
     }
 
     fn write(&mut self, msg: Message) {
@@ -748,7 +834,7 @@ mod tests {
     #[test]
     fn handshake_messages_after_the_handshake_are_violations() {
         let mut link = TestLink::new(Side::Accepted, true, HashSet::new());
-        let e = violation(link.handle_message(Instant::now(), Message::AuthOk));
+        let e = violation(link.handle_message(Instant::now(), Message::AuthOk { proof: [0; 32] }));
         assert!(matches!(
             e,
             ProtocolError::UnexpectedMessage { got: "auth_ok", .. }
@@ -1110,6 +1196,145 @@ mod tests {
         // Reports about ids no longer sent are dropped.
         link.handle_report(Report::Ended { id: 0 });
         assert!(drain(&mut link).is_empty());
+    }
+
+    /// A catalog over the track cap (17 media lines of a WHIP offer).
+    fn too_many_tracks() -> Catalog {
+        let track = crate::model::catalog::TrackInfo {
+            name: "video".into(),
+            codec: crate::model::catalog::Codec::H264,
+            fmtp: String::new(),
+            channels: None,
+            bframes: false,
+        };
+        Catalog {
+            tracks: vec![track; crate::relay::wire::MAX_TRACKS + 1],
+        }
+    }
+
+    fn refused(stream: &str, by_peer: bool) -> TestAction {
+        Action::Refused {
+            stream: stream.into(),
+            reason: "catalog lists 17 tracks, at most 16".into(),
+            by_peer,
+        }
+    }
+
+    #[test]
+    fn a_bad_catalog_from_the_peer_ends_that_stream_not_the_link() {
+        let now = Instant::now();
+        let mut server = TestLink::new(Side::Accepted, true, HashSet::new());
+        server.handle_message(now, publish(0, "good")).unwrap();
+        drain(&mut server);
+        let bad = Message::Publish {
+            id: 2,
+            stream: "bad".into(),
+            protocol: "whip".into(),
+            catalog: too_many_tracks(),
+        };
+        server.handle_message(now, bad).unwrap();
+        assert_eq!(
+            drain(&mut server),
+            vec![
+                refused("bad", true),
+                Action::Write(Message::Unsubscribe { id: 2 })
+            ]
+        );
+        // A live stream whose catalog grows past the cap ends alone.
+        let update = Message::CatalogUpdate {
+            id: 0,
+            catalog: too_many_tracks(),
+        };
+        server.handle_message(now, update.clone()).unwrap();
+        assert_eq!(
+            drain(&mut server),
+            vec![
+                refused("id 0", true),
+                Action::StopReceiving { id: 0 },
+                Action::Write(Message::Unsubscribe { id: 0 }),
+            ]
+        );
+        server.handle_message(now, update).unwrap();
+        assert!(drain(&mut server).is_empty(), "already ended");
+        // Other streams keep coming.
+        server.handle_message(now, publish(4, "next")).unwrap();
+        assert!(matches!(
+            drain(&mut server).as_slice(),
+            [Action::Accept { id: 4, .. }]
+        ));
+
+        // An answer to our subscription with a bad catalog: not live.
+        let mut client = TestLink::new(Side::Connected, false, HashSet::new());
+        client.handle_fetch("edge", "cam".into(), 1, false);
+        drain(&mut client);
+        let ok = Message::SubscribeOk {
+            id: 0,
+            catalog: too_many_tracks(),
+            protocol: "whip".into(),
+        };
+        client.handle_message(now, ok).unwrap();
+        assert_eq!(
+            drain(&mut client),
+            vec![
+                refused("cam", true),
+                Action::Answer {
+                    waiter: 1,
+                    live: false
+                },
+                Action::Write(Message::Unsubscribe { id: 0 }),
+            ]
+        );
+        assert_eq!(client.poll_timeout(), None, "no retry");
+    }
+
+    #[test]
+    fn a_bad_local_catalog_is_never_sent() {
+        let mut link = TestLink::new(Side::Connected, false, HashSet::new());
+        let bad = Source {
+            handle: "local",
+            catalog: too_many_tracks(),
+            protocol: "whip".into(),
+        };
+        link.handle_announce("bad", bad);
+        link.handle_announce("good", source("whip"));
+        let actions = drain(&mut link);
+        assert_eq!(actions[0], refused("bad", false));
+        assert!(matches!(
+            writes(&actions).as_slice(),
+            [Message::Publish { id: 0, .. }]
+        ));
+        // A sent stream whose catalog grows past the cap ends at the peer.
+        link.handle_report(Report::Catalog {
+            id: 0,
+            catalog: too_many_tracks(),
+        });
+        assert_eq!(
+            drain(&mut link),
+            vec![
+                refused("good", false),
+                Action::StopSending { id: 0 },
+                Action::Write(Message::Ended { id: 0 }),
+            ]
+        );
+        // Asked for by the peer: not found.
+        let mut server = TestLink::new(Side::Accepted, true, HashSet::new());
+        server
+            .handle_message(Instant::now(), subscribe(0, "bad"))
+            .unwrap();
+        drain(&mut server);
+        let bad = Source {
+            handle: "local",
+            catalog: too_many_tracks(),
+            protocol: "whip".into(),
+        };
+        server.handle_resolved(0, Some(bad));
+        assert_eq!(
+            drain(&mut server),
+            vec![
+                refused("id 0", false),
+                Action::Write(Message::NotFound { id: 0 })
+            ]
+        );
     }
 
     #[test]

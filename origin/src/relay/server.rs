@@ -2,21 +2,24 @@
 //! edges subscribing), authenticates them and serves them from a registry.
 //! Any node can run one, so an edge can be the upstream of further edges.
 
-use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::net::{IpAddr, SocketAddr};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Instant;
 
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
+use super::admit::{Admission, Decision, Limits};
 use super::session::{lost, Inputs, Session, Side};
-use super::{auth, code, tls, AUTH_TIMEOUT, LINK_GRACE};
-use crate::metrics::RELAY_REFUSED;
+use super::{auth, code, tls, ALPN, HANDSHAKE_TIMEOUT, LINK_GRACE};
+use crate::metrics::{RELAY_HANDSHAKES, RELAY_REFUSED, RELAY_RETRIES};
 use crate::registry::Registry;
 use crate::{Error, Result};
 
-/// Links one server accepts at once: edges and ingests of a large cluster.
-const MAX_CONNECTIONS: usize = 1024;
+/// The close reason an older node sees (and logs) when it connects.
+const OLD_VERSION: &[u8] =
+    b"relay protocol 1 is not spoken here: upgrade this node to the same cascade version as its origin (cascade-relay/2)";
 
 /// A relay server bound to a UDP port. Dropping it (or [`Server::shutdown`])
 /// closes every link.
@@ -61,13 +64,42 @@ impl Drop for Server {
     }
 }
 
+/// Locks the admission counts; a panic elsewhere while holding the lock
+/// leaves counts that are still the best we have.
+fn lock(a: &Mutex<Admission>) -> MutexGuard<'_, Admission> {
+    a.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// A handshake slot, freed however the handshake ends.
+struct HandshakeSlot {
+    admission: Arc<Mutex<Admission>>,
+    ip: IpAddr,
+}
+
+impl Drop for HandshakeSlot {
+    fn drop(&mut self) {
+        let mut a = lock(&self.admission);
+        a.handshake_ended(self.ip);
+        metrics::gauge!(RELAY_HANDSHAKES).set(a.handshakes() as f64);
+    }
+}
+
+/// A link slot, freed when the link ends.
+struct LinkSlot(Arc<Mutex<Admission>>);
+
+impl Drop for LinkSlot {
+    fn drop(&mut self) {
+        lock(&self.0).link_down();
+    }
+}
+
 async fn accept_loop(
     endpoint: quinn::Endpoint,
     secret: Arc<str>,
     registry: Arc<Registry>,
     cancel: CancellationToken,
 ) {
-    let active = Arc::new(AtomicUsize::new(0));
+    let admission = Arc::new(Mutex::new(Admission::new(Limits::default())));
     let ids = AtomicU64::new(0);
     loop {
         let incoming = tokio::select! {
@@ -77,26 +109,38 @@ async fn accept_loop(
         let Some(incoming) = incoming else {
             break;
         };
-        if active.load(Ordering::Relaxed) >= MAX_CONNECTIONS {
-            metrics::counter!(RELAY_REFUSED, "reason" => "busy").increment(1);
-            incoming.refuse();
-            continue;
-        }
-        active.fetch_add(1, Ordering::Relaxed);
-        let span = tracing::info_span!("relay", role = "server", conn = ids.fetch_add(1, Ordering::Relaxed), peer = %incoming.remote_address());
-        let (secret, registry, cancel, active) = (
-            secret.clone(),
-            registry.clone(),
-            cancel.clone(),
-            active.clone(),
-        );
-        tokio::spawn(
-            async move {
-                serve(incoming, &secret, registry, cancel).await;
-                active.fetch_sub(1, Ordering::Relaxed);
+        let peer = incoming.remote_address();
+        let decision = lock(&admission).incoming(peer.ip(), incoming.remote_address_validated());
+        match decision {
+            Decision::Accept => {}
+            Decision::Retry => {
+                metrics::counter!(RELAY_RETRIES).increment(1);
+                // Stateless: a spoofed source never answers it.
+                if let Err(e) = incoming.retry() {
+                    e.into_incoming().ignore();
+                }
+                continue;
             }
-            .instrument(span),
-        );
+            Decision::Refuse(reason) => {
+                metrics::counter!(RELAY_REFUSED, "reason" => reason).increment(1);
+                if lock(&admission).should_log(peer.ip(), Instant::now()) {
+                    tracing::info!(%peer, reason, "relay connection attempt refused (logged once a minute per source)");
+                }
+                incoming.refuse();
+                continue;
+            }
+        }
+        let slot = {
+            let a = lock(&admission);
+            metrics::gauge!(RELAY_HANDSHAKES).set(a.handshakes() as f64);
+            HandshakeSlot {
+                admission: admission.clone(),
+                ip: peer.ip(),
+            }
+        };
+        let span = tracing::info_span!("relay", role = "server", conn = ids.fetch_add(1, Ordering::Relaxed), %peer);
+        let (secret, registry, cancel) = (secret.clone(), registry.clone(), cancel.clone());
+        tokio::spawn(serve(incoming, secret, registry, cancel, slot).instrument(span));
     }
 }
 
@@ -104,8 +148,8 @@ async fn accept_loop(
 fn refusal(e: &Error) -> (&'static str, quinn::VarInt, &'static [u8]) {
     match e {
         Error::Auth => ("auth", code::AUTH, b"relay authentication failed"),
-        // The peer checks our proof first: a secret mismatch usually shows
-        // here as the peer closing with the auth code.
+        // The peer gave up on the handshake with the auth code (its own
+        // deadline, or a node that checks before it proves).
         Error::Connection(quinn::ConnectionError::ApplicationClosed(c))
             if c.error_code == code::AUTH =>
         {
@@ -116,13 +160,27 @@ fn refusal(e: &Error) -> (&'static str, quinn::VarInt, &'static [u8]) {
     }
 }
 
+/// Logs a refused peer, at most once a minute per source.
+fn log_refusal(
+    admission: &Mutex<Admission>,
+    ip: IpAddr,
+    reason: &str,
+    error: &dyn std::fmt::Display,
+) {
+    if lock(admission).should_log(ip, Instant::now()) {
+        tracing::info!(reason, %error, "relay peer refused");
+    }
+}
+
 async fn serve(
     incoming: quinn::Incoming,
-    secret: &str,
+    secret: Arc<str>,
     registry: Arc<Registry>,
     cancel: CancellationToken,
+    slot: HandshakeSlot,
 ) {
-    let deadline = tokio::time::Instant::now() + AUTH_TIMEOUT;
+    let (admission, ip) = (slot.admission.clone(), slot.ip);
+    let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
     let conn = match tokio::time::timeout_at(deadline, incoming).await {
         Ok(Ok(c)) => c,
         Ok(Err(e)) => {
@@ -134,27 +192,47 @@ async fn serve(
             return;
         }
     };
+    if tls::negotiated_alpn(&conn).as_deref() != Some(ALPN) {
+        metrics::counter!(RELAY_REFUSED, "reason" => "version").increment(1);
+        log_refusal(
+            &admission,
+            ip,
+            "version",
+            &"the peer speaks relay protocol 1: upgrade it",
+        );
+        conn.close(code::VERSION, OLD_VERSION);
+        return;
+    }
     let handshake = async {
         let (mut send, mut recv) = conn.accept_bi().await?;
-        auth::accept(&mut send, &mut recv, secret).await?;
+        auth::accept(&conn, &mut send, &mut recv, &secret).await?;
         Ok::<_, Error>((send, recv))
     };
     let (send, recv) = match tokio::time::timeout_at(deadline, handshake).await {
         Ok(Ok(streams)) => streams,
         Ok(Err(e)) => {
             let (reason, code, text) = refusal(&e);
-            tracing::info!(reason, error = %e, "relay peer refused");
+            log_refusal(&admission, ip, reason, &e);
             metrics::counter!(RELAY_REFUSED, "reason" => reason).increment(1);
             conn.close(code, text);
             return;
         }
         Err(_) => {
-            tracing::info!(reason = "timeout", "relay peer refused");
+            log_refusal(&admission, ip, "timeout", &"no node handshake in time");
             metrics::counter!(RELAY_REFUSED, "reason" => "timeout").increment(1);
             conn.close(code::PROTOCOL, b"relay handshake timed out");
             return;
         }
     };
+    // Authenticated: the handshake slot is free, a link slot is needed.
+    drop(slot);
+    if !lock(&admission).link_up() {
+        metrics::counter!(RELAY_REFUSED, "reason" => "busy").increment(1);
+        tracing::warn!("relay link limit reached: refusing an authenticated peer");
+        conn.close(code::BUSY, b"relay link limit reached");
+        return;
+    }
+    let _link = LinkSlot(admission);
     tracing::info!("relay peer connected");
     let mut session = Session::new(
         conn,

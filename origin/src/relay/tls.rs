@@ -1,6 +1,8 @@
 //! TLS for relay links: a self-signed certificate made at start-up, and a
 //! client that accepts any certificate. Nodes authenticate each other with
-//! the cluster secret (see `auth`), not with a PKI.
+//! the cluster secret (see `auth`), not with a PKI: the proofs are bound to
+//! the TLS session (its exporter), so a man in the middle with its own
+//! certificate gets through TLS but not through the node handshake.
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -10,7 +12,7 @@ use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{CertificateDer, PrivatePkcs8KeyDer, ServerName, UnixTime};
 use rustls::{DigitallySignedStruct, SignatureScheme};
 
-use super::ALPN;
+use super::{ALPN, ALPN_V1};
 use crate::{Error, Result};
 
 /// Name in the self-signed certificate and in the client's SNI.
@@ -27,6 +29,27 @@ pub const MAX_UNI_STREAMS: u32 = 1024;
 /// Bytes a peer may have in flight to us over all streams of a link: a few
 /// seconds of a hundred 6 Mbit/s streams; bounds what a peer can make us buffer.
 const CONNECTION_WINDOW: u32 = 64 * 1024 * 1024;
+/// Connection attempts quinn holds before the accept loop decides on them
+/// (refused beyond): a flood waits here, not in memory without bound.
+const MAX_INCOMING: usize = 4096;
+/// Bytes buffered per attempt and in total before it is accepted: the relay
+/// sends no 0-RTT data, so only a few Initial packets ever wait.
+const INCOMING_BUFFER: u64 = 64 * 1024;
+const INCOMING_BUFFER_TOTAL: u64 = 16 * 1024 * 1024;
+
+/// The protocols offered: the current one first (the server picks by its
+/// own order), then the previous one, only to refuse it with a clear reason.
+fn alpn() -> Vec<Vec<u8>> {
+    vec![ALPN.to_vec(), ALPN_V1.to_vec()]
+}
+
+/// The application protocol a connection negotiated.
+pub fn negotiated_alpn(conn: &quinn::Connection) -> Option<Vec<u8>> {
+    conn.handshake_data()?
+        .downcast::<quinn::crypto::rustls::HandshakeData>()
+        .ok()?
+        .protocol
+}
 
 fn provider() -> Arc<CryptoProvider> {
     Arc::new(rustls::crypto::ring::default_provider())
@@ -58,16 +81,27 @@ pub fn server_config() -> Result<quinn::ServerConfig> {
         .with_no_client_auth()
         .with_single_cert(vec![cert.cert.der().clone()], key.into())
         .map_err(tls_error)?;
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = alpn();
     let crypto = quinn::crypto::rustls::QuicServerConfig::try_from(tls).map_err(tls_error)?;
     let mut config = quinn::ServerConfig::with_crypto(Arc::new(crypto));
     config.transport_config(transport()?);
+    config
+        .max_incoming(MAX_INCOMING)
+        .incoming_buffer_size(INCOMING_BUFFER)
+        .incoming_buffer_size_total(INCOMING_BUFFER_TOTAL);
     Ok(config)
 }
 
 /// A client configuration that accepts any server certificate (the HMAC
-/// handshake that follows is what authenticates the origin).
+/// handshake that follows, bound to this TLS session, is what
+/// authenticates the origin).
 pub fn client_config() -> Result<quinn::ClientConfig> {
+    client_config_offering(alpn())
+}
+
+/// [`client_config`] offering other protocol names (tests and tools that
+/// speak, or pretend to speak, another version).
+pub fn client_config_offering(protocols: Vec<Vec<u8>>) -> Result<quinn::ClientConfig> {
     let provider = provider();
     let mut tls = rustls::ClientConfig::builder_with_provider(provider.clone())
         .with_protocol_versions(&[&rustls::version::TLS13])
@@ -75,7 +109,7 @@ pub fn client_config() -> Result<quinn::ClientConfig> {
         .dangerous()
         .with_custom_certificate_verifier(Arc::new(AnyCert(provider)))
         .with_no_client_auth();
-    tls.alpn_protocols = vec![ALPN.to_vec()];
+    tls.alpn_protocols = protocols;
     let crypto = quinn::crypto::rustls::QuicClientConfig::try_from(tls).map_err(tls_error)?;
     let mut config = quinn::ClientConfig::new(Arc::new(crypto));
     config.transport_config(transport()?);
@@ -83,7 +117,8 @@ pub fn client_config() -> Result<quinn::ClientConfig> {
 }
 
 /// Accepts any certificate but still checks the handshake signatures, so the
-/// TLS session is bound to the key the server holds.
+/// TLS session is bound to the key the server holds. Whoever holds that key
+/// must still prove the cluster secret over this very session (`auth`).
 #[derive(Debug)]
 struct AnyCert(Arc<CryptoProvider>);
 

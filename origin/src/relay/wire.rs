@@ -29,8 +29,9 @@ pub const MAX_TRACK_NAME: usize = 64;
 pub const FRAME_HEADER: usize = 1 + 8 + 8 + 8 + 4;
 /// Fixed part of a group header: id, group sequence, previous group, track name length.
 pub const GROUP_HEADER_FIXED: usize = 8 + 8 + 8 + 1;
-/// Version spoken in `Hello` (the ALPN carries it too).
-pub const VERSION: u32 = 1;
+/// Version spoken in `Hello` (the ALPN carries it too). 2: proofs bound to
+/// the TLS session, the connecting side proves itself first.
+pub const VERSION: u32 = 2;
 
 const FLAG_KEYFRAME: u8 = 0x01;
 
@@ -53,23 +54,28 @@ pub enum Message {
         #[serde(with = "hex_nonce")]
         nonce: Nonce,
     },
-    /// Accepting side answers the challenge and challenges back.
+    /// Accepting side challenges back; it proves nothing yet (the
+    /// connecting side proves itself first, see `auth`).
     Challenge {
         /// Challenge for the connecting side.
         #[serde(with = "hex_nonce")]
         nonce: Nonce,
-        /// HMAC proving the accepting side knows the secret.
-        #[serde(with = "hex_nonce")]
-        proof: [u8; 32],
     },
     /// Connecting side answers the challenge.
     Auth {
-        /// HMAC proving the connecting side knows the secret.
+        /// HMAC proving the connecting side knows the secret, bound to
+        /// this connection.
         #[serde(with = "hex_nonce")]
         proof: [u8; 32],
     },
-    /// Both sides are authenticated.
-    AuthOk,
+    /// The connecting side is authenticated; the accepting side proves
+    /// itself in turn.
+    AuthOk {
+        /// HMAC proving the accepting side knows the secret, bound to this
+        /// connection.
+        #[serde(with = "hex_nonce")]
+        proof: [u8; 32],
+    },
     /// The sender publishes a stream to the receiver.
     Publish {
         /// Publication id.
@@ -161,7 +167,10 @@ pub fn valid_track_name(name: &str) -> bool {
     valid_stream_name(name)
 }
 
-fn check_catalog(c: &Catalog) -> Result<(), ProtocolError> {
+/// Checks a catalog against the caps (tracks, names, fmtp). Not part of
+/// decoding: a catalog concerns one stream, so the link refuses that stream
+/// and keeps the others (`link`); both ends check it.
+pub fn check_catalog(c: &Catalog) -> Result<(), ProtocolError> {
     if c.tracks.len() > MAX_TRACKS {
         return Err(ProtocolError::TooManyTracks {
             count: c.tracks.len(),
@@ -230,7 +239,7 @@ impl Message {
             Self::Hello { .. } => "hello",
             Self::Challenge { .. } => "challenge",
             Self::Auth { .. } => "auth",
-            Self::AuthOk => "auth_ok",
+            Self::AuthOk { .. } => "auth_ok",
             Self::Publish { .. } => "publish",
             Self::CatalogUpdate { .. } => "catalog_update",
             Self::Subscribe { .. } => "subscribe",
@@ -242,7 +251,8 @@ impl Message {
         }
     }
 
-    /// Checks what serde cannot: names, sizes, labels.
+    /// Checks what serde cannot: names, sizes, labels. Catalogs are left to
+    /// [`check_catalog`], per stream.
     fn validate(&self) -> Result<()> {
         match self {
             Self::Hello { version, .. } if *version != VERSION => {
@@ -253,24 +263,14 @@ impl Message {
                 .into())
             }
             Self::Publish {
-                stream,
-                protocol,
-                catalog,
-                ..
+                stream, protocol, ..
             } => {
                 if !valid_stream_name(stream) {
                     return Err(Error::BadStreamName);
                 }
-                check_label(protocol)?;
-                Ok(check_catalog(catalog)?)
+                Ok(check_label(protocol)?)
             }
-            Self::SubscribeOk {
-                catalog, protocol, ..
-            } => {
-                check_label(protocol)?;
-                Ok(check_catalog(catalog)?)
-            }
-            Self::CatalogUpdate { catalog, .. } => Ok(check_catalog(catalog)?),
+            Self::SubscribeOk { protocol, .. } => Ok(check_label(protocol)?),
             Self::Subscribe { stream, .. } if !valid_stream_name(stream) => {
                 Err(Error::BadStreamName)
             }
@@ -637,10 +637,9 @@ mod tests {
                 version: VERSION,
                 nonce
             }),
-            (any::<[u8; 32]>(), any::<[u8; 32]>())
-                .prop_map(|(nonce, proof)| Message::Challenge { nonce, proof }),
+            any::<[u8; 32]>().prop_map(|nonce| Message::Challenge { nonce }),
             any::<[u8; 32]>().prop_map(|proof| Message::Auth { proof }),
-            Just(Message::AuthOk),
+            any::<[u8; 32]>().prop_map(|proof| Message::AuthOk { proof }),
             (any::<u64>(), name(), proto, catalog()).prop_map(|(id, stream, protocol, catalog)| {
                 Message::Publish {
                     id,
@@ -806,13 +805,13 @@ mod tests {
 
     #[test]
     fn errors_name_their_cause() {
-        let hello = serde_json::json!({"type": "hello", "version": 2, "nonce": "00".repeat(32)});
+        let hello = serde_json::json!({"type": "hello", "version": 1, "nonce": "00".repeat(32)});
         let hello = serde_json::to_vec(&hello).unwrap();
         assert!(matches!(
             protocol_error(Message::decode_body(&hello)),
             ProtocolError::VersionMismatch {
                 ours: VERSION,
-                theirs: 2
+                theirs: 1
             }
         ));
         let unknown = protocol_error(Message::decode_body(br#"{"type":"teleport","id":4}"#));
@@ -871,13 +870,19 @@ mod tests {
                 MAX_TRACKS + 1
             ],
         };
+        // A catalog over the caps still decodes (it concerns one stream,
+        // which the link refuses); the check names the problem.
         let update = Message::CatalogUpdate { id: 1, catalog };
+        let (back, _) = Message::decode(&update.encode().unwrap()).unwrap().unwrap();
+        let Message::CatalogUpdate { catalog, .. } = back else {
+            panic!("catalog update expected");
+        };
         assert!(matches!(
-            protocol_error(Message::decode(&update.encode().unwrap())),
-            ProtocolError::TooManyTracks {
+            check_catalog(&catalog),
+            Err(ProtocolError::TooManyTracks {
                 count: 17,
                 max: MAX_TRACKS
-            }
+            })
         ));
     }
 
@@ -898,7 +903,7 @@ mod tests {
         };
         let bytes = bad.encode().unwrap();
         assert!(Message::decode(&bytes).is_err());
-        let hello = br#"{"type":"hello","version":2,"nonce":"00"}"#;
+        let hello = br#"{"type":"hello","version":1,"nonce":"00"}"#;
         assert!(Message::decode_body(hello).is_err());
         // Forward compatible: extra fields are ignored, unknown types refused.
         let extra = br#"{"type":"ended","id":4,"reason":"later revision"}"#;

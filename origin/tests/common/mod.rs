@@ -16,7 +16,7 @@ use hmac::{Hmac, Mac};
 use sha2::Sha256;
 use tokio::time::timeout;
 
-pub const SECRET: &str = "cluster-secret";
+pub const SECRET: &str = "cluster-secret-for-tests-0123456789";
 /// Upper bound for any single wait in these tests.
 pub const WAIT: Duration = Duration::from_secs(5);
 
@@ -183,15 +183,35 @@ pub fn close_code(e: quinn::ConnectionError) -> Option<quinn::VarInt> {
     }
 }
 
-pub fn proof(secret: &str, label: &[u8], a: &[u8; 32], b: &[u8; 32]) -> [u8; 32] {
+/// The TLS exporter of `conn`, as both ends of the relay handshake bind
+/// their proofs to it.
+pub fn binding(conn: &quinn::Connection) -> [u8; 32] {
+    let mut x = [0u8; 32];
+    conn.export_keying_material(&mut x, cascade_origin::relay::EXPORTER_LABEL, b"")
+        .unwrap();
+    x
+}
+
+/// A handshake proof, written out from the wire spec (`relay::auth`):
+/// HMAC(secret, "cascade-relay/2 " | role | exporter | client nonce | server nonce).
+pub fn proof(
+    secret: &str,
+    role: &[u8],
+    binding: &[u8; 32],
+    client: &[u8; 32],
+    server: &[u8; 32],
+) -> [u8; 32] {
     let mut m = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    m.update(label);
-    m.update(a);
-    m.update(b);
+    m.update(b"cascade-relay/2 ");
+    m.update(role);
+    m.update(binding);
+    m.update(client);
+    m.update(server);
     m.finalize().into_bytes().into()
 }
 
-/// Runs the handshake by hand with `secret`; returns the control stream.
+/// Runs the handshake by hand with `secret` up to our proof; returns the
+/// control stream (`AuthOk` comes next if the server took it).
 pub async fn handshake(
     conn: &quinn::Connection,
     secret: &str,
@@ -203,7 +223,7 @@ pub async fn handshake(
         nonce: ours,
     };
     send.write_all(&hello.encode().unwrap()).await.unwrap();
-    let Message::Challenge { nonce, .. } = timeout(WAIT, read_message(&mut recv))
+    let Message::Challenge { nonce } = timeout(WAIT, read_message(&mut recv))
         .await
         .unwrap()
         .unwrap()
@@ -211,8 +231,44 @@ pub async fn handshake(
         panic!("expected challenge");
     };
     let auth = Message::Auth {
-        proof: proof(secret, b"client", &nonce, &ours),
+        proof: proof(secret, b"client", &binding(conn), &ours, &nonce),
     };
     send.write_all(&auth.encode().unwrap()).await.unwrap();
+    (send, recv)
+}
+
+/// The whole handshake by hand with the right secret, checking the
+/// server's proof too; returns the control stream.
+pub async fn handshake_ok(
+    conn: &quinn::Connection,
+    secret: &str,
+) -> (quinn::SendStream, quinn::RecvStream) {
+    let (mut send, mut recv) = conn.open_bi().await.unwrap();
+    let ours = [8u8; 32];
+    let hello = Message::Hello {
+        version: VERSION,
+        nonce: ours,
+    };
+    send.write_all(&hello.encode().unwrap()).await.unwrap();
+    let Message::Challenge { nonce } = timeout(WAIT, read_message(&mut recv))
+        .await
+        .unwrap()
+        .unwrap()
+    else {
+        panic!("expected challenge");
+    };
+    let x = binding(conn);
+    let auth = Message::Auth {
+        proof: proof(secret, b"client", &x, &ours, &nonce),
+    };
+    send.write_all(&auth.encode().unwrap()).await.unwrap();
+    let Message::AuthOk { proof: theirs } = timeout(WAIT, read_message(&mut recv))
+        .await
+        .unwrap()
+        .unwrap()
+    else {
+        panic!("expected auth_ok");
+    };
+    assert_eq!(theirs, proof(secret, b"server", &x, &ours, &nonce));
     (send, recv)
 }

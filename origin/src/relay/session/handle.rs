@@ -5,6 +5,7 @@
 use std::sync::Arc;
 
 use super::{Command, Event, Fetch, Session, RESOLVE_TIMEOUT};
+use crate::metrics::RELAY_STREAMS_REFUSED;
 use crate::registry::{Registry, Subscriber};
 use crate::relay::link::{Action, Source};
 use crate::relay::recv::{Incoming, Linger};
@@ -109,6 +110,18 @@ impl Session {
             }
             Action::Answer { waiter, live } => {
                 let _ = waiter.send(if live { Ok(()) } else { Err(Error::NotLive) });
+            }
+            Action::Refused {
+                stream,
+                reason,
+                by_peer,
+            } => {
+                metrics::counter!(RELAY_STREAMS_REFUSED, "reason" => "catalog").increment(1);
+                if by_peer {
+                    tracing::warn!(%stream, %reason, "peer's stream refused, the link stays up");
+                } else {
+                    tracing::warn!(%stream, %reason, "stream not forwarded over the relay");
+                }
             }
             Action::Retry {
                 target,
