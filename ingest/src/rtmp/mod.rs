@@ -32,12 +32,15 @@ use std::time::Duration;
 
 pub use crate::transcode::Policy;
 use cascade_origin::Registry;
+use cascade_rtc::limit::{LogOnce, PerIp};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use chunk::{Guard, MAX_CHUNK_SIZE, MAX_COMMAND_MESSAGE, MAX_MEDIA_MESSAGE};
+pub use chunk::{
+    Guard, MAX_CHUNK_SIZE, MAX_COMMAND_MESSAGE, MAX_MEDIA_MESSAGE, MAX_UNAUTHORISED_MESSAGE,
+};
 pub use clock::Clock;
 pub use media::{Media, Track, FRAME_WAIT_MS, HEADER_WAIT_MS};
 
@@ -45,6 +48,12 @@ pub use media::{Media, Track, FRAME_WAIT_MS, HEADER_WAIT_MS};
 pub const APP: &str = "live";
 /// Open connections per node; past this, new ones are closed at once.
 pub const MAX_CONNECTIONS: usize = 256;
+/// A connection must have published (with a valid token) this soon after
+/// its accept, or it is closed: a client that never publishes would
+/// otherwise hold a connection slot forever with a byte now and then.
+pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections per source IP.
+pub const DEFAULT_PER_IP: usize = 16;
 /// A client must finish the handshake within this (a stalled one is dropped).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection that sends nothing for this long is closed. Encoders send
@@ -74,6 +83,9 @@ pub enum Error {
     /// Nothing arrived for [`IDLE_TIMEOUT`].
     #[error("idle timeout")]
     Idle,
+    /// No accepted publish within the publish timeout of the accept.
+    #[error("no publish within the publish timeout")]
+    PublishTimeout,
     /// The peer did not read our responses.
     #[error("write timed out")]
     WriteTimeout,
@@ -98,9 +110,31 @@ impl Error {
             Self::Io(_) | Self::WriteTimeout => "io",
             Self::Handshake(_) | Self::HandshakeTimeout | Self::ClosedEarly => "handshake",
             Self::Idle => "idle",
+            Self::PublishTimeout => "publish_timeout",
             Self::Chunk(_) | Self::Session(_) => "protocol",
             Self::Refused(r) => r,
             Self::Publish(_) => "publish",
+        }
+    }
+}
+
+/// Connection limits of an RTMP listener (flags of the node).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Open connections on the listener.
+    pub max_connections: usize,
+    /// Open connections per source IP (0 = no per-IP cap).
+    pub per_ip: usize,
+    /// Time from accept to an accepted publish.
+    pub publish_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: MAX_CONNECTIONS,
+            per_ip: DEFAULT_PER_IP,
+            publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
         }
     }
 }
@@ -110,6 +144,7 @@ struct Ctx {
     registry: Arc<Registry>,
     token: Arc<str>,
     bframes: Policy,
+    publish_timeout: Duration,
 }
 
 /// Accepts RTMP connections on `listener` until `shutdown` is cancelled,
@@ -135,12 +170,29 @@ pub async fn serve_with(
     shutdown: CancellationToken,
     bframes: Policy,
 ) -> Result<(), Error> {
+    let limits = Limits::default();
+    serve_with_limits(listener, registry, publish_token, shutdown, bframes, limits).await
+}
+
+/// [`serve_with`] under explicit connection [`Limits`].
+pub async fn serve_with_limits(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    publish_token: Arc<str>,
+    shutdown: CancellationToken,
+    bframes: Policy,
+    limits: Limits,
+) -> Result<(), Error> {
     let ctx = Arc::new(Ctx {
         registry,
         token: publish_token,
         bframes,
+        publish_timeout: limits.publish_timeout,
     });
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let max_connections = limits.max_connections;
+    let limit = Arc::new(Semaphore::new(max_connections));
+    let per_ip = PerIp::new(limits.per_ip);
+    let mut logged = LogOnce::default();
     let ids = AtomicU64::new(0);
     tracing::info!(addr = ?listener.local_addr().ok(), "rtmp ingest listening");
     loop {
@@ -155,9 +207,21 @@ pub async fn serve_with(
                 }
             },
         };
+        let Some(ip_guard) = per_ip.acquire(peer.ip()) else {
+            metrics::counter!(crate::metrics::RTMP_REFUSED, "reason" => "per_ip").increment(1);
+            if logged.allow(peer.ip(), std::time::Instant::now()) {
+                tracing::info!(
+                    ip = %peer.ip(),
+                    max = limits.per_ip,
+                    "rtmp connection refused: per-ip connection limit"
+                );
+            }
+            drop(socket);
+            continue;
+        };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::info!(
-                max = MAX_CONNECTIONS,
+                max = max_connections,
                 "rtmp connection refused: node at its connection limit"
             );
             metrics::counter!(crate::metrics::RTMP_REFUSED, "reason" => "limit").increment(1);
@@ -172,6 +236,7 @@ pub async fn serve_with(
             async move {
                 run(socket, peer, ctx, shutdown).await;
                 drop(permit);
+                drop(ip_guard);
             }
             .instrument(span),
         );
