@@ -229,10 +229,6 @@ impl<S: Sink> Shard<S> {
                     kind,
                     span,
                 } = *n;
-                if self.panic_after.is_some_and(|n| self.added >= n) {
-                    panic!("injected shard panic (Limits::panic_shard_after)");
-                }
-                self.added += 1;
                 let mut rtc = rtc;
                 let pass = rtc.direct_api().local_ice_credentials().pass;
                 self.sessions.insert(
@@ -252,6 +248,11 @@ impl<S: Sink> Shard<S> {
                     },
                 );
                 self.load.fetch_add(1, Ordering::Relaxed);
+                // After the load count, as a real bug in a session would be.
+                if self.panic_after.is_some_and(|n| self.added >= n) {
+                    panic!("injected shard panic (Limits::panic_shard_after)");
+                }
+                self.added += 1;
                 self.drain(id, now);
             }
             Command::Close(id) => self.close(id, now, CloseReason::Delete),
