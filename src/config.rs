@@ -173,6 +173,28 @@ pub struct Options {
     /// RTSP pulls (TOML only; not supported by this version)
     #[arg(skip)]
     pub pull: Option<Vec<toml::Value>>,
+    /// RTMP: a connection must publish (valid token) this soon after connecting [default: 10s]
+    #[arg(long, global = true, env = "CASCADE_RTMP_PUBLISH_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub rtmp_publish_timeout: Option<Duration>,
+    /// RTMP connections per client IP, 0 = no cap [default: 16]
+    #[arg(long, global = true, env = "CASCADE_RTMP_MAX_PER_IP")]
+    pub rtmp_max_per_ip: Option<usize>,
+    /// ICE-TCP connections per client IP, 0 = no cap [default: 16]
+    #[arg(long, global = true, env = "CASCADE_ICE_TCP_MAX_PER_IP")]
+    pub ice_tcp_max_per_ip: Option<usize>,
+    /// ICE-TCP: close a connection silent this long [default: 30s]
+    #[arg(long, global = true, env = "CASCADE_ICE_TCP_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub ice_tcp_idle_timeout: Option<Duration>,
+    /// Remote ICE candidates per WebRTC session (PATCH and WebSocket) [default: 32]
+    #[arg(long, global = true, env = "CASCADE_MAX_REMOTE_CANDIDATES")]
+    pub max_remote_candidates: Option<usize>,
+    /// Test hook for the supervision test: shards panic when adding a
+    /// session after this many. No env, no file key, not in --help.
+    #[arg(long, global = true, hide = true)]
+    #[serde(skip)]
+    pub debug_panic_shard_after: Option<usize>,
 }
 
 mod humantime_serde_opt {
@@ -216,6 +238,12 @@ impl Options {
             tls_cert: self.tls_cert.or(lower.tls_cert),
             tls_key: self.tls_key.or(lower.tls_key),
             rtmps: self.rtmps.or(lower.rtmps),
+            rtmp_publish_timeout: self.rtmp_publish_timeout.or(lower.rtmp_publish_timeout),
+            rtmp_max_per_ip: self.rtmp_max_per_ip.or(lower.rtmp_max_per_ip),
+            ice_tcp_max_per_ip: self.ice_tcp_max_per_ip.or(lower.ice_tcp_max_per_ip),
+            ice_tcp_idle_timeout: self.ice_tcp_idle_timeout.or(lower.ice_tcp_idle_timeout),
+            max_remote_candidates: self.max_remote_candidates.or(lower.max_remote_candidates),
+            debug_panic_shard_after: self.debug_panic_shard_after,
         }
     }
 }
@@ -251,6 +279,10 @@ pub struct Config {
     pub tls: Option<TlsFiles>,
     /// RTMPS listen address (needs `tls`).
     pub rtmps: Option<SocketAddr>,
+    /// WebRTC limits under abuse (ICE-TCP, candidates).
+    pub rtc_limits: cascade_rtc::Limits,
+    /// RTMP connection limits.
+    pub rtmp_limits: cascade_ingest::rtmp::Limits,
 }
 
 /// `--tls-cert` and `--tls-key`: PEM files, read at start and again when
@@ -302,6 +334,7 @@ impl Config {
     }
 
     fn resolve(role: Role, o: Options) -> anyhow::Result<Self> {
+        let rtc_limits = rtc_limits(&o);
         let udp = o
             .udp
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8189)));
@@ -412,7 +445,28 @@ impl Config {
             bframes_note,
             tls,
             rtmps: o.rtmps,
+            rtc_limits,
+            rtmp_limits: cascade_ingest::rtmp::Limits {
+                per_ip: o
+                    .rtmp_max_per_ip
+                    .unwrap_or(cascade_ingest::rtmp::DEFAULT_PER_IP),
+                publish_timeout: o
+                    .rtmp_publish_timeout
+                    .unwrap_or(cascade_ingest::rtmp::DEFAULT_PUBLISH_TIMEOUT),
+                ..Default::default()
+            },
         })
+    }
+}
+
+/// `--ice-tcp-*`, `--max-remote-candidates` (and the hidden panic hook).
+fn rtc_limits(o: &Options) -> cascade_rtc::Limits {
+    let d = cascade_rtc::Limits::default();
+    cascade_rtc::Limits {
+        tcp_per_ip: o.ice_tcp_max_per_ip.unwrap_or(d.tcp_per_ip),
+        tcp_idle: o.ice_tcp_idle_timeout.unwrap_or(d.tcp_idle),
+        max_remote_candidates: o.max_remote_candidates.unwrap_or(d.max_remote_candidates),
+        panic_shard_after: o.debug_panic_shard_after,
     }
 }
 
@@ -474,6 +528,44 @@ mod tests {
             c.quic.is_none(),
             "all listens on no relay port unless asked"
         );
+    }
+
+    #[test]
+    fn abuse_limits_have_safe_defaults_flags_and_keys() {
+        let c = Config::from_cli(parse(&[])).unwrap();
+        assert_eq!(c.rtmp_limits.publish_timeout, Duration::from_secs(10));
+        assert_eq!(c.rtmp_limits.per_ip, 16);
+        assert_eq!(c.rtmp_limits.max_connections, 256);
+        assert_eq!(c.rtc_limits.tcp_per_ip, 16);
+        assert_eq!(c.rtc_limits.tcp_idle, Duration::from_secs(30));
+        assert_eq!(c.rtc_limits.max_remote_candidates, 32);
+        assert_eq!(c.rtc_limits.panic_shard_after, None);
+        let c = Config::from_cli(parse(&[
+            "--rtmp-publish-timeout",
+            "3s",
+            "--rtmp-max-per-ip",
+            "2",
+            "--ice-tcp-max-per-ip",
+            "4",
+            "--ice-tcp-idle-timeout",
+            "5s",
+            "--max-remote-candidates",
+            "8",
+        ]))
+        .unwrap();
+        assert_eq!(c.rtmp_limits.publish_timeout, Duration::from_secs(3));
+        assert_eq!(c.rtmp_limits.per_ip, 2);
+        assert_eq!(c.rtc_limits.tcp_per_ip, 4);
+        assert_eq!(c.rtc_limits.tcp_idle, Duration::from_secs(5));
+        assert_eq!(c.rtc_limits.max_remote_candidates, 8);
+        let file: Options = toml::from_str(
+            "rtmp-publish-timeout = \"4s\"\nrtmp-max-per-ip = 5\nice-tcp-max-per-ip = 6\nice-tcp-idle-timeout = \"7s\"\nmax-remote-candidates = 9\n",
+        )
+        .unwrap();
+        assert_eq!(file.rtmp_publish_timeout, Some(Duration::from_secs(4)));
+        assert_eq!(file.max_remote_candidates, Some(9));
+        // The panic hook is a hidden flag only: no file key.
+        assert!(toml::from_str::<Options>("debug-panic-shard-after = 1").is_err());
     }
 
     #[test]

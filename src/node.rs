@@ -93,6 +93,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 ice: cfg.ice.clone(),
                 // Unset, empty or `0` keeps GSO on (A/B benchmarks set it).
                 gso: std::env::var("CASCADE_NO_GSO").map_or(true, |v| v.is_empty() || v == "0"),
+                limits: cfg.rtc_limits.clone(),
             })
             .await
             .with_context(|| {
@@ -102,6 +103,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     } else {
         None
     };
+
+    if let Some(rtc) = &rtc {
+        supervise(rtc.clone());
+    }
 
     let mut router = Router::new();
     let token: Arc<str> = cfg.publish_token.clone().into();
@@ -131,9 +136,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             (_, None) => tracing::info!("RTMP H.264 with B-frames is passed through"),
         }
         let bframes = cfg.bframes.clone();
+        let limits = cfg.rtmp_limits.clone();
         tokio::spawn(async move {
-            if let Err(e) =
-                cascade_ingest::rtmp::serve_with(listener, registry, token, stop, bframes).await
+            if let Err(e) = cascade_ingest::rtmp::serve_with_limits(
+                listener, registry, token, stop, bframes, limits,
+            )
+            .await
             {
                 tracing::error!(error = %e, "rtmp listener failed");
             }
@@ -279,10 +287,12 @@ async fn start_rtmps(
     let acceptor = tls.rtmps()?;
     let (registry, token, stop) = (registry.clone(), token.clone(), stop.clone());
     let bframes = cfg.bframes.clone();
+    let limits = cfg.rtmp_limits.clone();
     tokio::spawn(async move {
-        if let Err(e) =
-            cascade_ingest::rtmp::serve_tls(listener, acceptor, registry, token, stop, bframes)
-                .await
+        if let Err(e) = cascade_ingest::rtmp::serve_tls(
+            listener, acceptor, registry, token, stop, bframes, limits,
+        )
+        .await
         {
             tracing::error!(error = %e, "rtmps listener failed");
         }
@@ -316,6 +326,19 @@ async fn wait_for_signal() -> Signal {
         _ = tokio::signal::ctrl_c() => Signal::Interrupt,
         _ = term.recv() => Signal::Terminate,
     }
+}
+
+/// A shard or receive task that failed took its sessions with it, and a
+/// node limping on would refuse or lose viewers: exit non-zero (70,
+/// EX_SOFTWARE) with a clear log so the supervisor (systemd, Kubernetes)
+/// restarts it.
+fn supervise(rtc: cascade_rtc::Server) {
+    tokio::spawn(async move {
+        let why = rtc.failed().await;
+        tracing::error!(what = %why, "webrtc task failed: exiting with status 70 for the supervisor to restart the node");
+        eprintln!("cascade: {why}: exiting with status 70");
+        std::process::exit(70);
+    });
 }
 
 fn describe_metrics() {

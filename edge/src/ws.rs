@@ -42,7 +42,8 @@ const PING_EVERY: Duration = Duration::from_secs(20);
 /// so (OME error message) and the session ends: a browser that can reach us
 /// connects in well under a second, even through TURN.
 const CONNECT_REPORT: Duration = Duration::from_secs(8);
-/// Largest signalling message accepted (an answer SDP is a few KiB).
+/// Largest signalling message accepted (an answer SDP is a few KiB), and
+/// largest frame: a bigger frame is refused from its header, unbuffered.
 const MAX_MESSAGE: usize = 64 * 1024;
 
 /// `GET /ws/live/{stream}` (WebSocket upgrade).
@@ -76,8 +77,16 @@ async fn upgrade(
     if !cascade_origin::valid_stream_name(&stream) {
         return ApiError::BadRequest(cascade_origin::BAD_STREAM_NAME.into()).into_response();
     }
+    // The negotiation counts as a session from here (admission applies),
+    // until the viewer's own session replaces it or it fails.
+    let Ok(reservation) = whep.rtc.reserve() else {
+        result(Refused::NodeFull.label());
+        return ApiError::Unavailable("node at its session limit or draining, retry later")
+            .into_response();
+    };
     ws.max_message_size(MAX_MESSAGE)
-        .on_upgrade(move |socket| session(whep, stream, socket))
+        .max_frame_size(MAX_MESSAGE)
+        .on_upgrade(move |socket| session(whep, stream, socket, reservation))
 }
 
 /// OME's error shape: OvenPlayer shows `error` and closes.
@@ -100,7 +109,12 @@ async fn recv_json(socket: &mut WebSocket, within: Duration) -> Option<Value> {
     }
 }
 
-async fn session(whep: Arc<Whep>, stream: String, mut socket: WebSocket) {
+async fn session(
+    whep: Arc<Whep>,
+    stream: String,
+    mut socket: WebSocket,
+    reservation: cascade_rtc::Reservation,
+) {
     let posted = Instant::now();
     match recv_json(&mut socket, REQUEST_TIMEOUT).await {
         Some(v) if v["command"] == "request_offer" => {}
@@ -110,7 +124,7 @@ async fn session(whep: Arc<Whep>, stream: String, mut socket: WebSocket) {
         }
     }
     let id: u32 = rand::random::<u32>() >> 1;
-    let negotiated = match negotiate(&whep, &stream, id, posted, &mut socket).await {
+    let negotiated = match negotiate(&whep, &stream, id, posted, &mut socket, reservation).await {
         Ok(n) => n,
         Err(refused) => {
             result(refused.label());
@@ -193,13 +207,20 @@ async fn serve(whep: &Whep, stream: &str, negotiated: Negotiated, mut socket: We
                 match v["command"].as_str() {
                     Some("stop") => break,
                     Some("candidate") => {
-                        for c in v["candidates"].as_array().into_iter().flatten() {
-                            let line = c["candidate"].as_str().unwrap_or("");
-                            let line = line.strip_prefix("a=").unwrap_or(line);
-                            if let Ok(c) = Candidate::from_sdp_string(line) {
-                                if handle.add_remote_candidate(c).await.is_err() {
-                                    return;
-                                }
+                        let parsed: Vec<Candidate> = v["candidates"]
+                            .as_array()
+                            .into_iter()
+                            .flatten()
+                            .filter_map(|c| {
+                                let line = c["candidate"].as_str().unwrap_or("");
+                                Candidate::from_sdp_string(line.strip_prefix("a=").unwrap_or(line)).ok()
+                            })
+                            .collect();
+                        // Capped per session, as for PATCH; the rest is ignored.
+                        let allowed = whep.rtc.reserve_candidates(handle.id(), "ws", parsed.len());
+                        for c in parsed.into_iter().take(allowed) {
+                            if handle.add_remote_candidate(c).await.is_err() {
+                                return;
                             }
                         }
                     }
@@ -245,8 +266,8 @@ async fn negotiate(
     id: u32,
     posted: Instant,
     socket: &mut WebSocket,
+    reservation: cascade_rtc::Reservation,
 ) -> Result<Negotiated, Refused> {
-    whep.rtc.admit().map_err(|_| Refused::NodeFull)?;
     let slot = Slot::acquire(&whep.viewers, whep.cfg.max_viewers).ok_or(Refused::EdgeFull)?;
     let subscriber = whep
         .registry
@@ -345,7 +366,17 @@ async fn negotiate(
     let rejected = offer::rejected_mids(text);
     let answer = SdpAnswer::from_sdp_string(text).map_err(|e| Refused::BadAnswer(e.to_string()))?;
     accept(
-        rtc, pending, answer, &rejected, plans, whep, stream, subscriber, slot, posted,
+        rtc,
+        pending,
+        answer,
+        &rejected,
+        plans,
+        whep,
+        stream,
+        subscriber,
+        slot,
+        posted,
+        reservation,
     )
 }
 
@@ -370,6 +401,7 @@ fn accept(
     subscriber: cascade_origin::registry::Subscriber,
     slot: Slot,
     posted: Instant,
+    reservation: cascade_rtc::Reservation,
 ) -> Result<Negotiated, Refused> {
     rtc.sdp_api()
         .accept_answer(pending, answer)
@@ -416,6 +448,8 @@ fn accept(
             Some(format!("{} pt {} {}", p.track.codec, f.pt, f.fmtp))
         })
         .collect();
+    // The session takes the reservation's place in the count.
+    drop(reservation);
     let handle = whep
         .rtc
         .add(rtc, "ws", stream, span.clone(), |id, waker| {

@@ -172,6 +172,10 @@ async fn a_rejected_video_is_an_error_the_player_shows_and_the_log_names_the_cod
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_main_only_browser_accepts_a_high_stream_and_candidates_are_everywhere() {
+    // Whichever test of this binary runs first installs the one global
+    // subscriber: it must be the capturing one (`cargo test` runs both in
+    // one process; nextest runs each alone).
+    let _logs = capture_logs();
     let edge = Edge::start(Default::default()).await;
     let _publisher = edge
         .registry

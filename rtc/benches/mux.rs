@@ -37,7 +37,8 @@ fn source(i: usize) -> SocketAddr {
     SocketAddr::from(([127, 0, 1, host], port))
 }
 
-/// N sessions, each with its ufrag routed and its address learnt from a binding request.
+/// N sessions, each with its ufrag routed and its address learnt (as a shard learns it
+/// after a verified binding request).
 fn routes(n: usize) -> Routes {
     let routes = Routes::default();
     for i in 0..n {
@@ -47,7 +48,7 @@ fn routes(n: usize) -> Routes {
             id: SessionId(i as u128),
         };
         routes.add_ufrag(ufrag.clone(), route);
-        routes.route(Protocol::Udp, source(i), &binding_request(&ufrag));
+        routes.learn(Protocol::Udp, source(i), route);
     }
     routes
 }

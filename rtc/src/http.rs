@@ -416,6 +416,13 @@ async fn patch_inner(
             .map_err(|_| ApiError::BadRequest(format!("bad candidate line: {c}")))?;
         candidates.push(parsed);
     }
+    // Remote candidates are capped per session (a trickle flood would grow
+    // str0m's candidate and pair lists): the excess is ignored, as a
+    // candidate str0m cannot pair would be.
+    let allowed = s
+        .server
+        .reserve_candidates(handle.id(), s.endpoint.kind(), candidates.len());
+    candidates.truncate(allowed);
     // RFC 8840 fragments repeat the current ufrag; only another one is a
     // restart (RFC 9725 §4.4.2).
     let restart = match &frag.ice_ufrag {

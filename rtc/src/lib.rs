@@ -19,6 +19,7 @@
 mod egress;
 pub mod http;
 pub mod ice;
+pub mod limit;
 pub mod metrics;
 pub mod mux;
 pub mod sdpfrag;
@@ -28,8 +29,9 @@ pub mod shard;
 pub mod stun;
 
 use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
 
-pub use server::Server;
+pub use server::{Reservation, Server};
 pub use session::{Ctx, Flow, Handler, SessionHandle, SessionId, Waker};
 
 /// Errors of the WebRTC session layer.
@@ -72,6 +74,43 @@ pub struct Config {
     /// the kernel offers it. Off sends one datagram per call: A/B benchmarks, or a NIC
     /// whose driver mishandles UDP GSO without failing the send.
     pub gso: bool,
+    /// Limits that hold under abuse.
+    pub limits: Limits,
+}
+
+/// Limits of the WebRTC layer that hold under abuse (each a flag of the node).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// ICE-TCP connections per source IP (0 = no cap besides the node's 4096).
+    pub tcp_per_ip: usize,
+    /// An ICE-TCP connection that sends no frame this long is closed. Viewers
+    /// send RTCP every second and consent checks every few seconds.
+    pub tcp_idle: Duration,
+    /// Remote ICE candidates one session accepts in its lifetime, over PATCH
+    /// and the WebSocket together; more are ignored (and counted).
+    pub max_remote_candidates: usize,
+    /// Test hook for the supervision tests: every shard panics when asked to
+    /// add a session after this many. Never set outside tests.
+    #[doc(hidden)]
+    pub panic_shard_after: Option<usize>,
+}
+
+/// Default [`Limits::tcp_per_ip`].
+pub const DEFAULT_TCP_PER_IP: usize = 16;
+/// Default [`Limits::tcp_idle`].
+pub const DEFAULT_TCP_IDLE: Duration = Duration::from_secs(30);
+/// Default [`Limits::max_remote_candidates`].
+pub const DEFAULT_MAX_REMOTE_CANDIDATES: usize = 32;
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            tcp_per_ip: DEFAULT_TCP_PER_IP,
+            tcp_idle: DEFAULT_TCP_IDLE,
+            max_remote_candidates: DEFAULT_MAX_REMOTE_CANDIDATES,
+            panic_shard_after: None,
+        }
+    }
 }
 
 impl Default for Config {
@@ -84,6 +123,7 @@ impl Default for Config {
             max_sessions: 10_000,
             ice: ice::IceServers::default(),
             gso: true,
+            limits: Limits::default(),
         }
     }
 }

@@ -20,6 +20,18 @@ pub const HTTP_RESPONSES: &str = "cascade_rtc_http_responses_total";
 /// ICE restarts done through PATCH, by kind.
 pub const ICE_RESTARTS: &str = "cascade_rtc_ice_restarts_total";
 
+/// ICE-TCP connections refused at accept, by reason (`per_ip`, `limit`).
+pub const TCP_REFUSED: &str = "cascade_rtc_tcp_refused_total";
+/// ICE-TCP connections closed, by reason (`peer`, `idle`, `unbound`,
+/// `unroutable`, `session_ended`).
+pub const TCP_CLOSED: &str = "cascade_rtc_tcp_closed_total";
+/// Remote ICE candidates ignored past the per-session cap, by kind.
+pub const CANDIDATES_REFUSED: &str = "cascade_rtc_candidates_refused_total";
+/// Source addresses in the routing table (all sessions).
+pub const ROUTED_ADDRESSES: &str = "cascade_rtc_routed_addresses";
+/// A shard or receive task that panicked or stopped (the node then exits).
+pub const TASK_FAILURES: &str = "cascade_rtc_task_failures_total";
+
 /// Registers descriptions.
 pub fn describe() {
     metrics::describe_counter!(SESSIONS_OPENED, "webrtc sessions opened");
@@ -33,5 +45,13 @@ pub fn describe() {
     );
     metrics::describe_counter!(DATAGRAMS_DROPPED, "datagrams dropped, by reason");
     metrics::describe_counter!(ICE_RESTARTS, "ice restarts through PATCH");
+    metrics::describe_counter!(TCP_REFUSED, "ice-tcp connections refused, by reason");
+    metrics::describe_counter!(TCP_CLOSED, "ice-tcp connections closed, by reason");
+    metrics::describe_counter!(
+        CANDIDATES_REFUSED,
+        "remote ice candidates ignored past the per-session cap"
+    );
+    metrics::describe_gauge!(ROUTED_ADDRESSES, "source addresses in the routing table");
+    metrics::describe_counter!(TASK_FAILURES, "shard or receive tasks that failed");
     metrics::describe_counter!(HTTP_RESPONSES, "whip/whep signalling responses, by status");
 }

@@ -2,6 +2,13 @@
 //! node: datagrams are routed to their session's shard by STUN ufrag first,
 //! then by the 5-tuple learnt from it. Maps, never a scan of all sessions.
 //!
+//! A source address is learnt only by the shard, once a binding request from
+//! it passed the message integrity check with the session's password
+//! ([`Routes::learn`]); the router itself never adds addresses, so spoofed or
+//! forged requests with a known ufrag cost one HMAC in the shard and no
+//! memory. Each session keeps at most `shard::MAX_PATHS` addresses, and
+//! they are forgotten with it.
+//!
 //! Receive loop: `readable` → batched `recvmsg` (quinn-udp: GRO, destination
 //! address) → route → `try_send` to the shard's bounded inbox (dropped when
 //! full, like a socket buffer would).
@@ -17,6 +24,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream, UdpSocket};
 use tokio::sync::mpsc;
 
+use crate::limit::{PerIp, SharedLogOnce};
 use crate::metrics as m;
 use crate::session::SessionId;
 use crate::stun;
@@ -30,7 +38,8 @@ const MAX_TCP_FRAME: usize = 65_535;
 const TCP_QUEUE: usize = 256;
 /// ICE-TCP connections per node.
 const MAX_TCP_CONNS: usize = 4096;
-/// How long an ICE-TCP connection may sit without a routable first packet.
+/// How long an ICE-TCP connection may stay unbound: its session must have
+/// verified a binding request over it (learnt its address) by then.
 const TCP_FIRST_PACKET: std::time::Duration = std::time::Duration::from_secs(10);
 
 /// Where a session lives.
@@ -71,6 +80,8 @@ pub(crate) struct Meta {
     /// The client's current ICE ufrag: a PATCH fragment carrying another
     /// one restarts ICE, the same one is plain trickle (RFC 8840 §4.4).
     pub(crate) remote_ufrag: Option<String>,
+    /// Remote candidates signalled so far (PATCH and WebSocket), capped.
+    pub(crate) candidates: usize,
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -87,28 +98,71 @@ impl Routes {
         write(&self.ufrag).insert(ufrag, route);
     }
 
-    /// Forgets every route of a session (its ufrag and learnt addresses).
+    /// Forgets every route of a session (its ufrag and learnt addresses);
+    /// an ICE-TCP connection on one of those addresses is closed with it.
     pub fn remove(&self, ufrag: &str, addrs: &[(Protocol, SocketAddr)]) {
         write(&self.ufrag).remove(ufrag);
+        self.forget(addrs);
+    }
+
+    /// Forgets learnt addresses (and closes ICE-TCP connections on them: their
+    /// writer ends when its sender is dropped, and the reader with it).
+    pub fn forget(&self, addrs: &[(Protocol, SocketAddr)]) {
         let mut a = write(&self.addr);
         for (p, s) in addrs {
             a.remove(&(is_tcp(*p), *s));
         }
+        drop(a);
+        if addrs.iter().any(|(p, _)| is_tcp(*p)) {
+            let mut t = write(&self.tcp);
+            for (p, s) in addrs {
+                if is_tcp(*p) {
+                    t.remove(s);
+                }
+            }
+        }
     }
 
-    /// Routes one datagram; learns the source address from a binding request
-    /// carrying a known ufrag. Returns the route and whether it was learnt now.
+    /// Routes later datagrams from `source` to `route`. Only a shard calls it,
+    /// after a binding request from there passed the integrity check.
+    pub fn learn(&self, proto: Protocol, source: SocketAddr, route: Route) {
+        write(&self.addr).insert((is_tcp(proto), source), route);
+    }
+
+    /// Routes one datagram: a binding request by its local ufrag, anything
+    /// else by its learnt source address. Learns nothing. The flag is true for
+    /// a binding request from an address not learnt for that session (the
+    /// shard verifies it before learning).
     pub fn route(&self, proto: Protocol, source: SocketAddr, data: &[u8]) -> Option<(Route, bool)> {
         let key = (is_tcp(proto), source);
         if let Some(ufrag) = stun::local_ufrag(data) {
             let route = read(&self.ufrag).get(ufrag).copied()?;
             let known = read(&self.addr).get(&key) == Some(&route);
-            if !known {
-                write(&self.addr).insert(key, route);
-            }
             return Some((route, !known));
         }
         read(&self.addr).get(&key).copied().map(|r| (r, false))
+    }
+
+    /// True when `source` is learnt (verified) for some session.
+    pub fn is_learnt(&self, proto: Protocol, source: SocketAddr) -> bool {
+        read(&self.addr).contains_key(&(is_tcp(proto), source))
+    }
+
+    /// Learnt addresses, all sessions together (bounded by sessions × paths).
+    pub fn addresses(&self) -> usize {
+        read(&self.addr).len()
+    }
+
+    /// Reserves up to `wanted` more remote candidates for session `id` out of
+    /// `max` in its lifetime; returns how many may be added.
+    pub(crate) fn reserve_candidates(&self, id: SessionId, wanted: usize, max: usize) -> usize {
+        let mut meta = write(&self.meta);
+        let Some(m) = meta.get_mut(&id) else {
+            return 0;
+        };
+        let n = wanted.min(max.saturating_sub(m.candidates));
+        m.candidates += n;
+        n
     }
 
     pub(crate) fn lookup_ufrag(&self, ufrag: &str) -> Option<Route> {
@@ -221,13 +275,10 @@ pub(crate) async fn udp_loop(
         let data = buf.get(..meta.len).unwrap_or(&[]);
         for chunk in data.chunks(stride) {
             datagrams_in.increment(1);
-            let Some((route, learnt)) = routes.route(Protocol::Udp, meta.addr, chunk) else {
+            let Some((route, _)) = routes.route(Protocol::Udp, meta.addr, chunk) else {
                 unrouted.increment(1);
                 continue;
             };
-            if learnt {
-                tracing::debug!(session = %route.id, "udp path learnt");
-            }
             deliver(
                 &inboxes,
                 route,
@@ -243,21 +294,41 @@ pub(crate) async fn udp_loop(
     }
 }
 
+/// What bounds the ICE-TCP listener beyond [`MAX_TCP_CONNS`].
+#[derive(Clone, Debug)]
+pub(crate) struct TcpLimits {
+    /// Connections per source IP.
+    pub(crate) per_ip: PerIp,
+    /// A connection that sends no frame this long is closed, bound or not.
+    pub(crate) idle: std::time::Duration,
+}
+
 /// The passive ICE-TCP accept loop (RFC 6544 passive candidates, RFC 4571
 /// framing): each connection's first frame must be a binding request with a
-/// known ufrag.
+/// known ufrag, its session must verify one within [`TCP_FIRST_PACKET`], every
+/// frame must come within the idle timeout, and it is closed with its session.
 pub(crate) async fn tcp_loop(
     listener: TcpListener,
     routes: Arc<Routes>,
     inboxes: Inboxes,
     advertise: Arc<Vec<IpAddr>>,
+    limits: TcpLimits,
 ) {
     let conns = Arc::new(tokio::sync::Semaphore::new(MAX_TCP_CONNS));
+    let logged = SharedLogOnce::default();
     loop {
         let Ok((stream, peer)) = listener.accept().await else {
             continue;
         };
+        let Some(ip_guard) = limits.per_ip.acquire(peer.ip()) else {
+            metrics::counter!(m::TCP_REFUSED, "reason" => "per_ip").increment(1);
+            if logged.allow(peer.ip(), std::time::Instant::now()) {
+                tracing::info!(ip = %peer.ip(), "ice-tcp connection refused: per-ip limit");
+            }
+            continue;
+        };
         let Ok(permit) = conns.clone().try_acquire_owned() else {
+            metrics::counter!(m::TCP_REFUSED, "reason" => "limit").increment(1);
             tracing::debug!("ice-tcp connection limit reached");
             continue;
         };
@@ -265,11 +336,18 @@ pub(crate) async fn tcp_loop(
         let routes = routes.clone();
         let inboxes = inboxes.clone();
         let advertise = advertise.clone();
+        let idle = limits.idle;
         tokio::spawn(async move {
-            tcp_conn(stream, peer, routes, inboxes, advertise).await;
+            tcp_conn(stream, peer, routes, inboxes, advertise, idle).await;
             drop(permit);
+            drop(ip_guard);
         });
     }
+}
+
+/// Why an ICE-TCP connection ended (a metric label).
+fn tcp_closed(reason: &'static str) {
+    metrics::counter!(m::TCP_CLOSED, "reason" => reason).increment(1);
 }
 
 async fn tcp_conn(
@@ -278,6 +356,7 @@ async fn tcp_conn(
     routes: Arc<Routes>,
     inboxes: Inboxes,
     advertise: Arc<Vec<IpAddr>>,
+    idle: std::time::Duration,
 ) {
     let local = stream.local_addr().ok();
     let dst = destination(
@@ -288,7 +367,9 @@ async fn tcp_conn(
     let (mut rd, mut wr) = stream.into_split();
     let (tx, mut rx) = mpsc::channel::<Vec<u8>>(TCP_QUEUE);
     write(&routes.tcp).insert(peer, tx);
-    let writer = tokio::spawn(async move {
+    // Ends when its sender is dropped: by this task, or by `Routes::forget`
+    // when the session that learnt this connection ends.
+    let mut writer = tokio::spawn(async move {
         while let Some(frame) = rx.recv().await {
             let Ok(len) = u16::try_from(frame.len()) else {
                 continue;
@@ -300,7 +381,9 @@ async fn tcp_conn(
             }
         }
     });
+    let bind_by = tokio::time::Instant::now() + TCP_FIRST_PACKET;
     let mut first = true;
+    let mut bound = false;
     let mut buf = vec![0u8; MAX_TCP_FRAME];
     loop {
         let mut len = [0u8; 2];
@@ -310,21 +393,35 @@ async fn tcp_conn(
             rd.read_exact(&mut buf[..n]).await?;
             Ok::<usize, std::io::Error>(n)
         };
-        let n = if first {
-            match tokio::time::timeout(TCP_FIRST_PACKET, read_len).await {
+        let idle_at = tokio::time::Instant::now() + idle;
+        let deadline = if bound { idle_at } else { idle_at.min(bind_by) };
+        let n = tokio::select! {
+            _ = &mut writer => {
+                tcp_closed("session_ended");
+                break;
+            }
+            r = tokio::time::timeout_at(deadline, read_len) => match r {
                 Ok(Ok(n)) => n,
-                _ => break,
-            }
-        } else {
-            match read_len.await {
-                Ok(n) => n,
-                Err(_) => break,
-            }
+                Ok(Err(_)) => {
+                    tcp_closed("peer");
+                    break;
+                }
+                Err(_) => {
+                    tcp_closed(if bound { "idle" } else { "unbound" });
+                    break;
+                }
+            },
         };
+        if !bound && !first {
+            // Learnt by the shard once a binding request over this
+            // connection passed the integrity check.
+            bound = routes.is_learnt(Protocol::Tcp, peer);
+        }
         let data = &buf[..n];
         let Some((route, _)) = routes.route(Protocol::Tcp, peer, data) else {
             if first {
                 tracing::debug!("ice-tcp first packet not routable");
+                tcp_closed("unroutable");
                 break;
             }
             continue;
@@ -381,6 +478,13 @@ mod tests {
         stun.extend_from_slice(&[0x00, 0x06, 0x00, 0x06]);
         stun.extend_from_slice(b"abcd:x\0\0");
         assert_eq!(routes.route(Protocol::Udp, src, &stun), Some((r, true)));
+        // Routing a binding request learns nothing: the shard learns the
+        // address once the request passed the integrity check.
+        assert_eq!(routes.route(Protocol::Udp, src, &[0x80; 20]), None);
+        assert_eq!(routes.addresses(), 0);
+        routes.learn(Protocol::Udp, src, r);
+        assert!(routes.is_learnt(Protocol::Udp, src));
+        assert_eq!(routes.route(Protocol::Udp, src, &stun), Some((r, false)));
         assert_eq!(
             routes.route(Protocol::Udp, src, &[0x80; 20]),
             Some((r, false))

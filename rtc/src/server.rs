@@ -2,6 +2,12 @@
 //! one UDP port (and the ICE-TCP listener) and starts the receive loops and the
 //! shards; admission ([`Server::admit`]), placement of new sessions on the least
 //! loaded shard ([`Server::add`]) and lookup of live ones ([`Server::session`]).
+//!
+//! Supervision: every shard and receive task is watched; one that panics (or
+//! a receive loop that stops) is reported through [`Server::failed`], its
+//! shard stops taking sessions and its sessions leave the count. The node
+//! exits non-zero on it so its supervisor restarts it, rather than running on
+//! with sessions that vanished.
 
 use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
@@ -11,7 +17,7 @@ use std::sync::Arc;
 use quinn_udp::UdpSocketState;
 use str0m::{Candidate, Rtc, RtcConfig};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{mpsc, Notify};
+use tokio::sync::{mpsc, watch, Notify};
 use tracing::Instrument;
 
 use crate::egress::{Batch, Egress, ShardEgress};
@@ -35,6 +41,8 @@ struct ShardRef {
     cmds: mpsc::Sender<Command>,
     wake: Arc<Notify>,
     load: Arc<AtomicUsize>,
+    /// Set when its task died: placement skips it.
+    dead: Arc<AtomicBool>,
 }
 
 struct Inner {
@@ -47,6 +55,9 @@ struct Inner {
     count: Arc<AtomicUsize>,
     max_sessions: usize,
     draining: AtomicBool,
+    max_candidates: usize,
+    /// Why a shard or receive task failed, once one did.
+    failed: watch::Sender<Option<String>>,
 }
 
 /// The WebRTC side of a node: one UDP port, one ICE-TCP port, N shards.
@@ -98,6 +109,7 @@ impl Server {
             cfg.shards
         };
         let count = Arc::new(AtomicUsize::new(0));
+        let (failed, _) = watch::channel(None);
         let mut shards = Vec::with_capacity(n);
         let mut inboxes = Vec::with_capacity(n);
         for i in 0..n {
@@ -109,28 +121,61 @@ impl Server {
                 egress: egress.clone(),
                 batch: Batch::default(),
             };
-            let shard = Shard::new(sink, routes.clone(), count.clone(), load.clone());
-            tokio::spawn(
+            let shard = Shard::new(sink, routes.clone(), count.clone(), load.clone())
+                .index(i)
+                .panic_after(cfg.limits.panic_shard_after);
+            let task = tokio::spawn(
                 shard::run(shard, cmd_rx, in_rx, wake.clone())
                     .instrument(tracing::info_span!("shard", index = i)),
             );
+            let dead = Arc::new(AtomicBool::new(false));
+            let watched = (load.clone(), count.clone(), dead.clone(), failed.clone());
+            tokio::spawn(async move {
+                let (load, count, dead, failed) = watched;
+                // A shard returns only on shutdown; a panic is a failure.
+                let Err(e) = task.await else { return };
+                if !e.is_panic() {
+                    return;
+                }
+                dead.store(true, Ordering::Relaxed);
+                // Its sessions are gone with it: correct the node's count.
+                let lost = load.swap(0, Ordering::Relaxed);
+                count.fetch_sub(lost.min(count.load(Ordering::Relaxed)), Ordering::Relaxed);
+                report(
+                    &failed,
+                    format!("shard {i} panicked ({lost} sessions lost)"),
+                );
+            });
             shards.push(ShardRef {
                 cmds: cmd_tx,
                 wake,
                 load,
+                dead,
             });
             inboxes.push(in_tx);
         }
         let inboxes = Arc::new(inboxes);
-        tokio::spawn(mux::udp_loop(
+        let udp = tokio::spawn(mux::udp_loop(
             socket,
             state,
             routes.clone(),
             inboxes.clone(),
             advertise.clone(),
         ));
+        watch_loop(udp, "udp receive", failed.clone());
         if let Some(l) = tcp {
-            tokio::spawn(mux::tcp_loop(l, routes.clone(), inboxes, advertise.clone()));
+            let limits = mux::TcpLimits {
+                per_ip: crate::limit::PerIp::new(cfg.limits.tcp_per_ip),
+                idle: cfg.limits.tcp_idle,
+            };
+            let tcp = tokio::spawn(mux::tcp_loop(
+                l,
+                routes.clone(),
+                inboxes,
+                advertise.clone(),
+                limits,
+            ));
+            watch_loop(tcp, "ice-tcp accept", failed.clone());
         }
         tracing::info!(udp = %local_udp, tcp = ?local_tcp, shards = n, advertise = ?advertise, "webrtc listening");
         Ok(Self {
@@ -144,6 +189,8 @@ impl Server {
                 count,
                 max_sessions: cfg.max_sessions,
                 draining: AtomicBool::new(false),
+                max_candidates: cfg.limits.max_remote_candidates,
+                failed,
             }),
         })
     }
@@ -231,6 +278,7 @@ impl Server {
             .shards
             .iter()
             .enumerate()
+            .filter(|(_, s)| !s.dead.load(Ordering::Relaxed))
             .min_by_key(|(_, s)| s.load.load(Ordering::Relaxed))
             .ok_or(Error::Full)?;
         let id = SessionId::random();
@@ -247,6 +295,7 @@ impl Server {
                 stream: stream.to_string(),
                 etag: new_etag(),
                 remote_ufrag: None,
+                candidates: 0,
             },
         );
         self.inner.count.fetch_add(1, Ordering::Relaxed);
@@ -309,6 +358,50 @@ impl Server {
         self.inner.routes.set_remote_ufrag(id, ufrag);
     }
 
+    /// How many of `wanted` more remote candidates session `id` may add
+    /// ([`crate::Limits::max_remote_candidates`] in its lifetime); the rest
+    /// are to be ignored, and are counted here.
+    pub fn reserve_candidates(&self, id: SessionId, kind: &'static str, wanted: usize) -> usize {
+        let n = self
+            .inner
+            .routes
+            .reserve_candidates(id, wanted, self.inner.max_candidates);
+        if n < wanted {
+            metrics::counter!(m::CANDIDATES_REFUSED, "kind" => kind).increment((wanted - n) as u64);
+        }
+        n
+    }
+
+    /// Counts one negotiation in progress as a session (admission applies)
+    /// until the guard is dropped: signalling that holds a client for
+    /// seconds before [`Server::add`] (the WebSocket) takes one.
+    pub fn reserve(&self) -> Result<Reservation> {
+        self.admit()?;
+        self.inner.count.fetch_add(1, Ordering::Relaxed);
+        Ok(Reservation {
+            count: self.inner.count.clone(),
+        })
+    }
+
+    /// Source addresses in the routing table (bounded: sessions × paths).
+    pub fn routed_addresses(&self) -> usize {
+        self.inner.routes.addresses()
+    }
+
+    /// Resolves when a shard or receive task failed (panicked, or the
+    /// receive loop stopped), with what failed. The node exits on it.
+    pub async fn failed(&self) -> String {
+        let mut rx = self.inner.failed.subscribe();
+        loop {
+            if let Some(why) = rx.borrow_and_update().clone() {
+                return why;
+            }
+            if rx.changed().await.is_err() {
+                return std::future::pending().await;
+            }
+        }
+    }
+
     /// Sessions on this node.
     pub fn sessions(&self) -> usize {
         self.inner.count.load(Ordering::Relaxed)
@@ -330,6 +423,48 @@ impl Server {
             let _ = s.cmds.send(Command::Shutdown).await;
         }
     }
+}
+
+/// A negotiation counted as a session ([`Server::reserve`]).
+#[derive(Debug)]
+pub struct Reservation {
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::Relaxed);
+    }
+}
+
+/// Records a failure (the first one wins) and logs it.
+fn report(failed: &watch::Sender<Option<String>>, why: String) {
+    tracing::error!(what = %why, "webrtc task failed: the node must restart");
+    metrics::counter!(m::TASK_FAILURES).increment(1);
+    failed.send_if_modified(|v| {
+        if v.is_none() {
+            *v = Some(why);
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// Watches a loop that should run for the node's life: any end is a failure.
+fn watch_loop(
+    task: tokio::task::JoinHandle<()>,
+    what: &'static str,
+    failed: watch::Sender<Option<String>>,
+) {
+    tokio::spawn(async move {
+        let why = match task.await {
+            Ok(()) => format!("{what} loop stopped"),
+            Err(e) if e.is_panic() => format!("{what} task panicked"),
+            Err(_) => return, // cancelled: the runtime is shutting down
+        };
+        report(&failed, why);
+    });
 }
 
 /// A fresh quoted ETag (RFC 9110 §8.8.3).

@@ -22,8 +22,9 @@ use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 use tokio::sync::{mpsc, Notify};
 
 use crate::metrics as m;
-use crate::mux::{Datagram, Routes};
+use crate::mux::{Datagram, Route, Routes};
 use crate::session::{CloseReason, Ctx, Flow, Handler, SessionId};
+use crate::stun;
 
 #[doc(no_inline)]
 pub use crate::server::{new_etag, Server};
@@ -42,6 +43,11 @@ const CONSENT_TIMEOUT: Duration = Duration::from_secs(10);
 const HOUSEKEEPING: Duration = Duration::from_secs(1);
 /// Immediate re-polls per drain (str0m asks for `Timeout(now)` after writes).
 const MAX_IMMEDIATE: usize = 64;
+/// Source addresses (paths) a session keeps routed: a browser uses one or
+/// two, a few more through network changes. A new verified path past it
+/// replaces the oldest, so the routing table holds at most this many
+/// entries per session.
+pub(crate) const MAX_PATHS: usize = 8;
 
 /// Where a shard's datagrams go. Generic rather than `dyn`: `push` runs once
 /// per outgoing packet and must stay a static, inlinable call.
@@ -76,6 +82,10 @@ struct Entry {
     rtc: Rtc,
     handler: Box<dyn Handler>,
     ufrag: String,
+    /// Our local ICE password: binding requests from a new path must carry
+    /// its MESSAGE-INTEGRITY before the path is routed.
+    pass: String,
+    /// Verified paths, oldest first (at most [`MAX_PATHS`]).
     addrs: Vec<(Protocol, SocketAddr)>,
     timeout: Option<Instant>,
     created: Instant,
@@ -97,6 +107,12 @@ pub(crate) struct Shard<S> {
     load: Arc<AtomicUsize>,
     /// Scratch list of session ids, reused so a wake allocates nothing.
     ids: Vec<SessionId>,
+    /// Test hook ([`crate::Limits::panic_shard_after`]): panic when adding
+    /// the session after this many.
+    panic_after: Option<usize>,
+    added: usize,
+    /// This shard's index in the server (the `shard` of the routes it learns).
+    index: usize,
 }
 
 /// The shard shell: runs `shard` until [`Command::Shutdown`] or the server is gone.
@@ -177,7 +193,22 @@ impl<S: Sink> Shard<S> {
             count,
             load,
             ids: Vec::new(),
+            panic_after: None,
+            added: 0,
+            index: 0,
         }
+    }
+
+    /// Sets the shard's index (0 unless set).
+    pub(crate) fn index(mut self, index: usize) -> Self {
+        self.index = index;
+        self
+    }
+
+    /// Sets the panic test hook (supervision tests only).
+    pub(crate) fn panic_after(mut self, n: Option<usize>) -> Self {
+        self.panic_after = n;
+        self
     }
 
     /// The earliest session deadline (possibly a superseded one: waking for it
@@ -198,12 +229,15 @@ impl<S: Sink> Shard<S> {
                     kind,
                     span,
                 } = *n;
+                let mut rtc = rtc;
+                let pass = rtc.direct_api().local_ice_credentials().pass;
                 self.sessions.insert(
                     id,
                     Entry {
                         rtc,
                         handler,
                         ufrag,
+                        pass,
                         addrs: Vec::new(),
                         timeout: None,
                         created: now,
@@ -214,6 +248,11 @@ impl<S: Sink> Shard<S> {
                     },
                 );
                 self.load.fetch_add(1, Ordering::Relaxed);
+                // After the load count, as a real bug in a session would be.
+                if self.panic_after.is_some_and(|n| self.added >= n) {
+                    panic!("injected shard panic (Limits::panic_shard_after)");
+                }
+                self.added += 1;
                 self.drain(id, now);
             }
             Command::Close(id) => self.close(id, now, CloseReason::Delete),
@@ -227,7 +266,9 @@ impl<S: Sink> Shard<S> {
                 if let Some(e) = self.sessions.get_mut(&id) {
                     f(&mut e.rtc);
                     // An ICE restart changes the local ufrag: route the new one.
-                    let ufrag = e.rtc.direct_api().local_ice_credentials().ufrag;
+                    let creds = e.rtc.direct_api().local_ice_credentials();
+                    e.pass = creds.pass;
+                    let ufrag = creds.ufrag;
                     if ufrag != e.ufrag {
                         if let Some(route) = self.routes.lookup_ufrag(&e.ufrag) {
                             self.routes.add_ufrag(ufrag.clone(), route);
@@ -250,8 +291,27 @@ impl<S: Sink> Shard<S> {
             return;
         };
         let path = (d.proto, d.source);
-        if !e.addrs.contains(&path) && e.addrs.len() < 8 {
+        if !e.addrs.contains(&path) {
+            // A new path: only a binding request signed with our password
+            // proves the peer is there; anything else (a forged or replayed
+            // check with a known ufrag, spoofed sources) is dropped before it
+            // costs memory.
+            if !stun::verified(&d.data, &e.pass) {
+                metrics::counter!(m::DATAGRAMS_DROPPED, "reason" => "stun_integrity").increment(1);
+                return;
+            }
+            if e.addrs.len() >= MAX_PATHS {
+                let oldest = e.addrs.remove(0);
+                self.routes.forget(&[oldest]);
+            }
             e.addrs.push(path);
+            let route = Route {
+                shard: self.index,
+                id: d.id,
+            };
+            self.routes.learn(d.proto, d.source, route);
+            let _g = e.span.enter();
+            tracing::debug!(proto = ?d.proto, "path learnt");
         }
         let Ok(recv) = Receive::new(d.proto, d.source, d.destination, &d.data) else {
             metrics::counter!(m::DATAGRAMS_DROPPED, "reason" => "unparsable").increment(1);
@@ -327,6 +387,7 @@ impl<S: Sink> Shard<S> {
 
     /// Closes sessions past the connect or consent deadline.
     pub(crate) fn handle_housekeeping(&mut self, now: Instant) {
+        metrics::gauge!(m::ROUTED_ADDRESSES).set(self.routes.addresses() as f64);
         let mut ids = std::mem::take(&mut self.ids);
         ids.clear();
         for (id, e) in &self.sessions {
@@ -1025,6 +1086,87 @@ mod tests {
         f.shard
             .handle_timeout(t0 + Duration::from_secs(3600 * 24 * 365 * 20));
         assert_eq!(f.shard.poll_timeout(), None, "and are dropped when due");
+    }
+
+    /// A binding request to session `id` signed with `pass`, from `source`.
+    fn check(f: &Fixture, id: u128, pass: &str, source: SocketAddr) -> Transmit {
+        let data = crate::stun::tests::signed_request(&format!("{}:peer", f.ufrag(id)), pass);
+        Transmit {
+            proto: Protocol::Udp,
+            source,
+            destination: SERVER,
+            contents: data.into(),
+        }
+    }
+
+    fn from_port(port: u16) -> SocketAddr {
+        SocketAddr::new(std::net::IpAddr::V4(Ipv4Addr::new(192, 0, 2, 1)), port)
+    }
+
+    #[test]
+    fn forged_checks_learn_no_address_and_leave_the_session_alone() {
+        let counts = Counts::default();
+        metrics::with_local_recorder(&counts, || {
+            let t0 = Instant::now();
+            let mut f = Fixture::new();
+            let mut c = f.add(t0, 1, Flow::Continue, None);
+            let now = f.connect(t0, 1, &mut c);
+            let learnt = f.routes.addresses();
+            assert_eq!(learnt, 1, "the client's verified path");
+            // A known ufrag, the wrong password, a new source port each time.
+            for port in 0..2_000u16 {
+                let t = check(&f, 1, "not-the-password-at-all", from_port(10_000 + port));
+                f.receive(now, &t);
+            }
+            assert_eq!(f.routes.addresses(), learnt, "nothing learnt");
+            assert_eq!(f.shard.sessions[&SessionId(1)].addrs.len(), 1);
+            assert!(f.shard.sink.sent.is_empty(), "no answer to a forgery");
+            // The client still talks over its path.
+            let later = now + Duration::from_secs(20);
+            f.pump(now, later, &mut [&mut c], |_, _| false);
+            f.shard.handle_housekeeping(later);
+            assert!(f.alive(1) && f.closed().is_empty());
+        });
+    }
+
+    #[test]
+    fn verified_paths_are_bounded_per_session_and_forgotten_with_it() {
+        let t0 = Instant::now();
+        let mut f = Fixture::new();
+        let _a = f.add(t0, 1, Flow::Continue, None);
+        let _b = f.add(t0, 2, Flow::Continue, None);
+        let pass = f.shard.sessions[&SessionId(1)].pass.clone();
+        for port in 0..(MAX_PATHS as u16 * 4) {
+            let t = check(&f, 1, &pass, from_port(20_000 + port));
+            f.receive(t0, &t);
+        }
+        assert_eq!(f.routes.addresses(), MAX_PATHS, "oldest paths replaced");
+        let newest = from_port(20_000 + MAX_PATHS as u16 * 4 - 1);
+        assert!(f.routes.is_learnt(Protocol::Udp, newest));
+        assert!(!f.routes.is_learnt(Protocol::Udp, from_port(20_000)));
+        // Session 2's password does not open session 1's routes.
+        let t = check(
+            &f,
+            1,
+            &f.shard.sessions[&SessionId(2)].pass.clone(),
+            from_port(9),
+        );
+        f.receive(t0, &t);
+        assert!(!f.routes.is_learnt(Protocol::Udp, from_port(9)));
+        f.shard.handle_command(t0, Command::Close(SessionId(1)));
+        assert_eq!(f.routes.addresses(), 0, "forgotten with the session");
+    }
+
+    #[test]
+    fn the_panic_hook_fires_on_the_nth_add() {
+        let t0 = Instant::now();
+        let mut f = Fixture::new();
+        f.shard.panic_after = Some(1);
+        let _a = f.add(t0, 1, Flow::Continue, None);
+        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+            f.add(t0, 2, Flow::Continue, None);
+        }));
+        assert!(r.is_err());
     }
 
     fn attr(sdp: &str, name: &str) -> String {

@@ -170,6 +170,7 @@ async fn trickle_and_ice_restart_with_a_full_ice_client() {
             turn_ttl: Duration::from_secs(600),
         },
         gso: true,
+        ..Default::default()
     })
     .await
     .unwrap();

@@ -18,6 +18,11 @@ pub const MAX_COMMAND_MESSAGE: u32 = 4 * 1024;
 pub const MAX_CONTROL_MESSAGE: u32 = 64;
 /// Largest message of any other type; such messages are dropped anyway.
 pub const MAX_OTHER_MESSAGE: u32 = 64 * 1024;
+/// Largest message of any type before the connection is authorised (a
+/// publish with a valid token): commands and control messages are far
+/// smaller, so an anonymous peer can make the deserializer buffer no more
+/// than this.
+pub const MAX_UNAUTHORISED_MESSAGE: u32 = 64 * 1024;
 /// Largest chunk size a peer may set. Encoders use 4096 to 65536.
 pub const MAX_CHUNK_SIZE: u32 = 1024 * 1024;
 /// Chunk streams one connection may use; encoders use four or five.
@@ -87,6 +92,8 @@ pub struct Guard {
     capture: Vec<u8>,
     /// Message type ids seen that neither rml_rtmp nor we handle.
     unknown_types: u64,
+    /// Set once a publish was accepted: media messages may then be large.
+    authorised: bool,
 }
 
 impl Default for Guard {
@@ -106,7 +113,15 @@ impl Guard {
             chunk_left: 0,
             capture: Vec::with_capacity(4),
             unknown_types: 0,
+            authorised: false,
         }
+    }
+
+    /// The peer is authorised (its publish was accepted): media messages up
+    /// to [`MAX_MEDIA_MESSAGE`] from now on, [`MAX_UNAUTHORISED_MESSAGE`]
+    /// before.
+    pub fn authorise(&mut self) {
+        self.authorised = true;
     }
 
     /// Messages of types no one handles seen so far.
@@ -212,7 +227,7 @@ impl Guard {
             Some(m) if m.csid == csid && fmt == 3 => m.remaining,
             Some(_) => return Err(Error::Interleaved),
             None => {
-                check_size(header.type_id, header.len)?;
+                check_size(header.type_id, header.len, self.authorised)?;
                 if !known_type(header.type_id) {
                     self.unknown_types += 1;
                 }
@@ -264,10 +279,11 @@ fn known_type(type_id: u8) -> bool {
     matches!(type_id, 1..=6 | 8 | 9 | 15 | 17 | 18 | 20)
 }
 
-fn check_size(type_id: u8, len: u32) -> Result<(), Error> {
+fn check_size(type_id: u8, len: u32, authorised: bool) -> Result<(), Error> {
     let max = match type_id {
         1..=6 => MAX_CONTROL_MESSAGE,
-        8 | 9 => MAX_MEDIA_MESSAGE,
+        8 | 9 if authorised => MAX_MEDIA_MESSAGE,
+        8 | 9 => MAX_UNAUTHORISED_MESSAGE,
         15..=20 => MAX_COMMAND_MESSAGE,
         _ => MAX_OTHER_MESSAGE,
     };
@@ -318,6 +334,7 @@ mod tests {
     #[test]
     fn refusals() {
         let mut g = Guard::new();
+        g.authorise();
         let mut big = full(4, 0, 9, &[]);
         big[4..7].copy_from_slice(&[0xff, 0xff, 0xff]);
         assert!(matches!(g.feed(&big), Err(Error::Oversized { .. })));
@@ -341,6 +358,43 @@ mod tests {
         assert!(matches!(g.feed(&cmd), Err(Error::Oversized { .. })));
     }
 
+    /// An announced media message of `len` bytes (header only).
+    fn media_header(len: u32) -> Vec<u8> {
+        let mut v = full(4, 0, 9, &[]);
+        v[4..7].copy_from_slice(&len.to_be_bytes()[1..]);
+        v
+    }
+
+    #[test]
+    fn small_messages_until_authorised() {
+        // Before the publish is accepted: 64 KiB at most, even for media.
+        let mut g = Guard::new();
+        g.feed(&media_header(MAX_UNAUTHORISED_MESSAGE)).unwrap();
+        let mut g = Guard::new();
+        assert_eq!(
+            g.feed(&media_header(MAX_UNAUTHORISED_MESSAGE + 1)),
+            Err(Error::Oversized {
+                type_id: 9,
+                len: MAX_UNAUTHORISED_MESSAGE + 1
+            })
+        );
+        let mut g = Guard::new();
+        assert!(g.feed(&media_header(MAX_MEDIA_MESSAGE)).is_err(), "8 MiB");
+        // After: keyframes up to 8 MiB, not more.
+        let mut g = Guard::new();
+        g.authorise();
+        g.feed(&media_header(MAX_MEDIA_MESSAGE)).unwrap();
+        let mut g = Guard::new();
+        g.authorise();
+        assert!(g.feed(&media_header(MAX_MEDIA_MESSAGE + 1)).is_err());
+        // Other types keep their own caps either way.
+        let mut g = Guard::new();
+        g.authorise();
+        let mut other = full(3, 0, 22, &[]);
+        other[4..7].copy_from_slice(&(MAX_OTHER_MESSAGE + 1).to_be_bytes()[1..]);
+        assert!(g.feed(&other).is_err());
+    }
+
     #[test]
     fn extended_timestamps() {
         let mut g = Guard::new();
@@ -359,8 +413,11 @@ mod tests {
 
     proptest! {
         #[test]
-        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..2048)) {
+        fn garbage_never_panics(data in proptest::collection::vec(any::<u8>(), 0..2048), authorised: bool) {
             let mut g = Guard::new();
+            if authorised {
+                g.authorise();
+            }
             let _ = g.feed(&data);
         }
     }

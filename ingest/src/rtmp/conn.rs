@@ -49,7 +49,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         ctx: Arc<Ctx>,
         shutdown: CancellationToken,
     ) -> Result<&'static str, Error> {
-        let session = Session::new(now(), ctx.token.clone(), ctx.bframes.clone());
+        let session = Session::new(
+            now(),
+            ctx.token.clone(),
+            ctx.bframes.clone(),
+            ctx.publish_timeout,
+        );
         let mut conn = Self {
             io,
             session,

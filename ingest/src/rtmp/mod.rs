@@ -36,13 +36,16 @@ use std::time::Duration;
 
 pub use crate::transcode::Policy;
 use cascade_origin::Registry;
+use cascade_rtc::limit::{LogOnce, PerIp};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
-pub use chunk::{Guard, MAX_CHUNK_SIZE, MAX_COMMAND_MESSAGE, MAX_MEDIA_MESSAGE};
+pub use chunk::{
+    Guard, MAX_CHUNK_SIZE, MAX_COMMAND_MESSAGE, MAX_MEDIA_MESSAGE, MAX_UNAUTHORISED_MESSAGE,
+};
 pub use clock::Clock;
 pub use media::{Media, Track, FRAME_WAIT_MS, HEADER_WAIT_MS};
 
@@ -50,6 +53,12 @@ pub use media::{Media, Track, FRAME_WAIT_MS, HEADER_WAIT_MS};
 pub const APP: &str = "live";
 /// Open connections per node; past this, new ones are closed at once.
 pub const MAX_CONNECTIONS: usize = 256;
+/// A connection must have published (with a valid token) this soon after
+/// its accept, or it is closed: a client that never publishes would
+/// otherwise hold a connection slot forever with a byte now and then.
+pub const DEFAULT_PUBLISH_TIMEOUT: Duration = Duration::from_secs(10);
+/// Open connections per source IP.
+pub const DEFAULT_PER_IP: usize = 16;
 /// A client must finish the handshake within this (a stalled one is dropped).
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(5);
 /// A connection that sends nothing for this long is closed. Encoders send
@@ -79,6 +88,9 @@ pub enum Error {
     /// Nothing arrived for [`IDLE_TIMEOUT`].
     #[error("idle timeout")]
     Idle,
+    /// No accepted publish within the publish timeout of the accept.
+    #[error("no publish within the publish timeout")]
+    PublishTimeout,
     /// The peer did not read our responses.
     #[error("write timed out")]
     WriteTimeout,
@@ -107,9 +119,31 @@ impl Error {
             Self::Handshake(_) | Self::HandshakeTimeout | Self::ClosedEarly => "handshake",
             Self::Idle => "idle",
             Self::Tls(_) => "tls",
+            Self::PublishTimeout => "publish_timeout",
             Self::Chunk(_) | Self::Session(_) => "protocol",
             Self::Refused(r) => r,
             Self::Publish(_) => "publish",
+        }
+    }
+}
+
+/// Connection limits of an RTMP listener (flags of the node).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Open connections on the listener.
+    pub max_connections: usize,
+    /// Open connections per source IP (0 = no per-IP cap).
+    pub per_ip: usize,
+    /// Time from accept to an accepted publish.
+    pub publish_timeout: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            max_connections: MAX_CONNECTIONS,
+            per_ip: DEFAULT_PER_IP,
+            publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
         }
     }
 }
@@ -119,6 +153,7 @@ struct Ctx {
     registry: Arc<Registry>,
     token: Arc<str>,
     bframes: Policy,
+    publish_timeout: Duration,
 }
 
 /// Accepts RTMP connections on `listener` until `shutdown` is cancelled,
@@ -144,12 +179,26 @@ pub async fn serve_with(
     shutdown: CancellationToken,
     bframes: Policy,
 ) -> Result<(), Error> {
+    let limits = Limits::default();
+    serve_with_limits(listener, registry, publish_token, shutdown, bframes, limits).await
+}
+
+/// [`serve_with`] under explicit connection [`Limits`].
+pub async fn serve_with_limits(
+    listener: TcpListener,
+    registry: Arc<Registry>,
+    publish_token: Arc<str>,
+    shutdown: CancellationToken,
+    bframes: Policy,
+    limits: Limits,
+) -> Result<(), Error> {
     let ctx = Arc::new(Ctx {
         registry,
         token: publish_token,
         bframes,
+        publish_timeout: limits.publish_timeout,
     });
-    accept_loop(listener, ctx, shutdown, None).await
+    accept_loop(listener, ctx, shutdown, None, limits).await
 }
 
 /// [`serve_with`] for RTMPS: every connection first completes a TLS
@@ -163,13 +212,15 @@ pub async fn serve_tls(
     publish_token: Arc<str>,
     shutdown: CancellationToken,
     bframes: Policy,
+    limits: Limits,
 ) -> Result<(), Error> {
     let ctx = Arc::new(Ctx {
         registry,
         token: publish_token,
         bframes,
+        publish_timeout: limits.publish_timeout,
     });
-    accept_loop(listener, ctx, shutdown, Some(tls)).await
+    accept_loop(listener, ctx, shutdown, Some(tls), limits).await
 }
 
 /// Accepts until `shutdown`; one task per connection, each behind a TLS
@@ -179,8 +230,12 @@ async fn accept_loop(
     ctx: Arc<Ctx>,
     shutdown: CancellationToken,
     tls: Option<TlsAcceptor>,
+    limits: Limits,
 ) -> Result<(), Error> {
-    let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let max_connections = limits.max_connections;
+    let limit = Arc::new(Semaphore::new(max_connections));
+    let per_ip = PerIp::new(limits.per_ip);
+    let mut logged = LogOnce::default();
     let ids = AtomicU64::new(0);
     let scheme = if tls.is_some() { "rtmps" } else { "rtmp" };
     tracing::info!(addr = ?listener.local_addr().ok(), "{scheme} ingest listening");
@@ -196,9 +251,21 @@ async fn accept_loop(
                 }
             },
         };
+        let Some(ip_guard) = per_ip.acquire(peer.ip()) else {
+            metrics::counter!(crate::metrics::RTMP_REFUSED, "reason" => "per_ip").increment(1);
+            if logged.allow(peer.ip(), std::time::Instant::now()) {
+                tracing::info!(
+                    ip = %peer.ip(),
+                    max = limits.per_ip,
+                    "rtmp connection refused: per-ip connection limit"
+                );
+            }
+            drop(socket);
+            continue;
+        };
         let Ok(permit) = limit.clone().try_acquire_owned() else {
             tracing::info!(
-                max = MAX_CONNECTIONS,
+                max = max_connections,
                 "rtmp connection refused: node at its connection limit"
             );
             metrics::counter!(crate::metrics::RTMP_REFUSED, "reason" => "limit").increment(1);
@@ -219,6 +286,7 @@ async fn accept_loop(
             async move {
                 run(socket, peer, ctx, tls, shutdown).await;
                 drop(permit);
+                drop(ip_guard);
             }
             .instrument(span),
         );

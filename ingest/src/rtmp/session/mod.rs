@@ -1,5 +1,7 @@
 //! The sans-IO core of one RTMP connection: the handshake, the command flow
-//! (connect, publish, refusals), the handshake and idle deadlines, and the
+//! (connect, publish, refusals), the handshake, publish and idle deadlines
+//! (a connection must publish within `publish_timeout` of its accept,
+//! whatever it sends meanwhile), and the
 //! publish state machine of [`publish`] (frames held until the catalog is
 //! ready, go-live, the B-frame transcode and its fallback). [`super::conn`]
 //! owns the socket, the timer, the registry and the ffmpeg child, and
@@ -15,7 +17,7 @@ mod publish;
 
 use std::collections::VecDeque;
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cascade_origin::catalog::Catalog;
@@ -104,6 +106,9 @@ enum Phase {
 
 /// One RTMP connection, from its first byte to its close.
 pub(super) struct Session {
+    /// Until a publish is accepted: the connection must have published by
+    /// then (idle pings do not extend it).
+    publish_by: Option<Instant>,
     token: Arc<str>,
     bframes: Policy,
     phase: Phase,
@@ -125,9 +130,16 @@ pub(super) struct Session {
 }
 
 impl Session {
-    /// A connection accepted at `now`, publishing with `token`.
-    pub(super) fn new(now: Now, token: Arc<str>, bframes: Policy) -> Self {
+    /// A connection accepted at `now`, publishing with `token`, which must
+    /// publish within `publish_timeout`.
+    pub(super) fn new(
+        now: Now,
+        token: Arc<str>,
+        bframes: Policy,
+        publish_timeout: Duration,
+    ) -> Self {
         Self {
+            publish_by: Some(now.at + publish_timeout),
             token,
             bframes,
             phase: Phase::Handshake {
@@ -154,13 +166,15 @@ impl Session {
     /// When [`Session::handle_timeout`] is due, if ever.
     pub(super) fn poll_timeout(&self) -> Option<Instant> {
         match &self.phase {
-            Phase::Handshake { deadline, .. } => Some(*deadline),
+            Phase::Handshake { deadline, .. } => {
+                Some(self.publish_by.map_or(*deadline, |p| p.min(*deadline)))
+            }
             Phase::Rtmp { idle_at, .. } => {
                 let publish = self.publish.as_ref();
                 let header = publish.and_then(|p| p.header_deadline(self.last));
                 let stall = publish.and_then(Publishing::stall_deadline);
                 Some(
-                    [header, stall]
+                    [header, stall, self.publish_by]
                         .into_iter()
                         .flatten()
                         .fold(*idle_at, Instant::min),
@@ -239,6 +253,9 @@ impl Session {
         match &self.phase {
             Phase::Handshake { deadline, .. } if *deadline <= now.at => {
                 return self.close(Err(Error::HandshakeTimeout));
+            }
+            _ if self.publish_by.is_some_and(|p| p <= now.at) => {
+                return self.close(Err(Error::PublishTimeout));
             }
             // Other wakeups come first and restart the idle clock.
             Phase::Rtmp { idle_at, .. } if *idle_at <= now.at && !header_due && !stall_due => {
@@ -502,6 +519,9 @@ impl Session {
         if self.is_closed() {
             return;
         }
+        // Authorised: no publish deadline, and media may be large now.
+        self.publish_by = None;
+        self.guard.authorise();
         tracing::info!("rtmp publish accepted, waiting for sequence headers");
         self.publish = Some(Publishing::new(name));
     }

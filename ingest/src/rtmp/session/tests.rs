@@ -12,7 +12,7 @@ use rml_rtmp::time::RtmpTimestamp;
 use super::publish::PENDING_FRAMES;
 use super::*;
 use crate::rtmp::HEADER_WAIT_MS;
-use crate::rtmp::IDLE_TIMEOUT;
+use crate::rtmp::{DEFAULT_PUBLISH_TIMEOUT as PUBLISH_TIMEOUT, IDLE_TIMEOUT};
 use crate::transcode::pipe::Tag;
 
 const TOKEN: &str = "s3cret";
@@ -49,7 +49,7 @@ impl Pair {
         let mut p = Self {
             t0,
             ms: 0,
-            server: Session::new(now, Arc::from(TOKEN), bframes),
+            server: Session::new(now, Arc::from(TOKEN), bframes, PUBLISH_TIMEOUT),
             client_hs: Some(client_hs),
             client: ClientSession::new(ClientSessionConfig::new()).unwrap().0,
             events: Vec::new(),
@@ -411,7 +411,7 @@ fn one_track_goes_live_after_the_header_wait() {
 }
 
 #[test]
-fn a_connection_that_does_not_publish_idles_out() {
+fn a_connection_that_does_not_publish_is_closed_at_the_publish_deadline() {
     // Connected, never publishing.
     let mut p = Pair::new(Policy::Drop);
     p.connect("live");
@@ -419,23 +419,73 @@ fn a_connection_that_does_not_publish_idles_out() {
         p.events.last(),
         Some(ClientSessionEvent::ConnectionRequestAccepted)
     ));
+    assert_eq!(p.server.poll_timeout(), Some(p.t0 + PUBLISH_TIMEOUT));
+    // A byte now and then restarts the idle clock, never the publish one.
+    for ms in [3_000, 6_000, 9_000] {
+        p.run_until(ms);
+        let (ping, _) = p.client.send_ping_request().unwrap();
+        p.send(ping.bytes);
+    }
+    p.run_until(9_999);
+    assert!(p.take().is_empty());
     p.run_until(10_000);
-    assert!(p.take().is_empty());
-    // Any input restarts the idle clock.
-    let (ping, _) = p.client.send_ping_request().unwrap();
-    p.send(ping.bytes);
-    p.run_until(24_999);
-    assert!(p.take().is_empty());
-    p.run_until(25_000);
-    assert_eq!(p.take(), ["error: idle timeout"]);
+    assert_eq!(p.take(), ["error: no publish within the publish timeout"]);
     assert_eq!(p.server.poll_timeout(), None);
 
-    // Publishing without ever sending a sequence header: no go-live
-    // deadline, only the idle one.
+    // The deadline runs from the accept, through the handshake: a slow
+    // handshake does not buy time.
+    let t0 = Instant::now();
+    let at = |ms| Now {
+        at: t0 + Duration::from_millis(ms),
+        wall_us: WALL0_US + ms * 1_000,
+    };
+    let mut s = Session::new(
+        at(0),
+        Arc::from(TOKEN),
+        Policy::Drop,
+        Duration::from_secs(2),
+    );
+    s.handle_input(at(1), &[3; 100]);
+    assert_eq!(s.poll_timeout(), Some(t0 + Duration::from_secs(2)));
+    s.handle_timeout(at(2_000));
+    let out: Vec<String> = std::iter::from_fn(|| s.poll_output())
+        .map(|o| show(&o))
+        .collect();
+    assert_eq!(
+        out,
+        ["bytes", "error: no publish within the publish timeout"]
+    );
+    assert_eq!(Error::PublishTimeout.reason(), "publish_timeout");
+
+    // Publishing without ever sending a sequence header: the publish
+    // deadline is gone, only the idle one is left.
     let mut p = Pair::publishing(Policy::Drop);
     assert_eq!(p.server.poll_timeout(), Some(p.t0 + IDLE_TIMEOUT));
     p.run_until(15_000);
     assert_eq!(p.take(), ["error: idle timeout"]);
+}
+
+#[test]
+fn media_may_be_large_only_after_an_accepted_publish() {
+    // A media message header announcing 1 MiB on chunk stream 4.
+    let big = |p: &mut Pair| {
+        let mut v = vec![4u8, 0, 0, 0];
+        v.extend_from_slice(&(1u32 << 20).to_be_bytes()[1..]);
+        v.extend_from_slice(&[9, 1, 0, 0, 0]);
+        p.server.handle_input(p.now(), &v);
+        p.pump();
+    };
+    let mut p = Pair::new(Policy::Drop);
+    p.connect("live");
+    big(&mut p);
+    assert_eq!(
+        p.take(),
+        ["error: chunk stream: message of type 9 too large: 1048576 bytes"]
+    );
+    let mut p = Pair::publishing(Policy::Drop);
+    p.take();
+    big(&mut p);
+    assert!(p.take().is_empty(), "accepted, waiting for its bytes");
 }
 
 #[test]
@@ -451,12 +501,12 @@ fn handshake_deadline_and_early_closes() {
             .collect()
     };
     // A port probe: closed before a byte.
-    let mut s = Session::new(now(0), Arc::from(TOKEN), Policy::Drop);
+    let mut s = Session::new(now(0), Arc::from(TOKEN), Policy::Drop, PUBLISH_TIMEOUT);
     s.handle_eof(now(10));
     assert_eq!(ends(&mut s), ["error: closed before the handshake"]);
     // A client that stops half way: the server had answered c0 with
     // s0 and s1, due by the handshake deadline.
-    let mut s = Session::new(now(0), Arc::from(TOKEN), Policy::Drop);
+    let mut s = Session::new(now(0), Arc::from(TOKEN), Policy::Drop, PUBLISH_TIMEOUT);
     s.handle_input(now(1), &[3]);
     assert!(matches!(
         s.poll_output(),
@@ -465,7 +515,7 @@ fn handshake_deadline_and_early_closes() {
     s.handle_eof(now(2));
     assert_eq!(ends(&mut s), ["error: handshake: closed during handshake"]);
     // One that stalls.
-    let mut s = Session::new(now(0), Arc::from(TOKEN), Policy::Drop);
+    let mut s = Session::new(now(0), Arc::from(TOKEN), Policy::Drop, PUBLISH_TIMEOUT);
     s.handle_input(now(1), &[3; 100]);
     assert_eq!(ends(&mut s), ["bytes"]);
     assert_eq!(s.poll_timeout(), Some(now(0).at + HANDSHAKE_TIMEOUT));
@@ -474,7 +524,7 @@ fn handshake_deadline_and_early_closes() {
     s.handle_timeout(now(5_000));
     assert_eq!(ends(&mut s), ["error: handshake timed out"]);
     // Not RTMP at all.
-    let mut s = Session::new(now(0), Arc::from(TOKEN), Policy::Drop);
+    let mut s = Session::new(now(0), Arc::from(TOKEN), Policy::Drop, PUBLISH_TIMEOUT);
     s.handle_input(now(1), b"GET / HTTP/1.1\r\n\r\n");
     assert!(matches!(
         s.poll_output(),
