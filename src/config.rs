@@ -780,7 +780,7 @@ mod tests {
         let e = Config::from_cli(parse(&[
             "edge",
             "--cluster-secret",
-            "0123456789abcdef",
+            "0123456789abcdef0123456789abcdef",
             "--origin",
             "o:4433",
             "--tls-cert",
