@@ -4,7 +4,7 @@
 //! through a bounded broadcast ring, waking each shard that has viewers.
 //!
 //! Feed task: `select! { stop (last viewer left), keyframe wanted, keyframe
-//! retry timer, next frame }` → the sans-IO core ([`feed`]: edge timeline,
+//! retry timer, next frame }` → the sans-IO core (`feed.rs`: edge timeline,
 //! B-frames, packetizing, keyframe rate limit) → drain its outputs: cache +
 //! publish + wake shards, keyframe requests upstream, metrics. The task ends
 //! when the track closes (stream over) or its last viewer leaves.
