@@ -190,6 +190,20 @@ pub struct Options {
     /// Remote ICE candidates per WebRTC session (PATCH and WebSocket) [default: 32]
     #[arg(long, global = true, env = "CASCADE_MAX_REMOTE_CANDIDATES")]
     pub max_remote_candidates: Option<usize>,
+    /// Bearer token `/api/*` and `/metrics` require [default: none, open]
+    #[arg(long, global = true, env = "CASCADE_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Wrong or missing tokens one client IP may send per minute before it gets 429 [default: 10]
+    #[arg(long, global = true, env = "CASCADE_AUTH_MAX_FAILURES")]
+    pub auth_max_failures: Option<u32>,
+    /// HMAC key of signed tokens (JWT HS256: sub, act, exp) [default: none]
+    #[arg(
+        long,
+        global = true,
+        env = "CASCADE_TOKEN_SECRET",
+        hide_env_values = true
+    )]
+    pub token_secret: Option<String>,
     /// Test hook for the supervision test: shards panic when adding a
     /// session after this many. No env, no file key, not in --help.
     #[arg(long, global = true, hide = true)]
@@ -244,6 +258,9 @@ impl Options {
             ice_tcp_idle_timeout: self.ice_tcp_idle_timeout.or(lower.ice_tcp_idle_timeout),
             max_remote_candidates: self.max_remote_candidates.or(lower.max_remote_candidates),
             debug_panic_shard_after: self.debug_panic_shard_after,
+            api_token: self.api_token.or(lower.api_token),
+            auth_max_failures: self.auth_max_failures.or(lower.auth_max_failures),
+            token_secret: self.token_secret.or(lower.token_secret),
         }
     }
 }
@@ -283,6 +300,8 @@ pub struct Config {
     pub rtc_limits: cascade_rtc::Limits,
     /// RTMP connection limits.
     pub rtmp_limits: cascade_ingest::rtmp::Limits,
+    /// Bearer token of `/api/*` and `/metrics`; `None`: open.
+    pub api_token: Option<String>,
 }
 
 /// `--tls-cert` and `--tls-key`: PEM files, read at start and again when
@@ -455,6 +474,7 @@ impl Config {
                     .unwrap_or(cascade_ingest::rtmp::DEFAULT_PUBLISH_TIMEOUT),
                 ..Default::default()
             },
+            api_token: o.api_token.filter(|t| !t.is_empty()),
         })
     }
 }

@@ -164,6 +164,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         registry: registry.clone(),
         prometheus,
         draining: draining.clone(),
+        api_token: cfg.api_token.as_deref().map(Arc::from),
     }));
 
     let http = listen_http(cfg.http).with_context(|| format!("binding HTTP on {}", cfg.http))?;
