@@ -354,6 +354,7 @@ impl Config {
 
     fn resolve(role: Role, o: Options) -> anyhow::Result<Self> {
         let rtc_limits = rtc_limits(&o);
+        let auth_gate = rtc_limits.auth.clone();
         let udp = o
             .udp
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8189)));
@@ -472,6 +473,8 @@ impl Config {
                 publish_timeout: o
                     .rtmp_publish_timeout
                     .unwrap_or(cascade_ingest::rtmp::DEFAULT_PUBLISH_TIMEOUT),
+                // One count per address across RTMP, WHIP, WHEP, WebSocket.
+                auth: auth_gate,
                 ..Default::default()
             },
             api_token: o.api_token.filter(|t| !t.is_empty()),
@@ -487,6 +490,10 @@ fn rtc_limits(o: &Options) -> cascade_rtc::Limits {
         tcp_idle: o.ice_tcp_idle_timeout.unwrap_or(d.tcp_idle),
         max_remote_candidates: o.max_remote_candidates.unwrap_or(d.max_remote_candidates),
         panic_shard_after: o.debug_panic_shard_after,
+        auth: cascade_rtc::limit::AuthGate::new(
+            o.auth_max_failures
+                .unwrap_or(cascade_rtc::limit::DEFAULT_AUTH_MAX_FAILURES),
+        ),
     }
 }
 

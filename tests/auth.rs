@@ -36,3 +36,75 @@ async fn api_token_guards_api_and_metrics() {
     }
     assert_eq!(get(&format!("{}/healthz", node.http), None).await, 200);
 }
+
+async fn whip(http: &str, stream: &str, token: &str, from: [u8; 4]) -> reqwest::Response {
+    let offer = loadtest::whip::offer_sdp(loadtest::media::Profile::default(), true).unwrap();
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(from))
+        .build()
+        .unwrap()
+        .post(format!("{http}/whip/{stream}"))
+        .header("content-type", "application/sdp")
+        .bearer_auth(token)
+        .body(offer)
+        .send()
+        .await
+        .unwrap()
+}
+
+/// 1,000 wrong WHIP tokens from one address: 401 for the first ten, then
+/// 429 with Retry-After; the right token from that address is refused too
+/// (the ban is on the address), another address still publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wrong_tokens_are_rate_limited_per_address() {
+    let node = Node::start("all", &[]);
+    let mut statuses = Vec::new();
+    let started = std::time::Instant::now();
+    for _ in 0..1000 {
+        let r = whip(&node.http, "s1", "wrong", [127, 0, 0, 1]).await;
+        let s = r.status().as_u16();
+        if s == 429 {
+            let secs: u64 = r.headers()["retry-after"]
+                .to_str()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!((1..=60).contains(&secs), "Retry-After {secs}");
+        }
+        statuses.push(s);
+    }
+    let took = started.elapsed();
+    assert!(
+        statuses[..10].iter().all(|s| *s == 401),
+        "{:?}",
+        &statuses[..12]
+    );
+    assert!(
+        statuses[10..].iter().all(|s| *s == 429),
+        "{:?}",
+        &statuses[..12]
+    );
+    eprintln!("1000 wrong tokens answered in {took:?}");
+
+    let r = whip(&node.http, "s1", common::TOKEN, [127, 0, 0, 1]).await;
+    assert_eq!(r.status(), 429, "right token from a banned address");
+    let r = whip(&node.http, "s1", common::TOKEN, [127, 0, 0, 2]).await;
+    assert_eq!(r.status(), 201, "another address publishes");
+
+    let text = reqwest::get(format!("{}/metrics", node.http))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    let limited: f64 = text
+        .lines()
+        .filter(|l| {
+            l.starts_with("cascade_auth_refused_total")
+                && l.contains("protocol=\"whip\"")
+                && l.contains("reason=\"rate_limited\"")
+        })
+        .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
+        .sum();
+    assert_eq!(limited, 991.0, "{text}");
+}

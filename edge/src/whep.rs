@@ -100,6 +100,10 @@ impl Endpoint for Whep {
         }
     }
 
+    fn requires_token(&self) -> bool {
+        self.cfg.viewer_token.is_some()
+    }
+
     fn create(&self, stream: String, offer: String) -> CreateFuture {
         let registry = self.registry.clone();
         let server = self.rtc.clone();

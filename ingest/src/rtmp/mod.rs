@@ -36,7 +36,7 @@ use std::time::Duration;
 
 pub use crate::transcode::Policy;
 use cascade_origin::Registry;
-use cascade_rtc::limit::{LogOnce, PerIp};
+use cascade_rtc::limit::{AuthGate, LogOnce, PerIp};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -136,6 +136,8 @@ pub struct Limits {
     pub per_ip: usize,
     /// Time from accept to an accepted publish.
     pub publish_timeout: Duration,
+    /// Wrong-token limiter per source IP, shared with WHIP/WHEP/WebSocket.
+    pub auth: AuthGate,
 }
 
 impl Default for Limits {
@@ -144,6 +146,7 @@ impl Default for Limits {
             max_connections: MAX_CONNECTIONS,
             per_ip: DEFAULT_PER_IP,
             publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
+            auth: AuthGate::default(),
         }
     }
 }
@@ -154,6 +157,7 @@ struct Ctx {
     token: Arc<str>,
     bframes: Policy,
     publish_timeout: Duration,
+    auth: AuthGate,
 }
 
 /// Accepts RTMP connections on `listener` until `shutdown` is cancelled,
@@ -197,6 +201,7 @@ pub async fn serve_with_limits(
         token: publish_token,
         bframes,
         publish_timeout: limits.publish_timeout,
+        auth: limits.auth.clone(),
     });
     accept_loop(listener, ctx, shutdown, None, limits).await
 }
@@ -219,6 +224,7 @@ pub async fn serve_tls(
         token: publish_token,
         bframes,
         publish_timeout: limits.publish_timeout,
+        auth: limits.auth.clone(),
     });
     accept_loop(listener, ctx, shutdown, Some(tls), limits).await
 }
@@ -306,11 +312,11 @@ async fn run(
     tracing::debug!(%peer, "rtmp connection");
     let _ = socket.set_nodelay(true);
     let end = match tls {
-        None => conn::Conn::run(socket, ctx, shutdown).await,
+        None => conn::Conn::run(socket, ctx, peer.ip(), shutdown).await,
         Some(tls) => tokio::select! {
             _ = shutdown.cancelled() => Ok("shutdown"),
             r = tls::accept(&tls, socket) => match r {
-                Ok(stream) => conn::Conn::run(stream, ctx, shutdown).await,
+                Ok(stream) => conn::Conn::run(stream, ctx, peer.ip(), shutdown).await,
                 Err(e) => Err(e),
             },
         },
