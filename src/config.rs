@@ -302,6 +302,8 @@ pub struct Config {
     pub rtmp_limits: cascade_ingest::rtmp::Limits,
     /// Bearer token of `/api/*` and `/metrics`; `None`: open.
     pub api_token: Option<String>,
+    /// HMAC key of signed tokens (JWT HS256); `None`: static tokens only.
+    pub token_secret: Option<String>,
 }
 
 /// `--tls-cert` and `--tls-key`: PEM files, read at start and again when
@@ -475,9 +477,11 @@ impl Config {
                     .unwrap_or(cascade_ingest::rtmp::DEFAULT_PUBLISH_TIMEOUT),
                 // One count per address across RTMP, WHIP, WHEP, WebSocket.
                 auth: auth_gate,
+                token_secret: o.token_secret.clone().filter(|t| !t.is_empty()),
                 ..Default::default()
             },
             api_token: o.api_token.filter(|t| !t.is_empty()),
+            token_secret: o.token_secret.filter(|t| !t.is_empty()),
         })
     }
 }

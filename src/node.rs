@@ -114,10 +114,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut rtmps_addr = None;
     if matches!(role, Role::All | Role::Ingest) {
         if let Some(rtc) = &rtc {
-            router = router.merge(cascade_ingest::whip::router(
+            router = router.merge(cascade_ingest::whip::router_with_auth(
                 registry.clone(),
                 rtc.clone(),
-                token.clone(),
+                cascade_rtc::auth::Auth::new(Some(&token), None, cfg.token_secret.as_deref()),
             ));
         }
         let listener = TcpListener::bind(cfg.rtmp)
@@ -155,6 +155,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 cascade_edge::Config {
                     viewer_token: cfg.viewer_token.clone(),
                     bframe_ts: bframe_ts_from_env(),
+                    token_secret: cfg.token_secret.clone(),
                     ..Default::default()
                 },
             ));

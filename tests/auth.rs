@@ -5,6 +5,7 @@
 #![allow(clippy::unwrap_used)]
 
 mod common;
+mod rtmp_client;
 
 use common::Node;
 
@@ -107,4 +108,96 @@ async fn wrong_tokens_are_rate_limited_per_address() {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum();
     assert_eq!(limited, 991.0, "{text}");
+}
+
+const SECRET: &str = "test-token-secret-0123456789abcdef";
+
+/// A signed token as an operator's backend would mint it.
+fn jwt(sub: &str, act: &str) -> String {
+    let exp = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 300;
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::new(jsonwebtoken::Algorithm::HS256),
+        &serde_json::json!({"sub": sub, "act": act, "exp": exp}),
+        &jsonwebtoken::EncodingKey::from_secret(SECRET.as_bytes()),
+    )
+    .unwrap()
+}
+
+/// `--token-secret`: a publish JWT for `a` publishes `a` over WHIP and
+/// RTMP, not `b`; a view JWT does not publish; WHEP (viewer token set)
+/// takes a view JWT for the stream, not one for another stream. The
+/// static tokens still work.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn signed_tokens_per_stream_and_action() {
+    let node = Node::start(
+        "all",
+        &[
+            "--token-secret",
+            SECRET,
+            "--viewer-token",
+            "view-static",
+            // Refusals below must stay 401s.
+            "--auth-max-failures",
+            "0",
+        ],
+    );
+    let lo = [127, 0, 0, 1];
+    // WHIP.
+    let r = whip(&node.http, "a", &jwt("a", "publish"), lo).await;
+    assert_eq!(r.status(), 201, "publish JWT for its stream");
+    let r = whip(&node.http, "b", &jwt("a", "publish"), lo).await;
+    assert_eq!(r.status(), 401, "publish JWT for another stream");
+    let r = whip(&node.http, "c", &jwt("c", "view"), lo).await;
+    assert_eq!(r.status(), 401, "view JWT cannot publish");
+    let r = whip(&node.http, "d", &jwt("*", "publish"), lo).await;
+    assert_eq!(r.status(), 201, "publish JWT for every stream");
+    let r = whip(&node.http, "e", common::TOKEN, lo).await;
+    assert_eq!(r.status(), 201, "static publish token");
+
+    // RTMP: `?token=JWT` in the stream key.
+    let rtmp = node.rtmp.clone().unwrap();
+    let _ok =
+        rtmp_client::Client::publish(&rtmp, "live", &format!("r1?token={}", jwt("r1", "publish")))
+            .await;
+    let (addr, key) = (rtmp.clone(), format!("r2?token={}", jwt("r1", "publish")));
+    let refused = tokio::spawn(async move {
+        rtmp_client::Client::publish(&addr, "live", &key).await;
+    })
+    .await;
+    assert!(
+        refused.is_err(),
+        "RTMP publish with a JWT for another stream is refused"
+    );
+
+    // WHEP: a view JWT for the stream.
+    let offer = loadtest::whep::offer_sdp(&[loadtest::whep::VideoCodec::H264], true).unwrap();
+    let whep = |stream: &str, token: String| {
+        reqwest::Client::new()
+            .post(format!("{}/whep/{stream}", node.http))
+            .header("content-type", "application/sdp")
+            .bearer_auth(token)
+            .body(offer.clone())
+            .send()
+    };
+    let r = whep("a", jwt("b", "view")).await.unwrap();
+    assert_eq!(r.status(), 401, "view JWT for another stream");
+    let r = whep("a", jwt("a", "publish")).await.unwrap();
+    assert_eq!(r.status(), 401, "publish JWT cannot view");
+    let r = whep("a", jwt("a", "view")).await.unwrap();
+    assert_ne!(
+        r.status(),
+        401,
+        "view JWT for its stream passes the token check"
+    );
+    assert!(
+        r.status().is_success() || r.status() == 404,
+        "{}",
+        r.status()
+    );
+    let r = whep("a", "view-static".into()).await.unwrap();
+    assert_ne!(r.status(), 401, "static viewer token");
 }

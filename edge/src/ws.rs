@@ -15,9 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use cascade_origin::catalog::Kind;
-use cascade_rtc::http::{
-    admit_token, client_ip, request_token, token_matches, ApiError, QueryToken,
-};
+use cascade_rtc::auth::{unix_now, Action};
+use cascade_rtc::http::{admit_token, client_ip, request_token, ApiError, QueryToken};
 use cascade_rtc::SessionHandle;
 use serde_json::{json, Value};
 use str0m::change::{SdpAnswer, SdpPendingOffer};
@@ -69,19 +68,17 @@ async fn upgrade(
 ) -> Response {
     // Browsers cannot put headers on a WebSocket: `?token=` (INTERFACE.md).
     let ip = client_ip(&ext);
-    let checked = admit_token(
-        &whep.rtc,
-        "ws",
-        ip,
-        request_token(&headers, &q),
-        |t| match &whep.cfg.viewer_token {
-            Some(expected) if !token_matches(t, expected) => Err(ApiError::Unauthorized(
+    let checked = admit_token(&whep.rtc, "ws", ip, request_token(&headers, &q), |t| {
+        if !whep.auth.required(Action::View) {
+            return Ok(false);
+        }
+        match whep.auth.authorize(Action::View, &stream, t, unix_now()) {
+            Err(_) => Err(ApiError::Unauthorized(
                 "missing or wrong viewer token: add ?token=TOKEN to the URL",
             )),
-            Some(_) => Ok(true),
-            None => Ok(false),
-        },
-    );
+            Ok(()) => Ok(true),
+        }
+    });
     if let Err(e) = checked {
         result(match e {
             ApiError::TooManyRequests(_) => "rate_limited",

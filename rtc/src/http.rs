@@ -143,9 +143,9 @@ pub trait Endpoint: Send + Sync + 'static {
     /// `"whip"` or `"whep"`: URL prefix and session kind.
     fn kind(&self) -> &'static str;
 
-    /// Checks the credentials of a create request (`Authorization: Bearer`
-    /// or `?token=`).
-    fn authorize(&self, token: Option<&str>) -> Result<(), ApiError>;
+    /// Checks the credentials of a create request on `stream`
+    /// (`Authorization: Bearer` or `?token=`), see [`crate::auth::Auth`].
+    fn authorize(&self, stream: &str, token: Option<&str>) -> Result<(), ApiError>;
 
     /// False when anyone may create (open viewing): then wrong tokens are
     /// neither counted nor is a banned address refused.
@@ -356,7 +356,7 @@ async fn create_inner(
     let token = request_token(&headers, &q);
     admit_token(&s.server, s.endpoint.kind(), ip, token, |t| {
         if s.endpoint.requires_token() {
-            s.endpoint.authorize(t).map(|()| true)
+            s.endpoint.authorize(&stream, t).map(|()| true)
         } else {
             Ok(false)
         }

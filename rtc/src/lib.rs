@@ -16,6 +16,7 @@
 //! depacketizes what it receives; that is the handler's job.
 #![warn(missing_docs)]
 
+pub mod auth;
 mod egress;
 pub mod http;
 pub mod ice;

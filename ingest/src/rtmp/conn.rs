@@ -57,6 +57,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             ctx.publish_timeout,
         );
         session.set_auth(ctx.auth.clone(), ip);
+        session.set_tokens(ctx.tokens.clone());
         let mut conn = Self {
             io,
             session,

@@ -36,6 +36,7 @@ use std::time::Duration;
 
 pub use crate::transcode::Policy;
 use cascade_origin::Registry;
+use cascade_rtc::auth::Auth;
 use cascade_rtc::limit::{AuthGate, LogOnce, PerIp};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
@@ -138,6 +139,9 @@ pub struct Limits {
     pub publish_timeout: Duration,
     /// Wrong-token limiter per source IP, shared with WHIP/WHEP/WebSocket.
     pub auth: AuthGate,
+    /// `--token-secret`: signed publish tokens accepted beside the publish
+    /// token (not a limit, but it travels with them to every listener).
+    pub token_secret: Option<String>,
 }
 
 impl Default for Limits {
@@ -147,6 +151,7 @@ impl Default for Limits {
             per_ip: DEFAULT_PER_IP,
             publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
             auth: AuthGate::default(),
+            token_secret: None,
         }
     }
 }
@@ -158,6 +163,7 @@ struct Ctx {
     bframes: Policy,
     publish_timeout: Duration,
     auth: AuthGate,
+    tokens: Auth,
 }
 
 /// Accepts RTMP connections on `listener` until `shutdown` is cancelled,
@@ -198,10 +204,11 @@ pub async fn serve_with_limits(
 ) -> Result<(), Error> {
     let ctx = Arc::new(Ctx {
         registry,
-        token: publish_token,
+        token: publish_token.clone(),
         bframes,
         publish_timeout: limits.publish_timeout,
         auth: limits.auth.clone(),
+        tokens: Auth::new(Some(&publish_token), None, limits.token_secret.as_deref()),
     });
     accept_loop(listener, ctx, shutdown, None, limits).await
 }
@@ -221,10 +228,11 @@ pub async fn serve_tls(
 ) -> Result<(), Error> {
     let ctx = Arc::new(Ctx {
         registry,
-        token: publish_token,
+        token: publish_token.clone(),
         bframes,
         publish_timeout: limits.publish_timeout,
         auth: limits.auth.clone(),
+        tokens: Auth::new(Some(&publish_token), None, limits.token_secret.as_deref()),
     });
     accept_loop(listener, ctx, shutdown, Some(tls), limits).await
 }

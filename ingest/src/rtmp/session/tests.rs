@@ -824,3 +824,54 @@ fn wrong_tokens_ban_the_address() {
         Some(ClientSessionEvent::PublishRequestAccepted)
     ));
 }
+
+/// With signed tokens: a publish JWT publishes its own stream only.
+#[test]
+fn signed_tokens_publish_their_stream_only() {
+    use cascade_rtc::auth::Auth;
+    let attempt = |key: &str, jwt: &str| {
+        let mut p = Pair::new(Policy::Drop);
+        p.server.set_tokens(Auth::new(Some(TOKEN), None, Some("k")));
+        p.connect("live");
+        p.publish(&key.replace("JWT", jwt));
+        p
+    };
+    let jwt = signed("cam", "publish");
+    let p = attempt("cam?token=JWT", &jwt);
+    assert!(matches!(
+        p.events.last(),
+        Some(ClientSessionEvent::PublishRequestAccepted)
+    ));
+    let p = attempt("other?token=JWT", &jwt);
+    assert!(
+        format!("{:?}", p.events).contains("NetStream.Publish.Unauthorized"),
+        "{:?}",
+        p.events
+    );
+    let p = attempt("cam?token=JWT", &signed("cam", "view"));
+    assert!(
+        format!("{:?}", p.events).contains("NetStream.Publish.Unauthorized"),
+        "{:?}",
+        p.events
+    );
+}
+
+/// A JWT signed with "k" for `sub`/`act`, valid until 2100.
+fn signed(sub: &str, act: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        act: &'a str,
+        exp: u64,
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &Claims {
+            sub,
+            act,
+            exp: 4_102_444_800,
+        },
+        &jsonwebtoken::EncodingKey::from_secret(b"k"),
+    )
+    .unwrap()
+}
