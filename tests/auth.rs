@@ -60,9 +60,22 @@ async fn whip(http: &str, stream: &str, token: &str, from: [u8; 4]) -> reqwest::
 async fn wrong_tokens_are_rate_limited_per_address() {
     let node = Node::start("all", &[]);
     let mut statuses = Vec::new();
+    // One client (keep-alive) and one offer: the figure is the server's.
+    let client = reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from([127, 0, 0, 1]))
+        .build()
+        .unwrap();
+    let offer = loadtest::whip::offer_sdp(loadtest::media::Profile::default(), true).unwrap();
     let started = std::time::Instant::now();
     for _ in 0..1000 {
-        let r = whip(&node.http, "s1", "wrong", [127, 0, 0, 1]).await;
+        let r = client
+            .post(format!("{}/whip/s1", node.http))
+            .header("content-type", "application/sdp")
+            .bearer_auth("wrong")
+            .body(offer.clone())
+            .send()
+            .await
+            .unwrap();
         let s = r.status().as_u16();
         if s == 429 {
             let secs: u64 = r.headers()["retry-after"]

@@ -269,10 +269,10 @@ pub fn client_ip(ext: &axum::http::Extensions) -> IpAddr {
 }
 
 /// Runs `check` on `token` under the node's wrong-token limit: 429 when
-/// `ip` is banned (checked first, so a right token from a banned address is
-/// refused too), and a failed check is counted against `ip`. `check`
-/// returns `Ok(false)` when no token was needed (then nothing is counted
-/// and bans do not apply).
+/// `ip` is banned, whatever the check said (a right token from a banned
+/// address is refused too, so 429s do tell a guesser nothing), and a failed
+/// check is counted against `ip`. `check` returns `Ok(false)` when no token
+/// was needed (then nothing is counted and bans do not apply).
 pub fn admit_token(
     server: &Server,
     protocol: &'static str,
