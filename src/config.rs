@@ -600,6 +600,40 @@ mod tests {
     }
 
     #[test]
+    fn auth_flags_and_keys() {
+        let c = Config::from_cli(parse(&[])).unwrap();
+        assert_eq!(c.api_token, None);
+        assert_eq!(c.token_secret, None);
+        assert_eq!(c.rtmp_limits.token_secret, None);
+        let c = Config::from_cli(parse(&[
+            "--api-token",
+            "a",
+            "--token-secret",
+            "k",
+            "--auth-max-failures",
+            "1",
+        ]))
+        .unwrap();
+        assert_eq!(c.api_token.as_deref(), Some("a"));
+        assert_eq!(c.token_secret.as_deref(), Some("k"));
+        assert_eq!(c.rtmp_limits.token_secret.as_deref(), Some("k"));
+        // One wrong token bans, and RTMP shares the WebRTC side's count.
+        let (ip, t0) = (IpAddr::from([10, 0, 0, 1]), std::time::Instant::now());
+        assert!(c.rtmp_limits.auth.admit("rtmp", ip, t0).is_ok());
+        c.rtc_limits.auth.failed("whip", true, ip, t0);
+        assert!(c.rtmp_limits.auth.admit("rtmp", ip, t0).is_err());
+        // Empty values mean unset.
+        let c = Config::from_cli(parse(&["--api-token", "", "--token-secret", ""])).unwrap();
+        assert_eq!((c.api_token, c.token_secret), (None, None));
+        let file: Options =
+            toml::from_str("api-token = \"a\"\nauth-max-failures = 3\ntoken-secret = \"k\"\n")
+                .unwrap();
+        assert_eq!(file.auth_max_failures, Some(3));
+        assert_eq!(file.api_token.as_deref(), Some("a"));
+        assert_eq!(file.token_secret.as_deref(), Some("k"));
+    }
+
+    #[test]
     fn origin_defaults_and_secret_required() {
         assert!(Config::from_cli(parse(&["origin"])).is_err());
         let c = Config::from_cli(parse(&[
