@@ -305,4 +305,24 @@ mod tests {
             Err(Refusal::Wrong)
         );
     }
+
+    proptest::proptest! {
+        /// Client input never panics the verifier and never passes
+        /// without the key: free text and JWT-shaped strings alike.
+        #[test]
+        fn forged_tokens_never_pass(
+            free in ".{0,200}",
+            h in "[A-Za-z0-9_-]{0,60}",
+            p in "[A-Za-z0-9_-]{0,120}",
+            sig in "[A-Za-z0-9_-]{0,60}",
+            stream in "[a-z]{1,8}",
+        ) {
+            let a = Auth::new(Some("a-static-publish-token-of-32-char"), Some("a-static-viewer-token-of-32-chars"), Some(SECRET));
+            for t in [free, format!("{h}.{p}.{sig}")] {
+                for act in [Action::Publish, Action::View] {
+                    proptest::prop_assert!(a.authorize(act, &stream, Some(&t), NOW).is_err());
+                }
+            }
+        }
+    }
 }
