@@ -190,6 +190,20 @@ pub struct Options {
     /// Remote ICE candidates per WebRTC session (PATCH and WebSocket) [default: 32]
     #[arg(long, global = true, env = "CASCADE_MAX_REMOTE_CANDIDATES")]
     pub max_remote_candidates: Option<usize>,
+    /// Bearer token `/api/*` and `/metrics` require [default: none, open]
+    #[arg(long, global = true, env = "CASCADE_API_TOKEN", hide_env_values = true)]
+    pub api_token: Option<String>,
+    /// Wrong or missing tokens one client IP may send per minute before it gets 429 [default: 10]
+    #[arg(long, global = true, env = "CASCADE_AUTH_MAX_FAILURES")]
+    pub auth_max_failures: Option<u32>,
+    /// HMAC key of signed tokens (JWT HS256: sub, act, exp) [default: none]
+    #[arg(
+        long,
+        global = true,
+        env = "CASCADE_TOKEN_SECRET",
+        hide_env_values = true
+    )]
+    pub token_secret: Option<String>,
     /// Test hook for the supervision test: shards panic when adding a
     /// session after this many. No env, no file key, not in --help.
     #[arg(long, global = true, hide = true)]
@@ -244,6 +258,9 @@ impl Options {
             ice_tcp_idle_timeout: self.ice_tcp_idle_timeout.or(lower.ice_tcp_idle_timeout),
             max_remote_candidates: self.max_remote_candidates.or(lower.max_remote_candidates),
             debug_panic_shard_after: self.debug_panic_shard_after,
+            api_token: self.api_token.or(lower.api_token),
+            auth_max_failures: self.auth_max_failures.or(lower.auth_max_failures),
+            token_secret: self.token_secret.or(lower.token_secret),
         }
     }
 }
@@ -283,6 +300,10 @@ pub struct Config {
     pub rtc_limits: cascade_rtc::Limits,
     /// RTMP connection limits.
     pub rtmp_limits: cascade_ingest::rtmp::Limits,
+    /// Bearer token of `/api/*` and `/metrics`; `None`: open.
+    pub api_token: Option<String>,
+    /// HMAC key of signed tokens (JWT HS256); `None`: static tokens only.
+    pub token_secret: Option<String>,
 }
 
 /// `--tls-cert` and `--tls-key`: PEM files, read at start and again when
@@ -335,6 +356,7 @@ impl Config {
 
     fn resolve(role: Role, o: Options) -> anyhow::Result<Self> {
         let rtc_limits = rtc_limits(&o);
+        let auth_gate = rtc_limits.auth.clone();
         let udp = o
             .udp
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8189)));
@@ -453,8 +475,13 @@ impl Config {
                 publish_timeout: o
                     .rtmp_publish_timeout
                     .unwrap_or(cascade_ingest::rtmp::DEFAULT_PUBLISH_TIMEOUT),
+                // One count per address across RTMP, WHIP, WHEP, WebSocket.
+                auth: auth_gate,
+                token_secret: o.token_secret.clone().filter(|t| !t.is_empty()),
                 ..Default::default()
             },
+            api_token: o.api_token.filter(|t| !t.is_empty()),
+            token_secret: o.token_secret.filter(|t| !t.is_empty()),
         })
     }
 }
@@ -467,6 +494,10 @@ fn rtc_limits(o: &Options) -> cascade_rtc::Limits {
         tcp_idle: o.ice_tcp_idle_timeout.unwrap_or(d.tcp_idle),
         max_remote_candidates: o.max_remote_candidates.unwrap_or(d.max_remote_candidates),
         panic_shard_after: o.debug_panic_shard_after,
+        auth: cascade_rtc::limit::AuthGate::new(
+            o.auth_max_failures
+                .unwrap_or(cascade_rtc::limit::DEFAULT_AUTH_MAX_FAILURES),
+        ),
     }
 }
 
@@ -566,6 +597,40 @@ mod tests {
         assert_eq!(file.max_remote_candidates, Some(9));
         // The panic hook is a hidden flag only: no file key.
         assert!(toml::from_str::<Options>("debug-panic-shard-after = 1").is_err());
+    }
+
+    #[test]
+    fn auth_flags_and_keys() {
+        let c = Config::from_cli(parse(&[])).unwrap();
+        assert_eq!(c.api_token, None);
+        assert_eq!(c.token_secret, None);
+        assert_eq!(c.rtmp_limits.token_secret, None);
+        let c = Config::from_cli(parse(&[
+            "--api-token",
+            "a",
+            "--token-secret",
+            "k",
+            "--auth-max-failures",
+            "1",
+        ]))
+        .unwrap();
+        assert_eq!(c.api_token.as_deref(), Some("a"));
+        assert_eq!(c.token_secret.as_deref(), Some("k"));
+        assert_eq!(c.rtmp_limits.token_secret.as_deref(), Some("k"));
+        // One wrong token bans, and RTMP shares the WebRTC side's count.
+        let (ip, t0) = (IpAddr::from([10, 0, 0, 1]), std::time::Instant::now());
+        assert!(c.rtmp_limits.auth.admit("rtmp", ip, t0).is_ok());
+        c.rtc_limits.auth.failed("whip", true, ip, t0);
+        assert!(c.rtmp_limits.auth.admit("rtmp", ip, t0).is_err());
+        // Empty values mean unset.
+        let c = Config::from_cli(parse(&["--api-token", "", "--token-secret", ""])).unwrap();
+        assert_eq!((c.api_token, c.token_secret), (None, None));
+        let file: Options =
+            toml::from_str("api-token = \"a\"\nauth-max-failures = 3\ntoken-secret = \"k\"\n")
+                .unwrap();
+        assert_eq!(file.auth_max_failures, Some(3));
+        assert_eq!(file.api_token.as_deref(), Some("a"));
+        assert_eq!(file.token_secret.as_deref(), Some("k"));
     }
 
     #[test]

@@ -114,10 +114,10 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let mut rtmps_addr = None;
     if matches!(role, Role::All | Role::Ingest) {
         if let Some(rtc) = &rtc {
-            router = router.merge(cascade_ingest::whip::router(
+            router = router.merge(cascade_ingest::whip::router_with_auth(
                 registry.clone(),
                 rtc.clone(),
-                token.clone(),
+                cascade_rtc::auth::Auth::new(Some(&token), None, cfg.token_secret.as_deref()),
             ));
         }
         let listener = TcpListener::bind(cfg.rtmp)
@@ -155,6 +155,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                 cascade_edge::Config {
                     viewer_token: cfg.viewer_token.clone(),
                     bframe_ts: bframe_ts_from_env(),
+                    token_secret: cfg.token_secret.clone(),
                     ..Default::default()
                 },
             ));
@@ -164,6 +165,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         registry: registry.clone(),
         prometheus,
         draining: draining.clone(),
+        api_token: cfg.api_token.as_deref().map(Arc::from),
     }));
 
     let http = listen_http(cfg.http).with_context(|| format!("binding HTTP on {}", cfg.http))?;
@@ -177,6 +179,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         relay_server.as_ref(),
     );
 
+    let router = router.layer(axum::middleware::from_fn(client_addr));
     let http_stop = stop.clone();
     let https = match &tls {
         Some(t) => Some(t.https()?),
@@ -186,14 +189,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         let stopped = async move { http_stop.cancelled().await };
         match https {
             None => {
-                axum::serve(http, router)
+                // ConnectInfo: the client address for per-IP limits.
+                axum::serve(http, router.into_make_service_with_connect_info::<Peer>())
                     .with_graceful_shutdown(stopped)
                     .await
             }
             Some(acceptor) => {
-                axum::serve(crate::tls::TlsListener::new(http, acceptor)?, router)
-                    .with_graceful_shutdown(stopped)
-                    .await
+                axum::serve(
+                    crate::tls::TlsListener::new(http, acceptor)?,
+                    router.into_make_service_with_connect_info::<Peer>(),
+                )
+                .with_graceful_shutdown(stopped)
+                .await
             }
         }
     });
@@ -226,6 +233,46 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
     Ok(())
+}
+
+/// The client address of an HTTP connection, plain or TLS (axum only
+/// provides one for its own `TcpListener`).
+#[derive(Clone, Copy, Debug)]
+struct Peer(SocketAddr);
+
+impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>> for Peer {
+    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+impl
+    axum::extract::connect_info::Connected<
+        axum::serve::IncomingStream<'_, crate::tls::TlsListener<TcpListener>>,
+    > for Peer
+{
+    fn connect_info(
+        stream: axum::serve::IncomingStream<'_, crate::tls::TlsListener<TcpListener>>,
+    ) -> Self {
+        Self(*stream.remote_addr())
+    }
+}
+
+/// Hands the client address to the handlers of other crates (per-IP
+/// wrong-token limits) as [`cascade_rtc::http::ClientAddr`].
+async fn client_addr(
+    mut req: axum::extract::Request,
+    next: axum::middleware::Next,
+) -> axum::response::Response {
+    if let Some(axum::extract::ConnectInfo(Peer(addr))) = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<Peer>>()
+        .copied()
+    {
+        req.extensions_mut()
+            .insert(cascade_rtc::http::ClientAddr(addr));
+    }
+    next.run(req).await
 }
 
 /// Pending connections the HTTP listener queues: a join ramp of 300

@@ -40,6 +40,9 @@ pub struct Config {
     /// How H.264 tracks with B-frames are stamped or thinned for viewers
     /// ([`bframes::BframeTs::DEFAULT`] unless overridden for a measurement).
     pub bframe_ts: bframes::BframeTs,
+    /// `--token-secret`: signed view tokens (JWT HS256) are accepted where
+    /// the viewer token is.
+    pub token_secret: Option<String>,
 }
 
 /// The edge's routes: WHEP (`/whep/{stream}` and its session resources) and

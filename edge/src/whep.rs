@@ -12,7 +12,8 @@ use std::time::Instant;
 
 use cascade_origin::catalog::Codec;
 use cascade_origin::Registry;
-use cascade_rtc::http::{token_matches, ApiError, CreateFuture, Created, Endpoint};
+use cascade_rtc::auth::{unix_now, Action, Auth};
+use cascade_rtc::http::{ApiError, CreateFuture, Created, Endpoint};
 use str0m::change::SdpOffer;
 use str0m::format::{Codec as RtcCodec, FormatParams};
 use str0m::media::{Frequency, Mid, Pt};
@@ -29,6 +30,8 @@ pub struct Whep {
     pub(crate) registry: Arc<Registry>,
     pub(crate) rtc: cascade_rtc::Server,
     pub(crate) cfg: Config,
+    /// Viewer token and signed tokens, from `cfg`.
+    pub(crate) auth: Auth,
     hub: Arc<Hub>,
     // Shared with OvenPlayer sessions (`ws`): one viewer limit per node.
     pub(crate) viewers: Arc<AtomicUsize>,
@@ -41,6 +44,11 @@ impl Whep {
             registry,
             rtc,
             hub: Arc::new(Hub::new(cfg.bframe_ts)),
+            auth: Auth::new(
+                None,
+                cfg.viewer_token.as_deref(),
+                cfg.token_secret.as_deref(),
+            ),
             cfg,
             viewers: Arc::new(AtomicUsize::new(0)),
         }
@@ -88,9 +96,10 @@ impl Endpoint for Whep {
         "whep"
     }
 
-    fn authorize(&self, token: Option<&str>) -> Result<(), ApiError> {
-        match &self.cfg.viewer_token {
-            Some(expected) if !token_matches(token, expected) => {
+    fn authorize(&self, stream: &str, token: Option<&str>) -> Result<(), ApiError> {
+        match self.auth.authorize(Action::View, stream, token, unix_now()) {
+            Err(why) => {
+                tracing::debug!(reason = why.label(), "whep view refused");
                 offer_result("unauthorized");
                 Err(ApiError::Unauthorized(
                     "missing or wrong viewer token: send Authorization: Bearer TOKEN or ?token=TOKEN",
@@ -98,6 +107,10 @@ impl Endpoint for Whep {
             }
             _ => Ok(()),
         }
+    }
+
+    fn requires_token(&self) -> bool {
+        self.auth.required(Action::View)
     }
 
     fn create(&self, stream: String, offer: String) -> CreateFuture {

@@ -15,7 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use cascade_origin::catalog::Kind;
-use cascade_rtc::http::{request_token, token_matches, ApiError, QueryToken};
+use cascade_rtc::auth::{unix_now, Action};
+use cascade_rtc::http::{admit_token, client_ip, request_token, ApiError, QueryToken};
 use cascade_rtc::SessionHandle;
 use serde_json::{json, Value};
 use str0m::change::{SdpAnswer, SdpPendingOffer};
@@ -62,17 +63,28 @@ async fn upgrade(
     Path(stream): Path<String>,
     Query(q): Query<QueryToken>,
     headers: HeaderMap,
+    ext: axum::http::Extensions,
     ws: WebSocketUpgrade,
 ) -> Response {
     // Browsers cannot put headers on a WebSocket: `?token=` (INTERFACE.md).
-    if let Some(expected) = &whep.cfg.viewer_token {
-        if !token_matches(request_token(&headers, &q), expected) {
-            result("unauthorized");
-            return ApiError::Unauthorized(
-                "missing or wrong viewer token: add ?token=TOKEN to the URL",
-            )
-            .into_response();
+    let ip = client_ip(&ext);
+    let checked = admit_token(&whep.rtc, "ws", ip, request_token(&headers, &q), |t| {
+        if !whep.auth.required(Action::View) {
+            return Ok(false);
         }
+        match whep.auth.authorize(Action::View, &stream, t, unix_now()) {
+            Err(_) => Err(ApiError::Unauthorized(
+                "missing or wrong viewer token: add ?token=TOKEN to the URL",
+            )),
+            Ok(()) => Ok(true),
+        }
+    });
+    if let Err(e) = checked {
+        result(match e {
+            ApiError::TooManyRequests(_) => "rate_limited",
+            _ => "unauthorized",
+        });
+        return e.into_response();
     }
     if !cascade_origin::valid_stream_name(&stream) {
         return ApiError::BadRequest(cascade_origin::BAD_STREAM_NAME.into()).into_response();

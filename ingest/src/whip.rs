@@ -22,7 +22,8 @@ use cascade_origin::frame::Frame;
 use cascade_origin::registry::Publisher;
 use cascade_origin::relay::wire::MAX_TRACKS;
 use cascade_origin::Registry;
-use cascade_rtc::http::{token_matches, ApiError, CreateFuture, Created, Endpoint};
+use cascade_rtc::auth::{unix_now, Action, Auth};
+use cascade_rtc::http::{ApiError, CreateFuture, Created, Endpoint};
 use cascade_rtc::session::CloseReason;
 use cascade_rtc::{Ctx, Flow, Handler};
 use str0m::change::SdpOffer;
@@ -44,16 +45,22 @@ const PLI_INTERVAL: Duration = Duration::from_millis(500);
 pub struct Whip {
     registry: Arc<Registry>,
     rtc: cascade_rtc::Server,
-    token: Arc<str>,
+    auth: Auth,
 }
 
 impl Whip {
     /// A WHIP endpoint publishing into `registry`, requiring `token`.
     pub fn new(registry: Arc<Registry>, rtc: cascade_rtc::Server, token: Arc<str>) -> Self {
+        Self::with_auth(registry, rtc, Auth::new(Some(&token), None, None))
+    }
+
+    /// A WHIP endpoint publishing into `registry` under `auth`'s rules
+    /// (publish token, signed tokens).
+    pub fn with_auth(registry: Arc<Registry>, rtc: cascade_rtc::Server, auth: Auth) -> Self {
         Self {
             registry,
             rtc,
-            token,
+            auth,
         }
     }
 }
@@ -61,7 +68,16 @@ impl Whip {
 /// The WHIP routes (`/whip/{stream}` and its session resources) and the
 /// browser publish page (`/publish/{stream}`).
 pub fn router(registry: Arc<Registry>, rtc: cascade_rtc::Server, token: Arc<str>) -> axum::Router {
-    let whip = Arc::new(Whip::new(registry, rtc.clone(), token));
+    router_with_auth(registry, rtc, Auth::new(Some(&token), None, None))
+}
+
+/// [`router`] under `auth`'s rules (publish token and signed tokens).
+pub fn router_with_auth(
+    registry: Arc<Registry>,
+    rtc: cascade_rtc::Server,
+    auth: Auth,
+) -> axum::Router {
+    let whip = Arc::new(Whip::with_auth(registry, rtc.clone(), auth));
     cascade_rtc::http::router(whip, rtc).merge(crate::publish::router())
 }
 
@@ -88,14 +104,17 @@ impl Endpoint for Whip {
         "whip"
     }
 
-    fn authorize(&self, token: Option<&str>) -> Result<(), ApiError> {
-        if token_matches(token, &self.token) {
-            Ok(())
-        } else {
-            Err(ApiError::Unauthorized(
+    fn authorize(&self, stream: &str, token: Option<&str>) -> Result<(), ApiError> {
+        if let Err(why) = self
+            .auth
+            .authorize(Action::Publish, stream, token, unix_now())
+        {
+            tracing::debug!(reason = why.label(), "whip publish refused");
+            return Err(ApiError::Unauthorized(
                 "missing or wrong publish token: send Authorization: Bearer TOKEN",
-            ))
+            ));
         }
+        Ok(())
     }
 
     fn create(&self, stream: String, offer: String) -> CreateFuture {

@@ -6,6 +6,7 @@
 //! INTERFACE.md's error table becomes HTTP statuses.
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 
@@ -55,6 +56,9 @@ pub enum ApiError {
     /// 428: ICE restart without `If-Match`.
     #[error("ice restart needs If-Match")]
     PreconditionRequired,
+    /// 429 + Retry-After (seconds): too many wrong tokens from this address.
+    #[error("too many wrong tokens from this address, retry in {0} s")]
+    TooManyRequests(u64),
     /// 503 + Retry-After: session limit reached or draining.
     #[error("{0}")]
     Unavailable(&'static str),
@@ -75,6 +79,7 @@ impl ApiError {
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PreconditionRequired => StatusCode::PRECONDITION_REQUIRED,
+            Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
@@ -96,6 +101,10 @@ impl IntoResponse for ApiError {
             Self::Unavailable(_) => {
                 res.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
+            }
+            Self::TooManyRequests(secs) => {
+                res.headers_mut()
+                    .insert(header::RETRY_AFTER, HeaderValue::from(secs));
             }
             Self::Unauthorized(_) => {
                 res.headers_mut()
@@ -134,9 +143,15 @@ pub trait Endpoint: Send + Sync + 'static {
     /// `"whip"` or `"whep"`: URL prefix and session kind.
     fn kind(&self) -> &'static str;
 
-    /// Checks the credentials of a create request (`Authorization: Bearer`
-    /// or `?token=`).
-    fn authorize(&self, token: Option<&str>) -> Result<(), ApiError>;
+    /// Checks the credentials of a create request on `stream`
+    /// (`Authorization: Bearer` or `?token=`), see [`crate::auth::Auth`].
+    fn authorize(&self, stream: &str, token: Option<&str>) -> Result<(), ApiError>;
+
+    /// False when anyone may create (open viewing): then wrong tokens are
+    /// neither counted nor is a banned address refused.
+    fn requires_token(&self) -> bool {
+        true
+    }
 
     /// Creates a session on `stream` from an SDP offer.
     fn create(&self, stream: String, offer: String) -> CreateFuture;
@@ -241,6 +256,45 @@ pub fn request_token<'a>(headers: &'a HeaderMap, query: &'a QueryToken) -> Optio
         .or(query.token.as_deref())
 }
 
+/// The client's address, a request extension the node sets from its
+/// listener's `ConnectInfo` (both plain TCP and TLS).
+#[derive(Clone, Copy, Debug)]
+pub struct ClientAddr(pub SocketAddr);
+
+/// The client's IP, from [`ClientAddr`]; unspecified when served without
+/// it (router unit tests), which then all share one wrong-token count.
+pub fn client_ip(ext: &axum::http::Extensions) -> IpAddr {
+    ext.get::<ClientAddr>()
+        .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
+}
+
+/// Runs `check` on `token` under the node's wrong-token limit: 429 when
+/// `ip` is banned, whatever the check said (a right token from a banned
+/// address is refused too, so 429s do tell a guesser nothing), and a failed
+/// check is counted against `ip`. `check` returns `Ok(false)` when no token
+/// was needed (then nothing is counted and bans do not apply).
+pub fn admit_token(
+    server: &Server,
+    protocol: &'static str,
+    ip: IpAddr,
+    token: Option<&str>,
+    check: impl FnOnce(Option<&str>) -> Result<bool, ApiError>,
+) -> Result<(), ApiError> {
+    let now = std::time::Instant::now();
+    let gate = server.auth();
+    // Open endpoints skip the ban: probe without running the check twice.
+    let result = check(token);
+    if matches!(result, Ok(false)) {
+        return Ok(());
+    }
+    gate.admit(protocol, ip, now)
+        .map_err(ApiError::TooManyRequests)?;
+    if result.is_err() {
+        gate.failed(protocol, token.is_some(), ip, now);
+    }
+    result.map(|_| ())
+}
+
 /// The `?token=` query parameter.
 #[derive(Debug, Default, serde::Deserialize)]
 pub struct QueryToken {
@@ -278,10 +332,11 @@ async fn create(
     Path(stream): Path<String>,
     Query(q): Query<QueryToken>,
     headers: HeaderMap,
-    body: Body,
+    req: Request,
 ) -> Response {
     let kind = s.endpoint.kind();
-    let res = create_inner(&s, stream, q, headers, body).await;
+    let ip = client_ip(req.extensions());
+    let res = create_inner(&s, stream, q, headers, ip, req.into_body()).await;
     let res = match res {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -295,9 +350,17 @@ async fn create_inner(
     stream: String,
     q: QueryToken,
     headers: HeaderMap,
+    ip: IpAddr,
     body: Body,
 ) -> Result<Response, ApiError> {
-    s.endpoint.authorize(request_token(&headers, &q))?;
+    let token = request_token(&headers, &q);
+    admit_token(&s.server, s.endpoint.kind(), ip, token, |t| {
+        if s.endpoint.requires_token() {
+            s.endpoint.authorize(&stream, t).map(|()| true)
+        } else {
+            Ok(false)
+        }
+    })?;
     if !cascade_origin::valid_stream_name(&stream) {
         return Err(ApiError::BadRequest(cascade_origin::BAD_STREAM_NAME.into()));
     }

@@ -16,6 +16,7 @@
 //! depacketizes what it receives; that is the handler's job.
 #![warn(missing_docs)]
 
+pub mod auth;
 mod egress;
 pub mod http;
 pub mod ice;
@@ -93,6 +94,9 @@ pub struct Limits {
     /// add a session after this many. Never set outside tests.
     #[doc(hidden)]
     pub panic_shard_after: Option<usize>,
+    /// Wrong tokens per source IP before 429, shared with every protocol
+    /// of the node (the node passes the same gate to RTMP).
+    pub auth: limit::AuthGate,
 }
 
 /// Default [`Limits::tcp_per_ip`].
@@ -109,6 +113,7 @@ impl Default for Limits {
             tcp_idle: DEFAULT_TCP_IDLE,
             max_remote_candidates: DEFAULT_MAX_REMOTE_CANDIDATES,
             panic_shard_after: None,
+            auth: limit::AuthGate::default(),
         }
     }
 }

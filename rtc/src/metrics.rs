@@ -32,8 +32,16 @@ pub const ROUTED_ADDRESSES: &str = "cascade_rtc_routed_addresses";
 /// A shard or receive task that panicked or stopped (the node then exits).
 pub const TASK_FAILURES: &str = "cascade_rtc_task_failures_total";
 
+/// Token refusals by protocol and reason (`missing_token`, `wrong_token`,
+/// `rate_limited`).
+pub const AUTH_REFUSED: &str = "cascade_auth_refused_total";
+
 /// Registers descriptions.
 pub fn describe() {
+    metrics::describe_counter!(
+        AUTH_REFUSED,
+        "publish/view attempts refused for their token, by protocol and reason"
+    );
     metrics::describe_counter!(SESSIONS_OPENED, "webrtc sessions opened");
     metrics::describe_counter!(SESSIONS_CLOSED, "webrtc sessions closed, by reason");
     metrics::describe_gauge!(SESSIONS, "webrtc sessions alive");

@@ -56,6 +56,7 @@ struct Inner {
     max_sessions: usize,
     draining: AtomicBool,
     max_candidates: usize,
+    auth: crate::limit::AuthGate,
     /// Why a shard or receive task failed, once one did.
     failed: watch::Sender<Option<String>>,
 }
@@ -190,6 +191,7 @@ impl Server {
                 max_sessions: cfg.max_sessions,
                 draining: AtomicBool::new(false),
                 max_candidates: cfg.limits.max_remote_candidates,
+                auth: cfg.limits.auth.clone(),
                 failed,
             }),
         })
@@ -249,6 +251,11 @@ impl Server {
     /// The STUN/TURN servers to offer clients.
     pub fn ice_servers(&self) -> &crate::ice::IceServers {
         &self.inner.ice
+    }
+
+    /// The node's wrong-token limiter (429 per source IP).
+    pub fn auth(&self) -> &crate::limit::AuthGate {
+        &self.inner.auth
     }
 
     /// Fails with [`Error::Full`] when a new session would exceed the limit

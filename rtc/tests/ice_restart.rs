@@ -38,7 +38,7 @@ impl Endpoint for Test {
         "whep"
     }
 
-    fn authorize(&self, _token: Option<&str>) -> Result<(), ApiError> {
+    fn authorize(&self, _stream: &str, _token: Option<&str>) -> Result<(), ApiError> {
         Ok(())
     }
 

@@ -47,14 +47,17 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     pub(super) async fn run(
         io: S,
         ctx: Arc<Ctx>,
+        ip: std::net::IpAddr,
         shutdown: CancellationToken,
     ) -> Result<&'static str, Error> {
-        let session = Session::new(
+        let mut session = Session::new(
             now(),
             ctx.token.clone(),
             ctx.bframes.clone(),
             ctx.publish_timeout,
         );
+        session.set_auth(ctx.auth.clone(), ip);
+        session.set_tokens(ctx.tokens.clone());
         let mut conn = Self {
             io,
             session,

@@ -36,7 +36,8 @@ use std::time::Duration;
 
 pub use crate::transcode::Policy;
 use cascade_origin::Registry;
-use cascade_rtc::limit::{LogOnce, PerIp};
+use cascade_rtc::auth::Auth;
+use cascade_rtc::limit::{AuthGate, LogOnce, PerIp};
 use tokio::net::TcpListener;
 use tokio::sync::Semaphore;
 use tokio_rustls::TlsAcceptor;
@@ -136,6 +137,11 @@ pub struct Limits {
     pub per_ip: usize,
     /// Time from accept to an accepted publish.
     pub publish_timeout: Duration,
+    /// Wrong-token limiter per source IP, shared with WHIP/WHEP/WebSocket.
+    pub auth: AuthGate,
+    /// `--token-secret`: signed publish tokens accepted beside the publish
+    /// token (not a limit, but it travels with them to every listener).
+    pub token_secret: Option<String>,
 }
 
 impl Default for Limits {
@@ -144,6 +150,8 @@ impl Default for Limits {
             max_connections: MAX_CONNECTIONS,
             per_ip: DEFAULT_PER_IP,
             publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
+            auth: AuthGate::default(),
+            token_secret: None,
         }
     }
 }
@@ -154,6 +162,8 @@ struct Ctx {
     token: Arc<str>,
     bframes: Policy,
     publish_timeout: Duration,
+    auth: AuthGate,
+    tokens: Auth,
 }
 
 /// Accepts RTMP connections on `listener` until `shutdown` is cancelled,
@@ -194,9 +204,11 @@ pub async fn serve_with_limits(
 ) -> Result<(), Error> {
     let ctx = Arc::new(Ctx {
         registry,
-        token: publish_token,
+        token: publish_token.clone(),
         bframes,
         publish_timeout: limits.publish_timeout,
+        auth: limits.auth.clone(),
+        tokens: Auth::new(Some(&publish_token), None, limits.token_secret.as_deref()),
     });
     accept_loop(listener, ctx, shutdown, None, limits).await
 }
@@ -216,9 +228,11 @@ pub async fn serve_tls(
 ) -> Result<(), Error> {
     let ctx = Arc::new(Ctx {
         registry,
-        token: publish_token,
+        token: publish_token.clone(),
         bframes,
         publish_timeout: limits.publish_timeout,
+        auth: limits.auth.clone(),
+        tokens: Auth::new(Some(&publish_token), None, limits.token_secret.as_deref()),
     });
     accept_loop(listener, ctx, shutdown, Some(tls), limits).await
 }
@@ -306,11 +320,11 @@ async fn run(
     tracing::debug!(%peer, "rtmp connection");
     let _ = socket.set_nodelay(true);
     let end = match tls {
-        None => conn::Conn::run(socket, ctx, shutdown).await,
+        None => conn::Conn::run(socket, ctx, peer.ip(), shutdown).await,
         Some(tls) => tokio::select! {
             _ = shutdown.cancelled() => Ok("shutdown"),
             r = tls::accept(&tls, socket) => match r {
-                Ok(stream) => conn::Conn::run(stream, ctx, shutdown).await,
+                Ok(stream) => conn::Conn::run(stream, ctx, peer.ip(), shutdown).await,
                 Err(e) => Err(e),
             },
         },

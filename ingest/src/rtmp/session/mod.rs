@@ -16,12 +16,15 @@
 mod publish;
 
 use std::collections::VecDeque;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use cascade_origin::catalog::Catalog;
 use cascade_origin::frame::Frame;
+use cascade_rtc::auth::{Action, Auth};
+use cascade_rtc::limit::AuthGate;
 use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
 use rml_rtmp::sessions::{
     ServerSession, ServerSessionConfig, ServerSessionEvent, ServerSessionResult,
@@ -109,7 +112,7 @@ pub(super) struct Session {
     /// Until a publish is accepted: the connection must have published by
     /// then (idle pings do not extend it).
     publish_by: Option<Instant>,
-    token: Arc<str>,
+    tokens: Auth,
     bframes: Policy,
     phase: Phase,
     guard: Guard,
@@ -127,6 +130,8 @@ pub(super) struct Session {
     /// become deadlines from it.
     last: Now,
     outputs: VecDeque<Output>,
+    /// The node's wrong-token limiter and this client's address.
+    auth: Option<(AuthGate, IpAddr)>,
 }
 
 impl Session {
@@ -140,7 +145,7 @@ impl Session {
     ) -> Self {
         Self {
             publish_by: Some(now.at + publish_timeout),
-            token,
+            tokens: Auth::new(Some(&token), None, None),
             bframes,
             phase: Phase::Handshake {
                 hs: Box::new(Handshake::new(PeerType::Server)),
@@ -155,7 +160,21 @@ impl Session {
             starting: None,
             last: now,
             outputs: VecDeque::new(),
+            auth: None,
         }
+    }
+
+    /// Counts wrong tokens of this connection against `ip` in `gate`, and
+    /// refuses its publish while `ip` is banned (the ban is on the address:
+    /// a right token is refused too).
+    pub(super) fn set_auth(&mut self, gate: AuthGate, ip: IpAddr) {
+        self.auth = Some((gate, ip));
+    }
+
+    /// Publishes are checked against `tokens` (publish token and signed
+    /// tokens) instead of the token given to [`Self::new`].
+    pub(super) fn set_tokens(&mut self, tokens: Auth) {
+        self.tokens = tokens;
     }
 
     /// The next thing to do; drain it after every `handle_*`.
@@ -491,10 +510,26 @@ impl Session {
         }
         let (name, token) = parse_key(key);
         let token = token.or(self.app_token.as_deref());
+        let at = self.last.at;
+        if let Some((gate, ip)) = &self.auth {
+            if gate.admit("rtmp", *ip, at).is_err() {
+                return self.refuse(
+                    id,
+                    "NetStream.Publish.Unauthorized",
+                    "too many wrong tokens from this address, retry in a minute",
+                    "rate_limited",
+                );
+            }
+        }
         // Never log the token, only whether one came.
-        if !token.is_some_and(|t| cascade_media::token::matches(t, &self.token)) {
+        let unix = self.last.wall_us / 1_000_000;
+        if let Err(why) = self.tokens.authorize(Action::Publish, name, token, unix) {
+            if let Some((gate, ip)) = &self.auth {
+                gate.failed("rtmp", token.is_some(), *ip, at);
+            }
             tracing::info!(
                 token_given = token.is_some(),
+                reason = why.label(),
                 "rtmp publish refused: missing or wrong token"
             );
             return self.refuse(

@@ -783,3 +783,95 @@ fn late_b_frames_switch_a_live_stream_to_the_transcode() {
     assert!(p.take().is_empty());
     assert_eq!(script.lock().unwrap().pushed.len(), 3);
 }
+
+/// Wrong tokens count against the client's address: past the maximum its
+/// publishes are refused with the rate-limit reason, a right token too,
+/// while another address still publishes.
+#[test]
+fn wrong_tokens_ban_the_address() {
+    let gate = cascade_rtc::limit::AuthGate::new(2);
+    let ip = std::net::IpAddr::from([10, 0, 0, 1]);
+    let refused = |p: &mut Pair| match p.out.iter().find_map(|o| match o {
+        Output::Close(Err(Error::Refused(r))) => Some(*r),
+        _ => None,
+    }) {
+        Some(r) => r,
+        None => panic!("not refused: {:?}", p.out),
+    };
+    let attempt = |key: &str, ip| {
+        let mut p = Pair::new(Policy::Drop);
+        p.server.set_auth(gate.clone(), ip);
+        p.connect("live");
+        p.publish(key);
+        p
+    };
+    for _ in 0..2 {
+        assert_eq!(refused(&mut attempt("cam?token=nope", ip)), "token");
+    }
+    let mut p = attempt(&format!("cam?token={TOKEN}"), ip);
+    assert_eq!(refused(&mut p), "rate_limited");
+    assert!(
+        format!("{:?}", p.events).contains("NetStream.Publish.Unauthorized"),
+        "{:?}",
+        p.events
+    );
+    let p = attempt(
+        &format!("cam?token={TOKEN}"),
+        std::net::IpAddr::from([10, 0, 0, 2]),
+    );
+    assert!(matches!(
+        p.events.last(),
+        Some(ClientSessionEvent::PublishRequestAccepted)
+    ));
+}
+
+/// With signed tokens: a publish JWT publishes its own stream only.
+#[test]
+fn signed_tokens_publish_their_stream_only() {
+    use cascade_rtc::auth::Auth;
+    let attempt = |key: &str, jwt: &str| {
+        let mut p = Pair::new(Policy::Drop);
+        p.server.set_tokens(Auth::new(Some(TOKEN), None, Some("k")));
+        p.connect("live");
+        p.publish(&key.replace("JWT", jwt));
+        p
+    };
+    let jwt = signed("cam", "publish");
+    let p = attempt("cam?token=JWT", &jwt);
+    assert!(matches!(
+        p.events.last(),
+        Some(ClientSessionEvent::PublishRequestAccepted)
+    ));
+    let p = attempt("other?token=JWT", &jwt);
+    assert!(
+        format!("{:?}", p.events).contains("NetStream.Publish.Unauthorized"),
+        "{:?}",
+        p.events
+    );
+    let p = attempt("cam?token=JWT", &signed("cam", "view"));
+    assert!(
+        format!("{:?}", p.events).contains("NetStream.Publish.Unauthorized"),
+        "{:?}",
+        p.events
+    );
+}
+
+/// A JWT signed with "k" for `sub`/`act`, valid until 2100.
+fn signed(sub: &str, act: &str) -> String {
+    #[derive(serde::Serialize)]
+    struct Claims<'a> {
+        sub: &'a str,
+        act: &'a str,
+        exp: u64,
+    }
+    jsonwebtoken::encode(
+        &jsonwebtoken::Header::default(),
+        &Claims {
+            sub,
+            act,
+            exp: 4_102_444_800,
+        },
+        &jsonwebtoken::EncodingKey::from_secret(b"k"),
+    )
+    .unwrap()
+}
