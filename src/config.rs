@@ -190,6 +190,24 @@ pub struct Options {
     /// Remote ICE candidates per WebRTC session (PATCH and WebSocket) [default: 32]
     #[arg(long, global = true, env = "CASCADE_MAX_REMOTE_CANDIDATES")]
     pub max_remote_candidates: Option<usize>,
+    /// HTTP(S) connections open at once; more are closed at accept, 0 = no cap [default: 4096]
+    #[arg(long, global = true, env = "CASCADE_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
+    /// HTTP(S) connections per client IP, 0 = no cap [default: 64]
+    #[arg(long, global = true, env = "CASCADE_HTTP_MAX_PER_IP")]
+    pub http_max_per_ip: Option<usize>,
+    /// HTTP: a request head must arrive in full this soon (slowloris) [default: 10s]
+    #[arg(long, global = true, env = "CASCADE_HTTP_HEADER_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub http_header_timeout: Option<Duration>,
+    /// HTTP: a request body may stall this long between reads [default: 10s]
+    #[arg(long, global = true, env = "CASCADE_HTTP_BODY_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub http_body_timeout: Option<Duration>,
+    /// HTTP: close a keep-alive connection idle this long [default: 60s]
+    #[arg(long, global = true, env = "CASCADE_HTTP_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub http_idle_timeout: Option<Duration>,
     /// Test hook for the supervision test: shards panic when adding a
     /// session after this many. No env, no file key, not in --help.
     #[arg(long, global = true, hide = true)]
@@ -243,6 +261,11 @@ impl Options {
             ice_tcp_max_per_ip: self.ice_tcp_max_per_ip.or(lower.ice_tcp_max_per_ip),
             ice_tcp_idle_timeout: self.ice_tcp_idle_timeout.or(lower.ice_tcp_idle_timeout),
             max_remote_candidates: self.max_remote_candidates.or(lower.max_remote_candidates),
+            http_max_connections: self.http_max_connections.or(lower.http_max_connections),
+            http_max_per_ip: self.http_max_per_ip.or(lower.http_max_per_ip),
+            http_header_timeout: self.http_header_timeout.or(lower.http_header_timeout),
+            http_body_timeout: self.http_body_timeout.or(lower.http_body_timeout),
+            http_idle_timeout: self.http_idle_timeout.or(lower.http_idle_timeout),
             debug_panic_shard_after: self.debug_panic_shard_after,
         }
     }
@@ -283,6 +306,8 @@ pub struct Config {
     pub rtc_limits: cascade_rtc::Limits,
     /// RTMP connection limits.
     pub rtmp_limits: cascade_ingest::rtmp::Limits,
+    /// `--http` connection caps and timeouts.
+    pub http_limits: crate::http_limits::Limits,
 }
 
 /// `--tls-cert` and `--tls-key`: PEM files, read at start and again when
@@ -335,6 +360,7 @@ impl Config {
 
     fn resolve(role: Role, o: Options) -> anyhow::Result<Self> {
         let rtc_limits = rtc_limits(&o);
+        let http_limits = http_limits(&o);
         let udp = o
             .udp
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8189)));
@@ -455,7 +481,20 @@ impl Config {
                     .unwrap_or(cascade_ingest::rtmp::DEFAULT_PUBLISH_TIMEOUT),
                 ..Default::default()
             },
+            http_limits,
         })
+    }
+}
+
+/// `--http-max-*` and `--http-*-timeout`.
+fn http_limits(o: &Options) -> crate::http_limits::Limits {
+    let d = crate::http_limits::Limits::default();
+    crate::http_limits::Limits {
+        max_connections: o.http_max_connections.unwrap_or(d.max_connections),
+        per_ip: o.http_max_per_ip.unwrap_or(d.per_ip),
+        header_timeout: o.http_header_timeout.unwrap_or(d.header_timeout),
+        body_timeout: o.http_body_timeout.unwrap_or(d.body_timeout),
+        idle_timeout: o.http_idle_timeout.unwrap_or(d.idle_timeout),
     }
 }
 

@@ -485,3 +485,113 @@ async fn a_shard_panic_makes_the_node_exit_70() {
         .unwrap();
     assert_eq!(code, Some(70), "exits non-zero for its supervisor");
 }
+
+/// What became of one slowloris connection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Slow {
+    /// Closed by the server this long after the partial head was sent.
+    Closed(f64),
+    /// Still open when the test stopped waiting.
+    Open,
+}
+
+/// A slowloris client: half a request head, then nothing.
+async fn slowloris(ip: [u8; 4], to: SocketAddr) -> Slow {
+    let Ok(mut c) = connect_from(ip, to).await else {
+        return Slow::Closed(0.0);
+    };
+    let t0 = Instant::now();
+    if c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .is_err()
+    {
+        return Slow::Closed(0.0);
+    }
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => continue,
+            Ok(_) => return Slow::Closed(t0.elapsed().as_secs_f64()),
+            Err(_) => return Slow::Open,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_slowloris() {
+    let (node, pid, _publisher) = live_node("abuse_slowloris_marker", &[]).await;
+    let http: SocketAddr = node.http.trim_start_matches("http://").parse().unwrap();
+    let secs = 18;
+    let viewer = tokio::spawn(view_owned(node.http.clone(), secs));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss0, cpu0, started) = (rss_mib(pid), cpu_secs(pid), Instant::now());
+    let (stop, peak) = rss_peak(pid);
+    let mut tasks = tokio::task::JoinSet::new();
+    // 70 from one address (64 admitted, the default per-IP cap), then 2,000
+    // from 40 addresses at about 500 a second.
+    for _ in 0..70 {
+        tasks.spawn(slowloris([127, 0, 6, 1], http));
+    }
+    for i in 0..2000u32 {
+        tasks.spawn(slowloris([127, 0, 7, (i % 40) as u8 + 1], http));
+        if i % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let flood_secs = started.elapsed().as_secs_f64();
+    let rss_flood = rss_mib(pid);
+    // A normal request in the middle of the flood.
+    let t = Instant::now();
+    let r = reqwest::get(format!("{}/healthz", node.http))
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "healthz under the flood: {}",
+        r.status()
+    );
+    let healthz_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let mut results = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        results.push(r.unwrap());
+    }
+    let cpu = cpu_secs(pid) - cpu0;
+    let total_secs = started.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    let peak = peak.await.unwrap();
+    let rss_after = rss_mib(pid);
+    let open = results.iter().filter(|r| **r == Slow::Open).count();
+    let closed: Vec<f64> = results
+        .iter()
+        .filter_map(|r| match r {
+            Slow::Closed(s) => Some(*s),
+            Slow::Open => None,
+        })
+        .collect();
+    let refused = closed.iter().filter(|s| **s < 1.0).count();
+    let timed: Vec<f64> = closed.iter().copied().filter(|s| *s >= 1.0).collect();
+    let (min, max) = timed
+        .iter()
+        .fold((f64::MAX, 0f64), |(a, b), s| (a.min(*s), b.max(*s)));
+    eprintln!(
+        "http slowloris: 2070 connections in {flood_secs:.1} s: {} closed at the header timeout ({min:.1}-{max:.1} s), {refused} refused, {open} open; healthz during the flood {healthz_ms:.0} ms; rss {rss0:.0} -> {rss_flood:.0} during, peak {peak:.0}, after {rss_after:.0} MiB; cpu {cpu:.2} s over {total_secs:.1} s ({:.0}%)",
+        timed.len(),
+        100.0 * cpu / total_secs
+    );
+    assert_eq!(open, 0, "every slowloris connection is closed");
+    assert_eq!(refused, 6, "per-IP cap of 64");
+    assert_eq!(timed.len(), 2064);
+    assert!(
+        min >= 9.0 && max < 12.5,
+        "closed at the 10 s header timeout: {min}-{max}"
+    );
+    assert!(peak - rss0 < 64.0, "memory bounded: {rss0} -> {peak} MiB");
+    let m = metrics(&node.http).await;
+    assert_eq!(
+        metric_with(&m, "cascade_http_refused_total", "reason=\"per_ip\""),
+        6.0
+    );
+    assert!(metric_with(&m, "cascade_http_refused_total", "header_timeout") >= 2064.0);
+    let r = viewer.await.unwrap();
+    assert_unaffected(&r, secs);
+}
