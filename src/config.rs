@@ -125,7 +125,7 @@ pub struct Options {
     /// The origin to connect to (ingest and edge): HOST:PORT
     #[arg(long, global = true, env = "CASCADE_ORIGIN")]
     pub origin: Option<String>,
-    /// WebRTC sessions (publishers + viewers) before answering 503 [default: 10000]
+    /// WebRTC viewer sessions (WHEP, WebSocket) before answering 503 [default: 10000]
     #[arg(long, global = true, env = "CASCADE_MAX_SESSIONS")]
     pub max_sessions: Option<usize>,
     /// STUN/TURN servers offered to WebRTC clients, comma separated
@@ -208,6 +208,12 @@ pub struct Options {
     #[arg(long, global = true, env = "CASCADE_HTTP_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde_opt")]
     pub http_idle_timeout: Option<Duration>,
+    /// WHIP publishers at once, a pool apart from viewers' --max-sessions, 0 = no cap [default: 1000]
+    #[arg(long, global = true, env = "CASCADE_MAX_PUBLISHERS")]
+    pub max_publishers: Option<usize>,
+    /// WHIP/WHEP/WebSocket sessions per client IP (429 past it), 0 = no cap [default: 64]
+    #[arg(long, global = true, env = "CASCADE_MAX_SESSIONS_PER_IP")]
+    pub max_sessions_per_ip: Option<usize>,
     /// Test hook for the supervision test: shards panic when adding a
     /// session after this many. No env, no file key, not in --help.
     #[arg(long, global = true, hide = true)]
@@ -266,6 +272,8 @@ impl Options {
             http_header_timeout: self.http_header_timeout.or(lower.http_header_timeout),
             http_body_timeout: self.http_body_timeout.or(lower.http_body_timeout),
             http_idle_timeout: self.http_idle_timeout.or(lower.http_idle_timeout),
+            max_publishers: self.max_publishers.or(lower.max_publishers),
+            max_sessions_per_ip: self.max_sessions_per_ip.or(lower.max_sessions_per_ip),
             debug_panic_shard_after: self.debug_panic_shard_after,
         }
     }
@@ -505,6 +513,8 @@ fn rtc_limits(o: &Options) -> cascade_rtc::Limits {
         tcp_per_ip: o.ice_tcp_max_per_ip.unwrap_or(d.tcp_per_ip),
         tcp_idle: o.ice_tcp_idle_timeout.unwrap_or(d.tcp_idle),
         max_remote_candidates: o.max_remote_candidates.unwrap_or(d.max_remote_candidates),
+        max_publishers: o.max_publishers.unwrap_or(d.max_publishers),
+        sessions_per_ip: o.max_sessions_per_ip.unwrap_or(d.sessions_per_ip),
         panic_shard_after: o.debug_panic_shard_after,
     }
 }

@@ -595,3 +595,109 @@ async fn http_slowloris() {
     let r = viewer.await.unwrap();
     assert_unaffected(&r, secs);
 }
+
+/// A WHEP POST of `offer` for `cam` from `from`: status and Retry-After.
+async fn whep_from(base: &str, from: [u8; 4], offer: &str) -> (u16, Option<String>) {
+    whep_with(&client_from(from), base, offer).await
+}
+
+/// A client whose connections come from `from` (kept alive: the flood
+/// stays under the HTTP per-IP connection cap and tests the session cap).
+fn client_from(from: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(from))
+        .build()
+        .unwrap()
+}
+
+async fn whep_with(client: &reqwest::Client, base: &str, offer: &str) -> (u16, Option<String>) {
+    let r = client
+        .post(format!("{base}/whep/cam"))
+        .header("content-type", "application/sdp")
+        .body(offer.to_string())
+        .send()
+        .await
+        .unwrap();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (r.status().as_u16(), retry)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whep_flood_cannot_starve_other_addresses_or_publishers() {
+    let (node, pid, _publisher) =
+        live_node("abuse_whepflood_marker", &["--max-sessions", "100"]).await;
+    let offer = loadtest::whep::offer_sdp(&[loadtest::whep::VideoCodec::H264], true).unwrap();
+    let rss0 = rss_mib(pid);
+    let started = Instant::now();
+    // 200 offers from one address, back to back on 8 connections: 64
+    // sessions (the per-IP default), then 429.
+    let client = client_from([127, 0, 0, 3]);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (base, offer, client) = (node.http.clone(), offer.clone(), client.clone());
+        tasks.spawn(async move {
+            let mut v = Vec::new();
+            for _ in 0..25 {
+                v.push(whep_with(&client, &base, &offer).await);
+            }
+            v
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        statuses.extend(r.unwrap());
+    }
+    let flood_secs = started.elapsed().as_secs_f64();
+    let created = statuses.iter().filter(|(s, _)| *s == 201).count();
+    let limited: Vec<_> = statuses.iter().filter(|(s, _)| *s == 429).collect();
+    assert_eq!(created, 64, "{statuses:?}");
+    assert_eq!(limited.len(), 136, "{statuses:?}");
+    assert!(
+        limited.iter().all(|(_, r)| r.is_some()),
+        "429 has Retry-After"
+    );
+    // Another address still gets a session.
+    let (s, _) = whep_from(&node.http, [127, 0, 0, 2], &offer).await;
+    assert_eq!(s, 201, "another address is not affected");
+    // Fill the viewers' pool (100) from more addresses: 503 past it.
+    let mut full = 0;
+    for i in 0..40u8 {
+        let (s, retry) = whep_from(&node.http, [127, 0, 1, i + 1], &offer).await;
+        if s == 503 {
+            assert!(retry.is_some(), "503 has Retry-After");
+            full += 1;
+        } else {
+            assert_eq!(s, 201);
+        }
+    }
+    assert_eq!(full, 5, "65 + 35 viewers fill the pool of 100");
+    // A publisher still publishes: its pool is its own.
+    let p2 = publish(&node.http, "cam2", media(30).await, 0).await;
+    wait_live(&node.http, "cam2").await;
+    let m = metrics(&node.http).await;
+    assert_eq!(
+        metric_with(
+            &m,
+            "cascade_rtc_sessions_refused_total",
+            "reason=\"per_ip\""
+        ),
+        136.0
+    );
+    assert_eq!(
+        metric_with(
+            &m,
+            "cascade_rtc_sessions_refused_total",
+            "reason=\"viewers_full\""
+        ),
+        5.0
+    );
+    eprintln!(
+        "whep flood: 200 offers from one address in {flood_secs:.2} s: {created} sessions, {} refused 429; another address 201; viewer pool 100 full -> {full} x 503; a WHIP publisher went live; rss {rss0:.0} -> {:.0} MiB",
+        limited.len(),
+        rss_mib(pid)
+    );
+    drop(p2);
+}

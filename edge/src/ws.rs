@@ -61,6 +61,7 @@ async fn upgrade(
     State(whep): State<Arc<Whep>>,
     Path(stream): Path<String>,
     Query(q): Query<QueryToken>,
+    peer: Option<axum::Extension<axum::extract::ConnectInfo<std::net::SocketAddr>>>,
     headers: HeaderMap,
     ws: WebSocketUpgrade,
 ) -> Response {
@@ -79,10 +80,13 @@ async fn upgrade(
     }
     // The negotiation counts as a session from here (admission applies),
     // until the viewer's own session replaces it or it fails.
-    let Ok(reservation) = whep.rtc.reserve() else {
-        result(Refused::NodeFull.label());
-        return ApiError::Unavailable("node at its session limit or draining, retry later")
-            .into_response();
+    let peer = peer.map(|axum::Extension(axum::extract::ConnectInfo(a))| a.ip());
+    let reservation = match whep.rtc.reserve_from("ws", peer) {
+        Ok(r) => r,
+        Err(e) => {
+            result(Refused::NodeFull.label());
+            return ApiError::from(e).into_response();
+        }
     };
     ws.max_message_size(MAX_MESSAGE)
         .max_frame_size(MAX_MESSAGE)
@@ -449,7 +453,7 @@ fn accept(
         })
         .collect();
     // The session takes the reservation's place in the count.
-    drop(reservation);
+    let held = reservation.release();
     let handle = whep
         .rtc
         .add(rtc, "ws", stream, span.clone(), |id, waker| {
@@ -458,6 +462,9 @@ fn accept(
             Box::new(Viewer::new(outs, subscriber, slot, span.clone(), posted).on_connected(tx))
         })
         .map_err(|_| Refused::NodeFull)?;
+    if let Some(a) = held {
+        whep.rtc.hold(handle.id(), a);
+    }
     {
         let _g = span.enter();
         tracing::info!(codecs = ?codecs, "viewer started");

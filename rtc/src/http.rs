@@ -6,16 +6,17 @@
 //! INTERFACE.md's error table becomes HTTP statuses.
 
 use std::future::Future;
+use std::net::{IpAddr, SocketAddr};
 use std::pin::Pin;
 use std::sync::Arc;
 
 use axum::body::{Body, Bytes};
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{ConnectInfo, Path, Query, Request, State};
 use axum::http::{header, HeaderMap, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use axum::routing::post;
-use axum::Router;
+use axum::{Extension, Router};
 
 use crate::metrics as m;
 use crate::session::{SessionHandle, SessionId};
@@ -55,6 +56,9 @@ pub enum ApiError {
     /// 428: ICE restart without `If-Match`.
     #[error("ice restart needs If-Match")]
     PreconditionRequired,
+    /// 429 + Retry-After: too many sessions from one address.
+    #[error("{0}")]
+    TooManyFromAddress(&'static str),
     /// 503 + Retry-After: session limit reached or draining.
     #[error("{0}")]
     Unavailable(&'static str),
@@ -76,6 +80,7 @@ impl ApiError {
             Self::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::PreconditionRequired => StatusCode::PRECONDITION_REQUIRED,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooManyFromAddress(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -93,7 +98,7 @@ impl IntoResponse for ApiError {
         )
             .into_response();
         match self {
-            Self::Unavailable(_) => {
+            Self::Unavailable(_) | Self::TooManyFromAddress(_) => {
                 res.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
             }
@@ -111,6 +116,9 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         match e {
             Error::Full => Self::Unavailable("node at its session limit or draining, retry later"),
+            Error::TooManyFromAddress => {
+                Self::TooManyFromAddress("too many sessions from this address, retry later")
+            }
             Error::NoSession => Self::NotFound("no such session".into()),
             Error::Rtc(e) => Self::BadRequest(format!("offer refused: {e}")),
             Error::Io(e) => Self::Internal(e.to_string()),
@@ -277,11 +285,13 @@ async fn create(
     State(s): State<Arc<Shared>>,
     Path(stream): Path<String>,
     Query(q): Query<QueryToken>,
+    peer: Option<Extension<ConnectInfo<SocketAddr>>>,
     headers: HeaderMap,
     body: Body,
 ) -> Response {
     let kind = s.endpoint.kind();
-    let res = create_inner(&s, stream, q, headers, body).await;
+    let peer = peer.map(|Extension(ConnectInfo(a))| a.ip());
+    let res = create_inner(&s, stream, q, peer, headers, body).await;
     let res = match res {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -294,6 +304,7 @@ async fn create_inner(
     s: &Shared,
     stream: String,
     q: QueryToken,
+    peer: Option<IpAddr>,
     headers: HeaderMap,
     body: Body,
 ) -> Result<Response, ApiError> {
@@ -306,13 +317,14 @@ async fn create_inner(
             "Content-Type must be application/sdp".into(),
         ));
     }
-    s.server.admit()?;
+    let kind = s.endpoint.kind();
+    let admission = s.server.admit_from(kind, peer)?;
     let body = read_body(body).await?;
     let offer = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::BadRequest("offer is not UTF-8 text".into()))?;
-    let kind = s.endpoint.kind();
     let created = s.endpoint.create(stream.clone(), offer.clone()).await?;
     let id = created.handle.id();
+    s.server.hold(id, admission);
     let etag = s
         .server
         .session(kind, &stream, id)
