@@ -125,7 +125,7 @@ pub struct Options {
     /// The origin to connect to (ingest and edge): HOST:PORT
     #[arg(long, global = true, env = "CASCADE_ORIGIN")]
     pub origin: Option<String>,
-    /// WebRTC viewer sessions (WHEP, WebSocket) before answering 503 [default: 10000]
+    /// WebRTC sessions (publishers + viewers) past which viewers get 503 [default: 10000]
     #[arg(long, global = true, env = "CASCADE_MAX_SESSIONS")]
     pub max_sessions: Option<usize>,
     /// STUN/TURN servers offered to WebRTC clients, comma separated
@@ -208,7 +208,7 @@ pub struct Options {
     #[arg(long, global = true, env = "CASCADE_HTTP_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde_opt")]
     pub http_idle_timeout: Option<Duration>,
-    /// WHIP publishers at once, a pool apart from viewers' --max-sessions, 0 = no cap [default: 1000]
+    /// WHIP publishers at once, a pool viewers cannot fill, 0 = no cap [default: 1000]
     #[arg(long, global = true, env = "CASCADE_MAX_PUBLISHERS")]
     pub max_publishers: Option<usize>,
     /// WHIP/WHEP/WebSocket sessions per client IP (429 past it), 0 = no cap [default: 64]

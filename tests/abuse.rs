@@ -673,7 +673,10 @@ async fn whep_flood_cannot_starve_other_addresses_or_publishers() {
             assert_eq!(s, 201);
         }
     }
-    assert_eq!(full, 5, "65 + 35 viewers fill the pool of 100");
+    assert_eq!(
+        full, 6,
+        "the publisher + 65 + 34 viewers reach the 100 sessions"
+    );
     // A publisher still publishes: its pool is its own.
     let p2 = publish(&node.http, "cam2", media(30).await, 0).await;
     wait_live(&node.http, "cam2").await;
@@ -692,10 +695,10 @@ async fn whep_flood_cannot_starve_other_addresses_or_publishers() {
             "cascade_rtc_sessions_refused_total",
             "reason=\"viewers_full\""
         ),
-        5.0
+        6.0
     );
     eprintln!(
-        "whep flood: 200 offers from one address in {flood_secs:.2} s: {created} sessions, {} refused 429; another address 201; viewer pool 100 full -> {full} x 503; a WHIP publisher went live; rss {rss0:.0} -> {:.0} MiB",
+        "whep flood: 200 offers from one address in {flood_secs:.2} s: {created} sessions, {} refused 429; another address 201; 100 sessions reached -> {full} viewers 503; a WHIP publisher went live; rss {rss0:.0} -> {:.0} MiB",
         limited.len(),
         rss_mib(pid)
     );

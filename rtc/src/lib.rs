@@ -69,8 +69,8 @@ pub struct Config {
     pub advertise: Vec<IpAddr>,
     /// Worker shards; 0 = one per core.
     pub shards: usize,
-    /// Viewer sessions (WHEP, WebSocket) this node accepts before answering
-    /// 503; publishers have their own pool ([`Limits::max_publishers`]).
+    /// Sessions (publishers + viewers) past which new viewers get 503;
+    /// publishers are only refused by their own pool ([`Limits::max_publishers`]).
     pub max_sessions: usize,
     /// STUN/TURN servers offered to clients (`Link: rel="ice-server"`).
     pub ice: ice::IceServers,
@@ -93,8 +93,8 @@ pub struct Limits {
     /// Remote ICE candidates one session accepts in its lifetime, over PATCH
     /// and the WebSocket together; more are ignored (and counted).
     pub max_remote_candidates: usize,
-    /// WHIP publishers at once: a pool of their own, so viewers (counted
-    /// against `max_sessions`) can never fill it (0 = no cap).
+    /// WHIP publishers at once: a pool of their own, so viewers (refused
+    /// at `max_sessions`) can never keep them out (0 = no cap).
     pub max_publishers: usize,
     /// WHIP, WHEP and WebSocket sessions per client IP, negotiations in
     /// progress included (0 = no cap).

@@ -58,8 +58,6 @@ struct Inner {
     max_sessions: usize,
     /// The publishers' pool (`None`: no cap).
     publishers: Option<Arc<Semaphore>>,
-    /// Publishers' sessions (held admissions) among `count`.
-    publishing: Arc<AtomicUsize>,
     /// Sessions per client IP.
     per_ip: PerIp,
     refusals: SharedLogOnce,
@@ -199,7 +197,6 @@ impl Server {
                 max_sessions: cfg.max_sessions,
                 publishers: (cfg.limits.max_publishers > 0)
                     .then(|| Arc::new(Semaphore::new(cfg.limits.max_publishers))),
-                publishing: Arc::default(),
                 per_ip: PerIp::new(cfg.limits.sessions_per_ip),
                 refusals: SharedLogOnce::default(),
                 draining: AtomicBool::new(false),
@@ -268,24 +265,18 @@ impl Server {
     /// Fails with [`Error::Full`] when a new session would exceed the limit
     /// or the node drains; signalling checks this before heavy work.
     pub fn admit(&self) -> Result<()> {
-        if self.inner.draining.load(Ordering::Relaxed) || self.viewers() >= self.inner.max_sessions
+        if self.inner.draining.load(Ordering::Relaxed)
+            || self.inner.count.load(Ordering::Relaxed) >= self.inner.max_sessions
         {
             return Err(Error::Full);
         }
         Ok(())
     }
 
-    /// Sessions and reservations that are not publishers' sessions.
-    fn viewers(&self) -> usize {
-        self.inner
-            .count
-            .load(Ordering::Relaxed)
-            .saturating_sub(self.inner.publishing.load(Ordering::Relaxed))
-    }
-
     /// Admission of a new `kind` session from `ip` (when known), before any
-    /// heavy work: publishers (`"whip"`) take a place in their own pool,
-    /// viewers are counted against `max_sessions` ([`Server::admit`]), and
+    /// heavy work: publishers (`"whip"`) take a place in their own pool and
+    /// are not refused for the node's session count, viewers are refused
+    /// once all sessions reach `max_sessions` ([`Server::admit`]), and
     /// no address holds more than its share of sessions. The places are
     /// held until the [`Admission`] is dropped, or (after [`Server::hold`])
     /// until the session ends.
@@ -315,7 +306,7 @@ impl Server {
             if self.inner.draining.load(Ordering::Relaxed) {
                 return Err(Error::Full);
             }
-            if self.viewers() >= self.inner.max_sessions {
+            if self.inner.count.load(Ordering::Relaxed) >= self.inner.max_sessions {
                 return Err(refuse("viewers_full", Error::Full));
             }
             None
@@ -330,20 +321,14 @@ impl Server {
             ),
         };
         Ok(Admission {
-            publisher,
+            _publisher: publisher,
             _ip: ip,
-            publishing: None,
         })
     }
 
     /// Ties `admission` to session `id`: its places are freed when the
     /// session ends (at once if it already has).
-    pub fn hold(&self, id: SessionId, mut admission: Admission) {
-        if admission.publisher.is_some() {
-            // From now on a publisher's session, counted apart from viewers.
-            self.inner.publishing.fetch_add(1, Ordering::Relaxed);
-            admission.publishing = Some(self.inner.publishing.clone());
-        }
+    pub fn hold(&self, id: SessionId, admission: Admission) {
         self.inner.routes.hold(id, Arc::new(admission));
     }
 
@@ -535,18 +520,8 @@ const PUBLISHER: &str = "whip";
 /// dropped.
 #[derive(Debug)]
 pub struct Admission {
-    publisher: Option<OwnedSemaphorePermit>,
+    _publisher: Option<OwnedSemaphorePermit>,
     _ip: Option<IpGuard>,
-    /// Set once held by a publisher's session: the count of those.
-    publishing: Option<Arc<AtomicUsize>>,
-}
-
-impl Drop for Admission {
-    fn drop(&mut self) {
-        if let Some(p) = &self.publishing {
-            p.fetch_sub(1, Ordering::Relaxed);
-        }
-    }
 }
 
 /// A negotiation counted as a session ([`Server::reserve`]).
