@@ -618,6 +618,55 @@ mod tests {
     }
 
     #[test]
+    fn http_and_session_limits() {
+        let c = Config::from_cli(parse(&[])).unwrap();
+        assert_eq!(c.http_limits, crate::http_limits::Limits::default());
+        assert_eq!(c.http_limits.max_connections, 4096);
+        assert_eq!(c.http_limits.per_ip, 64);
+        assert_eq!(c.http_limits.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_limits.body_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.rtc_limits.max_publishers, 1000);
+        assert_eq!(c.rtc_limits.sessions_per_ip, 64);
+        let c = Config::from_cli(parse(&[
+            "--http-max-connections",
+            "10",
+            "--http-max-per-ip",
+            "2",
+            "--http-header-timeout",
+            "3s",
+            "--http-body-timeout",
+            "4s",
+            "--http-idle-timeout",
+            "5s",
+            "--max-publishers",
+            "6",
+            "--max-sessions-per-ip",
+            "7",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.http_limits,
+            crate::http_limits::Limits {
+                max_connections: 10,
+                per_ip: 2,
+                header_timeout: Duration::from_secs(3),
+                body_timeout: Duration::from_secs(4),
+                idle_timeout: Duration::from_secs(5),
+            }
+        );
+        assert_eq!(c.rtc_limits.max_publishers, 6);
+        assert_eq!(c.rtc_limits.sessions_per_ip, 7);
+        let file: Options = toml::from_str(
+            "http-max-connections = 1\nhttp-max-per-ip = 2\nhttp-header-timeout = \"3s\"\nhttp-body-timeout = \"4s\"\nhttp-idle-timeout = \"5s\"\nmax-publishers = 6\nmax-sessions-per-ip = 7\n",
+        )
+        .unwrap();
+        assert_eq!(file.http_header_timeout, Some(Duration::from_secs(3)));
+        assert_eq!(file.max_sessions_per_ip, Some(7));
+        assert_eq!(file.http_max_connections, Some(1));
+    }
+
+    #[test]
     fn origin_defaults_and_secret_required() {
         assert!(Config::from_cli(parse(&["origin"])).is_err());
         let c = Config::from_cli(parse(&[
