@@ -704,3 +704,34 @@ async fn whep_flood_cannot_starve_other_addresses_or_publishers() {
     );
     drop(p2);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_request_body_is_cut() {
+    let (node, _pid, _publisher) =
+        live_node("abuse_bodystall_marker", &["--http-body-timeout", "1s"]).await;
+    let http: SocketAddr = node.http.trim_start_matches("http://").parse().unwrap();
+    let mut c = TcpStream::connect(http).await.unwrap();
+    c.write_all(
+        b"POST /whep/cam HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\nContent-Length: 1000\r\n\r\nv=0\r\n",
+    )
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            Ok(_) => break,
+            Err(_) => panic!("still open after 5 s: {}", String::from_utf8_lossy(&got)),
+        }
+    }
+    let waited = t0.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&got);
+    eprintln!(
+        "stalled body: answered and closed after {waited:.2} s: {:?}",
+        text.lines().next()
+    );
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!((0.9..3.0).contains(&waited), "{waited}");
+}

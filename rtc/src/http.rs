@@ -270,10 +270,23 @@ fn content_type_is(headers: &HeaderMap, want: &str) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case(want))
 }
 
-async fn read_body(body: Body) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge)
+async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
+    use axum::body::HttpBody;
+    // Frame by frame rather than `to_bytes`, whose one error cannot tell a
+    // body over the cap (413) from one that failed or stalled past the
+    // node's body timeout (400).
+    let mut buf = Vec::new();
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let frame =
+            frame.map_err(|_| ApiError::BadRequest("request body not received in time".into()))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > MAX_BODY {
+                return Err(ApiError::PayloadTooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn count(kind: &'static str, status: StatusCode) {
