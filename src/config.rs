@@ -125,7 +125,7 @@ pub struct Options {
     /// The origin to connect to (ingest and edge): HOST:PORT
     #[arg(long, global = true, env = "CASCADE_ORIGIN")]
     pub origin: Option<String>,
-    /// WebRTC sessions (publishers + viewers) before answering 503 [default: 10000]
+    /// WebRTC sessions (publishers + viewers) past which viewers get 503 [default: 10000]
     #[arg(long, global = true, env = "CASCADE_MAX_SESSIONS")]
     pub max_sessions: Option<usize>,
     /// STUN/TURN servers offered to WebRTC clients, comma separated
@@ -204,6 +204,30 @@ pub struct Options {
         hide_env_values = true
     )]
     pub token_secret: Option<String>,
+    /// HTTP(S) connections open at once; more are closed at accept, 0 = no cap [default: 4096]
+    #[arg(long, global = true, env = "CASCADE_HTTP_MAX_CONNECTIONS")]
+    pub http_max_connections: Option<usize>,
+    /// HTTP(S) connections per client IP, 0 = no cap [default: 64]
+    #[arg(long, global = true, env = "CASCADE_HTTP_MAX_PER_IP")]
+    pub http_max_per_ip: Option<usize>,
+    /// HTTP: a request head must arrive in full this soon (slowloris) [default: 10s]
+    #[arg(long, global = true, env = "CASCADE_HTTP_HEADER_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub http_header_timeout: Option<Duration>,
+    /// HTTP: a request body may stall this long between reads [default: 10s]
+    #[arg(long, global = true, env = "CASCADE_HTTP_BODY_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub http_body_timeout: Option<Duration>,
+    /// HTTP: close a keep-alive connection idle this long [default: 60s]
+    #[arg(long, global = true, env = "CASCADE_HTTP_IDLE_TIMEOUT", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub http_idle_timeout: Option<Duration>,
+    /// WHIP publishers at once, a pool viewers cannot fill, 0 = no cap [default: 1000]
+    #[arg(long, global = true, env = "CASCADE_MAX_PUBLISHERS")]
+    pub max_publishers: Option<usize>,
+    /// WHIP/WHEP/WebSocket sessions per client IP (429 past it), 0 = no cap [default: 64]
+    #[arg(long, global = true, env = "CASCADE_MAX_SESSIONS_PER_IP")]
+    pub max_sessions_per_ip: Option<usize>,
     /// Test hook for the supervision test: shards panic when adding a
     /// session after this many. No env, no file key, not in --help.
     #[arg(long, global = true, hide = true)]
@@ -257,6 +281,13 @@ impl Options {
             ice_tcp_max_per_ip: self.ice_tcp_max_per_ip.or(lower.ice_tcp_max_per_ip),
             ice_tcp_idle_timeout: self.ice_tcp_idle_timeout.or(lower.ice_tcp_idle_timeout),
             max_remote_candidates: self.max_remote_candidates.or(lower.max_remote_candidates),
+            http_max_connections: self.http_max_connections.or(lower.http_max_connections),
+            http_max_per_ip: self.http_max_per_ip.or(lower.http_max_per_ip),
+            http_header_timeout: self.http_header_timeout.or(lower.http_header_timeout),
+            http_body_timeout: self.http_body_timeout.or(lower.http_body_timeout),
+            http_idle_timeout: self.http_idle_timeout.or(lower.http_idle_timeout),
+            max_publishers: self.max_publishers.or(lower.max_publishers),
+            max_sessions_per_ip: self.max_sessions_per_ip.or(lower.max_sessions_per_ip),
             debug_panic_shard_after: self.debug_panic_shard_after,
             api_token: self.api_token.or(lower.api_token),
             auth_max_failures: self.auth_max_failures.or(lower.auth_max_failures),
@@ -304,6 +335,8 @@ pub struct Config {
     pub api_token: Option<String>,
     /// HMAC key of signed tokens (JWT HS256); `None`: static tokens only.
     pub token_secret: Option<String>,
+    /// `--http` connection caps and timeouts.
+    pub http_limits: crate::http_limits::Limits,
 }
 
 /// `--tls-cert` and `--tls-key`: PEM files, read at start and again when
@@ -357,6 +390,7 @@ impl Config {
     fn resolve(role: Role, o: Options) -> anyhow::Result<Self> {
         let rtc_limits = rtc_limits(&o);
         let auth_gate = rtc_limits.auth.clone();
+        let http_limits = http_limits(&o);
         let udp = o
             .udp
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8189)));
@@ -482,7 +516,20 @@ impl Config {
             },
             api_token: o.api_token.filter(|t| !t.is_empty()),
             token_secret: o.token_secret.filter(|t| !t.is_empty()),
+            http_limits,
         })
+    }
+}
+
+/// `--http-max-*` and `--http-*-timeout`.
+fn http_limits(o: &Options) -> crate::http_limits::Limits {
+    let d = crate::http_limits::Limits::default();
+    crate::http_limits::Limits {
+        max_connections: o.http_max_connections.unwrap_or(d.max_connections),
+        per_ip: o.http_max_per_ip.unwrap_or(d.per_ip),
+        header_timeout: o.http_header_timeout.unwrap_or(d.header_timeout),
+        body_timeout: o.http_body_timeout.unwrap_or(d.body_timeout),
+        idle_timeout: o.http_idle_timeout.unwrap_or(d.idle_timeout),
     }
 }
 
@@ -493,6 +540,8 @@ fn rtc_limits(o: &Options) -> cascade_rtc::Limits {
         tcp_per_ip: o.ice_tcp_max_per_ip.unwrap_or(d.tcp_per_ip),
         tcp_idle: o.ice_tcp_idle_timeout.unwrap_or(d.tcp_idle),
         max_remote_candidates: o.max_remote_candidates.unwrap_or(d.max_remote_candidates),
+        max_publishers: o.max_publishers.unwrap_or(d.max_publishers),
+        sessions_per_ip: o.max_sessions_per_ip.unwrap_or(d.sessions_per_ip),
         panic_shard_after: o.debug_panic_shard_after,
         auth: cascade_rtc::limit::AuthGate::new(
             o.auth_max_failures
@@ -631,6 +680,55 @@ mod tests {
         assert_eq!(file.auth_max_failures, Some(3));
         assert_eq!(file.api_token.as_deref(), Some("a"));
         assert_eq!(file.token_secret.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn http_and_session_limits() {
+        let c = Config::from_cli(parse(&[])).unwrap();
+        assert_eq!(c.http_limits, crate::http_limits::Limits::default());
+        assert_eq!(c.http_limits.max_connections, 4096);
+        assert_eq!(c.http_limits.per_ip, 64);
+        assert_eq!(c.http_limits.header_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_limits.body_timeout, Duration::from_secs(10));
+        assert_eq!(c.http_limits.idle_timeout, Duration::from_secs(60));
+        assert_eq!(c.rtc_limits.max_publishers, 1000);
+        assert_eq!(c.rtc_limits.sessions_per_ip, 64);
+        let c = Config::from_cli(parse(&[
+            "--http-max-connections",
+            "10",
+            "--http-max-per-ip",
+            "2",
+            "--http-header-timeout",
+            "3s",
+            "--http-body-timeout",
+            "4s",
+            "--http-idle-timeout",
+            "5s",
+            "--max-publishers",
+            "6",
+            "--max-sessions-per-ip",
+            "7",
+        ]))
+        .unwrap();
+        assert_eq!(
+            c.http_limits,
+            crate::http_limits::Limits {
+                max_connections: 10,
+                per_ip: 2,
+                header_timeout: Duration::from_secs(3),
+                body_timeout: Duration::from_secs(4),
+                idle_timeout: Duration::from_secs(5),
+            }
+        );
+        assert_eq!(c.rtc_limits.max_publishers, 6);
+        assert_eq!(c.rtc_limits.sessions_per_ip, 7);
+        let file: Options = toml::from_str(
+            "http-max-connections = 1\nhttp-max-per-ip = 2\nhttp-header-timeout = \"3s\"\nhttp-body-timeout = \"4s\"\nhttp-idle-timeout = \"5s\"\nmax-publishers = 6\nmax-sessions-per-ip = 7\n",
+        )
+        .unwrap();
+        assert_eq!(file.http_header_timeout, Some(Duration::from_secs(3)));
+        assert_eq!(file.max_sessions_per_ip, Some(7));
+        assert_eq!(file.http_max_connections, Some(1));
     }
 
     #[test]

@@ -185,25 +185,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         Some(t) => Some(t.https()?),
         None => None,
     };
-    let server = tokio::spawn(async move {
-        let stopped = async move { http_stop.cancelled().await };
-        match https {
-            None => {
-                // ConnectInfo: the client address for per-IP limits.
-                axum::serve(http, router.into_make_service_with_connect_info::<Peer>())
-                    .with_graceful_shutdown(stopped)
-                    .await
-            }
-            Some(acceptor) => {
-                axum::serve(
-                    crate::tls::TlsListener::new(http, acceptor)?,
-                    router.into_make_service_with_connect_info::<Peer>(),
-                )
-                .with_graceful_shutdown(stopped)
-                .await
-            }
-        }
-    });
+    let server = tokio::spawn(serve_http(http, https, router, cfg.http_limits, http_stop));
 
     let reason = wait_for_signal().await;
     match reason {
@@ -235,38 +217,15 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The client address of an HTTP connection, plain or TLS (axum only
-/// provides one for its own `TcpListener`).
-#[derive(Clone, Copy, Debug)]
-struct Peer(SocketAddr);
-
-impl axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, TcpListener>> for Peer {
-    fn connect_info(stream: axum::serve::IncomingStream<'_, TcpListener>) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
-
-impl
-    axum::extract::connect_info::Connected<
-        axum::serve::IncomingStream<'_, crate::tls::TlsListener<TcpListener>>,
-    > for Peer
-{
-    fn connect_info(
-        stream: axum::serve::IncomingStream<'_, crate::tls::TlsListener<TcpListener>>,
-    ) -> Self {
-        Self(*stream.remote_addr())
-    }
-}
-
 /// Hands the client address to the handlers of other crates (per-IP
 /// wrong-token limits) as [`cascade_rtc::http::ClientAddr`].
 async fn client_addr(
     mut req: axum::extract::Request,
     next: axum::middleware::Next,
 ) -> axum::response::Response {
-    if let Some(axum::extract::ConnectInfo(Peer(addr))) = req
+    if let Some(axum::extract::ConnectInfo(addr)) = req
         .extensions()
-        .get::<axum::extract::ConnectInfo<Peer>>()
+        .get::<axum::extract::ConnectInfo<SocketAddr>>()
         .copied()
     {
         req.extensions_mut()
@@ -347,6 +306,48 @@ async fn start_rtmps(
     Ok(local)
 }
 
+/// Serves `router` on `--http` (HTTPS with `https`) under the connection
+/// caps and timeouts of `--http-max-*`/`--http-*-timeout`, with the client
+/// address as `ConnectInfo<SocketAddr>`, until `stop`.
+async fn serve_http(
+    http: TcpListener,
+    https: Option<tokio_rustls::TlsAcceptor>,
+    router: Router,
+    limits: crate::http_limits::Limits,
+    stop: CancellationToken,
+) -> std::io::Result<()> {
+    use crate::http_limits::{body_timeout_layer, Capped, Timed};
+    use axum::serve::ListenerExt;
+    let stopped = async move { stop.cancelled().await };
+    let log = cascade_rtc::limit::SharedLogOnce::default();
+    let router = router.layer(body_timeout_layer(&limits));
+    let capped = Capped::new(http, &limits, log.clone());
+    // `tap_io` only to get axum's `ConnectInfo<SocketAddr>` for any listener.
+    match https {
+        None => {
+            let listener = Timed::new(capped, &limits, log).tap_io(|_| {});
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stopped)
+            .await
+        }
+        Some(acceptor) => {
+            // Caps under TLS (handshakes count), deadlines over it (they
+            // read the request bytes).
+            let tls = crate::tls::TlsListener::new(capped, acceptor)?;
+            let listener = Timed::new(tls, &limits, log).tap_io(|_| {});
+            axum::serve(
+                listener,
+                router.into_make_service_with_connect_info::<SocketAddr>(),
+            )
+            .with_graceful_shutdown(stopped)
+            .await
+        }
+    }
+}
+
 fn listen_http(addr: SocketAddr) -> std::io::Result<TcpListener> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()?
@@ -394,6 +395,7 @@ fn describe_metrics() {
     cascade_ingest::metrics::describe();
     cascade_edge::metrics::describe();
     crate::tls::describe_metrics();
+    crate::http_limits::describe_metrics();
 }
 
 /// The address users should type: the first advertised (or interface)

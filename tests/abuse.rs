@@ -485,3 +485,253 @@ async fn a_shard_panic_makes_the_node_exit_70() {
         .unwrap();
     assert_eq!(code, Some(70), "exits non-zero for its supervisor");
 }
+
+/// What became of one slowloris connection.
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum Slow {
+    /// Closed by the server this long after the partial head was sent.
+    Closed(f64),
+    /// Still open when the test stopped waiting.
+    Open,
+}
+
+/// A slowloris client: half a request head, then nothing.
+async fn slowloris(ip: [u8; 4], to: SocketAddr) -> Slow {
+    let Ok(mut c) = connect_from(ip, to).await else {
+        return Slow::Closed(0.0);
+    };
+    let t0 = Instant::now();
+    if c.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .is_err()
+    {
+        return Slow::Closed(0.0);
+    }
+    let mut buf = [0u8; 256];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(20), c.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => continue,
+            Ok(_) => return Slow::Closed(t0.elapsed().as_secs_f64()),
+            Err(_) => return Slow::Open,
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn http_slowloris() {
+    let (node, pid, _publisher) = live_node("abuse_slowloris_marker", &[]).await;
+    let http: SocketAddr = node.http.trim_start_matches("http://").parse().unwrap();
+    let secs = 18;
+    let viewer = tokio::spawn(view_owned(node.http.clone(), secs));
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let (rss0, cpu0, started) = (rss_mib(pid), cpu_secs(pid), Instant::now());
+    let (stop, peak) = rss_peak(pid);
+    let mut tasks = tokio::task::JoinSet::new();
+    // 70 from one address (64 admitted, the default per-IP cap), then 2,000
+    // from 40 addresses at about 500 a second.
+    for _ in 0..70 {
+        tasks.spawn(slowloris([127, 0, 6, 1], http));
+    }
+    for i in 0..2000u32 {
+        tasks.spawn(slowloris([127, 0, 7, (i % 40) as u8 + 1], http));
+        if i % 2 == 0 {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
+    }
+    let flood_secs = started.elapsed().as_secs_f64();
+    let rss_flood = rss_mib(pid);
+    // A normal request in the middle of the flood.
+    let t = Instant::now();
+    let r = reqwest::get(format!("{}/healthz", node.http))
+        .await
+        .unwrap();
+    assert!(
+        r.status().is_success(),
+        "healthz under the flood: {}",
+        r.status()
+    );
+    let healthz_ms = t.elapsed().as_secs_f64() * 1000.0;
+    let mut results = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        results.push(r.unwrap());
+    }
+    let cpu = cpu_secs(pid) - cpu0;
+    let total_secs = started.elapsed().as_secs_f64();
+    let _ = stop.send(());
+    let peak = peak.await.unwrap();
+    let rss_after = rss_mib(pid);
+    let open = results.iter().filter(|r| **r == Slow::Open).count();
+    let closed: Vec<f64> = results
+        .iter()
+        .filter_map(|r| match r {
+            Slow::Closed(s) => Some(*s),
+            Slow::Open => None,
+        })
+        .collect();
+    let refused = closed.iter().filter(|s| **s < 1.0).count();
+    let timed: Vec<f64> = closed.iter().copied().filter(|s| *s >= 1.0).collect();
+    let (min, max) = timed
+        .iter()
+        .fold((f64::MAX, 0f64), |(a, b), s| (a.min(*s), b.max(*s)));
+    eprintln!(
+        "http slowloris: 2070 connections in {flood_secs:.1} s: {} closed at the header timeout ({min:.1}-{max:.1} s), {refused} refused, {open} open; healthz during the flood {healthz_ms:.0} ms; rss {rss0:.0} -> {rss_flood:.0} during, peak {peak:.0}, after {rss_after:.0} MiB; cpu {cpu:.2} s over {total_secs:.1} s ({:.0}%)",
+        timed.len(),
+        100.0 * cpu / total_secs
+    );
+    assert_eq!(open, 0, "every slowloris connection is closed");
+    assert_eq!(refused, 6, "per-IP cap of 64");
+    assert_eq!(timed.len(), 2064);
+    assert!(
+        min >= 9.0 && max < 12.5,
+        "closed at the 10 s header timeout: {min}-{max}"
+    );
+    assert!(peak - rss0 < 64.0, "memory bounded: {rss0} -> {peak} MiB");
+    let m = metrics(&node.http).await;
+    assert_eq!(
+        metric_with(&m, "cascade_http_refused_total", "reason=\"per_ip\""),
+        6.0
+    );
+    assert!(metric_with(&m, "cascade_http_refused_total", "header_timeout") >= 2064.0);
+    let r = viewer.await.unwrap();
+    assert_unaffected(&r, secs);
+}
+
+/// A WHEP POST of `offer` for `cam` from `from`: status and Retry-After.
+async fn whep_from(base: &str, from: [u8; 4], offer: &str) -> (u16, Option<String>) {
+    whep_with(&client_from(from), base, offer).await
+}
+
+/// A client whose connections come from `from` (kept alive: the flood
+/// stays under the HTTP per-IP connection cap and tests the session cap).
+fn client_from(from: [u8; 4]) -> reqwest::Client {
+    reqwest::Client::builder()
+        .local_address(std::net::IpAddr::from(from))
+        .build()
+        .unwrap()
+}
+
+async fn whep_with(client: &reqwest::Client, base: &str, offer: &str) -> (u16, Option<String>) {
+    let r = client
+        .post(format!("{base}/whep/cam"))
+        .header("content-type", "application/sdp")
+        .body(offer.to_string())
+        .send()
+        .await
+        .unwrap();
+    let retry = r
+        .headers()
+        .get("retry-after")
+        .map(|v| v.to_str().unwrap().to_string());
+    (r.status().as_u16(), retry)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn whep_flood_cannot_starve_other_addresses_or_publishers() {
+    let (node, pid, _publisher) =
+        live_node("abuse_whepflood_marker", &["--max-sessions", "100"]).await;
+    let offer = loadtest::whep::offer_sdp(&[loadtest::whep::VideoCodec::H264], true).unwrap();
+    let rss0 = rss_mib(pid);
+    let started = Instant::now();
+    // 200 offers from one address, back to back on 8 connections: 64
+    // sessions (the per-IP default), then 429.
+    let client = client_from([127, 0, 0, 3]);
+    let mut tasks = tokio::task::JoinSet::new();
+    for _ in 0..8 {
+        let (base, offer, client) = (node.http.clone(), offer.clone(), client.clone());
+        tasks.spawn(async move {
+            let mut v = Vec::new();
+            for _ in 0..25 {
+                v.push(whep_with(&client, &base, &offer).await);
+            }
+            v
+        });
+    }
+    let mut statuses = Vec::new();
+    while let Some(r) = tasks.join_next().await {
+        statuses.extend(r.unwrap());
+    }
+    let flood_secs = started.elapsed().as_secs_f64();
+    let created = statuses.iter().filter(|(s, _)| *s == 201).count();
+    let limited: Vec<_> = statuses.iter().filter(|(s, _)| *s == 429).collect();
+    assert_eq!(created, 64, "{statuses:?}");
+    assert_eq!(limited.len(), 136, "{statuses:?}");
+    assert!(
+        limited.iter().all(|(_, r)| r.is_some()),
+        "429 has Retry-After"
+    );
+    // Another address still gets a session.
+    let (s, _) = whep_from(&node.http, [127, 0, 0, 2], &offer).await;
+    assert_eq!(s, 201, "another address is not affected");
+    // Fill the viewers' pool (100) from more addresses: 503 past it.
+    let mut full = 0;
+    for i in 0..40u8 {
+        let (s, retry) = whep_from(&node.http, [127, 0, 1, i + 1], &offer).await;
+        if s == 503 {
+            assert!(retry.is_some(), "503 has Retry-After");
+            full += 1;
+        } else {
+            assert_eq!(s, 201);
+        }
+    }
+    assert_eq!(
+        full, 6,
+        "the publisher + 65 + 34 viewers reach the 100 sessions"
+    );
+    // A publisher still publishes: its pool is its own.
+    let p2 = publish(&node.http, "cam2", media(30).await, 0).await;
+    wait_live(&node.http, "cam2").await;
+    let m = metrics(&node.http).await;
+    assert_eq!(
+        metric_with(
+            &m,
+            "cascade_rtc_sessions_refused_total",
+            "reason=\"per_ip\""
+        ),
+        136.0
+    );
+    assert_eq!(
+        metric_with(
+            &m,
+            "cascade_rtc_sessions_refused_total",
+            "reason=\"viewers_full\""
+        ),
+        6.0
+    );
+    eprintln!(
+        "whep flood: 200 offers from one address in {flood_secs:.2} s: {created} sessions, {} refused 429; another address 201; 100 sessions reached -> {full} viewers 503; a WHIP publisher went live; rss {rss0:.0} -> {:.0} MiB",
+        limited.len(),
+        rss_mib(pid)
+    );
+    drop(p2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stalled_request_body_is_cut() {
+    let (node, _pid, _publisher) =
+        live_node("abuse_bodystall_marker", &["--http-body-timeout", "1s"]).await;
+    let http: SocketAddr = node.http.trim_start_matches("http://").parse().unwrap();
+    let mut c = TcpStream::connect(http).await.unwrap();
+    c.write_all(
+        b"POST /whep/cam HTTP/1.1\r\nHost: x\r\nContent-Type: application/sdp\r\nContent-Length: 1000\r\n\r\nv=0\r\n",
+    )
+    .await
+    .unwrap();
+    let t0 = Instant::now();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 1024];
+    loop {
+        match tokio::time::timeout(Duration::from_secs(5), c.read(&mut buf)).await {
+            Ok(Ok(n)) if n > 0 => got.extend_from_slice(&buf[..n]),
+            Ok(_) => break,
+            Err(_) => panic!("still open after 5 s: {}", String::from_utf8_lossy(&got)),
+        }
+    }
+    let waited = t0.elapsed().as_secs_f64();
+    let text = String::from_utf8_lossy(&got);
+    eprintln!(
+        "stalled body: answered and closed after {waited:.2} s: {:?}",
+        text.lines().next()
+    );
+    assert!(text.starts_with("HTTP/1.1 400"), "{text}");
+    assert!((0.9..3.0).contains(&waited), "{waited}");
+}

@@ -109,6 +109,12 @@ impl Pki {
     /// The certificate a fresh TLS connection to `addr` is shown (verified
     /// against the test CA).
     async fn served_cert(&self, addr: &str) -> CertificateDer<'static> {
+        let tls = self.connect(addr).await;
+        tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+    }
+
+    /// A TLS connection to `addr`, verified against the test CA.
+    async fn connect(&self, addr: &str) -> tokio_rustls::client::TlsStream<tokio::net::TcpStream> {
         let mut roots = rustls::RootCertStore::empty();
         roots.add(self.ca.der().clone()).unwrap();
         let config = rustls::ClientConfig::builder_with_provider(Arc::new(
@@ -125,7 +131,7 @@ impl Pki {
             .connect(name, tcp)
             .await
             .expect("TLS handshake with the test CA");
-        tls.get_ref().1.peer_certificates().unwrap()[0].clone()
+        tls
     }
 }
 
@@ -692,4 +698,41 @@ fn helper_tls_whip_publisher() {
         println!("PUBLISHER CONNECTED");
         let _ = tokio::time::timeout(Duration::from_secs(secs + 5), p.finish()).await;
     });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn https_slowloris_is_closed_at_the_header_timeout() {
+    let pki = Pki::new();
+    let node = start(&pki, &["--http-header-timeout", "2s"]);
+    let addr = authority(&node.http).to_string();
+    // Handshake done, then half a request head and nothing more.
+    let mut slow = pki.connect(&addr).await;
+    let t0 = Instant::now();
+    slow.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Slow: ")
+        .await
+        .unwrap();
+    let client = pki.client();
+    let r = client
+        .get(format!("{}/healthz", node.http))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200, "others are served meanwhile");
+    let mut buf = [0u8; 64];
+    let n = tokio::time::timeout(Duration::from_secs(6), slow.read(&mut buf))
+        .await
+        .expect("closed at the header timeout")
+        .unwrap_or(0);
+    assert_eq!(n, 0, "closed without an answer");
+    let waited = t0.elapsed();
+    assert!(
+        waited >= Duration::from_millis(1800) && waited < Duration::from_secs(4),
+        "{waited:?}"
+    );
+    eprintln!("HTTPS slowloris closed after {waited:?}");
+    let m = metrics(&client, &node.http).await;
+    assert!(
+        m.contains(r#"cascade_http_refused_total{reason="header_timeout"} 1"#),
+        "{m}"
+    );
 }

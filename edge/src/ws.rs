@@ -91,10 +91,13 @@ async fn upgrade(
     }
     // The negotiation counts as a session from here (admission applies),
     // until the viewer's own session replaces it or it fails.
-    let Ok(reservation) = whep.rtc.reserve() else {
-        result(Refused::NodeFull.label());
-        return ApiError::Unavailable("node at its session limit or draining, retry later")
-            .into_response();
+    let peer = (!ip.is_unspecified()).then_some(ip);
+    let reservation = match whep.rtc.reserve_from("ws", peer) {
+        Ok(r) => r,
+        Err(e) => {
+            result(Refused::NodeFull.label());
+            return ApiError::from(e).into_response();
+        }
     };
     ws.max_message_size(MAX_MESSAGE)
         .max_frame_size(MAX_MESSAGE)
@@ -461,7 +464,7 @@ fn accept(
         })
         .collect();
     // The session takes the reservation's place in the count.
-    drop(reservation);
+    let held = reservation.release();
     let handle = whep
         .rtc
         .add(rtc, "ws", stream, span.clone(), |id, waker| {
@@ -470,6 +473,9 @@ fn accept(
             Box::new(Viewer::new(outs, subscriber, slot, span.clone(), posted).on_connected(tx))
         })
         .map_err(|_| Refused::NodeFull)?;
+    if let Some(a) = held {
+        whep.rtc.hold(handle.id(), a);
+    }
     {
         let _g = span.enter();
         tracing::info!(codecs = ?codecs, "viewer started");

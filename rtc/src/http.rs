@@ -59,6 +59,9 @@ pub enum ApiError {
     /// 429 + Retry-After (seconds): too many wrong tokens from this address.
     #[error("too many wrong tokens from this address, retry in {0} s")]
     TooManyRequests(u64),
+    /// 429 + Retry-After: too many sessions from one address.
+    #[error("{0}")]
+    TooManyFromAddress(&'static str),
     /// 503 + Retry-After: session limit reached or draining.
     #[error("{0}")]
     Unavailable(&'static str),
@@ -81,6 +84,7 @@ impl ApiError {
             Self::PreconditionRequired => StatusCode::PRECONDITION_REQUIRED,
             Self::TooManyRequests(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            Self::TooManyFromAddress(_) => StatusCode::TOO_MANY_REQUESTS,
             Self::Internal(_) => StatusCode::INTERNAL_SERVER_ERROR,
         }
     }
@@ -98,7 +102,7 @@ impl IntoResponse for ApiError {
         )
             .into_response();
         match self {
-            Self::Unavailable(_) => {
+            Self::Unavailable(_) | Self::TooManyFromAddress(_) => {
                 res.headers_mut()
                     .insert(header::RETRY_AFTER, HeaderValue::from(RETRY_AFTER_SECS));
             }
@@ -120,6 +124,9 @@ impl From<Error> for ApiError {
     fn from(e: Error) -> Self {
         match e {
             Error::Full => Self::Unavailable("node at its session limit or draining, retry later"),
+            Error::TooManyFromAddress => {
+                Self::TooManyFromAddress("too many sessions from this address, retry later")
+            }
             Error::NoSession => Self::NotFound("no such session".into()),
             Error::Rtc(e) => Self::BadRequest(format!("offer refused: {e}")),
             Error::Io(e) => Self::Internal(e.to_string()),
@@ -316,10 +323,23 @@ fn content_type_is(headers: &HeaderMap, want: &str) -> bool {
         .is_some_and(|v| v.trim().eq_ignore_ascii_case(want))
 }
 
-async fn read_body(body: Body) -> Result<Bytes, ApiError> {
-    axum::body::to_bytes(body, MAX_BODY)
-        .await
-        .map_err(|_| ApiError::PayloadTooLarge)
+async fn read_body(mut body: Body) -> Result<Bytes, ApiError> {
+    use axum::body::HttpBody;
+    // Frame by frame rather than `to_bytes`, whose one error cannot tell a
+    // body over the cap (413) from one that failed or stalled past the
+    // node's body timeout (400).
+    let mut buf = Vec::new();
+    while let Some(frame) = std::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await {
+        let frame =
+            frame.map_err(|_| ApiError::BadRequest("request body not received in time".into()))?;
+        if let Ok(data) = frame.into_data() {
+            if buf.len() + data.len() > MAX_BODY {
+                return Err(ApiError::PayloadTooLarge);
+            }
+            buf.extend_from_slice(&data);
+        }
+    }
+    Ok(Bytes::from(buf))
 }
 
 fn count(kind: &'static str, status: StatusCode) {
@@ -336,7 +356,9 @@ async fn create(
 ) -> Response {
     let kind = s.endpoint.kind();
     let ip = client_ip(req.extensions());
-    let res = create_inner(&s, stream, q, headers, ip, req.into_body()).await;
+    // Unspecified: served without the client address (router unit tests).
+    let peer = (!ip.is_unspecified()).then_some(ip);
+    let res = create_inner(&s, stream, q, peer, headers, ip, req.into_body()).await;
     let res = match res {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -349,6 +371,7 @@ async fn create_inner(
     s: &Shared,
     stream: String,
     q: QueryToken,
+    peer: Option<IpAddr>,
     headers: HeaderMap,
     ip: IpAddr,
     body: Body,
@@ -369,13 +392,14 @@ async fn create_inner(
             "Content-Type must be application/sdp".into(),
         ));
     }
-    s.server.admit()?;
+    let kind = s.endpoint.kind();
+    let admission = s.server.admit_from(kind, peer)?;
     let body = read_body(body).await?;
     let offer = String::from_utf8(body.to_vec())
         .map_err(|_| ApiError::BadRequest("offer is not UTF-8 text".into()))?;
-    let kind = s.endpoint.kind();
     let created = s.endpoint.create(stream.clone(), offer.clone()).await?;
     let id = created.handle.id();
+    s.server.hold(id, admission);
     let etag = s
         .server
         .session(kind, &stream, id)

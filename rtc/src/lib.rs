@@ -51,6 +51,9 @@ pub enum Error {
     /// The node is at its session limit or draining.
     #[error("node full")]
     Full,
+    /// The client's address holds as many sessions as it may.
+    #[error("too many sessions from one address")]
+    TooManyFromAddress,
 }
 
 /// Result with the crate's [`Error`].
@@ -67,7 +70,8 @@ pub struct Config {
     pub advertise: Vec<IpAddr>,
     /// Worker shards; 0 = one per core.
     pub shards: usize,
-    /// Sessions (publishers + viewers) this node accepts before answering 503.
+    /// Sessions (publishers + viewers) past which new viewers get 503;
+    /// publishers are only refused by their own pool ([`Limits::max_publishers`]).
     pub max_sessions: usize,
     /// STUN/TURN servers offered to clients (`Link: rel="ice-server"`).
     pub ice: ice::IceServers,
@@ -90,6 +94,12 @@ pub struct Limits {
     /// Remote ICE candidates one session accepts in its lifetime, over PATCH
     /// and the WebSocket together; more are ignored (and counted).
     pub max_remote_candidates: usize,
+    /// WHIP publishers at once: a pool of their own, so viewers (refused
+    /// at `max_sessions`) can never keep them out (0 = no cap).
+    pub max_publishers: usize,
+    /// WHIP, WHEP and WebSocket sessions per client IP, negotiations in
+    /// progress included (0 = no cap).
+    pub sessions_per_ip: usize,
     /// Test hook for the supervision tests: every shard panics when asked to
     /// add a session after this many. Never set outside tests.
     #[doc(hidden)]
@@ -103,6 +113,10 @@ pub struct Limits {
 pub const DEFAULT_TCP_PER_IP: usize = 16;
 /// Default [`Limits::tcp_idle`].
 pub const DEFAULT_TCP_IDLE: Duration = Duration::from_secs(30);
+/// Default [`Limits::max_publishers`].
+pub const DEFAULT_MAX_PUBLISHERS: usize = 1000;
+/// Default [`Limits::sessions_per_ip`].
+pub const DEFAULT_SESSIONS_PER_IP: usize = 64;
 /// Default [`Limits::max_remote_candidates`].
 pub const DEFAULT_MAX_REMOTE_CANDIDATES: usize = 32;
 
@@ -112,6 +126,8 @@ impl Default for Limits {
             tcp_per_ip: DEFAULT_TCP_PER_IP,
             tcp_idle: DEFAULT_TCP_IDLE,
             max_remote_candidates: DEFAULT_MAX_REMOTE_CANDIDATES,
+            max_publishers: DEFAULT_MAX_PUBLISHERS,
+            sessions_per_ip: DEFAULT_SESSIONS_PER_IP,
             panic_shard_after: None,
             auth: limit::AuthGate::default(),
         }

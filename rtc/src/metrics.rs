@@ -6,6 +6,9 @@ pub const SESSIONS_OPENED: &str = "cascade_rtc_sessions_opened_total";
 pub const SESSIONS_CLOSED: &str = "cascade_rtc_sessions_closed_total";
 /// Sessions alive, by kind.
 pub const SESSIONS: &str = "cascade_rtc_sessions";
+/// New sessions refused at admission, by kind and reason
+/// (`publishers_full`, `viewers_full`, `per_ip`).
+pub const SESSIONS_REFUSED: &str = "cascade_rtc_sessions_refused_total";
 /// Datagrams received on the media ports.
 pub const DATAGRAMS_IN: &str = "cascade_rtc_datagrams_in_total";
 /// Datagrams sent.
@@ -44,6 +47,10 @@ pub fn describe() {
     );
     metrics::describe_counter!(SESSIONS_OPENED, "webrtc sessions opened");
     metrics::describe_counter!(SESSIONS_CLOSED, "webrtc sessions closed, by reason");
+    metrics::describe_counter!(
+        SESSIONS_REFUSED,
+        "new webrtc sessions refused at admission, by kind and reason (publishers_full, viewers_full, per_ip)"
+    );
     metrics::describe_gauge!(SESSIONS, "webrtc sessions alive");
     metrics::describe_counter!(DATAGRAMS_IN, "datagrams received on the media ports");
     metrics::describe_counter!(DATAGRAMS_OUT, "datagrams sent on the media ports");

@@ -82,6 +82,9 @@ pub(crate) struct Meta {
     pub(crate) remote_ufrag: Option<String>,
     /// Remote candidates signalled so far (PATCH and WebSocket), capped.
     pub(crate) candidates: usize,
+    /// The session's places in the publisher pool and its client's per-IP
+    /// count: freed when the session (and so this entry) goes.
+    pub(crate) held: Option<Arc<crate::server::Admission>>,
 }
 
 fn read<T>(l: &RwLock<T>) -> RwLockReadGuard<'_, T> {
@@ -196,6 +199,13 @@ impl Routes {
     pub(crate) fn set_remote_ufrag(&self, id: SessionId, ufrag: String) {
         if let Some(m) = write(&self.meta).get_mut(&id) {
             m.remote_ufrag = Some(ufrag);
+        }
+    }
+
+    /// Attaches `held` to session `id` (dropped now if it is gone).
+    pub(crate) fn hold(&self, id: SessionId, held: Arc<crate::server::Admission>) {
+        if let Some(m) = write(&self.meta).get_mut(&id) {
+            m.held = Some(held);
         }
     }
 

@@ -13,14 +13,16 @@ use std::collections::HashSet;
 use std::net::{IpAddr, SocketAddr};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::Arc;
+use std::time::Instant;
 
 use quinn_udp::UdpSocketState;
 use str0m::{Candidate, Rtc, RtcConfig};
 use tokio::net::{TcpListener, UdpSocket};
-use tokio::sync::{mpsc, watch, Notify};
+use tokio::sync::{mpsc, watch, Notify, OwnedSemaphorePermit, Semaphore};
 use tracing::Instrument;
 
 use crate::egress::{Batch, Egress, ShardEgress};
+use crate::limit::{IpGuard, PerIp, SharedLogOnce};
 use crate::metrics as m;
 use crate::mux::{self, Meta, Route, Routes};
 use crate::session::{Handler, SessionHandle, SessionId, Waker};
@@ -54,6 +56,11 @@ struct Inner {
     shards: Vec<ShardRef>,
     count: Arc<AtomicUsize>,
     max_sessions: usize,
+    /// The publishers' pool (`None`: no cap).
+    publishers: Option<Arc<Semaphore>>,
+    /// Sessions per client IP.
+    per_ip: PerIp,
+    refusals: SharedLogOnce,
     draining: AtomicBool,
     max_candidates: usize,
     auth: crate::limit::AuthGate,
@@ -189,6 +196,10 @@ impl Server {
                 shards,
                 count,
                 max_sessions: cfg.max_sessions,
+                publishers: (cfg.limits.max_publishers > 0)
+                    .then(|| Arc::new(Semaphore::new(cfg.limits.max_publishers))),
+                per_ip: PerIp::new(cfg.limits.sessions_per_ip),
+                refusals: SharedLogOnce::default(),
                 draining: AtomicBool::new(false),
                 max_candidates: cfg.limits.max_remote_candidates,
                 auth: cfg.limits.auth.clone(),
@@ -269,6 +280,65 @@ impl Server {
         Ok(())
     }
 
+    /// Admission of a new `kind` session from `ip` (when known), before any
+    /// heavy work: publishers (`"whip"`) take a place in their own pool and
+    /// are not refused for the node's session count, viewers are refused
+    /// once all sessions reach `max_sessions` ([`Server::admit`]), and
+    /// no address holds more than its share of sessions. The places are
+    /// held until the [`Admission`] is dropped, or (after [`Server::hold`])
+    /// until the session ends.
+    pub fn admit_from(&self, kind: &'static str, ip: Option<IpAddr>) -> Result<Admission> {
+        let refuse = |reason: &'static str, e: Error| {
+            metrics::counter!(m::SESSIONS_REFUSED, "kind" => kind, "reason" => reason).increment(1);
+            if let Some(ip) = ip {
+                if self.inner.refusals.allow(ip, Instant::now()) {
+                    tracing::warn!(%ip, kind, reason, "session refused (logged once a minute per address)");
+                }
+            }
+            e
+        };
+        let publisher = if kind == PUBLISHER {
+            if self.inner.draining.load(Ordering::Relaxed) {
+                return Err(Error::Full);
+            }
+            match &self.inner.publishers {
+                None => None,
+                Some(p) => Some(
+                    p.clone()
+                        .try_acquire_owned()
+                        .map_err(|_| refuse("publishers_full", Error::Full))?,
+                ),
+            }
+        } else {
+            if self.inner.draining.load(Ordering::Relaxed) {
+                return Err(Error::Full);
+            }
+            if self.inner.count.load(Ordering::Relaxed) >= self.inner.max_sessions {
+                return Err(refuse("viewers_full", Error::Full));
+            }
+            None
+        };
+        let ip = match ip {
+            None => None,
+            Some(ip) => Some(
+                self.inner
+                    .per_ip
+                    .acquire(ip)
+                    .ok_or_else(|| refuse("per_ip", Error::TooManyFromAddress))?,
+            ),
+        };
+        Ok(Admission {
+            _publisher: publisher,
+            _ip: ip,
+        })
+    }
+
+    /// Ties `admission` to session `id`: its places are freed when the
+    /// session ends (at once if it already has).
+    pub fn hold(&self, id: SessionId, admission: Admission) {
+        self.inner.routes.hold(id, Arc::new(admission));
+    }
+
     /// Hands a negotiated `Rtc` to the least loaded shard. `make` builds the
     /// handler with a [`Waker`] for that shard.
     pub fn add(
@@ -279,7 +349,14 @@ impl Server {
         span: tracing::Span,
         make: impl FnOnce(SessionId, Waker) -> Box<dyn Handler>,
     ) -> Result<SessionHandle> {
-        self.admit()?;
+        if kind == PUBLISHER {
+            // Publishers were admitted to their own pool (admit_from).
+            if self.inner.draining.load(Ordering::Relaxed) {
+                return Err(Error::Full);
+            }
+        } else {
+            self.admit()?;
+        }
         let (index, shard) = self
             .inner
             .shards
@@ -303,6 +380,7 @@ impl Server {
                 etag: new_etag(),
                 remote_ufrag: None,
                 candidates: 0,
+                held: None,
             },
         );
         self.inner.count.fetch_add(1, Ordering::Relaxed);
@@ -387,7 +465,17 @@ impl Server {
         self.inner.count.fetch_add(1, Ordering::Relaxed);
         Ok(Reservation {
             count: self.inner.count.clone(),
+            admission: None,
         })
+    }
+
+    /// [`Server::reserve`] for a client at `ip` (when known), counted in its
+    /// address's sessions too ([`Server::admit_from`]): the WebSocket.
+    pub fn reserve_from(&self, kind: &'static str, ip: Option<IpAddr>) -> Result<Reservation> {
+        let admission = self.admit_from(kind, ip)?;
+        let mut r = self.reserve()?;
+        r.admission = Some(admission);
+        Ok(r)
     }
 
     /// Source addresses in the routing table (bounded: sessions × paths).
@@ -432,10 +520,30 @@ impl Server {
     }
 }
 
+/// The session kind that takes places in the publishers' pool.
+const PUBLISHER: &str = "whip";
+
+/// Places a new session holds (publisher pool, its address's count) until
+/// dropped.
+#[derive(Debug)]
+pub struct Admission {
+    _publisher: Option<OwnedSemaphorePermit>,
+    _ip: Option<IpGuard>,
+}
+
 /// A negotiation counted as a session ([`Server::reserve`]).
 #[derive(Debug)]
 pub struct Reservation {
     count: Arc<AtomicUsize>,
+    admission: Option<Admission>,
+}
+
+impl Reservation {
+    /// Ends the reservation (the session about to be added takes its place
+    /// in the count) and hands over its places for [`Server::hold`].
+    pub fn release(mut self) -> Option<Admission> {
+        self.admission.take()
+    }
 }
 
 impl Drop for Reservation {

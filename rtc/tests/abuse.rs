@@ -483,3 +483,51 @@ async fn a_panicking_shard_is_reported_and_its_count_corrected() {
         .unwrap();
     assert_eq!(res.status(), StatusCode::SERVICE_UNAVAILABLE);
 }
+
+/// Publishers have a pool of their own, viewers fill theirs, and one
+/// address holds at most its share of either; places come back when the
+/// admission (or, once held, the session) goes.
+#[tokio::test]
+async fn admission_pools_and_per_ip_cap() {
+    use cascade_rtc::Error;
+    let server = Server::bind(cascade_rtc::Config {
+        udp: "127.0.0.1:0".parse().unwrap(),
+        tcp: None,
+        advertise: vec!["127.0.0.1".parse().unwrap()],
+        shards: 1,
+        max_sessions: 3,
+        limits: Limits {
+            max_publishers: 2,
+            sessions_per_ip: 2,
+            ..Limits::default()
+        },
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let ip = |n: u8| Some(std::net::IpAddr::from([10, 0, 0, n]));
+    // One address: two sessions, then TooManyFromAddress.
+    let a1 = server.admit_from("whep", ip(1)).unwrap();
+    let _a2 = server.admit_from("whep", ip(1)).unwrap();
+    assert!(matches!(
+        server.admit_from("whep", ip(1)),
+        Err(Error::TooManyFromAddress)
+    ));
+    drop(a1);
+    let _a3 = server.admit_from("whep", ip(1)).unwrap();
+    // Viewers (sessions and WebSocket reservations; a WHEP admission is
+    // counted once its session is added) fill their pool of 3...
+    let _r1 = server.reserve_from("ws", ip(2)).unwrap();
+    let _r2 = server.reserve_from("ws", ip(2)).unwrap();
+    let _r3 = server.reserve_from("ws", ip(7)).unwrap();
+    assert!(matches!(server.reserve_from("ws", ip(3)), Err(Error::Full)));
+    assert!(matches!(server.admit(), Err(Error::Full)));
+    // ...and publishers still have theirs (2), whatever the viewers hold.
+    let p1 = server.admit_from("whip", ip(4)).unwrap();
+    let _p2 = server.admit_from("whip", ip(5)).unwrap();
+    assert!(matches!(server.admit_from("whip", ip(6)), Err(Error::Full)));
+    drop(p1);
+    let _p3 = server.admit_from("whip", ip(6)).unwrap();
+    // An unknown address is only pooled.
+    assert!(matches!(server.admit_from("whep", None), Err(Error::Full)));
+}

@@ -227,7 +227,9 @@ def run(args, viewers, out_dir):
         server = subprocess.Popen(
             pin + [CASCADE, "all", "--http", http(args), "--rtmp", "127.0.0.1:0", "--udp", f"{addr}:{UDP_PORT}",
                    "--tcp", f"{addr}:{UDP_PORT}", "--advertise", addr, "--publish-token", TOKEN,
-                   "--log", "warn", "--max-sessions", "20000"],
+                   "--log", "warn", "--max-sessions", "20000",
+                   # Every viewer comes from one address: lift the per-IP caps.
+                   "--max-sessions-per-ip", "0", "--http-max-per-ip", "0"],
             stdout=subprocess.DEVNULL, stderr=log, env=env)
         source = ["--url", f"http://{http(args)}/whep/bench", "--publish", f"http://{http(args)}/whip/bench",
                   "--publish-token", TOKEN] + (["--no-tag"] if args.no_tag else [])
