@@ -166,6 +166,25 @@ struct Ctx {
     tokens: Auth,
 }
 
+impl Ctx {
+    /// What every connection of a plain or TLS listener shares.
+    fn new(
+        registry: Arc<Registry>,
+        publish_token: Arc<str>,
+        bframes: Policy,
+        limits: &Limits,
+    ) -> Arc<Self> {
+        Arc::new(Self {
+            tokens: Auth::new(Some(&publish_token), None, limits.token_secret.as_deref()),
+            registry,
+            token: publish_token,
+            bframes,
+            publish_timeout: limits.publish_timeout,
+            auth: limits.auth.clone(),
+        })
+    }
+}
+
 /// Accepts RTMP connections on `listener` until `shutdown` is cancelled,
 /// publishing into `registry` with protocol `rtmp`. Every connection is
 /// closed when `shutdown` fires. Returns only on shutdown. Streams with
@@ -202,14 +221,7 @@ pub async fn serve_with_limits(
     bframes: Policy,
     limits: Limits,
 ) -> Result<(), Error> {
-    let ctx = Arc::new(Ctx {
-        registry,
-        token: publish_token.clone(),
-        bframes,
-        publish_timeout: limits.publish_timeout,
-        auth: limits.auth.clone(),
-        tokens: Auth::new(Some(&publish_token), None, limits.token_secret.as_deref()),
-    });
+    let ctx = Ctx::new(registry, publish_token, bframes, &limits);
     accept_loop(listener, ctx, shutdown, None, limits).await
 }
 
@@ -226,14 +238,7 @@ pub async fn serve_tls(
     bframes: Policy,
     limits: Limits,
 ) -> Result<(), Error> {
-    let ctx = Arc::new(Ctx {
-        registry,
-        token: publish_token.clone(),
-        bframes,
-        publish_timeout: limits.publish_timeout,
-        auth: limits.auth.clone(),
-        tokens: Auth::new(Some(&publish_token), None, limits.token_secret.as_deref()),
-    });
+    let ctx = Ctx::new(registry, publish_token, bframes, &limits);
     accept_loop(listener, ctx, shutdown, Some(tls), limits).await
 }
 
