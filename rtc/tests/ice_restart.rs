@@ -5,113 +5,21 @@
 //! credentials, and the session still answering DELETE afterwards.
 #![allow(clippy::unwrap_used)] // test helpers outside #[test] fns
 
-use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use axum::body::Body;
 use axum::http::{Request, Response, StatusCode};
-use cascade_rtc::http::{ApiError, CreateFuture, Created, Endpoint};
 use cascade_rtc::ice::{IceServers, Url};
-use cascade_rtc::{Ctx, Flow, Handler, Server};
-use str0m::change::{SdpAnswer, SdpOffer};
-use str0m::net::{Protocol, Receive};
-use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
+use cascade_rtc::Server;
+use str0m::change::SdpAnswer;
+use str0m::{Candidate, Event, IceConnectionState, Rtc};
 use tokio::net::UdpSocket;
 use tower::ServiceExt;
 
-struct Nop;
+mod common;
 
-impl Handler for Nop {
-    fn on_event(&mut self, _ctx: &mut Ctx<'_>, _event: Event) -> Flow {
-        Flow::Continue
-    }
-}
-
-/// A minimal "whep" endpoint: any offer becomes a session that sends nothing.
-struct Test {
-    server: Server,
-}
-
-impl Endpoint for Test {
-    fn kind(&self) -> &'static str {
-        "whep"
-    }
-
-    fn authorize(&self, _stream: &str, _token: Option<&str>) -> Result<(), ApiError> {
-        Ok(())
-    }
-
-    fn create(&self, stream: String, offer: String) -> CreateFuture {
-        let server = self.server.clone();
-        Box::pin(async move {
-            let offer = SdpOffer::from_sdp_string(&offer)
-                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            let mut rtc = server.rtc_builder().build(Instant::now());
-            server.add_local_candidates(&mut rtc);
-            let answer = rtc
-                .sdp_api()
-                .accept_offer(offer)
-                .map_err(|e| ApiError::BadRequest(e.to_string()))?;
-            let handle = server.add(rtc, "whep", &stream, tracing::Span::none(), |_, _| {
-                Box::new(Nop)
-            })?;
-            Ok(Created {
-                answer: answer.to_sdp_string(),
-                handle,
-            })
-        })
-    }
-}
-
-struct Client {
-    rtc: Rtc,
-    socket: UdpSocket,
-    local: SocketAddr,
-}
-
-impl Client {
-    /// Drives the client until `done` says so or `within` passes.
-    async fn drive(&mut self, within: Duration, mut done: impl FnMut(&Event) -> bool) -> bool {
-        let deadline = Instant::now() + within;
-        let mut buf = vec![0u8; 2048];
-        loop {
-            let next = loop {
-                match self.rtc.poll_output().unwrap() {
-                    Output::Timeout(t) => break t,
-                    Output::Transmit(t) => {
-                        let _ = self.socket.send_to(&t.contents, t.destination).await;
-                    }
-                    Output::Event(e) => {
-                        if done(&e) {
-                            return true;
-                        }
-                    }
-                }
-            };
-            if Instant::now() > deadline {
-                return false;
-            }
-            let until = next.min(deadline);
-            tokio::select! {
-                r = self.socket.recv_from(&mut buf) => {
-                    let (n, source) = r.unwrap();
-                    if let Ok(contents) = buf[..n].try_into() {
-                        let _ = self.rtc.handle_input(Input::Receive(Instant::now(), Receive {
-                            proto: Protocol::Udp,
-                            source,
-                            destination: self.local,
-                            contents,
-                        }));
-                    }
-                }
-                _ = tokio::time::sleep_until(until.into()) => {
-                    self.rtc.handle_input(Input::Timeout(Instant::now())).unwrap();
-                }
-            }
-        }
-    }
-}
+use common::{attr, Client, Test};
 
 async fn call(app: &axum::Router, req: Request<Body>) -> (Response<Body>, String) {
     let res = app.clone().oneshot(req).await.unwrap();
@@ -129,12 +37,6 @@ fn patch(url: &str, if_match: Option<&str>, body: String) -> Request<Body> {
         b = b.header("if-match", m);
     }
     b.body(Body::from(body)).unwrap()
-}
-
-fn attr<'a>(sdp: &'a str, name: &str) -> &'a str {
-    sdp.lines()
-        .find_map(|l| l.trim().strip_prefix(name))
-        .unwrap_or_else(|| panic!("{name} in {sdp}"))
 }
 
 fn replace_creds(sdp: &str, ufrag: &str, pwd: &str) -> String {
@@ -228,7 +130,7 @@ async fn trickle_and_ice_restart_with_a_full_ice_client() {
     rtc.sdp_api()
         .accept_answer(pending, SdpAnswer::from_sdp_string(&answer).unwrap())
         .unwrap();
-    let mut client = Client { rtc, socket, local };
+    let mut client = Client::from_parts(rtc, socket, local);
     assert!(
         client
             .drive(Duration::from_secs(10), |e| matches!(e, Event::Connected))
