@@ -10,21 +10,15 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cascade_origin::catalog::{Catalog, Codec, TrackInfo};
+use common::ome::{answerer, next_json};
 use common::Edge;
 use futures::{SinkExt, StreamExt};
 use metrics::{Counter, CounterFn, Gauge, Histogram, Key, KeyName, Metadata, Recorder};
 use metrics::{SharedString, Unit};
 use serde_json::{json, Value};
 use str0m::change::SdpOffer;
-use str0m::format::{Codec as RtcCodec, FormatParams};
-use str0m::media::{Frequency, Pt};
-use str0m::Rtc;
 use tokio::io::AsyncWriteExt;
 use tokio_tungstenite::tungstenite::Message;
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
 
 /// Counts `cascade_rtc_candidates_refused_total` for this test process.
 struct Refused(Arc<AtomicU64>);
@@ -59,59 +53,15 @@ impl Recorder for Refused {
     }
 }
 
-fn catalog() -> Catalog {
-    Catalog {
-        tracks: vec![
-            TrackInfo {
-                name: "video".into(),
-                codec: Codec::H264,
-                fmtp: "profile-level-id=42e01f;packetization-mode=1".into(),
-                channels: None,
-                bframes: false,
-            },
-            TrackInfo {
-                name: "audio".into(),
-                codec: Codec::Opus,
-                fmtp: "minptime=10;useinbandfec=1".into(),
-                channels: Some(2),
-                bframes: false,
-            },
-        ],
-    }
-}
-
-async fn next_json(ws: &mut Ws, within: Duration) -> Option<Value> {
-    loop {
-        let msg = tokio::time::timeout(within, ws.next()).await.ok()??.ok()?;
-        match msg {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).ok(),
-            Message::Close(_) => return None,
-            _ => {}
-        }
-    }
-}
-
-fn answerer() -> Rtc {
-    let mut cfg = Rtc::builder().clear_codecs().enable_opus(true, false);
-    cfg.codec_config().add_config(
-        Pt::from(120),
-        Some(Pt::from(121)),
-        RtcCodec::H264,
-        Frequency::NINETY_KHZ,
-        None,
-        FormatParams::parse_line(
-            "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id=42e01f",
-        ),
-    );
-    cfg.build(Instant::now())
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn abuse_of_the_websocket_is_bounded() {
     let refused = Arc::new(AtomicU64::new(0));
     metrics::set_global_recorder(Refused(refused.clone())).unwrap();
     let edge = Edge::start_with(Default::default(), 2).await;
-    let _publisher = edge.registry.publish("cam", catalog(), "test").unwrap();
+    let _publisher = edge
+        .registry
+        .publish("cam", common::catalog(), "test")
+        .unwrap();
     let url = format!("ws://{}/ws/live/cam", edge.http);
 
     // A frame announcing 16 MiB: closed on its header, long before the
@@ -171,7 +121,7 @@ async fn abuse_of_the_websocket_is_bounded() {
     let offer = next_json(&mut ws, Duration::from_secs(5)).await.unwrap();
     assert_eq!(offer["command"], "offer", "{offer}");
     let sdp = SdpOffer::from_sdp_string(offer["sdp"]["sdp"].as_str().unwrap()).unwrap();
-    let mut rtc = answerer();
+    let mut rtc = answerer(&["42e01f"]);
     let answer = rtc.sdp_api().accept_offer(sdp).unwrap().to_sdp_string();
     ws.send(Message::Text(
         json!({"command": "answer", "id": offer["id"], "peer_id": 0,

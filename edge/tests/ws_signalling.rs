@@ -12,14 +12,8 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use cascade_origin::catalog::{Catalog, Codec, TrackInfo};
+use common::ome::{answer, answerer, next_json, offer};
 use common::Edge;
-use futures::{SinkExt, StreamExt};
-use serde_json::{json, Value};
-use str0m::change::SdpOffer;
-use str0m::format::{Codec as RtcCodec, FormatParams};
-use str0m::media::{Frequency, Pt};
-use str0m::Rtc;
-use tokio_tungstenite::tungstenite::Message;
 
 /// Log lines of this test process (each test binary is its own process
 /// under nextest; the buffer is shared by the tests of one `cargo test`).
@@ -77,67 +71,6 @@ fn high_catalog() -> Catalog {
             },
         ],
     }
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn next_json(ws: &mut Ws, within: Duration) -> Option<Value> {
-    loop {
-        let msg = tokio::time::timeout(within, ws.next()).await.ok()??.ok()?;
-        match msg {
-            Message::Text(t) => return serde_json::from_str(t.as_str()).ok(),
-            Message::Close(_) => return None,
-            _ => {}
-        }
-    }
-}
-
-/// Connects, asks for the offer and returns it.
-async fn offer(edge: &Edge, stream: &str) -> (Ws, Value) {
-    let url = format!("ws://{}/ws/live/{stream}", edge.http);
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    ws.send(Message::Text(
-        json!({"command": "request_offer"}).to_string().into(),
-    ))
-    .await
-    .unwrap();
-    let offer = next_json(&mut ws, Duration::from_secs(5)).await.unwrap();
-    assert_eq!(offer["command"], "offer", "{offer}");
-    (ws, offer)
-}
-
-/// A browser-like answerer receiving only Opus and the given H.264
-/// profile-level-ids (none: no H.264 at all, like Firefox here).
-fn answerer(h264: &[&str]) -> Rtc {
-    let mut cfg = Rtc::builder().clear_codecs().enable_opus(true, false);
-    for (i, plid) in h264.iter().enumerate() {
-        cfg.codec_config().add_config(
-            Pt::from(120 + 2 * i as u8),
-            Some(Pt::from(121 + 2 * i as u8)),
-            RtcCodec::H264,
-            Frequency::NINETY_KHZ,
-            None,
-            FormatParams::parse_line(&format!(
-                "level-asymmetry-allowed=1;packetization-mode=1;profile-level-id={plid}"
-            )),
-        );
-    }
-    cfg.build(Instant::now())
-}
-
-async fn answer(ws: &mut Ws, offer: &Value, rtc: &mut Rtc) -> String {
-    let sdp = SdpOffer::from_sdp_string(offer["sdp"]["sdp"].as_str().unwrap()).unwrap();
-    let answer = rtc.sdp_api().accept_offer(sdp).unwrap().to_sdp_string();
-    ws.send(Message::Text(
-        json!({"command": "answer", "id": offer["id"], "peer_id": 0,
-               "sdp": {"type": "answer", "sdp": answer}})
-        .to_string()
-        .into(),
-    ))
-    .await
-    .unwrap();
-    answer
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
