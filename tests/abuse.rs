@@ -15,7 +15,7 @@ mod common;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
-use common::{media, publish, view, wait_live, Node, TOKEN};
+use common::{ffmpeg_publish, media, publish, view, wait_live, Node, TOKEN};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpSocket, TcpStream, UdpSocket};
 
@@ -181,46 +181,6 @@ async fn idle_rtmp(ip: [u8; 4], to: SocketAddr) -> Rtmp {
     }
 }
 
-fn ffmpeg_publish(rtmp: &str, stream: &str, secs: u32) -> tokio::process::Child {
-    let url = format!("rtmp://{rtmp}/live/{stream}?token={TOKEN}");
-    let src = format!("testsrc2=size=320x180:rate=30:duration={secs}");
-    let tone = format!("sine=frequency=1000:sample_rate=48000:duration={secs}");
-    tokio::process::Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-re",
-            "-f",
-            "lavfi",
-            "-i",
-            &src,
-            "-f",
-            "lavfi",
-            "-i",
-            &tone,
-            "-c:v",
-            "libx264",
-            "-preset",
-            "veryfast",
-            "-bf",
-            "0",
-            "-g",
-            "30",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:a",
-            "aac",
-            "-f",
-            "flv",
-            &url,
-        ])
-        .stdin(std::process::Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ffmpeg runs")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rtmp_connections_that_never_publish() {
     let (node, pid, _publisher) = live_node("abuse_rtmp_marker", &[]).await;
@@ -284,7 +244,9 @@ async fn rtmp_connections_that_never_publish() {
     assert!(metric_with(&m, name, "reason=\"publish_timeout\"") >= closed.len() as f64);
 
     // The slots are free again: a real encoder goes live.
-    let mut ff = ffmpeg_publish(&node.rtmp.clone().unwrap(), "rtmpcam", 8);
+    let rtmp = node.rtmp.clone().unwrap();
+    let url = format!("rtmp://{rtmp}/live/rtmpcam?token={TOKEN}");
+    let mut ff = ffmpeg_publish(&url, &["-bf", "0"], 8);
     wait_live(&node.http, "rtmpcam").await;
     let _ = ff.kill().await;
     let r = viewer.await.unwrap();

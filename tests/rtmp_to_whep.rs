@@ -6,51 +6,9 @@
 
 mod common;
 
-use std::process::Stdio;
 use std::time::Duration;
 
-use common::{metric_sum, view, wait_live, Node, TOKEN};
-
-fn ffmpeg(rtmp: &str, stream: &str, extra: &[&str], secs: u32) -> tokio::process::Child {
-    let url = format!("rtmp://{rtmp}/live/{stream}?token={TOKEN}");
-    let mut args: Vec<String> = [
-        "-hide_banner",
-        "-loglevel",
-        "error",
-        "-re",
-        "-f",
-        "lavfi",
-        "-i",
-        &format!("testsrc2=size=640x360:rate=30:duration={secs}"),
-        "-f",
-        "lavfi",
-        "-i",
-        &format!("sine=frequency=1000:sample_rate=44100:duration={secs}"),
-        "-c:v",
-        "libx264",
-        "-preset",
-        "veryfast",
-        "-g",
-        "60",
-        "-pix_fmt",
-        "yuv420p",
-        "-c:a",
-        "aac",
-        "-ac",
-        "2",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    args.extend(extra.iter().map(|s| s.to_string()));
-    args.extend(["-f".to_string(), "flv".to_string(), url]);
-    tokio::process::Command::new("ffmpeg")
-        .args(&args)
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ffmpeg runs (scripts/test.sh installs it)")
-}
+use common::{ffmpeg_publish, metric_sum, view, wait_live, Node, TOKEN};
 
 /// `min_video` frames in 5 s: ≈30 fps, or the I/P frames alone when the
 /// edge drops B slices (edge/src/bframes.rs, docs/bframes.md).
@@ -67,7 +25,8 @@ async fn rtmp_plays(
         .rtmp
         .clone()
         .expect("all-in-one prints its RTMP address");
-    let mut child = ffmpeg(&rtmp, stream, extra, 12);
+    let url = format!("rtmp://{rtmp}/live/{stream}?token={TOKEN}");
+    let mut child = ffmpeg_publish(&url, extra, 12);
     wait_live(&node.http, stream).await;
     let r = view(&node.http, stream, 5).await;
     assert!(r.connected, "{r:?}");

@@ -14,11 +14,10 @@ mod common;
 mod netns;
 
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use common::{media, metric_sum, Node, TOKEN};
+use common::{ffmpeg_publish, media, metric_sum, Node, TOKEN};
 use rcgen::{BasicConstraints, CertificateParams, IsCa, KeyPair, SerialNumber};
 use rustls::pki_types::{CertificateDer, ServerName};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -295,50 +294,6 @@ async fn a_silent_client_is_dropped_and_holds_up_nobody() {
     );
 }
 
-fn ffmpeg_rtmps(url: &str, ca: &Path, secs: u32) -> tokio::process::Child {
-    tokio::process::Command::new("ffmpeg")
-        .args([
-            "-hide_banner",
-            "-loglevel",
-            "error",
-            "-re",
-            "-f",
-            "lavfi",
-            "-i",
-            &format!("testsrc2=size=640x360:rate=30:duration={secs}"),
-            "-f",
-            "lavfi",
-            "-i",
-            &format!("sine=frequency=1000:sample_rate=44100:duration={secs}"),
-            "-c:v",
-            "libx264",
-            "-preset",
-            "veryfast",
-            "-bf",
-            "0",
-            "-g",
-            "60",
-            "-pix_fmt",
-            "yuv420p",
-            "-c:a",
-            "aac",
-            "-ac",
-            "2",
-            // The TLS layer checks the server against the test CA.
-            "-tls_verify",
-            "1",
-            "-ca_file",
-            ca.to_str().unwrap(),
-            "-f",
-            "flv",
-            url,
-        ])
-        .stdin(Stdio::null())
-        .kill_on_drop(true)
-        .spawn()
-        .expect("ffmpeg runs (scripts/test.sh installs it)")
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ffmpeg_publishes_over_rtmps() {
     let pki = Pki::new();
@@ -364,7 +319,17 @@ async fn ffmpeg_publishes_over_rtmps() {
     let mut buf = [0u8; 64];
     let _ = tokio::time::timeout(Duration::from_secs(5), plain.read(&mut buf)).await;
     let url = format!("rtmps://{rtmps}/live/secure?token={TOKEN}");
-    let mut child = ffmpeg_rtmps(&url, &pki.ca_path(), 12);
+    // The TLS layer checks the server against the test CA.
+    let ca = pki.ca_path();
+    let tls = [
+        "-bf",
+        "0",
+        "-tls_verify",
+        "1",
+        "-ca_file",
+        ca.to_str().unwrap(),
+    ];
+    let mut child = ffmpeg_publish(&url, &tls, 12);
     wait_live(&client, &node.http, "secure").await;
     let v = loadtest::whep::Viewer::start(viewer_opts(&pki, &node.http, "secure", 5))
         .await

@@ -241,3 +241,44 @@ pub fn metric_sum(text: &str, name: &str) -> f64 {
         .filter_map(|l| l.rsplit(' ').next()?.parse::<f64>().ok())
         .sum()
 }
+
+/// Debian's ffmpeg publishing `secs` of 640×360 30 fps x264 (a keyframe
+/// every 2 s) + a 1 kHz AAC tone as FLV to `url` (`rtmp://` or `rtmps://`);
+/// `extra` output options go before the URL (`-bf 0`, TLS options, …).
+pub fn ffmpeg_publish(url: &str, extra: &[&str], secs: u32) -> tokio::process::Child {
+    let video = format!("testsrc2=size=640x360:rate=30:duration={secs}");
+    let tone = format!("sine=frequency=1000:sample_rate=44100:duration={secs}");
+    tokio::process::Command::new("ffmpeg")
+        .args([
+            "-hide_banner",
+            "-loglevel",
+            "error",
+            "-re",
+            "-f",
+            "lavfi",
+            "-i",
+            &video,
+            "-f",
+            "lavfi",
+            "-i",
+            &tone,
+            "-c:v",
+            "libx264",
+            "-preset",
+            "veryfast",
+            "-g",
+            "60",
+            "-pix_fmt",
+            "yuv420p",
+            "-c:a",
+            "aac",
+            "-ac",
+            "2",
+        ])
+        .args(extra)
+        .args(["-f", "flv", url])
+        .stdin(Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("ffmpeg runs (scripts/test.sh installs it)")
+}
