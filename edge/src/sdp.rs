@@ -201,6 +201,7 @@ pub(crate) mod tests {
             fmtp: fmtp.into(),
             channels: None,
             bframes: false,
+            rendition: None,
         }
     }
 

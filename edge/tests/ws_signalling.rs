@@ -61,6 +61,7 @@ fn high_catalog() -> Catalog {
                 fmtp: "profile-level-id=64001e;packetization-mode=1".into(),
                 channels: None,
                 bframes: false,
+                rendition: None,
             },
             TrackInfo {
                 name: "audio".into(),
@@ -68,6 +69,7 @@ fn high_catalog() -> Catalog {
                 fmtp: "minptime=10;useinbandfec=1".into(),
                 channels: Some(2),
                 bframes: false,
+                rendition: None,
             },
         ],
     }

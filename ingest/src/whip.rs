@@ -257,6 +257,7 @@ impl Session {
                 fmtp: t.fmtp.clone(),
                 channels: (t.codec == Codec::Opus).then_some(2),
                 bframes: false,
+                rendition: None,
             })
             .collect();
         tracks.sort_by(|a, b| b.name.cmp(&a.name));

@@ -505,6 +505,7 @@ mod tests {
                 fmtp: String::new(),
                 channels: None,
                 bframes: false,
+                rendition: None,
             }],
         }
     }

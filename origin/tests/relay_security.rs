@@ -317,6 +317,7 @@ fn too_many_tracks() -> Catalog {
         fmtp: String::new(),
         channels: None,
         bframes: false,
+        rendition: None,
     };
     Catalog {
         tracks: (0..=MAX_TRACKS).map(track).collect(),

@@ -92,6 +92,7 @@ pub fn catalog() -> Catalog {
                 fmtp: "profile-level-id=42e01f;packetization-mode=1".into(),
                 channels: None,
                 bframes: false,
+                rendition: None,
             },
             TrackInfo {
                 name: "audio".into(),
@@ -99,6 +100,7 @@ pub fn catalog() -> Catalog {
                 fmtp: "minptime=10;useinbandfec=1".into(),
                 channels: Some(2),
                 bframes: false,
+                rendition: None,
             },
         ],
     }
@@ -394,6 +396,7 @@ pub fn publish_video(
             fmtp: String::new(),
             channels: None,
             bframes: false,
+            rendition: None,
         }],
     };
     let publisher = registry.publish(name, catalog, "test").unwrap();

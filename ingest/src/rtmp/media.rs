@@ -197,6 +197,7 @@ impl Media {
                 fmtp,
                 channels: None,
                 bframes: self.bframes,
+                rendition: None,
             });
         }
         let opus_channels = match &self.audio {
@@ -217,6 +218,7 @@ impl Media {
                 // RFC 7587 §7: always 2 in SDP, mono or not.
                 channels: Some(2),
                 bframes: false,
+                rendition: None,
             });
         }
         Catalog { tracks }

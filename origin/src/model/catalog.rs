@@ -85,6 +85,47 @@ pub struct TrackInfo {
     /// True when the video uses B-frames (pts ≠ dts somewhere).
     #[serde(default)]
     pub bframes: bool,
+    /// Set on video tracks that are one quality of several (simulcast layers,
+    /// the ABR ladder). `None` for a stream with one video track, as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rendition: Option<Rendition>,
+}
+
+/// One quality of a stream's video: a simulcast layer or a step of the ABR
+/// ladder. Every rendition is its own video track in the catalog, so it
+/// crosses the relay and is packetized on the edge like any other track.
+///
+/// Naming: the track named [`VIDEO`] is the default rendition (the best one,
+/// what a viewer gets that knows nothing of renditions); the others are named
+/// [`rendition_track`]`(name)`, i.e. `video-<name>`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Rendition {
+    /// What viewers pick it by: the simulcast `rid` (`q`, `h`, `f`, or OBS's
+    /// `0`, `1`, `2`) or the ladder step (`720p`, `source`). Stream-name
+    /// alphabet, so `video-<name>` is a valid track name.
+    pub name: String,
+    /// Picture width in pixels, 0 while unknown.
+    #[serde(default)]
+    pub width: u32,
+    /// Picture height in pixels, 0 while unknown.
+    #[serde(default)]
+    pub height: u32,
+    /// Nominal bitrate in kbit/s (the ladder's, or the publisher's layer
+    /// bitrate measured at go-live), 0 while unknown.
+    #[serde(default)]
+    pub bitrate_kbps: u32,
+    /// Frames per second, 0 while unknown.
+    #[serde(default)]
+    pub framerate: u32,
+}
+
+/// The name of the default video track (and of the only one without
+/// renditions).
+pub const VIDEO: &str = "video";
+
+/// The track name of a non-default rendition: `video-<name>`.
+pub fn rendition_track(name: &str) -> String {
+    format!("{VIDEO}-{name}")
 }
 
 impl TrackInfo {
@@ -120,6 +161,20 @@ impl Catalog {
     pub fn by_name(&self, name: &str) -> Option<&TrackInfo> {
         self.tracks.iter().find(|t| t.name == name)
     }
+
+    /// The video tracks that are renditions, in catalog order (empty for a
+    /// stream with a single video track).
+    pub fn renditions(&self) -> impl Iterator<Item = &TrackInfo> {
+        self.tracks
+            .iter()
+            .filter(|t| t.kind() == Kind::Video && t.rendition.is_some())
+    }
+
+    /// The video track of the rendition with this name.
+    pub fn rendition(&self, name: &str) -> Option<&TrackInfo> {
+        self.renditions()
+            .find(|t| t.rendition.as_ref().is_some_and(|r| r.name == name))
+    }
 }
 
 #[cfg(test)]
@@ -134,8 +189,44 @@ mod tests {
             fmtp: "packetization-mode=1; profile-level-id=42e01f".into(),
             channels: None,
             bframes: false,
+            rendition: None,
         };
         assert_eq!(t.profile_level_id(), Some(0x42e01f));
+    }
+
+    #[test]
+    fn renditions_are_video_tracks_with_a_rendition() {
+        let video = |name: &str, r: Option<&str>| TrackInfo {
+            name: name.into(),
+            codec: Codec::H264,
+            fmtp: String::new(),
+            channels: None,
+            bframes: false,
+            rendition: r.map(|r| Rendition {
+                name: r.into(),
+                width: 640,
+                height: 360,
+                bitrate_kbps: 800,
+                framerate: 30,
+            }),
+        };
+        let c = Catalog {
+            tracks: vec![
+                video(VIDEO, Some("f")),
+                video(&rendition_track("h"), Some("h")),
+            ],
+        };
+        assert_eq!(c.renditions().count(), 2);
+        assert_eq!(c.rendition("h").unwrap().name, "video-h");
+        assert!(c.rendition("q").is_none());
+        // Old peers' JSON (no `rendition`) still parses; None is not written.
+        let plain = Catalog {
+            tracks: vec![video(VIDEO, None)],
+        };
+        let j = serde_json::to_string(&plain).unwrap();
+        assert!(!j.contains("rendition"));
+        assert_eq!(serde_json::from_str::<Catalog>(&j).unwrap(), plain);
+        assert_eq!(plain.renditions().count(), 0);
     }
 
     #[test]

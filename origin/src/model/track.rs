@@ -365,6 +365,7 @@ mod tests {
             fmtp: String::new(),
             channels: None,
             bframes: false,
+            rendition: None,
         }
     }
 

@@ -1206,6 +1206,7 @@ mod tests {
             fmtp: String::new(),
             channels: None,
             bframes: false,
+            rendition: None,
         };
         Catalog {
             tracks: vec![track; crate::relay::wire::MAX_TRACKS + 1],

@@ -626,6 +626,7 @@ mod tests {
                 fmtp,
                 channels,
                 bframes,
+                rendition: None,
             });
         proptest::collection::vec(track, 0..4).prop_map(|tracks| Catalog { tracks })
     }
@@ -866,6 +867,7 @@ mod tests {
                     fmtp: String::new(),
                     channels: None,
                     bframes: false,
+                    rendition: None,
                 };
                 MAX_TRACKS + 1
             ],

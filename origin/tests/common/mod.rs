@@ -29,6 +29,7 @@ pub fn catalog() -> Catalog {
                 fmtp: "profile-level-id=42e01f;packetization-mode=1".into(),
                 channels: None,
                 bframes: false,
+                rendition: None,
             },
             TrackInfo {
                 name: "audio".into(),
@@ -36,6 +37,7 @@ pub fn catalog() -> Catalog {
                 fmtp: "minptime=10;useinbandfec=1".into(),
                 channels: Some(2),
                 bframes: false,
+                rendition: None,
             },
         ],
     }
