@@ -228,6 +228,18 @@ pub struct Options {
     /// WHIP/WHEP/WebSocket sessions per client IP (429 past it), 0 = no cap [default: 64]
     #[arg(long, global = true, env = "CASCADE_MAX_SESSIONS_PER_IP")]
     pub max_sessions_per_ip: Option<usize>,
+    /// Relay server: authenticated node links at once [default: 1024]
+    #[arg(long, global = true, env = "CASCADE_RELAY_MAX_LINKS")]
+    pub relay_max_links: Option<usize>,
+    /// Relay server: connection attempts still in the handshake at once [default: 256]
+    #[arg(long, global = true, env = "CASCADE_RELAY_MAX_HANDSHAKES")]
+    pub relay_max_handshakes: Option<usize>,
+    /// Relay server: handshakes at once from one IP (IPv6: one /64) [default: 32]
+    #[arg(long, global = true, env = "CASCADE_RELAY_HANDSHAKES_PER_IP")]
+    pub relay_handshakes_per_ip: Option<usize>,
+    /// Relay server: past this many handshakes, unvalidated sources get a QUIC Retry first [default: 32]
+    #[arg(long, global = true, env = "CASCADE_RELAY_RETRY_ABOVE")]
+    pub relay_retry_above: Option<usize>,
     /// Test hook for the supervision test: shards panic when adding a
     /// session after this many. No env, no file key, not in --help.
     #[arg(long, global = true, hide = true)]
@@ -289,6 +301,12 @@ impl Options {
             max_publishers: self.max_publishers.or(lower.max_publishers),
             max_sessions_per_ip: self.max_sessions_per_ip.or(lower.max_sessions_per_ip),
             debug_panic_shard_after: self.debug_panic_shard_after,
+            relay_max_links: self.relay_max_links.or(lower.relay_max_links),
+            relay_max_handshakes: self.relay_max_handshakes.or(lower.relay_max_handshakes),
+            relay_handshakes_per_ip: self
+                .relay_handshakes_per_ip
+                .or(lower.relay_handshakes_per_ip),
+            relay_retry_above: self.relay_retry_above.or(lower.relay_retry_above),
             api_token: self.api_token.or(lower.api_token),
             auth_max_failures: self.auth_max_failures.or(lower.auth_max_failures),
             token_secret: self.token_secret.or(lower.token_secret),
@@ -337,6 +355,8 @@ pub struct Config {
     pub token_secret: Option<String>,
     /// `--http` connection caps and timeouts.
     pub http_limits: crate::http_limits::Limits,
+    /// `--relay-max-*`: the relay server's caps on handshakes and links.
+    pub relay_limits: cascade_origin::relay::Limits,
 }
 
 /// `--tls-cert` and `--tls-key`: PEM files, read at start and again when
@@ -389,6 +409,7 @@ impl Config {
 
     fn resolve(role: Role, o: Options) -> anyhow::Result<Self> {
         let rtc_limits = rtc_limits(&o);
+        let relay_limits = relay_limits(&o)?;
         let auth_gate = rtc_limits.auth.clone();
         let http_limits = http_limits(&o);
         let udp = o
@@ -517,8 +538,32 @@ impl Config {
             api_token: o.api_token.filter(|t| !t.is_empty()),
             token_secret: o.token_secret.filter(|t| !t.is_empty()),
             http_limits,
+            relay_limits,
         })
     }
+}
+
+/// `--relay-max-links`, `--relay-max-handshakes`, `--relay-handshakes-per-ip`,
+/// `--relay-retry-above`. Zero would lock every node out, so it is refused.
+fn relay_limits(o: &Options) -> anyhow::Result<cascade_origin::relay::Limits> {
+    let d = cascade_origin::relay::Limits::default();
+    let pick = |v: Option<usize>, default: usize, flag: &str| match v {
+        Some(0) => Err(anyhow::anyhow!(
+            "--{flag} must be at least 1 (0 would refuse every node)"
+        )),
+        Some(n) => Ok(n),
+        None => Ok(default),
+    };
+    Ok(cascade_origin::relay::Limits {
+        links: pick(o.relay_max_links, d.links, "relay-max-links")?,
+        handshakes: pick(o.relay_max_handshakes, d.handshakes, "relay-max-handshakes")?,
+        handshakes_per_source: pick(
+            o.relay_handshakes_per_ip,
+            d.handshakes_per_source,
+            "relay-handshakes-per-ip",
+        )?,
+        retry_above: pick(o.relay_retry_above, d.retry_above, "relay-retry-above")?,
+    })
 }
 
 /// `--http-max-*` and `--http-*-timeout`.
@@ -646,6 +691,39 @@ mod tests {
         assert_eq!(file.max_remote_candidates, Some(9));
         // The panic hook is a hidden flag only: no file key.
         assert!(toml::from_str::<Options>("debug-panic-shard-after = 1").is_err());
+    }
+
+    #[test]
+    fn relay_limits_have_defaults_flags_keys_and_refuse_zero() {
+        let c = Config::from_cli(parse(&[])).unwrap();
+        assert_eq!(c.relay_limits, cascade_origin::relay::Limits::default());
+        assert_eq!(c.relay_limits.links, 1024);
+        assert_eq!(c.relay_limits.handshakes, 256);
+        assert_eq!(c.relay_limits.handshakes_per_source, 32);
+        assert_eq!(c.relay_limits.retry_above, 32);
+        let c = Config::from_cli(parse(&[
+            "--relay-max-links",
+            "10",
+            "--relay-max-handshakes",
+            "20",
+            "--relay-handshakes-per-ip",
+            "3",
+            "--relay-retry-above",
+            "4",
+        ]))
+        .unwrap();
+        let want = cascade_origin::relay::Limits {
+            links: 10,
+            handshakes: 20,
+            handshakes_per_source: 3,
+            retry_above: 4,
+        };
+        assert_eq!(c.relay_limits, want);
+        let file: Options = toml::from_str("relay-max-links = 7\nrelay-retry-above = 2\n").unwrap();
+        assert_eq!(file.relay_max_links, Some(7));
+        assert_eq!(file.relay_retry_above, Some(2));
+        let e = Config::from_cli(parse(&["--relay-max-links", "0"])).unwrap_err();
+        assert!(e.to_string().contains("--relay-max-links"), "{e}");
     }
 
     #[test]

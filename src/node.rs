@@ -62,7 +62,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
 
     let relay_server = match cfg.quic {
         Some(addr) => Some(
-            relay::Server::bind(addr, secret.clone(), registry.clone())
+            relay::Server::bind_with(addr, secret.clone(), registry.clone(), cfg.relay_limits)
                 .await
                 .with_context(|| format!("binding the relay (QUIC) on {addr}"))?,
         ),

@@ -15,18 +15,18 @@ use std::collections::HashMap;
 use std::net::IpAddr;
 use std::time::{Duration, Instant};
 
-/// Caps of one server.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct Limits {
+/// Caps of one relay server (`--relay-max-*` flags in the binary).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Limits {
     /// Attempts in the handshake (QUIC + node) at once, from everyone.
-    pub(crate) handshakes: usize,
+    pub handshakes: usize,
     /// The same from one source (an IPv4 address or an IPv6 /64).
-    pub(crate) handshakes_per_source: usize,
+    pub handshakes_per_source: usize,
     /// Above this many attempts in the handshake, unvalidated ones get a
     /// Retry (one more round trip for real nodes, none for spoofed ones).
-    pub(crate) retry_above: usize,
+    pub retry_above: usize,
     /// Authenticated links: edges and ingests of a large cluster.
-    pub(crate) links: usize,
+    pub links: usize,
 }
 
 impl Default for Limits {

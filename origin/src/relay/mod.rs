@@ -28,6 +28,7 @@ pub mod wire;
 
 use std::time::Duration;
 
+pub use admit::Limits;
 pub use auth::EXPORTER_LABEL;
 pub use client::{Client, Options};
 pub use server::Server;

@@ -29,8 +29,19 @@ pub struct Server {
 }
 
 impl Server {
-    /// Binds `addr` and serves `registry` to nodes that know `secret`.
+    /// Binds `addr` and serves `registry` to nodes that know `secret`,
+    /// with the default [`Limits`].
     pub async fn bind(addr: SocketAddr, secret: String, registry: Arc<Registry>) -> Result<Self> {
+        Self::bind_with(addr, secret, registry, Limits::default()).await
+    }
+
+    /// [`Server::bind`] with the operator's caps on handshakes and links.
+    pub async fn bind_with(
+        addr: SocketAddr,
+        secret: String,
+        registry: Arc<Registry>,
+        limits: Limits,
+    ) -> Result<Self> {
         if secret.is_empty() {
             tracing::warn!("relay cluster secret is empty: any node can join");
         }
@@ -40,6 +51,7 @@ impl Server {
             endpoint.clone(),
             secret.into(),
             registry,
+            limits,
             cancel.clone(),
         ));
         tracing::info!(addr = %endpoint.local_addr()?, "relay server listening");
@@ -97,9 +109,10 @@ async fn accept_loop(
     endpoint: quinn::Endpoint,
     secret: Arc<str>,
     registry: Arc<Registry>,
+    limits: Limits,
     cancel: CancellationToken,
 ) {
-    let admission = Arc::new(Mutex::new(Admission::new(Limits::default())));
+    let admission = Arc::new(Mutex::new(Admission::new(limits)));
     let ids = AtomicU64::new(0);
     loop {
         let incoming = tokio::select! {
