@@ -1,5 +1,6 @@
 //! Node endpoints every role serves: `/healthz`, `/metrics` (Prometheus
-//! text), `/api/streams` (JSON). With `--api-token`, `/metrics` and
+//! text), `/api/streams` (JSON), `POST /api/drain` (drain as on SIGTERM;
+//! only with `--api-token`). With `--api-token`, `/metrics` and
 //! `/api/*` answer 401 without `Authorization: Bearer TOKEN`; `/healthz`
 //! stays open for load balancers.
 
@@ -10,7 +11,7 @@ use axum::extract::{Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{get, post};
 use axum::{Json, Router};
 use cascade_origin::Registry;
 use metrics_exporter_prometheus::PrometheusHandle;
@@ -23,6 +24,10 @@ pub struct Api {
     pub draining: Arc<AtomicBool>,
     /// `--api-token`: required on everything but `/healthz` when set.
     pub api_token: Option<Arc<str>>,
+    /// Cancelled by `POST /api/drain`: the node drains as on SIGTERM.
+    pub drain: tokio_util::sync::CancellationToken,
+    /// `--drain-timeout`, reported by `POST /api/drain`.
+    pub drain_timeout: std::time::Duration,
 }
 
 /// The routes.
@@ -30,6 +35,7 @@ pub fn router(api: Api) -> Router {
     let guarded = Router::new()
         .route("/metrics", get(metrics))
         .route("/api/streams", get(streams))
+        .route("/api/drain", post(drain))
         .route_layer(axum::middleware::from_fn_with_state(
             api.api_token.clone(),
             require_token,
@@ -90,6 +96,31 @@ async fn metrics(State(api): State<Api>) -> Response {
     }
 }
 
+/// `POST /api/drain`: 202 and the node drains (idempotent). Refused with
+/// 403 unless `--api-token` is set: an open endpoint that takes a node out
+/// of service would let anyone do it.
+async fn drain(State(api): State<Api>) -> Response {
+    if api.api_token.is_none() {
+        return (
+            StatusCode::FORBIDDEN,
+            "POST /api/drain needs --api-token (send SIGTERM to drain without one)\n",
+        )
+            .into_response();
+    }
+    if !api.drain.is_cancelled() {
+        tracing::info!("POST /api/drain: draining");
+        api.drain.cancel();
+    }
+    (
+        StatusCode::ACCEPTED,
+        Json(serde_json::json!({
+            "draining": true,
+            "timeout_s": api.drain_timeout.as_secs(),
+        })),
+    )
+        .into_response()
+}
+
 async fn streams(State(api): State<Api>) -> Response {
     let mut res = Json(api.registry.list()).into_response();
     // Dashboards on other origins poll this.
@@ -112,6 +143,8 @@ mod tests {
             registry: Registry::new(),
             prometheus: None,
             draining: Arc::new(AtomicBool::new(false)),
+            drain: Default::default(),
+            drain_timeout: std::time::Duration::from_secs(30),
             api_token: None,
         }
     }
@@ -144,6 +177,42 @@ mod tests {
         // No recorder in unit tests: 404 means the token let it through.
         assert_eq!(get_status(&r, "/metrics", Some("s3cret")).await, 404);
         assert_eq!(get_status(&r, "/healthz", None).await, 200);
+    }
+
+    async fn post_status(r: &Router, path: &str, bearer: Option<&str>) -> u16 {
+        let mut rq = Request::post(path);
+        if let Some(t) = bearer {
+            rq = rq.header("authorization", format!("Bearer {t}"));
+        }
+        let res = r
+            .clone()
+            .oneshot(rq.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        res.status().as_u16()
+    }
+
+    #[tokio::test]
+    async fn drain_needs_the_api_token_and_is_idempotent() {
+        let open = api();
+        // No API token configured: nobody may drain over HTTP.
+        assert_eq!(
+            post_status(&router(open.clone()), "/api/drain", None).await,
+            403
+        );
+        assert!(!open.drain.is_cancelled());
+        let a = Api {
+            api_token: Some("s3cret".into()),
+            ..api()
+        };
+        let r = router(a.clone());
+        assert_eq!(post_status(&r, "/api/drain", None).await, 401);
+        assert_eq!(post_status(&r, "/api/drain", Some("wrong")).await, 401);
+        assert!(!a.drain.is_cancelled());
+        assert_eq!(post_status(&r, "/api/drain", Some("s3cret")).await, 202);
+        assert!(a.drain.is_cancelled());
+        assert_eq!(post_status(&r, "/api/drain", Some("s3cret")).await, 202);
+        assert_eq!(get_status(&r, "/api/drain", Some("s3cret")).await, 405);
     }
 
     #[tokio::test]

@@ -240,6 +240,9 @@ pub struct Options {
     /// Relay server: past this many handshakes, unvalidated sources get a QUIC Retry first [default: 32]
     #[arg(long, global = true, env = "CASCADE_RELAY_RETRY_ABOVE")]
     pub relay_retry_above: Option<usize>,
+    /// URL POSTed JSON batches of events: publish start/stop, viewers, pulls, drain [default: none]
+    #[arg(long, global = true, env = "CASCADE_EVENTS_WEBHOOK")]
+    pub events_webhook: Option<String>,
     /// Test hook for the supervision test: shards panic when adding a
     /// session after this many. No env, no file key, not in --help.
     #[arg(long, global = true, hide = true)]
@@ -307,6 +310,7 @@ impl Options {
                 .relay_handshakes_per_ip
                 .or(lower.relay_handshakes_per_ip),
             relay_retry_above: self.relay_retry_above.or(lower.relay_retry_above),
+            events_webhook: self.events_webhook.or(lower.events_webhook),
             api_token: self.api_token.or(lower.api_token),
             auth_max_failures: self.auth_max_failures.or(lower.auth_max_failures),
             token_secret: self.token_secret.or(lower.token_secret),
@@ -357,6 +361,8 @@ pub struct Config {
     pub http_limits: crate::http_limits::Limits,
     /// `--relay-max-*`: the relay server's caps on handshakes and links.
     pub relay_limits: cascade_origin::relay::Limits,
+    /// `--events-webhook`: where event batches go; `None`: nowhere.
+    pub events_webhook: Option<String>,
 }
 
 /// `--tls-cert` and `--tls-key`: PEM files, read at start and again when
@@ -410,6 +416,10 @@ impl Config {
     fn resolve(role: Role, o: Options) -> anyhow::Result<Self> {
         let rtc_limits = rtc_limits(&o);
         let relay_limits = relay_limits(&o)?;
+        let events_webhook = match o.events_webhook.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(u) => Some(webhook_url(u, "--events-webhook")?),
+        };
         let auth_gate = rtc_limits.auth.clone();
         let http_limits = http_limits(&o);
         let udp = o
@@ -539,8 +549,23 @@ impl Config {
             token_secret: o.token_secret.filter(|t| !t.is_empty()),
             http_limits,
             relay_limits,
+            events_webhook,
         })
     }
+}
+
+/// A webhook URL: absolute http(s) with a host, else a clear error naming
+/// the flag.
+fn webhook_url(u: &str, flag: &str) -> anyhow::Result<String> {
+    let parsed = reqwest::Url::parse(u)
+        .map_err(|e| anyhow::anyhow!("{flag}: {e} (want http://HOST[:PORT]/PATH or https://…)"))?;
+    if !matches!(parsed.scheme(), "http" | "https") || parsed.host_str().is_none() {
+        bail!(
+            "{flag}: want an http:// or https:// URL with a host, got scheme {}",
+            parsed.scheme()
+        );
+    }
+    Ok(u.to_string())
 }
 
 /// `--relay-max-links`, `--relay-max-handshakes`, `--relay-handshakes-per-ip`,
@@ -724,6 +749,19 @@ mod tests {
         assert_eq!(file.relay_retry_above, Some(2));
         let e = Config::from_cli(parse(&["--relay-max-links", "0"])).unwrap_err();
         assert!(e.to_string().contains("--relay-max-links"), "{e}");
+    }
+
+    #[test]
+    fn events_webhook_is_an_http_url() {
+        assert_eq!(Config::from_cli(parse(&[])).unwrap().events_webhook, None);
+        let c = Config::from_cli(parse(&["--events-webhook", "http://127.0.0.1:9/ev"])).unwrap();
+        assert_eq!(c.events_webhook.as_deref(), Some("http://127.0.0.1:9/ev"));
+        for bad in ["127.0.0.1:9", "ftp://h/x", "nonsense"] {
+            let e = Config::from_cli(parse(&["--events-webhook", bad])).unwrap_err();
+            assert!(e.to_string().contains("--events-webhook"), "{bad}: {e}");
+        }
+        let file: Options = toml::from_str("events-webhook = \"https://x/y\"").unwrap();
+        assert_eq!(file.events_webhook.as_deref(), Some("https://x/y"));
     }
 
     #[test]

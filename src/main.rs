@@ -6,6 +6,7 @@
 
 mod api;
 mod config;
+mod events;
 mod http_limits;
 mod node;
 mod tls;

@@ -57,6 +57,18 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     let draining = Arc::new(AtomicBool::new(false));
     let stop = CancellationToken::new();
     let tls = start_tls(&cfg, &stop)?;
+    let (events, events_sender) = match &cfg.events_webhook {
+        Some(url) => {
+            let (e, task) = crate::events::Events::start(
+                url.clone(),
+                format!("{} {}", cfg.role.as_str(), cfg.http),
+            )?;
+            (e, Some(task))
+        }
+        None => (crate::events::Events::default(), None),
+    };
+    let events_watch =
+        crate::events::watch_registry(registry.clone(), events.clone(), stop.clone());
     let role = cfg.role;
     let secret = cfg.cluster_secret.clone().unwrap_or_default();
 
@@ -161,11 +173,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             ));
         }
     }
+    let drain_request = CancellationToken::new();
     router = router.merge(api::router(Api {
         registry: registry.clone(),
         prometheus,
         draining: draining.clone(),
         api_token: cfg.api_token.as_deref().map(Arc::from),
+        drain: drain_request.clone(),
+        drain_timeout: cfg.drain_timeout,
     }));
 
     let http = listen_http(cfg.http).with_context(|| format!("binding HTTP on {}", cfg.http))?;
@@ -187,19 +202,34 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     };
     let server = tokio::spawn(serve_http(http, https, router, cfg.http_limits, http_stop));
 
-    let reason = wait_for_signal().await;
+    let reason = tokio::select! {
+        s = wait_for_signal() => s,
+        _ = drain_request.cancelled() => Signal::Terminate,
+    };
     match reason {
         Signal::Terminate => {
-            tracing::info!(timeout = ?cfg.drain_timeout, "SIGTERM: draining");
+            tracing::info!(timeout = ?cfg.drain_timeout, "draining (SIGTERM or POST /api/drain)");
             draining.store(true, Ordering::Relaxed);
+            events.emit(crate::events::Event::Drain {
+                timeout_s: cfg.drain_timeout.as_secs(),
+            });
             if let Some(rtc) = &rtc {
                 rtc.set_draining();
-                let deadline = Instant::now() + cfg.drain_timeout;
-                while rtc.sessions() > 0 && Instant::now() < deadline {
-                    tokio::time::sleep(Duration::from_millis(200)).await;
-                }
-                tracing::info!(left = rtc.sessions(), "drain over");
             }
+            let deadline = Instant::now() + cfg.drain_timeout;
+            // WebRTC sessions and this node's own publishes (RTMP included)
+            // run on until they end or the deadline passes.
+            let busy = || rtc.as_ref().map_or(0, |r| r.sessions()) + local_publishes(&registry);
+            while busy() > 0 && Instant::now() < deadline {
+                tokio::select! {
+                    _ = tokio::time::sleep(Duration::from_millis(200)) => {}
+                    s = wait_for_signal() => if s == Signal::Interrupt {
+                        tracing::info!("SIGINT while draining: stopping now");
+                        break;
+                    },
+                }
+            }
+            tracing::info!(left = busy(), "drain over");
         }
         Signal::Interrupt => tracing::info!("SIGINT: stopping"),
     }
@@ -214,6 +244,16 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         c.close();
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
+    // The last events (the drain's publish stops) go out before the exit:
+    // the watcher takes its last look, then the sender flushes once every
+    // handle is gone, within one POST timeout.
+    if let Some(w) = events_watch {
+        let _ = w.await;
+    }
+    drop(events);
+    if let Some(s) = events_sender {
+        let _ = tokio::time::timeout(crate::events::POST_TIMEOUT, s).await;
+    }
     Ok(())
 }
 
@@ -359,6 +399,7 @@ fn listen_http(addr: SocketAddr) -> std::io::Result<TcpListener> {
     socket.listen(HTTP_BACKLOG)
 }
 
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Signal {
     Interrupt,
     Terminate,
@@ -374,6 +415,16 @@ async fn wait_for_signal() -> Signal {
         _ = tokio::signal::ctrl_c() => Signal::Interrupt,
         _ = term.recv() => Signal::Terminate,
     }
+}
+
+/// Streams this node's own publishers feed (not relayed copies): a drain
+/// waits for them as for WebRTC sessions, so an RTMP publish is not cut.
+fn local_publishes(registry: &Registry) -> usize {
+    registry
+        .list()
+        .iter()
+        .filter(|s| s.protocol != "relay")
+        .count()
 }
 
 /// A shard or receive task that failed took its sessions with it, and a
