@@ -240,6 +240,10 @@ pub struct Options {
     /// Relay server: past this many handshakes, unvalidated sources get a QUIC Retry first [default: 32]
     #[arg(long, global = true, env = "CASCADE_RELAY_RETRY_ABOVE")]
     pub relay_retry_above: Option<usize>,
+    /// How long streams of a lost relay link stay live (viewers wait, then resume) [default: 15s]
+    #[arg(long, global = true, env = "CASCADE_RELAY_HOLD", value_parser = humantime::parse_duration)]
+    #[serde(default, with = "humantime_serde_opt")]
+    pub relay_hold: Option<Duration>,
     /// URL POSTed JSON batches of events: publish start/stop, viewers, pulls, drain [default: none]
     #[arg(long, global = true, env = "CASCADE_EVENTS_WEBHOOK")]
     pub events_webhook: Option<String>,
@@ -311,6 +315,7 @@ impl Options {
                 .or(lower.relay_handshakes_per_ip),
             relay_retry_above: self.relay_retry_above.or(lower.relay_retry_above),
             events_webhook: self.events_webhook.or(lower.events_webhook),
+            relay_hold: self.relay_hold.or(lower.relay_hold),
             api_token: self.api_token.or(lower.api_token),
             auth_max_failures: self.auth_max_failures.or(lower.auth_max_failures),
             token_secret: self.token_secret.or(lower.token_secret),
@@ -588,6 +593,7 @@ fn relay_limits(o: &Options) -> anyhow::Result<cascade_origin::relay::Limits> {
             "relay-handshakes-per-ip",
         )?,
         retry_above: pick(o.relay_retry_above, d.retry_above, "relay-retry-above")?,
+        hold: o.relay_hold.unwrap_or(d.hold),
     })
 }
 
@@ -742,11 +748,18 @@ mod tests {
             handshakes: 20,
             handshakes_per_source: 3,
             retry_above: 4,
+            hold: cascade_origin::relay::LINK_GRACE,
         };
         assert_eq!(c.relay_limits, want);
         let file: Options = toml::from_str("relay-max-links = 7\nrelay-retry-above = 2\n").unwrap();
         assert_eq!(file.relay_max_links, Some(7));
         assert_eq!(file.relay_retry_above, Some(2));
+        let c = Config::from_cli(parse(&["--relay-hold", "40s"])).unwrap();
+        assert_eq!(c.relay_limits.hold, Duration::from_secs(40));
+        assert_eq!(
+            Config::from_cli(parse(&[])).unwrap().relay_limits.hold,
+            Duration::from_secs(15)
+        );
         let e = Config::from_cli(parse(&["--relay-max-links", "0"])).unwrap_err();
         assert!(e.to_string().contains("--relay-max-links"), "{e}");
     }

@@ -81,9 +81,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         None => None,
     };
     let client = match (role, &cfg.origin) {
-        (Role::Ingest | Role::Edge, Some(origin)) => {
-            Some(relay::Client::connect(origin.clone(), secret.clone()))
-        }
+        (Role::Ingest | Role::Edge, Some(origin)) => Some(relay::Client::connect_with(
+            origin.clone(),
+            secret.clone(),
+            relay::Options {
+                hold: cfg.relay_limits.hold,
+                ..Default::default()
+            },
+        )),
         _ => None,
     };
     if let Some(c) = &client {

@@ -27,6 +27,9 @@ pub struct Limits {
     pub retry_above: usize,
     /// Authenticated links: edges and ingests of a large cluster.
     pub links: usize,
+    /// How long the streams of a lost link (an ingest that crashed) stay
+    /// live on this server, waiting for it to come back (`--relay-hold`).
+    pub hold: std::time::Duration,
 }
 
 impl Default for Limits {
@@ -39,6 +42,7 @@ impl Default for Limits {
             handshakes_per_source: 32,
             retry_above: 32,
             links: 1024,
+            hold: super::LINK_GRACE,
         }
     }
 }
@@ -184,6 +188,7 @@ mod tests {
             handshakes_per_source: 3,
             retry_above: 2,
             links: 2,
+            ..Limits::default()
         })
     }
 

@@ -35,8 +35,12 @@ pub struct Options {
     pub fetch_timeout: Duration,
     /// How long a fetched stream stays subscribed without local readers.
     pub linger: Duration,
-    /// Longest delay between reconnect attempts.
+    /// Longest delay between reconnect attempts: viewers resume at most
+    /// this long after the origin is back.
     pub max_backoff: Duration,
+    /// How long the streams of a lost link stay live, waiting for it to
+    /// come back (`--relay-hold`).
+    pub hold: Duration,
 }
 
 impl Default for Options {
@@ -44,7 +48,8 @@ impl Default for Options {
         Self {
             fetch_timeout: Duration::from_secs(3),
             linger: Duration::from_secs(5),
-            max_backoff: Duration::from_secs(5),
+            max_backoff: Duration::from_secs(1),
+            hold: LINK_GRACE,
         }
     }
 }
@@ -219,6 +224,7 @@ impl Dialer {
                         commands: Some(&mut self.commands),
                         uplink: Some(self.uplink.clone()),
                         linger: self.options.linger,
+                        hold: self.options.hold,
                         cancel: self.cancel.clone(),
                         kick: Some(self.kick.clone()),
                         resubscribe,
@@ -235,8 +241,8 @@ impl Dialer {
                         let mut orphans = session.orphans();
                         self.resubscribe = std::mem::take(&mut orphans.resubscribe);
                         self.resume_uplink = std::mem::take(&mut orphans.uplinked);
-                        self.resubscribe_until = Instant::now() + LINK_GRACE;
-                        orphans.hold(LINK_GRACE);
+                        self.resubscribe_until = Instant::now() + self.options.hold;
+                        orphans.hold(self.options.hold);
                     }
                 }
                 Err(e) => {

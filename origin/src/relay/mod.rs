@@ -39,9 +39,10 @@ pub const ALPN: &[u8] = b"cascade-relay/2";
 /// older node clearly to upgrade instead of failing in TLS.
 pub const ALPN_V1: &[u8] = b"cascade-relay/1";
 
-/// How long the streams of a lost link stay live, waiting for the peer to
-/// reconnect and take them over: viewers then see a gap, not an end.
-pub const LINK_GRACE: Duration = Duration::from_secs(5);
+/// How long the streams of a lost link stay live by default, waiting for
+/// the peer to reconnect and take them over: viewers then see a gap, not an
+/// end. Long enough for a node to restart (`--relay-hold` sets it).
+pub const LINK_GRACE: Duration = Duration::from_secs(15);
 
 /// Deadline for the QUIC handshake plus the secret handshake, at the
 /// connecting side.

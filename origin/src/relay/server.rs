@@ -12,7 +12,7 @@ use tracing::Instrument;
 
 use super::admit::{Admission, Decision, Limits};
 use super::session::{lost, Inputs, Session, Side};
-use super::{auth, code, tls, ALPN, HANDSHAKE_TIMEOUT, LINK_GRACE};
+use super::{auth, code, tls, ALPN, HANDSHAKE_TIMEOUT};
 use crate::metrics::{RELAY_HANDSHAKES, RELAY_REFUSED, RELAY_RETRIES};
 use crate::registry::Registry;
 use crate::{Error, Result};
@@ -153,7 +153,7 @@ async fn accept_loop(
         };
         let span = tracing::info_span!("relay", role = "server", conn = ids.fetch_add(1, Ordering::Relaxed), %peer);
         let (secret, registry, cancel) = (secret.clone(), registry.clone(), cancel.clone());
-        tokio::spawn(serve(incoming, secret, registry, cancel, slot).instrument(span));
+        tokio::spawn(serve(incoming, secret, registry, cancel, slot, limits.hold).instrument(span));
     }
 }
 
@@ -191,6 +191,7 @@ async fn serve(
     registry: Arc<Registry>,
     cancel: CancellationToken,
     slot: HandshakeSlot,
+    hold: std::time::Duration,
 ) {
     let (admission, ip) = (slot.admission.clone(), slot.ip);
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
@@ -258,6 +259,7 @@ async fn serve(
         commands: None,
         uplink: None,
         linger: std::time::Duration::ZERO,
+        hold,
         cancel,
         kick: None,
         resubscribe: Vec::new(),
@@ -269,6 +271,6 @@ async fn serve(
     }
     if lost(&end) {
         // The peer may be back in a moment and publish again (takeover).
-        session.orphans().hold(LINK_GRACE);
+        session.orphans().hold(hold);
     }
 }

@@ -17,12 +17,14 @@ use crate::{Error, Result};
 
 /// Name in the self-signed certificate and in the client's SNI.
 pub const SERVER_NAME: &str = "cascade-relay";
-/// A silent peer (crashed node, cut network) is dropped after this long;
-/// its streams then get `LINK_GRACE` before they end.
-const IDLE_TIMEOUT: Duration = Duration::from_secs(6);
-/// Keep-alives keep an idle link (no streams live) from timing out: two
-/// may be lost before the link is declared dead.
-const KEEP_ALIVE: Duration = Duration::from_secs(2);
+/// A silent peer (crashed node, cut network) is dropped after this long, so
+/// a node notices a lost origin within a second and starts reconnecting;
+/// its streams are held meanwhile (`LINK_GRACE` / `--relay-hold`).
+const IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// Keep-alives keep a link alive when no media flows: four may be lost in
+/// a row before the link is declared dead. Five small packets a second per
+/// link cost nothing next to media.
+const KEEP_ALIVE: Duration = Duration::from_millis(200);
 /// Concurrent group streams a peer may open: two or three live groups per
 /// track (the newest and ones still draining) for a few hundred streams.
 pub const MAX_UNI_STREAMS: u32 = 1024;

@@ -61,6 +61,7 @@ pub fn options() -> Options {
         fetch_timeout: Duration::from_secs(3),
         linger: Duration::from_millis(300),
         max_backoff: Duration::from_millis(500),
+        hold: Duration::from_secs(5),
     }
 }
 

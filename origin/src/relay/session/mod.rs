@@ -25,7 +25,7 @@ use super::link::{Link, Report};
 use super::recv::{read_group, Incoming, Routes};
 use super::send::Outgoing;
 use super::wire::{read_message, Message};
-use super::{code, AbortOnDrop, LINK_GRACE};
+use super::{code, AbortOnDrop};
 use crate::metrics::{RELAY_LINKS, RELAY_PROTOCOL_ERRORS};
 use crate::registry::{Registry, Subscriber};
 use crate::{Error, Result};
@@ -79,6 +79,8 @@ pub(crate) struct Inputs<'a> {
     pub(crate) commands: Option<&'a mut mpsc::Receiver<Command>>,
     pub(crate) uplink: Option<watch::Receiver<Option<Arc<Registry>>>>,
     pub(crate) linger: Duration,
+    /// How long resubscriptions of held streams are retried.
+    pub(crate) hold: Duration,
     pub(crate) cancel: CancellationToken,
     /// Fires to drop the link on purpose (it is then treated as lost).
     pub(crate) kick: Option<Arc<Notify>>,
@@ -242,7 +244,7 @@ impl Session {
         }
         for (registry, name) in std::mem::take(&mut inputs.resubscribe) {
             if registry.subscribers(&name) > 0 {
-                let until = Instant::now() + LINK_GRACE;
+                let until = Instant::now() + inputs.hold;
                 let live = registry.is_live(&name);
                 self.core.handle_resubscribe(registry, name, until, live);
             }
