@@ -1000,6 +1000,51 @@ fn dashboard_queries(dash: &Value) -> Vec<String> {
     out
 }
 
+/// What Grafana would otherwise show as a broken or garbled dashboard:
+/// duplicate panel ids, panels on top of each other or off the 24-column
+/// grid, a panel without a query.
+fn assert_dashboard_layout(dash: &Value) {
+    assert_eq!(dash["uid"], "cascade");
+    let panels = dash["panels"].as_array().expect("panels");
+    let mut ids = BTreeSet::new();
+    let mut cells = BTreeMap::new();
+    for p in panels {
+        let title = p["title"].as_str().unwrap_or_default();
+        assert!(
+            ids.insert(p["id"].as_u64().expect("panel id")),
+            "panel id of {title} is unique"
+        );
+        let g = &p["gridPos"];
+        let (x, y, w, h) = (
+            g["x"].as_u64().unwrap(),
+            g["y"].as_u64().unwrap(),
+            g["w"].as_u64().unwrap(),
+            g["h"].as_u64().unwrap(),
+        );
+        assert!(
+            w > 0 && h > 0 && x + w <= 24,
+            "{title}: on the 24-column grid"
+        );
+        for cx in x..x + w {
+            for cy in y..y + h {
+                if let Some(other) = cells.insert((cx, cy), title.to_string()) {
+                    panic!("panels {other} and {title} overlap at ({cx}, {cy})");
+                }
+            }
+        }
+        if p["type"] != "row" {
+            let targets = p["targets"].as_array().expect("targets");
+            assert!(
+                !targets.is_empty()
+                    && targets
+                        .iter()
+                        .all(|t| t["expr"].is_string() && t["refId"].is_string()),
+                "{title}: every target has a query and a refId"
+            );
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn dashboard_alerts_and_autoscaler_name_exported_metrics() {
     let Some(kv) = kubernetes_validate() else {
@@ -1093,6 +1138,7 @@ async fn dashboard_alerts_and_autoscaler_name_exported_metrics() {
         [uid.to_string()].into(),
         "panels use the provisioned datasource"
     );
+    assert_dashboard_layout(&dash);
 
     // What the binary exports: a split cluster after a publish and a view.
     let origin = common::Node::start(
