@@ -469,7 +469,8 @@ fn compose_config_resolves_to_the_cluster() {
     assert!(
         p["entrypoint"]
             .to_string()
-            .contains("/etc/prometheus/api-token"),
+            .contains("/etc/prometheus/secrets/api-token")
+            && p["tmpfs"].to_string().contains("/etc/prometheus/secrets"),
         "prometheus gets the API token as the file prometheus.yml names"
     );
     let g = services["grafana"]["volumes"].to_string();
@@ -678,7 +679,8 @@ fn promtool_accepts_rules_and_config() {
     for f in ["prometheus.yml", "alerts.yml"] {
         std::fs::copy(deploy("prometheus").join(f), dir.path().join(f)).unwrap();
     }
-    std::fs::write(dir.path().join("api-token"), "stand-in").unwrap();
+    std::fs::create_dir(dir.path().join("secrets")).unwrap();
+    std::fs::write(dir.path().join("secrets/api-token"), "stand-in").unwrap();
     let out = run(Command::new(&promtool)
         .args(["check", "config"])
         .arg(dir.path().join("prometheus.yml")));
