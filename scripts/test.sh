@@ -14,6 +14,9 @@ APT_PACKAGES=(
   iproute2 # network namespaces + veth for the browser tests (Chromium skips loopback)
   nftables # browser test: UDP dropped, the viewer plays over ICE-TCP
   coturn # browser test: TURN relay with REST (use-auth-secret) credentials
+  docker-compose # tests/deploy.rs: `docker-compose config` on deploy/compose.yaml
+  prometheus # tests/deploy.rs: promtool check/test on deploy/prometheus/
+  python3-venv # tests/deploy.rs: the venv kubernetes-validate runs in (below)
 )
 
 log() { printf '==> %s\n' "$*" >&2; }
@@ -50,6 +53,20 @@ install_packages
 if command -v npm >/dev/null; then
   log "npm ci (tests/browser)"
   (cd tests/browser && npm ci --no-audit --no-fund --loglevel=error)
+fi
+
+# kubernetes-validate (PyPI; it bundles the Kubernetes schemas, so it runs
+# offline) for tests/deploy.rs, in a venv under the target dir: Debian's
+# Python is externally managed. Not put on PATH, so the venv's python3 does
+# not shadow Debian's for other tests; tests/deploy.rs looks here.
+KUBERNETES_VALIDATE_VERSION=1.37.0
+DEPLOY_VENV="${CARGO_TARGET_DIR:-target}/deploy-venv"
+if ! "$DEPLOY_VENV/bin/kubernetes-validate" --version 2>/dev/null | grep -qx "$KUBERNETES_VALIDATE_VERSION"; then
+  log "kubernetes-validate $KUBERNETES_VALIDATE_VERSION (pip, $DEPLOY_VENV)"
+  rm -rf "$DEPLOY_VENV"
+  /usr/bin/python3 -m venv "$DEPLOY_VENV"
+  "$DEPLOY_VENV/bin/pip" install --quiet --disable-pip-version-check \
+    "kubernetes-validate==$KUBERNETES_VALIDATE_VERSION"
 fi
 
 # No --locked: several people add dependencies at once here, and a stale committed
