@@ -109,3 +109,53 @@ fn secret_prints_a_fresh_one() {
     assert!(secret.bytes().all(|c| c.is_ascii_hexdigit()), "{a:?}");
     assert_ne!(a, b, "fresh each time");
 }
+
+/// Three tiers: origin → edge (serving the relay too, `--quic`) → edge. A
+/// viewer of the last tier plays what the ingest publishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_tier_chain_plays() {
+    let origin = Node::start(
+        "origin",
+        &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"],
+    );
+    let quic = origin.quic.clone().unwrap();
+    let ingest = Node::start("ingest", &["--cluster-secret", SECRET, "--origin", &quic]);
+    let mid = Node::start(
+        "edge",
+        &[
+            "--cluster-secret",
+            SECRET,
+            "--origin",
+            &quic,
+            "--quic",
+            "127.0.0.1:0",
+        ],
+    );
+    let mid_quic = mid.quic.clone().expect("the middle edge serves the relay");
+    let leaf = Node::start("edge", &["--cluster-secret", SECRET, "--origin", &mid_quic]);
+    let p = publish(&ingest.http, "tiers", media(30).await, 0).await;
+    common::wait_live(&origin.http, "tiers").await;
+    let r = view(&leaf.http, "tiers", 4).await;
+    assert_good_viewer(&r);
+    eprintln!(
+        "3-tier viewer: ttff {:?} ms, latency p50 {:?} ms p99 {:?} ms",
+        r.ttff_ms, r.latency_ms_p50, r.latency_ms_p99
+    );
+    // The middle tier holds the stream for the leaf (a relay subscriber,
+    // not a viewer of its own).
+    let mid_streams: serde_json::Value = reqwest::get(format!("{}/api/streams", mid.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert!(
+        mid_streams
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|s| s["stream"] == "tiers"),
+        "{mid_streams}"
+    );
+    let _ = p.stop().await;
+}
