@@ -238,6 +238,7 @@ mod tests {
                 fmtp: "minptime=10;useinbandfec=1".into(),
                 channels: Some(2),
                 bframes: false,
+                rendition: None,
             }],
         };
         let j = serde_json::to_string(&c).unwrap();
