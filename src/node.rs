@@ -163,6 +163,12 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             ));
         }
     }
+    if let Some(w) = &cfg.auth_webhook {
+        tracing::info!(
+            host = w.host(),
+            "auth webhook decides every publish and view the tokens do not allow"
+        );
+    }
     router = router.merge(api::router(Api {
         registry: registry.clone(),
         prometheus,
