@@ -247,6 +247,15 @@ pub struct Options {
     /// URL POSTed JSON batches of events: publish start/stop, viewers, pulls, drain [default: none]
     #[arg(long, global = true, env = "CASCADE_EVENTS_WEBHOOK")]
     pub events_webhook: Option<String>,
+    /// URL POSTed {action, stream, protocol, remote_addr, token} before a publish or view the tokens do not allow; 2xx allows [default: none]
+    #[arg(
+        long,
+        global = true,
+        env = "CASCADE_AUTH_WEBHOOK",
+        hide_env_values = true
+    )]
+    #[serde(alias = "auth_webhook")]
+    pub auth_webhook: Option<String>,
     /// Test hook for the supervision test: shards panic when adding a
     /// session after this many. No env, no file key, not in --help.
     #[arg(long, global = true, hide = true)]
@@ -319,6 +328,7 @@ impl Options {
             api_token: self.api_token.or(lower.api_token),
             auth_max_failures: self.auth_max_failures.or(lower.auth_max_failures),
             token_secret: self.token_secret.or(lower.token_secret),
+            auth_webhook: self.auth_webhook.or(lower.auth_webhook),
         }
     }
 }
@@ -368,6 +378,9 @@ pub struct Config {
     pub relay_limits: cascade_origin::relay::Limits,
     /// `--events-webhook`: where event batches go; `None`: nowhere.
     pub events_webhook: Option<String>,
+    /// `--auth-webhook`: the client every protocol asks (also in
+    /// `rtmp_limits`); `None`: tokens alone decide.
+    pub auth_webhook: Option<cascade_rtc::webhook::Webhook>,
 }
 
 /// `--tls-cert` and `--tls-key`: PEM files, read at start and again when
@@ -426,6 +439,13 @@ impl Config {
             Some(u) => Some(webhook_url(u, "--events-webhook")?),
         };
         let auth_gate = rtc_limits.auth.clone();
+        // Checked at start: a typo must not leave a node that refuses all.
+        let auth_webhook = o
+            .auth_webhook
+            .as_deref()
+            .filter(|u| !u.trim().is_empty())
+            .map(cascade_rtc::webhook::Webhook::new)
+            .transpose()?;
         let http_limits = http_limits(&o);
         let udp = o
             .udp
@@ -548,6 +568,7 @@ impl Config {
                 // One count per address across RTMP, WHIP, WHEP, WebSocket.
                 auth: auth_gate,
                 token_secret: o.token_secret.clone().filter(|t| !t.is_empty()),
+                auth_webhook: auth_webhook.clone(),
                 ..Default::default()
             },
             api_token: o.api_token.filter(|t| !t.is_empty()),
@@ -555,6 +576,7 @@ impl Config {
             http_limits,
             relay_limits,
             events_webhook,
+            auth_webhook,
         })
     }
 }
@@ -809,6 +831,37 @@ mod tests {
         assert_eq!(file.auth_max_failures, Some(3));
         assert_eq!(file.api_token.as_deref(), Some("a"));
         assert_eq!(file.token_secret.as_deref(), Some("k"));
+    }
+
+    #[test]
+    fn auth_webhook_flag_env_and_key() {
+        let c = Config::from_cli(parse(&[])).unwrap();
+        assert!(c.auth_webhook.is_none() && c.rtmp_limits.auth_webhook.is_none());
+        let c =
+            Config::from_cli(parse(&["--auth-webhook", "https://auth.example.com/hook"])).unwrap();
+        assert_eq!(
+            c.auth_webhook.as_ref().map(|w| w.host()),
+            Some("auth.example.com")
+        );
+        assert!(c.rtmp_limits.auth_webhook.is_some(), "RTMP asks it too");
+        for bad in [
+            "ftp://auth.example.com/x",
+            "auth.example.com/hook",
+            "http://",
+        ] {
+            let e = Config::from_cli(parse(&["--auth-webhook", bad])).unwrap_err();
+            assert!(e.to_string().contains("--auth-webhook"), "{bad}: {e}");
+        }
+        // Empty means unset.
+        assert!(Config::from_cli(parse(&["--auth-webhook", ""]))
+            .unwrap()
+            .auth_webhook
+            .is_none());
+        for key in ["auth-webhook", "auth_webhook"] {
+            let file: Options =
+                toml::from_str(&format!("{key} = \"http://127.0.0.1:9/a\"\n")).unwrap();
+            assert_eq!(file.auth_webhook.as_deref(), Some("http://127.0.0.1:9/a"));
+        }
     }
 
     #[test]

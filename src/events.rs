@@ -89,6 +89,8 @@ impl Events {
             .timeout(POST_TIMEOUT)
             .connect_timeout(POST_TIMEOUT)
             .redirect(reqwest::redirect::Policy::none())
+            // Like the auth webhook: the operator's URL, not a proxy's.
+            .no_proxy()
             .build()?;
         let (tx, rx) = mpsc::channel(QUEUE);
         let task = tokio::spawn(send_loop(client, url, node, rx));

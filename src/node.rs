@@ -134,7 +134,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             router = router.merge(cascade_ingest::whip::router_with_auth(
                 registry.clone(),
                 rtc.clone(),
-                cascade_rtc::auth::Auth::new(Some(&token), None, cfg.token_secret.as_deref()),
+                cascade_rtc::auth::Auth::new(Some(&token), None, cfg.token_secret.as_deref())
+                    .with_webhook(cfg.auth_webhook.clone()),
             ));
         }
         let listener = TcpListener::bind(cfg.rtmp)
@@ -173,12 +174,19 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
                     viewer_token: cfg.viewer_token.clone(),
                     bframe_ts: bframe_ts_from_env(),
                     token_secret: cfg.token_secret.clone(),
+                    auth_webhook: cfg.auth_webhook.clone(),
                     ..Default::default()
                 },
             ));
         }
     }
     let drain_request = CancellationToken::new();
+    if let Some(w) = &cfg.auth_webhook {
+        tracing::info!(
+            host = w.host(),
+            "auth webhook decides every publish and view the tokens do not allow"
+        );
+    }
     router = router.merge(api::router(Api {
         registry: registry.clone(),
         prometheus,

@@ -43,6 +43,9 @@ pub struct Config {
     /// `--token-secret`: signed view tokens (JWT HS256) are accepted where
     /// the viewer token is.
     pub token_secret: Option<String>,
+    /// `--auth-webhook`: decides every view the viewer token or a signed
+    /// token does not allow (viewing is closed when it is set).
+    pub auth_webhook: Option<cascade_rtc::webhook::Webhook>,
 }
 
 /// The edge's routes: WHEP (`/whep/{stream}` and its session resources) and

@@ -12,8 +12,8 @@ use std::time::Instant;
 
 use cascade_origin::catalog::Codec;
 use cascade_origin::Registry;
-use cascade_rtc::auth::{unix_now, Action, Auth};
-use cascade_rtc::http::{ApiError, CreateFuture, Created, Endpoint};
+use cascade_rtc::auth::{unix_now, Action, Auth, Check, Denied};
+use cascade_rtc::http::{denied, ApiError, AuthorizeFuture, CreateFuture, Created, Endpoint};
 use str0m::change::SdpOffer;
 use str0m::format::{Codec as RtcCodec, FormatParams};
 use str0m::media::{Frequency, Mid, Pt};
@@ -48,7 +48,8 @@ impl Whep {
                 None,
                 cfg.viewer_token.as_deref(),
                 cfg.token_secret.as_deref(),
-            ),
+            )
+            .with_webhook(cfg.auth_webhook.clone()),
             cfg,
             viewers: Arc::new(AtomicUsize::new(0)),
         }
@@ -76,6 +77,41 @@ pub(crate) fn viewer_extensions() -> ExtensionMap {
     map
 }
 
+/// What a viewer refused for its token is told over WHEP.
+const VIEW_UNAUTHORIZED: &str =
+    "missing or wrong viewer token: send Authorization: Bearer TOKEN or ?token=TOKEN";
+
+impl Whep {
+    /// The full view decision for a client at `remote` over `protocol`
+    /// (`whep`, `ws`): built-in tokens, then the auth webhook. With a
+    /// webhook to ask, a bad stream name is refused (400) before it is
+    /// asked.
+    pub(crate) async fn decide_view(
+        &self,
+        stream: &str,
+        protocol: &'static str,
+        remote: std::net::SocketAddr,
+        token: Option<&str>,
+        unauthorized: &'static str,
+    ) -> Result<(), ApiError> {
+        let now = unix_now();
+        if self.auth.check(Action::View, stream, token, now) == Check::Ask
+            && !cascade_origin::valid_stream_name(stream)
+        {
+            return Err(ApiError::BadRequest(cascade_origin::BAD_STREAM_NAME.into()));
+        }
+        self.auth
+            .decide(Action::View, stream, protocol, remote, token, now)
+            .await
+            .map_err(|d| {
+                if let Denied::Refused(reason) = d {
+                    tracing::debug!(reason, protocol, "view refused");
+                }
+                denied(d, unauthorized)
+            })
+    }
+}
+
 fn offer_result(result: &'static str) {
     metrics::counter!(m::OFFERS, "result" => result).increment(1);
 }
@@ -101,12 +137,31 @@ impl Endpoint for Whep {
             Err(why) => {
                 tracing::debug!(reason = why.label(), "whep view refused");
                 offer_result("unauthorized");
-                Err(ApiError::Unauthorized(
-                    "missing or wrong viewer token: send Authorization: Bearer TOKEN or ?token=TOKEN",
-                ))
+                Err(ApiError::Unauthorized(VIEW_UNAUTHORIZED))
             }
             _ => Ok(()),
         }
+    }
+
+    fn authorize_from<'a>(
+        &'a self,
+        stream: &'a str,
+        token: Option<&'a str>,
+        remote: std::net::SocketAddr,
+    ) -> AuthorizeFuture<'a> {
+        Box::pin(async move {
+            let r = self
+                .decide_view(stream, "whep", remote, token, VIEW_UNAUTHORIZED)
+                .await;
+            if let Err(e) = &r {
+                offer_result(match e {
+                    ApiError::Unauthorized(_) => "unauthorized",
+                    ApiError::Unavailable(_) => "auth_busy",
+                    _ => "bad_request",
+                });
+            }
+            r
+        })
     }
 
     fn requires_token(&self) -> bool {

@@ -15,8 +15,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use axum::Router;
 use cascade_origin::catalog::Kind;
-use cascade_rtc::auth::{unix_now, Action};
-use cascade_rtc::http::{admit_token, client_ip, request_token, ApiError, QueryToken};
+use cascade_rtc::auth::Action;
+use cascade_rtc::http::{admit_token, client_addr, request_token, ApiError, QueryToken};
 use cascade_rtc::SessionHandle;
 use serde_json::{json, Value};
 use str0m::change::{SdpAnswer, SdpPendingOffer};
@@ -67,21 +67,29 @@ async fn upgrade(
     ws: WebSocketUpgrade,
 ) -> Response {
     // Browsers cannot put headers on a WebSocket: `?token=` (INTERFACE.md).
-    let ip = client_ip(&ext);
-    let checked = admit_token(&whep.rtc, "ws", ip, request_token(&headers, &q), |t| {
-        if !whep.auth.required(Action::View) {
-            return Ok(false);
-        }
-        match whep.auth.authorize(Action::View, &stream, t, unix_now()) {
-            Err(_) => Err(ApiError::Unauthorized(
-                "missing or wrong viewer token: add ?token=TOKEN to the URL",
-            )),
-            Ok(()) => Ok(true),
-        }
-    });
+    let remote = client_addr(&ext);
+    let ip = remote.ip();
+    let token = request_token(&headers, &q);
+    let checked = admit_token(
+        &whep.rtc,
+        "ws",
+        ip,
+        token.is_some(),
+        whep.auth.required(Action::View),
+        whep.decide_view(
+            &stream,
+            "ws",
+            remote,
+            token,
+            "missing or wrong viewer token: add ?token=TOKEN to the URL",
+        ),
+    )
+    .await;
     if let Err(e) = checked {
         result(match e {
             ApiError::TooManyRequests(_) => "rate_limited",
+            ApiError::Unavailable(_) => "auth_busy",
+            ApiError::BadRequest(_) => "bad_request",
             _ => "unauthorized",
         });
         return e.into_response();

@@ -22,8 +22,8 @@ use cascade_origin::frame::Frame;
 use cascade_origin::registry::Publisher;
 use cascade_origin::relay::wire::MAX_TRACKS;
 use cascade_origin::Registry;
-use cascade_rtc::auth::{unix_now, Action, Auth};
-use cascade_rtc::http::{ApiError, CreateFuture, Created, Endpoint};
+use cascade_rtc::auth::{unix_now, Action, Auth, Check, Denied};
+use cascade_rtc::http::{denied, ApiError, AuthorizeFuture, CreateFuture, Created, Endpoint};
 use cascade_rtc::session::CloseReason;
 use cascade_rtc::{Ctx, Flow, Handler};
 use str0m::change::SdpOffer;
@@ -40,6 +40,10 @@ const PUBLISH_WAIT: Duration = Duration::from_millis(1500);
 /// At most one PLI per this interval: encoders answer each with a costly
 /// keyframe; viewers joining in a burst need only one.
 const PLI_INTERVAL: Duration = Duration::from_millis(500);
+
+/// What a publisher refused for its token is told.
+const PUBLISH_UNAUTHORIZED: &str =
+    "missing or wrong publish token: send Authorization: Bearer TOKEN";
 
 /// The WHIP endpoint: token check and session creation.
 pub struct Whip {
@@ -110,11 +114,35 @@ impl Endpoint for Whip {
             .authorize(Action::Publish, stream, token, unix_now())
         {
             tracing::debug!(reason = why.label(), "whip publish refused");
-            return Err(ApiError::Unauthorized(
-                "missing or wrong publish token: send Authorization: Bearer TOKEN",
-            ));
+            return Err(ApiError::Unauthorized(PUBLISH_UNAUTHORIZED));
         }
         Ok(())
+    }
+
+    fn authorize_from<'a>(
+        &'a self,
+        stream: &'a str,
+        token: Option<&'a str>,
+        remote: std::net::SocketAddr,
+    ) -> AuthorizeFuture<'a> {
+        Box::pin(async move {
+            let now = unix_now();
+            // The webhook is not asked about names no stream can have.
+            if self.auth.check(Action::Publish, stream, token, now) == Check::Ask
+                && !cascade_origin::valid_stream_name(stream)
+            {
+                return Err(ApiError::BadRequest(cascade_origin::BAD_STREAM_NAME.into()));
+            }
+            self.auth
+                .decide(Action::Publish, stream, "whip", remote, token, now)
+                .await
+                .map_err(|d| {
+                    if let Denied::Refused(reason) = d {
+                        tracing::debug!(reason, "whip publish refused");
+                    }
+                    denied(d, PUBLISH_UNAUTHORIZED)
+                })
+        })
     }
 
     fn create(&self, stream: String, offer: String) -> CreateFuture {

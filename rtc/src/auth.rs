@@ -6,14 +6,24 @@
 //! say which stream (`sub`, or `*` for all) and which action (`act`:
 //! `publish` or `view`) it allows until when (`exp`, required). Plain data:
 //! the caller passes the time in.
+//!
+//! With `--auth-webhook` ([`crate::webhook`]) a token the built-in rules
+//! allow is still admitted without a call (the operator's own tools keep
+//! working while the auth service is down); every other publish and every
+//! other view — viewing closes even without `--viewer-token` — is decided
+//! by the webhook: [`Auth::check`] says whether to ask, [`Auth::decide`]
+//! asks.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 
+use crate::webhook::{Busy, Outcome, Query, Webhook};
+
 /// What a client asks to do.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub enum Action {
     /// Send a stream (WHIP, RTMP).
     Publish,
@@ -75,6 +85,30 @@ pub struct Auth {
     secret: Option<Arc<DecodingKey>>,
     /// True when viewing needs a token (`--viewer-token` set).
     view_closed: bool,
+    /// `--auth-webhook`: decides what the built-in rules do not allow.
+    webhook: Option<Webhook>,
+}
+
+/// What the built-in rules say about a request ([`Auth::check`]).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Check {
+    /// Allowed (a right token, or nothing needed).
+    Allow,
+    /// Refused; no webhook to ask.
+    Refuse(Refusal),
+    /// Not allowed by the built-in rules: the webhook decides.
+    Ask,
+}
+
+/// Why [`Auth::decide`] refused.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Denied {
+    /// Refused like a wrong token (401, counted toward the wrong-token
+    /// limit); the label says why, for metrics and logs.
+    Refused(&'static str),
+    /// The webhook's calls in flight are at their cap: retry later (503,
+    /// not counted).
+    Busy,
 }
 
 impl fmt::Debug for Auth {
@@ -84,6 +118,7 @@ impl fmt::Debug for Auth {
             .field("publish_token", &self.publish.is_some())
             .field("viewer_token", &self.view.is_some())
             .field("token_secret", &self.secret.is_some())
+            .field("webhook", &self.webhook)
             .finish()
     }
 }
@@ -99,14 +134,79 @@ impl Auth {
             view: view.map(Arc::from),
             secret: secret.map(|s| Arc::new(DecodingKey::from_secret(s.as_bytes()))),
             view_closed: view.is_some(),
+            webhook: None,
         }
     }
 
-    /// Whether `action` needs a token at all.
+    /// These rules, with `webhook` deciding what they do not allow; a
+    /// webhook closes viewing (it decides every view without a right token).
+    pub fn with_webhook(mut self, webhook: Option<Webhook>) -> Self {
+        self.view_closed |= webhook.is_some();
+        self.webhook = webhook;
+        self
+    }
+
+    /// The webhook, when one is set.
+    pub fn webhook(&self) -> Option<&Webhook> {
+        self.webhook.as_ref()
+    }
+
+    /// Whether `action` needs a token (or the webhook's consent) at all.
     pub fn required(&self, action: Action) -> bool {
         match action {
             Action::Publish => true,
             Action::View => self.view_closed,
+        }
+    }
+
+    /// The built-in rules on a request, and whether the webhook must be
+    /// asked. Without a webhook this is [`Auth::authorize`].
+    pub fn check(&self, action: Action, stream: &str, token: Option<&str>, now_unix: u64) -> Check {
+        match (
+            self.authorize(action, stream, token, now_unix),
+            &self.webhook,
+        ) {
+            (Ok(()), _) => Check::Allow,
+            (Err(why), None) => Check::Refuse(why),
+            (Err(_), Some(_)) => Check::Ask,
+        }
+    }
+
+    /// The full decision on `action` for a client at `remote_addr` over
+    /// `protocol`: the built-in rules, then (when they do not allow it and
+    /// a webhook is set) the webhook's answer. Never takes longer than the
+    /// webhook's timeout.
+    pub async fn decide(
+        &self,
+        action: Action,
+        stream: &str,
+        protocol: &'static str,
+        remote_addr: SocketAddr,
+        token: Option<&str>,
+        now_unix: u64,
+    ) -> Result<(), Denied> {
+        let webhook = match self.check(action, stream, token, now_unix) {
+            Check::Allow => return Ok(()),
+            Check::Refuse(why) => return Err(Denied::Refused(why.label())),
+            Check::Ask => match &self.webhook {
+                Some(w) => w,
+                // `check` asks only when there is a webhook.
+                None => return Err(Denied::Refused(Refusal::Wrong.label())),
+            },
+        };
+        let query = Query {
+            action,
+            stream: stream.to_string(),
+            protocol,
+            remote_addr,
+            token: token.map(str::to_string),
+        };
+        match webhook.ask(&query).await {
+            Ok(Outcome::Allow) => Ok(()),
+            Ok(Outcome::Deny) => Err(Denied::Refused("webhook_deny")),
+            Ok(Outcome::Error) => Err(Denied::Refused("webhook_error")),
+            Ok(Outcome::Timeout) => Err(Denied::Refused("webhook_timeout")),
+            Err(Busy) => Err(Denied::Busy),
         }
     }
 
@@ -303,6 +403,80 @@ mod tests {
         assert_eq!(
             a.authorize(Action::Publish, "a", Some(&tok("a", "publish", exp)), NOW),
             Err(Refusal::Wrong)
+        );
+    }
+
+    #[test]
+    fn a_webhook_decides_what_tokens_do_not_allow() {
+        let hook = Webhook::new("http://127.0.0.1:9/auth").unwrap();
+        let a = Auth::new(Some("pub"), None, Some(SECRET)).with_webhook(Some(hook));
+        let exp = NOW + 60;
+        // The operator's tokens: no call.
+        assert_eq!(
+            a.check(Action::Publish, "s", Some("pub"), NOW),
+            Check::Allow
+        );
+        assert_eq!(
+            a.check(Action::Publish, "s", Some(&tok("s", "publish", exp)), NOW),
+            Check::Allow
+        );
+        assert_eq!(
+            a.check(Action::View, "s", Some(&tok("s", "view", exp)), NOW),
+            Check::Allow
+        );
+        // Everything else, views included (no viewer token is set).
+        assert!(a.required(Action::View), "a webhook closes viewing");
+        for (act, t) in [
+            (Action::Publish, None),
+            (Action::Publish, Some("other")),
+            (Action::View, None),
+            (Action::View, Some("pub")),
+        ] {
+            assert_eq!(a.check(act, "s", t, NOW), Check::Ask, "{act:?} {t:?}");
+        }
+        // Without a webhook nothing changes.
+        let a = Auth::new(Some("pub"), None, None).with_webhook(None);
+        assert!(!a.required(Action::View));
+        assert_eq!(a.check(Action::View, "s", None, NOW), Check::Allow);
+        assert_eq!(
+            a.check(Action::Publish, "s", Some("x"), NOW),
+            Check::Refuse(Refusal::Wrong)
+        );
+    }
+
+    #[tokio::test]
+    async fn decide_refuses_when_the_webhook_cannot_be_reached() {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let hook = Webhook::new(&format!("http://127.0.0.1:{port}/")).unwrap();
+        let a = Auth::new(Some("pub"), None, None).with_webhook(Some(hook));
+        let from = SocketAddr::from(([127, 0, 0, 1], 5000));
+        assert_eq!(
+            a.decide(Action::Publish, "s", "whip", from, Some("x"), NOW)
+                .await,
+            Err(Denied::Refused("webhook_error"))
+        );
+        assert_eq!(
+            a.decide(Action::Publish, "s", "whip", from, Some("pub"), NOW)
+                .await,
+            Ok(()),
+            "the publish token needs no webhook"
+        );
+        let plain = Auth::new(Some("pub"), None, None);
+        assert_eq!(
+            plain
+                .decide(Action::Publish, "s", "whip", from, None, NOW)
+                .await,
+            Err(Denied::Refused("missing_token"))
+        );
+        assert_eq!(
+            plain
+                .decide(Action::View, "s", "whep", from, None, NOW)
+                .await,
+            Ok(())
         );
     }
 

@@ -145,6 +145,9 @@ pub struct Created {
 /// Boxed future returned by [`Endpoint::create`].
 pub type CreateFuture = Pin<Box<dyn Future<Output = Result<Created, ApiError>> + Send>>;
 
+/// Boxed future returned by [`Endpoint::authorize_from`].
+pub type AuthorizeFuture<'a> = Pin<Box<dyn Future<Output = Result<(), ApiError>> + Send + 'a>>;
+
 /// What differs between WHIP and WHEP: who may create, and what a session is.
 pub trait Endpoint: Send + Sync + 'static {
     /// `"whip"` or `"whep"`: URL prefix and session kind.
@@ -153,6 +156,19 @@ pub trait Endpoint: Send + Sync + 'static {
     /// Checks the credentials of a create request on `stream`
     /// (`Authorization: Bearer` or `?token=`), see [`crate::auth::Auth`].
     fn authorize(&self, stream: &str, token: Option<&str>) -> Result<(), ApiError>;
+
+    /// [`Endpoint::authorize`] for a client at `remote`, which may ask the
+    /// auth webhook ([`crate::auth::Auth::decide`]); the default is the
+    /// synchronous check.
+    fn authorize_from<'a>(
+        &'a self,
+        stream: &'a str,
+        token: Option<&'a str>,
+        remote: SocketAddr,
+    ) -> AuthorizeFuture<'a> {
+        let _ = remote;
+        Box::pin(std::future::ready(self.authorize(stream, token)))
+    }
 
     /// False when anyone may create (open viewing): then wrong tokens are
     /// neither counted nor is a banned address refused.
@@ -275,31 +291,49 @@ pub fn client_ip(ext: &axum::http::Extensions) -> IpAddr {
         .map_or(IpAddr::from([0, 0, 0, 0]), |c| c.0.ip())
 }
 
-/// Runs `check` on `token` under the node's wrong-token limit: 429 when
-/// `ip` is banned, whatever the check said (a right token from a banned
-/// address is refused too, so 429s do tell a guesser nothing), and a failed
-/// check is counted against `ip`. `check` returns `Ok(false)` when no token
-/// was needed (then nothing is counted and bans do not apply).
-pub fn admit_token(
+/// The client's address, from [`ClientAddr`]; `0.0.0.0:0` when served
+/// without it (router unit tests).
+pub fn client_addr(ext: &axum::http::Extensions) -> SocketAddr {
+    ext.get::<ClientAddr>()
+        .map_or(SocketAddr::from(([0, 0, 0, 0], 0)), |c| c.0)
+}
+
+/// Runs `check` under the node's wrong-token limit when a token (or the
+/// webhook's consent) is `required`: 429 when `ip` is banned, before the
+/// check runs (a right token from a banned address is refused too, so
+/// 429s tell a guesser nothing, and a banned address cannot make the node
+/// call the auth webhook), and a 401 from the check is counted against
+/// `ip`. Open endpoints (`required` false) skip both.
+pub async fn admit_token(
     server: &Server,
     protocol: &'static str,
     ip: IpAddr,
-    token: Option<&str>,
-    check: impl FnOnce(Option<&str>) -> Result<bool, ApiError>,
+    token_given: bool,
+    required: bool,
+    check: impl Future<Output = Result<(), ApiError>>,
 ) -> Result<(), ApiError> {
-    let now = std::time::Instant::now();
-    let gate = server.auth();
-    // Open endpoints skip the ban: probe without running the check twice.
-    let result = check(token);
-    if matches!(result, Ok(false)) {
+    if !required {
         return Ok(());
     }
-    gate.admit(protocol, ip, now)
+    let gate = server.auth();
+    gate.admit(protocol, ip, std::time::Instant::now())
         .map_err(ApiError::TooManyRequests)?;
-    if result.is_err() {
-        gate.failed(protocol, token.is_some(), ip, now);
+    let result = check.await;
+    if matches!(result, Err(ApiError::Unauthorized(_))) {
+        gate.failed(protocol, token_given, ip, std::time::Instant::now());
     }
-    result.map(|_| ())
+    result
+}
+
+/// The answer to an [`crate::auth::Auth::decide`] refusal: 401 with
+/// `unauthorized` as its text, or 503 when the auth webhook is busy.
+pub fn denied(d: crate::auth::Denied, unauthorized: &'static str) -> ApiError {
+    match d {
+        crate::auth::Denied::Refused(_) => ApiError::Unauthorized(unauthorized),
+        crate::auth::Denied::Busy => {
+            ApiError::Unavailable("authorization service busy, retry later")
+        }
+    }
 }
 
 /// The `?token=` query parameter.
@@ -358,7 +392,8 @@ async fn create(
     let ip = client_ip(req.extensions());
     // Unspecified: served without the client address (router unit tests).
     let peer = (!ip.is_unspecified()).then_some(ip);
-    let res = create_inner(&s, stream, q, peer, headers, ip, req.into_body()).await;
+    let remote = client_addr(req.extensions());
+    let res = create_inner(&s, stream, q, peer, headers, remote, req.into_body()).await;
     let res = match res {
         Ok(r) => r,
         Err(e) => e.into_response(),
@@ -373,17 +408,19 @@ async fn create_inner(
     q: QueryToken,
     peer: Option<IpAddr>,
     headers: HeaderMap,
-    ip: IpAddr,
+    remote: SocketAddr,
     body: Body,
 ) -> Result<Response, ApiError> {
     let token = request_token(&headers, &q);
-    admit_token(&s.server, s.endpoint.kind(), ip, token, |t| {
-        if s.endpoint.requires_token() {
-            s.endpoint.authorize(&stream, t).map(|()| true)
-        } else {
-            Ok(false)
-        }
-    })?;
+    admit_token(
+        &s.server,
+        s.endpoint.kind(),
+        remote.ip(),
+        token.is_some(),
+        s.endpoint.requires_token(),
+        s.endpoint.authorize_from(&stream, token, remote),
+    )
+    .await?;
     if !cascade_origin::valid_stream_name(&stream) {
         return Err(ApiError::BadRequest(cascade_origin::BAD_STREAM_NAME.into()));
     }

@@ -28,6 +28,7 @@ pub mod server;
 pub mod session;
 pub mod shard;
 pub mod stun;
+pub mod webhook;
 
 use std::net::{IpAddr, SocketAddr};
 use std::time::Duration;

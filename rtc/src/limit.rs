@@ -87,7 +87,7 @@ impl Drop for IpGuard {
 }
 
 /// An IPv4 peer reached over an IPv6 socket counts as its IPv4 address.
-fn canonical(ip: IpAddr) -> IpAddr {
+pub(crate) fn canonical(ip: IpAddr) -> IpAddr {
     match ip {
         IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
         v4 => v4,

@@ -39,8 +39,30 @@ pub const TASK_FAILURES: &str = "cascade_rtc_task_failures_total";
 /// `rate_limited`).
 pub const AUTH_REFUSED: &str = "cascade_auth_refused_total";
 
+/// Auth webhook calls by `result` (`allow`, `deny`, `error`, `timeout`).
+pub const WEBHOOK_REQUESTS: &str = "cascade_auth_webhook_requests_total";
+/// Auth webhook decisions answered from the cache.
+pub const WEBHOOK_CACHE_HITS: &str = "cascade_auth_webhook_cache_hits_total";
+/// Publishes/views refused because the webhook's calls in flight were at their cap.
+pub const WEBHOOK_BUSY: &str = "cascade_auth_webhook_busy_total";
+/// Auth webhook call duration, to the full answer or the timeout.
+pub const WEBHOOK_SECONDS: &str = "cascade_auth_webhook_seconds";
+
 /// Registers descriptions.
 pub fn describe() {
+    metrics::describe_counter!(
+        WEBHOOK_REQUESTS,
+        "auth webhook calls, by result (allow, deny, error, timeout)"
+    );
+    metrics::describe_counter!(
+        WEBHOOK_CACHE_HITS,
+        "auth webhook decisions reused from the cache"
+    );
+    metrics::describe_counter!(
+        WEBHOOK_BUSY,
+        "publishes/views refused: auth webhook calls in flight at their cap"
+    );
+    metrics::describe_histogram!(WEBHOOK_SECONDS, "auth webhook call duration");
     metrics::describe_counter!(
         AUTH_REFUSED,
         "publish/view attempts refused for their token, by protocol and reason"

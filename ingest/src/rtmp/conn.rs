@@ -5,7 +5,10 @@
 //! over or refused, or the node shuts down. The byte stream is a plain TCP
 //! socket (RTMP) or a TLS stream over one (RTMPS, [`super::tls`]).
 
+use std::net::SocketAddr;
 use std::sync::Arc;
+
+use cascade_rtc::auth::{unix_now, Action};
 
 use cascade_origin::frame::Frame;
 use cascade_origin::registry::Publisher;
@@ -32,6 +35,10 @@ pub(super) struct Conn<S> {
     /// Output of the publish's transcoder (a field of its own so the
     /// select loop can wait on it next to the socket).
     transcoded: Option<mpsc::Receiver<Event>>,
+    /// The client, for the auth webhook.
+    peer: SocketAddr,
+    /// `rtmp` or `rtmps`, for the auth webhook.
+    protocol: &'static str,
 }
 
 enum Wake {
@@ -47,7 +54,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
     pub(super) async fn run(
         io: S,
         ctx: Arc<Ctx>,
-        ip: std::net::IpAddr,
+        peer: SocketAddr,
+        protocol: &'static str,
         shutdown: CancellationToken,
     ) -> Result<&'static str, Error> {
         let mut session = Session::new(
@@ -56,7 +64,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             ctx.bframes.clone(),
             ctx.publish_timeout,
         );
-        session.set_auth(ctx.auth.clone(), ip);
+        session.set_auth(ctx.auth.clone(), peer.ip());
         session.set_tokens(ctx.tokens.clone());
         let mut conn = Self {
             io,
@@ -64,6 +72,8 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             ctx,
             publisher: None,
             transcoded: None,
+            peer,
+            protocol,
         };
         conn.serve(shutdown).await
     }
@@ -148,6 +158,25 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     }
                 }
                 Output::Frame(track, frame) => self.write_frame(track, frame),
+                Output::Authorize { stream, token } => {
+                    // The socket is not read meanwhile: the publisher waits
+                    // (TCP holds its media), at most the webhook's timeout
+                    // or until the publish deadline, whichever is first.
+                    let deadline = self.session.poll_timeout().map(Instant::from_std);
+                    let decide = self.ctx.tokens.decide(
+                        Action::Publish,
+                        &stream,
+                        self.protocol,
+                        self.peer,
+                        token.as_deref(),
+                        unix_now(),
+                    );
+                    tokio::select! {
+                        _ = shutdown.cancelled() => return Ok(Some("shutdown")),
+                        _ = sleep_until(deadline) => self.session.handle_timeout(now()),
+                        r = decide => self.session.handle_authorized(now(), r),
+                    }
+                }
                 Output::StartTranscode { settings, avcc } => {
                     let started = Reencoder::spawn(&settings, &avcc).map(|(t, rx)| {
                         self.transcoded = Some(rx);

@@ -142,6 +142,9 @@ pub struct Limits {
     /// `--token-secret`: signed publish tokens accepted beside the publish
     /// token (not a limit, but it travels with them to every listener).
     pub token_secret: Option<String>,
+    /// `--auth-webhook`: decides publishes the publish token or a signed
+    /// token do not allow (travels with the limits like `token_secret`).
+    pub auth_webhook: Option<cascade_rtc::webhook::Webhook>,
 }
 
 impl Default for Limits {
@@ -152,6 +155,7 @@ impl Default for Limits {
             publish_timeout: DEFAULT_PUBLISH_TIMEOUT,
             auth: AuthGate::default(),
             token_secret: None,
+            auth_webhook: None,
         }
     }
 }
@@ -175,7 +179,8 @@ impl Ctx {
         limits: &Limits,
     ) -> Arc<Self> {
         Arc::new(Self {
-            tokens: Auth::new(Some(&publish_token), None, limits.token_secret.as_deref()),
+            tokens: Auth::new(Some(&publish_token), None, limits.token_secret.as_deref())
+                .with_webhook(limits.auth_webhook.clone()),
             registry,
             token: publish_token,
             bframes,
@@ -325,11 +330,11 @@ async fn run(
     tracing::debug!(%peer, "rtmp connection");
     let _ = socket.set_nodelay(true);
     let end = match tls {
-        None => conn::Conn::run(socket, ctx, peer.ip(), shutdown).await,
+        None => conn::Conn::run(socket, ctx, peer, "rtmp", shutdown).await,
         Some(tls) => tokio::select! {
             _ = shutdown.cancelled() => Ok("shutdown"),
             r = tls::accept(&tls, socket) => match r {
-                Ok(stream) => conn::Conn::run(stream, ctx, peer.ip(), shutdown).await,
+                Ok(stream) => conn::Conn::run(stream, ctx, peer, "rtmps", shutdown).await,
                 Err(e) => Err(e),
             },
         },

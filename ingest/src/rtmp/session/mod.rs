@@ -23,7 +23,7 @@ use std::time::{Duration, Instant};
 use bytes::Bytes;
 use cascade_origin::catalog::Catalog;
 use cascade_origin::frame::Frame;
-use cascade_rtc::auth::{Action, Auth};
+use cascade_rtc::auth::{Action, Auth, Check, Denied};
 use cascade_rtc::limit::AuthGate;
 use rml_rtmp::handshake::{Handshake, HandshakeProcessResult, PeerType};
 use rml_rtmp::sessions::{
@@ -79,6 +79,15 @@ pub(super) enum Output {
     Catalog(Catalog),
     /// A frame for a track of the live stream.
     Frame(Track, Frame),
+    /// Ask the auth webhook whether this publish may go ahead; the answer
+    /// goes to [`Session::handle_authorized`]. Nothing else is handled
+    /// meanwhile (the publish deadline still runs).
+    Authorize {
+        /// Stream name (validated).
+        stream: String,
+        /// The token the client gave, if any.
+        token: Option<String>,
+    },
     /// Start a B-frame transcode of the video from its avcC; the answer
     /// goes to [`Session::handle_transcode`] before any other input.
     StartTranscode {
@@ -132,6 +141,10 @@ pub(super) struct Session {
     outputs: VecDeque<Output>,
     /// The node's wrong-token limiter and this client's address.
     auth: Option<(AuthGate, IpAddr)>,
+    /// While the auth webhook decides: the publish request's id, the
+    /// stream name and whether a token was given. rml_rtmp results wait in
+    /// `backlog` meanwhile.
+    authorizing: Option<(u32, String, bool)>,
 }
 
 impl Session {
@@ -161,6 +174,7 @@ impl Session {
             last: now,
             outputs: VecDeque::new(),
             auth: None,
+            authorizing: None,
         }
     }
 
@@ -324,6 +338,44 @@ impl Session {
         self.process(now);
     }
 
+    /// The auth webhook's answer to [`Output::Authorize`]; handling resumes
+    /// where it paused.
+    pub(super) fn handle_authorized(&mut self, now: Now, decided: Result<(), Denied>) {
+        let Some((id, name, token_given)) = self.authorizing.take() else {
+            return;
+        };
+        if self.is_closed() {
+            return;
+        }
+        self.wake(now);
+        match decided {
+            Ok(()) => self.admit_publish(id, name),
+            Err(Denied::Refused(reason)) => {
+                if let Some((gate, ip)) = &self.auth {
+                    gate.failed("rtmp", token_given, *ip, now.at);
+                }
+                tracing::info!(
+                    token_given,
+                    reason,
+                    "rtmp publish refused by the auth webhook"
+                );
+                self.refuse(
+                    id,
+                    "NetStream.Publish.Unauthorized",
+                    "publish not allowed (key: {stream}?token=TOKEN)",
+                    "token",
+                );
+            }
+            Err(Denied::Busy) => self.refuse(
+                id,
+                "NetStream.Publish.Unauthorized",
+                "authorization service busy, retry later",
+                "auth_busy",
+            ),
+        }
+        self.process(now);
+    }
+
     /// The node shuts down.
     pub(super) fn handle_shutdown(&mut self) {
         self.close(Ok("shutdown"));
@@ -354,6 +406,7 @@ impl Session {
         self.phase = Phase::Closed;
         self.backlog.clear();
         self.starting = None;
+        self.authorizing = None;
         self.outputs.push_back(Output::Close(end));
     }
 
@@ -397,7 +450,7 @@ impl Session {
     /// Handles rml_rtmp's results until none are left, the connection
     /// closes or a transcoder is starting.
     fn process(&mut self, now: Now) {
-        while self.starting.is_none() && !self.is_closed() {
+        while self.starting.is_none() && self.authorizing.is_none() && !self.is_closed() {
             let Some(r) = self.backlog.pop_front() else {
                 return;
             };
@@ -523,23 +576,42 @@ impl Session {
         }
         // Never log the token, only whether one came.
         let unix = self.last.wall_us / 1_000_000;
-        if let Err(why) = self.tokens.authorize(Action::Publish, name, token, unix) {
-            if let Some((gate, ip)) = &self.auth {
-                gate.failed("rtmp", token.is_some(), *ip, at);
+        match self.tokens.check(Action::Publish, name, token, unix) {
+            Check::Allow => {}
+            Check::Refuse(why) => {
+                if let Some((gate, ip)) = &self.auth {
+                    gate.failed("rtmp", token.is_some(), *ip, at);
+                }
+                tracing::info!(
+                    token_given = token.is_some(),
+                    reason = why.label(),
+                    "rtmp publish refused: missing or wrong token"
+                );
+                return self.refuse(
+                    id,
+                    "NetStream.Publish.Unauthorized",
+                    "publish token missing or wrong (key: {stream}?token=TOKEN)",
+                    "token",
+                );
             }
-            tracing::info!(
-                token_given = token.is_some(),
-                reason = why.label(),
-                "rtmp publish refused: missing or wrong token"
-            );
-            return self.refuse(
-                id,
-                "NetStream.Publish.Unauthorized",
-                "publish token missing or wrong (key: {stream}?token=TOKEN)",
-                "token",
-            );
+            // The webhook is not asked about names no stream can have.
+            Check::Ask if cascade_origin::valid_stream_name(name) => {
+                self.authorizing = Some((id, name.to_string(), token.is_some()));
+                self.outputs.push_back(Output::Authorize {
+                    stream: name.to_string(),
+                    token: token.map(str::to_string),
+                });
+                return;
+            }
+            Check::Ask => {}
         }
-        if !cascade_origin::valid_stream_name(name) {
+        self.admit_publish(id, name.to_string());
+    }
+
+    /// A publish the token rules or the webhook allowed: check the name,
+    /// accept, wait for the sequence headers.
+    fn admit_publish(&mut self, id: u32, name: String) {
+        if !cascade_origin::valid_stream_name(&name) {
             tracing::info!("rtmp publish refused: bad stream name");
             return self.refuse(
                 id,
@@ -548,7 +620,6 @@ impl Session {
                 "name",
             );
         }
-        let name = name.to_string();
         tracing::Span::current().record("stream", name.as_str());
         self.accept(id);
         if self.is_closed() {

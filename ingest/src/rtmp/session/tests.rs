@@ -227,6 +227,9 @@ fn show(o: &Output) -> String {
         Output::Frame(Track::Video, _) => "v".into(),
         Output::Frame(Track::Audio, _) => "a".into(),
         Output::StartTranscode { .. } => "start transcode".into(),
+        Output::Authorize { stream, token } => {
+            format!("authorize {stream} token={}", token.is_some())
+        }
         Output::Close(Ok(reason)) => format!("close: {reason}"),
         Output::Close(Err(e)) => format!("error: {e}"),
     }
@@ -854,6 +857,93 @@ fn signed_tokens_publish_their_stream_only() {
         "{:?}",
         p.events
     );
+}
+
+/// With an auth webhook: the right token publishes without asking; any
+/// other key pauses the session on `Output::Authorize` until the shell
+/// answers; a refusal is `NetStream.Publish.Unauthorized` and counts as a
+/// wrong token; the publish deadline still ends a wait that never ends.
+#[test]
+fn the_webhook_decides_other_publishes() {
+    use cascade_rtc::auth::{Auth, Denied};
+    use cascade_rtc::webhook::Webhook;
+    // Never called: the core does no I/O, the test answers for the shell.
+    let hook = Webhook::new("http://127.0.0.1:9/auth").unwrap();
+    let gate = cascade_rtc::limit::AuthGate::new(1);
+    let ip = std::net::IpAddr::from([10, 0, 0, 9]);
+    let attempt = |key: &str| {
+        let mut p = Pair::new(Policy::Drop);
+        p.server
+            .set_tokens(Auth::new(Some(TOKEN), None, None).with_webhook(Some(hook.clone())));
+        p.server.set_auth(gate.clone(), ip);
+        p.connect("live");
+        p.publish(key);
+        p
+    };
+    let accepted = |p: &Pair| {
+        matches!(
+            p.events.last(),
+            Some(ClientSessionEvent::PublishRequestAccepted)
+        )
+    };
+
+    // The operator's token: no call.
+    let mut p = attempt(&format!("cam?token={TOKEN}"));
+    assert!(accepted(&p));
+    assert!(p.take().is_empty());
+
+    // Another token: asked, then allowed.
+    let mut p = attempt("cam?token=other");
+    assert_eq!(p.take(), ["authorize cam token=true"]);
+    assert!(!accepted(&p), "nothing answered while the webhook decides");
+    p.server.handle_authorized(p.now(), Ok(()));
+    for a in p.pump() {
+        p.send(a);
+    }
+    assert!(accepted(&p), "{:?}", p.events);
+    // Media flows as after any accepted publish.
+    p.audio(0, opus_head());
+    p.video(0, avc_seq());
+    p.video(0, avc(true, 0));
+    assert_eq!(p.take().len(), 2, "publish and the keyframe");
+
+    // Bad names are refused before the webhook is asked.
+    let mut p = attempt("a b");
+    assert!(!p.take().iter().any(|o| o.starts_with("authorize")));
+    assert!(format!("{:?}", p.events).contains("NetStream.Publish.BadName"));
+
+    // No token, refused: the client is told, the address is charged.
+    let mut p = attempt("cam");
+    assert_eq!(p.take(), ["authorize cam token=false"]);
+    p.server
+        .handle_authorized(p.now(), Err(Denied::Refused("webhook_deny")));
+    for a in p.pump() {
+        p.send(a);
+    }
+    assert_eq!(p.take(), ["error: refused: token"]);
+    assert!(
+        format!("{:?}", p.events).contains("NetStream.Publish.Unauthorized"),
+        "{:?}",
+        p.events
+    );
+    // The gate (max 1) now bans the address: even the right token.
+    let mut p = attempt(&format!("cam?token={TOKEN}"));
+    assert_eq!(p.take(), ["error: refused: rate_limited"]);
+
+    // A webhook that never answers: the publish deadline closes.
+    let ip2 = std::net::IpAddr::from([10, 0, 0, 10]);
+    let mut p = Pair::new(Policy::Drop);
+    p.server
+        .set_tokens(Auth::new(Some(TOKEN), None, None).with_webhook(Some(hook.clone())));
+    p.server.set_auth(gate.clone(), ip2);
+    p.connect("live");
+    p.publish("cam?token=x");
+    assert_eq!(p.take(), ["authorize cam token=true"]);
+    p.run_until(PUBLISH_TIMEOUT.as_millis() as u64 + 1);
+    assert_eq!(p.take(), ["error: no publish within the publish timeout"]);
+    // A late answer after the close changes nothing.
+    p.server.handle_authorized(p.now(), Ok(()));
+    assert!(p.server.poll_output().is_none());
 }
 
 /// A JWT signed with "k" for `sub`/`act`, valid until 2100.
