@@ -35,7 +35,7 @@ fn prometheus_builder() -> PrometheusBuilder {
 }
 
 /// Runs the node until shut down.
-pub async fn run(cfg: Config) -> anyhow::Result<()> {
+pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
     let prometheus = prometheus_builder().install_recorder().ok();
     if let Some(handle) = prometheus.clone() {
         // Histogram samples wait in an unbounded buffer until a render or
@@ -55,6 +55,8 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
     describe_metrics();
     let registry = Registry::new();
     let draining = Arc::new(AtomicBool::new(false));
+    // RTMP and RTMPS refuse new publishes once the node drains.
+    cfg.rtmp_limits.draining = draining.clone();
     let stop = CancellationToken::new();
     let tls = start_tls(&cfg, &stop)?;
     let (events, events_sender) = match &cfg.events_webhook {

@@ -66,6 +66,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         );
         session.set_auth(ctx.auth.clone(), peer.ip());
         session.set_tokens(ctx.tokens.clone());
+        session.set_draining(ctx.draining.clone());
         let mut conn = Self {
             io,
             session,

@@ -145,6 +145,9 @@ pub struct Limits {
     /// `--auth-webhook`: decides publishes the publish token or a signed
     /// token do not allow (travels with the limits like `token_secret`).
     pub auth_webhook: Option<cascade_rtc::webhook::Webhook>,
+    /// Set when the node drains: new publishes are refused with
+    /// `NetStream.Publish.Rejected`; accepted ones run on.
+    pub draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Default for Limits {
@@ -156,6 +159,7 @@ impl Default for Limits {
             auth: AuthGate::default(),
             token_secret: None,
             auth_webhook: None,
+            draining: Arc::default(),
         }
     }
 }
@@ -168,6 +172,7 @@ struct Ctx {
     publish_timeout: Duration,
     auth: AuthGate,
     tokens: Auth,
+    draining: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl Ctx {
@@ -186,6 +191,7 @@ impl Ctx {
             bframes,
             publish_timeout: limits.publish_timeout,
             auth: limits.auth.clone(),
+            draining: limits.draining.clone(),
         })
     }
 }

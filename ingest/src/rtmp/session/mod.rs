@@ -17,6 +17,7 @@ mod publish;
 
 use std::collections::VecDeque;
 use std::net::IpAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -145,6 +146,9 @@ pub(super) struct Session {
     /// stream name and whether a token was given. rml_rtmp results wait in
     /// `backlog` meanwhile.
     authorizing: Option<(u32, String, bool)>,
+    /// Set by the node when it drains: new publishes are refused (ones
+    /// already accepted run on until the drain ends).
+    draining: Arc<AtomicBool>,
 }
 
 impl Session {
@@ -175,7 +179,13 @@ impl Session {
             outputs: VecDeque::new(),
             auth: None,
             authorizing: None,
+            draining: Arc::default(),
         }
+    }
+
+    /// Refuses new publishes while `flag` is set (the node drains).
+    pub(super) fn set_draining(&mut self, flag: Arc<AtomicBool>) {
+        self.draining = flag;
     }
 
     /// Counts wrong tokens of this connection against `ip` in `gate`, and
@@ -559,6 +569,15 @@ impl Session {
                 "NetStream.Publish.BadName",
                 "this connection is already publishing",
                 "protocol",
+            );
+        }
+        if self.draining.load(Ordering::Relaxed) {
+            tracing::info!("rtmp publish refused: this node is draining");
+            return self.refuse(
+                id,
+                "NetStream.Publish.Rejected",
+                "this server is draining (shutting down): publish to another ingest",
+                "draining",
             );
         }
         let (name, token) = parse_key(key);

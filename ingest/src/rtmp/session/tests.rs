@@ -585,6 +585,38 @@ fn refusals_send_a_status_then_close() {
 }
 
 #[test]
+fn a_draining_node_refuses_new_publishes_not_running_ones() {
+    let flag = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    // Accepted before the drain: it keeps publishing.
+    let mut running = Pair::new(Policy::Drop);
+    running.server.set_draining(flag.clone());
+    running.connect("live");
+    running.publish(&format!("cam?token={TOKEN}"));
+    assert!(matches!(
+        running.events.last(),
+        Some(ClientSessionEvent::PublishRequestAccepted)
+    ));
+    flag.store(true, std::sync::atomic::Ordering::Relaxed);
+    running.audio(0, opus_head());
+    running.video(0, avc_seq());
+    running.video(0, avc(true, 0));
+    assert_eq!(running.take().len(), 2, "media still flows");
+    // A new publish during the drain gets a clear status and is closed,
+    // with the right token too.
+    let mut p = Pair::new(Policy::Drop);
+    p.server.set_draining(flag);
+    p.connect("live");
+    p.publish(&format!("cam2?token={TOKEN}"));
+    match p.out.pop() {
+        Some(Output::Close(Err(Error::Refused(r)))) => assert_eq!(r, "draining"),
+        o => panic!("{o:?}"),
+    }
+    let events = format!("{:?}", p.events);
+    assert!(events.contains("NetStream.Publish.Rejected"), "{events}");
+    assert!(events.contains("draining"), "{events}");
+}
+
+#[test]
 fn close_reasons() {
     let live = || {
         let mut p = Pair::publishing(Policy::Drop);
