@@ -204,3 +204,47 @@ async fn sigterm_drains() {
     assert_eq!(code, Some(0), "exit 0 after the drain timeout");
     let _ = p.stop().await;
 }
+
+/// SIGTERM with a live RTMP publish: it runs on (a viewer keeps getting
+/// frames) while a new RTMP publish is refused, and the node exits 0 once
+/// the publisher is done, before the drain deadline.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_an_rtmp_publish_finish_and_refuses_new_ones() {
+    let mut node = Node::start("all", &["--drain-timeout", "30s"]);
+    let rtmp = node.rtmp.clone().unwrap();
+    let url = |s: &str| format!("rtmp://{rtmp}/live/{s}?token={TOKEN}");
+    let mut first = common::ffmpeg_publish(&url("r1"), &["-bf", "0"], 6);
+    wait_live(&node.http, "r1").await;
+    let mut o = loadtest::whep::ViewerOptions::new(format!("{}/whep/r1", node.http));
+    o.duration = Some(Duration::from_secs(30));
+    let v = loadtest::whep::Viewer::start(o).await.unwrap();
+    v.wait_video_frames(5, Duration::from_secs(10))
+        .await
+        .unwrap();
+    node.terminate();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let before = v.video_frames();
+    // A new publish is refused: ffmpeg gives up with an error.
+    let mut second = common::ffmpeg_publish(&url("r2"), &["-bf", "0"], 3);
+    let refused = tokio::time::timeout(Duration::from_secs(15), second.wait())
+        .await
+        .expect("the refused ffmpeg exits")
+        .unwrap();
+    assert!(!refused.success(), "publish during a drain must fail");
+    // The running publish still flows to its viewer during the drain.
+    assert!(
+        v.video_frames() > before + 10,
+        "frames kept flowing: {} -> {}",
+        before,
+        v.video_frames()
+    );
+    let done = tokio::time::timeout(Duration::from_secs(20), first.wait())
+        .await
+        .expect("the first publish ends")
+        .unwrap();
+    assert!(done.success(), "the publish that was running completes");
+    let code = tokio::task::spawn_blocking(move || node.wait_exit(Duration::from_secs(10)))
+        .await
+        .unwrap();
+    assert_eq!(code, Some(0), "exit 0 once the publisher left");
+}
