@@ -225,13 +225,21 @@ fn player_page_plays_every_publish() {
 ///
 /// Before the fix all three layers reach the one track: the viewer decoded
 /// ~8 frames in 8 s, 320×180, 3.1 s without a new frame.
+///
+/// Since renditions: each layer is a rendition (checked in `/api/streams`),
+/// the viewer gets the top one by default, and the player page's quality
+/// menu switches it to 180p and back to Auto (720p), judged on getStats'
+/// frame height.
 #[test]
 fn simulcast_whip_publish_plays_the_top_layer() {
     simulcast("simulcast", None);
 }
 
 /// The same with only VP8 offered (libvpx layers), what a publisher that
-/// prefers VP8 sends.
+/// prefers VP8 sends; its top layer starts 3 s after connecting (as when
+/// Chromium's bandwidth estimate starts low), so the stream goes live with
+/// two renditions and the ingest adds the top one as it arrives: the
+/// viewer, opened once it is steady, still gets 720p by default.
 #[test]
 fn simulcast_vp8_whip_publish_plays_the_top_layer() {
     simulcast("simvp8", Some("vp8"));
@@ -251,8 +259,11 @@ fn simulcast(tag: &str, codec: Option<&str>) {
             "kind": "simulcast", "base": cascade.base, "staticHost": STATIC_IP,
             "stream": "sim", "token": TOKEN, "secs": WINDOW_SECS, "warmSecs": 2, "topWaitSecs": 10,
             "codec": codec,
+            // Then the player's quality menu: 180p, and back to Auto (720p).
+            "switchTo": [["q", 180], ["auto", 720]], "timeoutSecs": 85,
+            "lateTop": if codec.is_some() { 3000 } else { 0 },
         }),
-        RUNNER_BUDGET,
+        RUNNER_BUDGET + Duration::from_secs(30),
     );
     // What Chromium sent per layer (the lead's question: does its bandwidth
     // estimate turn the top layer on without feedback from the server?).
@@ -383,6 +394,24 @@ fn simulcast(tag: &str, codec: Option<&str>) {
         num(w, &["maxGapMs"]) <= 500.0,
         "no freeze over 500 ms: {brief:#}"
     );
+    // Every layer is a rendition (/api/streams), the player's menu lists
+    // them by height and switches: the decoded frame size follows.
+    let renditions = &v["streams"][0]["renditions"];
+    eprintln!(
+        "simulcast ({label}) renditions {renditions}; menu {}; switches {}",
+        v["menu"], v["switches"]
+    );
+    assert_eq!(
+        renditions.as_array().map(Vec::len),
+        Some(3),
+        "three renditions: {}",
+        v["streams"]
+    );
+    assert_eq!(v["menu"], json!(["Auto", "720p", "360p", "180p"]));
+    for s in v["switches"].as_array().into_iter().flatten() {
+        assert_eq!(s["height"], s["want"], "menu pick {s}");
+    }
+    assert_eq!(v["switches"].as_array().map(Vec::len), Some(2));
 }
 
 /// Not a test on its own: the WHIP publisher that the tests above start

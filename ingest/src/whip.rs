@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use cascade_media::annexb;
 use cascade_media::nal::Nal;
-use cascade_origin::catalog::{Catalog, Codec, Kind, Rendition, TrackInfo, VIDEO};
+use cascade_origin::catalog::{rendition_track, Catalog, Codec, Kind, Rendition, TrackInfo, VIDEO};
 use cascade_origin::frame::Frame;
 use cascade_origin::registry::Publisher;
 use cascade_origin::relay::wire::MAX_TRACKS;
@@ -208,6 +208,9 @@ struct Lane {
     out: Option<String>,
     /// Its catalog entry when it is one rendition of several.
     rendition: Option<Rendition>,
+    /// What was measured of it (size, bitrate, frame rate), kept for a
+    /// single layer that becomes a rendition when another one starts.
+    measured: Option<Rendition>,
 }
 
 /// A WHIP publisher's session.
@@ -288,12 +291,42 @@ impl Session {
                     metrics::counter!(m::WHIP_RENDITIONS).increment(t.lanes.len() as u64);
                 }
                 // One layer (or none) of a simulcast offer: a plain track.
-                _ => {
+                published => {
                     if let Some(lane) = t.lanes.values_mut().next() {
                         lane.out = Some(name.to_string());
+                        lane.measured = published
+                            .and_then(|p| p.into_iter().next())
+                            .map(|p| p.rendition);
                     }
                 }
             }
+        }
+        self.catalog()
+    }
+
+    /// A layer of `mid` that started after go-live: published as
+    /// `video-<rid>`, and the track's other layers become renditions if they
+    /// were not yet. Existing tracks keep their producers and viewers
+    /// ([`Publisher::set_catalog`]); returns the new catalog.
+    fn add_layer(&mut self, mid: Mid, rid: Option<Rid>) -> Catalog {
+        if let (Some(t), Some(rid)) = (self.tracks.get_mut(&mid), rid) {
+            for (r, lane) in t.lanes.iter_mut() {
+                if Some(rid) == *r {
+                    lane.out = Some(rendition_track(&rid.to_string()));
+                    lane.rendition = lane.measured.take();
+                } else if lane.out.is_some() && lane.rendition.is_none() && r.is_some() {
+                    let mut m = lane.measured.take().unwrap_or(Rendition {
+                        name: String::new(),
+                        width: 0,
+                        height: 0,
+                        bitrate_kbps: 0,
+                        framerate: 0,
+                    });
+                    m.name = r.map(|r| r.to_string()).unwrap_or_default();
+                    lane.rendition = Some(m);
+                }
+            }
+            metrics::counter!(m::WHIP_RENDITIONS).increment(1);
         }
         self.catalog()
     }
@@ -407,14 +440,12 @@ impl Session {
         }
         let mut keyframe = !video || data.is_keyframe();
         let rid = data.rid.filter(|_| video);
-        if rid.is_some() && !track.lanes.contains_key(&rid) {
-            if live && !is_new {
-                // A layer that starts after go-live is not published: adding
-                // it would change the catalog under the stream's viewers.
-                metrics::counter!(m::WHIP_SIMULCAST_DROPPED).increment(1);
-                return Flow::Continue;
-            }
-            if track.lanes.len() >= simulcast::MAX_LAYERS {
+        if let Some(r) = rid.filter(|r| !track.lanes.contains_key(&Some(*r))) {
+            // A layer starting after go-live (Chromium turns its top layer on
+            // once its bandwidth estimate allows) is added at its keyframe
+            // as one more rendition, if the offer named it.
+            let offered = self.rids.iter().any(|o| o.as_str() == &*r);
+            if track.lanes.len() >= simulcast::MAX_LAYERS || (live && !is_new && !offered) {
                 metrics::counter!(m::WHIP_SIMULCAST_DROPPED).increment(1);
                 return Flow::Continue;
             }
@@ -456,6 +487,21 @@ impl Session {
             lane.waiting_keyframe = false;
             if codec == Codec::H264 {
                 payload = with_parameter_sets(payload, &mut lane.parameter_sets, &mut keyframe);
+            }
+        }
+        let late = live && lane.out.is_none() && !is_new && rid.is_some();
+        if late {
+            lane.measured = Some(Rendition {
+                name: rid.map(|r| r.to_string()).unwrap_or_default(),
+                width: 0,
+                height: 0,
+                bitrate_kbps: 0,
+                framerate: 0,
+            });
+            if let Some((w, h)) = crate::dimensions::of_keyframe(codec, &payload) {
+                if let Some(m) = &mut lane.measured {
+                    (m.width, m.height) = (w, h);
+                }
             }
         }
         let frame = Frame {
@@ -501,6 +547,13 @@ impl Session {
             }
         } else if is_new {
             let catalog = self.assign();
+            if let Some(p) = &mut self.publisher {
+                p.set_catalog(catalog);
+            }
+        } else if late {
+            let catalog = self.add_layer(data.mid, rid);
+            let _g = self.span.enter();
+            tracing::info!(layer = %rid.map(|r| r.to_string()).unwrap_or_default(), "late simulcast layer added as a rendition");
             if let Some(p) = &mut self.publisher {
                 p.set_catalog(catalog);
             }

@@ -444,7 +444,8 @@ async function main() {
         const pub = await newPage();
         const url = `${base}/whip/${job.stream}`;
         await pub.goto(`${staticOrigin}/simulcast.html?url=${encodeURIComponent(url)}&token=${encodeURIComponent(job.token)}` +
-          (job.codec ? `&codec=${encodeURIComponent(job.codec)}` : ""), { waitUntil: "domcontentloaded" });
+          (job.codec ? `&codec=${encodeURIComponent(job.codec)}` : "") + (job.lateTop ? `&lateTop=${job.lateTop}` : ""),
+          { waitUntil: "domcontentloaded" });
         const t0 = Date.now();
         const state = async () => pub.evaluate(() => ({ state: window.pub.state, error: window.pub.error, status: window.pub.status }));
         let st = await state();
@@ -492,6 +493,28 @@ async function main() {
         const last = await view.evaluate(() => window.__summary());
         out.viewer = { window: window_(got.trace, got.t1 - job.secs * 1000, got.t1), codec: last.codec, state: last.state,
           size: `${last.w}x${last.h}`, framesTotal: last.f };
+        if (job.switchTo) {
+          // The player page's quality menu (WHEP layer endpoint): pick each
+          // entry, then wait for the decoded frame height to follow.
+          out.menu = await view.evaluate(async () => {
+            const q = document.getElementById("quality");
+            const t0 = performance.now();
+            while (q.hidden && performance.now() - t0 < 5000) await new Promise((r) => setTimeout(r, 100));
+            return [...q.options].map((o) => o.text);
+          });
+          out.switches = [];
+          for (const [value, want] of job.switchTo) {
+            const t = Date.now();
+            await view.evaluate(async (v) => { const q = document.getElementById("quality"); q.value = v; await q.onchange(); }, value);
+            let h = (await view.evaluate(() => window.__summary())).h;
+            while (h !== want && Date.now() - t < 8000) {
+              await new Promise((r) => setTimeout(r, 100));
+              h = (await view.evaluate(() => window.__summary())).h;
+            }
+            const stats = await view.evaluate(() => document.getElementById("stats").textContent);
+            out.switches.push({ value, want, height: h, ms: Date.now() - t, stats });
+          }
+        }
         tracing = false;
         await tracer;
         out.publisher = await layersNow();

@@ -209,38 +209,43 @@ fn rank_label(rank: usize) -> &'static str {
     RANKS.get(rank).copied().unwrap_or("8+")
 }
 
-/// The renditions of a catalog, best first (the default `video` track,
-/// then the others in catalog order by picture size and bitrate), as far
-/// as they share `codec` (one payload type on the viewer's m-line).
+/// The renditions of a catalog, best first (largest picture, then highest
+/// bitrate; normally the default `video` track first, unless a better layer
+/// was added after go-live), as far as they share `codec` (one payload type
+/// on the viewer's m-line). Empty unless there are two or more and the
+/// default track is one of them.
 pub fn ladder(
     catalog: &cascade_origin::catalog::Catalog,
     codec: cascade_origin::catalog::Codec,
 ) -> Vec<Rung> {
-    let mut rungs: Vec<(bool, Rung)> = catalog
+    let mut rungs: Vec<Rung> = catalog
         .renditions()
         .filter(|t| t.codec == codec)
         .filter_map(|t| {
             let r = t.rendition.as_ref()?;
-            Some((
-                t.name == cascade_origin::catalog::VIDEO,
-                Rung {
-                    name: r.name.clone(),
-                    track: t.name.clone(),
-                    bitrate_kbps: r.bitrate_kbps,
-                    width: r.width,
-                    height: r.height,
-                    framerate: r.framerate,
-                },
-            ))
+            Some(Rung {
+                name: r.name.clone(),
+                track: t.name.clone(),
+                bitrate_kbps: r.bitrate_kbps,
+                width: r.width,
+                height: r.height,
+                framerate: r.framerate,
+            })
         })
         .collect();
-    rungs.sort_by(|(da, a), (db, b)| {
-        let key = |d: bool, r: &Rung| (d, u64::from(r.width) * u64::from(r.height), r.bitrate_kbps);
-        key(*db, b).cmp(&key(*da, a))
-    });
-    let rungs: Vec<Rung> = rungs.into_iter().map(|(_, r)| r).collect();
-    // A ladder needs its default first and a second step.
-    if rungs.len() < 2 || rungs[0].track != cascade_origin::catalog::VIDEO {
+    let key = |r: &Rung| {
+        (
+            u64::from(r.width) * u64::from(r.height),
+            r.bitrate_kbps,
+            r.track == cascade_origin::catalog::VIDEO,
+        )
+    };
+    rungs.sort_by_key(|r| std::cmp::Reverse(key(r)));
+    if rungs.len() < 2
+        || !rungs
+            .iter()
+            .any(|r| r.track == cascade_origin::catalog::VIDEO)
+    {
         return Vec::new();
     }
     rungs
@@ -718,5 +723,54 @@ impl Handler for Viewer {
             lag_skips = skips,
             "viewer ended"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cascade_origin::catalog::{Catalog, Codec, Rendition, TrackInfo};
+
+    fn track(name: &str, codec: Codec, r: Option<(&str, u32, u32)>) -> TrackInfo {
+        TrackInfo {
+            name: name.into(),
+            codec,
+            fmtp: String::new(),
+            channels: None,
+            bframes: false,
+            rendition: r.map(|(n, w, h)| Rendition {
+                name: n.into(),
+                width: w,
+                height: h,
+                bitrate_kbps: w,
+                framerate: 30,
+            }),
+        }
+    }
+
+    #[test]
+    fn ladder_is_best_first_and_needs_the_default_and_a_second_step() {
+        let c = Catalog {
+            tracks: vec![
+                track("video-q", Codec::H264, Some(("q", 320, 180))),
+                track("video", Codec::H264, Some(("f", 1280, 720))),
+                track("video-h", Codec::H264, Some(("h", 640, 360))),
+                track("audio", Codec::Opus, None),
+            ],
+        };
+        let names: Vec<String> = ladder(&c, Codec::H264)
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["f", "h", "q"]);
+        // Another codec than the viewer's m-line plays: not a step.
+        assert!(ladder(&c, Codec::Vp8).is_empty());
+        // One video track, no renditions: the old path.
+        let plain = Catalog {
+            tracks: vec![track("video", Codec::H264, None)],
+        };
+        assert!(ladder(&plain, Codec::H264).is_empty());
+        assert_eq!(rank_label(0), "0");
+        assert_eq!(rank_label(9), "8+");
     }
 }

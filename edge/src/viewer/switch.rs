@@ -140,15 +140,22 @@ pub struct Switch {
 }
 
 impl Switch {
-    /// A viewer of `ladder` (best first; index 0 is the default rendition,
-    /// the track the viewer starts on) on a `clock` Hz track, in Auto mode.
+    /// A viewer of `ladder` (best first) on a `clock` Hz track, in Auto
+    /// mode, starting on the default rendition (the [`VIDEO`] track, else the
+    /// best). Auto prefers the best one: normally the default.
+    ///
+    /// [`VIDEO`]: cascade_origin::catalog::VIDEO
     pub fn new(ladder: Vec<Rung>, clock: u32) -> Self {
+        let start = ladder
+            .iter()
+            .position(|r| r.track == cascade_origin::catalog::VIDEO)
+            .unwrap_or(0);
         Self {
             ladder,
             clock: u64::from(clock.max(1)),
             target: Target::Auto,
             auto_pick: None,
-            current: Some(0),
+            current: Some(start),
             pending: None,
             offset: 0,
             wall_shift: 0,
@@ -616,6 +623,23 @@ mod tests {
         );
         let v = s.on_frame(at(t0, 96), Source::Pending, frame(t0, 96, 0, true));
         assert_eq!(sent(v).map(|x| x.0), Some(96 * FRAME_TS));
+        assert_eq!(s.take_switch(), Some((Direction::Up, Some("f".into()))));
+    }
+
+    #[test]
+    fn a_better_rendition_than_the_default_is_auto_s_choice() {
+        // A layer that started after go-live is bigger than `video`: the
+        // viewer starts on `video` and Auto moves it up.
+        let mut l = ladder();
+        l[0].track = "video-f".into();
+        l[1].track = "video".into();
+        let t0 = Instant::now();
+        let mut s = Switch::new(l, CLOCK);
+        assert_eq!(s.current().map(|r| r.name.as_str()), Some("h"));
+        s.on_frame(t0, Source::Current, frame(t0, 0, 0, true));
+        assert_eq!(s.poll(t0, &mut all_flow), Some(Command::Join(0)));
+        let v = s.on_frame(at(t0, 3), Source::Pending, frame(t0, 3, 0, true));
+        assert!(matches!(v, Verdict::SwitchAndSend(..)));
         assert_eq!(s.take_switch(), Some((Direction::Up, Some("f".into()))));
     }
 
