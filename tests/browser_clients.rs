@@ -229,7 +229,8 @@ fn player_page_plays_every_publish() {
 /// Since renditions: each layer is a rendition (checked in `/api/streams`),
 /// the viewer gets the top one by default, and the player page's quality
 /// menu switches it to 180p and back to Auto (720p), judged on getStats'
-/// frame height.
+/// frame height; so does OvenPlayer's (OME signalling: playlist,
+/// change_rendition, rendition_changed).
 #[test]
 fn simulcast_whip_publish_plays_the_top_layer() {
     simulcast("simulcast", None);
@@ -260,10 +261,12 @@ fn simulcast(tag: &str, codec: Option<&str>) {
             "stream": "sim", "token": TOKEN, "secs": WINDOW_SECS, "warmSecs": 2, "topWaitSecs": 10,
             "codec": codec,
             // Then the player's quality menu: 180p, and back to Auto (720p).
-            "switchTo": [["q", 180], ["auto", 720]], "timeoutSecs": 85,
+            "switchTo": [["q", 180], ["auto", 720]], "timeoutSecs": 105,
             "lateTop": if codec.is_some() { 3000 } else { 0 },
+            // And OvenPlayer's menu: the 180p rendition (index 2), then Auto.
+            "ovenSwitchTo": [[2, 180], [-1, 720]],
         }),
-        RUNNER_BUDGET + Duration::from_secs(30),
+        RUNNER_BUDGET + Duration::from_secs(50),
     );
     // What Chromium sent per layer (the lead's question: does its bandwidth
     // estimate turn the top layer on without feedback from the server?).
@@ -412,6 +415,25 @@ fn simulcast(tag: &str, codec: Option<&str>) {
         assert_eq!(s["height"], s["want"], "menu pick {s}");
     }
     assert_eq!(v["switches"].as_array().map(Vec::len), Some(2));
+    eprintln!(
+        "simulcast ({label}) OvenPlayer levels {}; switches {}; events {}",
+        v["ovenLevels"], v["ovenSwitches"], v["ovenEvents"]
+    );
+    let heights: Vec<&Value> = v["ovenLevels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| &l["height"])
+        .collect();
+    assert_eq!(
+        heights,
+        [&json!(720), &json!(360), &json!(180)],
+        "OvenPlayer's quality levels"
+    );
+    for s in v["ovenSwitches"].as_array().into_iter().flatten() {
+        assert_eq!(s["height"], s["want"], "OvenPlayer pick {s}");
+    }
+    assert_eq!(v["ovenSwitches"].as_array().map(Vec::len), Some(2));
 }
 
 /// Not a test on its own: the WHIP publisher that the tests above start

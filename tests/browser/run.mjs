@@ -515,6 +515,32 @@ async function main() {
             out.switches.push({ value, want, height: h, ms: Date.now() - t, stats });
           }
         }
+        if (job.ovenSwitchTo) {
+          // OvenPlayer's quality menu over OME signalling: its playlist
+          // becomes getQualityLevels(); setCurrentQuality(i) sends
+          // change_rendition, setAutoQuality(true) hands the choice back.
+          await view.close();
+          const oven = await newPage();
+          const ws = base.replace(/^http/, "ws") + `/ws/live/${job.stream}`;
+          await oven.goto(`${staticOrigin}/ovenplayer.html?ws=${encodeURIComponent(ws)}`, { waitUntil: "domcontentloaded" });
+          const summary = async () => oven.evaluate(() => window.__summary());
+          const t0 = Date.now();
+          while ((await summary()).f === 0 && Date.now() - t0 < 15000) await new Promise((r) => setTimeout(r, 100));
+          out.ovenLevels = await oven.evaluate(() => (window.player.getQualityLevels() || []).map((l) => ({ label: l.label, height: l.height })));
+          out.ovenSwitches = [];
+          for (const [index, want] of job.ovenSwitchTo) {
+            const t = Date.now();
+            await oven.evaluate((i) => (i < 0 ? window.player.setAutoQuality(true) : window.player.setCurrentQuality(i)), index);
+            let h = (await summary()).h;
+            while (h !== want && Date.now() - t < 8000) {
+              await new Promise((r) => setTimeout(r, 100));
+              h = (await summary()).h;
+            }
+            out.ovenSwitches.push({ index, want, height: h, ms: Date.now() - t,
+              auto: await oven.evaluate(() => window.player.isAutoQuality()) });
+          }
+          out.ovenEvents = await oven.evaluate(() => window.events || []);
+        }
         tracing = false;
         await tracer;
         out.publisher = await layersNow();
