@@ -240,7 +240,8 @@ fn simulcast_whip_publish_plays_the_top_layer() {
 /// prefers VP8 sends; its top layer starts 3 s after connecting (as when
 /// Chromium's bandwidth estimate starts low), so the stream goes live with
 /// two renditions and the ingest adds the top one as it arrives: the
-/// viewer, opened once it is steady, still gets 720p by default.
+/// viewer, opened before it exists, moves up to it by itself (its ladder
+/// follows the catalog) and plays 720p in the window.
 #[test]
 fn simulcast_vp8_whip_publish_plays_the_top_layer() {
     simulcast("simvp8", Some("vp8"));
@@ -258,11 +259,13 @@ fn simulcast(tag: &str, codec: Option<&str>) {
     let v = ns.run_browser(
         json!({
             "kind": "simulcast", "base": cascade.base, "staticHost": STATIC_IP,
-            "stream": "sim", "token": TOKEN, "secs": WINDOW_SECS, "warmSecs": 2, "topWaitSecs": 10,
+            "stream": "sim", "token": TOKEN, "secs": WINDOW_SECS, "topWaitSecs": 10,
+            "warmSecs": if codec.is_some() { 5 } else { 2 },
             "codec": codec,
             // Then the player's quality menu: 180p, and back to Auto (720p).
             "switchTo": [["q", 180], ["auto", 720]], "timeoutSecs": 105,
             "lateTop": if codec.is_some() { 3000 } else { 0 },
+            "viewBeforeTop": codec.is_some(),
             // And OvenPlayer's menu: the 180p rendition (index 2), then Auto.
             "ovenSwitchTo": [[2, 180], [-1, 720]],
         }),

@@ -474,7 +474,9 @@ async function main() {
         const seen = [await layersNow()];
         const steady = () => { const n = seen[seen.length - 1], o = seen.find((x) => x.atMs >= n.atMs - 1000);
           return n.atMs - seen[0].atMs >= 1000 && sentF(n) - sentF(o) >= 10; };
-        while (!steady() && Date.now() < topEnd) {
+        // job.viewBeforeTop: the viewer opens at once (before a late top
+        // layer exists) and must move up to it by itself.
+        while (!job.viewBeforeTop && !steady() && Date.now() < topEnd) {
           await new Promise((r) => setTimeout(r, 200));
           seen.push(await layersNow());
         }

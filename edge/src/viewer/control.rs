@@ -27,7 +27,8 @@ pub struct Status {
 
 /// The signalling side of one viewer's rendition choice.
 pub struct Control {
-    renditions: Vec<Rung>,
+    /// Changes when a rendition is added (a late simulcast layer).
+    renditions: Mutex<Vec<Rung>>,
     request: Mutex<Option<Target>>,
     changed: AtomicBool,
     status: watch::Sender<Status>,
@@ -36,11 +37,10 @@ pub struct Control {
 
 impl Control {
     /// A control for a viewer of `renditions` (best first) on the shard
-    /// `waker` wakes; it starts on the default rendition in Auto mode.
-    pub fn new(renditions: Vec<Rung>, waker: Waker) -> Arc<Self> {
-        let first = renditions.first().map(|r| r.name.clone());
+    /// `waker` wakes; it starts on rendition `first` in Auto mode.
+    pub fn new(renditions: Vec<Rung>, first: Option<String>, waker: Waker) -> Arc<Self> {
         Arc::new(Self {
-            renditions,
+            renditions: Mutex::new(renditions),
             request: Mutex::new(None),
             changed: AtomicBool::new(false),
             status: watch::channel(Status {
@@ -53,8 +53,16 @@ impl Control {
     }
 
     /// The renditions, best first.
-    pub fn renditions(&self) -> &[Rung] {
-        &self.renditions
+    pub fn renditions(&self) -> Vec<Rung> {
+        self.renditions
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .clone()
+    }
+
+    /// The viewer's side: the ladder changed.
+    pub(crate) fn set_renditions(&self, renditions: Vec<Rung>) {
+        *self.renditions.lock().unwrap_or_else(|e| e.into_inner()) = renditions;
     }
 
     fn lock(&self) -> MutexGuard<'_, Option<Target>> {
@@ -65,8 +73,9 @@ impl Control {
     /// rendition).
     pub fn set(&self, target: Target) -> Result<(), String> {
         if let Target::Fixed(name) = &target {
-            if !self.renditions.iter().any(|r| &r.name == name) {
-                let known: Vec<&str> = self.renditions.iter().map(|r| r.name.as_str()).collect();
+            let renditions = self.renditions();
+            if !renditions.iter().any(|r| &r.name == name) {
+                let known: Vec<&str> = renditions.iter().map(|r| r.name.as_str()).collect();
                 return Err(format!(
                     "unknown rendition {name:?}: this stream has {} (or auto)",
                     known.join(", ")

@@ -132,6 +132,10 @@ struct Renditions {
     pending: Option<(Member, Cursor)>,
     control: Arc<Control>,
     _registered: Registered,
+    /// The stream's catalog: a rendition added later (a late simulcast
+    /// layer) joins the ladder; one atomic load per wake to notice.
+    catalog: tokio::sync::watch::Receiver<cascade_origin::catalog::Catalog>,
+    codec: cascade_origin::catalog::Codec,
     /// Counts this viewer on the current rendition's track (`/api/streams`).
     watching: Option<cascade_origin::track::Watch>,
     /// `cascade_edge_rendition_viewers{rendition}` of the current one.
@@ -283,20 +287,31 @@ impl Out {
     pub fn enable_renditions(
         &mut self,
         ladder: Vec<Rung>,
-        hub: Arc<Hub>,
+        subscriber: &Subscriber,
         waker: Waker,
+        hub: Arc<Hub>,
         registered: impl FnOnce(Arc<Control>) -> Registered,
     ) -> Arc<Control> {
-        let control = Control::new(ladder.clone(), waker.clone());
+        let mut catalog = subscriber.catalog_watch();
+        catalog.borrow_and_update();
+        let codec = subscriber
+            .catalog()
+            .video()
+            .map_or(cascade_origin::catalog::Codec::H264, |t| t.codec);
         let clock = u32::try_from(self.cursor.clock()).unwrap_or(90_000);
+        let switch = Switch::new(ladder.clone(), clock);
+        let first = switch.current().map(|r| r.name.clone());
+        let control = Control::new(ladder, first, waker.clone());
         self.renditions = Some(Box::new(Renditions {
-            switch: Switch::new(ladder, clock),
+            switch,
             hub,
             waker,
             clock,
             pending: None,
             control: control.clone(),
             _registered: registered(control.clone()),
+            catalog,
+            codec,
             watching: None,
             gauge: None,
         }));
@@ -324,6 +339,18 @@ impl Out {
         let Some(r) = self.renditions.as_deref_mut() else {
             return;
         };
+        if r.catalog.has_changed().unwrap_or(false) {
+            let catalog = r.catalog.borrow_and_update().clone();
+            let new = ladder(&catalog, r.codec);
+            if !new.is_empty() && new != r.switch.renditions() {
+                r.control.set_renditions(new.clone());
+                r.switch.set_ladder(new);
+                if r.switch.pending().is_none() {
+                    r.pending = None;
+                }
+                r.report();
+            }
+        }
         if let Some(target) = r.control.take() {
             r.switch.set_target(target);
             r.report();
@@ -582,7 +609,7 @@ pub fn attach_renditions(
     let i = outs.iter().position(|o| o.video)?;
     let out = outs.get_mut(i)?;
     Some(
-        out.enable_renditions(ladder, hub.clone(), waker.clone(), |c| {
+        out.enable_renditions(ladder, subscriber, waker.clone(), hub.clone(), |c| {
             controls.insert(id, c)
         }),
     )

@@ -186,6 +186,44 @@ impl Switch {
         self.pending.and_then(|i| self.ladder.get(i))
     }
 
+    /// A new ladder (a rendition was added): the current and pending
+    /// renditions keep their place by track; a pending one that is gone is
+    /// dropped (the shell then leaves its feed), a fixed target that is
+    /// gone becomes Auto.
+    pub fn set_ladder(&mut self, ladder: Vec<Rung>) {
+        let track_of =
+            |i: Option<usize>| i.and_then(|i| self.ladder.get(i)).map(|r| r.track.clone());
+        let (current, pending) = (track_of(self.current), track_of(self.pending));
+        let pick = self
+            .auto_pick
+            .and_then(|i| self.ladder.get(i))
+            .map(|r| r.name.clone());
+        let find = |t: &Option<String>| {
+            t.as_ref()
+                .and_then(|t| ladder.iter().position(|r| &r.track == t))
+        };
+        // The current track cannot leave a live stream's catalog (tracks
+        // are only added); should it, the default one is the safe place.
+        self.current = find(&current).or_else(|| {
+            current.as_ref().map(|_| {
+                ladder
+                    .iter()
+                    .position(|r| r.track == cascade_origin::catalog::VIDEO)
+                    .unwrap_or(0)
+            })
+        });
+        self.pending = find(&pending);
+        self.auto_pick = pick.and_then(|n| ladder.iter().position(|r| r.name == n));
+        if let Target::Fixed(name) = &self.target {
+            if !ladder.iter().any(|r| &r.name == name) {
+                self.target = Target::Auto;
+            }
+        }
+        self.ladder = ladder;
+        // Re-decide now rather than at the next RECHECK.
+        self.last_check = None;
+    }
+
     /// Sets the target; false (and unchanged) for an unknown name.
     pub fn set_target(&mut self, target: Target) -> bool {
         if let Target::Fixed(name) = &target {
@@ -641,6 +679,24 @@ mod tests {
         let v = s.on_frame(at(t0, 3), Source::Pending, frame(t0, 3, 0, true));
         assert!(matches!(v, Verdict::SwitchAndSend(..)));
         assert_eq!(s.take_switch(), Some((Direction::Up, Some("f".into()))));
+    }
+
+    #[test]
+    fn a_rendition_added_later_becomes_auto_s_choice() {
+        // Live with h and q (`video` = h); f arrives later.
+        let t0 = Instant::now();
+        let mut two = ladder()[1..].to_vec();
+        two[0].track = "video".into();
+        let mut s = Switch::new(two, CLOCK);
+        s.on_frame(t0, Source::Current, frame(t0, 0, 0, true));
+        assert_eq!(s.poll(t0, &mut all_flow), None);
+        let mut three = ladder();
+        three[0].track = "video-f".into();
+        three[1].track = "video".into();
+        s.set_ladder(three);
+        assert_eq!(s.current().map(|r| r.name.as_str()), Some("h"));
+        assert_eq!(s.poll(at(t0, 1), &mut all_flow), Some(Command::Join(0)));
+        assert_eq!(s.pending().map(|r| r.track.as_str()), Some("video-f"));
     }
 
     #[test]
