@@ -16,7 +16,8 @@ pub const FRAMES_PACKETIZED: &str = "cascade_edge_frames_packetized_total";
 pub const FRAMES_OUT: &str = "cascade_edge_frames_out_total";
 /// RTP packets written to viewers (per viewer), by kind.
 pub const PACKETS_OUT: &str = "cascade_edge_packets_out_total";
-/// Keyframe requests sent upstream, by cause (`viewer`, `lag`, `join`).
+/// Keyframe requests sent upstream, by cause (`viewer`, `lag`, `join`,
+/// `switch` = a viewer switching rendition, `upstream` = sent by a feed).
 pub const KEYFRAME_REQUESTS: &str = "cascade_edge_keyframe_requests_total";
 /// Times a lagging viewer skipped to the next keyframe, by cause
 /// (`fanout` = broadcast ring overrun, `queue` = str0m send queue too long).
