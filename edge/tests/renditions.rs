@@ -257,3 +257,50 @@ async fn viewer_switches_renditions_through_the_layer_endpoint() {
     assert_eq!(r[0].viewers, 1, "{r:?}");
     assert!(r[0].bitrate_bps > 0);
 }
+
+/// A stream with one video track: no `Link` to a layer endpoint, and the
+/// endpoint answers 404 (the resource exists, layer selection does not).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_rendition_streams_have_no_layer_endpoint() {
+    let edge = Edge::start(Default::default()).await;
+    let _p = common::Publisher::start(&edge.registry, "plain", common::media(30).await, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let offer = loadtest::whep::offer_sdp(&[loadtest::whep::VideoCodec::H264], true).unwrap();
+    let res = reqwest::Client::new()
+        .post(edge.whep_url("plain"))
+        .header("content-type", "application/sdp")
+        .body(offer)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    assert!(
+        !res.headers()
+            .get_all("link")
+            .iter()
+            .any(|l| l.to_str().unwrap().contains("ext:core:layer")),
+        "no layer link"
+    );
+    let session = format!(
+        "http://{}{}/layer",
+        edge.http,
+        res.headers()["location"].to_str().unwrap()
+    );
+    assert_eq!(
+        post_layer(&session, r#"{"encodingId":"auto"}"#).await.0,
+        404
+    );
+    let wrong_type = reqwest::Client::new()
+        .post(&session)
+        .header("content-type", "text/plain")
+        .body("{}")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(wrong_type.status(), 415);
+    let unknown = format!("http://{}/whep/plain/{}/layer", edge.http, "0".repeat(32));
+    assert_eq!(
+        post_layer(&unknown, r#"{"encodingId":"auto"}"#).await.0,
+        404
+    );
+}
