@@ -10,6 +10,7 @@
 mod common;
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -49,6 +50,7 @@ async fn viewer(
     stream: &str,
     frames: Arc<Mutex<Vec<Got>>>,
     stop: Arc<tokio::sync::Notify>,
+    audio: Arc<AtomicU64>,
 ) -> (String, String) {
     let mut rtc = RtcConfig::new()
         .clear_codecs()
@@ -97,7 +99,10 @@ async fn viewer(
                     Output::Transmit(t) => {
                         let _ = sock.send_to(&t.contents, t.destination).await;
                     }
-                    Output::Event(Event::MediaData(d)) if d.mid == vmid => {
+                    Output::Event(Event::MediaData(d)) if d.mid != vmid => {
+                        audio.fetch_add(1, Ordering::Relaxed);
+                    }
+                    Output::Event(Event::MediaData(d)) => {
                         let got = Got {
                             arrival: Instant::now(),
                             seqs: (**d.seq_range.start(), **d.seq_range.end()),
@@ -156,7 +161,9 @@ async fn viewer_switches_renditions_through_the_layer_endpoint() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let frames = Arc::new(Mutex::new(Vec::new()));
     let stop = Arc::new(tokio::sync::Notify::new());
-    let (layer, _session) = viewer(&edge, "ladder", frames.clone(), stop.clone()).await;
+    let audio = Arc::new(AtomicU64::new(0));
+    let (layer, _session) =
+        viewer(&edge, "ladder", frames.clone(), stop.clone(), audio.clone()).await;
     let count = || frames.lock().unwrap().len();
     assert!(
         common::eventually(Duration::from_secs(5), || count() > 30).await,
@@ -208,8 +215,35 @@ async fn viewer_switches_renditions_through_the_layer_endpoint() {
         let state: serde_json::Value = reqwest::get(&layer).await.unwrap().json().await.unwrap();
         assert_eq!(state["current"], LADDER[want].0, "{state}");
     }
-    stop.notify_one();
     let got = frames.lock().unwrap().clone();
+
+    // Audio only ("none"): video stops, audio goes on; back to auto, video
+    // resumes at a keyframe and its sequence numbers continue.
+    assert_eq!(post_layer(&layer, r#"{"encodingId":"none"}"#).await.0, 200);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (v0, a0) = (count(), audio.load(Ordering::Relaxed));
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let (v1, a1) = (count(), audio.load(Ordering::Relaxed));
+    assert!(v1 - v0 <= 1, "no video while audio only: {v0} → {v1}");
+    assert!(a1 - a0 > 50, "audio goes on: {a0} → {a1}");
+    let state: serde_json::Value = reqwest::get(&layer).await.unwrap().json().await.unwrap();
+    assert_eq!(
+        (state["current"].clone(), state["target"].clone()),
+        (serde_json::Value::Null, "none".into())
+    );
+    assert_eq!(post_layer(&layer, r#"{"encodingId":"auto"}"#).await.0, 200);
+    assert!(
+        common::eventually(Duration::from_secs(3), || count() > v1 + 5).await,
+        "video resumes"
+    );
+    stop.notify_one();
+    {
+        let all = frames.lock().unwrap();
+        let (before, after) = (&all[v1 - 1], &all[v1]);
+        assert!(after.sps.is_some(), "resumes at a keyframe: {after:?}");
+        assert_eq!(after.seqs.0, before.seqs.1 + 1, "sequence continues");
+        assert!(after.rtp_ts > before.rtp_ts, "timestamps forward");
+    }
     println!(
         "renditions: {} frames, switch times (request → first frame of the new rendition, 1 s GOP): {switch_ms:?} ms",
         got.len()
