@@ -8,6 +8,7 @@
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use cascade_rtc::session::SessionId;
 use cascade_rtc::Waker;
@@ -33,7 +34,15 @@ pub struct Control {
     changed: AtomicBool,
     status: watch::Sender<Status>,
     waker: Waker,
+    /// Last explicit wake: a client flooding requests (OvenPlayer's
+    /// `change_rendition` has no other limit) must not turn each into a
+    /// wake of every session on the shard. Media wakes the shard every
+    /// frame anyway; the explicit wake only matters while nothing flows.
+    woken: Mutex<Option<Instant>>,
 }
+
+/// At most one explicit wake per viewer per this interval.
+const WAKE_INTERVAL: Duration = Duration::from_millis(100);
 
 impl Control {
     /// A control for a viewer of `renditions` (best first) on the shard
@@ -49,6 +58,7 @@ impl Control {
             })
             .0,
             waker,
+            woken: Mutex::new(None),
         })
     }
 
@@ -84,7 +94,12 @@ impl Control {
         }
         *self.lock() = Some(target);
         self.changed.store(true, Ordering::Release);
-        self.waker.wake();
+        let now = Instant::now();
+        let mut woken = self.woken.lock().unwrap_or_else(|e| e.into_inner());
+        if woken.is_none_or(|t| now.saturating_duration_since(t) >= WAKE_INTERVAL) {
+            *woken = Some(now);
+            self.waker.wake();
+        }
         Ok(())
     }
 
