@@ -281,6 +281,7 @@ mod tests {
             bitrate_bps: 0,
             viewers,
             uptime_s: 0,
+            renditions: vec![],
         }
     }
 

@@ -225,13 +225,23 @@ fn player_page_plays_every_publish() {
 ///
 /// Before the fix all three layers reach the one track: the viewer decoded
 /// ~8 frames in 8 s, 320×180, 3.1 s without a new frame.
+///
+/// Since renditions: each layer is a rendition (checked in `/api/streams`),
+/// the viewer gets the top one by default, and the player page's quality
+/// menu switches it to 180p and back to Auto (720p), judged on getStats'
+/// frame height; so does OvenPlayer's (OME signalling: playlist,
+/// change_rendition, rendition_changed).
 #[test]
 fn simulcast_whip_publish_plays_the_top_layer() {
     simulcast("simulcast", None);
 }
 
 /// The same with only VP8 offered (libvpx layers), what a publisher that
-/// prefers VP8 sends.
+/// prefers VP8 sends; its top layer starts 3 s after connecting (as when
+/// Chromium's bandwidth estimate starts low), so the stream goes live with
+/// two renditions and the ingest adds the top one as it arrives: the
+/// viewer, opened before it exists, moves up to it by itself (its ladder
+/// follows the catalog) and plays 720p in the window.
 #[test]
 fn simulcast_vp8_whip_publish_plays_the_top_layer() {
     simulcast("simvp8", Some("vp8"));
@@ -249,10 +259,17 @@ fn simulcast(tag: &str, codec: Option<&str>) {
     let v = ns.run_browser(
         json!({
             "kind": "simulcast", "base": cascade.base, "staticHost": STATIC_IP,
-            "stream": "sim", "token": TOKEN, "secs": WINDOW_SECS, "warmSecs": 2, "topWaitSecs": 10,
+            "stream": "sim", "token": TOKEN, "secs": WINDOW_SECS, "topWaitSecs": 10,
+            "warmSecs": if codec.is_some() { 5 } else { 2 },
             "codec": codec,
+            // Then the player's quality menu: 180p, and back to Auto (720p).
+            "switchTo": [["q", 180], ["auto", 720]], "timeoutSecs": 105,
+            "lateTop": if codec.is_some() { 3000 } else { 0 },
+            "viewBeforeTop": codec.is_some(),
+            // And OvenPlayer's menu: the 180p rendition (index 2), then Auto.
+            "ovenSwitchTo": [[2, 180], [-1, 720]],
         }),
-        RUNNER_BUDGET,
+        RUNNER_BUDGET + Duration::from_secs(50),
     );
     // What Chromium sent per layer (the lead's question: does its bandwidth
     // estimate turn the top layer on without feedback from the server?).
@@ -383,6 +400,43 @@ fn simulcast(tag: &str, codec: Option<&str>) {
         num(w, &["maxGapMs"]) <= 500.0,
         "no freeze over 500 ms: {brief:#}"
     );
+    // Every layer is a rendition (/api/streams), the player's menu lists
+    // them by height and switches: the decoded frame size follows.
+    let renditions = &v["streams"][0]["renditions"];
+    eprintln!(
+        "simulcast ({label}) renditions {renditions}; menu {}; switches {}",
+        v["menu"], v["switches"]
+    );
+    assert_eq!(
+        renditions.as_array().map(Vec::len),
+        Some(3),
+        "three renditions: {}",
+        v["streams"]
+    );
+    assert_eq!(v["menu"], json!(["Auto", "720p", "360p", "180p"]));
+    for s in v["switches"].as_array().into_iter().flatten() {
+        assert_eq!(s["height"], s["want"], "menu pick {s}");
+    }
+    assert_eq!(v["switches"].as_array().map(Vec::len), Some(2));
+    eprintln!(
+        "simulcast ({label}) OvenPlayer levels {}; switches {}; events {}",
+        v["ovenLevels"], v["ovenSwitches"], v["ovenEvents"]
+    );
+    let heights: Vec<&Value> = v["ovenLevels"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|l| &l["height"])
+        .collect();
+    assert_eq!(
+        heights,
+        [&json!(720), &json!(360), &json!(180)],
+        "OvenPlayer's quality levels"
+    );
+    for s in v["ovenSwitches"].as_array().into_iter().flatten() {
+        assert_eq!(s["height"], s["want"], "OvenPlayer pick {s}");
+    }
+    assert_eq!(v["ovenSwitches"].as_array().map(Vec::len), Some(2));
 }
 
 /// Not a test on its own: the WHIP publisher that the tests above start

@@ -16,7 +16,8 @@ pub const FRAMES_PACKETIZED: &str = "cascade_edge_frames_packetized_total";
 pub const FRAMES_OUT: &str = "cascade_edge_frames_out_total";
 /// RTP packets written to viewers (per viewer), by kind.
 pub const PACKETS_OUT: &str = "cascade_edge_packets_out_total";
-/// Keyframe requests sent upstream, by cause (`viewer`, `lag`, `join`).
+/// Keyframe requests sent upstream, by cause (`viewer`, `lag`, `join`,
+/// `switch` = a viewer switching rendition, `upstream` = sent by a feed).
 pub const KEYFRAME_REQUESTS: &str = "cascade_edge_keyframe_requests_total";
 /// Times a lagging viewer skipped to the next keyframe, by cause
 /// (`fanout` = broadcast ring overrun, `queue` = str0m send queue too long).
@@ -35,6 +36,15 @@ pub const FIRST_FRAME_SECONDS: &str = "cascade_edge_first_frame_seconds";
 /// node adds (DESIGN.md goal: p99 ≤ 20 ms). Fast-start backlog excluded.
 pub const EGRESS_DELAY_SECONDS: &str = "cascade_edge_egress_delay_seconds";
 
+/// Viewers of streams with renditions, by the rendition they get now:
+/// `rendition` is its rank (0 = the default, the best; 1, 2, … lower), not
+/// its publisher-chosen name, so the label stays bounded.
+pub const RENDITION_VIEWERS: &str = "cascade_edge_rendition_viewers";
+/// Rendition switches of viewers, by `direction` (`up`, `down`).
+pub const RENDITION_SWITCHES: &str = "cascade_edge_rendition_switches_total";
+/// Viewers of streams with renditions that get audio only.
+pub const AUDIO_ONLY_VIEWERS: &str = "cascade_edge_audio_only_viewers";
+
 /// OvenPlayer WebSocket sessions, by result (`created`, `not_live`, ...).
 pub const WS_SESSIONS: &str = "cascade_edge_ws_sessions_total";
 
@@ -42,6 +52,18 @@ pub const WS_SESSIONS: &str = "cascade_edge_ws_sessions_total";
 pub fn describe() {
     metrics::describe_counter!(WS_SESSIONS, "ovenplayer websocket sessions, by result");
     metrics::describe_gauge!(VIEWERS, "whep viewers alive on this node");
+    metrics::describe_gauge!(
+        RENDITION_VIEWERS,
+        "viewers by the rank of the rendition they get (0 = default, the best)"
+    );
+    metrics::describe_counter!(
+        RENDITION_SWITCHES,
+        "rendition switches of viewers, by direction (up, down)"
+    );
+    metrics::describe_gauge!(
+        AUDIO_ONLY_VIEWERS,
+        "viewers of streams with renditions that get audio only"
+    );
     metrics::describe_counter!(OFFERS, "whep offers answered, by result");
     metrics::describe_counter!(VIEWERS_ENDED, "whep viewer sessions ended, by reason");
     metrics::describe_gauge!(FEEDS, "fan-out tasks running (stream tracks with viewers)");

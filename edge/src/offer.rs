@@ -119,7 +119,7 @@ pub(crate) fn plans(catalog: &Catalog) -> Vec<Plan> {
             mid: None,
         });
     }
-    if let Some(v) = catalog.track(Kind::Video) {
+    if let Some(v) = catalog.video() {
         if let Some(plan) = video_plan(v) {
             out.push(plan);
         }

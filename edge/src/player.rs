@@ -1,5 +1,7 @@
 //! `GET /play/{stream}`: the built-in player, one self-contained HTML page
-//! (no CDN) that plays the stream over WHEP and retries while it is offline.
+//! (no CDN) that plays the stream over WHEP and retries while it is offline;
+//! for streams with renditions a quality menu (Auto + each rendition by its
+//! height) drives the WHEP layer endpoint, and the stats show the rendition.
 
 use axum::extract::Path;
 use axum::http::{header, StatusCode};
@@ -55,6 +57,8 @@ mod tests {
                 && !body.contains("http://")
                 && !body.contains("https://")
         );
+        // The quality menu uses the WHEP layer endpoint the 201 links to.
+        assert!(body.contains(cascade_rtc::http::LAYER_REL) && body.contains("id=\"quality\""));
         let res = router()
             .oneshot(Request::get("/play/a%20b").body(Body::empty()).unwrap())
             .await

@@ -40,7 +40,7 @@ pub(crate) fn negotiate(lines: &[MediaLine], catalog: &Catalog) -> Result<Vec<Ch
         return Err(Refusal::NoMedia);
     }
     let mut out = Vec::new();
-    let video_track = catalog.track(Kind::Video);
+    let video_track = catalog.video();
     if let (Some(line), Some(track)) = (video_line, video_track) {
         match pick(line, track) {
             Some(format) => out.push(choice(line, track, format)),

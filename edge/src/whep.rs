@@ -13,7 +13,10 @@ use std::time::Instant;
 use cascade_origin::catalog::Codec;
 use cascade_origin::Registry;
 use cascade_rtc::auth::{unix_now, Action, Auth, Check, Denied};
-use cascade_rtc::http::{denied, ApiError, AuthorizeFuture, CreateFuture, Created, Endpoint};
+use cascade_rtc::http::{
+    denied, ApiError, AuthorizeFuture, CreateFuture, Created, Endpoint, LAYER_REL,
+};
+use cascade_rtc::SessionId;
 use str0m::change::SdpOffer;
 use str0m::format::{Codec as RtcCodec, FormatParams};
 use str0m::media::{Frequency, Mid, Pt};
@@ -22,6 +25,8 @@ use str0m::rtp::{Extension, ExtensionMap};
 use crate::fanout::Hub;
 use crate::metrics as m;
 use crate::sdp::{self, Refusal};
+use crate::viewer::control::{Control, Controls};
+use crate::viewer::switch::Target;
 use crate::viewer::{Slot, Viewer, RTX_CACHE_AGE, RTX_CACHE_PACKETS};
 use crate::Config;
 
@@ -35,6 +40,8 @@ pub struct Whep {
     hub: Arc<Hub>,
     // Shared with OvenPlayer sessions (`ws`): one viewer limit per node.
     pub(crate) viewers: Arc<AtomicUsize>,
+    /// Rendition controls of live viewers, for the layer endpoint.
+    pub(crate) controls: Arc<Controls>,
 }
 
 impl Whep {
@@ -52,6 +59,7 @@ impl Whep {
             .with_webhook(cfg.auth_webhook.clone()),
             cfg,
             viewers: Arc::new(AtomicUsize::new(0)),
+            controls: Arc::default(),
         }
     }
 
@@ -168,11 +176,37 @@ impl Endpoint for Whep {
         self.auth.required(Action::View)
     }
 
+    fn session_links(&self, session: SessionId) -> Vec<(&'static str, &'static str)> {
+        if self.controls.get(session).is_some() {
+            vec![("/layer", LAYER_REL)]
+        } else {
+            Vec::new()
+        }
+    }
+
+    fn layer(&self, session: SessionId, body: Option<&[u8]>) -> Result<String, ApiError> {
+        let control = self.controls.get(session).ok_or_else(|| {
+            ApiError::NotFound(
+                "this session has no layer selection (the stream has one rendition)".into(),
+            )
+        })?;
+        let asked = match body {
+            Some(body) => {
+                let target = layer_request(body).map_err(ApiError::BadRequest)?;
+                control.set(target.clone()).map_err(ApiError::BadRequest)?;
+                Some(target)
+            }
+            None => None,
+        };
+        Ok(layer_json(&control, asked))
+    }
+
     fn create(&self, stream: String, offer: String) -> CreateFuture {
         let registry = self.registry.clone();
         let server = self.rtc.clone();
         let hub = self.hub.clone();
         let viewers = self.viewers.clone();
+        let controls = self.controls.clone();
         let max = self.cfg.max_viewers;
         Box::pin(async move {
             let posted = Instant::now();
@@ -266,7 +300,15 @@ impl Endpoint for Whep {
             let codecs: Vec<String> = choices.iter().map(|c| c.track.codec.to_string()).collect();
             let handle = server.add(rtc, "whep", &stream, span.clone(), |id, waker| {
                 span.record("session", tracing::field::display(id));
-                let outs = crate::viewer::outs(&hub, &subscriber, planned, &waker);
+                let mut outs = crate::viewer::outs(&hub, &subscriber, planned, &waker);
+                crate::viewer::attach_renditions(
+                    &mut outs,
+                    &hub,
+                    &subscriber,
+                    &waker,
+                    &controls,
+                    id,
+                );
                 Box::new(Viewer::new(outs, subscriber, slot, span.clone(), posted))
             })?;
             {
@@ -279,5 +321,95 @@ impl Endpoint for Whep {
                 handle,
             })
         })
+    }
+}
+
+/// The rendition a layer request names. The WHEP drafts' body is
+/// `{"mediaId": "…", "encodingId": "<rid>"}` (`mediaId` optional: a viewer
+/// has one video m-line); `"auto"` gives the choice back to the server and
+/// `"none"` asks for audio only.
+pub(crate) fn layer_request(body: &[u8]) -> Result<Target, String> {
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "camelCase")]
+    struct Request {
+        encoding_id: Option<String>,
+        #[serde(default)]
+        #[allow(dead_code)]
+        media_id: Option<serde_json::Value>,
+    }
+    let req: Request = serde_json::from_slice(body)
+        .map_err(|e| format!("layer request is not JSON like {{\"encodingId\":\"h\"}}: {e}"))?;
+    let id = req
+        .encoding_id
+        .ok_or("layer request needs \"encodingId\": a rendition name, \"auto\" or \"none\"")?;
+    Ok(match id.as_str() {
+        "auto" => Target::Auto,
+        "none" => Target::AudioOnly,
+        _ => Target::Fixed(id),
+    })
+}
+
+/// The layer endpoint's answer: the renditions, what the viewer gets now
+/// and what it asked for.
+fn layer_json(control: &Control, asked: Option<Target>) -> String {
+    let status = control.status().borrow().clone();
+    let target = asked.unwrap_or(status.target);
+    let target = match &target {
+        Target::Auto => "auto",
+        Target::AudioOnly => "none",
+        Target::Fixed(name) => name.as_str(),
+    };
+    let renditions: Vec<serde_json::Value> = control
+        .renditions()
+        .iter()
+        .map(|r| {
+            serde_json::json!({
+                "encodingId": r.name,
+                "width": r.width,
+                "height": r.height,
+                "bitrate": u64::from(r.bitrate_kbps) * 1000,
+                "framerate": r.framerate,
+            })
+        })
+        .collect();
+    serde_json::json!({
+        "current": status.rendition,
+        "target": target,
+        "renditions": renditions,
+    })
+    .to_string()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn layer_requests_of_the_whep_drafts() {
+        assert_eq!(
+            layer_request(br#"{"encodingId":"h"}"#),
+            Ok(Target::Fixed("h".into()))
+        );
+        assert_eq!(
+            layer_request(br#"{"mediaId":"1","encodingId":"q"}"#),
+            Ok(Target::Fixed("q".into()))
+        );
+        assert_eq!(
+            layer_request(br#"{"mediaId":0,"encodingId":"auto"}"#),
+            Ok(Target::Auto)
+        );
+        assert_eq!(
+            layer_request(br#"{"encodingId":"none"}"#),
+            Ok(Target::AudioOnly)
+        );
+        assert!(layer_request(br#"{"mediaId":"1"}"#).is_err());
+        assert!(layer_request(b"h").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn layer_request_never_panics(body in proptest::collection::vec(proptest::prelude::any::<u8>(), 0..256)) {
+            let _ = layer_request(&body);
+        }
     }
 }

@@ -4,6 +4,9 @@
 //! `ice_servers` only when configured: OvenPlayer goes relay-only as soon as
 //! the key exists} → client `answer` (+ `candidate`s) → media; `stop` or a
 //! closed socket ends the session, and an ended session closes the socket.
+//! Streams with renditions: after the answer the server sends the
+//! `playlist` notification (OvenPlayer's quality menu), takes
+//! `change_rendition` and tells every change with `rendition_changed`.
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -27,6 +30,8 @@ use tokio::sync::oneshot;
 
 use crate::metrics as m;
 use crate::offer;
+use crate::viewer::control::{Control, Status};
+use crate::viewer::switch::Target;
 use crate::viewer::{Slot, Viewer, RTX_CACHE_AGE, RTX_CACHE_PACKETS};
 use crate::whep::Whep;
 
@@ -184,9 +189,21 @@ async fn session(
 async fn serve(whep: &Whep, stream: &str, negotiated: Negotiated, mut socket: WebSocket) {
     let Negotiated {
         handle,
+        control,
         mut connected,
         ..
     } = negotiated;
+    // Streams with renditions: OvenPlayer's quality menu.
+    let mut status = control.as_ref().map(|c| c.status());
+    if let Some(c) = &control {
+        if socket.send(json_message(&playlist(c))).await.is_err() {
+            let _ = handle.close().await;
+            return;
+        }
+        if let Some(s) = &mut status {
+            s.borrow_and_update();
+        }
+    }
     let mut waiting_connect = true;
     let connect_deadline = tokio::time::sleep(CONNECT_REPORT);
     tokio::pin!(connect_deadline);
@@ -250,7 +267,31 @@ async fn serve(whep: &Whep, stream: &str, negotiated: Negotiated, mut socket: We
                     Some("ping") => {
                         let _ = socket.send(Message::Text(json!({"command": "pong"}).to_string().into())).await;
                     }
+                    Some("change_rendition") => {
+                        let Some(c) = &control else { continue };
+                        if let Err(why) = c.set(change_rendition(&v, c)) {
+                            // OvenPlayer only lists what the playlist had;
+                            // other clients hear why.
+                            let msg = json!({ "command": "notification", "type": "warning", "message": why });
+                            let _ = socket.send(json_message(&msg)).await;
+                        }
+                    }
                     _ => {}
+                }
+            }
+            changed = async {
+                match status.as_mut() {
+                    Some(s) => s.changed().await,
+                    None => std::future::pending().await,
+                }
+            } => {
+                let Some(s) = status.as_mut().filter(|_| changed.is_ok()) else {
+                    status = None;
+                    continue;
+                };
+                let now = s.borrow_and_update().clone();
+                if socket.send(json_message(&rendition_changed(&now))).await.is_err() {
+                    break;
                 }
             }
             _ = tick.tick() => {
@@ -264,6 +305,64 @@ async fn serve(whep: &Whep, stream: &str, negotiated: Negotiated, mut socket: We
     }
     // A closed socket frees the session now (DESIGN.md "Leaving").
     let _ = handle.close().await;
+}
+
+fn json_message(v: &Value) -> Message {
+    Message::Text(v.to_string().into())
+}
+
+/// OME's `playlist` notification: one rendition per video rendition (each
+/// with the audio track), in ladder order, best first; `auto` on.
+fn playlist(control: &Control) -> Value {
+    let renditions: Vec<Value> = control
+        .renditions()
+        .iter()
+        .map(|r| {
+            json!({
+                "name": r.name,
+                "video_track": { "video": {
+                    "bitrate": u64::from(r.bitrate_kbps) * 1000,
+                    "width": r.width,
+                    "height": r.height,
+                    "framerate": r.framerate,
+                }},
+                "audio_track": { "audio": { "codec": "opus", "samplerate": 48_000, "channel": 2 } },
+            })
+        })
+        .collect();
+    json!({
+        "command": "notification",
+        "type": "playlist",
+        "message": { "renditions": renditions, "auto": true },
+    })
+}
+
+/// OME's `rendition_changed` notification. OvenPlayer reads the name from
+/// `message` and `auto` from the top level; both carry it.
+fn rendition_changed(status: &Status) -> Value {
+    let auto = status.target == Target::Auto;
+    json!({
+        "command": "notification",
+        "type": "rendition_changed",
+        "auto": auto,
+        "message": { "rendition_name": status.rendition, "auto": auto },
+    })
+}
+
+/// The target of OvenPlayer's `change_rendition`: `{rendition_name, auto:
+/// false}` picks one; `{auto: true}` hands the choice back; `{auto: false}`
+/// alone keeps the rendition it gets now.
+fn change_rendition(v: &Value, control: &Control) -> Target {
+    if let Some(name) = v["rendition_name"].as_str() {
+        return Target::Fixed(name.to_string());
+    }
+    if v["auto"].as_bool() == Some(false) {
+        let now = control.status().borrow().rendition.clone();
+        if let Some(name) = now.or_else(|| control.renditions().first().map(|r| r.name.clone())) {
+            return Target::Fixed(name);
+        }
+    }
+    Target::Auto
 }
 
 /// The addresses in our candidates, for an error a user can act on.
@@ -406,6 +505,8 @@ async fn negotiate(
 /// A session that is in its shard, and what the player should hear about it.
 struct Negotiated {
     handle: SessionHandle,
+    /// The viewer's rendition choice, for streams with renditions.
+    control: Option<Arc<Control>>,
     /// Fires when ICE and DTLS are up (the viewer's `Event::Connected`).
     connected: oneshot::Receiver<()>,
     /// A track the answer rejected while the rest plays (audio).
@@ -473,11 +574,21 @@ fn accept(
         .collect();
     // The session takes the reservation's place in the count.
     let held = reservation.release();
+    let controls = whep.controls.clone();
+    let mut control = None;
     let handle = whep
         .rtc
         .add(rtc, "ws", stream, span.clone(), |id, waker| {
             span.record("session", tracing::field::display(id));
-            let outs = crate::viewer::outs(&hub, &subscriber, planned, &waker);
+            let mut outs = crate::viewer::outs(&hub, &subscriber, planned, &waker);
+            control = crate::viewer::attach_renditions(
+                &mut outs,
+                &hub,
+                &subscriber,
+                &waker,
+                &controls,
+                id,
+            );
             Box::new(Viewer::new(outs, subscriber, slot, span.clone(), posted).on_connected(tx))
         })
         .map_err(|_| Refused::NodeFull)?;
@@ -490,6 +601,7 @@ fn accept(
     }
     Ok(Negotiated {
         handle,
+        control,
         connected,
         warning,
     })

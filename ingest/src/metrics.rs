@@ -42,9 +42,10 @@ pub const WHIP_ENDED: &str = "cascade_ingest_whip_ended_total";
 pub const WHIP_FRAMES: &str = "cascade_ingest_whip_frames_total";
 /// Keyframe requests (PLI) sent to WHIP publishers.
 pub const WHIP_PLI: &str = "cascade_ingest_whip_pli_total";
-/// Changes of the simulcast layer a WHIP stream carries.
-pub const WHIP_SIMULCAST_SWITCHES: &str = "cascade_ingest_whip_simulcast_switches_total";
-/// Frames of the other simulcast layers, dropped at ingest.
+/// Simulcast layers published as renditions (one per layer at go-live).
+pub const WHIP_RENDITIONS: &str = "cascade_ingest_whip_renditions_total";
+/// Frames of simulcast layers that started after go-live (or past the
+/// layer cap), dropped at ingest.
 pub const WHIP_SIMULCAST_DROPPED: &str = "cascade_ingest_whip_simulcast_dropped_frames_total";
 
 /// Registers descriptions for the ingest's metrics.
@@ -56,13 +57,10 @@ pub fn describe() {
         "frames received from WHIP publishers, by track"
     );
     metrics::describe_counter!(WHIP_PLI, "keyframe requests sent to WHIP publishers");
-    metrics::describe_counter!(
-        WHIP_SIMULCAST_SWITCHES,
-        "changes of the simulcast layer a WHIP stream carries"
-    );
+    metrics::describe_counter!(WHIP_RENDITIONS, "simulcast layers published as renditions");
     metrics::describe_counter!(
         WHIP_SIMULCAST_DROPPED,
-        "frames of simulcast layers other than the carried one, dropped at ingest"
+        "frames of simulcast layers that started after go-live, dropped at ingest"
     );
     metrics::describe_gauge!(RTMP_CONNECTIONS, "RTMP connections currently open");
     metrics::describe_counter!(RTMP_ACCEPTED, "RTMP connections accepted");

@@ -1,80 +1,91 @@
-//! One video layer out of a simulcast WHIP publisher (Chromium/Firefox
-//! `sendEncodings`, OBS 32.1's simulcast option). Until layers become
-//! renditions of their own, the stream carries the highest layer that
-//! arrives: feeding every layer into one track made viewers decode 1–2
-//! frames a second with the picture size jumping between layers.
+//! The layers of a simulcast WHIP publisher (Chromium/Firefox
+//! `sendEncodings`, OBS 32.1's simulcast option) become the renditions of
+//! the stream: every layer (rid) is its own video track. This core decides,
+//! once, at go-live, which layers there are, which one is the default
+//! `video` track (the largest picture) and what each rendition's catalog
+//! entry says (size from its keyframes, bitrate and frame rate measured
+//! while waiting).
 //!
-//! Sans-IO: frames of each rid go in with `now`, the verdict says forward,
-//! drop, or drop and ask that layer for a keyframe. Switches happen only on
-//! a keyframe of the target layer, so viewers never decode a broken picture.
-//! Layers rank by picture size (read from keyframes), and by bitrate while
-//! a size is unknown. A layer that sent nothing for [`STALL`] is gone (a
-//! publisher's encoder drops its top layers when its bandwidth estimate
-//! falls); the next best takes over at its next keyframe.
+//! Sans-IO: frames of each rid go in with `now`; [`Layers::ready`] says
+//! when every expected layer has shown a keyframe; [`Layers::renditions`]
+//! ranks them. Layers that show up after go-live are not published (a
+//! catalog change would re-publish the stream under its viewers). Which
+//! layer a viewer gets, and falling back when a layer goes silent, is the
+//! edge's business (`edge/src/viewer/switch.rs`).
 
 use std::time::{Duration, Instant};
 
-/// A layer silent this long no longer counts (simulcast layers run at the
-/// camera's frame rate, 15–60 fps).
-pub(crate) const STALL: Duration = Duration::from_secs(1);
-/// Bitrate window of a layer.
-const RATE_WINDOW: Duration = Duration::from_secs(1);
+use cascade_origin::catalog::{rendition_track, Rendition, VIDEO};
+
 /// Most layers of one track (RFC 8853 allows more; encoders send ≤ 3–4).
-const MAX_LAYERS: usize = 8;
+/// Each is a track; with audio this stays under the relay's 16 tracks.
+pub(crate) const MAX_LAYERS: usize = 8;
+/// Shortest measurement a bitrate or frame rate is reported from: over less
+/// the figure is noise (a keyframe alone is a big share of it).
+const MIN_MEASURE: Duration = Duration::from_millis(300);
 
 /// One layer (rid) as seen so far.
 #[derive(Debug)]
 struct Layer {
     rid: String,
     /// Width × height of its latest keyframe.
-    area: Option<u32>,
     size: Option<(u32, u32)>,
+    keyframe: bool,
+    first: Instant,
     last: Instant,
-    window_start: Instant,
-    window_bytes: u64,
-    /// Bytes per second over the last full window.
-    rate: u64,
+    frames: u64,
+    bytes: u64,
 }
 
 impl Layer {
-    fn active(&self, now: Instant) -> bool {
-        now.saturating_duration_since(self.last) < STALL
+    fn area(&self) -> Option<u64> {
+        self.size.map(|(w, h)| u64::from(w) * u64::from(h))
+    }
+
+    fn span(&self) -> Duration {
+        self.last.saturating_duration_since(self.first)
+    }
+
+    fn bitrate_kbps(&self) -> u32 {
+        let span = self.span();
+        if span < MIN_MEASURE {
+            return 0;
+        }
+        let kbps = u128::from(self.bytes) * 8 * 1000 / span.as_millis().max(1) / 1000;
+        u32::try_from(kbps).unwrap_or(u32::MAX)
+    }
+
+    fn framerate(&self) -> u32 {
+        let span = self.span();
+        if span < MIN_MEASURE || self.frames < 2 {
+            return 0;
+        }
+        // Frames after the first over the time they took, rounded.
+        let fps = (u128::from(self.frames - 1) * 1000 + span.as_millis() / 2) / span.as_millis();
+        u32::try_from(fps).unwrap_or(0)
     }
 }
 
-/// What to do with one frame.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) enum Verdict {
-    /// Into the stream's video track.
-    Forward,
-    /// Not the chosen layer.
-    Drop,
-    /// Not (yet) the chosen layer, but it should become it: ask it for a
-    /// keyframe (the caller rate-limits requests).
-    DropAndRequestKeyframe,
+/// One layer's place in the published stream.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Published {
+    /// The layer's rid.
+    pub(crate) rid: String,
+    /// Its track: [`VIDEO`] for the best, `video-<rid>` for the others.
+    pub(crate) track: String,
+    /// Its catalog entry.
+    pub(crate) rendition: Rendition,
 }
 
-/// A change of the forwarded layer, for the log line and the metric.
-#[derive(Debug, PartialEq, Eq)]
-pub(crate) struct Switch {
-    pub(crate) from: Option<String>,
-    pub(crate) to: String,
-    pub(crate) size: Option<(u32, u32)>,
-    /// The other layers, dropped from now on.
-    pub(crate) dropped: Vec<String>,
-}
-
-/// The layer choice of one simulcast video track.
+/// The layers of one simulcast video m-line, until go-live.
 #[derive(Debug, Default)]
-pub(crate) struct Selector {
+pub(crate) struct Layers {
     layers: Vec<Layer>,
-    current: Option<usize>,
-    switch: Option<Switch>,
 }
 
-impl Selector {
+impl Layers {
     /// A frame of layer `rid`; `size` when it is a keyframe whose header
-    /// says.
+    /// says. False when the layer is one too many (not stored).
     pub(crate) fn on_frame(
         &mut self,
         now: Instant,
@@ -82,244 +93,203 @@ impl Selector {
         keyframe: bool,
         size: Option<(u32, u32)>,
         bytes: usize,
-    ) -> Verdict {
-        let Some(i) = self.layer(now, rid) else {
-            return Verdict::Drop;
-        };
-        let l = &mut self.layers[i];
-        l.last = now;
-        if now.saturating_duration_since(l.window_start) >= RATE_WINDOW {
-            l.rate = l.window_bytes;
-            l.window_start = now;
-            l.window_bytes = 0;
-        }
-        l.window_bytes += bytes as u64;
-        if let Some((w, h)) = size {
-            l.area = Some(w.saturating_mul(h));
-            l.size = Some((w, h));
-        }
-        let target = self.best(now);
-        match self.current {
-            Some(c) if c == i => Verdict::Forward,
-            current => {
-                // Only ever towards the best active layer: the current one
-                // while it is (it is then the target), or a better one, or
-                // the best of the rest once the current one went silent.
-                if target != Some(i) {
-                    return Verdict::Drop;
-                }
-                if !keyframe {
-                    return Verdict::DropAndRequestKeyframe;
-                }
-                self.current = Some(i);
-                self.switch = Some(Switch {
-                    from: current.map(|c| self.layers[c].rid.clone()),
-                    to: self.layers[i].rid.clone(),
-                    size: self.layers[i].size,
-                    dropped: self
-                        .layers
-                        .iter()
-                        .filter(|l| l.rid != rid)
-                        .map(|l| l.rid.clone())
-                        .collect(),
+    ) -> bool {
+        let i = match self.layers.iter().position(|l| l.rid == rid) {
+            Some(i) => i,
+            None if self.layers.len() < MAX_LAYERS => {
+                self.layers.push(Layer {
+                    rid: rid.to_string(),
+                    size: None,
+                    keyframe: false,
+                    first: now,
+                    last: now,
+                    frames: 0,
+                    bytes: 0,
                 });
-                Verdict::Forward
+                self.layers.len() - 1
             }
+            None => return false,
+        };
+        let Some(l) = self.layers.get_mut(i) else {
+            return false;
+        };
+        l.last = now;
+        l.frames += 1;
+        l.bytes += bytes as u64;
+        l.keyframe |= keyframe;
+        if size.is_some() {
+            l.size = size;
         }
+        true
     }
 
-    /// The switch the last [`Selector::on_frame`] made, once.
-    pub(crate) fn take_switch(&mut self) -> Option<Switch> {
-        self.switch.take()
+    /// True once `expected` layers (the offer's send rids) each sent a
+    /// keyframe.
+    pub(crate) fn ready(&self, expected: usize) -> bool {
+        self.layers.len() >= expected.max(1) && self.layers.iter().all(|l| l.keyframe)
     }
 
-    /// The forwarded layer's rid (keyframe requests from viewers go there).
-    pub(crate) fn current(&self) -> Option<&str> {
-        self.current.map(|c| self.layers[c].rid.as_str())
-    }
-
-    fn layer(&mut self, now: Instant, rid: &str) -> Option<usize> {
-        if let Some(i) = self.layers.iter().position(|l| l.rid == rid) {
-            return Some(i);
-        }
-        if self.layers.len() >= MAX_LAYERS {
-            return None;
-        }
-        self.layers.push(Layer {
-            rid: rid.to_string(),
-            area: None,
-            size: None,
-            last: now,
-            window_start: now,
-            window_bytes: 0,
-            rate: 0,
-        });
-        Some(self.layers.len() - 1)
-    }
-
-    /// The best active layer: largest picture; among layers of unknown size,
-    /// and against them, the higher bitrate.
-    fn best(&self, now: Instant) -> Option<usize> {
-        let mut best: Option<usize> = None;
-        for (i, l) in self.layers.iter().enumerate() {
-            if !l.active(now) {
-                continue;
-            }
-            best = match best {
-                Some(b) if !better(l, &self.layers[b]) => Some(b),
-                _ => Some(i),
-            };
-        }
-        best
+    /// The published layers, best first: the largest picture (by bitrate
+    /// against or between layers of unknown size) is the default [`VIDEO`]
+    /// track. Empty before the first frame.
+    pub(crate) fn renditions(&self) -> Vec<Published> {
+        let mut order: Vec<&Layer> = self.layers.iter().collect();
+        order.sort_by(|a, b| rank(b).cmp(&rank(a)).then_with(|| a.rid.cmp(&b.rid)));
+        order
+            .into_iter()
+            .enumerate()
+            .map(|(i, l)| {
+                let (width, height) = l.size.unwrap_or((0, 0));
+                Published {
+                    rid: l.rid.clone(),
+                    track: if i == 0 {
+                        VIDEO.to_string()
+                    } else {
+                        rendition_track(&l.rid)
+                    },
+                    rendition: Rendition {
+                        name: l.rid.clone(),
+                        width,
+                        height,
+                        bitrate_kbps: l.bitrate_kbps(),
+                        framerate: l.framerate(),
+                    },
+                }
+            })
+            .collect()
     }
 }
 
-fn better(a: &Layer, b: &Layer) -> bool {
-    match (a.area, b.area) {
-        (Some(x), Some(y)) => x > y,
-        // Bitrate decides while a size is unknown; a margin keeps two
-        // similar layers from trading places on every window.
-        _ => a.rate > b.rate.saturating_mul(3) / 2,
+/// Sort key: picture area, then bitrate (a layer of known size ranks above
+/// one of unknown size only by area when both are known).
+fn rank(l: &Layer) -> (u64, u64) {
+    (l.area().unwrap_or(0), u64::from(l.bitrate_kbps()))
+}
+
+/// The send rids of an offer's simulcast video m-lines, in offer order:
+/// `a=rid:<id> send` (RFC 8851). At most [`MAX_LAYERS`].
+pub(crate) fn offered_rids(offer: &str) -> Vec<String> {
+    let mut video = false;
+    let mut out = Vec::new();
+    for line in offer.lines() {
+        let line = line.trim_end();
+        if let Some(m) = line.strip_prefix("m=") {
+            video = m.starts_with("video");
+            continue;
+        }
+        let Some(rest) = line.strip_prefix("a=rid:").filter(|_| video) else {
+            continue;
+        };
+        let mut words = rest.split_whitespace();
+        if let (Some(id), Some("send")) = (words.next(), words.next()) {
+            if out.len() < MAX_LAYERS && !out.iter().any(|r| r == id) {
+                out.push(id.to_string());
+            }
+        }
     }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
 
     const FRAME: Duration = Duration::from_millis(33);
 
-    /// Frames of `rids` (in send order, like an encoder's layers of one
-    /// picture) for `n` pictures from `t`; keyframes every `gop` pictures.
-    fn feed(
-        s: &mut Selector,
-        t: &mut Instant,
-        n: u32,
-        gop: u32,
-        rids: &[(&str, u32, u32)],
-    ) -> Vec<(String, Verdict)> {
-        let mut out = Vec::new();
+    /// `n` pictures of `rids` from `t`, keyframes every `gop`; bytes by area.
+    fn feed(l: &mut Layers, t: &mut Instant, n: u32, gop: u32, rids: &[(&str, u32, u32)]) {
         for k in 0..n {
             for &(rid, w, h) in rids {
                 let key = k % gop == 0;
-                let size = key.then_some((w, h));
-                let bytes = (w * h / 20) as usize;
-                out.push((rid.to_string(), s.on_frame(*t, rid, key, size, bytes)));
+                l.on_frame(*t, rid, key, key.then_some((w, h)), (w * h / 20) as usize);
             }
             *t += FRAME;
         }
-        out
-    }
-
-    fn forwarded(v: &[(String, Verdict)]) -> Vec<&str> {
-        v.iter()
-            .filter(|(_, d)| *d == Verdict::Forward)
-            .map(|(r, _)| r.as_str())
-            .collect()
     }
 
     const LAYERS: [(&str, u32, u32); 3] = [("q", 320, 180), ("h", 640, 360), ("f", 1280, 720)];
 
     #[test]
-    fn forwards_only_the_top_layer() {
-        let mut s = Selector::default();
+    fn every_layer_is_a_rendition_the_largest_the_default() {
+        let mut l = Layers::default();
         let mut t = Instant::now();
-        let v = feed(&mut s, &mut t, 90, 30, &LAYERS);
-        let f = forwarded(&v);
-        // The first picture goes live on the first layer that arrives and
-        // moves up as the bigger ones do (each a keyframe: decodable); from
-        // then on each picture once, from the top layer.
-        assert_eq!(f[..3], ["q", "h", "f"]);
-        assert_eq!(f.len(), 92, "{f:?}");
-        assert!(f[3..].iter().all(|r| *r == "f"), "{f:?}");
-        assert_eq!(s.current(), Some("f"));
-        let sw = s.take_switch().unwrap();
-        assert_eq!(sw.to, "f");
-        assert_eq!(sw.size, Some((1280, 720)));
-        assert_eq!(sw.dropped, ["q", "h"]);
-        assert!(s.take_switch().is_none(), "reported once");
+        assert!(!l.ready(3));
+        feed(&mut l, &mut t, 31, 30, &LAYERS);
+        assert!(l.ready(3));
+        let r = l.renditions();
+        let tracks: Vec<&str> = r.iter().map(|p| p.track.as_str()).collect();
+        assert_eq!(tracks, ["video", "video-h", "video-q"]);
+        let f = &r[0].rendition;
+        assert_eq!((f.name.as_str(), f.width, f.height), ("f", 1280, 720));
+        assert_eq!(f.framerate, 30);
+        // 46,080 bytes a frame × 30 fps ≈ 11 Mbit/s.
+        assert!((10_000..12_500).contains(&f.bitrate_kbps), "{f:?}");
+        assert!(r[1].rendition.bitrate_kbps < f.bitrate_kbps);
     }
 
     #[test]
-    fn starts_low_and_moves_up_on_the_top_layers_keyframe() {
-        // The top layer starts mid-group (an encoder raising its layers as
-        // its bandwidth estimate grows): the low layer plays until the top
-        // layer's next keyframe, which is asked for.
-        let mut s = Selector::default();
+    fn waits_for_a_keyframe_of_every_offered_layer() {
+        let mut l = Layers::default();
         let mut t = Instant::now();
-        let v = feed(&mut s, &mut t, 10, 30, &LAYERS[..1]);
-        assert_eq!(forwarded(&v).len(), 10);
-        assert_eq!(s.current(), Some("q"));
-        // The top layer's first frames are no keyframes; area unknown, but
-        // its bitrate is far higher once a window completed.
-        let mut asked = 0;
-        for k in 0..40 {
-            let key = k == 35;
-            for &(rid, w, h) in &[LAYERS[0], LAYERS[2]] {
-                let size = (key || (rid == "q" && k % 30 == 0)).then_some((w, h));
-                let v = s.on_frame(
-                    t,
-                    rid,
-                    key || (rid == "q" && k % 30 == 0),
-                    size,
-                    (w * h / 20) as usize,
-                );
-                if rid == "f" && v == Verdict::DropAndRequestKeyframe {
-                    asked += 1;
-                }
-                if rid == "q" && k > 35 {
-                    assert_eq!(v, Verdict::Drop, "low layer dropped after the switch");
-                }
+        feed(&mut l, &mut t, 5, 30, &LAYERS[..2]);
+        assert!(!l.ready(3), "the third layer has not arrived");
+        // It arrives mid-group: no keyframe yet.
+        l.on_frame(t, "f", false, None, 4000);
+        assert!(!l.ready(3));
+        l.on_frame(t, "f", true, Some((1280, 720)), 40_000);
+        assert!(l.ready(3));
+        assert_eq!(l.renditions()[0].rid, "f");
+    }
+
+    #[test]
+    fn unknown_sizes_rank_by_bitrate() {
+        // VP9/AV1/H.265 keyframes are not parsed: the bitrate decides.
+        let mut l = Layers::default();
+        let mut t = Instant::now();
+        for _ in 0..20 {
+            for (rid, bytes) in [("0", 9000), ("1", 3000), ("2", 1000)] {
+                l.on_frame(t, rid, true, None, bytes);
             }
             t += FRAME;
         }
-        assert!(asked > 0, "a keyframe was asked of the top layer");
-        assert_eq!(s.current(), Some("f"));
-        assert_eq!(s.take_switch().unwrap().from.as_deref(), Some("q"));
+        let r = l.renditions();
+        assert_eq!(r[0].rid, "0");
+        assert_eq!(r[0].track, "video");
+        assert_eq!(r[2].track, "video-2");
+        assert_eq!((r[0].rendition.width, r[0].rendition.height), (0, 0));
     }
 
     #[test]
-    fn falls_back_when_the_top_layer_stops() {
-        let mut s = Selector::default();
-        let mut t = Instant::now();
-        feed(&mut s, &mut t, 30, 30, &LAYERS);
-        assert_eq!(s.current(), Some("f"));
-        s.take_switch();
-        // The encoder drops its top layer: within STALL nothing changes
-        // (the lower layers are dropped), then the next best takes over at
-        // its keyframe.
-        let v = feed(&mut s, &mut t, 60, 30, &LAYERS[..2]);
-        let f = forwarded(&v);
-        assert!(f.iter().all(|r| *r == "h"), "{f:?}");
-        assert!(
-            f.len() >= 25,
-            "the fallback plays within ~1 s plus a GOP: {}",
-            f.len()
-        );
-        assert_eq!(s.current(), Some("h"));
-        assert_eq!(s.take_switch().unwrap().from.as_deref(), Some("f"));
-        // And back up when it returns.
-        let v = feed(&mut s, &mut t, 31, 30, &LAYERS);
-        assert_eq!(forwarded(&v).last(), Some(&"f"));
-    }
-
-    #[test]
-    fn a_single_layer_or_unknown_sizes_still_play() {
-        let mut s = Selector::default();
-        let mut t = Instant::now();
-        // First picture is no keyframe: asked for one, then plays.
-        assert_eq!(
-            s.on_frame(t, "0", false, None, 100),
-            Verdict::DropAndRequestKeyframe
-        );
-        t += FRAME;
-        assert_eq!(s.on_frame(t, "0", true, None, 5000), Verdict::Forward);
-        t += FRAME;
-        assert_eq!(s.on_frame(t, "0", false, None, 100), Verdict::Forward);
-        // Too many rids: the extra ones are dropped, never stored.
+    fn too_many_layers_are_not_stored() {
+        let mut l = Layers::default();
+        let t = Instant::now();
         for i in 0..20 {
-            let _ = s.on_frame(t, &format!("x{i}"), true, None, 1);
+            let stored = l.on_frame(t, &format!("x{i}"), true, None, 1);
+            assert_eq!(stored, i < MAX_LAYERS);
         }
-        assert!(s.layers.len() <= MAX_LAYERS);
+        assert_eq!(l.layers.len(), MAX_LAYERS);
+        // A short measurement reports no bitrate or frame rate.
+        assert_eq!(l.renditions()[0].rendition.bitrate_kbps, 0);
+        assert_eq!(l.renditions()[0].rendition.framerate, 0);
+    }
+
+    #[test]
+    fn rids_of_recorded_offers() {
+        let chromium = include_str!("testdata/chromium156-simulcast-offer.sdp");
+        assert_eq!(offered_rids(chromium), ["q", "h", "f"]);
+        let plain = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=sendonly\r\n";
+        assert!(offered_rids(plain).is_empty());
+        // recv rids (an answer's) and rids of audio lines do not count.
+        let odd = "m=audio 9 X 111\r\na=rid:a send\r\nm=video 9 X 96\r\na=rid:b recv\r\na=rid:c send pt=96\r\n";
+        assert_eq!(offered_rids(odd), ["c"]);
+    }
+
+    proptest! {
+        #[test]
+        fn offered_rids_never_panics_and_is_bounded(s in "(m=video|a=rid:[a-z0-9]{0,3} (send|recv)|.{0,20})(\r\n(m=video|a=rid:[a-z0-9]{0,3} (send|recv)|.{0,20})){0,40}") {
+            let rids = offered_rids(&s);
+            prop_assert!(rids.len() <= MAX_LAYERS);
+        }
     }
 }

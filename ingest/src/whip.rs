@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 use bytes::{BufMut, Bytes, BytesMut};
 use cascade_media::annexb;
 use cascade_media::nal::Nal;
-use cascade_origin::catalog::{Catalog, Codec, TrackInfo};
+use cascade_origin::catalog::{rendition_track, Catalog, Codec, Kind, Rendition, TrackInfo, VIDEO};
 use cascade_origin::frame::Frame;
 use cascade_origin::registry::Publisher;
 use cascade_origin::relay::wire::MAX_TRACKS;
@@ -180,12 +180,14 @@ impl Endpoint for Whip {
             let span =
                 tracing::info_span!("whip", stream = %stream, session = tracing::field::Empty);
             let expected = usize::from(audio) + usize::from(video);
+            let rids = simulcast::offered_rids(&offer);
             let handle = rtc.add(session, "whip", &stream, span.clone(), |id, _waker| {
                 span.record("session", tracing::field::display(id));
                 Box::new(Session::new(
                     registry,
                     stream.clone(),
                     expected,
+                    rids,
                     span.clone(),
                 ))
             })?;
@@ -210,27 +212,33 @@ fn with_ingest_codecs(builder: str0m::RtcConfig) -> str0m::RtcConfig {
         .enable_opus(true, false)
 }
 
-/// One received track.
+/// One received m-line.
 struct Track {
-    name: &'static str,
+    kind: MediaKind,
     codec: Codec,
     fmtp: String,
     /// Per layer (`None` without simulcast): str0m depacketizes each rid
     /// on its own, with its own RTP clock offset and parameter sets.
     lanes: HashMap<Option<Rid>, Lane>,
-    /// Simulcast: which layer the stream carries.
-    selector: Option<simulcast::Selector>,
-    /// pts of the last frame written: a layer switch continues after it.
-    last_pts: Option<u64>,
+    /// Simulcast: the layers seen before go-live, which become renditions.
+    layers: Option<simulcast::Layers>,
 }
 
-/// One layer of a track.
+/// One layer of a track: one published track of the stream.
 #[derive(Default)]
 struct Lane {
     /// RTP time of the first frame and its pts on the stream timeline.
     anchor: Option<(u64, u64)>,
     waiting_keyframe: bool,
     parameter_sets: Vec<Bytes>,
+    /// The stream track it is written to; `None` before go-live and for a
+    /// simulcast layer that arrived after it (not published).
+    out: Option<String>,
+    /// Its catalog entry when it is one rendition of several.
+    rendition: Option<Rendition>,
+    /// What was measured of it (size, bitrate, frame rate), kept for a
+    /// single layer that becomes a rendition when another one starts.
+    measured: Option<Rendition>,
 }
 
 /// A WHIP publisher's session.
@@ -239,13 +247,15 @@ struct Session {
     stream: String,
     span: tracing::Span,
     expected: usize,
+    /// The send rids the offer's video m-line lists (empty: no simulcast).
+    rids: Vec<String>,
     tracks: HashMap<Mid, Track>,
     publisher: Option<Publisher>,
     /// Wall clock (µs) of the stream's first frame: zero of the timeline.
     zero_us: Option<u64>,
     first_frame: Option<Instant>,
     /// Last keyframe request per layer (`None`: the track's only layer).
-    last_pli: HashMap<Option<Rid>, Instant>,
+    last_pli: HashMap<(Mid, Option<Rid>), Instant>,
 }
 
 fn map_codec(c: RtcCodec) -> Option<Codec> {
@@ -260,13 +270,27 @@ fn map_codec(c: RtcCodec) -> Option<Codec> {
     })
 }
 
+fn kind_name(kind: MediaKind) -> &'static str {
+    match kind {
+        MediaKind::Audio => "audio",
+        MediaKind::Video => VIDEO,
+    }
+}
+
 impl Session {
-    fn new(registry: Arc<Registry>, stream: String, expected: usize, span: tracing::Span) -> Self {
+    fn new(
+        registry: Arc<Registry>,
+        stream: String,
+        expected: usize,
+        rids: Vec<String>,
+        span: tracing::Span,
+    ) -> Self {
         Self {
             registry,
             stream,
             span,
             expected,
+            rids,
             tracks: HashMap::new(),
             publisher: None,
             zero_us: None,
@@ -275,43 +299,133 @@ impl Session {
         }
     }
 
+    /// Names the published tracks (at go-live, or for an m-line that
+    /// started after it) and returns the catalog.
+    fn assign(&mut self) -> Catalog {
+        for t in self.tracks.values_mut() {
+            if t.lanes.values().any(|l| l.out.is_some()) {
+                continue;
+            }
+            let name = kind_name(t.kind);
+            match t.layers.take().map(|l| l.renditions()) {
+                // Two layers or more: each a rendition.
+                Some(published) if published.len() > 1 => {
+                    for p in published {
+                        if let Some(lane) = t.lanes.get_mut(&Some(Rid::from(p.rid.as_str()))) {
+                            lane.out = Some(p.track);
+                            lane.rendition = Some(p.rendition);
+                        }
+                    }
+                    metrics::counter!(m::WHIP_RENDITIONS).increment(t.lanes.len() as u64);
+                }
+                // One layer (or none) of a simulcast offer: a plain track.
+                published => {
+                    if let Some(lane) = t.lanes.values_mut().next() {
+                        lane.out = Some(name.to_string());
+                        lane.measured = published
+                            .and_then(|p| p.into_iter().next())
+                            .map(|p| p.rendition);
+                    }
+                }
+            }
+        }
+        self.catalog()
+    }
+
+    /// A layer of `mid` that started after go-live: published as
+    /// `video-<rid>`, and the track's other layers become renditions if they
+    /// were not yet. Existing tracks keep their producers and viewers
+    /// ([`Publisher::set_catalog`]); returns the new catalog.
+    fn add_layer(&mut self, mid: Mid, rid: Option<Rid>) -> Catalog {
+        if let (Some(t), Some(rid)) = (self.tracks.get_mut(&mid), rid) {
+            for (r, lane) in t.lanes.iter_mut() {
+                if Some(rid) == *r {
+                    lane.out = Some(rendition_track(&rid.to_string()));
+                    lane.rendition = lane.measured.take();
+                } else if lane.out.is_some() && lane.rendition.is_none() && r.is_some() {
+                    let mut m = lane.measured.take().unwrap_or(Rendition {
+                        name: String::new(),
+                        width: 0,
+                        height: 0,
+                        bitrate_kbps: 0,
+                        framerate: 0,
+                    });
+                    m.name = r.map(|r| r.to_string()).unwrap_or_default();
+                    lane.rendition = Some(m);
+                }
+            }
+            metrics::counter!(m::WHIP_RENDITIONS).increment(1);
+        }
+        self.catalog()
+    }
+
     fn catalog(&self) -> Catalog {
         let mut tracks: Vec<TrackInfo> = self
             .tracks
             .values()
-            .map(|t| TrackInfo {
-                name: t.name.to_string(),
-                codec: t.codec,
-                fmtp: t.fmtp.clone(),
-                channels: (t.codec == Codec::Opus).then_some(2),
-                bframes: false,
-                rendition: None,
+            .flat_map(|t| {
+                t.lanes.values().filter_map(move |l| {
+                    Some(TrackInfo {
+                        name: l.out.clone()?,
+                        codec: t.codec,
+                        fmtp: t.fmtp.clone(),
+                        channels: (t.codec == Codec::Opus).then_some(2),
+                        bframes: false,
+                        rendition: l.rendition.clone(),
+                    })
+                })
             })
             .collect();
-        tracks.sort_by(|a, b| b.name.cmp(&a.name));
+        // `video` first, then its renditions, then audio: what the old
+        // catalog order (video, audio) was for single-layer streams.
+        tracks.sort_by(|a, b| {
+            (a.kind() != Kind::Video, &a.name).cmp(&(b.kind() != Kind::Video, &b.name))
+        });
         Catalog { tracks }
     }
 
     fn pli(&mut self, ctx: &mut Ctx<'_>, mid: Mid, rid: Option<Rid>) {
         if self
             .last_pli
-            .get(&rid)
+            .get(&(mid, rid))
             .is_some_and(|t| ctx.now.duration_since(*t) < PLI_INTERVAL)
         {
             return;
         }
         if let Some(rx) = ctx.rtc.direct_api().stream_rx_by_mid(mid, rid) {
             rx.request_keyframe(KeyframeRequestKind::Pli);
-            self.last_pli.insert(rid, ctx.now);
+            self.last_pli.insert((mid, rid), ctx.now);
             metrics::counter!(m::WHIP_PLI).increment(1);
         }
     }
 
-    /// The layer keyframe requests for a track go to: the forwarded one.
-    fn video_target(&self) -> Option<(Mid, Option<Rid>)> {
-        let (mid, t) = self.tracks.iter().find(|(_, t)| t.name == "video")?;
-        let rid = t.selector.as_ref().and_then(|s| s.current()).map(Rid::from);
-        Some((*mid, rid))
+    /// Every video layer with the track it is published as (if it is).
+    fn video_lanes(&self) -> Vec<(Mid, Option<Rid>, Option<String>)> {
+        self.tracks
+            .iter()
+            .filter(|(_, t)| t.kind == MediaKind::Video)
+            .flat_map(|(mid, t)| {
+                t.lanes
+                    .iter()
+                    .map(move |(rid, l)| (*mid, *rid, l.out.clone()))
+            })
+            .collect()
+    }
+
+    /// True once the stream may go live: every offered m-line and, for a
+    /// simulcast one, every offered layer has a keyframe; or the wait is over.
+    fn ready(&self, now: Instant) -> bool {
+        let waited = self
+            .first_frame
+            .is_some_and(|t| now.duration_since(t) >= PUBLISH_WAIT);
+        if waited {
+            return true;
+        }
+        let layers_ready = self
+            .tracks
+            .values()
+            .all(|t| t.layers.as_ref().is_none_or(|l| l.ready(self.rids.len())));
+        self.tracks.len() >= self.expected && layers_ready
     }
 
     fn on_media(&mut self, ctx: &mut Ctx<'_>, data: MediaData) -> Flow {
@@ -326,12 +440,10 @@ impl Session {
         let Some(codec) = map_codec(spec.codec) else {
             return Flow::Continue;
         };
-        let kind = ctx.rtc.media(data.mid).map(|m| m.kind());
-        let name = match kind {
-            Some(MediaKind::Audio) => "audio",
-            Some(MediaKind::Video) => "video",
-            None => return Flow::Continue,
+        let Some(kind) = ctx.rtc.media(data.mid).map(|m| m.kind()) else {
+            return Flow::Continue;
         };
+        let video = kind == MediaKind::Video;
         if let Some(p) = &self.publisher {
             if !p.is_current() {
                 let _g = self.span.enter();
@@ -341,80 +453,57 @@ impl Session {
         }
         let zero = *self.zero_us.get_or_insert(arrived_us);
         self.first_frame.get_or_insert(ctx.now);
+        let live = self.publisher.is_some();
         let is_new = !self.tracks.contains_key(&data.mid);
         let track = self.tracks.entry(data.mid).or_insert_with(|| Track {
-            name,
+            kind,
             codec,
             fmtp: fmtp_of(&data),
             lanes: HashMap::new(),
-            selector: None,
-            last_pts: None,
+            layers: None,
         });
         if is_new {
             let _g = self.span.enter();
-            tracing::info!(track = name, codec = %codec, "track started");
+            tracing::info!(track = kind_name(kind), codec = %codec, "track started");
         }
-        let mut keyframe = name == "audio" || data.is_keyframe();
-        // Simulcast: one layer becomes the stream's video, the others are
-        // dropped here (renditions of their own come with per-viewer layers).
-        let rid = data.rid.filter(|_| name == "video");
-        let mut switched = false;
-        if let Some(rid) = rid {
+        let mut keyframe = !video || data.is_keyframe();
+        let rid = data.rid.filter(|_| video);
+        if let Some(r) = rid.filter(|r| !track.lanes.contains_key(&Some(*r))) {
+            // A layer starting after go-live (Chromium turns its top layer on
+            // once its bandwidth estimate allows) is added at its keyframe
+            // as one more rendition, if the offer named it.
+            let offered = self.rids.iter().any(|o| o.as_str() == &*r);
+            if track.lanes.len() >= simulcast::MAX_LAYERS || (live && !is_new && !offered) {
+                metrics::counter!(m::WHIP_SIMULCAST_DROPPED).increment(1);
+                return Flow::Continue;
+            }
+        }
+        if let (Some(r), false) = (rid, live) {
             let size = keyframe
                 .then(|| crate::dimensions::of_keyframe(codec, &data.data))
                 .flatten();
-            let selector = track.selector.get_or_insert_with(Default::default);
-            let verdict = selector.on_frame(ctx.now, &rid, keyframe, size, data.data.len());
-            if let Some(sw) = selector.take_switch() {
-                switched = true;
-                metrics::counter!(m::WHIP_SIMULCAST_SWITCHES).increment(1);
-                let _g = self.span.enter();
-                let size = sw
-                    .size
-                    .map_or_else(|| "size unknown".into(), |(w, h)| format!("{w}x{h}"));
-                tracing::info!(
-                    layer = %sw.to,
-                    from = sw.from.as_deref().unwrap_or("-"),
-                    size = %size,
-                    dropped = ?sw.dropped,
-                    "simulcast publisher: the stream carries one layer, the others are dropped at ingest"
-                );
-            }
-            match verdict {
-                simulcast::Verdict::Forward => {}
-                simulcast::Verdict::Drop => {
-                    metrics::counter!(m::WHIP_SIMULCAST_DROPPED).increment(1);
-                    return Flow::Continue;
-                }
-                simulcast::Verdict::DropAndRequestKeyframe => {
-                    metrics::counter!(m::WHIP_SIMULCAST_DROPPED).increment(1);
-                    self.pli(ctx, data.mid, Some(rid));
-                    return Flow::Continue;
-                }
-            }
+            track.layers.get_or_insert_with(Default::default).on_frame(
+                ctx.now,
+                &r,
+                keyframe,
+                size,
+                data.data.len(),
+            );
         }
-        let Some(track) = self.tracks.get_mut(&data.mid) else {
-            return Flow::Continue;
-        };
         let lane = track.lanes.entry(rid).or_insert_with(|| Lane {
-            waiting_keyframe: name == "video",
+            waiting_keyframe: video,
             ..Lane::default()
         });
         let rtp = data.time.numer();
         let clock = u64::from(codec.clock_rate());
-        if switched {
-            // Another layer has its own RTP clock offset: continue the
-            // timeline from the frame before, at this frame's arrival.
-            let at = (arrived_us.saturating_sub(zero) * clock / 1_000_000)
-                .max(track.last_pts.map_or(0, |p| p + 1));
-            lane.anchor = Some((rtp, at));
-        }
+        // Each layer has its own RTP clock offset: anchored on its own first
+        // frame's arrival, on the one stream timeline.
         let (rtp0, pts0) = *lane
             .anchor
             .get_or_insert_with(|| (rtp, arrived_us.saturating_sub(zero) * clock / 1_000_000));
         let pts = pts0 + rtp.saturating_sub(rtp0);
         let mut payload = Bytes::copy_from_slice(&data.data);
-        if name == "video" {
+        if video {
             if !data.contiguous && !keyframe {
                 // Loss broke the group: decoding on would show corruption.
                 lane.waiting_keyframe = true;
@@ -428,7 +517,21 @@ impl Session {
                 payload = with_parameter_sets(payload, &mut lane.parameter_sets, &mut keyframe);
             }
         }
-        track.last_pts = Some(pts);
+        let late = live && lane.out.is_none() && !is_new && rid.is_some();
+        if late {
+            lane.measured = Some(Rendition {
+                name: rid.map(|r| r.to_string()).unwrap_or_default(),
+                width: 0,
+                height: 0,
+                bitrate_kbps: 0,
+                framerate: 0,
+            });
+            if let Some((w, h)) = crate::dimensions::of_keyframe(codec, &payload) {
+                if let Some(m) = &mut lane.measured {
+                    (m.width, m.height) = (w, h);
+                }
+            }
+        }
         let frame = Frame {
             payload,
             pts,
@@ -436,19 +539,27 @@ impl Session {
             keyframe,
             ingest_us: arrived_us,
         };
-        metrics::counter!(m::WHIP_FRAMES, "track" => name).increment(1);
+        metrics::counter!(m::WHIP_FRAMES, "track" => kind_name(kind)).increment(1);
 
         if self.publisher.is_none() {
-            let waited = self
-                .first_frame
-                .is_some_and(|t| ctx.now.duration_since(t) >= PUBLISH_WAIT);
-            if self.tracks.len() < self.expected && !waited {
+            if !self.ready(ctx.now) {
                 return Flow::Continue;
             }
-            match self.registry.publish(&self.stream, self.catalog(), "whip") {
+            let catalog = self.assign();
+            match self.registry.publish(&self.stream, catalog.clone(), "whip") {
                 Ok(p) => {
                     let _g = self.span.enter();
-                    tracing::info!(tracks = self.tracks.len(), "live");
+                    let renditions: Vec<String> = catalog
+                        .renditions()
+                        .filter_map(|t| {
+                            let r = t.rendition.as_ref()?;
+                            Some(format!(
+                                "{}={}x{}@{}kbps",
+                                r.name, r.width, r.height, r.bitrate_kbps
+                            ))
+                        })
+                        .collect();
+                    tracing::info!(tracks = catalog.tracks.len(), renditions = ?renditions, "live");
                     self.publisher = Some(p);
                 }
                 Err(e) => {
@@ -457,27 +568,58 @@ impl Session {
                     return Flow::Close;
                 }
             }
+            // Layers' first keyframes went by while waiting: ask each for
+            // one so their groups start now (rate-limited per layer).
+            for (mid, rid, _) in self.video_lanes() {
+                self.pli(ctx, mid, rid);
+            }
         } else if is_new {
-            let catalog = self.catalog();
+            let catalog = self.assign();
+            if let Some(p) = &mut self.publisher {
+                p.set_catalog(catalog);
+            }
+        } else if late {
+            let catalog = self.add_layer(data.mid, rid);
+            let _g = self.span.enter();
+            tracing::info!(layer = %rid.map(|r| r.to_string()).unwrap_or_default(), "late simulcast layer added as a rendition");
             if let Some(p) = &mut self.publisher {
                 p.set_catalog(catalog);
             }
         }
-        let mut want_keyframe = false;
-        if let Some(p) = &mut self.publisher {
-            if let Some(producer) = p.track_mut(name) {
-                if producer.write(frame).is_err() {
-                    return Flow::Close;
-                }
-            }
-            if let Some(v) = p.track_mut("video") {
-                want_keyframe = v.take_keyframe_request();
+        let out = self
+            .tracks
+            .get(&data.mid)
+            .and_then(|t| t.lanes.get(&rid))
+            .and_then(|l| l.out.clone());
+        let Some(p) = &mut self.publisher else {
+            return Flow::Continue;
+        };
+        if let Some(producer) = out.as_deref().and_then(|o| p.track_mut(o)) {
+            if producer.write(frame).is_err() {
+                return Flow::Close;
             }
         }
-        if want_keyframe {
-            if let Some((mid, rid)) = self.video_target() {
-                self.pli(ctx, mid, rid);
+        // Upstream keyframe requests, per published layer: the PLI goes to
+        // that layer's rid.
+        let mut wanted = Vec::new();
+        for (mid, t) in self
+            .tracks
+            .iter()
+            .filter(|(_, t)| t.kind == MediaKind::Video)
+        {
+            for (rid, lane) in &t.lanes {
+                let asked = lane
+                    .out
+                    .as_deref()
+                    .and_then(|o| p.track_mut(o))
+                    .is_some_and(|v| v.take_keyframe_request());
+                if asked {
+                    wanted.push((*mid, *rid));
+                }
             }
+        }
+        for (mid, rid) in wanted {
+            self.pli(ctx, mid, rid);
         }
         Flow::Continue
     }
@@ -542,7 +684,7 @@ impl Handler for Session {
         match event {
             Event::MediaData(data) => self.on_media(ctx, data),
             Event::Connected => {
-                if let Some((mid, rid)) = self.video_target() {
+                for (mid, rid, _) in self.video_lanes() {
                     self.pli(ctx, mid, rid);
                 }
                 Flow::Continue
@@ -589,6 +731,53 @@ mod tests {
         let a = answer(OBS_SIMULCAST);
         assert!(a.contains("a=simulcast:recv 0;1;2"), "{a}");
         assert!(!a.contains("m=video 0 "), "{a}");
+    }
+
+    /// Both recorded offers' layers become three renditions: the go-live
+    /// wait expects every offered rid, and each layer gets its own track.
+    #[test]
+    fn simulcast_offers_make_three_renditions() {
+        let chromium = include_str!("testdata/chromium156-simulcast-offer.sdp");
+        for (offer, sizes) in [
+            (
+                chromium,
+                [("q", 320, 180), ("h", 640, 360), ("f", 1280, 720)],
+            ),
+            (
+                OBS_SIMULCAST,
+                [("2", 480, 270), ("1", 960, 540), ("0", 1920, 1080)],
+            ),
+        ] {
+            let rids = simulcast::offered_rids(offer);
+            assert_eq!(rids.len(), 3, "{rids:?}");
+            let mut layers = simulcast::Layers::default();
+            let t = Instant::now();
+            for (i, (rid, w, h)) in sizes.iter().enumerate() {
+                assert!(rids.iter().any(|r| r == rid));
+                assert!(!layers.ready(rids.len()) || i == 3);
+                layers.on_frame(t, rid, true, Some((*w, *h)), 1000);
+            }
+            assert!(layers.ready(rids.len()));
+            let published = layers.renditions();
+            let catalog = Catalog {
+                tracks: published
+                    .iter()
+                    .map(|p| TrackInfo {
+                        name: p.track.clone(),
+                        codec: Codec::H264,
+                        fmtp: String::new(),
+                        channels: None,
+                        bframes: false,
+                        rendition: Some(p.rendition.clone()),
+                    })
+                    .collect(),
+            };
+            assert_eq!(catalog.renditions().count(), 3);
+            let default = catalog.video().unwrap();
+            assert_eq!(default.name, VIDEO);
+            assert_eq!(default.rendition.as_ref().unwrap().name, sizes[2].0);
+            assert!(cascade_origin::relay::wire::check_catalog(&catalog).is_ok());
+        }
     }
 
     /// An OBS-shaped simulcast offer (obs-webrtc builds it with libdatachannel:

@@ -81,6 +81,10 @@ pub enum ProtocolError {
     /// A track name outside the stream-name alphabet or length.
     #[error("bad track name: use 1-64 characters of A-Z a-z 0-9 _ -")]
     BadTrackName,
+    /// A rendition name outside the stream-name alphabet (or too long for
+    /// its track name `video-<name>`), or a rendition on an audio track.
+    #[error("bad rendition: name of 1-58 characters of A-Z a-z 0-9 _ -, on a video track")]
+    BadRendition,
     /// A catalog listing more tracks than the cap.
     #[error("catalog lists {count} tracks, at most {max}")]
     TooManyTracks {

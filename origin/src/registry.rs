@@ -50,6 +50,8 @@ struct Entry {
     /// Live until the current publisher leaves.
     live: watch::Sender<bool>,
     rate: Mutex<RateWindow>,
+    /// Per rendition track, like `rate`.
+    track_rates: Mutex<HashMap<String, RateWindow>>,
 }
 
 struct RateWindow {
@@ -136,6 +138,7 @@ impl Registry {
                         bytes: 0,
                         bps: 0,
                     }),
+                    track_rates: Mutex::new(HashMap::new()),
                 });
                 streams.insert(name.to_string(), e.clone());
                 (e, true)
@@ -269,24 +272,52 @@ fn install_tracks(entry: &Entry, catalog: &Catalog) -> Vec<Producer> {
     producers
 }
 
+/// Bits per second since the window's last reading.
+fn rate(w: &mut RateWindow, bytes: u64, started: Instant) -> u64 {
+    let dt = w.at.elapsed().as_secs_f64();
+    // Recompute at most every second; between calls report the last rate
+    // so quick successive polls do not read noise.
+    if dt >= 1.0 {
+        w.bps = ((bytes.saturating_sub(w.bytes)) as f64 * 8.0 / dt) as u64;
+        w.at = Instant::now();
+        w.bytes = bytes;
+    } else if w.bps == 0 && started.elapsed().as_secs_f64() > 0.0 {
+        w.bps = (bytes as f64 * 8.0 / started.elapsed().as_secs_f64().max(1.0)) as u64;
+    }
+    w.bps
+}
+
 fn stats(e: &Entry) -> StreamStats {
     let catalog = e.catalog.borrow().clone();
     let bytes = e.total_bytes();
-    let bps = {
-        let mut w = lock(&e.rate);
-        let dt = w.at.elapsed().as_secs_f64();
-        // Recompute at most every second; between calls report the last rate
-        // so quick successive polls do not read noise.
-        if dt >= 1.0 {
-            w.bps = ((bytes.saturating_sub(w.bytes)) as f64 * 8.0 / dt) as u64;
-            w.at = Instant::now();
-            w.bytes = bytes;
-        } else if w.bps == 0 && e.started.elapsed().as_secs_f64() > 0.0 {
-            w.bps = (bytes as f64 * 8.0 / e.started.elapsed().as_secs_f64().max(1.0)) as u64;
-        }
-        w.bps
+    let bps = rate(&mut lock(&e.rate), bytes, e.started);
+    let renditions = {
+        let tracks = lock(&e.tracks);
+        let mut rates = lock(&e.track_rates);
+        catalog
+            .renditions()
+            .filter_map(|info| {
+                let r = info.rendition.as_ref()?;
+                let t = tracks.get(&info.name)?;
+                let w = rates.entry(info.name.clone()).or_insert(RateWindow {
+                    at: e.started,
+                    bytes: 0,
+                    bps: 0,
+                });
+                Some(RenditionStats {
+                    name: r.name.clone(),
+                    track: info.name.clone(),
+                    width: r.width,
+                    height: r.height,
+                    framerate: r.framerate,
+                    bitrate_bps: rate(w, t.totals().1, e.started),
+                    viewers: t.watchers(),
+                })
+            })
+            .collect()
     };
     StreamStats {
+        renditions,
         stream: e.name.clone(),
         protocol: lock(&e.protocol).clone(),
         codecs: catalog.tracks.iter().map(|t| t.codec.to_string()).collect(),
@@ -314,6 +345,28 @@ pub struct StreamStats {
     pub viewers: usize,
     /// Seconds since the stream went live.
     pub uptime_s: u64,
+    /// The video renditions (empty for a stream with one video track).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub renditions: Vec<RenditionStats>,
+}
+
+/// One rendition in `/api/streams`.
+#[derive(Clone, Debug, Serialize)]
+pub struct RenditionStats {
+    /// The rendition's name (simulcast rid or ladder step).
+    pub name: String,
+    /// Its video track.
+    pub track: String,
+    /// Picture width, 0 when unknown.
+    pub width: u32,
+    /// Picture height, 0 when unknown.
+    pub height: u32,
+    /// Frames per second, 0 when unknown.
+    pub framerate: u32,
+    /// Incoming bitrate of this rendition, bits per second.
+    pub bitrate_bps: u64,
+    /// Viewers on this node watching this rendition now.
+    pub viewers: usize,
 }
 
 /// The publisher of a stream: holds one producer per track.
@@ -457,6 +510,20 @@ impl Subscriber {
     /// True while the stream has a publisher.
     pub fn is_live(&self) -> bool {
         *self.entry.live.borrow()
+    }
+
+    /// `ingest_us` of the named track's last frame (0 before the first);
+    /// `None` for an unknown track.
+    pub fn last_ingest_us(&self, track: &str) -> Option<u64> {
+        lock(&self.entry.tracks)
+            .get(track)
+            .map(Track::last_ingest_us)
+    }
+
+    /// Counts a viewer of the named track (a rendition) until the guard
+    /// drops: `/api/streams` lists viewers per rendition.
+    pub fn watch(&self, track: &str) -> Option<crate::track::Watch> {
+        lock(&self.entry.tracks).get(track).map(Track::watch)
     }
 
     /// Resolves when the stream's publisher leaves for good.

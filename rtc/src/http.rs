@@ -184,7 +184,27 @@ pub trait Endpoint: Send + Sync + 'static {
     fn ice_servers(&self) -> Vec<String> {
         Vec::new()
     }
+
+    /// Extensions of a created session's resource, as `(suffix, rel)`: the
+    /// 201 carries `Link: <{session url}{suffix}>; rel="{rel}"` for each
+    /// (WHEP's layer endpoint: `("/layer", LAYER_REL)`).
+    fn session_links(&self, _session: SessionId) -> Vec<(&'static str, &'static str)> {
+        Vec::new()
+    }
+
+    /// `POST {session}/layer` (`body` the JSON request) or `GET` (`None`):
+    /// the WHEP layer-selection extension. Answers the response body (JSON)
+    /// or the error; endpoints without layers answer 404.
+    fn layer(&self, _session: SessionId, _body: Option<&[u8]>) -> Result<String, ApiError> {
+        Err(ApiError::NotFound(
+            "this session has no layer selection (the stream has one rendition)".into(),
+        ))
+    }
 }
+
+/// The link relation of WHEP's layer-selection extension (earlier WHEP
+/// drafts' `urn:ietf:params:whep:ext:core:layer`).
+pub const LAYER_REL: &str = "urn:ietf:params:whep:ext:core:layer";
 
 struct Shared {
     endpoint: Arc<dyn Endpoint>,
@@ -206,6 +226,10 @@ pub fn router(endpoint: Arc<dyn Endpoint>, server: Server) -> Router {
             axum::routing::patch(patch)
                 .delete(delete)
                 .options(preflight_session),
+        )
+        .route(
+            &format!("/{kind}/{{stream}}/{{session}}/layer"),
+            post(layer_post).get(layer_get).options(preflight_layer),
         )
         .with_state(shared)
         .layer(axum::middleware::from_fn(cors))
@@ -259,6 +283,22 @@ async fn preflight_session() -> Response {
             (
                 "access-control-allow-headers",
                 "Authorization, Content-Type, If-Match",
+            ),
+            ("access-control-max-age", "86400"),
+        ],
+    )
+        .into_response()
+}
+
+/// `OPTIONS` on a session's layer endpoint: preflight for its JSON POST.
+async fn preflight_layer() -> Response {
+    (
+        StatusCode::NO_CONTENT,
+        [
+            ("access-control-allow-methods", "GET, POST, OPTIONS"),
+            (
+                "access-control-allow-headers",
+                "Authorization, Content-Type",
             ),
             ("access-control-max-age", "86400"),
         ],
@@ -458,6 +498,12 @@ async fn create_inner(
     if let Some(ufrag) = crate::sdpfrag::offer_ufrag(&offer) {
         s.server.set_remote_ufrag(id, ufrag);
     }
+    for (suffix, rel) in s.endpoint.session_links(id) {
+        let link = format!("</{kind}/{stream}/{id}{suffix}>; rel=\"{rel}\"");
+        if let Ok(v) = HeaderValue::from_str(&link) {
+            h.append(header::LINK, v);
+        }
+    }
     let links = s.server.ice_servers().links(crate::ice::unix_now());
     for link in links.into_iter().chain(s.endpoint.ice_servers()) {
         if let Ok(v) = HeaderValue::from_str(&link) {
@@ -492,6 +538,50 @@ async fn delete(
     };
     count(s.endpoint.kind(), res.status());
     res
+}
+
+async fn layer_post(
+    State(s): State<Arc<Shared>>,
+    Path((stream, session)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let res = async {
+        let (handle, _) = lookup(&s, &stream, &session)?;
+        if !content_type_is(&headers, "application/json") {
+            return Err(ApiError::UnsupportedMediaType(
+                "Content-Type must be application/json".into(),
+            ));
+        }
+        let body = read_body(body).await?;
+        s.endpoint.layer(handle.id(), Some(&body))
+    }
+    .await;
+    let res = layer_response(res);
+    count(s.endpoint.kind(), res.status());
+    res
+}
+
+async fn layer_get(
+    State(s): State<Arc<Shared>>,
+    Path((stream, session)): Path<(String, String)>,
+) -> Response {
+    let res = lookup(&s, &stream, &session).and_then(|(h, _)| s.endpoint.layer(h.id(), None));
+    let res = layer_response(res);
+    count(s.endpoint.kind(), res.status());
+    res
+}
+
+fn layer_response(res: Result<String, ApiError>) -> Response {
+    match res {
+        Ok(json) => (
+            StatusCode::OK,
+            [(header::CONTENT_TYPE, "application/json")],
+            json,
+        )
+            .into_response(),
+        Err(e) => e.into_response(),
+    }
 }
 
 async fn patch(

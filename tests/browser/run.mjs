@@ -444,7 +444,8 @@ async function main() {
         const pub = await newPage();
         const url = `${base}/whip/${job.stream}`;
         await pub.goto(`${staticOrigin}/simulcast.html?url=${encodeURIComponent(url)}&token=${encodeURIComponent(job.token)}` +
-          (job.codec ? `&codec=${encodeURIComponent(job.codec)}` : ""), { waitUntil: "domcontentloaded" });
+          (job.codec ? `&codec=${encodeURIComponent(job.codec)}` : "") + (job.lateTop ? `&lateTop=${job.lateTop}` : ""),
+          { waitUntil: "domcontentloaded" });
         const t0 = Date.now();
         const state = async () => pub.evaluate(() => ({ state: window.pub.state, error: window.pub.error, status: window.pub.status }));
         let st = await state();
@@ -473,7 +474,9 @@ async function main() {
         const seen = [await layersNow()];
         const steady = () => { const n = seen[seen.length - 1], o = seen.find((x) => x.atMs >= n.atMs - 1000);
           return n.atMs - seen[0].atMs >= 1000 && sentF(n) - sentF(o) >= 10; };
-        while (!steady() && Date.now() < topEnd) {
+        // job.viewBeforeTop: the viewer opens at once (before a late top
+        // layer exists) and must move up to it by itself.
+        while (!job.viewBeforeTop && !steady() && Date.now() < topEnd) {
           await new Promise((r) => setTimeout(r, 200));
           seen.push(await layersNow());
         }
@@ -492,6 +495,54 @@ async function main() {
         const last = await view.evaluate(() => window.__summary());
         out.viewer = { window: window_(got.trace, got.t1 - job.secs * 1000, got.t1), codec: last.codec, state: last.state,
           size: `${last.w}x${last.h}`, framesTotal: last.f };
+        if (job.switchTo) {
+          // The player page's quality menu (WHEP layer endpoint): pick each
+          // entry, then wait for the decoded frame height to follow.
+          out.menu = await view.evaluate(async () => {
+            const q = document.getElementById("quality");
+            const t0 = performance.now();
+            while (q.hidden && performance.now() - t0 < 5000) await new Promise((r) => setTimeout(r, 100));
+            return [...q.options].map((o) => o.text);
+          });
+          out.switches = [];
+          for (const [value, want] of job.switchTo) {
+            const t = Date.now();
+            await view.evaluate(async (v) => { const q = document.getElementById("quality"); q.value = v; await q.onchange(); }, value);
+            let h = (await view.evaluate(() => window.__summary())).h;
+            while (h !== want && Date.now() - t < 8000) {
+              await new Promise((r) => setTimeout(r, 100));
+              h = (await view.evaluate(() => window.__summary())).h;
+            }
+            const stats = await view.evaluate(() => document.getElementById("stats").textContent);
+            out.switches.push({ value, want, height: h, ms: Date.now() - t, stats });
+          }
+        }
+        if (job.ovenSwitchTo) {
+          // OvenPlayer's quality menu over OME signalling: its playlist
+          // becomes getQualityLevels(); setCurrentQuality(i) sends
+          // change_rendition, setAutoQuality(true) hands the choice back.
+          await view.close();
+          const oven = await newPage();
+          const ws = base.replace(/^http/, "ws") + `/ws/live/${job.stream}`;
+          await oven.goto(`${staticOrigin}/ovenplayer.html?ws=${encodeURIComponent(ws)}`, { waitUntil: "domcontentloaded" });
+          const summary = async () => oven.evaluate(() => window.__summary());
+          const t0 = Date.now();
+          while ((await summary()).f === 0 && Date.now() - t0 < 15000) await new Promise((r) => setTimeout(r, 100));
+          out.ovenLevels = await oven.evaluate(() => (window.player.getQualityLevels() || []).map((l) => ({ label: l.label, height: l.height })));
+          out.ovenSwitches = [];
+          for (const [index, want] of job.ovenSwitchTo) {
+            const t = Date.now();
+            await oven.evaluate((i) => (i < 0 ? window.player.setAutoQuality(true) : window.player.setCurrentQuality(i)), index);
+            let h = (await summary()).h;
+            while (h !== want && Date.now() - t < 8000) {
+              await new Promise((r) => setTimeout(r, 100));
+              h = (await summary()).h;
+            }
+            out.ovenSwitches.push({ index, want, height: h, ms: Date.now() - t,
+              auto: await oven.evaluate(() => window.player.isAutoQuality()) });
+          }
+          out.ovenEvents = await oven.evaluate(() => window.events || []);
+        }
         tracing = false;
         await tracer;
         out.publisher = await layersNow();

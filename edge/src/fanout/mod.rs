@@ -133,6 +133,14 @@ impl Feed {
         }
     }
 
+    /// Wakes the shards of this feed's viewers without a frame: a rendition
+    /// that went silent (its viewers in Auto mode fall back to another).
+    fn wake_all(&self) {
+        for (w, _) in &self.lock().wakers {
+            w.wake();
+        }
+    }
+
     /// Drops the timeline's cached group (a new publisher's frames follow).
     fn reset_group(&self) {
         let mut st = self.lock();
@@ -234,7 +242,15 @@ impl Hub {
                 feeds.insert(key, feed.clone());
                 let span = tracing::info_span!("feed", role = "edge", stream = %feed.stream, track = %feed.track);
                 tokio::spawn(
-                    run(self.clone(), feed.clone(), consumer, core, info.codec).instrument(span),
+                    run(
+                        self.clone(),
+                        feed.clone(),
+                        consumer,
+                        core,
+                        info.codec,
+                        info.rendition.is_some(),
+                    )
+                    .instrument(span),
                 );
                 metrics::gauge!(m::FEEDS).increment(1.0);
                 feed
@@ -291,6 +307,7 @@ async fn run(
     mut consumer: Consumer,
     mut core: feed::Core,
     codec: Codec,
+    renditions: bool,
 ) {
     let kind = if feed.kind == Kind::Video {
         "video"
@@ -298,6 +315,9 @@ async fn run(
         "audio"
     };
     tracing::debug!(codec = %codec, "feed started");
+    // A rendition's viewers learn of its silence on their wakes: with no
+    // frame to wake them, the feed wakes them every STALL.
+    let mut silence_at = renditions.then(|| Instant::now() + crate::viewer::switch::STALL);
     let reason = loop {
         let retry_at = core.poll_timeout();
         // Time the core took for a frame: packetizing, mostly.
@@ -307,8 +327,15 @@ async fn run(
             _ = feed.stop.notified() => break "no viewers",
             _ = feed.keyframe.notified() => core.request_keyframe(Instant::now()),
             _ = sleep_until(retry_at) => core.handle_timeout(Instant::now()),
+            _ = sleep_until(silence_at) => {
+                feed.wake_all();
+                silence_at = Some(Instant::now() + crate::viewer::switch::STALL);
+            }
             next = consumer.next() => {
                 let Ok(frame) = next else { break "stream ended" };
+                if let Some(at) = &mut silence_at {
+                    *at = Instant::now() + crate::viewer::switch::STALL;
+                }
                 let started = Instant::now();
                 core.handle_frame(started, cascade_origin::wallclock_us(), &frame);
                 packetized = Some(started.elapsed());

@@ -70,6 +70,17 @@ impl Cursor {
         }
     }
 
+    /// Starts from the live ring only (a rendition switch: the cached group
+    /// is the past, the viewer already has a picture).
+    pub(crate) fn start_live(&mut self, rx: Receiver) {
+        self.rx = Some(rx);
+    }
+
+    /// The track clock, Hz.
+    pub(crate) fn clock(&self) -> u64 {
+        self.clock
+    }
+
     /// True while cached frames remain to be sent.
     pub(crate) fn in_backlog(&self) -> bool {
         !self.backlog.is_empty()

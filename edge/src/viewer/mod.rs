@@ -29,9 +29,13 @@ use str0m::rtp::RtpWrite;
 use str0m::rtp::Ssrc;
 use str0m::Event;
 
+pub mod control;
 mod cursor;
+pub mod switch;
 
+use control::{Control, Registered, Status};
 use cursor::{Cursor, Next};
+use switch::{Command, Direction, Rung, Source, Switch, Verdict};
 
 /// Packets str0m may hold unsent for one stream before the viewer counts as
 /// lagging: ~1 s of 2.5 Mbit/s video. Beyond it we skip to a keyframe rather
@@ -113,6 +117,142 @@ pub struct Out {
     packets_out: metrics::Counter,
     /// Video only: ingest → handed to this session (live frames, not backlog).
     egress_delay: Option<metrics::Histogram>,
+    /// Video of a stream with renditions: the switching machinery. `None`
+    /// otherwise, so single-rendition streams run the path they always did.
+    renditions: Option<Box<Renditions>>,
+}
+
+/// A video track's renditions as one viewer gets them.
+struct Renditions {
+    switch: Switch,
+    hub: Arc<Hub>,
+    waker: Waker,
+    clock: u32,
+    /// The rendition being switched to: its feed and this viewer's cursor.
+    pending: Option<(Member, Cursor)>,
+    control: Arc<Control>,
+    _registered: Registered,
+    /// The stream's catalog: a rendition added later (a late simulcast
+    /// layer) joins the ladder; one atomic load per wake to notice.
+    catalog: tokio::sync::watch::Receiver<cascade_origin::catalog::Catalog>,
+    codec: cascade_origin::catalog::Codec,
+    /// Counts this viewer on the current rendition's track (`/api/streams`).
+    watching: Option<cascade_origin::track::Watch>,
+    /// `cascade_edge_rendition_viewers{rendition}` of the current one.
+    gauge: Option<metrics::Gauge>,
+}
+
+impl Renditions {
+    /// Joins rung `i`'s feed as the pending rendition, live frames only,
+    /// and asks upstream for a keyframe of it.
+    fn join(&mut self, i: usize, sub: &Subscriber) -> bool {
+        let Some(rung) = self.switch.renditions().get(i) else {
+            return false;
+        };
+        let Some(member) = self.hub.join(sub, &rung.track, &self.waker) else {
+            return false;
+        };
+        let Some((_, rx)) = member.feed().subscribe() else {
+            return false;
+        };
+        let mut cursor = Cursor::new(self.clock, true);
+        cursor.start_live(rx);
+        member.feed().request_keyframe();
+        metrics::counter!(m::KEYFRAME_REQUESTS, "cause" => "switch").increment(1);
+        self.pending = Some((member, cursor));
+        true
+    }
+
+    /// Viewer counts follow the rendition being sent.
+    fn count(&mut self, sub: &Subscriber) {
+        if let Some(g) = self.gauge.take() {
+            g.decrement(1.0);
+        }
+        self.watching = None;
+        match self.switch.current() {
+            Some(r) => {
+                self.watching = sub.watch(&r.track);
+                let rank = self
+                    .switch
+                    .renditions()
+                    .iter()
+                    .position(|x| x.track == r.track)
+                    .unwrap_or(0);
+                let g = metrics::gauge!(m::RENDITION_VIEWERS, "rendition" => rank_label(rank));
+                g.increment(1.0);
+                self.gauge = Some(g);
+            }
+            None => {
+                let g = metrics::gauge!(m::AUDIO_ONLY_VIEWERS);
+                g.increment(1.0);
+                self.gauge = Some(g);
+            }
+        }
+    }
+
+    fn report(&self) {
+        self.control.report(Status {
+            rendition: self.switch.current().map(|r| r.name.clone()),
+            target: self.switch.target().clone(),
+        });
+    }
+}
+
+impl Drop for Renditions {
+    fn drop(&mut self) {
+        if let Some(g) = self.gauge.take() {
+            g.decrement(1.0);
+        }
+    }
+}
+
+/// Bounded label of a rendition: its rank in the ladder (0 = the default,
+/// the best), not its publisher-chosen name.
+fn rank_label(rank: usize) -> &'static str {
+    const RANKS: [&str; 8] = ["0", "1", "2", "3", "4", "5", "6", "7"];
+    RANKS.get(rank).copied().unwrap_or("8+")
+}
+
+/// The renditions of a catalog, best first (largest picture, then highest
+/// bitrate; normally the default `video` track first, unless a better layer
+/// was added after go-live), as far as they share `codec` (one payload type
+/// on the viewer's m-line). Empty unless there are two or more and the
+/// default track is one of them.
+pub fn ladder(
+    catalog: &cascade_origin::catalog::Catalog,
+    codec: cascade_origin::catalog::Codec,
+) -> Vec<Rung> {
+    let mut rungs: Vec<Rung> = catalog
+        .renditions()
+        .filter(|t| t.codec == codec)
+        .filter_map(|t| {
+            let r = t.rendition.as_ref()?;
+            Some(Rung {
+                name: r.name.clone(),
+                track: t.name.clone(),
+                bitrate_kbps: r.bitrate_kbps,
+                width: r.width,
+                height: r.height,
+                framerate: r.framerate,
+            })
+        })
+        .collect();
+    let key = |r: &Rung| {
+        (
+            u64::from(r.width) * u64::from(r.height),
+            r.bitrate_kbps,
+            r.track == cascade_origin::catalog::VIDEO,
+        )
+    };
+    rungs.sort_by_key(|r| std::cmp::Reverse(key(r)));
+    if rungs.len() < 2
+        || !rungs
+            .iter()
+            .any(|r| r.track == cascade_origin::catalog::VIDEO)
+    {
+        return Vec::new();
+    }
+    rungs
 }
 
 impl Out {
@@ -137,7 +277,51 @@ impl Out {
             frames_out: metrics::counter!(m::FRAMES_OUT, "kind" => kind_label(video)),
             packets_out: metrics::counter!(m::PACKETS_OUT, "kind" => kind_label(video)),
             egress_delay: video.then(|| metrics::histogram!(m::EGRESS_DELAY_SECONDS)),
+            renditions: None,
         }
+    }
+
+    /// Makes this (video) track switch between `ladder`'s renditions; it
+    /// starts on the default one (the track it was created with). Returns
+    /// the viewer's control for signalling.
+    pub fn enable_renditions(
+        &mut self,
+        ladder: Vec<Rung>,
+        subscriber: &Subscriber,
+        waker: Waker,
+        hub: Arc<Hub>,
+        registered: impl FnOnce(Arc<Control>) -> Registered,
+    ) -> Arc<Control> {
+        let mut catalog = subscriber.catalog_watch();
+        catalog.borrow_and_update();
+        let codec = subscriber
+            .catalog()
+            .video()
+            .map_or(cascade_origin::catalog::Codec::H264, |t| t.codec);
+        let clock = u32::try_from(self.cursor.clock()).unwrap_or(90_000);
+        let switch = Switch::new(ladder.clone(), clock);
+        let first = switch.current().map(|r| r.name.clone());
+        let control = Control::new(ladder, first, waker.clone());
+        self.renditions = Some(Box::new(Renditions {
+            switch,
+            hub,
+            waker,
+            clock,
+            pending: None,
+            control: control.clone(),
+            _registered: registered(control.clone()),
+            catalog,
+            codec,
+            watching: None,
+            gauge: None,
+        }));
+        control
+    }
+
+    /// The rendition switch of this track, if it has renditions (the ABR
+    /// controller drives it through [`Switch::set_auto_pick`]).
+    pub fn switch_mut(&mut self) -> Option<&mut Switch> {
+        self.renditions.as_mut().map(|r| &mut r.switch)
     }
 
     /// Subscribes to the feed: the cached group (timestamps compressed, see
@@ -148,6 +332,110 @@ impl Out {
         };
         self.cursor.start(group, rx);
         true
+    }
+
+    /// Takes a signalled target and acts on the switch's commands.
+    fn steer(&mut self, now: Instant, sub: &Subscriber) {
+        let Some(r) = self.renditions.as_deref_mut() else {
+            return;
+        };
+        if r.catalog.has_changed().unwrap_or(false) {
+            let catalog = r.catalog.borrow_and_update().clone();
+            let new = ladder(&catalog, r.codec);
+            if !new.is_empty() && new != r.switch.renditions() {
+                r.control.set_renditions(new.clone());
+                r.switch.set_ladder(new);
+                if r.switch.pending().is_none() {
+                    r.pending = None;
+                }
+                r.report();
+            }
+        }
+        if let Some(target) = r.control.take() {
+            r.switch.set_target(target);
+            r.report();
+        }
+        let now_us = cascade_origin::wallclock_us();
+        let stall_us = u64::try_from(switch::STALL.as_micros()).unwrap_or(u64::MAX);
+        let mut flowing = |rung: &Rung| {
+            sub.last_ingest_us(&rung.track)
+                .is_some_and(|us| now_us.saturating_sub(us) < stall_us)
+        };
+        match r.switch.poll(now, &mut flowing) {
+            // The rendition is gone (its track ended): stay.
+            Some(Command::Join(i)) if !r.join(i, sub) => {
+                r.pending = None;
+                r.switch.cancel_pending();
+            }
+            Some(Command::Join(_)) => {}
+            Some(Command::Leave) => r.pending = None,
+            Some(Command::StopVideo) => {
+                r.pending = None;
+                self.switched(sub);
+            }
+            None => {}
+        }
+    }
+
+    /// After a switch: counts, metrics, the status signalling reads.
+    fn switched(&mut self, sub: &Subscriber) {
+        let Some(r) = self.renditions.as_deref_mut() else {
+            return;
+        };
+        if let Some((dir, to)) = r.switch.take_switch() {
+            let direction = match dir {
+                Direction::Up => "up",
+                Direction::Down => "down",
+            };
+            metrics::counter!(m::RENDITION_SWITCHES, "direction" => direction).increment(1);
+            tracing::debug!(
+                direction,
+                to = to.as_deref().unwrap_or("audio only"),
+                "rendition switch"
+            );
+        }
+        r.count(sub);
+        r.report();
+    }
+
+    /// Frames of the pending rendition: non-keyframes are dropped; its
+    /// keyframe (a fresh one) makes it the current one.
+    fn pump_pending(&mut self, ctx: &mut Ctx<'_>, sub: &Subscriber) -> Option<Flow> {
+        let r = self.renditions.as_deref_mut()?;
+        let (_, cursor) = r.pending.as_mut()?;
+        let mut budget = usize::MAX;
+        loop {
+            match cursor.next(&mut budget) {
+                Next::Frame(f, ts, wallclock) => {
+                    let input = switch::In {
+                        ts,
+                        wallclock,
+                        ingest_us: f.ingest_us,
+                        keyframe: f.keyframe,
+                    };
+                    if let Verdict::SwitchAndSend(ts, wall) =
+                        r.switch.on_frame(ctx.now, Source::Pending, input)
+                    {
+                        let (member, cursor) = r.pending.take()?;
+                        self.member = member;
+                        self.cursor = cursor;
+                        self.switched(sub);
+                        return match self.write(ctx, &f, ts, wall) {
+                            Written::NoStream => Some(Flow::Close),
+                            _ => None,
+                        };
+                    }
+                }
+                Next::Lagged => {}
+                Next::Idle => return None,
+                // The rendition ended: forget the switch, the target stays.
+                Next::Closed => {
+                    r.pending = None;
+                    r.switch.cancel_pending();
+                    return None;
+                }
+            }
+        }
     }
 
     fn lagged(&mut self, cause: &'static str, now: Instant) {
@@ -220,13 +508,34 @@ impl Out {
 
     /// Sends the backlog (a budget per wake), then everything the ring
     /// holds. `Close` once the feed ended.
-    fn pump(&mut self, ctx: &mut Ctx<'_>) -> Flow {
+    fn pump(&mut self, ctx: &mut Ctx<'_>, sub: &Subscriber) -> Flow {
+        if self.renditions.is_some() {
+            self.steer(ctx.now, sub);
+            if let Some(flow) = self.pump_pending(ctx, sub) {
+                return flow;
+            }
+        }
         let mut budget = BACKLOG_PACKETS_PER_WAKE;
         loop {
             // Backlog frames left the publisher up to a GOP ago: not a delay we add.
             let live = !self.cursor.in_backlog();
             match self.cursor.next(&mut budget) {
                 Next::Frame(f, ts, wallclock) => {
+                    let (ts, wallclock) = match self.renditions.as_deref_mut() {
+                        None => (ts, wallclock),
+                        Some(r) => {
+                            let input = switch::In {
+                                ts,
+                                wallclock,
+                                ingest_us: f.ingest_us,
+                                keyframe: f.keyframe,
+                            };
+                            match r.switch.on_frame(ctx.now, Source::Current, input) {
+                                Verdict::Send(ts, w) | Verdict::SwitchAndSend(ts, w) => (ts, w),
+                                Verdict::Drop => continue,
+                            }
+                        }
+                    };
                     match self.write(ctx, &f, ts, wallclock) {
                         Written::Sent => {}
                         Written::QueueFull => {
@@ -280,10 +589,36 @@ pub fn outs(
         .collect()
 }
 
+/// Gives the video out of a stream with renditions its switching machinery
+/// and registers its control under session `id` in `controls`; returns the
+/// control (`None` for streams without renditions, which stay as they are).
+pub fn attach_renditions(
+    outs: &mut [Out],
+    hub: &Arc<Hub>,
+    subscriber: &Subscriber,
+    waker: &Waker,
+    controls: &Arc<control::Controls>,
+    id: cascade_rtc::session::SessionId,
+) -> Option<Arc<Control>> {
+    let catalog = subscriber.catalog();
+    let codec = catalog.by_name(cascade_origin::catalog::VIDEO)?.codec;
+    let ladder = ladder(&catalog, codec);
+    if ladder.is_empty() {
+        return None;
+    }
+    let i = outs.iter().position(|o| o.video)?;
+    let out = outs.get_mut(i)?;
+    Some(
+        out.enable_renditions(ladder, subscriber, waker.clone(), hub.clone(), |c| {
+            controls.insert(id, c)
+        }),
+    )
+}
+
 /// A WHEP viewer.
 pub struct Viewer {
     outs: Vec<Out>,
-    _subscriber: Subscriber,
+    subscriber: Subscriber,
     _slot: Slot,
     span: tracing::Span,
     posted: Instant,
@@ -306,7 +641,7 @@ impl Viewer {
     ) -> Self {
         Self {
             outs,
-            _subscriber: subscriber,
+            subscriber,
             _slot: slot,
             span,
             posted,
@@ -314,6 +649,12 @@ impl Viewer {
             first_written: false,
             on_connected: None,
         }
+    }
+
+    /// The rendition switch of the viewer's video, if its stream has
+    /// renditions (for the ABR controller).
+    pub fn switch_mut(&mut self) -> Option<&mut Switch> {
+        self.outs.iter_mut().find_map(Out::switch_mut)
     }
 
     /// Sends `()` on `tx` when the session connects (dropped unsent if it
@@ -331,7 +672,7 @@ impl Viewer {
         let mut flow = Flow::Idle;
         for out in &mut self.outs {
             let (frames, packets) = (out.frames, out.packets);
-            if out.pump(ctx) == Flow::Close {
+            if out.pump(ctx, &self.subscriber) == Flow::Close {
                 flow = Flow::Close;
             }
             if out.frames > frames {
@@ -372,6 +713,9 @@ impl Handler for Viewer {
                     if !out.start() {
                         return Flow::Close;
                     }
+                    if out.renditions.is_some() {
+                        out.switched(&self.subscriber);
+                    }
                     // A viewer that found no cached group (the origin's cache
                     // outgrew its cap, or a takeover just happened) waits for
                     // a keyframe: ask for one.
@@ -406,5 +750,54 @@ impl Handler for Viewer {
             lag_skips = skips,
             "viewer ended"
         );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use cascade_origin::catalog::{Catalog, Codec, Rendition, TrackInfo};
+
+    fn track(name: &str, codec: Codec, r: Option<(&str, u32, u32)>) -> TrackInfo {
+        TrackInfo {
+            name: name.into(),
+            codec,
+            fmtp: String::new(),
+            channels: None,
+            bframes: false,
+            rendition: r.map(|(n, w, h)| Rendition {
+                name: n.into(),
+                width: w,
+                height: h,
+                bitrate_kbps: w,
+                framerate: 30,
+            }),
+        }
+    }
+
+    #[test]
+    fn ladder_is_best_first_and_needs_the_default_and_a_second_step() {
+        let c = Catalog {
+            tracks: vec![
+                track("video-q", Codec::H264, Some(("q", 320, 180))),
+                track("video", Codec::H264, Some(("f", 1280, 720))),
+                track("video-h", Codec::H264, Some(("h", 640, 360))),
+                track("audio", Codec::Opus, None),
+            ],
+        };
+        let names: Vec<String> = ladder(&c, Codec::H264)
+            .into_iter()
+            .map(|r| r.name)
+            .collect();
+        assert_eq!(names, ["f", "h", "q"]);
+        // Another codec than the viewer's m-line plays: not a step.
+        assert!(ladder(&c, Codec::Vp8).is_empty());
+        // One video track, no renditions: the old path.
+        let plain = Catalog {
+            tracks: vec![track("video", Codec::H264, None)],
+        };
+        assert!(ladder(&plain, Codec::H264).is_empty());
+        assert_eq!(rank_label(0), "0");
+        assert_eq!(rank_label(9), "8+");
     }
 }

@@ -5,6 +5,7 @@
 //! WHEP viewers.
 #![allow(dead_code, unreachable_pub, clippy::unwrap_used)] // test harness: failures panic the test
 
+pub mod ladder;
 pub mod ome;
 pub mod probe;
 

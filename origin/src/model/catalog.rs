@@ -157,6 +157,14 @@ impl Catalog {
         self.tracks.iter().find(|t| t.kind() == kind)
     }
 
+    /// The video track a viewer gets by default: [`VIDEO`] (the default
+    /// rendition when there are several), else the first video track.
+    pub fn video(&self) -> Option<&TrackInfo> {
+        self.by_name(VIDEO)
+            .filter(|t| t.kind() == Kind::Video)
+            .or_else(|| self.track(Kind::Video))
+    }
+
     /// The track with this name.
     pub fn by_name(&self, name: &str) -> Option<&TrackInfo> {
         self.tracks.iter().find(|t| t.name == name)
@@ -217,6 +225,7 @@ mod tests {
             ],
         };
         assert_eq!(c.renditions().count(), 2);
+        assert_eq!(c.video().unwrap().name, VIDEO);
         assert_eq!(c.rendition("h").unwrap().name, "video-h");
         assert!(c.rendition("q").is_none());
         // Old peers' JSON (no `rendition`) still parses; None is not written.

@@ -7,6 +7,7 @@
 //! payloads are `Bytes`, so every reader shares one copy.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use tokio::sync::{broadcast, watch};
@@ -44,11 +45,18 @@ struct State {
     generation: u64,
     frames: u64,
     bytes: u64,
+    /// `ingest_us` of the last frame written: an edge in Auto mode tells a
+    /// rendition that stopped (a simulcast encoder dropping its top layer)
+    /// from one that flows, without reading it.
+    last_ingest_us: u64,
 }
 
 struct Shared {
     state: Mutex<State>,
     keyframe_requests: watch::Sender<u64>,
+    /// Viewers watching this track on this node ([`Track::watch`]), for the
+    /// per-rendition figures of `/api/streams`.
+    watchers: AtomicUsize,
 }
 
 impl Shared {
@@ -82,8 +90,10 @@ impl Track {
                 generation: 0,
                 frames: 0,
                 bytes: 0,
+                last_ingest_us: 0,
             }),
             keyframe_requests: kf,
+            watchers: AtomicUsize::new(0),
         });
         let producer = Producer {
             shared: shared.clone(),
@@ -147,6 +157,24 @@ impl Track {
         (st.frames, st.bytes)
     }
 
+    /// `ingest_us` of the last frame written (0 before the first).
+    pub fn last_ingest_us(&self) -> u64 {
+        self.shared.lock().last_ingest_us
+    }
+
+    /// Counts a viewer of this track until the guard drops.
+    pub fn watch(&self) -> Watch {
+        self.shared.watchers.fetch_add(1, Ordering::Relaxed);
+        Watch {
+            shared: self.shared.clone(),
+        }
+    }
+
+    /// Viewers counted by [`Track::watch`].
+    pub fn watchers(&self) -> usize {
+        self.shared.watchers.load(Ordering::Relaxed)
+    }
+
     /// True while a producer is attached.
     pub fn is_open(&self) -> bool {
         self.shared.lock().tx.is_some()
@@ -156,6 +184,17 @@ impl Track {
     /// upstream towards the origin over the relay).
     pub fn request_keyframe(&self) {
         self.shared.keyframe_requests.send_modify(|n| *n += 1);
+    }
+}
+
+/// A viewer of a track, counted while held ([`Track::watch`]).
+pub struct Watch {
+    shared: Arc<Shared>,
+}
+
+impl Drop for Watch {
+    fn drop(&mut self) {
+        self.shared.watchers.fetch_sub(1, Ordering::Relaxed);
     }
 }
 
@@ -181,6 +220,7 @@ impl Producer {
         }
         st.frames += 1;
         st.bytes += frame.payload.len() as u64;
+        st.last_ingest_us = frame.ingest_us;
         if frame.keyframe {
             st.group.clear();
             st.group_bytes = 0;

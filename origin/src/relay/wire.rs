@@ -162,6 +162,9 @@ pub fn valid_label(label: &str) -> bool {
             .all(|b| b.is_ascii_alphanumeric() || b == b'-')
 }
 
+/// Longest rendition name: `video-` plus it stays a valid track name.
+pub const MAX_RENDITION_NAME: usize = 64 - "video-".len();
+
 /// True for a track name we accept: same alphabet as stream names.
 pub fn valid_track_name(name: &str) -> bool {
     valid_stream_name(name)
@@ -180,6 +183,16 @@ pub fn check_catalog(c: &Catalog) -> Result<(), ProtocolError> {
     for t in &c.tracks {
         if !valid_track_name(&t.name) {
             return Err(ProtocolError::BadTrackName);
+        }
+        if let Some(r) = &t.rendition {
+            // The name picks a rendition in URLs and JSON and forms the
+            // track name `video-<name>` (≤ 64 characters with the prefix).
+            if !valid_stream_name(&r.name)
+                || r.name.len() > MAX_RENDITION_NAME
+                || t.kind() != crate::catalog::Kind::Video
+            {
+                return Err(ProtocolError::BadRendition);
+            }
         }
         if t.fmtp.len() > MAX_FMTP {
             return Err(ProtocolError::FmtpTooLong {
@@ -604,6 +617,25 @@ mod tests {
         "[A-Za-z0-9_-]{1,64}"
     }
 
+    fn rendition() -> impl Strategy<Value = crate::model::catalog::Rendition> {
+        (
+            ".{0,70}",
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+            any::<u32>(),
+        )
+            .prop_map(|(name, width, height, bitrate_kbps, framerate)| {
+                crate::model::catalog::Rendition {
+                    name,
+                    width,
+                    height,
+                    bitrate_kbps,
+                    framerate,
+                }
+            })
+    }
+
     fn catalog() -> impl Strategy<Value = Catalog> {
         let codec = prop_oneof![
             Just(Codec::H264),
@@ -619,15 +651,18 @@ mod tests {
             ".{0,40}",
             proptest::option::of(any::<u8>()),
             any::<bool>(),
+            proptest::option::of(rendition()),
         )
-            .prop_map(|(name, codec, fmtp, channels, bframes)| TrackInfo {
-                name,
-                codec,
-                fmtp,
-                channels,
-                bframes,
-                rendition: None,
-            });
+            .prop_map(
+                |(name, codec, fmtp, channels, bframes, rendition)| TrackInfo {
+                    name,
+                    codec,
+                    fmtp,
+                    channels,
+                    bframes,
+                    rendition,
+                },
+            );
         proptest::collection::vec(track, 0..4).prop_map(|tracks| Catalog { tracks })
     }
 
@@ -698,6 +733,27 @@ mod tests {
             // Every strict prefix asks for more bytes rather than failing.
             let cut = bytes.len() / 2;
             prop_assert!(Message::decode(&bytes[..cut]).unwrap().is_none());
+        }
+
+        #[test]
+        fn catalog_check_accepts_exactly_valid_renditions(c in catalog()) {
+            let ok = c.tracks.len() <= MAX_TRACKS
+                && c.tracks.iter().all(|t| {
+                    valid_track_name(&t.name)
+                        && t.fmtp.len() <= MAX_FMTP
+                        && t.rendition.as_ref().is_none_or(|r| {
+                            valid_stream_name(&r.name)
+                                && r.name.len() <= MAX_RENDITION_NAME
+                                && t.codec != Codec::Opus
+                        })
+                });
+            prop_assert_eq!(check_catalog(&c).is_ok(), ok);
+            if let Some(t) = c.tracks.iter().find(|t| t.rendition.is_some()) {
+                if ok {
+                    let r = t.rendition.as_ref().map(|r| r.name.as_str()).unwrap_or("");
+                    prop_assert!(valid_track_name(&crate::model::catalog::rendition_track(r)));
+                }
+            }
         }
 
         #[test]
@@ -886,6 +942,43 @@ mod tests {
                 max: MAX_TRACKS
             })
         ));
+    }
+
+    #[test]
+    fn rendition_names_are_checked() {
+        use crate::model::catalog::{rendition_track, Rendition};
+        let track = |codec, name: &str| TrackInfo {
+            name: "video-x".into(),
+            codec,
+            fmtp: String::new(),
+            channels: None,
+            bframes: false,
+            rendition: Some(Rendition {
+                name: name.into(),
+                width: 640,
+                height: 360,
+                bitrate_kbps: 800,
+                framerate: 30,
+            }),
+        };
+        let check = |t| check_catalog(&Catalog { tracks: vec![t] });
+        assert!(check(track(Codec::H264, "h")).is_ok());
+        assert!(check(track(Codec::Vp8, "720p")).is_ok());
+        for bad in ["", "a b", "ü", &"x".repeat(MAX_RENDITION_NAME + 1)] {
+            assert!(
+                matches!(
+                    check(track(Codec::H264, bad)),
+                    Err(ProtocolError::BadRendition)
+                ),
+                "{bad:?}"
+            );
+        }
+        assert!(matches!(
+            check(track(Codec::Opus, "h")),
+            Err(ProtocolError::BadRendition)
+        ));
+        let longest = "x".repeat(MAX_RENDITION_NAME);
+        assert!(valid_track_name(&rendition_track(&longest)));
     }
 
     #[test]

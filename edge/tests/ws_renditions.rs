@@ -1,0 +1,186 @@
+//! OvenPlayer's quality menu over OME's WebSocket signalling, driven by a
+//! Rust client with a real str0m `Rtc` that connects and receives: a stream
+//! with renditions sends the `playlist` notification after the answer;
+//! `change_rendition` by name switches the video (the frames' rendition
+//! tags follow) and is confirmed by `rendition_changed`; `auto: true` hands
+//! the choice back. Shapes as OvenPlayer 0.10's WebRTCLoader reads them.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::ladder::{ladder_media, publish, TAG_BASE};
+use common::ome::{answer, answerer, next_json, offer, Ws};
+use common::Edge;
+use futures::SinkExt;
+use serde_json::{json, Value};
+use str0m::net::{Protocol, Receive};
+use str0m::{Candidate, Event, Input, Output, Rtc};
+use tokio::net::UdpSocket;
+use tokio_tungstenite::tungstenite::Message;
+
+/// Drives `rtc` over `sock`, recording the rendition of each video frame.
+fn drive(mut rtc: Rtc, sock: UdpSocket, local: SocketAddr, seen: Arc<Mutex<Vec<u64>>>) {
+    tokio::spawn(async move {
+        let mut buf = vec![0u8; 2048];
+        loop {
+            let timeout = loop {
+                match rtc.poll_output() {
+                    Ok(Output::Timeout(t)) => break t,
+                    Ok(Output::Transmit(t)) => {
+                        let _ = sock.send_to(&t.contents, t.destination).await;
+                    }
+                    Ok(Output::Event(Event::MediaData(d))) => {
+                        if let Some(t) = loadtest::tag::find(&d.data) {
+                            seen.lock().unwrap().push(t.seq / TAG_BASE);
+                        }
+                    }
+                    Ok(Output::Event(_)) => {}
+                    Err(_) => return,
+                }
+            };
+            let wait = timeout.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(wait, sock.recv_from(&mut buf)).await {
+                Ok(Ok((n, source))) => {
+                    if let Ok(r) = Receive::new(Protocol::Udp, source, local, &buf[..n]) {
+                        if rtc.handle_input(Input::Receive(Instant::now(), r)).is_err() {
+                            return;
+                        }
+                    }
+                }
+                _ => {
+                    if rtc.handle_input(Input::Timeout(Instant::now())).is_err() {
+                        return;
+                    }
+                }
+            }
+        }
+    });
+}
+
+/// Notifications until one of `kind` that satisfies `ok`.
+async fn until(ws: &mut Ws, kind: &str, ok: impl Fn(&Value) -> bool) -> Value {
+    let deadline = Instant::now() + Duration::from_secs(8);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let v = next_json(ws, left)
+            .await
+            .unwrap_or_else(|| panic!("no {kind} notification"));
+        if v["command"] == "notification" && v["type"] == kind && ok(&v) {
+            return v;
+        }
+    }
+}
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn playlist_change_rendition_and_rendition_changed() {
+    let edge = Edge::start(Default::default()).await;
+    let _p = publish(&edge.registry, "menu", ladder_media().await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut ws, offer) = offer(&edge, "menu").await;
+    let mut rtc = answerer(&["42e01f"]);
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = sock.local_addr().unwrap();
+    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+    answer(&mut ws, &offer, &mut rtc).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    drive(rtc, sock, local, seen.clone());
+
+    // The playlist, as OvenPlayer reads it: renditions[i].name and
+    // video_track.video.{bitrate,width,height}; auto.
+    let playlist = until(&mut ws, "playlist", |_| true).await;
+    let m = &playlist["message"];
+    assert_eq!(m["auto"], true, "{playlist}");
+    let r = m["renditions"].as_array().unwrap();
+    let names: Vec<&str> = r.iter().map(|x| x["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["f", "h", "q"]);
+    assert_eq!(r[0]["video_track"]["video"]["height"], 720);
+    assert_eq!(r[2]["video_track"]["video"]["width"], 320);
+    assert_eq!(r[1]["video_track"]["video"]["bitrate"], 1_280_000);
+    assert!(r[0]["audio_track"].is_object());
+
+    let last = |seen: &Arc<Mutex<Vec<u64>>>| seen.lock().unwrap().last().copied();
+    assert!(
+        common::eventually(Duration::from_secs(5), || last(&seen) == Some(0)).await,
+        "plays the default rendition"
+    );
+
+    // A pick from the menu: setCurrentQuality sends the name and auto false.
+    send(
+        &mut ws,
+        json!({"command": "change_rendition", "id": offer["id"], "rendition_name": "q", "auto": false}),
+    )
+    .await;
+    let changed = until(&mut ws, "rendition_changed", |v| {
+        v["message"]["rendition_name"] == "q"
+    })
+    .await;
+    assert_eq!(changed["message"]["auto"], false, "{changed}");
+    assert_eq!(
+        changed["auto"], false,
+        "OvenPlayer reads auto at the top level"
+    );
+    assert!(
+        common::eventually(Duration::from_secs(3), || last(&seen) == Some(2)).await,
+        "the video is the 320×180 rendition: {:?}",
+        seen.lock()
+            .unwrap()
+            .iter()
+            .rev()
+            .take(5)
+            .collect::<Vec<_>>()
+    );
+
+    // An unknown name: a warning, nothing changes.
+    send(
+        &mut ws,
+        json!({"command": "change_rendition", "id": offer["id"], "rendition_name": "nope", "auto": false}),
+    )
+    .await;
+    let warning = until(&mut ws, "warning", |_| true).await;
+    assert!(
+        warning["message"]
+            .as_str()
+            .unwrap()
+            .contains("unknown rendition"),
+        "{warning}"
+    );
+
+    // Back to Auto (setAutoQuality(true)): the default rendition again.
+    send(
+        &mut ws,
+        json!({"command": "change_rendition", "id": offer["id"], "auto": true}),
+    )
+    .await;
+    let changed = until(&mut ws, "rendition_changed", |v| {
+        v["message"]["rendition_name"] == "f"
+    })
+    .await;
+    assert_eq!(changed["auto"], true, "{changed}");
+    assert!(
+        common::eventually(Duration::from_secs(3), || last(&seen) == Some(0)).await,
+        "auto plays the default rendition"
+    );
+}
+
+/// A stream with one video track sends no playlist (OvenPlayer then shows
+/// no quality menu, as before).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn single_rendition_streams_send_no_playlist() {
+    let edge = Edge::start(Default::default()).await;
+    let _p = common::Publisher::start(&edge.registry, "plain", common::media(30).await, 0);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut ws, offer) = offer(&edge, "plain").await;
+    let mut rtc = answerer(&["42e01f"]);
+    answer(&mut ws, &offer, &mut rtc).await;
+    if let Some(v) = next_json(&mut ws, Duration::from_millis(800)).await {
+        assert_ne!(v["type"], "playlist", "{v}");
+    }
+}
