@@ -131,6 +131,11 @@ pub struct Controller {
     /// When the last "too little" was seen: a recovery ends the episode only
     /// after [`DOWN_GRACE`].
     low_last: Option<Instant>,
+    /// The estimate integrated over the episode (bit/s × s) and the last
+    /// sample: the episode's time-weighted mean picks the target, so one
+    /// low sample at the decision instant does not pick it.
+    episode_sum: f64,
+    episode_last: Option<(Instant, u64)>,
     /// Since when the estimate has held the up threshold.
     high_since: Option<Instant>,
     up_hold: Duration,
@@ -156,6 +161,8 @@ impl Controller {
             loss: 0.0,
             low_since: None,
             low_last: None,
+            episode_sum: 0.0,
+            episode_last: None,
             high_since: None,
             up_hold: UP_HOLD,
             last_up: None,
@@ -262,8 +269,7 @@ impl Controller {
             }
         }
         self.high_since = None;
-        self.low_since = None;
-        self.low_last = None;
+        self.end_episode();
         self.update_bitrate();
         self.evaluate(now);
     }
@@ -283,36 +289,46 @@ impl Controller {
         let congested = self.loss >= LOSS_HIGH;
 
         // Down (or audio only).
+        if let Some((t, e)) = self.episode_last {
+            self.episode_sum += e as f64 * now.saturating_duration_since(t).as_secs_f64();
+        }
         let low = match self.current.and_then(|i| self.ladder.get(i)) {
             Some(cur) => estf < cur.bps as f64 * KEEP_MARGIN || congested,
             None => false,
         };
         if low {
-            self.low_since.get_or_insert(now);
+            if self.low_since.is_none() {
+                self.low_since = Some(now);
+                self.episode_sum = 0.0;
+            }
             self.low_last = Some(now);
         } else if self
             .low_last
             .is_some_and(|t| now.duration_since(t) >= DOWN_GRACE)
         {
-            self.low_since = None;
-            self.low_last = None;
+            self.end_episode();
         }
+        self.episode_last = self.low_since.map(|_| (now, est));
         if let Some(since) = self.low_since {
-            if now.duration_since(since) >= DOWN_HOLD {
+            let span = now.duration_since(since);
+            if span >= DOWN_HOLD {
+                let mean = (self.episode_sum / span.as_secs_f64()) as u64;
                 let to = if congested && estf >= self.cur_bps() * KEEP_MARGIN {
                     // Loss without a low estimate (a policer drops
                     // without queueing): one step down, from the lowest to
                     // audio only.
                     self.current.and_then(|i| i.checked_sub(1))
+                } else if (mean as f64) < self.cur_bps() * KEEP_MARGIN {
+                    self.down_target(mean)
                 } else {
-                    self.down_target(est)
+                    // Low at moments, fine on average: stay.
+                    self.current
                 };
                 if to != self.current {
-                    self.switch(now, to, est);
+                    self.switch(now, to, mean);
                     return;
                 }
-                self.low_since = None;
-                self.low_last = None;
+                self.end_episode();
             }
         }
 
@@ -335,6 +351,12 @@ impl Controller {
             let to = self.highest_fitting(estf / UP_HEADROOM).max(Some(next));
             self.switch(now, to, est);
         }
+    }
+
+    fn end_episode(&mut self) {
+        self.low_since = None;
+        self.low_last = None;
+        self.episode_last = None;
     }
 
     /// Keeps str0m probing toward the next rendition while the estimate is
@@ -404,8 +426,7 @@ impl Controller {
             }
         }
         self.current = to;
-        self.low_since = None;
-        self.low_last = None;
+        self.end_episode();
         self.high_since = None;
         self.reprobe_at = None;
         self.lowered_until = None;
@@ -547,6 +568,21 @@ mod tests {
         assert_eq!(s.len(), 1, "{s:?}");
         assert_eq!(s[0].1.to.as_deref(), Some("h"));
         assert!(s[0].0 < ms(2000));
+    }
+
+    #[test]
+    fn a_mostly_good_estimate_with_frequent_dips_stays() {
+        let (mut c, mut t) = started(1_000_000);
+        // On 'h' (keep ≥ 680k): 1.2 Mbit/s with a dip to 500k every 200 ms,
+        // so a low episode never ends; its mean stays well above.
+        let s = run(&mut c, &mut t, ms(20_000), |i| {
+            if i % 2 == 0 {
+                500_000
+            } else {
+                1_200_000
+            }
+        });
+        assert!(s.is_empty(), "{s:?}");
     }
 
     #[test]
