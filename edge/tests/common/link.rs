@@ -166,6 +166,10 @@ pub struct Sim {
     pub tx_cpu: Duration,
     /// Timeouts the sender asked for and got (a shard's timer wake-ups).
     pub tx_wakes: u64,
+    /// Sender drains that transmitted something, and the RTP datagrams they
+    /// sent: their ratio is what one GSO `sendmsg` could carry.
+    pub tx_bursts: u64,
+    pub tx_rtp_out: u64,
 }
 
 pub fn sdp_pt(sdp: &str, codec: &str) -> u8 {
@@ -275,6 +279,8 @@ impl Sim {
             payload: vec![0x41; MTU_PAYLOAD].into(),
             tx_cpu: Duration::ZERO,
             tx_wakes: 0,
+            tx_bursts: 0,
+            tx_rtp_out: 0,
         }
     }
 
@@ -284,6 +290,7 @@ impl Sim {
 
     pub fn drain(&mut self) {
         let t0 = Instant::now();
+        let mut rtp_out = 0;
         loop {
             match self.tx.poll_output().unwrap() {
                 Output::Timeout(t) => {
@@ -292,6 +299,9 @@ impl Sim {
                 }
                 Output::Transmit(t) => {
                     let data = t.contents.to_vec();
+                    if data.len() > 12 && data[0] >> 6 == 2 && !(192..=223).contains(&data[1]) {
+                        rtp_out += 1;
+                    }
                     self.counts.see(&data, *self.pt, self.twcc_id);
                     self.down.send(self.now, t.source, t.destination, data);
                 }
@@ -317,6 +327,10 @@ impl Sim {
             }
         }
         self.tx_cpu += t0.elapsed();
+        if rtp_out > 0 {
+            self.tx_bursts += 1;
+            self.tx_rtp_out += rtp_out;
+        }
         loop {
             match self.rx.poll_output().unwrap() {
                 Output::Timeout(t) => {
