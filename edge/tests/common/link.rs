@@ -28,6 +28,10 @@ pub const QUEUE_MS: u64 = 50;
 pub const DELAY: Duration = Duration::from_millis(20);
 pub const FPS: u64 = 30;
 pub const MTU_PAYLOAD: usize = 1100;
+/// `rtc/src/shard.rs`'s immediate re-polls per drain.
+pub const MAX_IMMEDIATE: usize = 64;
+/// `rtc/src/shard.rs`'s `NEAR_DUE`: a deadline this close counts as due.
+pub const NEAR_DUE: Duration = Duration::from_micros(100);
 
 /// One direction of the link.
 pub struct Link {
@@ -170,6 +174,8 @@ pub struct Sim {
     /// sent: their ratio is what one GSO `sendmsg` could carry.
     pub tx_bursts: u64,
     pub tx_rtp_out: u64,
+    /// The latest time given to the sender (`Entry::clock` in the shard).
+    pub tx_clock: Instant,
 }
 
 pub fn sdp_pt(sdp: &str, codec: &str) -> u8 {
@@ -281,6 +287,7 @@ impl Sim {
             tx_wakes: 0,
             tx_bursts: 0,
             tx_rtp_out: 0,
+            tx_clock: start,
         }
     }
 
@@ -288,12 +295,23 @@ impl Sim {
         self.now.duration_since(self.start)
     }
 
+    /// Polls both peers until they wait. The sender is drained as
+    /// `Shard::drain` does: a `Timeout` due within [`NEAR_DUE`] is handled at
+    /// once (up to [`MAX_IMMEDIATE`] times, the sender's clock never going
+    /// back), so what str0m's pacer releases in one go leaves in one batch.
     pub fn drain(&mut self) {
         let t0 = Instant::now();
         let mut rtp_out = 0;
+        let mut immediate = 0;
         loop {
             match self.tx.poll_output().unwrap() {
                 Output::Timeout(t) => {
+                    if t <= self.now + NEAR_DUE && immediate < MAX_IMMEDIATE {
+                        immediate += 1;
+                        self.tx_clock = self.tx_clock.max(t).max(self.now);
+                        self.tx.handle_input(Input::Timeout(self.tx_clock)).unwrap();
+                        continue;
+                    }
                     self.tx_timeout = t;
                     break;
                 }
@@ -421,10 +439,14 @@ impl Sim {
             while self.up.next().is_some_and(|t| t <= now) {
                 let (_, from, to, data) = self.up.flight.pop_front().unwrap();
                 let r = Receive::new(Protocol::Udp, from, to, &data).unwrap();
-                self.tx.handle_input(Input::Receive(now, r)).unwrap();
+                self.tx_clock = self.tx_clock.max(now);
+                self.tx
+                    .handle_input(Input::Receive(self.tx_clock, r))
+                    .unwrap();
             }
             if now >= self.tx_timeout {
-                self.tx.handle_input(Input::Timeout(now)).unwrap();
+                self.tx_clock = self.tx_clock.max(now);
+                self.tx.handle_input(Input::Timeout(self.tx_clock)).unwrap();
                 self.tx_wakes += 1;
             }
             self.tx_cpu += t0.elapsed();
@@ -435,7 +457,8 @@ impl Sim {
                 if self.tx.is_connected() && self.media_bps > 0 {
                     let t0 = Instant::now();
                     self.write_frame();
-                    self.tx.handle_input(Input::Timeout(now)).unwrap();
+                    self.tx_clock = self.tx_clock.max(now);
+                    self.tx.handle_input(Input::Timeout(self.tx_clock)).unwrap();
                     self.tx_cpu += t0.elapsed();
                 }
                 self.next_frame += Duration::from_millis(1000 / FPS);
