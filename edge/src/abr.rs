@@ -10,6 +10,7 @@
 //! on Event::MediaEgressStats(s) with s.loss = Some(f)             → abr.on_loss(now, f)
 //! on every wake / timer (cheap: a compare when nothing is due)    → abr.handle_timeout(now)
 //! the catalog's renditions changed (live bitrates, a new layer)   → abr.set_ladder(now, ladder)
+//! a manual choice, or "auto" again after one                      → abr.set_current(now, sent)
 //! then drain:
 //! while let Some(o) = abr.poll_output() {
 //!     Output::Switch(s)                    → start sending s.to (None = audio only) at its next keyframe
@@ -249,6 +250,29 @@ impl Controller {
         } else {
             Some(self.pending.remove(0))
         }
+    }
+
+    /// What the viewer is actually sent changed outside the controller (a
+    /// manual choice, or back to auto after one): `name` is that rendition,
+    /// `None` audio only. Holds restart from here and str0m is told the next
+    /// probe target. An unknown name is ignored.
+    pub fn set_current(&mut self, now: Instant, name: Option<&str>) {
+        let to = match name {
+            None => None,
+            Some(n) => match self.ladder.iter().position(|r| r.name == n) {
+                Some(i) => Some(i),
+                None => return,
+            },
+        };
+        self.current = to;
+        self.end_episode();
+        self.high_since = None;
+        self.reprobe_at = None;
+        self.lowered_until = None;
+        self.last_up = None;
+        self.up_hold = UP_HOLD;
+        self.update_bitrate();
+        self.evaluate(now);
     }
 
     /// The renditions changed (a layer appeared or left, live bitrates were
@@ -739,6 +763,29 @@ mod tests {
             matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("h")),
             "{out:?}"
         );
+    }
+
+    #[test]
+    fn set_current_follows_a_manual_choice_then_decides_from_there() {
+        let (mut c, mut t) = started(5_000_000);
+        assert_eq!(c.current(), Some("f"));
+        c.set_current(t, Some("q"));
+        assert_eq!(c.current(), Some("q"));
+        assert_eq!(
+            c.poll_output(),
+            Some(Output::Bitrate {
+                minimum: 0,
+                desired: 960_000
+            })
+        );
+        c.set_current(t, Some("nope"));
+        assert_eq!(c.current(), Some("q"));
+        // Back to auto on a good link: up after the hold, to what fits.
+        let s = run(&mut c, &mut t, ms(6000), |_| 4_000_000);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("f"));
+        c.set_current(t, None);
+        assert_eq!(c.current(), None);
     }
 
     #[test]
