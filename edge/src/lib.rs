@@ -14,6 +14,7 @@
 //! fetch streams from the origin (the registry's upstream does), transcode.
 #![warn(missing_docs)]
 
+pub mod abr;
 pub mod bframes;
 pub mod fanout;
 pub mod metrics;

@@ -90,6 +90,42 @@ pub struct Args {
     /// Plot the time series (viewers, packets/s, lost) as SVG to this file.
     #[arg(long)]
     pub svg: Option<std::path::PathBuf>,
+    /// Per-viewer receive caps, assigned round-robin: `400k,1500k,none` (bit/s with k/M,
+    /// or `none`). Each capped viewer queues what it receives behind a tbf-like bottleneck
+    /// in the client and drops what overflows it ([`crate::shaper`]); capped viewers
+    /// always check frames fully (the server's estimator needs their transport feedback)
+    /// and the summary's `caps` lists each one's cap and the picture size it settled on.
+    #[arg(long, value_delimiter = ',', value_parser = parse_viewer_cap)]
+    pub viewer_caps: Vec<ViewerCap>,
+}
+
+/// One `--viewer-caps` entry: bit/s, or `None` for an uncapped viewer in the mix.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ViewerCap(pub Option<u64>);
+
+fn parse_viewer_cap(s: &str) -> Result<ViewerCap, String> {
+    crate::shaper::parse_cap(s).map(ViewerCap)
+}
+
+/// One viewer of a `--viewer-caps` run: where it settled.
+#[derive(Debug, Serialize)]
+pub struct CappedViewer {
+    /// Its cap, bit/s (`null`: uncapped).
+    pub cap_bps: Option<u64>,
+    /// Connected at all.
+    pub connected: bool,
+    /// Picture size of its last keyframe (`WxH`): the rendition it settled on.
+    pub video_size: Option<String>,
+    /// When it started receiving that size, seconds after its POST.
+    pub settled_s: Option<f64>,
+    /// Picture size changes it saw (rendition switches).
+    pub switches: u64,
+    /// Video frames received.
+    pub video_frames: u64,
+    /// Datagrams its cap dropped.
+    pub cap_dropped: u64,
+    /// RTP packets lost (sequence gaps).
+    pub packets_lost: u64,
 }
 
 /// The final summary (the `--json` line): the field names are the JSON keys.
@@ -146,6 +182,9 @@ pub struct Summary {
     pub publisher_video_frames: Option<u64>,
     /// Keyframe requests our publisher received (`--publish`).
     pub publisher_keyframe_requests: Option<u64>,
+    /// `--viewer-caps` only: each viewer's cap and the rendition it settled on.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub caps: Option<Vec<CappedViewer>>,
 }
 
 /// A join rate: a number of joins per second, optionally written with its unit (`300/s`).
@@ -265,6 +304,12 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
         opts.bind = args.bind;
         opts.live = Some(Arc::clone(&live));
         opts.headers_only = i % args.full_every != 0;
+        if !args.viewer_caps.is_empty() {
+            let slot = i as usize % args.viewer_caps.len();
+            let cap = args.viewer_caps.get(slot).and_then(|c| c.0);
+            opts.cap_bps = cap;
+            opts.headers_only &= cap.is_none();
+        }
         opts.janus_mountpoint = args.janus_mountpoint;
         if args.tcp {
             opts.transport = crate::whep::Transport::Tcp;
@@ -492,6 +537,21 @@ fn summarize(
         errors,
         publisher_video_frames: published.as_ref().map(|p| p.video_frames),
         publisher_keyframe_requests: published.as_ref().map(|p| p.keyframe_requests),
+        caps: (!args.viewer_caps.is_empty()).then(|| {
+            reports
+                .iter()
+                .map(|r| CappedViewer {
+                    cap_bps: r.cap_bps,
+                    connected: r.connected,
+                    video_size: r.video_size.clone(),
+                    settled_s: r.size_since_ms.map(|ms| ms / 1000.0),
+                    switches: r.size_changes,
+                    video_frames: r.video_frames,
+                    cap_dropped: r.cap_dropped,
+                    packets_lost: r.packets_lost,
+                })
+                .collect()
+        }),
     }
 }
 
@@ -508,5 +568,28 @@ mod tests {
         for bad in ["", "/s", "-1", "fast", "NaN", "inf/s", "300/m"] {
             assert!(parse_ramp(bad).is_err(), "{bad:?} accepted");
         }
+    }
+
+    #[test]
+    fn viewer_caps_parse_as_a_round_robin_list() {
+        let a = Args::try_parse_from([
+            "loadtest",
+            "--url",
+            "http://x/whep/s",
+            "--viewer-caps",
+            "400k,1500k,none",
+        ])
+        .unwrap();
+        assert_eq!(
+            a.viewer_caps,
+            [
+                ViewerCap(Some(400_000)),
+                ViewerCap(Some(1_500_000)),
+                ViewerCap(None)
+            ]
+        );
+        let plain = Args::try_parse_from(["loadtest", "--url", "http://x/whep/s"]).unwrap();
+        assert!(plain.viewer_caps.is_empty());
+        assert!(Args::try_parse_from(["loadtest", "--url", "u", "--viewer-caps", "fast"]).is_err());
     }
 }

@@ -22,6 +22,7 @@ use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpStream, UdpSocket};
 
+use crate::shaper::Shaper;
 use crate::{Error, Result};
 
 /// UDP receive buffer: a GRO buffer holds up to 64 KiB of coalesced datagrams, and a
@@ -57,6 +58,8 @@ pub(crate) struct Peer {
     transport: Transport,
     local: SocketAddr,
     buf: Vec<u8>,
+    /// `--viewer-caps`: received UDP datagrams pass this bottleneck first.
+    shaper: Option<Shaper<(SocketAddr, Vec<u8>)>>,
 }
 
 impl Peer {
@@ -76,6 +79,7 @@ impl Peer {
             },
             local,
             buf: vec![0; RECV_BUF],
+            shaper: None,
         })
     }
 
@@ -98,7 +102,19 @@ impl Peer {
             },
             local,
             buf: vec![0; TCP_READ_BUF],
+            shaper: None,
         })
+    }
+
+    /// Caps what this peer receives over UDP at `bps` (a tbf-like queue,
+    /// [`crate::shaper`]); ICE-TCP is not capped.
+    pub(crate) fn set_cap(&mut self, bps: u64) {
+        self.shaper = Some(Shaper::new(bps));
+    }
+
+    /// Datagrams the cap dropped so far.
+    pub(crate) fn cap_dropped(&self) -> u64 {
+        self.shaper.as_ref().map_or(0, Shaper::dropped)
     }
 
     /// Poll str0m until it wants to wait: send its datagrams, hand events to `on_event`,
@@ -166,6 +182,44 @@ impl Peer {
         until: Instant,
         tap: &mut (dyn FnMut(&[u8], Instant) -> bool + Send),
     ) -> Result<()> {
+        if let (
+            Some(shaper),
+            Transport::Udp {
+                socket,
+                state,
+                pending,
+            },
+        ) = (&mut self.shaper, &mut self.transport)
+        {
+            // Capped: arrivals queue in the shaper; what leaves it goes to the tap or str0m
+            // (one datagram for str0m per call: it must be drained between inputs).
+            let now = Instant::now();
+            while let Some((source, data)) = shaper.pop_due(now) {
+                if !tap(&data, now) {
+                    feed(&mut self.rtc, Protocol::Udp, source, self.local, &data, now);
+                    return Ok(());
+                }
+            }
+            let wake = shaper.next_release().map_or(until, |r| r.min(until));
+            if pending.is_empty() {
+                tokio::select! {
+                    r = recv_gro(socket, state, &mut self.buf) => *pending = r?,
+                    _ = tokio::time::sleep_until(wake.into()) => {
+                        if wake >= until {
+                            self.rtc.handle_input(Input::Timeout(Instant::now()))?;
+                        }
+                        return Ok(());
+                    }
+                }
+            }
+            let now = Instant::now();
+            while let Some(range) = pending.next() {
+                let data = self.buf.get(range).unwrap_or_default().to_vec();
+                let len = data.len();
+                shaper.offer(now, (pending.source, data), len);
+            }
+            return Ok(());
+        }
         let sleep = tokio::time::sleep_until(until.into());
         match &mut self.transport {
             Transport::Udp {

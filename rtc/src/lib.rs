@@ -17,6 +17,7 @@
 #![warn(missing_docs)]
 
 pub mod auth;
+pub mod bwe;
 mod egress;
 pub mod http;
 pub mod ice;

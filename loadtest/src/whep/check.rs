@@ -96,6 +96,18 @@ pub struct ViewerReport {
     pub rtx_packets: u64,
     /// Why the session ended: "duration", "stopped", "disconnected".
     pub end: String,
+    /// `--viewer-caps`: this viewer's receive cap, bit/s (`None`: uncapped).
+    pub cap_bps: Option<u64>,
+    /// Datagrams the cap dropped (its queue was full).
+    pub cap_dropped: u64,
+    /// Picture size of the last keyframe (`WxH`, from the SPS / VP8 header):
+    /// the rendition the server settled on for this viewer.
+    pub video_size: Option<String>,
+    /// Keyframes whose picture size differed from the one before: rendition
+    /// switches the viewer saw.
+    pub size_changes: u64,
+    /// From POST to the first keyframe of the last size, ms.
+    pub size_since_ms: Option<f64>,
     /// Latency samples (ms), kept for aggregation across viewers.
     #[serde(skip)]
     pub latency_samples_ms: Vec<f64>,
@@ -202,6 +214,16 @@ impl Checker {
         if keyframe {
             r.keyframes += 1;
             r.ttff_ms.get_or_insert(f.since_post.as_secs_f64() * 1000.0);
+            if let Some((w, h)) = crate::picture::size(f.codec, f.data) {
+                let size = format!("{w}x{h}");
+                if r.video_size.as_deref() != Some(size.as_str()) {
+                    if r.video_size.is_some() {
+                        r.size_changes += 1;
+                    }
+                    r.video_size = Some(size);
+                    r.size_since_ms = Some(f.since_post.as_secs_f64() * 1000.0);
+                }
+            }
         }
         if let Some(t) = tag::find(f.data) {
             r.tagged_frames += 1;

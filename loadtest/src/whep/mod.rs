@@ -82,6 +82,11 @@ pub struct ViewerOptions {
     pub janus_mountpoint: Option<u64>,
     /// A CA to trust for an `https://` URL besides the system's roots.
     pub root_ca: Option<reqwest::Certificate>,
+    /// Cap what this viewer receives at this many bit/s, like a `tbf` on its link
+    /// ([`crate::shaper`]; UDP only). The server then sees a real bottleneck in its
+    /// congestion feedback. A capped viewer should not be `headers_only`: str0m must see
+    /// every packet to send transport-wide feedback.
+    pub cap_bps: Option<u64>,
 }
 
 impl ViewerOptions {
@@ -100,6 +105,7 @@ impl ViewerOptions {
             transport: Transport::Udp,
             janus_mountpoint: None,
             root_ca: None,
+            cap_bps: None,
         }
     }
 }
@@ -168,6 +174,9 @@ impl Viewer {
             Transport::Udp => Peer::bind(rtc, opts.bind)?,
             Transport::Tcp => Peer::tcp(rtc, opts.bind)?,
         };
+        if let Some(bps) = opts.cap_bps {
+            peer.set_cap(bps);
+        }
         let client = http::client_trusting(opts.root_ca.as_ref())?;
         let (answer_sdp, location, mids) = match opts.janus_mountpoint {
             None => {
@@ -213,6 +222,7 @@ impl Viewer {
             tap: opts
                 .headers_only
                 .then(|| HeaderTap::new(&answer_sdp, posted)),
+            cap_bps: opts.cap_bps,
         };
         let span = tracing::info_span!("whep_viewer", location = %location);
         let task = tokio::spawn(session.run().instrument(span));
@@ -326,6 +336,7 @@ struct Session {
     live: Arc<LiveCounters>,
     tap: Option<HeaderTap>,
     video_frames: Arc<AtomicU64>,
+    cap_bps: Option<u64>,
 }
 
 impl Session {
@@ -416,6 +427,8 @@ impl Session {
         if let Some(tap) = &self.tap {
             tap.finish(&mut report);
         }
+        report.cap_bps = self.cap_bps;
+        report.cap_dropped = self.peer.cap_dropped();
         tracing::info!(end, video = report.video_frames, "viewer ended");
         Ok(report)
     }

@@ -1,0 +1,820 @@
+//! Per-viewer automatic rendition choice (ABR): a sans-IO controller, one per
+//! viewer of a stream with more than one rendition, that turns str0m's
+//! egress bandwidth estimate (TWCC) into "send this rendition" or "audio
+//! only", and tells str0m how far to probe before an up-switch.
+//!
+//! Driving it (the viewer handler is the shell; nothing here reads a clock):
+//!
+//! ```text
+//! on Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) → abr.on_estimate(now, estimate.as_u64())
+//! on Event::MediaEgressStats(s) with s.loss = Some(f)             → abr.on_loss(now, f)
+//! on every wake / timer (cheap: a compare when nothing is due)    → abr.handle_timeout(now)
+//! the catalog's renditions changed (live bitrates, a new layer)   → abr.set_ladder(now, ladder)
+//! a manual choice, or "auto" again after one                      → abr.set_current(now, sent)
+//! then drain:
+//! while let Some(o) = abr.poll_output() {
+//!     Output::Switch(s)                    → start sending s.to (None = audio only) at its next keyframe
+//!     Output::Bitrate { minimum, desired } → rtc.bwe().set_bitrate(Bitrate::bps(minimum), Bitrate::bps(desired))
+//! }
+//! ```
+//!
+//! The rules (issue 14), with the constants below: a viewer goes **down**
+//! once the estimate has stayed under [`KEEP_MARGIN`] × the current
+//! rendition's bitrate for [`DOWN_HOLD`] (a recovery shorter than
+//! [`DOWN_GRACE`] does not restart the count), to the highest rendition the
+//! estimate carries — or to audio only below the lowest. It goes **up** only
+//! after the estimate has held at least [`UP_HEADROOM`] × the next
+//! rendition's bitrate for the up-hold, meanwhile asking str0m to probe
+//! (padding) toward that rate, so the estimate that justifies the switch was
+//! measured on the wire. An up-switch followed by a down-switch within
+//! [`FAILED_UP_WINDOW`] doubles the up-hold (up to [`MAX_UP_HOLD`]): a link
+//! at the edge of a rendition settles below it instead of flapping.
+//! A stream with one rendition makes an inert controller: it never switches
+//! and never asks for probing (such sessions do not even enable BWE).
+
+use std::time::{Duration, Instant};
+
+/// The current rendition is kept while the estimate is at least this share
+/// of its bitrate. Nominal bitrates are averages: encoders overshoot on
+/// motion, and str0m's delay-based estimate dips ~10% on a single queueing
+/// spike; 0.85 ignores those and still reacts to any link truly below.
+pub const KEEP_MARGIN: f64 = 0.85;
+/// Going up needs the estimate at this multiple of the higher rendition's
+/// bitrate: RTP/SRTP overhead (~5%), keyframes (2–4× the mean for a frame
+/// time) and RTX need room, and the gap between 0.85 and 1.2 is the
+/// hysteresis band in which nothing changes.
+pub const UP_HEADROOM: f64 = 1.2;
+/// How long the estimate must stay under the keep margin before going down.
+/// str0m needs ~0.3–0.8 s to lower its estimate after a drop (measured,
+/// docs/quality-abr.md); with this hold the switch is decided well inside
+/// the 2 s the issue allows, and a single dip does not switch.
+pub const DOWN_HOLD: Duration = Duration::from_millis(500);
+/// A recovery above the keep margin shorter than this does not restart the
+/// down count: a noisy estimate that is mostly low still goes down in time.
+pub const DOWN_GRACE: Duration = Duration::from_millis(300);
+/// How long the estimate must hold above the up threshold before going up
+/// (first attempt). str0m probes at most every ~5 s in the application-
+/// limited regime, so 5 s lets at least one probe confirm the rate.
+pub const UP_HOLD: Duration = Duration::from_secs(5);
+/// The up-hold after repeated failed up-switches stops doubling here.
+pub const MAX_UP_HOLD: Duration = Duration::from_secs(40);
+/// An up-switch undone by a down-switch within this window failed: the
+/// next up-hold doubles. A success (no down within the window) resets it.
+pub const FAILED_UP_WINDOW: Duration = Duration::from_secs(10);
+/// While an up-switch waits for the estimate, str0m is asked for a fresh
+/// allocation probe this often. str0m (like libwebrtc) only probes by itself
+/// when the desired rate rises, every 5 s in the application-limited region,
+/// or after 15 s of a stagnant estimate; a viewer sending its rendition at
+/// ~60–70% of the estimate is in neither, and its estimate can only creep
+/// up at 1.5× what it receives (measured: 25 s from 0.4 to 1.5 Mbit/s,
+/// docs/quality-abr.md). Two probe clusters of ~15 ms each every 3 s cost
+/// ~10 kbit/s on average.
+pub const REPROBE_INTERVAL: Duration = Duration::from_secs(3);
+/// A re-probe lowers the desired rate, lets str0m take that as its new
+/// baseline on its next timeout, then raises it again after this gap: str0m
+/// probes on an increase only.
+pub const REPROBE_GAP: Duration = Duration::from_millis(50);
+/// Receiver-reported loss at or above this share counts as congestion even
+/// when the delay-based estimate has not moved (a policer drops without
+/// queueing); below [`LOSS_CLEAR`] it no longer blocks up-switches.
+pub const LOSS_HIGH: f32 = 0.10;
+/// Loss under which an up-switch may happen.
+pub const LOSS_CLEAR: f32 = 0.02;
+
+/// One rendition as the controller sees it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Rung {
+    /// The rendition's name (`Rendition::name`, e.g. the rid `q`/`h`/`f`).
+    pub name: String,
+    /// What sending it costs in bit/s: its live bitrate when the edge has
+    /// measured one, else its nominal bitrate (`bitrate_kbps × 1000`).
+    pub bps: u64,
+}
+
+/// A change of rendition to make at the target's next keyframe.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Switch {
+    /// The rendition to send; `None` is audio only (video paused).
+    pub to: Option<String>,
+    /// True for a step to more bits (including audio only → video).
+    pub up: bool,
+    /// The estimate that decided it, bit/s.
+    pub estimate_bps: u64,
+}
+
+/// What the controller asks of its shell.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Output {
+    /// Send another rendition (or none): see [`Switch`].
+    Switch(Switch),
+    /// `rtc.bwe().set_bitrate(minimum, desired)`: str0m probes toward
+    /// `desired`; `minimum` is what padding may fill up to (capped by the
+    /// estimate). Emitted only when it changes.
+    Bitrate {
+        /// bit/s, padding floor.
+        minimum: u64,
+        /// bit/s, the rate str0m should discover.
+        desired: u64,
+    },
+}
+
+/// The per-viewer ABR controller (sans-IO).
+#[derive(Debug)]
+pub struct Controller {
+    /// Sorted by bitrate, lowest first.
+    ladder: Vec<Rung>,
+    /// Index into `ladder`; `None` = audio only.
+    current: Option<usize>,
+    estimate: Option<u64>,
+    loss: f32,
+    /// When the estimate (or loss) first said "too little" in this episode.
+    low_since: Option<Instant>,
+    /// When the last "too little" was seen: a recovery ends the episode only
+    /// after [`DOWN_GRACE`].
+    low_last: Option<Instant>,
+    /// The estimate integrated over the episode (bit/s × s) and the last
+    /// sample: the episode's time-weighted mean picks the target, so one
+    /// low sample at the decision instant does not pick it.
+    episode_sum: f64,
+    episode_last: Option<(Instant, u64)>,
+    /// Since when the estimate has held the up threshold.
+    high_since: Option<Instant>,
+    up_hold: Duration,
+    last_up: Option<Instant>,
+    bitrate_sent: Option<(u64, u64)>,
+    /// Next allocation re-probe, while an up-switch waits.
+    reprobe_at: Option<Instant>,
+    /// The desired rate is lowered for a re-probe until then.
+    lowered_until: Option<Instant>,
+    pending: Vec<Output>,
+}
+
+impl Controller {
+    /// A controller for a viewer of `ladder` (any order), starting on the
+    /// highest rendition that `initial_bps` (str0m's initial estimate, see
+    /// `enable_bwe`) carries with headroom — or the lowest. The first
+    /// [`Output::Bitrate`] is queued at once.
+    pub fn new(ladder: Vec<Rung>, initial_bps: u64) -> Self {
+        let mut c = Self {
+            ladder: Vec::new(),
+            current: None,
+            estimate: None,
+            loss: 0.0,
+            low_since: None,
+            low_last: None,
+            episode_sum: 0.0,
+            episode_last: None,
+            high_since: None,
+            up_hold: UP_HOLD,
+            last_up: None,
+            bitrate_sent: None,
+            reprobe_at: None,
+            lowered_until: None,
+            pending: Vec::new(),
+        };
+        c.ladder = sorted(ladder);
+        if !c.ladder.is_empty() {
+            let fit = c.highest_fitting(initial_bps as f64 / UP_HEADROOM);
+            c.current = Some(fit.unwrap_or(0));
+        }
+        c.update_bitrate();
+        c
+    }
+
+    /// True when there is nothing to choose (0 or 1 rendition): the
+    /// controller never switches and never asks for probing.
+    pub fn inert(&self) -> bool {
+        self.ladder.len() < 2
+    }
+
+    /// The rendition being sent (`None` = audio only).
+    pub fn current(&self) -> Option<&str> {
+        self.current
+            .and_then(|i| self.ladder.get(i))
+            .map(|r| r.name.as_str())
+    }
+
+    /// The latest estimate, bit/s.
+    pub fn estimate(&self) -> Option<u64> {
+        self.estimate
+    }
+
+    /// The renditions, lowest bitrate first.
+    pub fn ladder(&self) -> &[Rung] {
+        &self.ladder
+    }
+
+    /// str0m's `Event::EgressBitrateEstimate` (the TWCC estimate), bit/s.
+    pub fn on_estimate(&mut self, now: Instant, bps: u64) {
+        self.estimate = Some(bps);
+        self.evaluate(now);
+    }
+
+    /// Receiver-reported loss (RTCP RR fraction lost, 0.0–1.0) for video.
+    pub fn on_loss(&mut self, now: Instant, fraction: f32) {
+        self.loss = if fraction.is_finite() {
+            fraction.clamp(0.0, 1.0)
+        } else {
+            0.0
+        };
+        self.evaluate(now);
+    }
+
+    /// Time passed: a hold may have completed.
+    pub fn handle_timeout(&mut self, now: Instant) {
+        if self.poll_timeout().is_some_and(|t| t <= now) {
+            self.evaluate(now);
+        }
+    }
+
+    /// When [`Self::handle_timeout`] next has something to decide.
+    pub fn poll_timeout(&self) -> Option<Instant> {
+        if self.inert() {
+            return None;
+        }
+        [
+            self.low_since.map(|t| t + DOWN_HOLD),
+            self.high_since.map(|t| t + self.up_hold),
+            self.reprobe_at,
+            self.lowered_until,
+        ]
+        .into_iter()
+        .flatten()
+        .min()
+    }
+
+    /// The next thing to do, oldest first.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        if self.pending.is_empty() {
+            None
+        } else {
+            Some(self.pending.remove(0))
+        }
+    }
+
+    /// What the viewer is actually sent changed outside the controller (a
+    /// manual choice, or back to auto after one): `name` is that rendition,
+    /// `None` audio only. Holds restart from here and str0m is told the next
+    /// probe target. An unknown name is ignored.
+    pub fn set_current(&mut self, now: Instant, name: Option<&str>) {
+        let to = match name {
+            None => None,
+            Some(n) => match self.ladder.iter().position(|r| r.name == n) {
+                Some(i) => Some(i),
+                None => return,
+            },
+        };
+        self.current = to;
+        self.end_episode();
+        self.high_since = None;
+        self.reprobe_at = None;
+        self.lowered_until = None;
+        self.last_up = None;
+        self.up_hold = UP_HOLD;
+        self.update_bitrate();
+        self.evaluate(now);
+    }
+
+    /// The renditions changed (a layer appeared or left, live bitrates were
+    /// measured). The current rendition is kept by name; if it is gone the
+    /// controller switches to the highest one the estimate carries.
+    pub fn set_ladder(&mut self, now: Instant, ladder: Vec<Rung>) {
+        let name = self.current().map(str::to_owned);
+        self.ladder = sorted(ladder);
+        let kept = name.and_then(|n| self.ladder.iter().position(|r| r.name == n));
+        match (self.current.is_some(), kept) {
+            (_, Some(i)) => self.current = Some(i),
+            (false, None) => {}
+            (true, None) => {
+                let est = self.estimate.unwrap_or(0);
+                let to = self.down_target(est).or(Some(0));
+                self.current = None;
+                self.switch(now, to, est);
+            }
+        }
+        self.high_since = None;
+        self.end_episode();
+        self.update_bitrate();
+        self.evaluate(now);
+    }
+
+    fn evaluate(&mut self, now: Instant) {
+        if self.inert() {
+            return;
+        }
+        let Some(est) = self.estimate else {
+            return;
+        };
+        if self.lowered_until.is_some_and(|t| now >= t) {
+            self.lowered_until = None;
+            self.update_bitrate();
+        }
+        let estf = est as f64;
+        let congested = self.loss >= LOSS_HIGH;
+
+        // Down (or audio only).
+        if let Some((t, e)) = self.episode_last {
+            self.episode_sum += e as f64 * now.saturating_duration_since(t).as_secs_f64();
+        }
+        let low = match self.current.and_then(|i| self.ladder.get(i)) {
+            Some(cur) => estf < cur.bps as f64 * KEEP_MARGIN || congested,
+            None => false,
+        };
+        if low {
+            if self.low_since.is_none() {
+                self.low_since = Some(now);
+                self.episode_sum = 0.0;
+            }
+            self.low_last = Some(now);
+        } else if self
+            .low_last
+            .is_some_and(|t| now.duration_since(t) >= DOWN_GRACE)
+        {
+            self.end_episode();
+        }
+        self.episode_last = self.low_since.map(|_| (now, est));
+        if let Some(since) = self.low_since {
+            let span = now.duration_since(since);
+            if span >= DOWN_HOLD {
+                let mean = (self.episode_sum / span.as_secs_f64()) as u64;
+                let to = if congested && estf >= self.cur_bps() * KEEP_MARGIN {
+                    // Loss without a low estimate (a policer drops
+                    // without queueing): one step down, from the lowest to
+                    // audio only.
+                    self.current.and_then(|i| i.checked_sub(1))
+                } else if (mean as f64) < self.cur_bps() * KEEP_MARGIN {
+                    self.down_target(mean)
+                } else {
+                    // Low at moments, fine on average: stay.
+                    self.current
+                };
+                if to != self.current {
+                    self.switch(now, to, mean);
+                    return;
+                }
+                self.end_episode();
+            }
+        }
+
+        // Up (or back from audio only).
+        let next = self.current.map_or(0, |i| i + 1);
+        let can_up = self
+            .ladder
+            .get(next)
+            .is_some_and(|r| estf >= r.bps as f64 * UP_HEADROOM)
+            && self.loss < LOSS_CLEAR
+            && self.low_since.is_none();
+        if !can_up {
+            self.high_since = None;
+            self.reprobe(now, est);
+            return;
+        }
+        self.reprobe_at = None;
+        let since = *self.high_since.get_or_insert(now);
+        if now.duration_since(since) >= self.up_hold {
+            let to = self.highest_fitting(estf / UP_HEADROOM).max(Some(next));
+            self.switch(now, to, est);
+        }
+    }
+
+    fn end_episode(&mut self) {
+        self.low_since = None;
+        self.low_last = None;
+        self.episode_last = None;
+    }
+
+    /// Keeps str0m probing toward the next rendition while the estimate is
+    /// short of it (see [`REPROBE_INTERVAL`]).
+    fn reprobe(&mut self, now: Instant, est: u64) {
+        if self.lowered_until.is_some() {
+            return;
+        }
+        let next = self.current.map_or(0, |i| i + 1);
+        let want = self
+            .ladder
+            .get(next)
+            .map(|r| (r.bps as f64 * UP_HEADROOM) as u64);
+        if want.is_none_or(|w| w <= est) || self.low_since.is_some() {
+            self.reprobe_at = None;
+            return;
+        }
+        match self.reprobe_at {
+            None => self.reprobe_at = Some(now + REPROBE_INTERVAL),
+            Some(t) if now >= t => {
+                self.reprobe_at = Some(now + REPROBE_INTERVAL);
+                self.lowered_until = Some(now + REPROBE_GAP);
+                // Anything at or under the estimate is a decrease str0m
+                // records without probing.
+                self.emit_bitrate(0, est.min(self.cur_bps() as u64));
+            }
+            Some(_) => {}
+        }
+    }
+
+    /// The highest rendition the estimate carries after a drop: its bitrate
+    /// within the estimate; below the lowest but within the keep margin of
+    /// it, the lowest; else audio only.
+    fn down_target(&self, est: u64) -> Option<usize> {
+        let estf = est as f64;
+        self.highest_fitting(estf).or_else(|| {
+            self.ladder
+                .first()
+                .filter(|r| estf >= r.bps as f64 * KEEP_MARGIN)
+                .map(|_| 0)
+        })
+    }
+
+    fn highest_fitting(&self, bps: f64) -> Option<usize> {
+        self.ladder.iter().rposition(|r| r.bps as f64 <= bps)
+    }
+
+    fn cur_bps(&self) -> f64 {
+        self.current
+            .and_then(|i| self.ladder.get(i))
+            .map_or(0.0, |r| r.bps as f64)
+    }
+
+    fn switch(&mut self, now: Instant, to: Option<usize>, est: u64) {
+        let up = match (self.current, to) {
+            (None, Some(_)) => true,
+            (Some(a), Some(b)) => b > a,
+            (_, None) => false,
+        };
+        if up {
+            self.last_up = Some(now);
+        } else if let Some(t) = self.last_up.take() {
+            if now.duration_since(t) < FAILED_UP_WINDOW {
+                self.up_hold = (self.up_hold * 2).min(MAX_UP_HOLD);
+            } else {
+                self.up_hold = UP_HOLD;
+            }
+        }
+        self.current = to;
+        self.end_episode();
+        self.high_since = None;
+        self.reprobe_at = None;
+        self.lowered_until = None;
+        self.pending.push(Output::Switch(Switch {
+            to: to.and_then(|i| self.ladder.get(i)).map(|r| r.name.clone()),
+            up,
+            estimate_bps: est,
+        }));
+        self.update_bitrate();
+    }
+
+    /// Probe toward the rate an up-switch needs (the next rendition with
+    /// headroom); at the top, toward the top with headroom so the estimate
+    /// keeps confirming it. The padding floor stays str0m's own: sustained
+    /// padding to the next rung would cost a struggling viewer the very
+    /// bandwidth it lacks.
+    fn update_bitrate(&mut self) {
+        if self.inert() || self.lowered_until.is_some() {
+            return;
+        }
+        if let Some(desired) = self.probe_target() {
+            self.emit_bitrate(0, desired);
+        }
+    }
+
+    /// The rate str0m should discover: the next rendition up with headroom
+    /// (at the top, the top with headroom).
+    fn probe_target(&self) -> Option<u64> {
+        let next = self.current.map_or(0, |i| i + 1);
+        let r = self.ladder.get(next).or_else(|| self.ladder.last())?;
+        Some((r.bps as f64 * UP_HEADROOM) as u64)
+    }
+
+    fn emit_bitrate(&mut self, minimum: u64, desired: u64) {
+        let b = (minimum, desired);
+        if self.bitrate_sent != Some(b) {
+            self.bitrate_sent = Some(b);
+            self.pending.push(Output::Bitrate {
+                minimum: b.0,
+                desired: b.1,
+            });
+        }
+    }
+}
+
+fn sorted(mut ladder: Vec<Rung>) -> Vec<Rung> {
+    ladder.sort_by(|a, b| a.bps.cmp(&b.bps).then_with(|| a.name.cmp(&b.name)));
+    ladder
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ladder() -> Vec<Rung> {
+        [("f", 2_500_000), ("q", 250_000), ("h", 800_000)]
+            .into_iter()
+            .map(|(n, b)| Rung {
+                name: n.into(),
+                bps: b,
+            })
+            .collect()
+    }
+
+    fn ms(n: u64) -> Duration {
+        Duration::from_millis(n)
+    }
+
+    /// Feeds `bps` every 100 ms (str0m's feedback cadence) for `dur`,
+    /// returning the switches and when they came.
+    fn run(
+        c: &mut Controller,
+        t: &mut Instant,
+        dur: Duration,
+        bps: impl Fn(u32) -> u64,
+    ) -> Vec<(Duration, Switch)> {
+        let start = *t;
+        let mut out = Vec::new();
+        let mut i = 0;
+        while t.duration_since(start) < dur {
+            c.on_estimate(*t, bps(i));
+            c.handle_timeout(*t);
+            while let Some(o) = c.poll_output() {
+                if let Output::Switch(s) = o {
+                    out.push((t.duration_since(start), s));
+                }
+            }
+            *t += ms(100);
+            i += 1;
+        }
+        out
+    }
+
+    fn started(initial: u64) -> (Controller, Instant) {
+        let mut c = Controller::new(ladder(), initial);
+        while c.poll_output().is_some() {}
+        (c, Instant::now())
+    }
+
+    #[test]
+    fn starts_on_what_the_initial_estimate_carries() {
+        assert_eq!(Controller::new(ladder(), 1_000_000).current(), Some("h"));
+        assert_eq!(Controller::new(ladder(), 5_000_000).current(), Some("f"));
+        assert_eq!(Controller::new(ladder(), 100_000).current(), Some("q"));
+        let mut c = Controller::new(ladder(), 1_000_000);
+        assert_eq!(
+            c.poll_output(),
+            Some(Output::Bitrate {
+                minimum: 0,
+                desired: 3_000_000
+            })
+        );
+    }
+
+    #[test]
+    fn down_within_two_seconds_of_a_drop() {
+        let (mut c, mut t) = started(5_000_000);
+        assert!(run(&mut c, &mut t, ms(3000), |_| 4_000_000).is_empty());
+        let s = run(&mut c, &mut t, ms(3000), |_| 900_000);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("h"));
+        assert!(!s[0].1.up);
+        assert!(s[0].0 <= ms(600), "{:?}", s[0].0);
+        // And str0m is told to probe for the next step up again.
+        assert_eq!(c.current(), Some("h"));
+    }
+
+    #[test]
+    fn down_on_a_noisy_low_estimate_with_brief_recoveries() {
+        let (mut c, mut t) = started(5_000_000);
+        // Mostly 1.2 Mbit/s with a 200 ms spike to 3 Mbit/s every 500 ms.
+        let s = run(&mut c, &mut t, ms(3000), |i| {
+            if i % 5 < 2 {
+                3_000_000
+            } else {
+                1_200_000
+            }
+        });
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("h"));
+        assert!(s[0].0 < ms(2000));
+    }
+
+    #[test]
+    fn a_mostly_good_estimate_with_frequent_dips_stays() {
+        let (mut c, mut t) = started(1_000_000);
+        // On 'h' (keep ≥ 680k): 1.2 Mbit/s with a dip to 500k every 200 ms,
+        // so a low episode never ends; its mean stays well above.
+        let s = run(&mut c, &mut t, ms(20_000), |i| {
+            if i % 2 == 0 {
+                500_000
+            } else {
+                1_200_000
+            }
+        });
+        assert!(s.is_empty(), "{s:?}");
+    }
+
+    #[test]
+    fn up_only_after_the_hold() {
+        let (mut c, mut t) = started(1_000_000);
+        assert_eq!(c.current(), Some("h"));
+        let s = run(&mut c, &mut t, ms(12_000), |_| 3_200_000);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("f"));
+        assert!(s[0].1.up);
+        assert!(
+            s[0].0 >= UP_HOLD && s[0].0 <= UP_HOLD + ms(100),
+            "{:?}",
+            s[0].0
+        );
+    }
+
+    #[test]
+    fn a_dip_restarts_the_up_hold() {
+        let (mut c, mut t) = started(1_000_000);
+        // Above the threshold, but one 100 ms dip every 3 s.
+        let s = run(&mut c, &mut t, ms(12_000), |i| {
+            if i % 30 == 29 {
+                2_000_000
+            } else {
+                3_200_000
+            }
+        });
+        assert!(s.is_empty(), "{s:?}");
+    }
+
+    #[test]
+    fn no_flap_on_a_noisy_estimate_around_a_threshold() {
+        let (mut c, mut t) = started(1_000_000);
+        // 'h' is 800k: keep ≥ 680k, up to 'f' needs 3 Mbit/s. Noise ±30%
+        // around 1 Mbit/s (deterministic pseudo-random).
+        let mut x: u32 = 12345;
+        let noise: Vec<u64> = (0..600)
+            .map(|_| {
+                x = x.wrapping_mul(1_103_515_245).wrapping_add(12345);
+                700_000 + u64::from((x >> 8) % 600_000)
+            })
+            .collect();
+        let s = run(&mut c, &mut t, ms(60_000), |i| noise[i as usize]);
+        assert!(s.is_empty(), "{s:?}");
+        // Noise across the keep threshold (500k–1.1M, a third of it below
+        // 680k): at most one step down, and no way back up.
+        let (mut c, mut t) = started(1_000_000);
+        let s = run(&mut c, &mut t, ms(60_000), |i| noise[i as usize] - 200_000);
+        assert!(s.len() <= 1, "{s:?}");
+        assert!(s.iter().all(|(_, s)| !s.up), "{s:?}");
+    }
+
+    #[test]
+    fn failed_up_switches_back_off() {
+        let (mut c, mut t) = started(1_000_000);
+        let mut switches = Vec::new();
+        let mut at = Duration::ZERO;
+        // A link that shows 3.2 Mbit/s while on 'h' but collapses to 1 Mbit/s
+        // whenever 'f' is sent: each try fails; the gaps between tries grow.
+        for _ in 0..600 {
+            let bps = if c.current() == Some("f") {
+                1_000_000
+            } else {
+                3_200_000
+            };
+            for s in run(&mut c, &mut t, ms(100), |_| bps) {
+                switches.push((at, s.1));
+            }
+            at += ms(100);
+        }
+        let ups: Vec<Duration> = switches
+            .iter()
+            .filter(|(_, s)| s.up)
+            .map(|(d, _)| *d)
+            .collect();
+        assert!(ups.len() >= 3, "{switches:?}");
+        let gaps: Vec<Duration> = ups.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(gaps.windows(2).all(|g| g[1] > g[0]), "{gaps:?}");
+        // At most 6 tries in a minute (5, 10, 20, 40 s holds).
+        assert!(ups.len() <= 6, "{ups:?}");
+    }
+
+    #[test]
+    fn audio_only_below_the_lowest_and_back() {
+        let (mut c, mut t) = started(1_000_000);
+        let s = run(&mut c, &mut t, ms(2000), |_| 150_000);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to, None);
+        assert!(s[0].0 <= ms(600));
+        assert_eq!(c.current(), None);
+        // str0m probes toward the lowest rendition meanwhile.
+        let s = run(&mut c, &mut t, ms(10_000), |_| 200_000);
+        assert!(s.is_empty());
+        // The link recovers: video resumes on the lowest after the hold.
+        let s = run(&mut c, &mut t, ms(8000), |_| 400_000);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("q"));
+        assert!(s[0].1.up);
+    }
+
+    #[test]
+    fn desired_bitrate_follows_the_next_step() {
+        let mut c = Controller::new(ladder(), 300_000);
+        assert_eq!(c.current(), Some("q"));
+        assert_eq!(
+            c.poll_output(),
+            Some(Output::Bitrate {
+                minimum: 0,
+                desired: 960_000
+            })
+        );
+        let mut t = Instant::now();
+        let s = run(&mut c, &mut t, ms(6000), |_| 1_000_000);
+        assert_eq!(s.len(), 1);
+        // After the switch to 'h', the next probe target is 'f' × 1.2.
+        c.on_estimate(t, 1_000_000);
+        assert!(c.poll_output().is_none());
+        let mut c = Controller::new(ladder(), 300_000);
+        while c.poll_output().is_some() {}
+        c.on_estimate(t, 150_000);
+        c.handle_timeout(t + DOWN_HOLD);
+        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        assert!(out.contains(&Output::Bitrate {
+            minimum: 0,
+            desired: 300_000
+        }));
+    }
+
+    #[test]
+    fn single_rendition_never_switches_nor_probes() {
+        let one = vec![Rung {
+            name: "video".into(),
+            bps: 2_500_000,
+        }];
+        let mut c = Controller::new(one, 300_000);
+        assert!(c.inert());
+        assert_eq!(c.poll_output(), None);
+        let mut t = Instant::now();
+        assert!(run(&mut c, &mut t, ms(5000), |_| 10_000).is_empty());
+        assert!(run(&mut c, &mut t, ms(20_000), |_| 50_000_000).is_empty());
+        assert_eq!(c.poll_timeout(), None);
+        assert_eq!(c.current(), Some("video"));
+    }
+
+    #[test]
+    fn loss_steps_down_one_even_with_a_high_estimate() {
+        let (mut c, t) = started(5_000_000);
+        c.on_estimate(t, 4_000_000);
+        c.on_loss(t, 0.2);
+        c.handle_timeout(t + DOWN_HOLD);
+        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        assert!(
+            matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("h")),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn set_current_follows_a_manual_choice_then_decides_from_there() {
+        let (mut c, mut t) = started(5_000_000);
+        assert_eq!(c.current(), Some("f"));
+        c.set_current(t, Some("q"));
+        assert_eq!(c.current(), Some("q"));
+        assert_eq!(
+            c.poll_output(),
+            Some(Output::Bitrate {
+                minimum: 0,
+                desired: 960_000
+            })
+        );
+        c.set_current(t, Some("nope"));
+        assert_eq!(c.current(), Some("q"));
+        // Back to auto on a good link: up after the hold, to what fits.
+        let s = run(&mut c, &mut t, ms(6000), |_| 4_000_000);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("f"));
+        c.set_current(t, None);
+        assert_eq!(c.current(), None);
+    }
+
+    #[test]
+    fn ladder_change_keeps_the_current_by_name() {
+        let (mut c, t) = started(1_000_000);
+        let mut l = ladder();
+        l.push(Rung {
+            name: "x".into(),
+            bps: 1_500_000,
+        });
+        c.set_ladder(t, l);
+        assert_eq!(c.current(), Some("h"));
+        c.set_ladder(
+            t,
+            vec![
+                Rung {
+                    name: "q".into(),
+                    bps: 250_000,
+                },
+                Rung {
+                    name: "f".into(),
+                    bps: 2_500_000,
+                },
+            ],
+        );
+        c.on_estimate(t, 1_000_000);
+        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        assert!(out
+            .iter()
+            .any(|o| matches!(o, Output::Switch(s) if s.to.as_deref() == Some("q"))));
+    }
+}
