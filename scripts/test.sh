@@ -14,6 +14,11 @@ APT_PACKAGES=(
   iproute2 # network namespaces + veth for the browser tests (Chromium skips loopback)
   nftables # browser test: UDP dropped, the viewer plays over ICE-TCP
   coturn # browser test: TURN relay with REST (use-auth-secret) credentials
+  # RTSP pull tests (tests/rtsp.rs): GStreamer's RTSP server through Python
+  # stands in for an IP camera (tests/rtsp/server.py).
+  python3-gi python3-gst-1.0 gir1.2-gst-rtsp-server-1.0
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+  gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-rtsp
 )
 
 log() { printf '==> %s\n' "$*" >&2; }

@@ -1,18 +1,23 @@
 //! Node endpoints every role serves: `/healthz`, `/metrics` (Prometheus
-//! text), `/api/streams` (JSON). With `--api-token`, `/metrics` and
-//! `/api/*` answer 401 without `Authorization: Bearer TOKEN`; `/healthz`
-//! stays open for load balancers.
+//! text), `/api/streams` (JSON), and on nodes that pull cameras
+//! `/api/pulls` (RTSP pulls: GET lists, POST adds, DELETE removes). With
+//! `--api-token`, `/metrics` and the GETs of `/api/*` answer 401 without
+//! `Authorization: Bearer TOKEN`; `/healthz` stays open for load
+//! balancers. POST and DELETE of `/api/pulls` change what the node
+//! publishes, so they take the publish token (or a publish JWT) instead.
 
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use axum::extract::{Request, State};
+use axum::extract::{Path, Request, State};
 use axum::http::{header, HeaderValue, StatusCode};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
-use axum::routing::get;
+use axum::routing::{delete, get};
 use axum::{Json, Router};
+use cascade_ingest::rtsp::{PullConfig, PullError, Pulls, Transport};
 use cascade_origin::Registry;
+use cascade_rtc::auth::Auth;
 use metrics_exporter_prometheus::PrometheusHandle;
 
 /// What the node endpoints read.
@@ -23,6 +28,10 @@ pub struct Api {
     pub draining: Arc<AtomicBool>,
     /// `--api-token`: required on everything but `/healthz` when set.
     pub api_token: Option<Arc<str>>,
+    /// RTSP pulls (roles `all` and `ingest`); `None`: `/api/pulls` is 404.
+    pub pulls: Option<Arc<Pulls>>,
+    /// Who may add or remove pulls: the publish token (or a publish JWT).
+    pub publish_auth: Auth,
 }
 
 /// The routes.
@@ -30,13 +39,19 @@ pub fn router(api: Api) -> Router {
     let guarded = Router::new()
         .route("/metrics", get(metrics))
         .route("/api/streams", get(streams))
+        .route("/api/pulls", get(list_pulls))
         .route_layer(axum::middleware::from_fn_with_state(
             api.api_token.clone(),
             require_token,
         ));
+    // Same paths, other methods: the publish token is checked in the handlers.
+    let changes = Router::new()
+        .route("/api/pulls", axum::routing::post(add_pull))
+        .route("/api/pulls/{stream}", delete(remove_pull));
     Router::new()
         .route("/healthz", get(healthz))
         .merge(guarded)
+        .merge(changes)
         .with_state(api)
 }
 
@@ -100,6 +115,107 @@ async fn streams(State(api): State<Api>) -> Response {
     res
 }
 
+async fn list_pulls(State(api): State<Api>) -> Response {
+    match &api.pulls {
+        Some(p) => Json(p.list()).into_response(),
+        None => (StatusCode::NOT_FOUND, "this role pulls no cameras\n").into_response(),
+    }
+}
+
+/// The body of `POST /api/pulls`.
+#[derive(serde::Deserialize)]
+#[serde(deny_unknown_fields)]
+struct NewPull {
+    stream: String,
+    url: String,
+    #[serde(default)]
+    on_demand: bool,
+    #[serde(default)]
+    transport: Transport,
+    /// Seconds (on demand: stay connected this long after the last viewer).
+    #[serde(default)]
+    grace_s: Option<u64>,
+}
+
+/// True when the request carries the publish token or a publish JWT for
+/// `stream`.
+fn authorized(api: &Api, stream: &str, headers: &axum::http::HeaderMap) -> bool {
+    let token = headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| {
+            v.strip_prefix("Bearer ")
+                .or_else(|| v.strip_prefix("bearer "))
+        })
+        .map(str::trim);
+    let now = cascade_rtc::auth::unix_now();
+    api.publish_auth
+        .authorize(cascade_rtc::auth::Action::Publish, stream, token, now)
+        .is_ok()
+}
+
+/// 401 with `WWW-Authenticate: Bearer`.
+fn unauthorized() -> Response {
+    let mut res = (StatusCode::UNAUTHORIZED, "missing or wrong publish token\n").into_response();
+    res.headers_mut()
+        .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static("Bearer"));
+    res
+}
+
+async fn add_pull(
+    State(api): State<Api>,
+    headers: axum::http::HeaderMap,
+    body: axum::body::Bytes,
+) -> Response {
+    let Some(pulls) = &api.pulls else {
+        return (StatusCode::NOT_FOUND, "this role pulls no cameras\n").into_response();
+    };
+    let new: NewPull = match serde_json::from_slice(&body) {
+        Ok(n) => n,
+        // serde's message names the field, never echoes the URL.
+        Err(e) => return (StatusCode::BAD_REQUEST, format!("bad pull: {e}\n")).into_response(),
+    };
+    if !authorized(&api, &new.stream, &headers) {
+        return unauthorized();
+    }
+    let mut config = PullConfig::new(&new.stream, &new.url, new.on_demand);
+    config.transport = new.transport;
+    if let Some(g) = new.grace_s {
+        config.grace = std::time::Duration::from_secs(g.min(86_400));
+    }
+    match pulls.add(config) {
+        Ok(()) => {
+            let info = pulls.get(&new.stream);
+            (StatusCode::CREATED, Json(info)).into_response()
+        }
+        Err(e @ PullError::Duplicate(_)) => {
+            (StatusCode::CONFLICT, format!("{e}\n")).into_response()
+        }
+        Err(e @ PullError::TooMany(_)) => {
+            (StatusCode::SERVICE_UNAVAILABLE, format!("{e}\n")).into_response()
+        }
+        Err(e) => (StatusCode::BAD_REQUEST, format!("{e}\n")).into_response(),
+    }
+}
+
+async fn remove_pull(
+    State(api): State<Api>,
+    Path(stream): Path<String>,
+    headers: axum::http::HeaderMap,
+) -> Response {
+    let Some(pulls) = &api.pulls else {
+        return (StatusCode::NOT_FOUND, "this role pulls no cameras\n").into_response();
+    };
+    if !authorized(&api, &stream, &headers) {
+        return unauthorized();
+    }
+    if pulls.remove(&stream) {
+        (StatusCode::OK, "removed\n").into_response()
+    } else {
+        (StatusCode::NOT_FOUND, "no such pull\n").into_response()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,7 +229,84 @@ mod tests {
             prometheus: None,
             draining: Arc::new(AtomicBool::new(false)),
             api_token: None,
+            pulls: None,
+            publish_auth: Auth::new(Some("pub"), None, None),
         }
+    }
+
+    async fn send(r: &Router, rq: axum::http::request::Builder, body: &str) -> (u16, String) {
+        let res = r
+            .clone()
+            .oneshot(rq.body(Body::from(body.to_string())).unwrap())
+            .await
+            .unwrap();
+        let status = res.status().as_u16();
+        let body = axum::body::to_bytes(res.into_body(), 1 << 20)
+            .await
+            .unwrap();
+        (status, String::from_utf8_lossy(&body).into_owned())
+    }
+
+    #[tokio::test]
+    async fn pulls_need_the_publish_token_and_hide_passwords() {
+        let a = Api {
+            pulls: Some(Pulls::new(Registry::new(), 4, true)),
+            api_token: Some("apitoken".into()),
+            ..api()
+        };
+        let r = router(a);
+        let body =
+            r#"{"stream":"cam1","url":"rtsp://admin:hunter2@127.0.0.1:1/x","on_demand":true}"#;
+        let post = || Request::post("/api/pulls").header("content-type", "application/json");
+        assert_eq!(send(&r, post(), body).await.0, 401);
+        assert_eq!(
+            send(&r, post().header("authorization", "Bearer apitoken"), body)
+                .await
+                .0,
+            401,
+            "the API token does not add pulls"
+        );
+        let (status, text) = send(&r, post().header("authorization", "Bearer pub"), body).await;
+        assert_eq!(status, 201, "{text}");
+        assert!(
+            !text.contains("hunter2") && !text.contains("admin"),
+            "{text}"
+        );
+        let (status, _) = send(&r, post().header("authorization", "Bearer pub"), body).await;
+        assert_eq!(status, 409);
+        let bad = r#"{"stream":"cam2","url":"http://x/y"}"#;
+        let (status, text) = send(&r, post().header("authorization", "Bearer pub"), bad).await;
+        assert_eq!(status, 400, "{text}");
+        // GET follows the API token.
+        assert_eq!(get_status(&r, "/api/pulls", None).await, 401);
+        let (status, text) = send(
+            &r,
+            Request::get("/api/pulls").header("authorization", "Bearer apitoken"),
+            "",
+        )
+        .await;
+        assert_eq!(status, 200);
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v[0]["stream"], "cam1");
+        assert_eq!(v[0]["url"], "rtsp://127.0.0.1:1/x");
+        assert_eq!(v[0]["on_demand"], true);
+        assert_eq!(v[0]["state"], "idle");
+        assert!(v[0]["error"].is_null());
+        assert!(!text.contains("hunter2"), "{text}");
+        let del = || Request::delete("/api/pulls/cam1");
+        assert_eq!(send(&r, del(), "").await.0, 401);
+        assert_eq!(
+            send(&r, del().header("authorization", "Bearer pub"), "")
+                .await
+                .0,
+            200
+        );
+        assert_eq!(
+            send(&r, del().header("authorization", "Bearer pub"), "")
+                .await
+                .0,
+            404
+        );
     }
 
     async fn get_status(r: &Router, path: &str, bearer: Option<&str>) -> u16 {

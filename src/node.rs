@@ -161,11 +161,14 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
             ));
         }
     }
+    let pulls = start_pulls(&cfg, &registry)?;
     router = router.merge(api::router(Api {
         registry: registry.clone(),
         prometheus,
         draining: draining.clone(),
         api_token: cfg.api_token.as_deref().map(Arc::from),
+        pulls,
+        publish_auth: cascade_rtc::auth::Auth::new(Some(&token), None, cfg.token_secret.as_deref()),
     }));
 
     let http = listen_http(cfg.http).with_context(|| format!("binding HTTP on {}", cfg.http))?;
@@ -272,6 +275,27 @@ fn start_tls(cfg: &Config, stop: &CancellationToken) -> anyhow::Result<Option<cr
     tls.spawn_reload(stop.clone());
     tracing::info!(cert = %files.cert.display(), "TLS on: HTTPS only on --http, re-read when the files change");
     Ok(Some(tls))
+}
+
+/// RTSP pulls on the roles that ingest: the file's `[[pull]]` tables now,
+/// more through `/api/pulls`. On demand needs this node's registry to see
+/// the viewers, so only `all` honours it; an `ingest` node runs such pulls
+/// always-on (the origin cannot ask it to start one).
+fn start_pulls(
+    cfg: &Config,
+    registry: &Arc<Registry>,
+) -> anyhow::Result<Option<Arc<cascade_ingest::rtsp::Pulls>>> {
+    use cascade_ingest::rtsp::{Pulls, DEFAULT_MAX_PULLS};
+    if !matches!(cfg.role, Role::All | Role::Ingest) {
+        return Ok(None);
+    }
+    let pulls = Pulls::new(registry.clone(), DEFAULT_MAX_PULLS, cfg.role == Role::All);
+    for p in &cfg.pulls {
+        pulls
+            .add(p.clone())
+            .with_context(|| format!("[[pull]] stream {}", p.stream))?;
+    }
+    Ok(Some(pulls))
 }
 
 /// Binds `--rtmps` and serves RTMPS on it: the RTMP ingest behind a TLS

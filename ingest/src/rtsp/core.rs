@@ -220,6 +220,11 @@ impl Pull {
                 self.state = State::Live;
                 self.error = None;
                 self.published = true;
+                // The waiting viewers subscribe now; from here the readers
+                // count, and `grace` runs from the last one.
+                if self.wanted_until.take().is_some() {
+                    self.last_reader = Some(now);
+                }
             }
             Phase::Down => {}
         }
@@ -531,9 +536,20 @@ mod tests {
         p.handle_readers(t0 + s(37), 0);
         assert_eq!(drain(&mut p), vec![Action::Disconnect, Action::Unpublish]);
         assert_eq!((p.state(), p.poll_timeout()), (State::Idle, None));
-        // The next viewer starts it again.
+        // The next viewer starts it again; once live, a quick leave is
+        // cut after the grace, not after the start wait.
         p.request(t0 + s(60));
         assert_eq!(drain(&mut p), vec![Action::Connect(2)]);
+        p.handle_step(t0 + s(60), 2, Step::Playing);
+        p.handle_frame(t0 + s(61), 2);
+        p.handle_readers(t0 + s(62), 1);
+        for i in 63..=71 {
+            p.handle_frame(t0 + s(i), 2);
+            p.handle_readers(t0 + s(i), 0);
+        }
+        assert!(drain(&mut p).is_empty());
+        p.handle_readers(t0 + s(72), 0);
+        assert_eq!(drain(&mut p), vec![Action::Disconnect, Action::Unpublish]);
     }
 
     #[test]

@@ -261,7 +261,7 @@ async fn session(
     session
         .setup(plan.video.0, setup())
         .await
-        .map_err(|e| format!("SETUP video: {e}"))?;
+        .map_err(|e| format!("SETUP video: {}", first_line(&e)))?;
     let mut audio = None;
     if let Some(i) = plan.audio {
         match audio_in(&session.streams()[i]) {
@@ -269,7 +269,7 @@ async fn session(
                 session
                     .setup(i, setup())
                     .await
-                    .map_err(|e| format!("SETUP audio: {e}"))?;
+                    .map_err(|e| format!("SETUP audio: {}", first_line(&e)))?;
                 audio = Some(a);
             }
             Err(e) => tracing::warn!(error = %e, "camera audio skipped"),
@@ -279,14 +279,16 @@ async fn session(
     let playing = session
         .play(PlayOptions::default().initial_timestamp(InitialTimestampPolicy::Permissive))
         .await
-        .map_err(|e| format!("PLAY: {e}"))?;
+        .map_err(|e| format!("PLAY: {}", first_line(&e)))?;
     let _ = tx.send(Report::Step(attempt, Step::Playing)).await;
-    let mut demuxed = playing.demuxed().map_err(|e| format!("demux: {e}"))?;
+    let mut demuxed = playing
+        .demuxed()
+        .map_err(|e| format!("demux: {}", first_line(&e)))?;
     let mut media = Media::new(plan.video.1, audio)?;
     let mut outs = Vec::new();
     let video_stream = plan.video.0;
     while let Some(item) = demuxed.next().await {
-        let item = item.map_err(|e| format!("stream: {e}"))?;
+        let item = item.map_err(|e| format!("stream: {}", first_line(&e)))?;
         let wall_us = cascade_origin::wallclock_us();
         outs.clear();
         match item {
@@ -361,11 +363,19 @@ fn write(ctx: &Ctx, slot: &Slot, media: &mut Media, outs: &[Out]) -> Result<(), 
 
 /// retina's DESCRIBE errors, with the usual causes said plainly first.
 fn describe_error(e: &retina::Error) -> String {
+    let text = first_line(e);
     match e.status_code() {
-        Some(401) => format!("401 Unauthorized: wrong or missing credentials ({e})"),
-        Some(404) => format!("404 Not Found: no such path on the camera ({e})"),
-        _ => format!("DESCRIBE: {e}"),
+        Some(401) => format!("401 Unauthorized: wrong or missing credentials ({text})"),
+        Some(404) => format!("404 Not Found: no such path on the camera ({text})"),
+        _ => format!("DESCRIBE: {text}"),
     }
+}
+
+/// retina's errors carry connection details on further lines: the API's
+/// `error` field keeps the first.
+fn first_line(e: &impl std::fmt::Display) -> String {
+    let text = e.to_string();
+    text.lines().next().unwrap_or_default().trim().to_string()
 }
 
 #[cfg(test)]
