@@ -468,3 +468,112 @@ async fn on_demand_connects_on_the_first_viewer_and_leaves_after_the_last() {
     let r = common::view(&base, "od", 3).await;
     assert!(r.video_frames > 30, "{r:?}");
 }
+
+/// Split cluster: the pull runs on the ingest node (on demand there runs
+/// always-on), the relay carries it to the origin, an edge plays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_cluster_ingest_pulls_and_an_edge_plays() {
+    use common::SECRET;
+    let camera = Camera::start(free_port(), "none");
+    let origin = Node::start(
+        "origin",
+        &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"],
+    );
+    let quic = origin.quic.clone().unwrap();
+    let ingest = Node::start("ingest", &["--cluster-secret", SECRET, "--origin", &quic]);
+    let edge = Node::start("edge", &["--cluster-secret", SECRET, "--origin", &quic]);
+    assert_eq!(
+        add_pull(&ingest.http, "cam", &camera.url("", "cam"), true).await,
+        201
+    );
+    // On an ingest node on-demand pulls connect at once.
+    wait_state(&ingest.http, "cam", "live", Duration::from_secs(15)).await;
+    common::wait_live(&origin.http, "cam").await;
+    let r = common::view(&edge.http, "cam", 4).await;
+    eprintln!("split viewer: {r:?}");
+    assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
+    assert!(r.video_frames > 60, "{r:?}");
+    assert!(r.audio_frames > 100, "{r:?}");
+    // The edge has no pulls.
+    let s = reqwest::get(format!("{}/api/pulls", edge.http))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s.as_u16(), 404);
+}
+
+/// Hostile or broken cameras: one that answers garbage, one whose DESCRIBE
+/// never ends, one that stalls mid-stream (SIGSTOP). Each gets a clear
+/// error and a retry; a good camera on the same node plays on.
+#[tokio::test]
+async fn garbage_endless_describe_and_stall_are_errors() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let garbage = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let garbage_port = garbage.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = garbage.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let junk: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+                let _ = s.write_all(&junk).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            // Accept, read nothing, answer nothing.
+            held.push(s);
+        }
+    });
+    let good = Camera::start(free_port(), "none");
+    let stalling = Camera::start(free_port(), "none");
+    let node = Node::start("all", &[]);
+    let base = node.http.clone();
+    let garbage_url = format!("rtsp://127.0.0.1:{garbage_port}/x");
+    assert_eq!(add_pull(&base, "garbage", &garbage_url, false).await, 201);
+    let silent_url = format!("rtsp://127.0.0.1:{silent_port}/x");
+    assert_eq!(add_pull(&base, "silent", &silent_url, false).await, 201);
+    assert_eq!(
+        add_pull(&base, "good", &good.url("", "cam"), false).await,
+        201
+    );
+    assert_eq!(
+        add_pull(&base, "stall", &stalling.url("", "cam"), false).await,
+        201
+    );
+    wait_state(&base, "stall", "live", Duration::from_secs(15)).await;
+    let stopped = Instant::now();
+    let pid = stalling.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let g = wait_state(&base, "garbage", "error", Duration::from_secs(15)).await;
+    eprintln!("garbage: {g}");
+    let s = wait_state(&base, "stall", "error", Duration::from_secs(10)).await;
+    eprintln!(
+        "stall detected after {:.1} s: {s}",
+        stopped.elapsed().as_secs_f64()
+    );
+    assert!(s["error"].as_str().unwrap().contains("stalled"), "{s}");
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let d = wait_state(&base, "silent", "error", Duration::from_secs(15)).await;
+    assert_eq!(
+        d["error"], "timeout: no answer to DESCRIBE within 10 s",
+        "{d}"
+    );
+    wait_state(&base, "stall", "live", Duration::from_secs(20)).await;
+    assert_eq!(pull(&base, "good").await["state"], "live");
+    let r = common::view(&base, "good", 3).await;
+    assert!(r.video_frames > 45, "{r:?}");
+}
