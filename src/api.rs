@@ -106,7 +106,21 @@ async fn metrics(State(api): State<Api>) -> Response {
 }
 
 async fn streams(State(api): State<Api>) -> Response {
-    let mut res = Json(api.registry.list()).into_response();
+    let list = api.registry.list();
+    let mut res = match &api.pulls {
+        // Pulled streams carry their pull's state and last error.
+        Some(pulls) => {
+            let mut rows = serde_json::to_value(&list).unwrap_or_default();
+            for row in rows.as_array_mut().into_iter().flatten() {
+                let name = row["stream"].as_str().unwrap_or_default().to_string();
+                if let Some(p) = pulls.get(&name) {
+                    row["pull"] = serde_json::json!({"state": p.state, "error": p.error});
+                }
+            }
+            Json(rows).into_response()
+        }
+        None => Json(list).into_response(),
+    };
     // Dashboards on other origins poll this.
     res.headers_mut().insert(
         header::ACCESS_CONTROL_ALLOW_ORIGIN,

@@ -214,6 +214,7 @@ async fn camera_plays_and_a_viewer_survives_a_camera_restart() {
         .await
         .unwrap();
     assert_eq!(streams[0]["protocol"], "rtsp", "{streams}");
+    assert_eq!(streams[0]["pull"]["state"], "live", "{streams}");
 
     let mut v = loadtest::whep::Viewer::start(viewer_options(&base, "cam1"))
         .await

@@ -348,7 +348,15 @@ impl Sources for Hook {
         name: &str,
     ) -> Option<Pin<Box<dyn Future<Output = cascade_origin::Result<()>> + Send>>> {
         let pulls = self.0.upgrade()?;
-        let status = lock(&pulls.pulls).get(name)?.status.clone();
+        let status = {
+            let map = lock(&pulls.pulls);
+            let entry = map.get(name)?;
+            // Always-on pulls are trying already: a miss is a plain 404.
+            if !entry.config.on_demand {
+                return None;
+            }
+            entry.status.clone()
+        };
         let registry = pulls.registry.clone();
         let name = name.to_string();
         Some(Box::pin(async move {
