@@ -428,6 +428,37 @@ mod tests {
         assert!(frames[0].frame.pts.abs_diff(video_zero) < 48 * 30);
     }
 
+    proptest::proptest! {
+        /// Whatever a camera sends (sizes, timestamps in any order, loss,
+        /// audio garbage): no panic; dts goes back only at a timestamp
+        /// reset (a step back of more than `MAX_REORDER`), which the edge's
+        /// timeline re-bases.
+        #[test]
+        fn arbitrary_frames_never_panic(
+            frames in proptest::collection::vec(
+                (proptest::collection::vec(proptest::num::u8::ANY, 0..64),
+                 -1_000_000i64..1_000_000, proptest::bool::ANY, 0u16..3, proptest::bool::ANY),
+                0..64),
+        ) {
+            let audio = AudioIn::G711 { law: Law::A, rate: 8_000, channels: 1 };
+            let mut m = Media::new(Codec::H265, Some(audio)).unwrap();
+            let mut last_dts = 0;
+            let mut max_pts = 0;
+            let mut out = Vec::new();
+            for (data, elapsed, key, loss, is_audio) in frames {
+                if is_audio {
+                    let _ = m.audio(&data, elapsed, 8_000, WALL, &mut out);
+                } else if let Ok(Some(o)) = m.video(data, elapsed, key, loss, WALL) {
+                    let reset = o.frame.pts + MAX_REORDER < max_pts;
+                    proptest::prop_assert!(reset || o.frame.dts >= last_dts);
+                    last_dts = o.frame.dts;
+                    max_pts = if reset { o.frame.pts } else { max_pts.max(o.frame.pts) };
+                }
+                let _ = m.catalog();
+            }
+        }
+    }
+
     fn mu_encode(x: i16) -> u8 {
         let sign = if x < 0 { 0x80u8 } else { 0 };
         let mut m = i32::from(x).abs().min(32_635) + 0x84;

@@ -391,6 +391,25 @@ mod tests {
         assert!(split_url(&format!("rtsp://cam/{}", "x".repeat(MAX_URL))).is_err());
     }
 
+    proptest::proptest! {
+        /// Any text: no panic, and a password never survives into the
+        /// URL that is shown.
+        #[test]
+        fn split_url_never_panics_nor_leaks(
+            user in "[a-zA-Z0-9%]{0,12}",
+            pass in "[a-zA-Z0-9%!$]{1,16}",
+            rest in "\\PC{0,64}",
+        ) {
+            let _ = split_url(&rest);
+            let raw = format!("rtsp://{user}:{pass}@cam.example/{rest}");
+            if let Ok(s) = split_url(&raw) {
+                proptest::prop_assert_eq!(s.url.password(), None);
+                proptest::prop_assert!(s.url.username().is_empty());
+                proptest::prop_assert!(s.creds.is_some());
+            }
+        }
+    }
+
     #[tokio::test]
     async fn add_validates_and_lists_without_the_password() {
         let pulls = Pulls::new(Registry::new(), 2, true);
