@@ -33,10 +33,20 @@ fn python() -> &'static str {
 /// 1 kHz AAC tone, made once per test binary.
 fn media() -> &'static Path {
     static MEDIA: OnceLock<PathBuf> = OnceLock::new();
-    MEDIA.get_or_init(|| {
+    MEDIA.get_or_init(|| make_media("cam.mp4", "0"))
+}
+
+/// The same with x264's B-frames (2 between references).
+fn bframes_media() -> &'static Path {
+    static MEDIA: OnceLock<PathBuf> = OnceLock::new();
+    MEDIA.get_or_init(|| make_media("bframes.mp4", "2"))
+}
+
+fn make_media(name: &str, bframes: &str) -> PathBuf {
+    {
         let dir = std::env::temp_dir().join(format!("cascade-rtsp-{}", std::process::id()));
         std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("cam.mp4");
+        let path = dir.join(name);
         let ok = Command::new("ffmpeg")
             .args([
                 "-hide_banner",
@@ -55,12 +65,10 @@ fn media() -> &'static Path {
                 "libx264",
                 "-preset",
                 "ultrafast",
-                "-tune",
-                "zerolatency",
                 "-g",
                 "30",
                 "-bf",
-                "0",
+                bframes,
                 "-pix_fmt",
                 "yuv420p",
                 "-c:a",
@@ -74,7 +82,7 @@ fn media() -> &'static Path {
             .success();
         assert!(ok, "ffmpeg made the camera's file");
         path
-    })
+    }
 }
 
 /// A port nothing listens on right now (for a server to take, or to stay dead).
@@ -100,6 +108,8 @@ impl Camera {
             .arg("--media")
             .arg(media())
             .args(["--port", &port.to_string(), "--auth-method", auth])
+            .arg("--bframes-media")
+            .arg(bframes_media())
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -577,4 +587,38 @@ async fn garbage_endless_describe_and_stall_are_errors() {
     assert_eq!(pull(&base, "good").await["state"], "live");
     let r = common::view(&base, "good", 3).await;
     assert!(r.video_frames > 45, "{r:?}");
+}
+
+/// A camera whose H.264 has B-frames: the pull sees the reordering, the
+/// catalog says `bframes`, and viewers get decodable video (the edge's
+/// B-frame method, docs/bframes.md).
+#[tokio::test]
+async fn bframes_camera_is_marked_and_plays() {
+    let camera = Camera::start(free_port(), "none");
+    let node = Node::start("all", &[]);
+    let base = node.http.clone();
+    assert_eq!(
+        add_pull(&base, "b", &camera.url("", "bframes"), false).await,
+        201
+    );
+    wait_state(&base, "b", "live", Duration::from_secs(15)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let streams: serde_json::Value = reqwest::get(format!("{base}/api/streams"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if streams[0]["bframes"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bframes never marked: {streams}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = common::view(&base, "b", 4).await;
+    eprintln!("bframes viewer: {r:?}");
+    assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
+    assert!(r.video_frames > 20, "{r:?}");
+    assert!(r.audio_frames > 100, "{r:?}");
 }

@@ -6,6 +6,7 @@ gir1.2-gst-rtsp-server-1.0 through python3-gi) serving an ffmpeg-made MP4
   /cam     H.264 + AAC
   /g711    H.264 + the tone as G.711 PCMU (8 kHz mono)
   /mjpeg   Motion-JPEG only (a codec cascade does not take)
+  /bframes H.264 with B-frames + AAC, from --bframes-media (when given)
 
 With --auth-method basic or digest every mount needs user admin with
 --password (GStreamer answers 404, not 401, to an anonymous client when some
@@ -44,6 +45,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--port", type=int, default=0)
     ap.add_argument("--media", required=True, help="MP4 with H.264 + AAC")
+    ap.add_argument("--bframes-media", help="MP4 with H.264 (B-frames) + AAC")
     ap.add_argument("--password", default="s3cret")
     ap.add_argument("--auth-method", choices=["none", "basic", "digest"], default="none")
     args = ap.parse_args()
@@ -82,6 +84,9 @@ def main():
     mounts.add_factory("/cam", factory(src + video + aac, roles))
     mounts.add_factory("/g711", factory(src + video + pcmu, roles))
     mounts.add_factory("/mjpeg", factory(mjpeg, roles))
+    if args.bframes_media:
+        bsrc = 'filesrc location="%s" ! qtdemux name=d ' % args.bframes_media
+        mounts.add_factory("/bframes", factory(bsrc + video + aac, roles))
 
     if server.attach(None) == 0:
         print("cannot listen", file=sys.stderr)
