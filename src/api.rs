@@ -32,6 +32,9 @@ pub struct Api {
     pub pulls: Option<Arc<Pulls>>,
     /// Who may add or remove pulls: the publish token (or a publish JWT).
     pub publish_auth: Auth,
+    /// The node's wrong-token limit (`--auth-max-failures`), shared with
+    /// WHIP/WHEP/RTMP; `None` in router unit tests.
+    pub auth_gate: Option<cascade_rtc::limit::AuthGate>,
 }
 
 /// The routes.
@@ -151,6 +154,36 @@ struct NewPull {
     grace_s: Option<u64>,
 }
 
+/// `Ok` when the request carries the publish token or a publish JWT for
+/// `stream`; else 401, or 429 once its address sent too many wrong tokens
+/// (the node's one count, as on WHIP and RTMP).
+fn admit(
+    api: &Api,
+    stream: &str,
+    headers: &axum::http::HeaderMap,
+    client: Option<cascade_rtc::http::ClientAddr>,
+) -> Result<(), Box<Response>> {
+    let ip = client.map_or(std::net::IpAddr::from([0, 0, 0, 0]), |c| c.0.ip());
+    let now = std::time::Instant::now();
+    if let Some(gate) = &api.auth_gate {
+        if let Err(wait) = gate.admit("api", ip, now) {
+            let mut res =
+                (StatusCode::TOO_MANY_REQUESTS, "too many wrong tokens\n").into_response();
+            if let Ok(v) = HeaderValue::from_str(&wait.to_string()) {
+                res.headers_mut().insert(header::RETRY_AFTER, v);
+            }
+            return Err(Box::new(res));
+        }
+    }
+    if authorized(api, stream, headers) {
+        return Ok(());
+    }
+    if let Some(gate) = &api.auth_gate {
+        gate.failed("api", headers.contains_key(header::AUTHORIZATION), ip, now);
+    }
+    Err(Box::new(unauthorized()))
+}
+
 /// True when the request carries the publish token or a publish JWT for
 /// `stream`.
 fn authorized(api: &Api, stream: &str, headers: &axum::http::HeaderMap) -> bool {
@@ -178,6 +211,7 @@ fn unauthorized() -> Response {
 
 async fn add_pull(
     State(api): State<Api>,
+    client: Option<axum::Extension<cascade_rtc::http::ClientAddr>>,
     headers: axum::http::HeaderMap,
     body: axum::body::Bytes,
 ) -> Response {
@@ -189,8 +223,8 @@ async fn add_pull(
         // serde's message names the field, never echoes the URL.
         Err(e) => return (StatusCode::BAD_REQUEST, format!("bad pull: {e}\n")).into_response(),
     };
-    if !authorized(&api, &new.stream, &headers) {
-        return unauthorized();
+    if let Err(res) = admit(&api, &new.stream, &headers, client.map(|c| c.0)) {
+        return *res;
     }
     let mut config = PullConfig::new(&new.stream, &new.url, new.on_demand);
     config.transport = new.transport;
@@ -215,13 +249,14 @@ async fn add_pull(
 async fn remove_pull(
     State(api): State<Api>,
     Path(stream): Path<String>,
+    client: Option<axum::Extension<cascade_rtc::http::ClientAddr>>,
     headers: axum::http::HeaderMap,
 ) -> Response {
     let Some(pulls) = &api.pulls else {
         return (StatusCode::NOT_FOUND, "this role pulls no cameras\n").into_response();
     };
-    if !authorized(&api, &stream, &headers) {
-        return unauthorized();
+    if let Err(res) = admit(&api, &stream, &headers, client.map(|c| c.0)) {
+        return *res;
     }
     if pulls.remove(&stream) {
         (StatusCode::OK, "removed\n").into_response()
@@ -245,6 +280,7 @@ mod tests {
             api_token: None,
             pulls: None,
             publish_auth: Auth::new(Some("pub"), None, None),
+            auth_gate: None,
         }
     }
 
@@ -321,6 +357,21 @@ mod tests {
                 .0,
             404
         );
+    }
+
+    #[tokio::test]
+    async fn wrong_publish_tokens_on_pulls_are_rate_limited() {
+        let r = router(Api {
+            pulls: Some(Pulls::new(Registry::new(), 4, true)),
+            auth_gate: Some(cascade_rtc::limit::AuthGate::new(2)),
+            ..api()
+        });
+        let del = || Request::delete("/api/pulls/x").header("authorization", "Bearer nope");
+        assert_eq!(send(&r, del(), "").await.0, 401);
+        assert_eq!(send(&r, del(), "").await.0, 401);
+        // Banned now: even the right token waits.
+        let ok = Request::delete("/api/pulls/x").header("authorization", "Bearer pub");
+        assert_eq!(send(&r, ok, "").await.0, 429);
     }
 
     async fn get_status(r: &Router, path: &str, bearer: Option<&str>) -> u16 {

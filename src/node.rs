@@ -169,6 +169,7 @@ pub async fn run(cfg: Config) -> anyhow::Result<()> {
         api_token: cfg.api_token.as_deref().map(Arc::from),
         pulls,
         publish_auth: cascade_rtc::auth::Auth::new(Some(&token), None, cfg.token_secret.as_deref()),
+        auth_gate: Some(cfg.rtc_limits.auth.clone()),
     }));
 
     let http = listen_http(cfg.http).with_context(|| format!("binding HTTP on {}", cfg.http))?;
