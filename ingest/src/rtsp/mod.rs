@@ -51,8 +51,8 @@ pub enum Transport {
     Udp,
 }
 
-/// One pull as configured.
-#[derive(Clone, Debug, PartialEq, Eq)]
+/// One pull as configured. Its `Debug` shows the URL without credentials.
+#[derive(Clone, PartialEq, Eq)]
 pub struct PullConfig {
     /// The stream name it publishes.
     pub stream: String,
@@ -64,6 +64,20 @@ pub struct PullConfig {
     pub transport: Transport,
     /// On demand: how long to stay connected after the last viewer left.
     pub grace: Duration,
+}
+
+impl std::fmt::Debug for PullConfig {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let url =
+            split_url(&self.url).map_or_else(|_| "(invalid)".to_string(), |s| s.url.to_string());
+        f.debug_struct("PullConfig")
+            .field("stream", &self.stream)
+            .field("url", &url)
+            .field("on_demand", &self.on_demand)
+            .field("transport", &self.transport)
+            .field("grace", &self.grace)
+            .finish()
+    }
 }
 
 impl PullConfig {
@@ -382,6 +396,8 @@ mod tests {
             (c.username.as_str(), c.password.as_str()),
             ("admin", "p@ss")
         );
+        let c = PullConfig::new("c", "rtsp://admin:p%40ss@10.0.0.5/x", false);
+        assert!(!format!("{c:?}").contains("p%40ss"));
         let s = split_url("rtsp://cam/live").unwrap();
         assert!(s.creds.is_none());
         assert!(split_url("rtsps://u@cam/x").unwrap().creds.is_some());
