@@ -2,7 +2,7 @@
 //! each RTSP step may take, when a connection counts as stalled, how long to
 //! back off, when an on-demand pull disconnects and when the stream is
 //! unpublished. No sockets, no clock: every input carries `now`; the shell
-//! ([`super::shell`]) performs the [`Action`]s and calls back at
+//! (`rtsp/shell.rs`) performs the [`Action`]s and calls back at
 //! [`Pull::poll_timeout`].
 
 use std::collections::VecDeque;
