@@ -17,6 +17,11 @@ APT_PACKAGES=(
   docker-compose # tests/deploy.rs: `docker-compose config` on deploy/compose.yaml
   prometheus # tests/deploy.rs: promtool check/test on deploy/prometheus/
   python3-venv # tests/deploy.rs: the venv kubernetes-validate runs in (below)
+  # RTSP pull tests (tests/rtsp.rs): GStreamer's RTSP server through Python
+  # stands in for an IP camera (tests/rtsp/server.py).
+  python3-gi python3-gst-1.0 gir1.2-gst-rtsp-server-1.0
+  gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
+  gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-rtsp
 )
 
 log() { printf '==> %s\n' "$*" >&2; }

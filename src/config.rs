@@ -170,9 +170,10 @@ pub struct Options {
     /// RTMPS ingest (TLS with the --tls-cert certificate), e.g. 0.0.0.0:1936 [default: none]
     #[arg(long, global = true, env = "CASCADE_RTMPS")]
     pub rtmps: Option<SocketAddr>,
-    /// RTSP pulls (TOML only; not supported by this version)
+    /// RTSP pulls: `[[pull]]` tables in the TOML file only (`stream`,
+    /// `url`, `on_demand`, `transport`, `grace`); more through `/api/pulls`
     #[arg(skip)]
-    pub pull: Option<Vec<toml::Value>>,
+    pub pull: Option<Vec<PullEntry>>,
     /// RTMP: a connection must publish (valid token) this soon after connecting [default: 10s]
     #[arg(long, global = true, env = "CASCADE_RTMP_PUBLISH_TIMEOUT", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde_opt")]
@@ -261,6 +262,25 @@ pub struct Options {
     #[arg(long, global = true, hide = true)]
     #[serde(skip)]
     pub debug_panic_shard_after: Option<usize>,
+}
+
+/// One `[[pull]]` table: an RTSP camera published as `stream`.
+#[derive(Deserialize, Debug, Clone, PartialEq, Eq)]
+#[serde(deny_unknown_fields)]
+pub struct PullEntry {
+    /// The stream name it publishes.
+    pub stream: String,
+    /// `rtsp://[user:pass@]host[:port]/path` (or `rtsps://`).
+    pub url: String,
+    /// Connect on the first viewer, disconnect `grace` after the last.
+    #[serde(default, alias = "on-demand")]
+    pub on_demand: bool,
+    /// `tcp` (interleaved, the default) or `udp`.
+    #[serde(default)]
+    pub transport: Option<cascade_ingest::rtsp::Transport>,
+    /// On demand: stay connected this long after the last viewer [default: 10s].
+    #[serde(default, with = "humantime_serde_opt")]
+    pub grace: Option<Duration>,
 }
 
 mod humantime_serde_opt {
@@ -381,6 +401,8 @@ pub struct Config {
     /// `--auth-webhook`: the client every protocol asks (also in
     /// `rtmp_limits`); `None`: tokens alone decide.
     pub auth_webhook: Option<cascade_rtc::webhook::Webhook>,
+    /// RTSP pulls from the file's `[[pull]]` tables, validated.
+    pub pulls: Vec<cascade_ingest::rtsp::PullConfig>,
 }
 
 /// `--tls-cert` and `--tls-key`: PEM files, read at start and again when
@@ -483,9 +505,7 @@ impl Config {
                 role.as_str()
             );
         }
-        if o.pull.as_ref().is_some_and(|p| !p.is_empty()) {
-            bail!("[[pull]] (RTSP pull) is not supported by this version of cascade");
-        }
+        let pulls = pulls(role, o.pull.as_deref().unwrap_or_default())?;
         let quic = match role {
             Role::Origin => Some(
                 o.quic
@@ -577,6 +597,7 @@ impl Config {
             relay_limits,
             events_webhook,
             auth_webhook,
+            pulls,
         })
     }
 }
@@ -617,6 +638,55 @@ fn relay_limits(o: &Options) -> anyhow::Result<cascade_origin::relay::Limits> {
         retry_above: pick(o.relay_retry_above, d.retry_above, "relay-retry-above")?,
         hold: o.relay_hold.unwrap_or(d.hold),
     })
+}
+
+/// `[[pull]]`: only roles that ingest pull; names valid and unique, URLs
+/// rtsp:// or rtsps://, at most [`cascade_ingest::rtsp::DEFAULT_MAX_PULLS`].
+/// Errors name the stream, never the URL (it may hold a password).
+fn pulls(
+    role: Role,
+    entries: &[PullEntry],
+) -> anyhow::Result<Vec<cascade_ingest::rtsp::PullConfig>> {
+    use cascade_ingest::rtsp::{split_url, PullConfig, DEFAULT_MAX_PULLS};
+    if entries.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !matches!(role, Role::All | Role::Ingest) {
+        bail!(
+            "[[pull]]: `cascade {}` does not ingest; RTSP pulls run on `all` or `ingest` nodes",
+            role.as_str()
+        );
+    }
+    if entries.len() > DEFAULT_MAX_PULLS {
+        bail!(
+            "[[pull]]: at most {DEFAULT_MAX_PULLS} pulls (the file has {})",
+            entries.len()
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    let mut out = Vec::with_capacity(entries.len());
+    for e in entries {
+        if !cascade_origin::valid_stream_name(&e.stream) {
+            bail!(
+                "[[pull]] stream {:?}: {}",
+                e.stream,
+                cascade_origin::BAD_STREAM_NAME
+            );
+        }
+        if !seen.insert(e.stream.as_str()) {
+            bail!("[[pull]] stream {}: listed twice", e.stream);
+        }
+        if let Err(why) = split_url(&e.url) {
+            bail!("[[pull]] stream {}: bad url: {why}", e.stream);
+        }
+        let mut c = PullConfig::new(&e.stream, &e.url, e.on_demand);
+        c.transport = e.transport.unwrap_or_default();
+        if let Some(g) = e.grace {
+            c.grace = g;
+        }
+        out.push(c);
+    }
+    Ok(out)
 }
 
 /// `--http-max-*` and `--http-*-timeout`.
@@ -1148,6 +1218,45 @@ mod tests {
         let c = Config::from_cli(parse(&["--config", path.to_str().unwrap()])).unwrap();
         assert_eq!(c.tls.unwrap().cert, PathBuf::from("/etc/c.pem"));
         assert_eq!(c.rtmps, Some("0.0.0.0:1936".parse().unwrap()));
+    }
+
+    #[test]
+    fn pulls_from_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("c.toml");
+        let write = |text: &str| std::fs::write(&path, text).unwrap();
+        let load = |extra: &[&str]| {
+            let mut args = vec!["--config", path.to_str().unwrap()];
+            args.extend_from_slice(extra);
+            Config::from_cli(parse(&args))
+        };
+        write(
+            "[[pull]]\nstream = \"cam1\"\nurl = \"rtsp://u:secret@10.0.0.5/h264\"\non_demand = true\ngrace = \"30s\"\n\n[[pull]]\nstream = \"cam2\"\nurl = \"rtsp://10.0.0.6/x\"\ntransport = \"udp\"\n",
+        );
+        let c = load(&[]).unwrap();
+        assert_eq!(c.pulls.len(), 2);
+        assert!(c.pulls[0].on_demand);
+        assert_eq!(c.pulls[0].grace, Duration::from_secs(30));
+        assert_eq!(c.pulls[1].transport, cascade_ingest::rtsp::Transport::Udp);
+        assert!(!c.pulls[1].on_demand);
+        // Edges and origins do not pull.
+        let e = load(&["origin", "--cluster-secret", &"x".repeat(32)]).unwrap_err();
+        assert!(e.to_string().contains("RTSP pulls run on"), "{e}");
+        // Duplicates, bad names, bad URLs: refused, the password never shown.
+        write("[[pull]]\nstream = \"a\"\nurl = \"rtsp://h/x\"\n[[pull]]\nstream = \"a\"\nurl = \"rtsp://h/y\"\n");
+        assert!(load(&[]).unwrap_err().to_string().contains("listed twice"));
+        write("[[pull]]\nstream = \"a b\"\nurl = \"rtsp://h/x\"\n");
+        assert!(load(&[]).is_err());
+        write("[[pull]]\nstream = \"a\"\nurl = \"http://u:secret@h/x\"\n");
+        let e = format!("{:#}", load(&[]).unwrap_err());
+        assert!(e.contains("rtsp://") && !e.contains("secret"), "{e}");
+        write("[[pull]]\nstream = \"a\"\nurl = \"rtsp://h/x\"\nbogus = 1\n");
+        assert!(load(&[]).is_err(), "unknown keys refused");
+        let many: String = (0..257)
+            .map(|i| format!("[[pull]]\nstream = \"c{i}\"\nurl = \"rtsp://h/{i}\"\n"))
+            .collect();
+        write(&many);
+        assert!(load(&[]).unwrap_err().to_string().contains("at most 256"));
     }
 
     #[test]

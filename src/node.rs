@@ -189,6 +189,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
             "auth webhook decides every publish and view the tokens do not allow"
         );
     }
+    let pulls = start_pulls(&cfg, &registry)?;
     router = router.merge(api::router(Api {
         registry: registry.clone(),
         prometheus,
@@ -196,6 +197,9 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         api_token: cfg.api_token.as_deref().map(Arc::from),
         drain: drain_request.clone(),
         drain_timeout: cfg.drain_timeout,
+        pulls,
+        publish_auth: cascade_rtc::auth::Auth::new(Some(&token), None, cfg.token_secret.as_deref()),
+        auth_gate: Some(cfg.rtc_limits.auth.clone()),
     }));
 
     let http = listen_http(cfg.http).with_context(|| format!("binding HTTP on {}", cfg.http))?;
@@ -327,6 +331,27 @@ fn start_tls(cfg: &Config, stop: &CancellationToken) -> anyhow::Result<Option<cr
     tls.spawn_reload(stop.clone());
     tracing::info!(cert = %files.cert.display(), "TLS on: HTTPS only on --http, re-read when the files change");
     Ok(Some(tls))
+}
+
+/// RTSP pulls on the roles that ingest: the file's `[[pull]]` tables now,
+/// more through `/api/pulls`. On demand needs this node's registry to see
+/// the viewers, so only `all` honours it; an `ingest` node runs such pulls
+/// always-on (the origin cannot ask it to start one).
+fn start_pulls(
+    cfg: &Config,
+    registry: &Arc<Registry>,
+) -> anyhow::Result<Option<Arc<cascade_ingest::rtsp::Pulls>>> {
+    use cascade_ingest::rtsp::{Pulls, DEFAULT_MAX_PULLS};
+    if !matches!(cfg.role, Role::All | Role::Ingest) {
+        return Ok(None);
+    }
+    let pulls = Pulls::new(registry.clone(), DEFAULT_MAX_PULLS, cfg.role == Role::All);
+    for p in &cfg.pulls {
+        pulls
+            .add(p.clone())
+            .with_context(|| format!("[[pull]] stream {}", p.stream))?;
+    }
+    Ok(Some(pulls))
 }
 
 /// Binds `--rtmps` and serves RTMPS on it: the RTMP ingest behind a TLS

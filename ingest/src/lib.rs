@@ -5,6 +5,8 @@
 //! - [`rtmp`]: RTMP publishers (OBS, ffmpeg, hardware encoders), FLV parsed
 //!   by [`flv`], AAC transcoded to Opus by [`audio`], H.264 with B-frames
 //!   re-encoded without them by [`transcode`] (an ffmpeg child).
+//! - [`rtsp`]: RTSP pulls from IP cameras (retina), H.264/H.265 with
+//!   AAC or G.711 audio turned into Opus by [`audio`].
 //! - [`publish`]: the browser publish page `/publish/{stream}` (WHIP from
 //!   the camera or the screen), served with the WHIP routes.
 //!
@@ -17,6 +19,7 @@ pub mod h264;
 pub mod metrics;
 pub mod publish;
 pub mod rtmp;
+pub mod rtsp;
 mod simulcast;
 pub mod transcode;
 pub mod whip;

@@ -48,6 +48,13 @@ pub const WHIP_RENDITIONS: &str = "cascade_ingest_whip_renditions_total";
 /// layer cap), dropped at ingest.
 pub const WHIP_SIMULCAST_DROPPED: &str = "cascade_ingest_whip_simulcast_dropped_frames_total";
 
+/// RTSP pulls by `state` (`idle`, `connecting`, `live`, `error`).
+pub const RTSP_PULLS: &str = "cascade_rtsp_pulls";
+/// RTSP connection attempts after the first one of a pull (reconnects).
+pub const RTSP_RECONNECTS: &str = "cascade_rtsp_reconnects_total";
+/// Frames published from RTSP pulls, by `track` (`video`, `audio`).
+pub const RTSP_FRAMES: &str = "cascade_rtsp_frames_total";
+
 /// Registers descriptions for the ingest's metrics.
 pub fn describe() {
     metrics::describe_counter!(WHIP_SESSIONS, "WHIP sessions created");
@@ -62,6 +69,12 @@ pub fn describe() {
         WHIP_SIMULCAST_DROPPED,
         "frames of simulcast layers that started after go-live, dropped at ingest"
     );
+    metrics::describe_gauge!(RTSP_PULLS, "RTSP pulls by state");
+    metrics::describe_counter!(
+        RTSP_RECONNECTS,
+        "RTSP connection attempts after a pull's first one"
+    );
+    metrics::describe_counter!(RTSP_FRAMES, "frames published from RTSP pulls, by track");
     metrics::describe_gauge!(RTMP_CONNECTIONS, "RTMP connections currently open");
     metrics::describe_counter!(RTMP_ACCEPTED, "RTMP connections accepted");
     metrics::describe_counter!(

@@ -36,6 +36,15 @@ pub trait Upstream: Send + Sync + 'static {
     ) -> Pin<Box<dyn Future<Output = Result<()>> + Send>>;
 }
 
+/// Streams this node can start itself when a viewer asks (RTSP pulls
+/// configured on demand). Consulted on a local miss before [`Upstream`].
+pub trait Sources: Send + Sync + 'static {
+    /// `None` when `name` is not a source of this node; else a future that
+    /// starts it and resolves once it is live in the registry (or fails with
+    /// [`Error::NotLive`] after a bounded wait).
+    fn start(&self, name: &str) -> Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>>;
+}
+
 struct Entry {
     name: String,
     catalog: watch::Sender<Catalog>,
@@ -84,6 +93,7 @@ pub struct Registry {
     streams: Mutex<HashMap<String, Arc<Entry>>>,
     upstream: OnceLock<Arc<dyn Upstream>>,
     announce: broadcast::Sender<String>,
+    sources: OnceLock<Arc<dyn Sources>>,
 }
 
 impl Default for Registry {
@@ -92,6 +102,7 @@ impl Default for Registry {
             streams: Mutex::new(HashMap::new()),
             upstream: OnceLock::new(),
             announce: broadcast::channel(ANNOUNCE_CAPACITY).0,
+            sources: OnceLock::new(),
         }
     }
 }
@@ -105,6 +116,12 @@ impl Registry {
     /// Sets where local misses are fetched from (once; later calls are ignored).
     pub fn set_upstream(&self, upstream: Arc<dyn Upstream>) {
         let _ = self.upstream.set(upstream);
+    }
+
+    /// Sets the streams this node starts on demand (once; later calls are
+    /// ignored).
+    pub fn set_sources(&self, sources: Arc<dyn Sources>) {
+        let _ = self.sources.set(sources);
     }
 
     /// Publishes `name`. A live stream of that name is taken over: its
@@ -185,6 +202,10 @@ impl Registry {
         }
         if let Some(s) = self.local(name, viewer) {
             return Ok(s);
+        }
+        if let Some(start) = self.sources.get().and_then(|s| s.start(name)) {
+            start.await?;
+            return self.local(name, viewer).ok_or(Error::NotLive);
         }
         let upstream = self.upstream.get().cloned().ok_or(Error::NotLive)?;
         upstream.fetch(self.clone(), name.to_string()).await?;
@@ -671,6 +692,29 @@ mod tests {
                 }
             })
         }
+    }
+
+    struct FakeSources;
+    impl Sources for FakeSources {
+        fn start(&self, name: &str) -> Option<Pin<Box<dyn Future<Output = Result<()>> + Send>>> {
+            (name == "cam").then(|| {
+                Box::pin(async { Err(Error::NotLive) })
+                    as Pin<Box<dyn Future<Output = Result<()>> + Send>>
+            })
+        }
+    }
+
+    #[tokio::test]
+    async fn sources_are_asked_before_the_upstream() {
+        let r = Registry::new();
+        r.set_upstream(Arc::new(FakeUpstream));
+        r.set_sources(Arc::new(FakeSources));
+        // A source that fails does not fall through to the upstream.
+        assert!(matches!(r.subscribe("cam").await, Err(Error::NotLive)));
+        assert!(r.subscribe("remote").await.is_ok());
+        // A live source is a local hit: not asked.
+        let _p = r.publish("cam", catalog(Codec::H264), "rtsp").unwrap();
+        assert!(r.subscribe("cam").await.is_ok());
     }
 
     #[tokio::test]

@@ -1,6 +1,8 @@
-//! AAC → Opus, once per stream: browsers have no AAC in WebRTC. symphonia
-//! decodes AAC-LC (HE-AAC: its LC core, without SBR), rubato resamples to
-//! 48 kHz, opus-rs (pure Rust) encodes 20 ms frames.
+//! AAC or G.711 → Opus, once per stream: browsers have no AAC in WebRTC
+//! (and G.711 only at 8 kHz mono, which WHEP viewers do not negotiate).
+//! symphonia decodes AAC-LC (HE-AAC: its LC core, without SBR), [`g711`]
+//! decodes μ-law/A-law (RTSP cameras), rubato resamples to 48 kHz, opus-rs
+//! (pure Rust) encodes 20 ms frames.
 //!
 //! Timing: every Opus packet's pts is derived from the AAC timestamps in the
 //! 48 kHz clock, minus the resampler and encoder delays, so that decoded audio
@@ -12,6 +14,8 @@ use symphonia::core::audio::SampleBuffer;
 use symphonia::core::codecs::{CodecParameters, Decoder, DecoderOptions, CODEC_TYPE_AAC};
 use symphonia::core::formats::Packet;
 use symphonia::default::codecs::AacDecoder;
+
+pub mod g711;
 
 /// Opus clock and output rate (RFC 7587).
 pub const OPUS_RATE: u32 = 48_000;
@@ -54,9 +58,22 @@ pub struct Packet48 {
     pub pts: u64,
 }
 
-/// The AAC → Opus transcoder of one stream.
+/// What the transcoder decodes.
+enum Source {
+    Aac(Box<AacDecoder>),
+    /// G.711 at `rate` Hz with `channels` interleaved channels.
+    G711 {
+        law: g711::Law,
+        rate: u32,
+        channels: usize,
+    },
+}
+
+/// The AAC (or G.711) → Opus transcoder of one stream.
 pub struct AacToOpus {
-    decoder: AacDecoder,
+    decoder: Source,
+    /// Input frames the resampler takes per call.
+    chunk: usize,
     /// Channels the encoder gets: 1 for mono sources, else 2.
     channels: usize,
     /// Set once the first frame told us the decoded rate.
@@ -87,6 +104,26 @@ impl AacToOpus {
             .map_err(|e| Error::Unsupported(e.to_string()))?
             .map_err(|e| Error::Unsupported(e.to_string()))?;
         let channels = if info.channels == 1 { 1 } else { 2 };
+        Self::with_source(Source::Aac(Box::new(decoder)), channels, RESAMPLER_CHUNK)
+    }
+
+    /// A transcoder for G.711 (`law`) at `rate` Hz with `channels` channels
+    /// (RTSP cameras: 8 kHz mono). The resampler works on 20 ms chunks so
+    /// that a 8 kHz source is not held back 128 ms by a 1024-sample chunk.
+    pub fn g711(law: g711::Law, rate: u32, channels: usize) -> Result<Self, Error> {
+        if !(4_000..=96_000).contains(&rate) || !(1..=8).contains(&channels) {
+            return Err(Error::Unsupported(format!("g711 at {rate} Hz x{channels}")));
+        }
+        let out = if channels == 1 { 1 } else { 2 };
+        let source = Source::G711 {
+            law,
+            rate,
+            channels,
+        };
+        Self::with_source(source, out, (rate / 50) as usize)
+    }
+
+    fn with_source(decoder: Source, channels: usize, chunk: usize) -> Result<Self, Error> {
         let mut encoder = opus_rs::OpusEncoder::new(
             i32::try_from(OPUS_RATE).unwrap_or(48_000),
             channels,
@@ -97,6 +134,7 @@ impl AacToOpus {
         encoder.bitrate_bps = if channels == 1 { 64_000 } else { 96_000 };
         Ok(Self {
             decoder,
+            chunk,
             channels,
             resampler: None,
             in_rate: 0,
@@ -131,7 +169,7 @@ impl AacToOpus {
                 let r = FftFixedIn::<f32>::new(
                     rate as usize,
                     OPUS_RATE as usize,
-                    RESAMPLER_CHUNK,
+                    self.chunk,
                     2,
                     self.channels,
                 )
@@ -175,8 +213,24 @@ impl AacToOpus {
 
     /// Decodes to planar f32 at the decoder's rate, mapped to our channels.
     fn decode(&mut self, aac: &[u8]) -> Result<(u32, Vec<Vec<f32>>), Error> {
+        let decoder = match &mut self.decoder {
+            Source::Aac(d) => d,
+            Source::G711 {
+                law,
+                rate,
+                channels,
+            } => {
+                let mut planar = vec![Vec::with_capacity(aac.len() / *channels); self.channels];
+                for frame in aac.chunks_exact(*channels) {
+                    for (c, p) in planar.iter_mut().enumerate() {
+                        let b = frame.get(c).or(frame.first()).copied().unwrap_or(0);
+                        p.push(law.decode(b));
+                    }
+                }
+                return Ok((*rate, planar));
+            }
+        };
         let packet = Packet::new_from_slice(0, 0, 0, aac);
-        let decoder = &mut self.decoder;
         let channels = self.channels;
         guarded(move || -> Result<(u32, Vec<Vec<f32>>), Error> {
             let decoded = decoder

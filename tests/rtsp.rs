@@ -1,0 +1,624 @@
+//! RTSP pull through the real binary, against a real RTSP server: GStreamer's
+//! (tests/rtsp/server.py, Debian's gir1.2-gst-rtsp-server-1.0) serving an
+//! ffmpeg-made MP4 (x264 + a 1 kHz AAC tone) as H.264 + AAC, H.264 + G.711
+//! PCMU, and Motion-JPEG, with Basic or Digest auth on demand. WHEP viewers
+//! are the Rust client of loadtest.
+//!
+//! Needs python3-gi and the GStreamer packages of scripts/test.sh; without
+//! them the tests fail (they never skip).
+
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::OnceLock;
+use std::time::{Duration, Instant};
+
+use common::{metric_sum, Node, TOKEN};
+
+/// The Python with Debian's `gi` module (a pyenv `python3` on PATH may
+/// lack it).
+fn python() -> &'static str {
+    if Path::new("/usr/bin/python3").exists() {
+        "/usr/bin/python3"
+    } else {
+        "python3"
+    }
+}
+
+/// 90 s of 640×360 30 fps x264 (keyframe every second, no B-frames) and a
+/// 1 kHz AAC tone, made once per test binary.
+fn media() -> &'static Path {
+    static MEDIA: OnceLock<PathBuf> = OnceLock::new();
+    MEDIA.get_or_init(|| make_media("cam.mp4", "0"))
+}
+
+/// The same with x264's B-frames (2 between references).
+fn bframes_media() -> &'static Path {
+    static MEDIA: OnceLock<PathBuf> = OnceLock::new();
+    MEDIA.get_or_init(|| make_media("bframes.mp4", "2"))
+}
+
+fn make_media(name: &str, bframes: &str) -> PathBuf {
+    {
+        let dir = std::env::temp_dir().join(format!("cascade-rtsp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join(name);
+        let ok = Command::new("ffmpeg")
+            .args([
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+            ])
+            .arg("testsrc2=size=640x360:rate=30:duration=90")
+            .args(["-f", "lavfi", "-i"])
+            .arg("sine=frequency=1000:sample_rate=48000:duration=90")
+            .args([
+                "-c:v",
+                "libx264",
+                "-preset",
+                "ultrafast",
+                "-g",
+                "30",
+                "-bf",
+                bframes,
+                "-pix_fmt",
+                "yuv420p",
+                "-c:a",
+                "aac",
+                "-ac",
+                "2",
+            ])
+            .arg(&path)
+            .status()
+            .expect("ffmpeg runs (scripts/test.sh installs it)")
+            .success();
+        assert!(ok, "ffmpeg made the camera's file");
+        path
+    }
+}
+
+/// A port nothing listens on right now (for a server to take, or to stay dead).
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// tests/rtsp/server.py on `port`; killed on drop.
+struct Camera {
+    child: Child,
+    port: u16,
+}
+
+impl Camera {
+    fn start(port: u16, auth: &str) -> Self {
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/rtsp/server.py");
+        let mut child = Command::new(python())
+            .arg(script)
+            .arg("--media")
+            .arg(media())
+            .args(["--port", &port.to_string(), "--auth-method", auth])
+            .arg("--bframes-media")
+            .arg(bframes_media())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("python3 runs");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(
+            line.starts_with("READY"),
+            "the RTSP server starts (apt-get install python3-gi gir1.2-gst-rtsp-server-1.0 ...): {line:?}"
+        );
+        Self { child, port }
+    }
+
+    fn url(&self, creds: &str, mount: &str) -> String {
+        format!("rtsp://{creds}127.0.0.1:{}/{mount}", self.port)
+    }
+}
+
+impl Drop for Camera {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// `GET /api/pulls` as text.
+async fn pulls_text(base: &str) -> String {
+    reqwest::get(format!("{base}/api/pulls"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+/// The `/api/pulls` row of `stream`.
+async fn pull(base: &str, stream: &str) -> serde_json::Value {
+    let v: serde_json::Value = serde_json::from_str(&pulls_text(base).await).unwrap();
+    v.as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["stream"] == stream)
+        .cloned()
+        .unwrap_or(serde_json::Value::Null)
+}
+
+/// Waits until the pull of `stream` is in `state`; returns its row.
+async fn wait_state(base: &str, stream: &str, state: &str, within: Duration) -> serde_json::Value {
+    let deadline = Instant::now() + within;
+    loop {
+        let p = pull(base, stream).await;
+        if p["state"] == state {
+            return p;
+        }
+        assert!(Instant::now() < deadline, "{stream} never {state}: {p}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// `POST /api/pulls` with the publish token.
+async fn add_pull(base: &str, stream: &str, url: &str, on_demand: bool) -> u16 {
+    reqwest::Client::new()
+        .post(format!("{base}/api/pulls"))
+        .bearer_auth(TOKEN)
+        .json(&serde_json::json!({"stream": stream, "url": url, "on_demand": on_demand, "grace_s": 2}))
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+async fn metrics(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+fn viewer_options(base: &str, stream: &str) -> loadtest::whep::ViewerOptions {
+    loadtest::whep::ViewerOptions::new(format!("{base}/whep/{stream}"))
+}
+
+/// H.264 + AAC camera: a WHEP viewer gets H.264 from a keyframe (with SPS)
+/// and Opus; the camera is killed and restarted on the same port and the
+/// same viewer (no new WHEP exchange) gets frames again from a keyframe.
+#[tokio::test]
+async fn camera_plays_and_a_viewer_survives_a_camera_restart() {
+    let port = free_port();
+    let camera = Camera::start(port, "none");
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("c.toml");
+    std::fs::write(
+        &file,
+        format!(
+            "[[pull]]\nstream = \"cam1\"\nurl = \"{}\"\n",
+            camera.url("", "cam")
+        ),
+    )
+    .unwrap();
+    let node = Node::start("all", &["--config", file.to_str().unwrap()]);
+    let base = node.http.clone();
+    wait_state(&base, "cam1", "live", Duration::from_secs(15)).await;
+    let streams: serde_json::Value = reqwest::get(format!("{base}/api/streams"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(streams[0]["protocol"], "rtsp", "{streams}");
+    assert_eq!(streams[0]["pull"]["state"], "live", "{streams}");
+
+    let mut v = loadtest::whep::Viewer::start(viewer_options(&base, "cam1"))
+        .await
+        .unwrap();
+    v.wait_connected().await.unwrap();
+    v.wait_video_frames(90, Duration::from_secs(15))
+        .await
+        .unwrap();
+
+    // The camera dies: the pull reports it, the stream stays published.
+    drop(camera);
+    let p = wait_state(&base, "cam1", "error", Duration::from_secs(10)).await;
+    eprintln!("camera gone: {p}");
+    let before = v.video_frames();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    assert!(
+        v.video_frames() <= before + 2,
+        "no frames from a dead camera"
+    );
+    assert!(!v.is_finished(), "the viewer stays through the outage");
+
+    // It reboots: the same viewer resumes.
+    let restarted = Instant::now();
+    let _camera = Camera::start(port, "none");
+    let up = restarted.elapsed();
+    v.wait_video_frames(before + 60, Duration::from_secs(30))
+        .await
+        .unwrap();
+    let resumed = restarted.elapsed();
+    eprintln!(
+        "camera restart → frames at the viewer again: {:.2} s (server start {:.2} s of it)",
+        resumed.as_secs_f64(),
+        up.as_secs_f64()
+    );
+    wait_state(&base, "cam1", "live", Duration::from_secs(5)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = v.stop().await.unwrap();
+    eprintln!("viewer: {r:?}");
+    assert!(r.connected);
+    assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
+    assert!(r.keyframes >= 2, "a keyframe after the restart: {r:?}");
+    assert_eq!(r.video_codec.as_deref(), Some("H264"), "{r:?}");
+    assert_eq!(
+        r.audio_codec.as_deref().map(str::to_ascii_lowercase),
+        Some("opus".into())
+    );
+    assert!(r.audio_frames >= 150, "Opus every 20 ms: {r:?}");
+    let m = metrics(&base).await;
+    assert!(metric_sum(&m, "cascade_rtsp_reconnects_total") >= 1.0);
+    assert!(metric_sum(&m, "cascade_rtsp_frames_total") > 200.0);
+    // Latency inside cascade: camera frame in (ingest_us) → RTP out.
+    let delay = metric_sum(&m, "cascade_edge_egress_delay_seconds_sum")
+        / metric_sum(&m, "cascade_edge_egress_delay_seconds_count").max(1.0);
+    eprintln!(
+        "mean frame arrival from the camera → sent to the viewer: {:.2} ms",
+        delay * 1000.0
+    );
+    assert!(delay < 0.1, "{delay} s");
+}
+
+/// G.711 PCMU camera audio arrives as Opus at 50 packets a second.
+#[tokio::test]
+async fn g711_camera_audio_becomes_opus() {
+    let camera = Camera::start(free_port(), "none");
+    let node = Node::start("all", &[]);
+    let base = node.http.clone();
+    assert_eq!(
+        add_pull(&base, "g", &camera.url("", "g711"), false).await,
+        201
+    );
+    wait_state(&base, "g", "live", Duration::from_secs(15)).await;
+    let r = common::view(&base, "g", 5).await;
+    eprintln!("g711 viewer: {r:?}");
+    assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
+    assert_eq!(
+        r.audio_codec.as_deref().map(str::to_ascii_lowercase),
+        Some("opus".into())
+    );
+    assert!(r.audio_frames >= 200, "Opus every 20 ms for 5 s: {r:?}");
+    if let Some(d) = r.av_drift_ms {
+        assert!(d.abs() < 60.0, "A/V drift {d} ms");
+    }
+}
+
+/// Digest and Basic auth from the URL; wrong credentials, a dead port and a
+/// camera with no usable codec give clear error states; the password is
+/// never in the API or the node's logs.
+#[tokio::test]
+async fn auth_errors_and_no_password_anywhere() {
+    const PASSWORD: &str = "Sup3rS3cretPw";
+    let digest = Camera::start(free_port(), "digest");
+    let basic = {
+        let port = free_port();
+        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/rtsp/server.py");
+        let mut child = Command::new(python())
+            .arg(script)
+            .arg("--media")
+            .arg(media())
+            .args(["--port", &port.to_string(), "--auth-method", "basic"])
+            .args(["--password", PASSWORD])
+            .stdout(Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap())
+            .read_line(&mut line)
+            .unwrap();
+        assert!(line.starts_with("READY"), "{line:?}");
+        Camera { child, port }
+    };
+    let open = Camera::start(free_port(), "none");
+    // The node's log goes to a file we read afterwards.
+    let log = tempfile::NamedTempFile::new().unwrap();
+    let http = format!("127.0.0.1:{}", free_port());
+    let mut node = Command::new(env!("CARGO_BIN_EXE_cascade"))
+        .args(["all", "--http", &http, "--rtmp", "127.0.0.1:0"])
+        .args(["--udp", "127.0.0.1:0", "--tcp", "127.0.0.1:0"])
+        .args(["--publish-token", TOKEN])
+        .env("CASCADE_LOG", "debug")
+        .env_remove("RUST_LOG")
+        .stdout(Stdio::null())
+        .stderr(log.reopen().unwrap())
+        .spawn()
+        .unwrap();
+    let base = format!("http://{http}");
+    let up = Instant::now();
+    while reqwest::get(format!("{base}/healthz")).await.is_err() {
+        assert!(up.elapsed() < Duration::from_secs(20), "node starts");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The digest camera's password is s3cret (server.py's default).
+    let digest_ok = digest.url("admin:s3cret@", "cam");
+    assert_eq!(add_pull(&base, "dig", &digest_ok, false).await, 201);
+    let basic_ok = basic.url(&format!("admin:{PASSWORD}@"), "cam");
+    assert_eq!(add_pull(&base, "bas", &basic_ok, false).await, 201);
+    let wrong = basic.url("admin:Wr0ngPassw0rd@", "cam");
+    assert_eq!(add_pull(&base, "wrong", &wrong, false).await, 201);
+    let dead = format!("rtsp://admin:{PASSWORD}@127.0.0.1:{}/cam", free_port());
+    assert_eq!(add_pull(&base, "dead", &dead, false).await, 201);
+    assert_eq!(
+        add_pull(&base, "mj", &open.url("", "mjpeg"), false).await,
+        201
+    );
+    // Refused at the door: duplicates, bad URLs, no token.
+    assert_eq!(add_pull(&base, "dig", &digest_ok, false).await, 409);
+    assert_eq!(add_pull(&base, "x", "http://cam/x", false).await, 400);
+    let no_token = reqwest::Client::new()
+        .post(format!("{base}/api/pulls"))
+        .json(&serde_json::json!({"stream": "y", "url": "rtsp://h/x"}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(no_token.status().as_u16(), 401);
+
+    wait_state(&base, "dig", "live", Duration::from_secs(15)).await;
+    wait_state(&base, "bas", "live", Duration::from_secs(15)).await;
+    let w = wait_state(&base, "wrong", "error", Duration::from_secs(15)).await;
+    let e = w["error"].as_str().unwrap();
+    assert!(e.contains("401") && e.contains("credentials"), "{e}");
+    let d = wait_state(&base, "dead", "error", Duration::from_secs(15)).await;
+    assert!(d["error"].as_str().unwrap().contains("refused"), "{d}");
+    let mj = wait_state(&base, "mj", "error", Duration::from_secs(15)).await;
+    assert!(
+        mj["error"]
+            .as_str()
+            .unwrap()
+            .contains("no supported video codec"),
+        "{mj}"
+    );
+    // Errors do not disturb the others.
+    assert_eq!(pull(&base, "dig").await["state"], "live");
+    let text = pulls_text(&base).await;
+    eprintln!("/api/pulls: {text}");
+    assert!(!text.contains(PASSWORD) && !text.contains("Wr0ng") && !text.contains("s3cret"));
+    assert!(text.contains(&format!("rtsp://127.0.0.1:{}/cam", basic.port)));
+    // DELETE ends the stream.
+    let del = reqwest::Client::new()
+        .delete(format!("{base}/api/pulls/bas"))
+        .bearer_auth(TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(del.status().as_u16(), 200);
+    assert!(pull(&base, "bas").await.is_null());
+    let _ = node.kill();
+    let _ = node.wait();
+    let logs = std::fs::read_to_string(log.path()).unwrap();
+    assert!(logs.contains("rtsp pull"), "the log has the pulls");
+    for secret in [PASSWORD, "Wr0ngPassw0rd", "s3cret"] {
+        assert!(!logs.contains(secret), "{secret} in the log");
+    }
+}
+
+/// On demand: nothing connects until a viewer asks; the viewer's WHEP
+/// request waits for the camera instead of getting 404; the pull
+/// disconnects `grace` after the last viewer leaves.
+#[tokio::test]
+async fn on_demand_connects_on_the_first_viewer_and_leaves_after_the_last() {
+    let camera = Camera::start(free_port(), "none");
+    let node = Node::start("all", &[]);
+    let base = node.http.clone();
+    // grace_s = 2 (add_pull).
+    assert_eq!(
+        add_pull(&base, "od", &camera.url("", "cam"), true).await,
+        201
+    );
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(pull(&base, "od").await["state"], "idle");
+    assert!(!pulls_text(&base).await.contains("live"));
+    let asked = Instant::now();
+    let mut v = loadtest::whep::Viewer::start(viewer_options(&base, "od"))
+        .await
+        .expect("the WHEP request waits for the camera, no 404");
+    v.wait_connected().await.unwrap();
+    v.wait_video_frames(30, Duration::from_secs(10))
+        .await
+        .unwrap();
+    eprintln!(
+        "on demand: WHEP POST → 30 frames at the viewer in {:.2} s",
+        asked.elapsed().as_secs_f64()
+    );
+    assert_eq!(pull(&base, "od").await["state"], "live");
+    // DELETE: the session ends now (a viewer that just vanishes counts
+    // until the 10 s consent timeout).
+    let (status, r) = v.delete().await.unwrap();
+    assert_eq!(status, 200);
+    assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
+    let left = Instant::now();
+    wait_state(&base, "od", "idle", Duration::from_secs(8)).await;
+    eprintln!(
+        "on demand: last viewer gone → idle in {:.2} s (grace 2 s)",
+        left.elapsed().as_secs_f64()
+    );
+    // Readers are counted once a second: the grace runs from the last count.
+    assert!(
+        left.elapsed() >= Duration::from_secs(1),
+        "not before the grace"
+    );
+    assert!(
+        left.elapsed() < Duration::from_secs(5),
+        "soon after the grace"
+    );
+    let streams = reqwest::get(format!("{base}/api/streams"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    assert!(!streams.contains("\"od\""), "unpublished: {streams}");
+    // A second viewer starts it again.
+    let r = common::view(&base, "od", 3).await;
+    assert!(r.video_frames > 30, "{r:?}");
+}
+
+/// Split cluster: the pull runs on the ingest node (on demand there runs
+/// always-on), the relay carries it to the origin, an edge plays it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn split_cluster_ingest_pulls_and_an_edge_plays() {
+    use common::SECRET;
+    let camera = Camera::start(free_port(), "none");
+    let origin = Node::start(
+        "origin",
+        &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"],
+    );
+    let quic = origin.quic.clone().unwrap();
+    let ingest = Node::start("ingest", &["--cluster-secret", SECRET, "--origin", &quic]);
+    let edge = Node::start("edge", &["--cluster-secret", SECRET, "--origin", &quic]);
+    assert_eq!(
+        add_pull(&ingest.http, "cam", &camera.url("", "cam"), true).await,
+        201
+    );
+    // On an ingest node on-demand pulls connect at once.
+    wait_state(&ingest.http, "cam", "live", Duration::from_secs(15)).await;
+    common::wait_live(&origin.http, "cam").await;
+    let r = common::view(&edge.http, "cam", 4).await;
+    eprintln!("split viewer: {r:?}");
+    assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
+    assert!(r.video_frames > 60, "{r:?}");
+    assert!(r.audio_frames > 100, "{r:?}");
+    // The edge has no pulls.
+    let s = reqwest::get(format!("{}/api/pulls", edge.http))
+        .await
+        .unwrap()
+        .status();
+    assert_eq!(s.as_u16(), 404);
+}
+
+/// Hostile or broken cameras: one that answers garbage, one whose DESCRIBE
+/// never ends, one that stalls mid-stream (SIGSTOP). Each gets a clear
+/// error and a retry; a good camera on the same node plays on.
+#[tokio::test]
+async fn garbage_endless_describe_and_stall_are_errors() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let garbage = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let garbage_port = garbage.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = garbage.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 1024];
+                let _ = s.read(&mut buf).await;
+                let junk: Vec<u8> = (0..4096u32).map(|i| (i * 7919 % 251) as u8).collect();
+                let _ = s.write_all(&junk).await;
+                tokio::time::sleep(Duration::from_secs(30)).await;
+            });
+        }
+    });
+    let silent = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let silent_port = silent.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((s, _)) = silent.accept().await {
+            // Accept, read nothing, answer nothing.
+            held.push(s);
+        }
+    });
+    let good = Camera::start(free_port(), "none");
+    let stalling = Camera::start(free_port(), "none");
+    let node = Node::start("all", &[]);
+    let base = node.http.clone();
+    let garbage_url = format!("rtsp://127.0.0.1:{garbage_port}/x");
+    assert_eq!(add_pull(&base, "garbage", &garbage_url, false).await, 201);
+    let silent_url = format!("rtsp://127.0.0.1:{silent_port}/x");
+    assert_eq!(add_pull(&base, "silent", &silent_url, false).await, 201);
+    assert_eq!(
+        add_pull(&base, "good", &good.url("", "cam"), false).await,
+        201
+    );
+    assert_eq!(
+        add_pull(&base, "stall", &stalling.url("", "cam"), false).await,
+        201
+    );
+    wait_state(&base, "stall", "live", Duration::from_secs(15)).await;
+    let stopped = Instant::now();
+    let pid = stalling.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-STOP", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let g = wait_state(&base, "garbage", "error", Duration::from_secs(15)).await;
+    eprintln!("garbage: {g}");
+    let s = wait_state(&base, "stall", "error", Duration::from_secs(10)).await;
+    eprintln!(
+        "stall detected after {:.1} s: {s}",
+        stopped.elapsed().as_secs_f64()
+    );
+    assert!(s["error"].as_str().unwrap().contains("stalled"), "{s}");
+    assert!(Command::new("kill")
+        .args(["-CONT", &pid])
+        .status()
+        .unwrap()
+        .success());
+    let d = wait_state(&base, "silent", "error", Duration::from_secs(15)).await;
+    assert_eq!(
+        d["error"], "timeout: no answer to DESCRIBE within 10 s",
+        "{d}"
+    );
+    wait_state(&base, "stall", "live", Duration::from_secs(20)).await;
+    assert_eq!(pull(&base, "good").await["state"], "live");
+    let r = common::view(&base, "good", 3).await;
+    assert!(r.video_frames > 45, "{r:?}");
+}
+
+/// A camera whose H.264 has B-frames: the pull sees the reordering, the
+/// catalog says `bframes`, and viewers get decodable video (the edge's
+/// B-frame method, docs/bframes.md).
+#[tokio::test]
+async fn bframes_camera_is_marked_and_plays() {
+    let camera = Camera::start(free_port(), "none");
+    let node = Node::start("all", &[]);
+    let base = node.http.clone();
+    assert_eq!(
+        add_pull(&base, "b", &camera.url("", "bframes"), false).await,
+        201
+    );
+    wait_state(&base, "b", "live", Duration::from_secs(15)).await;
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let streams: serde_json::Value = reqwest::get(format!("{base}/api/streams"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if streams[0]["bframes"] == true {
+            break;
+        }
+        assert!(Instant::now() < deadline, "bframes never marked: {streams}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let r = common::view(&base, "b", 4).await;
+    eprintln!("bframes viewer: {r:?}");
+    assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
+    assert!(r.video_frames > 20, "{r:?}");
+    assert!(r.audio_frames > 100, "{r:?}");
+}
