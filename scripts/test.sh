@@ -17,6 +17,7 @@ APT_PACKAGES=(
   docker-compose # tests/deploy.rs: `docker-compose config` on deploy/compose.yaml
   prometheus # tests/deploy.rs: promtool check/test on deploy/prometheus/
   python3-venv # tests/deploy.rs: the venv kubernetes-validate runs in (below)
+  curl # tests/netns_cluster.rs: HTTP from inside a network namespace (api/streams)
 )
 
 log() { printf '==> %s\n' "$*" >&2; }
