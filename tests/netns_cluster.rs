@@ -45,7 +45,6 @@ fn ip_of(host: u8) -> String {
 /// NACK retransmissions repair most of what the link drops.
 #[test]
 fn viewer_link_loss_and_rate_limit_repaired_by_nack() {
-    let _serial = serial();
     let Some(mut lab) = Lab::new("vl") else {
         return;
     };
@@ -81,7 +80,6 @@ fn viewer_link_loss_and_rate_limit_repaired_by_nack() {
 /// QUIC relay link): viewers see no stall over 1 s.
 #[test]
 fn relay_link_loss_is_absorbed_without_stalls() {
-    let _serial = serial();
     let Some(mut lab) = Lab::new("rl") else {
         return;
     };
@@ -113,7 +111,6 @@ fn relay_link_loss_is_absorbed_without_stalls() {
 /// (and DELETE), a new WHEP POST gets 503, and the edge exits 0.
 #[test]
 fn sigterm_edge_drains_its_viewers_across_hosts() {
-    let _serial = serial();
     let Some(mut lab) = Lab::new("dr") else {
         return;
     };
@@ -173,7 +170,6 @@ fn sigterm_edge_drains_its_viewers_across_hosts() {
 /// on its own host: viewers of edge2 play.
 #[test]
 fn three_tier_chain_across_hosts_plays() {
-    let _serial = serial();
     let Some(mut lab) = Lab::new("tt") else {
         return;
     };
@@ -601,6 +597,8 @@ struct Lab {
     switch: String,
     namespaces: Vec<String>,
     ports: u8,
+    /// Held until the namespaces are gone (fields drop after `drop`).
+    _lock: std::fs::File,
 }
 
 /// A host: a namespace with `eth0` on the bridge.
@@ -634,6 +632,8 @@ impl Lab {
                 "{tool} missing (scripts/test.sh installs it)"
             );
         }
+        let lock = serial();
+        sweep_stale();
         let prefix = format!(
             "cnx-{tag}-{}-{}",
             std::process::id(),
@@ -645,6 +645,7 @@ impl Lab {
             switch: switch.clone(),
             namespaces: Vec::new(),
             ports: 0,
+            _lock: lock,
         };
         assert!(ip(&["netns", "add", &switch]), "ip netns add {switch}");
         lab.namespaces.push(switch.clone());
@@ -689,6 +690,38 @@ impl Lab {
         let mut c = Command::new("ip");
         c.args(["netns", "exec", &self.switch, program]);
         c
+    }
+}
+
+/// Namespaces of an earlier run of this file whose test process is gone
+/// (killed by a timeout, so its drops never ran): the nodes still inside are
+/// killed and the namespaces deleted, so they do not pile up on a CI
+/// machine. A name whose pid is alive (a run in another work tree) is left.
+fn sweep_stale() {
+    let Ok(out) = Command::new("ip").args(["netns", "list"]).output() else {
+        return;
+    };
+    for line in String::from_utf8_lossy(&out.stdout).lines() {
+        let Some(name) = line.split_whitespace().next() else {
+            continue;
+        };
+        let mut parts = name.split('-');
+        let owner = match (parts.next(), parts.next(), parts.next()) {
+            (Some("cnx"), Some(_), Some(pid)) => pid.parse::<u32>().ok(),
+            _ => None,
+        };
+        let Some(owner) = owner else {
+            continue;
+        };
+        if std::path::Path::new(&format!("/proc/{owner}")).exists() {
+            continue;
+        }
+        if let Ok(pids) = Command::new("ip").args(["netns", "pids", name]).output() {
+            for pid in String::from_utf8_lossy(&pids.stdout).split_whitespace() {
+                sh(Command::new("kill").args(["-KILL", pid]));
+            }
+        }
+        ip(&["netns", "del", name]);
     }
 }
 
