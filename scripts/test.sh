@@ -22,6 +22,7 @@ APT_PACKAGES=(
   python3-gi python3-gst-1.0 gir1.2-gst-rtsp-server-1.0
   gstreamer1.0-plugins-base gstreamer1.0-plugins-good gstreamer1.0-plugins-bad
   gstreamer1.0-plugins-ugly gstreamer1.0-libav gstreamer1.0-rtsp
+  curl # tests/netns_cluster.rs: HTTP from inside a network namespace (api/streams)
 )
 
 log() { printf '==> %s\n' "$*" >&2; }
