@@ -1,6 +1,7 @@
 //! Node endpoints every role serves: `/healthz`, `/metrics` (Prometheus
-//! text), `/api/streams` (JSON), `POST /api/drain` (drain as on SIGTERM;
-//! only with `--api-token`). With `--api-token`, `/metrics` and
+//! text), `/api/streams` (JSON), `/api/cluster` (JSON: this node and the
+//! nodes it heard of, with tiers and load), `POST /api/drain` (drain as on
+//! SIGTERM; only with `--api-token`). With `--api-token`, `/metrics` and
 //! `/api/*` answer 401 without `Authorization: Bearer TOKEN`; `/healthz`
 //! stays open for load balancers.
 
@@ -28,6 +29,8 @@ pub struct Api {
     pub drain: tokio_util::sync::CancellationToken,
     /// `--drain-timeout`, reported by `POST /api/drain`.
     pub drain_timeout: std::time::Duration,
+    /// This node in the cluster, for `/api/cluster`.
+    pub cluster: Arc<cascade_origin::cluster::Node>,
 }
 
 /// The routes.
@@ -36,6 +39,7 @@ pub fn router(api: Api) -> Router {
         .route("/metrics", get(metrics))
         .route("/api/streams", get(streams))
         .route("/api/drain", post(drain))
+        .route("/api/cluster", get(cluster))
         .route_layer(axum::middleware::from_fn_with_state(
             api.api_token.clone(),
             require_token,
@@ -121,6 +125,17 @@ async fn drain(State(api): State<Api>) -> Response {
         .into_response()
 }
 
+/// `GET /api/cluster`: on the origin every node below it, on an edge its
+/// own view (its subtree and the table its upstream sent).
+async fn cluster(State(api): State<Api>) -> Response {
+    let mut res = Json(crate::placement::cluster_json(&api.cluster)).into_response();
+    res.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        header::HeaderValue::from_static("*"),
+    );
+    res
+}
+
 async fn streams(State(api): State<Api>) -> Response {
     let mut res = Json(api.registry.list()).into_response();
     // Dashboards on other origins poll this.
@@ -146,6 +161,7 @@ mod tests {
             drain: Default::default(),
             drain_timeout: std::time::Duration::from_secs(30),
             api_token: None,
+            cluster: Arc::new(cascade_origin::cluster::Node::new("edge", "http://e1:8080")),
         }
     }
 
@@ -174,6 +190,8 @@ mod tests {
         assert_eq!(get_status(&r, "/api/streams", Some("wrong")).await, 401);
         assert_eq!(get_status(&r, "/metrics", None).await, 401);
         assert_eq!(get_status(&r, "/api/streams", Some("s3cret")).await, 200);
+        assert_eq!(get_status(&r, "/api/cluster", None).await, 401);
+        assert_eq!(get_status(&r, "/api/cluster", Some("s3cret")).await, 200);
         // No recorder in unit tests: 404 means the token let it through.
         assert_eq!(get_status(&r, "/metrics", Some("s3cret")).await, 404);
         assert_eq!(get_status(&r, "/healthz", None).await, 200);
