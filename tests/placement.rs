@@ -235,3 +235,45 @@ async fn two_edges_pointing_at_each_other_refuse_the_loop() {
         assert!(v["nodes"][0]["tier"].as_u64().unwrap() <= 1, "{v:#}");
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_three_tier_chain_shows_its_tiers() {
+    let origin = Node::start(
+        "origin",
+        &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"],
+    );
+    let quic = origin.quic.clone().unwrap();
+    let mid = Node::start(
+        "edge",
+        &[
+            "--cluster-secret",
+            SECRET,
+            "--origin",
+            &quic,
+            "--quic",
+            "127.0.0.1:0",
+        ],
+    );
+    let mid_quic = mid.quic.clone().unwrap();
+    let leaf = Node::start("edge", &["--cluster-secret", SECRET, "--origin", &mid_quic]);
+    let v = wait_cluster(&origin.http, "the leaf at tier 2", |n| {
+        node_url(n, &leaf.http).is_some_and(|l| l["tier"] == 2)
+            && node_url(n, &mid.http).is_some_and(|m| m["tier"] == 1)
+    })
+    .await;
+    let nodes = v["nodes"].as_array().unwrap();
+    let (o, m) = (
+        &nodes[0]["node"],
+        &node_url(nodes, &mid.http).unwrap()["node"],
+    );
+    assert_eq!(
+        node_url(nodes, &leaf.http).unwrap()["upstream"],
+        serde_json::json!([o, m])
+    );
+    // The leaf sees itself at tier 2 and knows the mid-tier edge.
+    let v = wait_cluster(&leaf.http, "the leaf's own view", |n| {
+        n[0]["tier"] == 2 && node_url(n, &mid.http).is_some()
+    })
+    .await;
+    assert_eq!(v["nodes"][0]["url"], leaf.http);
+}
