@@ -20,6 +20,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use cascade_origin::cluster::{LocalLoad, Node, Report, REPORT_INTERVAL};
 use cascade_origin::Registry;
+use tracing::Instrument;
 
 /// Redirects by reason (`not_edge`, `draining`, `full`, `load`).
 pub const REDIRECTS: &str = "cascade_placement_redirects_total";
@@ -246,32 +247,35 @@ pub fn spawn_sampler(
     draining: Arc<AtomicBool>,
     stop: tokio_util::sync::CancellationToken,
 ) {
-    tokio::spawn(async move {
-        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let (mut cpu, mut rate) = (CpuMeter::default(), RateMeter::default());
-        let mut tick = tokio::time::interval(REPORT_INTERVAL);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                _ = tick.tick() => {}
-                _ = stop.cancelled() => break,
+    tokio::spawn(
+        async move {
+            let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+            let (mut cpu, mut rate) = (CpuMeter::default(), RateMeter::default());
+            let mut tick = tokio::time::interval(REPORT_INTERVAL);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = tick.tick() => {}
+                    _ = stop.cancelled() => break,
+                }
+                let now = Instant::now();
+                let ticks = std::fs::read_to_string("/proc/self/stat")
+                    .ok()
+                    .and_then(|t| parse_stat(&t));
+                let streams = registry.list();
+                node.set_local(LocalLoad {
+                    viewers: streams.iter().map(|s| s.viewers as u64).sum(),
+                    sessions: rtc.as_ref().map_or(0, |r| r.sessions() as u64),
+                    egress_bps: rtc.as_ref().map_or(0, |r| rate.sample(now, r.bytes_out())),
+                    cpu_permille: ticks.map_or(0, |t| cpu.sample(now, t, cores)),
+                    draining: draining.load(Ordering::Relaxed),
+                    streams: streams.into_iter().map(|s| s.stream).collect(),
+                });
+                node.expire(now);
             }
-            let now = Instant::now();
-            let ticks = std::fs::read_to_string("/proc/self/stat")
-                .ok()
-                .and_then(|t| parse_stat(&t));
-            let streams = registry.list();
-            node.set_local(LocalLoad {
-                viewers: streams.iter().map(|s| s.viewers as u64).sum(),
-                sessions: rtc.as_ref().map_or(0, |r| r.sessions() as u64),
-                egress_bps: rtc.as_ref().map_or(0, |r| rate.sample(now, r.bytes_out())),
-                cpu_permille: ticks.map_or(0, |t| cpu.sample(now, t, cores)),
-                draining: draining.load(Ordering::Relaxed),
-                streams: streams.into_iter().map(|s| s.stream).collect(),
-            });
-            node.expire(now);
         }
-    });
+        .instrument(tracing::info_span!("load_sampler")),
+    );
 }
 
 /// `/api/cluster`: this node and every node it heard of.
