@@ -91,29 +91,44 @@ async fn a_full_edge_places_viewers_on_the_other_and_the_origin_sees_both() {
             "2",
         ],
     );
+    let p = publish(&ingest.http, "placed", media(30).await, 0).await;
+    common::wait_live(&origin.http, "placed").await;
+    // Two viewers fill edge1 (--max-sessions 2) before edge2 exists: with
+    // a known edge less loaded by more than the margin, edge1 would place
+    // the second one there already (reason "load").
+    let (mut a, mut b) = (None, None);
+    for slot in [&mut a, &mut b] {
+        let mut o = loadtest::whep::ViewerOptions::new(format!("{}/whep/placed", edge1.http));
+        o.duration = Some(Duration::from_secs(15));
+        *slot = Some(loadtest::whep::Viewer::start(o).await.unwrap());
+    }
     let edge2 = Node::start(
         "edge",
         &["--cluster-secret", SECRET, "--origin", &quic, "--placement"],
     );
-    let p = publish(&ingest.http, "placed", media(30).await, 0).await;
-    common::wait_live(&origin.http, "placed").await;
+    let listed = Instant::now();
 
     // The origin's table: itself at tier 0, the ingest and both edges at 1.
     let v = wait_cluster(
         &origin.http,
         "origin lists both edges and the stream",
         |n| {
-            node_url(n, &edge1.http).is_some()
+            node_url(n, &edge1.http).is_some_and(|e| e["sessions"] == 2)
                 && node_url(n, &edge2.http).is_some()
                 && n.iter()
                     .any(|r| r["role"] == "ingest" && r["streams"][0] == "placed")
         },
     )
     .await;
+    eprintln!(
+        "placement: origin's table complete {:?} after edge2 started",
+        listed.elapsed()
+    );
     let nodes = v["nodes"].as_array().unwrap();
     assert_eq!(nodes[0]["role"], "origin");
     assert_eq!(nodes[0]["tier"], 0);
     assert_eq!(nodes.len(), 4, "{v:#}");
+    assert_eq!(node_url(nodes, &edge1.http).unwrap()["sessions"], 2);
     for n in &nodes[1..] {
         assert_eq!(n["tier"], 1, "{n}");
         assert_eq!(n["upstream"][0], nodes[0]["node"], "{n}");
@@ -122,13 +137,6 @@ async fn a_full_edge_places_viewers_on_the_other_and_the_origin_sees_both() {
     assert_eq!(ingest_row["streams"][0], "placed");
     assert_eq!(node_url(nodes, &edge1.http).unwrap()["max_sessions"], 2);
 
-    // Two viewers fill edge1 (--max-sessions 2).
-    let (mut a, mut b) = (None, None);
-    for slot in [&mut a, &mut b] {
-        let mut o = loadtest::whep::ViewerOptions::new(format!("{}/whep/placed", edge1.http));
-        o.duration = Some(Duration::from_secs(12));
-        *slot = Some(loadtest::whep::Viewer::start(o).await.unwrap());
-    }
     // edge1 knows edge2 from the origin's table.
     wait_cluster(&edge1.http, "edge1 hears of edge2", |n| {
         node_url(n, &edge2.http).is_some_and(|e| e["max_sessions"].as_u64() > Some(0))
@@ -136,6 +144,7 @@ async fn a_full_edge_places_viewers_on_the_other_and_the_origin_sees_both() {
     .await;
 
     // A third POST to edge1: 307 to edge2, query string kept.
+    let t = Instant::now();
     let r = post_whep(
         &no_redirects(),
         &format!("{}/whep/placed?token=abc", edge1.http),
@@ -146,15 +155,27 @@ async fn a_full_edge_places_viewers_on_the_other_and_the_origin_sees_both() {
         r.headers()["location"].to_str().unwrap(),
         format!("{}/whep/placed?token=abc", edge2.http)
     );
+    eprintln!("placement: 307 answered in {:?}", t.elapsed());
     // The Rust viewer follows it and plays on edge2.
     let third = view(&edge1.http, "placed", 4).await;
     assert_good_viewer(&third);
+    eprintln!(
+        "placement: viewer placed on edge2 via 307: ttff {:?} ms",
+        third.ttff_ms
+    );
     let m1 = metrics(&edge1.http).await;
     assert!(
         metric_sum(&m1, "cascade_placement_redirects_total") >= 2.0,
         "{m1}"
     );
-    assert!(m1.contains(r#"cascade_placement_redirects_total{reason="full"}"#));
+    let placed: Vec<&str> = m1
+        .lines()
+        .filter(|l| l.starts_with("cascade_placement") || l.starts_with("cascade_rtc_sessions"))
+        .collect();
+    assert!(
+        m1.contains(r#"cascade_placement_redirects_total{reason="full"}"#),
+        "{placed:?}"
+    );
 
     // The origin serves no viewers: it sends them to the least loaded edge.
     let r = post_whep(&no_redirects(), &format!("{}/whep/placed", origin.http)).await;
@@ -206,7 +227,8 @@ async fn two_edges_pointing_at_each_other_refuse_the_loop() {
         metric_sum(a, "cascade_origin_relay_refused_total")
             + metric_sum(b, "cascade_origin_relay_refused_total")
     };
-    let deadline = Instant::now() + Duration::from_secs(15);
+    let started = Instant::now();
+    let deadline = started + Duration::from_secs(15);
     loop {
         let (ma, mb) = (metrics(&a.http).await, metrics(&b.http).await);
         if ma.contains(r#"reason="loop""#) || mb.contains(r#"reason="loop""#) {
@@ -215,15 +237,21 @@ async fn two_edges_pointing_at_each_other_refuse_the_loop() {
         assert!(Instant::now() < deadline, "no loop refusal: {ma}\n{mb}");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
+    eprintln!(
+        "loop: first refusal seen {:?} after start",
+        started.elapsed()
+    );
     let first = refused(&metrics(&a.http).await, &metrics(&b.http).await);
     // A viewer there: not found in bounded time, however the links stand.
     let t = Instant::now();
     let r = post_whep(&no_redirects(), &format!("{}/whep/nowhere", a.http)).await;
     assert_eq!(r.status(), 404);
     assert!(t.elapsed() < Duration::from_secs(8), "{:?}", t.elapsed());
+    eprintln!("loop: a viewer's POST got 404 in {:?}", t.elapsed());
     // Bounded attempts: a refused loop is retried after 5 s, not in a storm.
     tokio::time::sleep(Duration::from_secs(10)).await;
     let later = refused(&metrics(&a.http).await, &metrics(&b.http).await);
+    eprintln!("loop: {} refusals in the next 10 s", later - first);
     assert!(
         later - first <= 8.0,
         "{} loop refusals in 10 s: retried too often",
