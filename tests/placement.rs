@@ -184,11 +184,21 @@ async fn a_full_edge_places_viewers_on_the_other_and_the_origin_sees_both() {
         r.headers()["location"].to_str().unwrap(),
         format!("{}/whep/placed", edge2.http)
     );
-    // The origin's table shows edge1's load.
-    wait_cluster(&origin.http, "edge1 full at the origin", |n| {
-        node_url(n, &edge1.http).is_some_and(|e| e["sessions"] == 2 && e["viewers"] == 2)
+    // The origin's table shows edge1's load: two viewers sending media.
+    let v = wait_cluster(&origin.http, "edge1 full and sending at the origin", |n| {
+        node_url(n, &edge1.http).is_some_and(|e| {
+            e["sessions"] == 2
+                && e["viewers"] == 2
+                && e["egress_bps"].as_u64() > Some(100_000)
+                && e["cpu_permille"].is_u64()
+        })
     })
     .await;
+    let e1 = node_url(v["nodes"].as_array().unwrap(), &edge1.http).unwrap();
+    eprintln!(
+        "placement: edge1 as the origin sees it: egress {} bit/s, cpu {} per mille, last seen {} ms ago",
+        e1["egress_bps"], e1["cpu_permille"], e1["last_seen_ms"]
+    );
 
     for v in [a, b].into_iter().flatten() {
         let r = tokio::time::timeout(Duration::from_secs(30), v.finish_duration())
