@@ -256,7 +256,7 @@ pub struct Options {
     )]
     #[serde(alias = "auth_webhook")]
     pub auth_webhook: Option<String>,
-    /// This node's HTTP base URL for other nodes' placement redirects [default: http(s)://<first --advertise address>:<http port>]
+    /// This node's HTTP base URL for other nodes' placement redirects [default: http(s)://FIRST_ADVERTISE_ADDRESS:HTTP_PORT]
     #[arg(long, global = true, env = "CASCADE_PUBLIC_URL")]
     pub public_url: Option<String>,
     /// POST /whep/{stream} may answer 307 to the least loaded healthy edge (`--placement` or `--placement true`) [default: false]

@@ -1,6 +1,6 @@
 //! Placement and the node's load report: a task measures this node every
 //! second (viewers, WebRTC sessions, egress bit rate, process CPU from
-//! `/proc/self/stat`, draining, streams) into its [`cluster::Node`], which
+//! `/proc/self/stat`, draining, streams) into its [`Node`], which
 //! the relay sends upstream; with `--placement`, a middleware answers
 //! `POST /whep/{stream}` with `307` to the least loaded healthy edge when
 //! this node should not take the viewer (not an edge, draining, full, or
