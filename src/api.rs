@@ -1,6 +1,7 @@
 //! Node endpoints every role serves: `/healthz`, `/metrics` (Prometheus
-//! text), `/api/streams` (JSON), `POST /api/drain` (drain as on SIGTERM;
-//! only with `--api-token`), and on nodes that pull cameras
+//! text), `/api/streams` (JSON), `/api/cluster` (JSON: this node and the
+//! nodes it heard of, with tiers and load), `POST /api/drain` (drain as on
+//! SIGTERM; only with `--api-token`), and on nodes that pull cameras
 //! `/api/pulls` (RTSP pulls: GET lists, POST adds, DELETE removes). With
 //! `--api-token`, `/metrics` and the GETs of `/api/*` answer 401 without
 //! `Authorization: Bearer TOKEN`; `/healthz` stays open for load
@@ -40,6 +41,8 @@ pub struct Api {
     /// The node's wrong-token limit (`--auth-max-failures`), shared with
     /// WHIP/WHEP/RTMP; `None` in router unit tests.
     pub auth_gate: Option<cascade_rtc::limit::AuthGate>,
+    /// This node in the cluster, for `/api/cluster`.
+    pub cluster: Arc<cascade_origin::cluster::Node>,
 }
 
 /// The routes.
@@ -49,6 +52,7 @@ pub fn router(api: Api) -> Router {
         .route("/api/streams", get(streams))
         .route("/api/drain", post(drain))
         .route("/api/pulls", get(list_pulls))
+        .route("/api/cluster", get(cluster))
         .route_layer(axum::middleware::from_fn_with_state(
             api.api_token.clone(),
             require_token,
@@ -137,6 +141,17 @@ async fn drain(State(api): State<Api>) -> Response {
         })),
     )
         .into_response()
+}
+
+/// `GET /api/cluster`: on the origin every node below it, on an edge its
+/// own view (its subtree and the table its upstream sent).
+async fn cluster(State(api): State<Api>) -> Response {
+    let mut res = Json(crate::placement::cluster_json(&api.cluster)).into_response();
+    res.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        header::HeaderValue::from_static("*"),
+    );
+    res
 }
 
 async fn streams(State(api): State<Api>) -> Response {
@@ -314,6 +329,7 @@ mod tests {
             pulls: None,
             publish_auth: Auth::new(Some("pub"), None, None),
             auth_gate: None,
+            cluster: Arc::new(cascade_origin::cluster::Node::new("edge", "http://e1:8080")),
         }
     }
 
@@ -432,6 +448,8 @@ mod tests {
         assert_eq!(get_status(&r, "/api/streams", Some("wrong")).await, 401);
         assert_eq!(get_status(&r, "/metrics", None).await, 401);
         assert_eq!(get_status(&r, "/api/streams", Some("s3cret")).await, 200);
+        assert_eq!(get_status(&r, "/api/cluster", None).await, 401);
+        assert_eq!(get_status(&r, "/api/cluster", Some("s3cret")).await, 200);
         // No recorder in unit tests: 404 means the token let it through.
         assert_eq!(get_status(&r, "/metrics", Some("s3cret")).await, 404);
         assert_eq!(get_status(&r, "/healthz", None).await, 200);

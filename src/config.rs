@@ -257,6 +257,12 @@ pub struct Options {
     )]
     #[serde(alias = "auth_webhook")]
     pub auth_webhook: Option<String>,
+    /// This node's HTTP base URL for other nodes' placement redirects [default: http(s)://FIRST_ADVERTISE_ADDRESS:HTTP_PORT]
+    #[arg(long, global = true, env = "CASCADE_PUBLIC_URL")]
+    pub public_url: Option<String>,
+    /// POST /whep/{stream} may answer 307 to the least loaded healthy edge (`--placement` or `--placement true`) [default: false]
+    #[arg(long, global = true, env = "CASCADE_PLACEMENT", num_args = 0..=1, default_missing_value = "true")]
+    pub placement: Option<bool>,
     /// Test hook for the supervision test: shards panic when adding a
     /// session after this many. No env, no file key, not in --help.
     #[arg(long, global = true, hide = true)]
@@ -349,6 +355,8 @@ impl Options {
             auth_max_failures: self.auth_max_failures.or(lower.auth_max_failures),
             token_secret: self.token_secret.or(lower.token_secret),
             auth_webhook: self.auth_webhook.or(lower.auth_webhook),
+            public_url: self.public_url.or(lower.public_url),
+            placement: self.placement.or(lower.placement),
         }
     }
 }
@@ -403,6 +411,11 @@ pub struct Config {
     pub auth_webhook: Option<cascade_rtc::webhook::Webhook>,
     /// RTSP pulls from the file's `[[pull]]` tables, validated.
     pub pulls: Vec<cascade_ingest::rtsp::PullConfig>,
+    /// `--public-url`: checked here, defaulted in `node.rs` once the HTTP
+    /// port is bound.
+    pub public_url: Option<String>,
+    /// `--placement`: redirect WHEP POSTs to the best edge.
+    pub placement: bool,
 }
 
 /// `--tls-cert` and `--tls-key`: PEM files, read at start and again when
@@ -459,6 +472,14 @@ impl Config {
         let events_webhook = match o.events_webhook.as_deref().map(str::trim) {
             None | Some("") => None,
             Some(u) => Some(webhook_url(u, "--events-webhook")?),
+        };
+        let public_url = match o.public_url.as_deref().map(str::trim) {
+            None | Some("") => None,
+            Some(u) => Some(
+                webhook_url(u, "--public-url")?
+                    .trim_end_matches('/')
+                    .to_string(),
+            ),
         };
         let auth_gate = rtc_limits.auth.clone();
         // Checked at start: a typo must not leave a node that refuses all.
@@ -598,6 +619,8 @@ impl Config {
             events_webhook,
             auth_webhook,
             pulls,
+            public_url,
+            placement: o.placement.unwrap_or(false),
         })
     }
 }
@@ -854,6 +877,24 @@ mod tests {
         );
         let e = Config::from_cli(parse(&["--relay-max-links", "0"])).unwrap_err();
         assert!(e.to_string().contains("--relay-max-links"), "{e}");
+    }
+
+    #[test]
+    fn placement_and_public_url() {
+        let c = Config::from_cli(parse(&[])).unwrap();
+        assert!(!c.placement);
+        assert_eq!(c.public_url, None);
+        let c =
+            Config::from_cli(parse(&["--placement", "--public-url", "http://e1:8080/"])).unwrap();
+        assert!(c.placement);
+        assert_eq!(c.public_url.as_deref(), Some("http://e1:8080"));
+        let c = Config::from_cli(parse(&["--placement", "false"])).unwrap();
+        assert!(!c.placement);
+        assert!(Config::from_cli(parse(&["--public-url", "e1:8080"])).is_err());
+        let file: Options =
+            toml::from_str("placement = true\npublic-url = \"https://e1\"").unwrap();
+        assert_eq!(file.placement, Some(true));
+        assert_eq!(file.public_url.as_deref(), Some("https://e1"));
     }
 
     #[test]

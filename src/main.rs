@@ -9,6 +9,7 @@ mod config;
 mod events;
 mod http_limits;
 mod node;
+mod placement;
 mod tls;
 
 use std::process::ExitCode;

@@ -73,23 +73,33 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         crate::events::watch_registry(registry.clone(), events.clone(), stop.clone());
     let role = cfg.role;
     let secret = cfg.cluster_secret.clone().unwrap_or_default();
+    // This node in the cluster view (placement, /api/cluster, loop refusal);
+    // its URL is set once the HTTP port is bound.
+    let cluster = Arc::new(cascade_origin::cluster::Node::new(role.as_str(), ""));
 
     let relay_server = match cfg.quic {
         Some(addr) => Some(
-            relay::Server::bind_with(addr, secret.clone(), registry.clone(), cfg.relay_limits)
-                .await
-                .with_context(|| format!("binding the relay (QUIC) on {addr}"))?,
+            relay::Server::bind_node(
+                addr,
+                secret.clone(),
+                registry.clone(),
+                cfg.relay_limits,
+                cluster.clone(),
+            )
+            .await
+            .with_context(|| format!("binding the relay (QUIC) on {addr}"))?,
         ),
         None => None,
     };
     let client = match (role, &cfg.origin) {
-        (Role::Ingest | Role::Edge, Some(origin)) => Some(relay::Client::connect_with(
+        (Role::Ingest | Role::Edge, Some(origin)) => Some(relay::Client::connect_node(
             origin.clone(),
             secret.clone(),
             relay::Options {
                 hold: cfg.relay_limits.hold,
                 ..Default::default()
             },
+            cluster.clone(),
         )),
         _ => None,
     };
@@ -125,7 +135,15 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
 
     if let Some(rtc) = &rtc {
         supervise(rtc.clone());
+        cluster.set_max_sessions(cfg.max_sessions as u64);
     }
+    crate::placement::spawn_sampler(
+        cluster.clone(),
+        registry.clone(),
+        rtc.clone(),
+        draining.clone(),
+        stop.clone(),
+    );
 
     let mut router = Router::new();
     let token: Arc<str> = cfg.publish_token.clone().into();
@@ -200,10 +218,25 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         pulls,
         publish_auth: cascade_rtc::auth::Auth::new(Some(&token), None, cfg.token_secret.as_deref()),
         auth_gate: Some(cfg.rtc_limits.auth.clone()),
+        cluster: cluster.clone(),
     }));
+    if cfg.placement {
+        router = crate::placement::layer(
+            router,
+            crate::placement::Placement {
+                node: cluster.clone(),
+                rtc: rtc.clone(),
+                edge: matches!(role, Role::All | Role::Edge),
+                draining: draining.clone(),
+                max_sessions: cfg.max_sessions as u64,
+                margin_permille: crate::placement::MARGIN_PERMILLE,
+            },
+        );
+    }
 
     let http = listen_http(cfg.http).with_context(|| format!("binding HTTP on {}", cfg.http))?;
     let http_addr = http.local_addr()?;
+    cluster.set_url(&public_url(&cfg, http_addr, rtc.as_ref()));
     banner(
         &cfg,
         http_addr,
@@ -487,6 +520,26 @@ fn describe_metrics() {
     cascade_edge::metrics::describe();
     crate::tls::describe_metrics();
     crate::http_limits::describe_metrics();
+    crate::placement::describe_metrics();
+}
+
+/// `--public-url`, else `http(s)://<first advertised address>:<http port>`:
+/// where other nodes send viewers placed here.
+fn public_url(cfg: &Config, http: SocketAddr, rtc: Option<&cascade_rtc::Server>) -> String {
+    if let Some(u) = &cfg.public_url {
+        return u.clone();
+    }
+    let advertise: Vec<IpAddr> = match rtc {
+        Some(r) => r.advertise().to_vec(),
+        None => cascade_rtc::interface_addresses(),
+    };
+    let scheme = if cfg.tls.is_some() { "https" } else { "http" };
+    let host = match advertise.first() {
+        Some(IpAddr::V6(v6)) => format!("[{v6}]"),
+        Some(IpAddr::V4(v4)) => v4.to_string(),
+        None => public_host(http, &advertise),
+    };
+    format!("{scheme}://{host}:{}", http.port())
 }
 
 /// The address users should type: the first advertised (or interface)

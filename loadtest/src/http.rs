@@ -22,6 +22,9 @@ pub struct Reply {
     pub headers: HeaderMap,
     /// Response body as text (lossy UTF-8).
     pub body: String,
+    /// The URL that answered: the request's, or where redirects (a `307`
+    /// from cascade's `--placement`) led. `Location`s resolve against it.
+    pub url: Url,
 }
 
 impl Reply {
@@ -88,11 +91,13 @@ pub async fn post_raw(
     let resp = req.send().await?;
     let status = resp.status().as_u16();
     let headers = resp.headers().clone();
+    let final_url = resp.url().clone();
     let body = resp.text().await?;
     Ok(Reply {
         status,
         headers,
         body,
+        url: final_url,
     })
 }
 
@@ -121,8 +126,9 @@ pub async fn create_session(
     let loc = reply
         .header(LOCATION.as_str())
         .ok_or_else(|| Error::BadAnswer("201 without Location".into()))?;
-    let base = Url::parse(url).map_err(|e| Error::BadAnswer(format!("bad url: {e}")))?;
-    let location = base
+    // Relative to where the offer landed, after any placement redirect.
+    let location = reply
+        .url
         .join(loc)
         .map_err(|e| Error::BadAnswer(format!("bad Location: {e}")))?;
     Ok(Created {

@@ -136,6 +136,14 @@ pub enum ProtocolError {
     /// client link: only the accepting side serves a registry).
     #[error("publish not accepted on this side of the link")]
     PublishRefused,
+    /// A load report or cluster table that breaks the caps or the rules of
+    /// [`crate::cluster::Report::validate`].
+    #[error("bad load report: {0}")]
+    BadReport(&'static str),
+    /// The link would close a loop of relay links: this node would be its
+    /// own upstream. The text is the chain, e.g. `a1 → b2 → a1`.
+    #[error("relay loop: {0}")]
+    Loop(String),
     /// The peer published more streams on one link than the cap.
     #[error("more than {max} publications on one link")]
     TooManyPublications {

@@ -23,6 +23,7 @@
 //! RTMP. Frames are opaque access units with timestamps.
 #![warn(missing_docs)]
 
+pub mod cluster;
 mod error;
 pub mod metrics;
 pub mod model;

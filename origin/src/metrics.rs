@@ -13,7 +13,8 @@ pub const RELAY_FRAMES_RECEIVED: &str = "cascade_origin_relay_frames_received_to
 /// Frames received too late (their group was already superseded) and dropped.
 pub const RELAY_FRAMES_DROPPED: &str = "cascade_origin_relay_frames_dropped_total";
 /// Relay connections refused, by reason (`auth`, `protocol`, `timeout`,
-/// `busy`, `version`, `handshakes`, `handshakes_per_source`).
+/// `busy`, `version`, `handshakes`, `handshakes_per_source`, `loop`: the
+/// link would close a loop of relay links, counted by the end that saw it).
 pub const RELAY_REFUSED: &str = "cascade_origin_relay_refused_total";
 /// Relay links closed because the peer broke the protocol after authenticating.
 pub const RELAY_PROTOCOL_ERRORS: &str = "cascade_origin_relay_protocol_errors_total";

@@ -38,6 +38,9 @@ pub(crate) struct Egress {
     /// per drain (the per-drain adds were ~1% in perf at 300 viewers; no end-to-end change
     /// beyond noise in an A/B).
     pub(crate) counters: Counters,
+    /// UDP payload bytes sent since start: the node's egress rate for its
+    /// load report (placement), read by [`crate::Server::bytes_out`].
+    pub(crate) bytes_out: std::sync::atomic::AtomicU64,
 }
 
 /// The egress counters, resolved once.
@@ -79,6 +82,8 @@ pub(crate) struct Batch {
     sent: u64,
     calls: u64,
     dropped: u64,
+    /// Payload bytes of the datagrams sent since the last publish.
+    bytes: u64,
 }
 
 impl Default for Batch {
@@ -89,6 +94,7 @@ impl Default for Batch {
             sent: 0,
             calls: 0,
             dropped: 0,
+            bytes: 0,
         }
     }
 }
@@ -196,7 +202,7 @@ impl Egress {
         if batch.groups.is_empty() {
             return;
         }
-        let (mut sent, mut dropped, mut calls) = (0u64, 0u64, 0u64);
+        let (mut sent, mut dropped, mut calls, mut bytes) = (0u64, 0u64, 0u64, 0u64);
         for g in &batch.groups {
             let Some(contents) = batch.buf.get(g.start..g.start + g.len) else {
                 continue;
@@ -204,7 +210,10 @@ impl Egress {
             let segments = g.len.div_ceil(g.segment.max(1));
             calls += 1;
             match self.send_one(g, contents, segments) {
-                Ok(()) => sent += segments as u64,
+                Ok(()) => {
+                    sent += segments as u64;
+                    bytes += g.len as u64;
+                }
                 Err(e) if segments > 1 && self.state.max_gso_segments() == 1 => {
                     // The device refused GSO (quinn-udp turned it off): resend one by one.
                     tracing::debug!(error = %e, "gso send refused, sending datagrams singly");
@@ -215,7 +224,10 @@ impl Egress {
                             ..*g
                         };
                         match self.send_one(&single, chunk, 1) {
-                            Ok(()) => sent += 1,
+                            Ok(()) => {
+                                sent += 1;
+                                bytes += chunk.len() as u64;
+                            }
                             Err(_) => dropped += 1,
                         }
                     }
@@ -229,6 +241,7 @@ impl Egress {
         batch.sent += sent;
         batch.calls += calls;
         batch.dropped += dropped;
+        batch.bytes += bytes;
     }
 
     /// Adds the batch's counts to the metrics and zeroes them.
@@ -236,11 +249,13 @@ impl Egress {
         if batch.calls > 0 {
             self.counters.out.increment(batch.sent);
             self.counters.calls.increment(batch.calls);
+            self.bytes_out
+                .fetch_add(batch.bytes, std::sync::atomic::Ordering::Relaxed);
         }
         if batch.dropped > 0 {
             self.counters.send_dropped.increment(batch.dropped);
         }
-        (batch.sent, batch.calls, batch.dropped) = (0, 0, 0);
+        (batch.sent, batch.calls, batch.dropped, batch.bytes) = (0, 0, 0, 0);
     }
 
     fn send_one(&self, g: &Group, contents: &[u8], segments: usize) -> std::io::Result<()> {
@@ -331,6 +346,7 @@ mod tests {
             local_ips: HashSet::new(),
             gso: true,
             counters: Counters::new(),
+            bytes_out: Default::default(),
         };
         let to = rx.local_addr().unwrap();
         let mut b = Batch::default();

@@ -66,6 +66,8 @@ struct Inner {
     auth: crate::limit::AuthGate,
     /// Why a shard or receive task failed, once one did.
     failed: watch::Sender<Option<String>>,
+    /// The shared send side, for its byte count.
+    egress: Arc<Egress>,
 }
 
 /// The WebRTC side of a node: one UDP port, one ICE-TCP port, N shards.
@@ -110,6 +112,7 @@ impl Server {
             local_ips,
             gso: cfg.gso,
             counters: crate::egress::Counters::new(),
+            bytes_out: Default::default(),
         });
         let n = if cfg.shards == 0 {
             std::thread::available_parallelism().map_or(1, |n| n.get())
@@ -204,6 +207,7 @@ impl Server {
                 max_candidates: cfg.limits.max_remote_candidates,
                 auth: cfg.limits.auth.clone(),
                 failed,
+                egress,
             }),
         })
     }
@@ -495,6 +499,15 @@ impl Server {
                 return std::future::pending().await;
             }
         }
+    }
+
+    /// UDP payload bytes sent to peers since start (ICE-TCP not counted):
+    /// the egress rate of the node's load report.
+    pub fn bytes_out(&self) -> u64 {
+        self.inner
+            .egress
+            .bytes_out
+            .load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Sessions on this node.

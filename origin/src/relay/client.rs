@@ -17,6 +17,7 @@ use tracing::Instrument;
 use super::session::{Command, Inputs, Session, Side};
 use super::wire::VERSION;
 use super::{auth, code, tls, ALPN, AUTH_TIMEOUT, LINK_GRACE};
+use crate::cluster::Node;
 use crate::metrics::RELAY_REFUSED;
 use crate::registry::{Registry, Upstream};
 use crate::{Error, ProtocolError, Result};
@@ -26,6 +27,10 @@ use crate::{Error, ProtocolError, Result};
 const COMMAND_QUEUE: usize = 64;
 /// First reconnect delay; doubles up to `Options::max_backoff`.
 const MIN_BACKOFF: Duration = Duration::from_millis(100);
+/// Delay before trying again a link refused as a loop: the configuration
+/// is wrong and stays wrong until an operator fixes it, so attempts stay
+/// rare (no storm of links and fetches around the loop).
+pub(crate) const LOOP_BACKOFF: Duration = Duration::from_secs(5);
 
 /// Tunables of a [`Client`].
 #[derive(Clone, Copy, Debug)]
@@ -85,6 +90,12 @@ impl Client {
 
     /// Like [`Client::connect`] with explicit options.
     pub fn connect_with(origin: String, secret: String, options: Options) -> Self {
+        Self::connect_node(origin, secret, options, Arc::new(Node::new("node", "")))
+    }
+
+    /// Like [`Client::connect_with`] for `node`: its load goes upstream
+    /// and the upstream's table comes back into it.
+    pub fn connect_node(origin: String, secret: String, options: Options, node: Arc<Node>) -> Self {
         let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let (uplink, uplink_rx) = watch::channel(None);
         let (connected_tx, connected) = watch::channel(false);
@@ -103,6 +114,7 @@ impl Client {
             resubscribe: Vec::new(),
             resume_uplink: HashSet::new(),
             resubscribe_until: Instant::now(),
+            node,
         };
         tokio::spawn(dialer.run().instrument(span));
         Self {
@@ -193,6 +205,7 @@ struct Dialer {
     /// Streams the lost link published, to resume at the next keyframe.
     resume_uplink: HashSet<String>,
     resubscribe_until: Instant,
+    node: Arc<Node>,
 }
 
 impl Dialer {
@@ -218,8 +231,14 @@ impl Dialer {
                     } else {
                         (Vec::new(), HashSet::new())
                     };
-                    let mut session =
-                        Session::new(conn, send, Side::Connected, None, resume_uplink);
+                    let mut session = Session::new(
+                        conn,
+                        send,
+                        Side::Connected,
+                        None,
+                        resume_uplink,
+                        self.node.clone(),
+                    );
                     let inputs = Inputs {
                         commands: Some(&mut self.commands),
                         uplink: Some(self.uplink.clone()),
@@ -233,7 +252,13 @@ impl Dialer {
                     self.connected.send_replace(false);
                     match &end {
                         Ok(()) => tracing::info!("relay link closed"),
-                        Err(e) => tracing::warn!(error = %e, "relay link lost"),
+                        Err(e) => match loop_reason(e) {
+                            Some(why) => {
+                                tracing::error!(retry_in = ?LOOP_BACKOFF, "relay link refused: {why}");
+                                backoff = LOOP_BACKOFF;
+                            }
+                            None => tracing::warn!(error = %e, "relay link lost"),
+                        },
                     }
                     if end.is_err() {
                         // Keep fetched streams live for a moment and fetch
@@ -264,8 +289,21 @@ impl Dialer {
                 _ = tokio::time::sleep(backoff) => {}
                 _ = self.cancel.cancelled() => break,
             }
-            backoff = (backoff * 2).min(self.options.max_backoff);
+            backoff = (backoff * 2).min(self.options.max_backoff).max(MIN_BACKOFF);
         }
+    }
+}
+
+/// The loop a link was refused for, by either end: the text names it.
+pub(crate) fn loop_reason(e: &Error) -> Option<String> {
+    match e {
+        Error::Protocol(ProtocolError::Loop(chain)) => Some(format!("relay loop: {chain}")),
+        Error::Connection(quinn::ConnectionError::ApplicationClosed(c))
+            if c.error_code == code::LOOP =>
+        {
+            Some(String::from_utf8_lossy(&c.reason).into_owned())
+        }
+        _ => None,
     }
 }
 

@@ -110,6 +110,14 @@ pub(crate) enum Action<R, W, S> {
         name: String,
         until: Instant,
     },
+    /// The peer (below us) reported its load and that of the nodes below
+    /// it: for the node's cluster table, which checks for a loop.
+    Load(Vec<crate::cluster::Report>),
+    /// The peer (our upstream) sent its path and table.
+    Cluster {
+        path: Vec<String>,
+        nodes: Vec<crate::cluster::Report>,
+    },
     /// A stream was refused for a fault of its own (its catalog breaks the
     /// relay's caps); the link and its other streams carry on. Log it.
     Refused {
@@ -151,6 +159,7 @@ struct Retry<R> {
 
 /// The protocol state of one authenticated link, the same on both ends.
 pub(crate) struct Link<R, W, S> {
+    side: Side,
     /// This side serves a registry: it takes the peer's publications and
     /// subscriptions.
     serves: bool,
@@ -190,6 +199,7 @@ impl<R: Clone, W, S> Link<R, W, S> {
     /// subscriptions. `resume_uplink`: what the lost link before it published.
     pub(crate) fn new(side: Side, serves: bool, resume_uplink: HashSet<String>) -> Self {
         Self {
+            side,
             serves,
             // Ids never clash: the connecting side uses even, the accepting odd.
             next_id: if side == Side::Connected { 0 } else { 1 },
@@ -319,6 +329,21 @@ impl<R: Clone, W, S> Link<R, W, S> {
                     self.actions.push_back(Action::StopReceiving { id });
                 }
                 self.subscribed.retain(|_, v| v.0 != id);
+            }
+            // Load reports go up (from the connecting side), tables come
+            // down: the other way round is a confused peer.
+            Message::Load { nodes } if self.side == Side::Accepted => {
+                self.actions.push_back(Action::Load(nodes));
+            }
+            Message::Cluster { path, nodes } if self.side == Side::Connected => {
+                self.actions.push_back(Action::Cluster { path, nodes });
+            }
+            m @ (Message::Load { .. } | Message::Cluster { .. }) => {
+                return Err(ProtocolError::UnexpectedMessage {
+                    expected: "load reports upwards, cluster tables downwards",
+                    got: m.kind(),
+                }
+                .into());
             }
             m @ (Message::Hello { .. }
             | Message::Challenge { .. }
@@ -734,6 +759,42 @@ mod tests {
         link.handle_attached(id, true);
         drain(&mut link);
         (link, id)
+    }
+
+    #[test]
+    fn load_goes_up_and_cluster_comes_down_only() {
+        let now = Instant::now();
+        let report = crate::cluster::Report {
+            node: "0a".into(),
+            ..Default::default()
+        };
+        let mut server = TestLink::new(Side::Accepted, true, HashSet::new());
+        let mut client = TestLink::new(Side::Connected, false, HashSet::new());
+        let load = Message::Load {
+            nodes: vec![report.clone()],
+        };
+        let cluster = Message::Cluster {
+            path: vec!["0b".into()],
+            nodes: vec![report.clone()],
+        };
+        server.handle_message(now, load.clone()).unwrap();
+        assert_eq!(drain(&mut server), vec![Action::Load(vec![report.clone()])]);
+        client.handle_message(now, cluster.clone()).unwrap();
+        assert_eq!(
+            drain(&mut client),
+            vec![Action::Cluster {
+                path: vec!["0b".into()],
+                nodes: vec![report]
+            }]
+        );
+        assert!(matches!(
+            violation(server.handle_message(now, cluster)),
+            ProtocolError::UnexpectedMessage { got: "cluster", .. }
+        ));
+        assert!(matches!(
+            violation(client.handle_message(now, load)),
+            ProtocolError::UnexpectedMessage { got: "load", .. }
+        ));
     }
 
     #[test]

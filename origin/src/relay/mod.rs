@@ -69,6 +69,8 @@ pub mod code {
     /// The link is dropped on purpose and will be back: keep its streams
     /// for the grace period as if it had been lost.
     pub const RECONNECT: VarInt = VarInt::from_u32(4);
+    /// The link would close a loop of relay links (the reason names it).
+    pub const LOOP: VarInt = VarInt::from_u32(6);
     /// Stream reset: a newer group superseded this one.
     pub const SUPERSEDED: VarInt = VarInt::from_u32(0x10);
     /// Stream stopped: the group names no live publication or subscription.

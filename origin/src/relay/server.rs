@@ -13,6 +13,7 @@ use tracing::Instrument;
 use super::admit::{Admission, Decision, Limits};
 use super::session::{lost, Inputs, Session, Side};
 use super::{auth, code, tls, ALPN, HANDSHAKE_TIMEOUT};
+use crate::cluster::Node;
 use crate::metrics::{RELAY_HANDSHAKES, RELAY_REFUSED, RELAY_RETRIES};
 use crate::registry::Registry;
 use crate::{Error, Result};
@@ -42,6 +43,19 @@ impl Server {
         registry: Arc<Registry>,
         limits: Limits,
     ) -> Result<Self> {
+        let node = Arc::new(Node::new("node", ""));
+        Self::bind_node(addr, secret, registry, limits, node).await
+    }
+
+    /// [`Server::bind_with`] for `node`: the links below report their load
+    /// into its table and hear its path and table back.
+    pub async fn bind_node(
+        addr: SocketAddr,
+        secret: String,
+        registry: Arc<Registry>,
+        limits: Limits,
+        node: Arc<Node>,
+    ) -> Result<Self> {
         if secret.is_empty() {
             tracing::warn!("relay cluster secret is empty: any node can join");
         }
@@ -53,6 +67,7 @@ impl Server {
             registry,
             limits,
             cancel.clone(),
+            node,
         ));
         tracing::info!(addr = %endpoint.local_addr()?, "relay server listening");
         Ok(Self { endpoint, cancel })
@@ -111,6 +126,7 @@ async fn accept_loop(
     registry: Arc<Registry>,
     limits: Limits,
     cancel: CancellationToken,
+    node: Arc<Node>,
 ) {
     let admission = Arc::new(Mutex::new(Admission::new(limits)));
     let ids = AtomicU64::new(0);
@@ -153,7 +169,10 @@ async fn accept_loop(
         };
         let span = tracing::info_span!("relay", role = "server", conn = ids.fetch_add(1, Ordering::Relaxed), %peer);
         let (secret, registry, cancel) = (secret.clone(), registry.clone(), cancel.clone());
-        tokio::spawn(serve(incoming, secret, registry, cancel, slot, limits.hold).instrument(span));
+        let node = node.clone();
+        tokio::spawn(
+            serve(incoming, secret, registry, cancel, slot, limits.hold, node).instrument(span),
+        );
     }
 }
 
@@ -192,6 +211,7 @@ async fn serve(
     cancel: CancellationToken,
     slot: HandshakeSlot,
     hold: std::time::Duration,
+    node: Arc<Node>,
 ) {
     let (admission, ip) = (slot.admission.clone(), slot.ip);
     let deadline = tokio::time::Instant::now() + HANDSHAKE_TIMEOUT;
@@ -254,6 +274,7 @@ async fn serve(
         Side::Accepted,
         Some(registry),
         Default::default(),
+        node,
     );
     let inputs = Inputs {
         commands: None,
@@ -267,7 +288,10 @@ async fn serve(
     let end = session.run(recv, Side::Accepted, inputs).await;
     match &end {
         Ok(()) => tracing::info!("relay peer disconnected"),
-        Err(e) => tracing::info!(error = %e, "relay peer disconnected"),
+        Err(e) => match super::client::loop_reason(e) {
+            Some(why) => tracing::error!("relay peer refused: {why}"),
+            None => tracing::info!(error = %e, "relay peer disconnected"),
+        },
     }
     if lost(&end) {
         // The peer may be back in a moment and publish again (takeover).

@@ -5,6 +5,7 @@
 use bytes::{BufMut, Bytes, BytesMut};
 use serde::{Deserialize, Serialize};
 
+use crate::cluster::{validate_path, validate_reports, Report};
 use crate::model::catalog::Catalog;
 use crate::model::frame::Frame;
 use crate::{valid_stream_name, Error, ProtocolError, Result};
@@ -136,6 +137,22 @@ pub enum Message {
         /// Publication or subscription id.
         id: u64,
     },
+    /// Connecting side, every `cluster::REPORT_INTERVAL`: its load report
+    /// first, then those of the nodes below it (placement, loop refusal).
+    Load {
+        /// At most `cluster::MAX_REPORT_NODES` reports.
+        #[serde(default)]
+        nodes: Vec<Report>,
+    },
+    /// Accepting side, answering `Load`: its upstream path and its table.
+    Cluster {
+        /// Node ids from the origin down to the sender, the sender last.
+        #[serde(default)]
+        path: Vec<String>,
+        /// The sender's report first, then the nodes it heard of.
+        #[serde(default)]
+        nodes: Vec<Report>,
+    },
 }
 
 mod hex_nonce {
@@ -214,7 +231,7 @@ fn check_label(label: &str) -> Result<(), ProtocolError> {
 
 /// The type names of [`Message`] on the wire, to tell an unknown type (a
 /// newer peer) from a malformed message.
-const MESSAGE_TYPES: [&str; 12] = [
+const MESSAGE_TYPES: [&str; 14] = [
     "hello",
     "challenge",
     "auth",
@@ -227,6 +244,8 @@ const MESSAGE_TYPES: [&str; 12] = [
     "unsubscribe",
     "keyframe_request",
     "ended",
+    "load",
+    "cluster",
 ];
 
 /// Why a body did not decode: an unknown type, or malformed JSON.
@@ -261,6 +280,8 @@ impl Message {
             Self::Unsubscribe { .. } => "unsubscribe",
             Self::KeyframeRequest { .. } => "keyframe_request",
             Self::Ended { .. } => "ended",
+            Self::Load { .. } => "load",
+            Self::Cluster { .. } => "cluster",
         }
     }
 
@@ -289,6 +310,11 @@ impl Message {
             }
             Self::KeyframeRequest { track, .. } if !valid_track_name(track) => {
                 Err(ProtocolError::BadTrackName.into())
+            }
+            Self::Load { nodes } => Ok(validate_reports(nodes)?),
+            Self::Cluster { path, nodes } => {
+                validate_path(path)?;
+                Ok(validate_reports(nodes)?)
             }
             _ => Ok(()),
         }
@@ -699,7 +725,43 @@ mod tests {
             any::<u64>().prop_map(|id| Message::Unsubscribe { id }),
             (any::<u64>(), name()).prop_map(|(id, track)| Message::KeyframeRequest { id, track }),
             any::<u64>().prop_map(|id| Message::Ended { id }),
+            proptest::collection::vec(report(), 0..4).prop_map(|nodes| Message::Load { nodes }),
+            (
+                proptest::collection::vec(node_id(), 0..8),
+                proptest::collection::vec(report(), 0..4)
+            )
+                .prop_map(|(path, nodes)| Message::Cluster { path, nodes }),
         ]
+    }
+
+    fn node_id() -> impl Strategy<Value = String> {
+        "[0-9a-f]{1,32}"
+    }
+
+    fn report() -> impl Strategy<Value = Report> {
+        (
+            node_id(),
+            "(edge|origin|ingest)",
+            "(|https?://[a-z0-9.:]{1,40})",
+            any::<(u64, u64, u64, u64, u32, bool, u64)>(),
+            proptest::collection::vec(name(), 0..4),
+            proptest::collection::vec(node_id(), 0..4),
+        )
+            .prop_map(|(node, role, url, n, streams, upstream)| Report {
+                node,
+                role,
+                url,
+                viewers: n.0,
+                sessions: n.1,
+                max_sessions: n.2,
+                egress_bps: n.3,
+                cpu_permille: n.4,
+                draining: n.5,
+                stream_count: n.6,
+                streams,
+                upstream,
+                age_ms: n.6 % 10_000,
+            })
     }
 
     fn frame() -> impl Strategy<Value = Frame> {
@@ -754,6 +816,11 @@ mod tests {
                     prop_assert!(valid_track_name(&crate::model::catalog::rendition_track(r)));
                 }
             }
+        }
+
+        #[test]
+        fn cluster_json_garbage_never_panics(s in "\\{\"type\":\"(load|cluster)\",\"(nodes|path)\":\\[(\"[0-9a-f]{0,40}\"|\\{\"node\":\"[0-9a-zA-Z]{0,40}\"(,\"[a-z_]{1,12}\":(\"[^\"]{0,30}\"|[0-9]{1,22}|true|\\[\\]))*\\})?\\]\\}") {
+            let _ = Message::decode_body(s.as_bytes());
         }
 
         #[test]
@@ -1007,5 +1074,53 @@ mod tests {
             Message::Ended { id: 4 }
         );
         assert!(Message::decode_body(br#"{"type":"teleport","id":4}"#).is_err());
+    }
+
+    #[test]
+    fn load_reports_are_validated_and_bounded() {
+        // Fields a later version adds are ignored; missing ones default.
+        let min = br#"{"type":"load","nodes":[{"node":"0a","future":1}]}"#;
+        let Message::Load { nodes } = Message::decode_body(min).unwrap() else {
+            panic!("load expected");
+        };
+        assert_eq!(nodes[0].node, "0a");
+        assert_eq!(nodes[0].upstream, Vec::<String>::new());
+        for bad in [
+            r#"{"type":"load","nodes":[{"node":"XY"}]}"#,
+            r#"{"type":"load","nodes":[{"node":"0a","url":"file:///etc"}]}"#,
+            r#"{"type":"load","nodes":[{"node":"0a","streams":["a b"]}]}"#,
+            r#"{"type":"cluster","path":["not hex"],"nodes":[]}"#,
+        ] {
+            assert!(
+                matches!(
+                    protocol_error(Message::decode_body(bad.as_bytes())),
+                    ProtocolError::BadReport(_)
+                ),
+                "{bad}"
+            );
+        }
+        // The largest message the caps allow fits the wire's limit.
+        let big = Report {
+            node: "f".repeat(crate::cluster::MAX_ID),
+            role: "ingest".into(),
+            url: format!("https://{}", "a".repeat(crate::cluster::MAX_URL - 8)),
+            viewers: u64::MAX,
+            sessions: u64::MAX,
+            max_sessions: u64::MAX,
+            egress_bps: u64::MAX,
+            cpu_permille: u32::MAX,
+            draining: true,
+            streams: vec!["s".repeat(64); crate::cluster::MAX_STREAMS],
+            stream_count: u64::MAX,
+            upstream: vec!["f".repeat(crate::cluster::MAX_ID); crate::cluster::MAX_TIERS],
+            age_ms: u64::MAX,
+        };
+        let msg = Message::Cluster {
+            path: vec!["f".repeat(crate::cluster::MAX_ID); crate::cluster::MAX_TIERS],
+            nodes: vec![big; crate::cluster::MAX_REPORT_NODES],
+        };
+        let bytes = msg.encode().unwrap();
+        assert!(bytes.len() <= MAX_MESSAGE + 4);
+        assert_eq!(Message::decode(&bytes).unwrap().unwrap().0, msg);
     }
 }

@@ -123,6 +123,20 @@ impl Session {
                     tracing::warn!(%stream, %reason, "stream not forwarded over the relay");
                 }
             }
+            Action::Load(nodes) => {
+                let now = std::time::Instant::now();
+                self.node.handle_load(now, nodes)?;
+                if !self.peer_reports {
+                    // Answer the first report at once: the peer learns its
+                    // path (and any loop) within a round trip.
+                    self.peer_reports = true;
+                    self.send_cluster(now).await?;
+                }
+            }
+            Action::Cluster { path, nodes } => {
+                self.node
+                    .handle_cluster(std::time::Instant::now(), path, nodes)?;
+            }
             Action::Retry {
                 target,
                 name,

@@ -26,9 +26,10 @@ use super::recv::{read_group, Incoming, Routes};
 use super::send::Outgoing;
 use super::wire::{read_message, Message};
 use super::{code, AbortOnDrop};
-use crate::metrics::{RELAY_LINKS, RELAY_PROTOCOL_ERRORS};
+use crate::cluster::{Node, REPORT_INTERVAL};
+use crate::metrics::{RELAY_LINKS, RELAY_PROTOCOL_ERRORS, RELAY_REFUSED};
 use crate::registry::{Registry, Subscriber};
-use crate::{Error, Result};
+use crate::{Error, ProtocolError, Result};
 
 /// Control messages read ahead of the session loop.
 const CONTROL_QUEUE: usize = 64;
@@ -137,6 +138,12 @@ pub(crate) struct Session {
     incoming: HashMap<u64, Incoming>,
     events_tx: mpsc::Sender<Event>,
     linger: Duration,
+    /// This node in the cluster: load reports go up, tables come down.
+    node: Arc<Node>,
+    side: Side,
+    /// The peer below us has reported: it speaks `Load`/`Cluster`, so it
+    /// gets our table (an older peer never hears a message it would refuse).
+    peer_reports: bool,
 }
 
 /// Decrements the links gauge when the session ends, however it ends.
@@ -194,8 +201,12 @@ impl Session {
         side: Side,
         serve: Option<Arc<Registry>>,
         resume_uplink: HashSet<String>,
+        node: Arc<Node>,
     ) -> Self {
         Self {
+            node,
+            side,
+            peer_reports: false,
             conn,
             control,
             core: Link::new(side, serve.is_some(), resume_uplink),
@@ -250,6 +261,9 @@ impl Session {
             }
         }
         self.perform_actions().await?;
+        // The first report goes at once: a loop is refused within a round trip.
+        let mut report_tick = tokio::time::interval(REPORT_INTERVAL);
+        report_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let kick = inputs.kick.clone().unwrap_or_default();
         let result = loop {
             if let Err(e) = self.perform_actions().await {
@@ -291,6 +305,7 @@ impl Session {
                     }
                     Err(e) => Err(Error::Connection(e)),
                 },
+                _ = report_tick.tick() => self.report().await,
                 _ = retry_due(retry_at), if retry_at.is_some() => {
                     self.core.handle_timeout(Instant::now());
                     Ok(())
@@ -308,6 +323,22 @@ impl Session {
                 break Err(e);
             }
         };
+        if side == Side::Connected {
+            self.node.upstream_lost();
+        }
+        if let Err(Error::Protocol(ProtocolError::Loop(chain))) = &result {
+            tracing::error!(
+                "relay loop: {chain}: refusing the link (an edge's --origin leads back to itself)"
+            );
+            metrics::counter!(RELAY_REFUSED, "reason" => "loop").increment(1);
+            let text = format!("relay loop: {chain}");
+            let reason = text.as_bytes();
+            self.conn.close(
+                code::LOOP,
+                reason.get(..reason.len().min(200)).unwrap_or(reason),
+            );
+            return result;
+        }
         let violation = match &result {
             Err(Error::Protocol(reason)) => Some(reason.to_string()),
             Err(Error::BadStreamName) => Some("bad stream name".to_string()),
@@ -329,6 +360,26 @@ impl Session {
             resubscribe: left.resubscribe,
             uplinked: left.uplinked,
         }
+    }
+
+    /// Every [`REPORT_INTERVAL`]: our load goes up (connecting side), our
+    /// path and table go down to a peer that reports (accepting side).
+    async fn report(&mut self) -> Result<()> {
+        let now = Instant::now();
+        self.node.expire(now);
+        match self.side {
+            Side::Connected => {
+                let nodes = self.node.load_message(now);
+                self.write(&Message::Load { nodes }).await
+            }
+            Side::Accepted if self.peer_reports => self.send_cluster(now).await,
+            Side::Accepted => Ok(()),
+        }
+    }
+
+    pub(super) async fn send_cluster(&mut self, now: Instant) -> Result<()> {
+        let (path, nodes) = self.node.cluster_message(now);
+        self.write(&Message::Cluster { path, nodes }).await
     }
 
     async fn write(&mut self, msg: &Message) -> Result<()> {
