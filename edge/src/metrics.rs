@@ -44,6 +44,8 @@ pub const RENDITION_VIEWERS: &str = "cascade_edge_rendition_viewers";
 pub const RENDITION_SWITCHES: &str = "cascade_edge_rendition_switches_total";
 /// Viewers of streams with renditions that get audio only.
 pub const AUDIO_ONLY_VIEWERS: &str = "cascade_edge_audio_only_viewers";
+/// The bandwidth estimate (bit/s) behind each automatic rendition choice.
+pub const ABR_ESTIMATE: &str = "cascade_edge_abr_estimate_bps";
 
 /// OvenPlayer WebSocket sessions, by result (`created`, `not_live`, ...).
 pub const WS_SESSIONS: &str = "cascade_edge_ws_sessions_total";
@@ -63,6 +65,10 @@ pub fn describe() {
     metrics::describe_gauge!(
         AUDIO_ONLY_VIEWERS,
         "viewers of streams with renditions that get audio only"
+    );
+    metrics::describe_histogram!(
+        ABR_ESTIMATE,
+        "bandwidth estimate (bit/s) behind each automatic rendition switch"
     );
     metrics::describe_counter!(OFFERS, "whep offers answered, by result");
     metrics::describe_counter!(VIEWERS_ENDED, "whep viewer sessions ended, by reason");

@@ -251,6 +251,11 @@ impl Endpoint for Whep {
                 .clear_codecs()
                 .set_rtp_mode(true)
                 .set_extension_map(viewer_extensions());
+            // Streams with renditions: str0m's estimator chooses per viewer.
+            let bwe_start = crate::viewer::bwe_start_of(&subscriber);
+            if let Some(bps) = bwe_start {
+                cfg = cascade_rtc::bwe::enable(cfg, str0m::bwe::Bitrate::bps(bps));
+            }
             for c in &choices {
                 let f = &c.format;
                 let clock = if c.track.codec == Codec::Opus {
@@ -308,6 +313,7 @@ impl Endpoint for Whep {
                     &waker,
                     &controls,
                     id,
+                    bwe_start,
                 );
                 Box::new(Viewer::new(outs, subscriber, slot, span.clone(), posted))
             })?;

@@ -413,6 +413,11 @@ async fn negotiate(
         .clear_codecs()
         .set_rtp_mode(true)
         .set_extension_map(crate::whep::viewer_extensions());
+    // Streams with renditions: str0m's estimator chooses per viewer.
+    let bwe_start = crate::viewer::bwe_start_of(&subscriber);
+    if let Some(bps) = bwe_start {
+        cfg = cascade_rtc::bwe::enable(cfg, str0m::bwe::Bitrate::bps(bps));
+    }
     for p in &plans {
         for f in &p.formats {
             cfg.codec_config().add_config(
@@ -499,6 +504,7 @@ async fn negotiate(
         slot,
         posted,
         reservation,
+        bwe_start,
     )
 }
 
@@ -526,6 +532,7 @@ fn accept(
     slot: Slot,
     posted: Instant,
     reservation: cascade_rtc::Reservation,
+    bwe_start: Option<u64>,
 ) -> Result<Negotiated, Refused> {
     rtc.sdp_api()
         .accept_answer(pending, answer)
@@ -588,6 +595,7 @@ fn accept(
                 &waker,
                 &controls,
                 id,
+                bwe_start,
             );
             Box::new(Viewer::new(outs, subscriber, slot, span.clone(), posted).on_connected(tx))
         })

@@ -140,6 +140,65 @@ struct Renditions {
     watching: Option<cascade_origin::track::Watch>,
     /// `cascade_edge_rendition_viewers{rendition}` of the current one.
     gauge: Option<metrics::Gauge>,
+    /// The automatic choice: str0m's bandwidth estimate in, a rendition
+    /// out (`crate::abr`). `None` when the session has no estimator.
+    abr: Option<Abr>,
+}
+
+/// A viewer's ABR controller and what the shell remembers for it.
+struct Abr {
+    controller: crate::abr::Controller,
+    /// The target was Auto at the last wake: on a return to Auto the
+    /// controller is told what is being sent, and decides again from there.
+    auto: bool,
+}
+
+/// What sending a rendition costs, bit/s: its nominal bitrate, else a
+/// guess from its picture (0.1 bit per pixel per frame), else 1 Mbit/s.
+pub(crate) fn rung_bps(r: &Rung) -> u64 {
+    if r.bitrate_kbps > 0 {
+        return u64::from(r.bitrate_kbps) * 1000;
+    }
+    let pixels = u64::from(r.width) * u64::from(r.height);
+    let fps = u64::from(if r.framerate > 0 { r.framerate } else { 30 });
+    if pixels > 0 {
+        (pixels * fps / 10).max(64_000)
+    } else {
+        1_000_000
+    }
+}
+
+/// The controller's view of a ladder: names and costs.
+fn abr_ladder(ladder: &[Rung]) -> Vec<crate::abr::Rung> {
+    ladder
+        .iter()
+        .map(|r| crate::abr::Rung {
+            name: r.name.clone(),
+            bps: rung_bps(r),
+        })
+        .collect()
+}
+
+/// [`bwe_start`] for a viewer of `sub`'s default video track.
+pub fn bwe_start_of(sub: &Subscriber) -> Option<u64> {
+    let catalog = sub.catalog();
+    let codec = catalog.by_name(cascade_origin::catalog::VIDEO)?.codec;
+    bwe_start(&catalog, codec)
+}
+
+/// For a stream whose video has renditions in `codec`: str0m's starting
+/// estimate for a viewer, 1.25× the best rendition (between 0.5 and 20
+/// Mbit/s), so a viewer starts on the default rendition as without ABR,
+/// and the pacer (which paces at about the estimate) does not hold it
+/// back while the estimate is still a guess. `None`: nothing to choose
+/// from, so the session gets no estimator at all.
+pub fn bwe_start(
+    catalog: &cascade_origin::catalog::Catalog,
+    codec: cascade_origin::catalog::Codec,
+) -> Option<u64> {
+    let rungs = ladder(catalog, codec);
+    let top = rungs.iter().map(rung_bps).max()?;
+    Some((top * 5 / 4).clamp(500_000, 20_000_000))
 }
 
 impl Renditions {
@@ -186,6 +245,44 @@ impl Renditions {
                 let g = metrics::gauge!(m::AUDIO_ONLY_VIEWERS);
                 g.increment(1.0);
                 self.gauge = Some(g);
+            }
+        }
+    }
+
+    /// Runs the ABR controller: its choice becomes the Auto target (ignored
+    /// while the viewer has chosen by hand), its bitrates go to str0m's
+    /// estimator (probing toward the next rendition up).
+    fn drive_abr(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(a) = &mut self.abr else {
+            return;
+        };
+        let auto = *self.switch.target() == switch::Target::Auto;
+        if auto && !a.auto {
+            // First wake, or back to Auto after a manual choice: decide
+            // from what is being sent now.
+            let sent = self.switch.current().map(|r| r.name.clone());
+            a.controller.set_current(ctx.now, sent.as_deref());
+        }
+        a.auto = auto;
+        a.controller.handle_timeout(ctx.now);
+        while let Some(o) = a.controller.poll_output() {
+            match o {
+                crate::abr::Output::Switch(s) => {
+                    metrics::histogram!(m::ABR_ESTIMATE).record(s.estimate_bps as f64);
+                    if !auto {
+                        continue;
+                    }
+                    match s.to.as_deref() {
+                        Some(name) => self.switch.set_auto_pick(Some(name)),
+                        None => self.switch.set_auto_audio_only(),
+                    }
+                }
+                crate::abr::Output::Bitrate { minimum, desired } => {
+                    ctx.rtc.bwe().set_bitrate(
+                        str0m::bwe::Bitrate::bps(minimum),
+                        str0m::bwe::Bitrate::bps(desired),
+                    );
+                }
             }
         }
     }
@@ -291,6 +388,7 @@ impl Out {
         waker: Waker,
         hub: Arc<Hub>,
         registered: impl FnOnce(Arc<Control>) -> Registered,
+        bwe_start: Option<u64>,
     ) -> Arc<Control> {
         let mut catalog = subscriber.catalog_watch();
         catalog.borrow_and_update();
@@ -299,6 +397,10 @@ impl Out {
             .video()
             .map_or(cascade_origin::catalog::Codec::H264, |t| t.codec);
         let clock = u32::try_from(self.cursor.clock()).unwrap_or(90_000);
+        let abr = bwe_start.map(|start| Abr {
+            controller: crate::abr::Controller::new(abr_ladder(&ladder), start),
+            auto: false,
+        });
         let switch = Switch::new(ladder.clone(), clock);
         let first = switch.current().map(|r| r.name.clone());
         let control = Control::new(ladder, first, waker.clone());
@@ -314,6 +416,7 @@ impl Out {
             codec,
             watching: None,
             gauge: None,
+            abr,
         }));
         control
     }
@@ -335,7 +438,8 @@ impl Out {
     }
 
     /// Takes a signalled target and acts on the switch's commands.
-    fn steer(&mut self, now: Instant, sub: &Subscriber) {
+    fn steer(&mut self, ctx: &mut Ctx<'_>, sub: &Subscriber) {
+        let now = ctx.now;
         let Some(r) = self.renditions.as_deref_mut() else {
             return;
         };
@@ -344,6 +448,9 @@ impl Out {
             let new = ladder(&catalog, r.codec);
             if !new.is_empty() && new != r.switch.renditions() {
                 r.control.set_renditions(new.clone());
+                if let Some(a) = &mut r.abr {
+                    a.controller.set_ladder(now, abr_ladder(&new));
+                }
                 r.switch.set_ladder(new);
                 if r.switch.pending().is_none() {
                     r.pending = None;
@@ -355,6 +462,7 @@ impl Out {
             r.switch.set_target(target);
             r.report();
         }
+        r.drive_abr(ctx);
         let now_us = cascade_origin::wallclock_us();
         let stall_us = u64::try_from(switch::STALL.as_micros()).unwrap_or(u64::MAX);
         let mut flowing = |rung: &Rung| {
@@ -510,7 +618,7 @@ impl Out {
     /// holds. `Close` once the feed ended.
     fn pump(&mut self, ctx: &mut Ctx<'_>, sub: &Subscriber) -> Flow {
         if self.renditions.is_some() {
-            self.steer(ctx.now, sub);
+            self.steer(ctx, sub);
             if let Some(flow) = self.pump_pending(ctx, sub) {
                 return flow;
             }
@@ -599,6 +707,7 @@ pub fn attach_renditions(
     waker: &Waker,
     controls: &Arc<control::Controls>,
     id: cascade_rtc::session::SessionId,
+    bwe_start: Option<u64>,
 ) -> Option<Arc<Control>> {
     let catalog = subscriber.catalog();
     let codec = catalog.by_name(cascade_origin::catalog::VIDEO)?.codec;
@@ -608,11 +717,14 @@ pub fn attach_renditions(
     }
     let i = outs.iter().position(|o| o.video)?;
     let out = outs.get_mut(i)?;
-    Some(
-        out.enable_renditions(ladder, subscriber, waker.clone(), hub.clone(), |c| {
-            controls.insert(id, c)
-        }),
-    )
+    Some(out.enable_renditions(
+        ladder,
+        subscriber,
+        waker.clone(),
+        hub.clone(),
+        |c| controls.insert(id, c),
+        bwe_start,
+    ))
 }
 
 /// A WHEP viewer.
@@ -655,6 +767,12 @@ impl Viewer {
     /// renditions (for the ABR controller).
     pub fn switch_mut(&mut self) -> Option<&mut Switch> {
         self.outs.iter_mut().find_map(Out::switch_mut)
+    }
+
+    fn abr_mut(&mut self) -> Option<&mut Abr> {
+        self.outs
+            .iter_mut()
+            .find_map(|o| o.renditions.as_mut().and_then(|r| r.abr.as_mut()))
     }
 
     /// Sends `()` on `tx` when the session connects (dropped unsent if it
@@ -728,6 +846,22 @@ impl Handler for Viewer {
             Event::KeyframeRequest(req) => {
                 if let Some(out) = self.outs.iter_mut().find(|o| o.mid == req.mid) {
                     out.want_keyframe("viewer", ctx.now);
+                }
+                Flow::Continue
+            }
+            // Sessions with an estimator only (`cascade_rtc::bwe::enable`).
+            Event::EgressBitrateEstimate(str0m::bwe::BweKind::Twcc { estimate, .. }) => {
+                if let Some(a) = self.abr_mut() {
+                    a.controller.on_estimate(ctx.now, estimate.as_u64());
+                }
+                Flow::Continue
+            }
+            Event::MediaEgressStats(s) => {
+                let video = self.outs.iter().any(|o| o.video && o.mid == s.mid);
+                if let (true, Some(loss)) = (video, s.loss) {
+                    if let Some(a) = self.abr_mut() {
+                        a.controller.on_loss(ctx.now, loss);
+                    }
                 }
                 Flow::Continue
             }

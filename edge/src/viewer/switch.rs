@@ -125,6 +125,9 @@ pub struct Switch {
     target: Target,
     /// Auto mode: the controller's pick (rung index), else the default.
     auto_pick: Option<usize>,
+    /// Auto mode: the controller found the link below the lowest rendition;
+    /// video pauses until it says otherwise.
+    auto_audio_only: bool,
     current: Option<usize>,
     pending: Option<usize>,
     /// `out ts = feed ts + offset` for the current rendition.
@@ -155,6 +158,7 @@ impl Switch {
             clock: u64::from(clock.max(1)),
             target: Target::Auto,
             auto_pick: None,
+            auto_audio_only: false,
             current: Some(start),
             pending: None,
             offset: 0,
@@ -238,6 +242,14 @@ impl Switch {
     /// The ABR controller's choice in Auto mode (`None`: the default).
     pub fn set_auto_pick(&mut self, name: Option<&str>) {
         self.auto_pick = name.and_then(|n| self.index(n));
+        self.auto_audio_only = false;
+    }
+
+    /// The ABR controller's choice in Auto mode: no video at all (the link
+    /// carries less than the lowest rendition). [`Switch::set_auto_pick`]
+    /// brings video back.
+    pub fn set_auto_audio_only(&mut self) {
+        self.auto_audio_only = true;
     }
 
     fn index(&self, name: &str) -> Option<usize> {
@@ -274,6 +286,7 @@ impl Switch {
         let preferred = match &self.target {
             Target::AudioOnly => return None,
             Target::Fixed(name) => return self.index(name),
+            Target::Auto if self.auto_audio_only => return None,
             Target::Auto => self.auto_pick.unwrap_or(0),
         };
         let current_ok = self.current.is_some() && !self.silent(now);
@@ -709,5 +722,20 @@ mod tests {
         s.set_auto_pick(None);
         s.on_frame(t0, Source::Current, frame(t0, 1, 0, false));
         assert_eq!(s.poll(t0 + RECHECK, &mut all_flow), Some(Command::Leave));
+    }
+
+    #[test]
+    fn the_controller_may_pause_video_in_auto_and_bring_it_back() {
+        let t0 = Instant::now();
+        let mut s = Switch::new(ladder(), CLOCK);
+        s.on_frame(t0, Source::Current, frame(t0, 0, 0, true));
+        s.set_auto_audio_only();
+        assert_eq!(s.poll(t0, &mut all_flow), Some(Command::StopVideo));
+        assert!(s.current().is_none());
+        assert_eq!(s.take_switch(), Some((Direction::Down, None)));
+        // Still Auto: a manual choice is not what paused it.
+        assert_eq!(s.target(), &Target::Auto);
+        s.set_auto_pick(Some("q"));
+        assert_eq!(s.poll(t0 + RECHECK, &mut all_flow), Some(Command::Join(2)));
     }
 }
