@@ -224,6 +224,7 @@ async fn sigterm_lets_an_rtmp_publish_finish_and_refuses_new_ones() {
     node.terminate();
     tokio::time::sleep(Duration::from_millis(300)).await;
     let before = v.video_frames();
+    let since = std::time::Instant::now();
     // A new publish is refused: ffmpeg gives up with an error.
     let mut second = common::ffmpeg_publish(&url("r2"), &["-bf", "0"], 3);
     let refused = tokio::time::timeout(Duration::from_secs(15), second.wait())
@@ -231,7 +232,9 @@ async fn sigterm_lets_an_rtmp_publish_finish_and_refuses_new_ones() {
         .expect("the refused ffmpeg exits")
         .unwrap();
     assert!(!refused.success(), "publish during a drain must fail");
-    // The running publish still flows to its viewer during the drain.
+    // The running publish still flows to its viewer during the drain
+    // (looked at 2 s into it: ~60 frames at 30 fps).
+    tokio::time::sleep(Duration::from_secs(2).saturating_sub(since.elapsed())).await;
     assert!(
         v.video_frames() > before + 10,
         "frames kept flowing: {} -> {}",
