@@ -258,10 +258,15 @@ impl Renditions {
         };
         let auto = *self.switch.target() == switch::Target::Auto;
         if auto && !a.auto {
-            // First wake, or back to Auto after a manual choice: decide
-            // from what is being sent now.
-            let sent = self.switch.current().map(|r| r.name.clone());
-            a.controller.set_current(ctx.now, sent.as_deref());
+            // First wake, or back to Auto after a manual choice: the
+            // controller kept following the estimate meanwhile (its
+            // switches were not applied), so its own choice is the one the
+            // link carries now: go there at once rather than climbing
+            // again from what the viewer picked by hand.
+            match a.controller.current().map(str::to_owned) {
+                Some(name) => self.switch.set_auto_pick(Some(&name)),
+                None => self.switch.set_auto_audio_only(),
+            }
         }
         a.auto = auto;
         a.controller.handle_timeout(ctx.now);
@@ -269,6 +274,13 @@ impl Renditions {
             match o {
                 crate::abr::Output::Switch(s) => {
                     metrics::histogram!(m::ABR_ESTIMATE).record(s.estimate_bps as f64);
+                    tracing::debug!(
+                        to = s.to.as_deref().unwrap_or("audio only"),
+                        up = s.up,
+                        estimate_bps = s.estimate_bps,
+                        applied = auto,
+                        "abr decision"
+                    );
                     if !auto {
                         continue;
                     }
