@@ -25,6 +25,7 @@ mod sdp;
 pub mod viewer;
 pub mod whep;
 mod ws;
+mod ws_command;
 
 use std::sync::Arc;
 

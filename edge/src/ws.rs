@@ -25,7 +25,7 @@ use serde_json::{json, Value};
 use str0m::change::{SdpAnswer, SdpPendingOffer};
 use str0m::format::FormatParams;
 use str0m::media::{Direction, MediaKind, Pt};
-use str0m::{Candidate, Rtc};
+use str0m::Rtc;
 use tokio::sync::oneshot;
 
 use crate::metrics as m;
@@ -34,6 +34,7 @@ use crate::viewer::control::{Control, Status};
 use crate::viewer::switch::Target;
 use crate::viewer::{Slot, Viewer, RTX_CACHE_AGE, RTX_CACHE_PACKETS};
 use crate::whep::Whep;
+use crate::ws_command::{self, Choice, Command};
 
 /// A client must ask for its offer this soon after connecting.
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
@@ -243,19 +244,9 @@ async fn serve(whep: &Whep, stream: &str, negotiated: Negotiated, mut socket: We
                     Some(Ok(Message::Close(_))) | None | Some(Err(_)) => break,
                     Some(Ok(_)) => continue,
                 };
-                let Ok(v) = serde_json::from_str::<Value>(text.as_str()) else { continue };
-                match v["command"].as_str() {
-                    Some("stop") => break,
-                    Some("candidate") => {
-                        let parsed: Vec<Candidate> = v["candidates"]
-                            .as_array()
-                            .into_iter()
-                            .flatten()
-                            .filter_map(|c| {
-                                let line = c["candidate"].as_str().unwrap_or("");
-                                Candidate::from_sdp_string(line.strip_prefix("a=").unwrap_or(line)).ok()
-                            })
-                            .collect();
+                match ws_command::parse(text.as_str()) {
+                    Command::Stop => break,
+                    Command::Candidates(parsed) => {
                         // Capped per session, as for PATCH; the rest is ignored.
                         let allowed = whep.rtc.reserve_candidates(handle.id(), "ws", parsed.len());
                         for c in parsed.into_iter().take(allowed) {
@@ -264,19 +255,19 @@ async fn serve(whep: &Whep, stream: &str, negotiated: Negotiated, mut socket: We
                             }
                         }
                     }
-                    Some("ping") => {
+                    Command::Ping => {
                         let _ = socket.send(Message::Text(json!({"command": "pong"}).to_string().into())).await;
                     }
-                    Some("change_rendition") => {
+                    Command::ChangeRendition(choice) => {
                         let Some(c) = &control else { continue };
-                        if let Err(why) = c.set(change_rendition(&v, c)) {
+                        if let Err(why) = c.set(change_rendition(choice, c)) {
                             // OvenPlayer only lists what the playlist had;
                             // other clients hear why.
                             let msg = json!({ "command": "notification", "type": "warning", "message": why });
                             let _ = socket.send(json_message(&msg)).await;
                         }
                     }
-                    _ => {}
+                    Command::Ignored => {}
                 }
             }
             changed = async {
@@ -352,17 +343,18 @@ fn rendition_changed(status: &Status) -> Value {
 /// The target of OvenPlayer's `change_rendition`: `{rendition_name, auto:
 /// false}` picks one; `{auto: true}` hands the choice back; `{auto: false}`
 /// alone keeps the rendition it gets now.
-fn change_rendition(v: &Value, control: &Control) -> Target {
-    if let Some(name) = v["rendition_name"].as_str() {
-        return Target::Fixed(name.to_string());
-    }
-    if v["auto"].as_bool() == Some(false) {
-        let now = control.status().borrow().rendition.clone();
-        if let Some(name) = now.or_else(|| control.renditions().first().map(|r| r.name.clone())) {
-            return Target::Fixed(name);
+fn change_rendition(choice: Choice, control: &Control) -> Target {
+    match choice {
+        Choice::Named(name) => Target::Fixed(name),
+        Choice::Auto => Target::Auto,
+        Choice::Hold => {
+            let now = control.status().borrow().rendition.clone();
+            match now.or_else(|| control.renditions().first().map(|r| r.name.clone())) {
+                Some(name) => Target::Fixed(name),
+                None => Target::Auto,
+            }
         }
     }
-    Target::Auto
 }
 
 /// The addresses in our candidates, for an error a user can act on.
