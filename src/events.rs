@@ -177,27 +177,27 @@ async fn send_loop(
 /// Diffs registry snapshots into publish and viewer events (sans-IO).
 #[derive(Debug, Default)]
 pub struct Tracker {
-    /// Stream → (protocol, viewers) at the last snapshot.
-    seen: HashMap<String, (String, usize)>,
+    /// Stream → (protocol, viewers, relayed) at the last snapshot.
+    seen: HashMap<String, (String, usize, bool)>,
 }
 
 impl Tracker {
     /// The events that turn the last snapshot into `now`. Relayed copies
-    /// (protocol `relay`) report viewers but not publishes: the ingest that
-    /// holds the publisher reports those, once for the cluster.
+    /// (`StreamStats::relayed`) report viewers but not publishes: the node
+    /// that holds the publisher reports those, once for the cluster.
     pub fn observe(&mut self, now: &[StreamStats]) -> Vec<Event> {
         let mut out = Vec::new();
         let mut next = HashMap::with_capacity(now.len());
         for s in now {
             let before = self.seen.remove(&s.stream);
-            let publisher = s.protocol != "relay";
+            let publisher = !s.relayed;
             match &before {
                 None if publisher => out.push(Event::PublishStart {
                     stream: s.stream.clone(),
                     protocol: s.protocol.clone(),
                 }),
                 // A takeover by another protocol is a new publish.
-                Some((p, _)) if publisher && *p != s.protocol => {
+                Some((p, _, _)) if publisher && *p != s.protocol => {
                     out.push(Event::PublishStop {
                         stream: s.stream.clone(),
                         protocol: p.clone(),
@@ -217,11 +217,11 @@ impl Tracker {
                     delta: s.viewers as i64 - was as i64,
                 });
             }
-            next.insert(s.stream.clone(), (s.protocol.clone(), s.viewers));
+            next.insert(s.stream.clone(), (s.protocol.clone(), s.viewers, s.relayed));
         }
         let mut gone: Vec<_> = self.seen.drain().collect();
         gone.sort();
-        for (stream, (protocol, viewers)) in gone {
+        for (stream, (protocol, viewers, relayed)) in gone {
             if viewers > 0 {
                 out.push(Event::Viewers {
                     stream: stream.clone(),
@@ -229,7 +229,7 @@ impl Tracker {
                     delta: -(viewers as i64),
                 });
             }
-            if protocol != "relay" {
+            if !relayed {
                 out.push(Event::PublishStop { stream, protocol });
             }
         }
@@ -274,6 +274,7 @@ mod tests {
 
     fn stats(stream: &str, protocol: &str, viewers: usize) -> StreamStats {
         StreamStats {
+            relayed: protocol == "relay",
             stream: stream.into(),
             protocol: protocol.into(),
             codecs: vec![],

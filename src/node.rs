@@ -493,11 +493,7 @@ async fn wait_for_signal() -> Signal {
 /// Streams this node's own publishers feed (not relayed copies): a drain
 /// waits for them as for WebRTC sessions, so an RTMP publish is not cut.
 fn local_publishes(registry: &Registry) -> usize {
-    registry
-        .list()
-        .iter()
-        .filter(|s| s.protocol != "relay")
-        .count()
+    registry.list().iter().filter(|s| !s.relayed).count()
 }
 
 /// A shard or receive task that failed took its sessions with it, and a

@@ -52,6 +52,9 @@ struct Entry {
     /// Bumped on every publish; the current publisher holds the same number.
     generation: watch::Sender<u64>,
     protocol: Mutex<String>,
+    /// The current publisher is a relay link (the stream is another
+    /// node's), not a publisher of this node.
+    relayed: std::sync::atomic::AtomicBool,
     started: Instant,
     viewers: AtomicUsize,
     /// Relay subscribers (other nodes fed from this one), not counted as viewers.
@@ -133,6 +136,30 @@ impl Registry {
         catalog: Catalog,
         protocol: &str,
     ) -> Result<Publisher> {
+        self.publish_as(name, catalog, protocol, false)
+    }
+
+    /// [`Registry::publish`] for a relay link feeding this node another
+    /// node's stream: `protocol` is how it reached that node, and the
+    /// stream is marked relayed ([`StreamStats::relayed`]), so a drain does
+    /// not wait for it and events report its publishes once, where they
+    /// happen.
+    pub fn publish_relayed(
+        self: &Arc<Self>,
+        name: &str,
+        catalog: Catalog,
+        protocol: &str,
+    ) -> Result<Publisher> {
+        self.publish_as(name, catalog, protocol, true)
+    }
+
+    fn publish_as(
+        self: &Arc<Self>,
+        name: &str,
+        catalog: Catalog,
+        protocol: &str,
+        relayed: bool,
+    ) -> Result<Publisher> {
         if !valid_stream_name(name) {
             return Err(Error::BadStreamName);
         }
@@ -146,6 +173,7 @@ impl Registry {
                     tracks: Mutex::new(HashMap::new()),
                     generation: watch::channel(0).0,
                     protocol: Mutex::new(String::new()),
+                    relayed: std::sync::atomic::AtomicBool::new(false),
                     started: Instant::now(),
                     viewers: AtomicUsize::new(0),
                     relays: AtomicUsize::new(0),
@@ -167,6 +195,7 @@ impl Registry {
             generation = *g;
         });
         *lock(&entry.protocol) = protocol.to_string();
+        entry.relayed.store(relayed, Ordering::Relaxed);
         let producers = install_tracks(&entry, &catalog);
         entry.catalog.send_replace(catalog);
         entry.live.send_replace(true);
@@ -346,6 +375,7 @@ fn stats(e: &Entry) -> StreamStats {
         bitrate_bps: bps,
         viewers: e.viewers.load(Ordering::Relaxed),
         uptime_s: e.started.elapsed().as_secs(),
+        relayed: e.relayed.load(Ordering::Relaxed),
     }
 }
 
@@ -366,6 +396,10 @@ pub struct StreamStats {
     pub viewers: usize,
     /// Seconds since the stream went live.
     pub uptime_s: u64,
+    /// True when another node publishes it and a relay link feeds it here
+    /// (an edge's streams, an origin's streams from its ingests).
+    #[serde(skip_serializing_if = "std::ops::Not::not")]
+    pub relayed: bool,
     /// The video renditions (empty for a stream with one video track).
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub renditions: Vec<RenditionStats>,

@@ -57,7 +57,7 @@ impl Session {
             } => {
                 // invariant: the core accepts publications only when serving.
                 let registry = self.serve.clone().ok_or(ProtocolError::PublishRefused)?;
-                let publisher = registry.publish(&stream, catalog, &protocol)?;
+                let publisher = registry.publish_relayed(&stream, catalog, &protocol)?;
                 let incoming = Incoming::spawn(
                     id,
                     publisher,
@@ -73,7 +73,7 @@ impl Session {
                 name,
                 catalog,
                 protocol,
-            } => match target.publish(&name, catalog, &protocol) {
+            } => match target.publish_relayed(&name, catalog, &protocol) {
                 Ok(publisher) => {
                     let linger = Linger {
                         registry: target,
