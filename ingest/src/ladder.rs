@@ -11,7 +11,7 @@
 //! keyframes on scene cuts), so a viewer switching rendition lands on a
 //! keyframe at the same time in each.
 
-use cascade_origin::catalog::Rendition;
+use cascade_origin::catalog::{self, Catalog, Rendition};
 
 /// Most steps a ladder may have: each is a libx264 encode in the stream's
 /// ffmpeg child (measured cost in docs/quality.md, "RTMP ladder").
@@ -94,7 +94,7 @@ impl Ladder {
             }
             steps.push(step);
         }
-        steps.sort_by(|a, b| b.height.cmp(&a.height));
+        steps.sort_by_key(|s| std::cmp::Reverse(s.height));
         Ok(Self { steps })
     }
 
@@ -173,6 +173,51 @@ pub fn rendition(step: &Step, src_w: u32, src_h: u32, framerate: u32) -> Renditi
         bitrate_kbps: step.kbps,
         framerate,
     }
+}
+
+/// `catalog` with the ladder in it: the source's video track becomes the
+/// [`SOURCE`] rendition and each step whose output is known (its fmtp,
+/// `fmtps[i]`, from its first frame) is added as `video-<name>`. Unchanged
+/// while no step has produced a frame (the source alone, as without a
+/// ladder).
+pub fn amend(
+    catalog: &mut Catalog,
+    steps: &[Step],
+    fmtps: &[Option<String>],
+    (src_w, src_h): (u32, u32),
+) {
+    let Some(video) = catalog.tracks.iter().position(|t| t.name == catalog::VIDEO) else {
+        return;
+    };
+    let ready: Vec<(&Step, &String)> = steps
+        .iter()
+        .zip(fmtps)
+        .filter_map(|(s, f)| Some((s, f.as_ref()?)))
+        .collect();
+    if ready.is_empty() {
+        return;
+    }
+    let src = catalog.tracks.get(video).cloned();
+    let Some(src) = src else { return };
+    let mut added = Vec::with_capacity(ready.len());
+    for (step, fmtp) in ready {
+        let mut t = src.clone();
+        t.name = catalog::rendition_track(&step.name);
+        t.fmtp = fmtp.clone();
+        t.bframes = false;
+        t.rendition = Some(rendition(step, src_w, src_h, 0));
+        added.push(t);
+    }
+    if let Some(v) = catalog.tracks.get_mut(video) {
+        v.rendition = Some(Rendition {
+            name: SOURCE.into(),
+            width: src_w,
+            height: src_h,
+            bitrate_kbps: 0,
+            framerate: 0,
+        });
+    }
+    catalog.tracks.extend(added);
 }
 
 /// The ffmpeg arguments of a ladder child: FLV in on stdin (the same
@@ -344,6 +389,46 @@ mod tests {
                 r.framerate
             ),
             ("360p", 640, 360, 800, 30)
+        );
+    }
+
+    #[test]
+    fn the_catalog_gains_the_steps_that_produced_frames() {
+        use cascade_origin::catalog::{Codec, TrackInfo};
+        let track = |name: &str, codec| TrackInfo {
+            name: name.into(),
+            codec,
+            fmtp: "profile-level-id=64001f".into(),
+            channels: None,
+            bframes: false,
+            rendition: None,
+        };
+        let base = Catalog {
+            tracks: vec![track("video", Codec::H264), track("audio", Codec::Opus)],
+        };
+        let steps = [step(360, 800), step(180, 250)];
+        let mut c = base.clone();
+        amend(&mut c, &steps, &[None, None], (1280, 720));
+        assert_eq!(c, base, "nothing out yet: the source alone");
+        amend(
+            &mut c,
+            &steps,
+            &[None, Some("profile-level-id=4d000c".into())],
+            (1280, 720),
+        );
+        let names: Vec<&str> = c.tracks.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(names, ["video", "audio", "video-180p"]);
+        let src = c.tracks[0].rendition.as_ref().unwrap();
+        assert_eq!(
+            (src.name.as_str(), src.width, src.height),
+            ("source", 1280, 720)
+        );
+        let low = &c.tracks[2];
+        assert_eq!(low.fmtp, "profile-level-id=4d000c");
+        let r = low.rendition.as_ref().unwrap();
+        assert_eq!(
+            (r.name.as_str(), r.width, r.height, r.bitrate_kbps),
+            ("180p", 320, 180, 250)
         );
     }
 

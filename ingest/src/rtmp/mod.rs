@@ -177,6 +177,7 @@ struct Ctx {
     auth: AuthGate,
     tokens: Auth,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    ladder: crate::ladder::Ladder,
 }
 
 impl Ctx {
@@ -195,6 +196,7 @@ impl Ctx {
             bframes,
             publish_timeout: limits.publish_timeout,
             auth: limits.auth.clone(),
+            ladder: limits.ladder.clone(),
             draining: limits.draining.clone(),
         })
     }
