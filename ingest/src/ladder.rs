@@ -16,11 +16,11 @@ use cascade_origin::catalog::{self, Catalog, Rendition};
 /// Most steps a ladder may have: each is a libx264 encode in the stream's
 /// ffmpeg child (measured cost in docs/quality.md, "RTMP ladder").
 pub const MAX_STEPS: usize = 4;
-/// Smallest and largest step height accepted (pixels).
+/// Smallest step height accepted (pixels).
 pub const MIN_HEIGHT: u32 = 90;
 /// Largest step height accepted (4320p, "8K").
 pub const MAX_HEIGHT: u32 = 4320;
-/// Bitrate bounds of a step (kbit/s).
+/// Smallest step bitrate (kbit/s).
 pub const MIN_KBPS: u32 = 50;
 /// Largest step bitrate (kbit/s).
 pub const MAX_KBPS: u32 = 50_000;
