@@ -49,7 +49,9 @@ pub struct Ladder {
     fed_since_output: Option<Instant>,
     pushed_since_output: u32,
     tasks: Vec<JoinHandle<()>>,
-    paths: Vec<PathBuf>,
+    /// Held for its `Drop`: the socket files go with the ladder.
+    #[cfg_attr(not(test), allow(dead_code))]
+    sockets: Sockets,
     span: tracing::Span,
     _permit: OwnedSemaphorePermit,
 }
@@ -58,9 +60,6 @@ impl Drop for Ladder {
     fn drop(&mut self) {
         for t in &self.tasks {
             t.abort();
-        }
-        for p in &self.paths {
-            let _ = std::fs::remove_file(p);
         }
         metrics::gauge!(m::LADDER_STREAMS).decrement(1.0);
         self.span.in_scope(|| tracing::info!("ladder ended"));
@@ -89,7 +88,8 @@ impl Ladder {
         static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
         let id = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let (tx_out, rx_out) = mpsc::channel::<LadderEvent>(OUTPUT_QUEUE);
-        let mut paths = Vec::with_capacity(steps.len());
+        // Removed again on every return below, and with the ladder.
+        let mut sockets = Sockets(Vec::with_capacity(steps.len()));
         let mut listeners = Vec::with_capacity(steps.len());
         for i in 0..steps.len() {
             let p = dir.join(format!(
@@ -98,9 +98,9 @@ impl Ladder {
             ));
             let _ = std::fs::remove_file(&p);
             listeners.push(UnixListener::bind(&p).map_err(spawn_err)?);
-            paths.push(p);
+            sockets.0.push(p);
         }
-        let outputs: Vec<String> = paths.iter().map(|p| p.display().to_string()).collect();
+        let outputs: Vec<String> = sockets.0.iter().map(|p| p.display().to_string()).collect();
         let profile = output_profile(avcc.get(1).copied().unwrap_or(100));
         let mut child = Command::new(&settings.ffmpeg)
             .args(crate::ladder::args(profile, steps, &outputs))
@@ -139,7 +139,7 @@ impl Ladder {
             fed_since_output: None,
             pushed_since_output: 0,
             tasks,
-            paths,
+            sockets,
             span,
             _permit: permit,
         };
@@ -215,6 +215,17 @@ impl Ladder {
     }
 }
 
+/// The steps' socket paths, removed when dropped.
+struct Sockets(Vec<PathBuf>);
+
+impl Drop for Sockets {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_file(p);
+        }
+    }
+}
+
 async fn wait_child(mut child: tokio::process::Child, tx: mpsc::Sender<LadderEvent>) {
     let status = child.wait().await;
     let why = match status {
@@ -264,4 +275,74 @@ async fn read_step(i: usize, l: UnixListener, tx: mpsc::Sender<LadderEvent>) {
         }
     };
     let _ = tx.send(LadderEvent::Ended(error)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn steps() -> Vec<Step> {
+        crate::ladder::Ladder::parse("360p:800,180p:250")
+            .unwrap()
+            .steps()
+            .to_vec()
+    }
+
+    #[tokio::test]
+    async fn limit_and_spawn_failures_are_errors() {
+        let dir = std::env::temp_dir();
+        let s = Settings::new(PathBuf::from("/nonexistent/ffmpeg"), 1);
+        let e = Ladder::spawn(&s, &[], &steps(), &dir).err().unwrap();
+        assert_eq!(e.reason(), "spawn");
+        let s = Settings::new(PathBuf::from("/bin/true"), 0);
+        let e = Ladder::spawn(&s, &[], &steps(), &dir).err().unwrap();
+        assert_eq!(e.reason(), "limit");
+    }
+
+    #[tokio::test]
+    async fn a_child_that_exits_ends_the_ladder_and_frees_its_slot() {
+        // `true` ignores its arguments and exits at once: an ffmpeg that died.
+        let dir = std::env::temp_dir();
+        let s = Settings::new(PathBuf::from("/bin/true"), 1);
+        let (mut l, mut rx) = Ladder::spawn(&s, &[1, 2, 3], &steps(), &dir).unwrap();
+        let paths = l.sockets.0.clone();
+        assert!(paths.iter().all(|p| p.exists()), "a socket per step");
+        let e = loop {
+            let ev = rx.recv().await.unwrap();
+            if let Err(e) = l.output(ev, Instant::now()) {
+                break e;
+            }
+        };
+        assert_eq!(e.reason(), "exit");
+        drop(l);
+        assert!(paths.iter().all(|p| !p.exists()), "sockets removed");
+        assert!(Ladder::spawn(&s, &[], &steps(), &dir).is_ok(), "slot free");
+    }
+
+    #[tokio::test]
+    async fn no_output_while_frames_go_in_is_a_stall() {
+        // `yes` ignores its arguments, never reads stdin and never connects
+        // to a step's socket: a hung ffmpeg (killed when the ladder drops).
+        // The stall clock runs from the first frame that went in.
+        let dir = std::env::temp_dir();
+        let s = Settings::new(PathBuf::from("/usr/bin/yes"), 1);
+        let (mut l, _rx) = Ladder::spawn(&s, &[1, 2, 3], &steps(), &dir).unwrap();
+        let t0 = Instant::now();
+        let frame = |keyframe| Frame {
+            payload: Bytes::from_static(&[0, 0, 0, 1, 0x65, 0x88]),
+            pts: 0,
+            dts: 0,
+            keyframe,
+            ingest_us: 0,
+        };
+        for i in 0..STALL_FRAMES {
+            let at = t0 + Duration::from_millis(u64::from(i) * 33);
+            assert!(l.push(&frame(i == 0), at).is_ok());
+        }
+        assert!(l
+            .push(&frame(false), t0 + STALL - Duration::from_millis(1))
+            .is_ok());
+        let e = l.push(&frame(false), t0 + STALL).unwrap_err();
+        assert_eq!(e.reason(), "stall");
+    }
 }
