@@ -263,6 +263,11 @@ pub struct Options {
     /// POST /whep/{stream} may answer 307 to the least loaded healthy edge (`--placement` or `--placement true`) [default: false]
     #[arg(long, global = true, env = "CASCADE_PLACEMENT", num_args = 0..=1, default_missing_value = "true")]
     pub placement: Option<bool>,
+    /// Extra renditions re-encoded from RTMP H.264 streams, HEIGHTp:KBPS
+    /// steps, e.g. `720p:2500,360p:800` (at most 4; steps at or above the
+    /// source height are skipped) [default: none]
+    #[arg(long, global = true, env = "CASCADE_ABR_LADDER")]
+    pub abr_ladder: Option<String>,
     /// Test hook for the supervision test: shards panic when adding a
     /// session after this many. No env, no file key, not in --help.
     #[arg(long, global = true, hide = true)]
@@ -357,6 +362,7 @@ impl Options {
             auth_webhook: self.auth_webhook.or(lower.auth_webhook),
             public_url: self.public_url.or(lower.public_url),
             placement: self.placement.or(lower.placement),
+            abr_ladder: self.abr_ladder.or(lower.abr_ladder),
         }
     }
 }
@@ -493,6 +499,7 @@ impl Config {
         let udp = o
             .udp
             .unwrap_or_else(|| SocketAddr::from(([0, 0, 0, 0], 8189)));
+        let ladder = abr_ladder(&o)?;
         let (bframes, bframes_note) = if matches!(role, Role::All | Role::Ingest) {
             bframes_policy(&o)?
         } else {
@@ -610,6 +617,7 @@ impl Config {
                 auth: auth_gate,
                 token_secret: o.token_secret.clone().filter(|t| !t.is_empty()),
                 auth_webhook: auth_webhook.clone(),
+                ladder,
                 ..Default::default()
             },
             api_token: o.api_token.filter(|t| !t.is_empty()),
@@ -739,6 +747,12 @@ fn rtc_limits(o: &Options) -> cascade_rtc::Limits {
                 .unwrap_or(cascade_rtc::limit::DEFAULT_AUTH_MAX_FAILURES),
         ),
     }
+}
+
+/// `--abr-ladder`, parsed (empty: off).
+fn abr_ladder(o: &Options) -> anyhow::Result<cascade_ingest::ladder::Ladder> {
+    cascade_ingest::ladder::Ladder::parse(o.abr_ladder.as_deref().unwrap_or(""))
+        .map_err(|e| anyhow::anyhow!("--abr-ladder: {e}"))
 }
 
 /// `--bframes`, `--ffmpeg`, `--max-transcodes`: transcoding is the default
@@ -877,6 +891,19 @@ mod tests {
         );
         let e = Config::from_cli(parse(&["--relay-max-links", "0"])).unwrap_err();
         assert!(e.to_string().contains("--relay-max-links"), "{e}");
+    }
+
+    #[test]
+    fn abr_ladder_flag_and_file() {
+        let c = Config::from_cli(parse(&[])).unwrap();
+        assert!(c.rtmp_limits.ladder.is_empty());
+        let c = Config::from_cli(parse(&["--abr-ladder", "360p:800,180p:250"])).unwrap();
+        assert_eq!(c.rtmp_limits.ladder.steps().len(), 2);
+        assert_eq!(c.rtmp_limits.ladder.steps()[0].name, "360p");
+        let e = Config::from_cli(parse(&["--abr-ladder", "360:800"])).unwrap_err();
+        assert!(e.to_string().contains("--abr-ladder"), "{e}");
+        let file: Options = toml::from_str("abr-ladder = \"720p:2500\"").unwrap();
+        assert_eq!(file.abr_ladder.as_deref(), Some("720p:2500"));
     }
 
     #[test]

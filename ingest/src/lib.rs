@@ -16,6 +16,7 @@ pub mod audio;
 mod dimensions;
 pub mod flv;
 pub mod h264;
+pub mod ladder;
 pub mod metrics;
 pub mod publish;
 pub mod rtmp;

@@ -33,6 +33,10 @@ pub const TRANSCODE_DROPPED: &str = "cascade_ingest_transcode_dropped_frames_tot
 pub const TRANSCODE_FALLBACKS: &str = "cascade_ingest_transcode_fallbacks_total";
 /// Time a frame spends in ffmpeg (stdin queue to parsed output), seconds.
 pub const TRANSCODE_DELAY: &str = "cascade_ingest_transcode_delay_seconds";
+/// RTMP streams with a running ABR ladder (`--abr-ladder`).
+pub const LADDER_STREAMS: &str = "cascade_ingest_ladder_streams";
+/// ABR ladders that did not start or ended early, by `reason`.
+pub const LADDER_FAILURES: &str = "cascade_ingest_ladder_failures_total";
 
 /// WHIP sessions created.
 pub const WHIP_SESSIONS: &str = "cascade_ingest_whip_sessions_total";
@@ -94,6 +98,11 @@ pub fn describe() {
     metrics::describe_gauge!(BFRAMES_STREAMS, "live streams whose video carries B-frames");
     metrics::describe_counter!(OPUS_FRAMES, "Opus frames produced from AAC");
     metrics::describe_gauge!(TRANSCODES, "B-frame transcodes (ffmpeg children) running");
+    metrics::describe_gauge!(LADDER_STREAMS, "RTMP streams with a running ABR ladder");
+    metrics::describe_counter!(
+        LADDER_FAILURES,
+        "ABR ladders not started or ended early (the source plays on), by reason"
+    );
     metrics::describe_counter!(
         TRANSCODE_FRAMES,
         "frames into and out of the B-frame transcoders, by direction"

@@ -554,6 +554,41 @@ async function main() {
         out.streams = await (await fetch(`${base}/api/streams`)).json().catch(() => null);
         break;
       }
+      case "player-menu": {
+        // A stream published elsewhere (RTMP with --abr-ladder): the player
+        // page plays it, then its quality menu picks each job.switchTo entry
+        // [value, height] and the decoded frame height must follow.
+        const view = await newPage();
+        await view.goto(`${base}/play/${job.stream}`, { waitUntil: "domcontentloaded" });
+        const t0 = Date.now();
+        while ((await view.evaluate(() => window.__summary())).f === 0 && Date.now() - t0 < 15000) {
+          await new Promise((r) => setTimeout(r, 100));
+        }
+        await new Promise((r) => setTimeout(r, (job.warmSecs ?? 2) * 1000));
+        const first = await view.evaluate(() => window.__summary());
+        out.viewer = { size: `${first.w}x${first.h}`, framesTotal: first.f, codec: first.codec };
+        out.menu = await view.evaluate(async () => {
+          const q = document.getElementById("quality");
+          const t0 = performance.now();
+          while (q.hidden && performance.now() - t0 < 5000) await new Promise((r) => setTimeout(r, 100));
+          return [...q.options].map((o) => o.text);
+        });
+        out.switches = [];
+        for (const [value, want] of job.switchTo || []) {
+          const t = Date.now();
+          await view.evaluate(async (v) => { const q = document.getElementById("quality"); q.value = v; await q.onchange(); }, value);
+          let s = await view.evaluate(() => window.__summary());
+          while (s.h !== want && Date.now() - t < 8000) {
+            await new Promise((r) => setTimeout(r, 100));
+            s = await view.evaluate(() => window.__summary());
+          }
+          const f0 = s.f;
+          await new Promise((r) => setTimeout(r, 1000));
+          const f1 = (await view.evaluate(() => window.__summary())).f;
+          out.switches.push({ value, want, height: s.h, ms: Date.now() - t - 1000, framesNextSecond: f1 - f0 });
+        }
+        break;
+      }
       default:
         throw new Error("unknown job kind " + job.kind);
     }

@@ -20,8 +20,11 @@ use tokio_util::sync::CancellationToken;
 use super::media::Track;
 use super::session::{Now, Output, Session, Transcode};
 use super::{Ctx, Error, WRITE_TIMEOUT};
+use crate::ladder::{self, Step};
 use crate::metrics as m;
-use crate::transcode::{self, Event, Reencoder};
+use crate::transcode::ladder::{Ladder, LadderEvent};
+use crate::transcode::{self, Event, Policy, Reencoder};
+use cascade_origin::catalog::{self, Catalog};
 
 /// Bytes read per socket read.
 const READ_BUF: usize = 64 * 1024;
@@ -35,6 +38,14 @@ pub(super) struct Conn<S> {
     /// Output of the publish's transcoder (a field of its own so the
     /// select loop can wait on it next to the socket).
     transcoded: Option<mpsc::Receiver<Event>>,
+    /// The `--abr-ladder` of the publish, while it runs.
+    ladder: Option<Running>,
+    /// Its output (a field of its own for the select loop, as `transcoded`).
+    laddered: Option<mpsc::Receiver<LadderEvent>>,
+    /// Set once a ladder was considered (once per connection).
+    ladder_tried: bool,
+    /// The catalog as the session last gave it (before the ladder's tracks).
+    catalog: Option<Catalog>,
     /// The client, for the auth webhook.
     peer: SocketAddr,
     /// `rtmp` or `rtmps`, for the auth webhook.
@@ -46,6 +57,7 @@ enum Wake {
     Shutdown,
     Superseded,
     Transcoded(Option<Event>),
+    Laddered(Option<LadderEvent>),
     Timeout,
 }
 
@@ -73,6 +85,10 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
             ctx,
             publisher: None,
             transcoded: None,
+            ladder: None,
+            laddered: None,
+            ladder_tried: false,
+            catalog: None,
             peer,
             protocol,
         };
@@ -99,6 +115,7 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                 _ = shutdown.cancelled() => Wake::Shutdown,
                 _ = superseded(publisher) => Wake::Superseded,
                 ev = next_event(&mut self.transcoded) => Wake::Transcoded(ev),
+                ev = next_event(&mut self.laddered) => Wake::Laddered(ev),
                 _ = sleep_until(deadline) => Wake::Timeout,
                 r = self.io.read(&mut buf) => Wake::Read(r?),
             };
@@ -110,6 +127,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                         Event::Ended(transcode::Error::Exited("output channel closed".into()))
                     });
                     self.session.handle_transcoder(now(), ev);
+                }
+                Wake::Laddered(ev) => {
+                    let ev = ev.unwrap_or_else(|| {
+                        LadderEvent::Ended(transcode::Error::Exited("output channel closed".into()))
+                    });
+                    self.ladder_event(ev);
                 }
                 Wake::Timeout => self.session.handle_timeout(now()),
                 Wake::Read(0) => self.session.handle_eof(now()),
@@ -151,12 +174,12 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     tracing::info!(?codecs, transcoded, "rtmp stream live");
                     metrics::counter!(m::RTMP_PUBLISHES).increment(1);
                     self.publisher = Some(publisher);
+                    self.catalog = Some(catalog);
                 }
                 Output::Catalog(catalog) => {
-                    if let Some(publisher) = &mut self.publisher {
-                        tracing::info!(?catalog, "catalog changed");
-                        publisher.set_catalog(catalog);
-                    }
+                    tracing::info!(?catalog, "catalog changed");
+                    self.catalog = Some(catalog);
+                    self.republish();
                 }
                 Output::Frame(track, frame) => self.write_frame(track, frame),
                 Output::Authorize { stream, token } => {
@@ -203,11 +226,125 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
         if track == Track::Audio {
             metrics::counter!(m::OPUS_FRAMES).increment(1);
         }
+        let ladder_input = (track == Track::Video).then(|| frame.clone());
         if let Some(producer) = publisher.track(track.name()) {
             // An error means taken over: the select loop notices and closes.
             let _ = producer.write(frame);
         }
+        if let Some(f) = ladder_input {
+            self.feed_ladder(&f);
+        }
     }
+
+    /// Starts the ladder at the first published keyframe, then feeds it.
+    fn feed_ladder(&mut self, frame: &Frame) {
+        if !self.ladder_tried && frame.keyframe && !self.ctx.ladder.is_empty() {
+            self.ladder_tried = true;
+            self.start_ladder(frame);
+        }
+        let Some(l) = &mut self.ladder else {
+            return;
+        };
+        if let Err(e) = l.ladder.push(frame, Instant::now().into_std()) {
+            self.end_ladder(e);
+        }
+    }
+
+    fn start_ladder(&mut self, frame: &Frame) {
+        let Policy::Transcode(settings) = &self.ctx.bframes else {
+            return ladder_refused("no_ffmpeg", "no ffmpeg (--bframes drop or none found)");
+        };
+        if self.session.transcoding() {
+            return ladder_refused("bframes", "the stream's B-frame re-encode runs");
+        }
+        let Some(avcc) = self.session.h264_record() else {
+            return tracing::info!("no ABR ladder: the video is not H.264");
+        };
+        let Some(size) = crate::dimensions::of_keyframe(catalog::Codec::H264, &frame.payload)
+        else {
+            return ladder_refused("size", "no picture size in the first keyframe");
+        };
+        let steps = self.ctx.ladder.steps_for(size.1);
+        if steps.is_empty() {
+            return tracing::info!(
+                height = size.1,
+                "no ABR ladder: every step is at or above the source"
+            );
+        }
+        match Ladder::spawn(settings, &avcc, &steps, &std::env::temp_dir()) {
+            Ok((ladder, rx)) => {
+                self.laddered = Some(rx);
+                self.ladder = Some(Running {
+                    ladder,
+                    fmtps: vec![None; steps.len()],
+                    steps,
+                    size,
+                });
+            }
+            Err(e) => ladder_refused(e.reason(), &e.to_string()),
+        }
+    }
+
+    fn ladder_event(&mut self, ev: LadderEvent) {
+        let Some(l) = &mut self.ladder else {
+            return;
+        };
+        match l.ladder.output(ev, Instant::now().into_std()) {
+            Ok(Some((i, frame, first))) => {
+                let Some(step) = l.steps.get(i) else { return };
+                let track = catalog::rendition_track(&step.name);
+                if first {
+                    let fmtp = l.ladder.fmtp(i).map(str::to_string);
+                    tracing::info!(rendition = %step.name, ?fmtp, "first ladder frame");
+                    if let Some(f) = l.fmtps.get_mut(i) {
+                        *f = fmtp;
+                    }
+                    self.republish();
+                }
+                if let Some(p) = self.publisher.as_ref().and_then(|p| p.track(&track)) {
+                    let _ = p.write(frame);
+                }
+            }
+            Ok(None) => {}
+            Err(e) => self.end_ladder(e),
+        }
+    }
+
+    /// The ladder failed: its tracks end, the source plays on.
+    fn end_ladder(&mut self, e: transcode::Error) {
+        self.ladder = None;
+        self.laddered = None;
+        metrics::counter!(m::LADDER_FAILURES, "reason" => e.reason()).increment(1);
+        tracing::error!(error = %e, "ABR ladder failed: its renditions end, the source plays on");
+        self.republish();
+    }
+
+    /// Gives the registry the session's catalog with the ladder's tracks.
+    fn republish(&mut self) {
+        let (Some(publisher), Some(c)) = (&mut self.publisher, &self.catalog) else {
+            return;
+        };
+        let mut c = c.clone();
+        if let Some(l) = &self.ladder {
+            ladder::amend(&mut c, &l.steps, &l.fmtps, l.size);
+        }
+        publisher.set_catalog(c);
+    }
+}
+
+/// A running ladder and what the catalog needs of it.
+struct Running {
+    ladder: Ladder,
+    steps: Vec<Step>,
+    /// Each step's fmtp once its first frame came out.
+    fmtps: Vec<Option<String>>,
+    /// The source's picture size.
+    size: (u32, u32),
+}
+
+fn ladder_refused(reason: &'static str, why: &str) {
+    metrics::counter!(m::LADDER_FAILURES, "reason" => reason).increment(1);
+    tracing::warn!(why, "no ABR ladder for this stream");
 }
 
 /// Writes `bytes` and flushes: a TLS stream may keep records it could not
@@ -233,7 +370,7 @@ async fn superseded(p: Option<&Publisher>) {
     }
 }
 
-async fn next_event(rx: &mut Option<mpsc::Receiver<Event>>) -> Option<Event> {
+async fn next_event<T>(rx: &mut Option<mpsc::Receiver<T>>) -> Option<T> {
     match rx {
         Some(rx) => rx.recv().await,
         None => std::future::pending().await,

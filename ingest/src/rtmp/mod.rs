@@ -148,6 +148,9 @@ pub struct Limits {
     /// Set when the node drains: new publishes are refused with
     /// `NetStream.Publish.Rejected`; accepted ones run on.
     pub draining: Arc<std::sync::atomic::AtomicBool>,
+    /// `--abr-ladder`: extra renditions re-encoded from H.264 streams
+    /// (empty: off). Not a limit either; it travels with them.
+    pub ladder: crate::ladder::Ladder,
 }
 
 impl Default for Limits {
@@ -160,6 +163,7 @@ impl Default for Limits {
             token_secret: None,
             auth_webhook: None,
             draining: Arc::default(),
+            ladder: crate::ladder::Ladder::default(),
         }
     }
 }
@@ -173,6 +177,7 @@ struct Ctx {
     auth: AuthGate,
     tokens: Auth,
     draining: Arc<std::sync::atomic::AtomicBool>,
+    ladder: crate::ladder::Ladder,
 }
 
 impl Ctx {
@@ -191,6 +196,7 @@ impl Ctx {
             bframes,
             publish_timeout: limits.publish_timeout,
             auth: limits.auth.clone(),
+            ladder: limits.ladder.clone(),
             draining: limits.draining.clone(),
         })
     }

@@ -17,6 +17,7 @@
 //! the edge). If ffmpeg falls behind, input is dropped up to the next
 //! keyframe. At most [`Settings::max`] transcodes run per process.
 
+pub mod ladder;
 pub mod pipe;
 
 use std::path::{Path, PathBuf};
@@ -52,7 +53,7 @@ pub const STALL_FRAMES: u32 = 20;
 /// ffmpeg stderr lines logged per transcode; the rest are counted.
 const STDERR_LINES: u64 = 20;
 /// Bytes read from ffmpeg's stdout at a time.
-const READ_BUF: usize = 64 * 1024;
+pub(crate) const READ_BUF: usize = 64 * 1024;
 
 /// What to do with RTMP H.264 streams that carry B-frames.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -71,7 +72,7 @@ pub struct Settings {
     pub ffmpeg: PathBuf,
     /// Concurrent transcodes allowed.
     pub max: usize,
-    slots: Arc<Semaphore>,
+    pub(crate) slots: Arc<Semaphore>,
 }
 
 impl PartialEq for Settings {

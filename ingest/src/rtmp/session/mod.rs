@@ -227,6 +227,11 @@ impl Session {
         }
     }
 
+    /// The publish's H.264 sequence header (avcC), for the ABR ladder.
+    pub(super) fn h264_record(&self) -> Option<bytes::Bytes> {
+        self.publish.as_ref().and_then(Publishing::h264_record)
+    }
+
     /// True while a transcode runs: its events go to
     /// [`Session::handle_transcoder`]; otherwise the shell drops them.
     pub(super) fn transcoding(&self) -> bool {

@@ -103,6 +103,11 @@ impl Publishing {
         }
     }
 
+    /// The H.264 sequence header (avcC) of the source, if H.264.
+    pub(super) fn h264_record(&self) -> Option<Bytes> {
+        self.media.h264_record()
+    }
+
     /// True while a transcode runs.
     pub(super) fn transcoding(&self) -> bool {
         self.transcoder.is_some()
