@@ -265,6 +265,8 @@ impl Controller {
             },
         };
         self.current = to;
+        // As in `switch`: the loss reading described what was sent before.
+        self.loss = 0.0;
         self.end_episode();
         self.high_since = None;
         self.reprobe_at = None;
@@ -450,6 +452,15 @@ impl Controller {
             }
         }
         self.current = to;
+        // The loss reading described the rendition left behind, and str0m
+        // reports none until the receiver's next report window with new
+        // packets (`MediaEgressStats::loss` is `None` without one): after
+        // a switch down from an overshoot it would keep "congested" for
+        // ~1 s and take the viewer one step further down, and in audio
+        // only (no video sent, no window ever) it blocked the way back for
+        // good — seen with Chromium in tests/browser_abr.rs. The next real
+        // report sets it again; a policer's loss is simply measured anew.
+        self.loss = 0.0;
         self.end_episode();
         self.high_since = None;
         self.reprobe_at = None;
@@ -706,6 +717,30 @@ mod tests {
         assert_eq!(s.len(), 1, "{s:?}");
         assert_eq!(s[0].1.to.as_deref(), Some("q"));
         assert!(s[0].1.up);
+    }
+
+    #[test]
+    fn audio_only_after_loss_comes_back_without_a_new_loss_report() {
+        // An overshoot into a narrow link: loss reported, then audio only;
+        // no video means no further loss report for it.
+        let (mut c, mut t) = started(2_000_000);
+        c.on_loss(t, 0.3);
+        let s = run(&mut c, &mut t, ms(2000), |_| 100_000);
+        assert_eq!(s.last().map(|x| x.1.to.clone()), Some(None), "{s:?}");
+        // The link recovers: video resumes on the lowest after the hold.
+        let s = run(&mut c, &mut t, ms(8000), |_| 400_000);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("q"));
+    }
+
+    #[test]
+    fn a_switch_down_is_not_followed_by_a_second_for_the_old_loss() {
+        let (mut c, mut t) = started(5_000_000);
+        c.on_loss(t, 0.3);
+        // The estimate carries 'h' well: one step for the loss, then stay.
+        let s = run(&mut c, &mut t, ms(3000), |_| 1_500_000);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("h"));
     }
 
     #[test]

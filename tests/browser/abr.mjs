@@ -1,0 +1,209 @@
+// Chromium jobs of the ABR demonstration (tests/browser_abr.rs): one process
+// per role, so the publisher runs in cascade's namespace and each viewer in
+// its own, behind its own tbf-shaped link. Prints progress lines, then one
+// JSON object.
+//
+// usage: node abr.mjs '<json job>'
+//   kind "publish": tests/browser/simulcast.html publishes q/h/f over WHIP;
+//     prints "PUBLISHING <renditions json>" once /api/streams lists three
+//     renditions with bitrates (the top one ≥ job.minTopBps), then holds for job.secs (or until
+//     job.stopFile exists).
+//   kind "view": the player page /play/{stream} (Auto); getStats every
+//     250 ms in the page (epoch ms timestamps, so the test can line them up
+//     with its own tc changes); job.steps run in order: wait until the
+//     condition holds (or `within` ms pass: the step and the rest fail), stay
+//     `hold` ms, then run the command `run` (argv, e.g. tc in cascade's
+//     namespace) and note when.
+import { chromium } from "playwright-core";
+import http from "node:http";
+import fs from "node:fs";
+import os from "node:os";
+import path from "node:path";
+import { fileURLToPath } from "node:url";
+import { execFileSync } from "node:child_process";
+
+const here = path.dirname(fileURLToPath(import.meta.url));
+const job = JSON.parse(process.argv[2] || "{}");
+const out = { ok: false, kind: job.kind };
+const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
+
+const RECORD_PCS = `
+  (() => {
+    const Orig = window.RTCPeerConnection;
+    window.__pcs = [];
+    window.RTCPeerConnection = function (...args) {
+      const pc = new Orig(...args);
+      window.__pcs.push(pc);
+      return pc;
+    };
+    window.RTCPeerConnection.prototype = Orig.prototype;
+    Object.setPrototypeOf(window.RTCPeerConnection, Orig);
+  })();
+`;
+
+// Receiving and sending stats of a page, summed over its peer connections;
+// window.__startTrace samples them every 250 ms into window.__trace in the
+// page itself, so a slow round trip to node cannot look like a freeze.
+const TRACE = `
+  (() => {
+    window.__summary = async () => {
+      const s = { t: Date.now(), f: 0, h: 0, w: 0, a: 0, as: 0, vb: 0, freezes: 0, freezeSecs: 0, state: null, layers: [] };
+      for (const pc of window.__pcs || []) {
+        if (pc.connectionState === "closed") continue;
+        s.state = pc.connectionState;
+        const r = await pc.getStats();
+        r.forEach((x) => {
+          if (x.type === "inbound-rtp" && x.kind === "video") {
+            s.f += x.framesDecoded || 0; s.vb += x.bytesReceived || 0;
+            s.w = x.frameWidth || s.w; s.h = x.frameHeight || s.h;
+            s.freezes += x.freezeCount || 0; s.freezeSecs += x.totalFreezesDuration || 0;
+          }
+          if (x.type === "inbound-rtp" && x.kind === "audio") { s.a += x.packetsReceived || 0; s.as += x.totalSamplesReceived || 0; }
+          if (x.type === "outbound-rtp" && x.kind === "video") s.layers.push({ rid: x.rid || null, h: x.frameHeight || 0, framesSent: x.framesSent || 0,
+            targetBitrate: x.targetBitrate || 0, limitedBy: x.qualityLimitationReason || null });
+        });
+      }
+      return s;
+    };
+    window.__trace = [];
+    window.__startTrace = () => {
+      if (window.__tracing) return;
+      window.__tracing = true;
+      let busy = false;
+      setInterval(async () => {
+        if (busy) return;
+        busy = true;
+        try {
+          const s = await window.__summary();
+          delete s.layers;
+          window.__trace.push(s);
+          if (window.__trace.length > 2000) window.__trace.shift();
+        } finally { busy = false; }
+      }, 250);
+    };
+  })();
+`;
+
+const FLAGS = [
+  "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
+  "--autoplay-policy=no-user-gesture-required",
+];
+
+function serveSimulcastPage(host) {
+  const server = http.createServer((req, res) => {
+    if (new URL(req.url, "http://x").pathname !== "/simulcast.html") { res.writeHead(404); res.end(); return; }
+    res.writeHead(200, { "content-type": "text/html" });
+    fs.createReadStream(path.join(here, "simulcast.html")).pipe(res);
+  });
+  return new Promise((resolve) => server.listen(0, host, () => resolve(server)));
+}
+
+// Whether the newest trace sample satisfies a step's condition; `since` is
+// the sample the step started at.
+function holds(c, s, since) {
+  if (!c) return true;
+  if (c.maxH != null && !(s.h > 0 && s.h <= c.maxH)) return false;
+  if (c.minH != null && !(s.h >= c.minH)) return false;
+  if (c.newFrames != null && !(s.f - since.f >= c.newFrames)) return false;
+  if (c.audio != null && !(s.a >= c.audio)) return false;
+  return true;
+}
+
+async function main() {
+  const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "cascade-chromium-"));
+  const server = job.kind === "publish" ? await serveSimulcastPage(job.staticHost) : null;
+  const staticOrigin = server ? `http://${job.staticHost}:${server.address().port}` : null;
+  const ctx = await chromium.launchPersistentContext(userDataDir, {
+    executablePath: job.chromium || "/usr/bin/chromium",
+    headless: true,
+    // getUserMedia needs a secure context; the test origins are plain http.
+    args: FLAGS.concat(staticOrigin ? [`--unsafely-treat-insecure-origin-as-secure=${staticOrigin}`] : [],
+      job.fakeVideo ? [`--use-file-for-fake-video-capture=${job.fakeVideo}`] : []),
+    viewport: { width: 800, height: 500 },
+  });
+  await ctx.addInitScript(RECORD_PCS);
+  await ctx.addInitScript(TRACE);
+  const logs = [];
+  try {
+    const base = job.base;
+    const page = await ctx.newPage();
+    page.on("console", (m) => logs.push(m.type() + ": " + m.text()));
+    if (job.kind === "publish") {
+      const url = `${base}/whip/${job.stream}`;
+      await page.goto(`${staticOrigin}/simulcast.html?url=${encodeURIComponent(url)}&token=${encodeURIComponent(job.token)}` +
+        (job.codec ? `&codec=${encodeURIComponent(job.codec)}` : "") + (job.minKbps ? `&minKbps=${job.minKbps}` : ""), { waitUntil: "domcontentloaded" });
+      const t0 = Date.now();
+      let st = {};
+      while (Date.now() - t0 < 15000) {
+        st = await page.evaluate(() => ({ state: window.pub.state, error: window.pub.error, status: window.pub.status }));
+        if (["connected", "error", "failed"].includes(st.state)) break;
+        await sleep(100);
+      }
+      if (st.state !== "connected") throw new Error("simulcast publisher did not connect: " + JSON.stringify(st));
+      // Chromium may start its top layer seconds late: wait for all three.
+      let streams = null, three = false;
+      while (Date.now() - t0 < (job.renditionsWaitSecs || 30) * 1000) {
+        streams = await (await fetch(`${base}/api/streams`)).json().catch(() => null);
+        const s = (streams || []).find((x) => x.stream === job.stream);
+        three = !!s && (s.renditions || []).length === 3 && s.renditions.every((r) => r.bitrate_bps > 0 && r.height > 0)
+          && Math.max(...s.renditions.map((r) => r.bitrate_bps)) >= (job.minTopBps || 0);
+        if (three) break;
+        await sleep(250);
+      }
+      out.liveAfterMs = Date.now() - t0;
+      if (!three) throw new Error("no three renditions with bitrates: " + JSON.stringify(streams) +
+        " layers " + JSON.stringify((await page.evaluate(() => window.__summary())).layers));
+      const s = streams.find((x) => x.stream === job.stream);
+      process.stdout.write("PUBLISHING " + JSON.stringify(s.renditions) + "\n");
+      out.layersAtStart = (await page.evaluate(() => window.__summary())).layers;
+      // Until job.secs pass or the test creates job.stopFile (a clean exit
+      // takes Chromium down with it; a killed node might not).
+      const holdEnd = Date.now() + job.secs * 1000;
+      while (Date.now() < holdEnd && !(job.stopFile && fs.existsSync(job.stopFile))) await sleep(200);
+      out.layersAtEnd = (await page.evaluate(() => window.__summary())).layers;
+    } else if (job.kind === "view") {
+      out.openedAt = Date.now();
+      await page.goto(`${base}/play/${job.stream}`, { waitUntil: "domcontentloaded" });
+      await page.evaluate(() => window.__startTrace());
+      out.loadedAt = Date.now();
+      out.steps = [];
+      const last = async () => page.evaluate(() => window.__trace[window.__trace.length - 1] || { t: Date.now(), f: 0, h: 0, a: 0 });
+      for (const step of job.steps || []) {
+        const since = await last();
+        const end = Date.now() + (step.within ?? 30000);
+        let s = since;
+        while (!holds(step.until, s, since) && Date.now() < end) { await sleep(100); s = await last(); }
+        const rec = { label: step.label, reached: holds(step.until, s, since), reachedAt: Date.now() };
+        out.steps.push(rec);
+        if (!rec.reached) break;
+        process.stdout.write(`STEP ${step.label} ${rec.reachedAt}\n`);
+        await sleep(step.hold || 0);
+        if (step.run) {
+          execFileSync(step.run[0], step.run.slice(1));
+          rec.ranAt = Date.now();
+        }
+      }
+      out.trace = await page.evaluate(() => window.__trace);
+      out.stats = await page.evaluate(() => (document.getElementById("stats") || {}).textContent || null);
+    } else {
+      throw new Error("unknown job kind " + job.kind);
+    }
+    out.ok = true;
+  } catch (e) {
+    out.error = String(e && e.stack || e);
+  } finally {
+    out.logs = logs.slice(-20);
+    if (server) server.close();
+    await ctx.close().catch(() => {});
+    fs.rmSync(userDataDir, { recursive: true, force: true });
+  }
+  process.stdout.write(JSON.stringify(out) + "\n");
+}
+
+const killer = setTimeout(() => {
+  process.stdout.write(JSON.stringify({ ok: false, kind: job.kind, error: "runner timeout" }) + "\n");
+  process.exit(2);
+}, (job.timeoutSecs || 55) * 1000);
+main().then(() => { clearTimeout(killer); process.exit(0); });
