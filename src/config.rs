@@ -245,6 +245,9 @@ pub struct Options {
     #[arg(long, global = true, env = "CASCADE_RELAY_HOLD", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde_opt")]
     pub relay_hold: Option<Duration>,
+    /// Per-viewer bandwidth estimation and automatic rendition choice for streams with renditions [default: off]
+    #[arg(long, global = true, env = "CASCADE_ABR", num_args = 0..=1, default_missing_value = "true")]
+    pub abr: Option<bool>,
     /// URL POSTed JSON batches of events: publish start/stop, viewers, pulls, drain [default: none]
     #[arg(long, global = true, env = "CASCADE_EVENTS_WEBHOOK")]
     pub events_webhook: Option<String>,
@@ -355,6 +358,7 @@ impl Options {
                 .or(lower.relay_handshakes_per_ip),
             relay_retry_above: self.relay_retry_above.or(lower.relay_retry_above),
             events_webhook: self.events_webhook.or(lower.events_webhook),
+            abr: self.abr.or(lower.abr),
             relay_hold: self.relay_hold.or(lower.relay_hold),
             api_token: self.api_token.or(lower.api_token),
             auth_max_failures: self.auth_max_failures.or(lower.auth_max_failures),
@@ -412,6 +416,9 @@ pub struct Config {
     pub relay_limits: cascade_origin::relay::Limits,
     /// `--events-webhook`: where event batches go; `None`: nowhere.
     pub events_webhook: Option<String>,
+    /// `--abr`: automatic per-viewer rendition choice from a bandwidth
+    /// estimate.
+    pub abr: bool,
     /// `--auth-webhook`: the client every protocol asks (also in
     /// `rtmp_limits`); `None`: tokens alone decide.
     pub auth_webhook: Option<cascade_rtc::webhook::Webhook>,
@@ -625,6 +632,7 @@ impl Config {
             http_limits,
             relay_limits,
             events_webhook,
+            abr: o.abr.unwrap_or(false),
             auth_webhook,
             pulls,
             public_url,

@@ -195,6 +195,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
                     bframe_ts: bframe_ts_from_env(),
                     token_secret: cfg.token_secret.clone(),
                     auth_webhook: cfg.auth_webhook.clone(),
+                    abr: cfg.abr,
                     ..Default::default()
                 },
             ));

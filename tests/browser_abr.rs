@@ -381,7 +381,7 @@ fn at(v: &Value, key: &str) -> f64 {
 /// cascade and the simulcast publisher in a fresh namespace.
 fn setup(tag: &str, publish_secs: u64) -> Option<(Netns, Cascade, Publisher)> {
     let ns = Netns::create(tag)?;
-    let cascade = Cascade::start(&ns, &[]);
+    let cascade = Cascade::start(&ns, &["--abr"]);
     let publisher = Publisher::start(&ns, &cascade, publish_secs);
     Some((ns, cascade, publisher))
 }

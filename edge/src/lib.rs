@@ -48,6 +48,11 @@ pub struct Config {
     /// `--auth-webhook`: decides every view the viewer token or a signed
     /// token does not allow (viewing is closed when it is set).
     pub auth_webhook: Option<cascade_rtc::webhook::Webhook>,
+    /// `--abr`: viewers of streams with renditions get a bandwidth
+    /// estimate (str0m's, from TWCC feedback) and the automatic rendition
+    /// choice of [`abr`]. Off: Auto stays on the best rendition that flows
+    /// (and falls back while it is silent); no TWCC, no pacer.
+    pub abr: bool,
 }
 
 /// The edge's routes: WHEP (`/whep/{stream}` and its session resources) and

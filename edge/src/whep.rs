@@ -208,6 +208,7 @@ impl Endpoint for Whep {
         let viewers = self.viewers.clone();
         let controls = self.controls.clone();
         let max = self.cfg.max_viewers;
+        let abr = self.cfg.abr;
         Box::pin(async move {
             let posted = Instant::now();
             let Some(slot) = Slot::acquire(&viewers, max) else {
@@ -252,7 +253,9 @@ impl Endpoint for Whep {
                 .set_rtp_mode(true)
                 .set_extension_map(viewer_extensions());
             // Streams with renditions: str0m's estimator chooses per viewer.
-            let bwe_start = crate::viewer::bwe_start_of(&subscriber);
+            let bwe_start = abr
+                .then(|| crate::viewer::bwe_start_of(&subscriber))
+                .flatten();
             if let Some(bps) = bwe_start {
                 cfg = cascade_rtc::bwe::enable(cfg, str0m::bwe::Bitrate::bps(bps));
             }

@@ -406,7 +406,11 @@ async fn negotiate(
         .set_rtp_mode(true)
         .set_extension_map(crate::whep::viewer_extensions());
     // Streams with renditions: str0m's estimator chooses per viewer.
-    let bwe_start = crate::viewer::bwe_start_of(&subscriber);
+    let bwe_start = whep
+        .cfg
+        .abr
+        .then(|| crate::viewer::bwe_start_of(&subscriber))
+        .flatten();
     if let Some(bps) = bwe_start {
         cfg = cascade_rtc::bwe::enable(cfg, str0m::bwe::Bitrate::bps(bps));
     }

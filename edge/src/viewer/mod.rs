@@ -462,6 +462,19 @@ impl Out {
                 r.control.set_renditions(new.clone());
                 if let Some(a) = &mut r.abr {
                     a.controller.set_ladder(now, abr_ladder(&new));
+                    // A better rendition appeared (a simulcast layer that
+                    // started late): when the estimate already carries it
+                    // with the up-switch headroom, go now, as a viewer
+                    // without ABR would, instead of waiting out a hold.
+                    if let (true, Some(est), Some(best)) =
+                        (a.auto, a.controller.estimate(), new.first())
+                    {
+                        let fits = est as f64 >= rung_bps(best) as f64 * crate::abr::UP_HEADROOM;
+                        if fits && a.controller.current() != Some(best.name.as_str()) {
+                            a.controller.set_current(now, Some(&best.name));
+                            r.switch.set_auto_pick(Some(&best.name));
+                        }
+                    }
                 }
                 r.switch.set_ladder(new);
                 if r.switch.pending().is_none() {
