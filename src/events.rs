@@ -1,6 +1,6 @@
 //! `--events-webhook`: tells the operator's own service what happens on this
 //! node — a publish starts or stops, viewers come and go (batched), a pull
-//! changes state (once pulls exist), the node drains — by POSTing JSON batches to a URL.
+//! changes state, the node drains — by POSTing JSON batches to a URL.
 //!
 //! Fire and forget, never in the way of media: producers call
 //! [`Events::emit`], which only `try_send`s into a bounded queue (full →
@@ -54,6 +54,13 @@ pub enum Event {
         stream: String,
         viewers: usize,
         delta: i64,
+    },
+    /// An RTSP pull changed state (`idle`, `connecting`, `live`, `error`,
+    /// or `removed` when it was deleted), with its last error.
+    Pull {
+        stream: String,
+        state: String,
+        error: Option<String>,
     },
     /// The node started draining (SIGTERM or `POST /api/drain`).
     Drain { timeout_s: u64 },
@@ -238,11 +245,47 @@ impl Tracker {
     }
 }
 
-/// Watches `registry` every [`POLL_EVERY`] and emits what changed, until
-/// `stop`; then one last look (a drain that just ended reports its stops)
-/// and the task ends, dropping its handle.
+/// Diffs `/api/pulls` snapshots into pull events (sans-IO).
+#[derive(Debug, Default)]
+pub struct PullTracker {
+    /// Stream → (state, error) at the last snapshot.
+    seen: HashMap<String, (&'static str, Option<String>)>,
+}
+
+impl PullTracker {
+    /// The pull events that turn the last snapshot into `now`.
+    pub fn observe(&mut self, now: &[cascade_ingest::rtsp::PullInfo]) -> Vec<Event> {
+        let mut out = Vec::new();
+        let mut next = HashMap::with_capacity(now.len());
+        for p in now {
+            let state = (p.state, p.error.clone());
+            if self.seen.remove(&p.stream).as_ref() != Some(&state) {
+                out.push(Event::Pull {
+                    stream: p.stream.clone(),
+                    state: p.state.to_string(),
+                    error: p.error.clone(),
+                });
+            }
+            next.insert(p.stream.clone(), state);
+        }
+        let mut gone: Vec<String> = self.seen.drain().map(|(s, _)| s).collect();
+        gone.sort();
+        out.extend(gone.into_iter().map(|stream| Event::Pull {
+            stream,
+            state: "removed".into(),
+            error: None,
+        }));
+        self.seen = next;
+        out
+    }
+}
+
+/// Watches `registry` (and the node's RTSP `pulls`) every [`POLL_EVERY`]
+/// and emits what changed, until `stop`; then one last look (a drain that
+/// just ended reports its stops) and the task ends, dropping its handle.
 pub fn watch_registry(
     registry: Arc<Registry>,
+    pulls: Option<Arc<cascade_ingest::rtsp::Pulls>>,
     events: Events,
     stop: CancellationToken,
 ) -> Option<JoinHandle<()>> {
@@ -250,6 +293,7 @@ pub fn watch_registry(
         return None;
     }
     Some(tokio::spawn(async move {
+        let mut pull_tracker = PullTracker::default();
         let mut tracker = Tracker::default();
         let mut tick = tokio::time::interval(POLL_EVERY);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
@@ -260,6 +304,11 @@ pub fn watch_registry(
             };
             for e in tracker.observe(&registry.list()) {
                 events.emit(e);
+            }
+            if let Some(p) = &pulls {
+                for e in pull_tracker.observe(&p.list()) {
+                    events.emit(e);
+                }
             }
             if last {
                 break;
@@ -383,6 +432,33 @@ mod tests {
                 }
             ]
         );
+    }
+
+    #[test]
+    fn pulls_report_each_state_change_once_and_their_removal() {
+        let info = |state: &'static str, error: Option<&str>| cascade_ingest::rtsp::PullInfo {
+            stream: "cam".into(),
+            url: "rtsp://h/p".into(),
+            on_demand: false,
+            state,
+            error: error.map(str::to_string),
+        };
+        let mut t = PullTracker::default();
+        let pull = |state: &str, error: Option<&str>| Event::Pull {
+            stream: "cam".into(),
+            state: state.into(),
+            error: error.map(str::to_string),
+        };
+        assert_eq!(
+            t.observe(&[info("connecting", None)]),
+            [pull("connecting", None)]
+        );
+        assert!(t.observe(&[info("connecting", None)]).is_empty());
+        assert_eq!(
+            t.observe(&[info("error", Some("Connection refused"))]),
+            [pull("error", Some("Connection refused"))]
+        );
+        assert_eq!(t.observe(&[]), [pull("removed", None)]);
     }
 
     #[test]

@@ -69,8 +69,6 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         }
         None => (crate::events::Events::default(), None),
     };
-    let events_watch =
-        crate::events::watch_registry(registry.clone(), events.clone(), stop.clone());
     let role = cfg.role;
     let secret = cfg.cluster_secret.clone().unwrap_or_default();
     // This node in the cluster view (placement, /api/cluster, loop refusal);
@@ -209,6 +207,12 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         );
     }
     let pulls = start_pulls(&cfg, &registry)?;
+    let events_watch = crate::events::watch_registry(
+        registry.clone(),
+        pulls.clone(),
+        events.clone(),
+        stop.clone(),
+    );
     router = router.merge(api::router(Api {
         registry: registry.clone(),
         prometheus,

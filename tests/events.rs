@@ -180,3 +180,41 @@ async fn a_receiver_that_never_answers_costs_the_media_nothing() {
     }
     assert!(failed >= 1.0, "a hung POST is abandoned and counted");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pull_state_changes_reach_the_webhook() {
+    let (url, seen) = receiver(Duration::ZERO).await;
+    let node = Node::start("all", &["--events-webhook", &url]);
+    let http = reqwest::Client::new();
+    // A camera that is not there: nothing listens on port 1.
+    let r = http
+        .post(format!("{}/api/pulls", node.http))
+        .bearer_auth(common::TOKEN)
+        .json(&serde_json::json!({"stream": "cam", "url": "rtsp://user:secret@127.0.0.1:1/x"}))
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    let e = wait_for(
+        &seen,
+        |e| e["type"] == "pull" && e["stream"] == "cam" && e["state"] == "error",
+        "pull error",
+    )
+    .await;
+    assert!(e["error"].as_str().is_some_and(|t| !t.is_empty()), "{e}");
+    // Credentials never leave the node, events included.
+    assert!(!format!("{:?}", events(&seen)).contains("secret"));
+    let r = http
+        .delete(format!("{}/api/pulls/cam", node.http))
+        .bearer_auth(common::TOKEN)
+        .send()
+        .await
+        .unwrap();
+    assert!(r.status().is_success(), "{}", r.status());
+    wait_for(
+        &seen,
+        |e| e["type"] == "pull" && e["stream"] == "cam" && e["state"] == "removed",
+        "pull removed",
+    )
+    .await;
+}

@@ -12,6 +12,9 @@ import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
 import { execFileSync } from "node:child_process";
+// A rendition switch waits for the target's next keyframe and, on a loaded
+// machine, for Chromium to resume a simulcast layer it paused: loose bound.
+const SWITCH_WAIT_MS = 15000;
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const job = JSON.parse(process.argv[2] || "{}");
@@ -509,7 +512,7 @@ async function main() {
             const t = Date.now();
             await view.evaluate(async (v) => { const q = document.getElementById("quality"); q.value = v; await q.onchange(); }, value);
             let h = (await view.evaluate(() => window.__summary())).h;
-            while (h !== want && Date.now() - t < 8000) {
+            while (h !== want && Date.now() - t < SWITCH_WAIT_MS) {
               await new Promise((r) => setTimeout(r, 100));
               h = (await view.evaluate(() => window.__summary())).h;
             }
@@ -534,7 +537,7 @@ async function main() {
             const t = Date.now();
             await oven.evaluate((i) => (i < 0 ? window.player.setAutoQuality(true) : window.player.setCurrentQuality(i)), index);
             let h = (await summary()).h;
-            while (h !== want && Date.now() - t < 8000) {
+            while (h !== want && Date.now() - t < SWITCH_WAIT_MS) {
               await new Promise((r) => setTimeout(r, 100));
               h = (await summary()).h;
             }
@@ -578,7 +581,7 @@ async function main() {
           const t = Date.now();
           await view.evaluate(async (v) => { const q = document.getElementById("quality"); q.value = v; await q.onchange(); }, value);
           let s = await view.evaluate(() => window.__summary());
-          while (s.h !== want && Date.now() - t < 8000) {
+          while (s.h !== want && Date.now() - t < SWITCH_WAIT_MS) {
             await new Promise((r) => setTimeout(r, 100));
             s = await view.evaluate(() => window.__summary());
           }
