@@ -4,6 +4,10 @@
 //! str0m viewer) each decode one rendition, checked by the picture size of
 //! its keyframes' SPS: Auto gets the source, and viewers that ask for 360p
 //! and 180p through the layer endpoint get those steps.
+//!
+//! On a split cluster the edge receives only the renditions its viewers
+//! watch (per-rendition relay subscription): the others are held back at
+//! the origin and come when a viewer wants them.
 
 #![allow(clippy::unwrap_used)]
 
@@ -11,7 +15,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{ffmpeg_publish, metric_sum, wait_live, Node, TOKEN};
+use common::{ffmpeg_publish, metric_sum, wait_live, Node, SECRET, TOKEN};
 
 /// A WHEP viewer for 10 s; with `layer`, it asks for that rendition through
 /// the session's layer endpoint (`{"encodingId": NAME}`) once connected.
@@ -46,38 +50,9 @@ async fn rtmp_ladder_renditions_each_play() {
         .clone()
         .expect("all-in-one prints its RTMP address");
     let url = format!("rtmp://{rtmp}/live/ladder?token={TOKEN}");
-    let extra = [
-        "-vf",
-        "scale=1280:720",
-        "-bf",
-        "0",
-        "-b:v",
-        "2500k",
-        "-maxrate",
-        "2500k",
-        "-bufsize",
-        "2500k",
-    ];
-    let mut publisher = ffmpeg_publish(&url, &extra, 30);
+    let mut publisher = ffmpeg_publish(&url, &SOURCE_720P, 30);
     wait_live(&node.http, "ladder").await;
-
-    // The steps join the catalog with their first frames.
-    let mut streams = serde_json::Value::Null;
-    for _ in 0..50 {
-        streams = reqwest::get(format!("{}/api/streams", node.http))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if streams[0]["renditions"]
-            .as_array()
-            .is_some_and(|r| r.len() == 3)
-        {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    let streams = wait_renditions(&node.http).await;
     let r = streams[0]["renditions"]
         .as_array()
         .expect("renditions listed");
@@ -118,4 +93,114 @@ async fn rtmp_ladder_renditions_each_play() {
         metric_sum(&metrics, "cascade_ingest_ladder_failures_total"),
         0.0
     );
+}
+
+/// ffmpeg's arguments for a 1280×720 2.5 Mbit/s source without B-frames.
+const SOURCE_720P: [&str; 10] = [
+    "-vf",
+    "scale=1280:720",
+    "-bf",
+    "0",
+    "-b:v",
+    "2500k",
+    "-maxrate",
+    "2500k",
+    "-bufsize",
+    "2500k",
+];
+
+/// `/api/streams` once the stream lists its three renditions.
+async fn wait_renditions(base: &str) -> serde_json::Value {
+    let mut streams = serde_json::Value::Null;
+    for _ in 0..50 {
+        streams = reqwest::get(format!("{base}/api/streams"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if streams[0]["renditions"]
+            .as_array()
+            .is_some_and(|r| r.len() == 3)
+        {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    streams
+}
+
+async fn metrics(base: &str) -> String {
+    reqwest::get(format!("{base}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_edge_receives_only_the_renditions_its_viewers_watch() {
+    let origin = Node::start(
+        "origin",
+        &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"],
+    );
+    let quic = origin
+        .quic
+        .clone()
+        .expect("origin prints its relay address");
+    let ingest = Node::start(
+        "ingest",
+        &[
+            "--cluster-secret",
+            SECRET,
+            "--origin",
+            &quic,
+            "--abr-ladder",
+            "360p:800,180p:250",
+        ],
+    );
+    let edge = Node::start("edge", &["--cluster-secret", SECRET, "--origin", &quic]);
+    let rtmp = ingest.rtmp.clone().expect("ingest prints its RTMP address");
+    let url = format!("rtmp://{rtmp}/live/ladder?token={TOKEN}");
+    let mut publisher = ffmpeg_publish(&url, &SOURCE_720P, 40);
+    wait_live(&origin.http, "ladder").await;
+    let streams = wait_renditions(&origin.http).await;
+    assert_eq!(streams[0]["renditions"].as_array().map(Vec::len), Some(3));
+
+    // A viewer on a slow link picks 180p: after the 2 s linger the edge
+    // holds back the source and 360p, and still plays 180p.
+    let low = viewer(&edge.http, "ladder", Some("180p"));
+    let watch = async {
+        tokio::time::sleep(Duration::from_secs(7)).await;
+        metrics(&edge.http).await
+    };
+    let (low, during) = tokio::join!(low, watch);
+    let held = metric_sum(&during, "cascade_origin_relay_renditions_held");
+    eprintln!(
+        "180p viewer: {} frames, size {:?}; renditions held at the edge: {held}",
+        low.video_frames, low.video_size
+    );
+    assert_eq!(low.video_size.as_deref(), Some("320x180"), "{low:?}");
+    assert!(low.video_frames > 60, "{low:?}");
+    assert!(low.audio_frames > 100, "{low:?}");
+    assert_eq!(
+        held, 2.0,
+        "source and 360p held back while only 180p is watched"
+    );
+    let selects = metric_sum(
+        &metrics(&origin.http).await,
+        "cascade_origin_relay_selects_total",
+    );
+    assert!(selects >= 1.0, "the origin heard the edge's selection");
+
+    // A new viewer on Auto gets the source again: asked for and played.
+    let auto = viewer(&edge.http, "ladder", None).await;
+    let _ = publisher.kill().await;
+    eprintln!(
+        "auto viewer: {} frames, size {:?}",
+        auto.video_frames, auto.video_size
+    );
+    assert_eq!(auto.video_size.as_deref(), Some("1280x720"), "{auto:?}");
+    assert!(auto.video_frames > 60, "{auto:?}");
 }

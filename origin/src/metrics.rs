@@ -25,6 +25,12 @@ pub const RELAY_HANDSHAKES: &str = "cascade_origin_relay_handshakes";
 pub const RELAY_RETRIES: &str = "cascade_origin_relay_retries_total";
 /// Streams refused on a link that stays up, by reason (`catalog`).
 pub const RELAY_STREAMS_REFUSED: &str = "cascade_origin_relay_streams_refused_total";
+/// Rendition selections received from subscribers (`Select`: the renditions
+/// a subscribing node reads changed; the others are held back).
+pub const RELAY_SELECTS: &str = "cascade_origin_relay_selects_total";
+/// Renditions of relayed streams this node receives no frames of because
+/// nobody here reads them (per-rendition subscription).
+pub const RELAY_RENDITIONS_HELD: &str = "cascade_origin_relay_renditions_held";
 
 /// Registers descriptions for the relay's metrics.
 pub fn describe() {
@@ -50,5 +56,13 @@ pub fn describe() {
     metrics::describe_counter!(
         RELAY_STREAMS_REFUSED,
         "relay streams refused while their link stays up"
+    );
+    metrics::describe_counter!(
+        RELAY_SELECTS,
+        "rendition selections received from subscribing nodes"
+    );
+    metrics::describe_gauge!(
+        RELAY_RENDITIONS_HELD,
+        "renditions of relayed streams not received because nobody here reads them"
     );
 }

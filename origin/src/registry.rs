@@ -575,6 +575,13 @@ impl Subscriber {
             .map(Track::last_ingest_us)
     }
 
+    /// Frames and bytes the named track received on this node so far
+    /// (on an edge: what the relay delivered; a rendition nobody here
+    /// reads is held back upstream and stops counting).
+    pub fn track_totals(&self, track: &str) -> Option<(u64, u64)> {
+        lock(&self.entry.tracks).get(track).map(Track::totals)
+    }
+
     /// Counts a viewer of the named track (a rendition) until the guard
     /// drops: `/api/streams` lists viewers per rendition.
     pub fn watch(&self, track: &str) -> Option<crate::track::Watch> {

@@ -274,6 +274,38 @@ impl Producer {
         changed
     }
 
+    /// Readers attached to the track now (consumers with a live cursor).
+    /// The relay asks upstream only for the renditions someone reads.
+    pub fn readers(&self) -> usize {
+        self.shared
+            .lock()
+            .tx
+            .as_ref()
+            .map_or(0, broadcast::Sender::receiver_count)
+    }
+
+    /// Drops the cached group: a new consumer waits for the next keyframe
+    /// instead of starting on a group that stopped arriving (the relay no
+    /// longer receives this rendition).
+    pub fn forget_group(&self) {
+        let mut st = self.shared.lock();
+        if st.generation == self.generation {
+            st.group.clear();
+            st.group_bytes = 0;
+            st.group_complete = false;
+        }
+    }
+
+    /// Records that the track's source had a frame at `ingest_us` without
+    /// writing one: a rendition upstream sends no frames of while nobody
+    /// here reads it still shows as flowing (Auto's silence check).
+    pub fn heard(&self, ingest_us: u64) {
+        let mut st = self.shared.lock();
+        if st.generation == self.generation && ingest_us > st.last_ingest_us {
+            st.last_ingest_us = ingest_us;
+        }
+    }
+
     /// True while this producer still owns the track.
     pub fn is_current(&self) -> bool {
         self.shared.lock().generation == self.generation

@@ -17,7 +17,7 @@
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::{Duration, Instant};
 
-use super::wire::{check_catalog, valid_label, Message};
+use super::wire::{check_catalog, valid_label, Heard, Message};
 use crate::model::catalog::Catalog;
 use crate::{ProtocolError, Result};
 
@@ -61,6 +61,10 @@ pub(crate) enum Report {
     Idle { id: u64 },
     /// A stream we receive was taken over locally or closed.
     Gone { id: u64 },
+    /// The renditions local readers of a stream we receive read now.
+    Select { id: u64, tracks: Vec<String> },
+    /// When the renditions we hold back from the peer last had a frame.
+    Heard { id: u64, tracks: Vec<Heard> },
 }
 
 /// What the shell must do. `R` is where a fetched stream is published (a
@@ -101,6 +105,11 @@ pub(crate) enum Action<R, W, S> {
     SetCatalog { id: u64, catalog: Catalog },
     /// The peer wants a keyframe of `track` of the stream we send as `id`.
     RequestKeyframe { id: u64, track: String },
+    /// The peer reads only these renditions of the stream we send as `id`.
+    SelectTracks { id: u64, tracks: Vec<String> },
+    /// Held-back renditions of the stream we receive as `id` still flow at
+    /// the source.
+    Heard { id: u64, tracks: Vec<Heard> },
     /// Answer a fetch: whether the stream is now live locally.
     Answer { waiter: W, live: bool },
     /// A stream held over from a lost link may be back upstream: if it
@@ -323,6 +332,16 @@ impl<R: Clone, W, S> Link<R, W, S> {
                         .push_back(Action::RequestKeyframe { id, track });
                 }
             }
+            Message::Select { id, tracks } => {
+                if self.sending.contains(&id) {
+                    self.actions.push_back(Action::SelectTracks { id, tracks });
+                }
+            }
+            Message::Heard { id, tracks } => {
+                if self.receiving.contains(&id) {
+                    self.actions.push_back(Action::Heard { id, tracks });
+                }
+            }
             Message::Ended { id } => {
                 if self.receiving.remove(&id) {
                     tracing::debug!(id, "peer ended a stream");
@@ -493,6 +512,16 @@ impl<R: Clone, W, S> Link<R, W, S> {
             Report::Keyframe { id, track } => {
                 if self.receiving.contains(&id) {
                     self.write(Message::KeyframeRequest { id, track });
+                }
+            }
+            Report::Select { id, tracks } => {
+                if self.receiving.contains(&id) {
+                    self.write(Message::Select { id, tracks });
+                }
+            }
+            Report::Heard { id, tracks } => {
+                if self.sending.contains(&id) {
+                    self.write(Message::Heard { id, tracks });
                 }
             }
             // Idle: nobody reads it. Gone: taken over locally. Either way
@@ -759,6 +788,76 @@ mod tests {
         link.handle_attached(id, true);
         drain(&mut link);
         (link, id)
+    }
+
+    #[test]
+    fn selections_go_up_and_heard_comes_down_for_live_ids_only() {
+        let now = Instant::now();
+        // Subscriber side: our readers' selection goes to the peer.
+        let (mut edge, id) = fetched(now, "cam");
+        let tracks = vec!["video-q".to_string()];
+        edge.handle_report(Report::Select {
+            id,
+            tracks: tracks.clone(),
+        });
+        edge.handle_report(Report::Select {
+            id: id + 2,
+            tracks: tracks.clone(),
+        });
+        assert_eq!(
+            drain(&mut edge),
+            vec![Action::Write(Message::Select {
+                id,
+                tracks: tracks.clone()
+            })]
+        );
+        let heard = vec![Heard {
+            track: "video".into(),
+            ingest_us: 7,
+        }];
+        let msg = |id| Message::Heard {
+            id,
+            tracks: heard.clone(),
+        };
+        edge.handle_message(now, msg(id)).unwrap();
+        edge.handle_message(now, msg(id + 2)).unwrap();
+        assert_eq!(
+            drain(&mut edge),
+            vec![Action::Heard {
+                id,
+                tracks: heard.clone()
+            }]
+        );
+
+        // Sender side: a selection reaches the stream we send.
+        let mut origin = TestLink::new(Side::Accepted, true, HashSet::new());
+        origin.handle_message(now, subscribe(0, "cam")).unwrap();
+        origin.handle_resolved(0, Some(source("whip")));
+        drain(&mut origin);
+        let select = |id| Message::Select {
+            id,
+            tracks: tracks.clone(),
+        };
+        origin.handle_message(now, select(0)).unwrap();
+        origin.handle_message(now, select(4)).unwrap();
+        origin.handle_report(Report::Heard {
+            id: 0,
+            tracks: heard.clone(),
+        });
+        origin.handle_report(Report::Heard {
+            id: 4,
+            tracks: heard.clone(),
+        });
+        assert_eq!(
+            drain(&mut origin),
+            vec![
+                Action::SelectTracks {
+                    id: 0,
+                    tracks: tracks.clone()
+                },
+                Action::Write(msg(0)),
+            ]
+        );
     }
 
     #[test]

@@ -20,6 +20,7 @@ mod client;
 mod link;
 mod order;
 mod recv;
+mod select;
 mod send;
 mod server;
 mod session;

@@ -12,10 +12,11 @@ use tracing::Instrument;
 
 use super::link::Report;
 use super::order::Order;
+use super::select::{self, Selection};
 use super::session::Event;
-use super::wire::{self, MAX_GROUP_BYTES};
+use super::wire::{self, Heard, MAX_GROUP_BYTES};
 use super::{code, AbortOnDrop};
-use crate::metrics::{RELAY_FRAMES_DROPPED, RELAY_FRAMES_RECEIVED};
+use crate::metrics::{RELAY_FRAMES_DROPPED, RELAY_FRAMES_RECEIVED, RELAY_RENDITIONS_HELD};
 use crate::model::catalog::Catalog;
 use crate::model::frame::Frame;
 use crate::registry::{Publisher, Registry};
@@ -156,6 +157,7 @@ pub(crate) struct Linger {
 pub(crate) struct Incoming {
     id: u64,
     catalog: watch::Sender<Catalog>,
+    heard: watch::Sender<Vec<Heard>>,
     routes: Arc<Routes>,
     _task: AbortOnDrop,
 }
@@ -172,12 +174,18 @@ impl Incoming {
         let (tx, rx) = mpsc::channel(MEDIA_QUEUE);
         routes.insert(id, tx);
         let (catalog, catalog_rx) = watch::channel(publisher.catalog());
+        let (heard, heard_rx) = watch::channel(Vec::new());
         let span = tracing::info_span!("stream", stream = %publisher.name(), id);
-        let task =
-            tokio::spawn(run(id, publisher, rx, catalog_rx, events, linger).instrument(span));
+        let inputs = Inputs {
+            media: rx,
+            catalog: catalog_rx,
+            heard: heard_rx,
+        };
+        let task = tokio::spawn(run(id, publisher, inputs, events, linger).instrument(span));
         Self {
             id,
             catalog,
+            heard,
             routes,
             _task: AbortOnDrop(task),
         }
@@ -186,6 +194,11 @@ impl Incoming {
     /// Applies a catalog update from the peer.
     pub(crate) fn set_catalog(&self, catalog: Catalog) {
         self.catalog.send_replace(catalog);
+    }
+
+    /// Renditions the peer holds back still flow at the source.
+    pub(crate) fn heard(&self, tracks: Vec<Heard>) {
+        self.heard.send_replace(tracks);
     }
 }
 
@@ -219,14 +232,99 @@ async fn keyframe_wanted(publisher: &mut Publisher) -> String {
     futures::future::select_all(waits).await.0
 }
 
+/// What a stream task hears besides its events channel.
+struct Inputs {
+    media: mpsc::Receiver<Media>,
+    catalog: watch::Receiver<Catalog>,
+    heard: watch::Receiver<Vec<Heard>>,
+}
+
+/// Keeps `RELAY_RENDITIONS_HELD` true however the stream task ends.
+struct HeldGauge(usize);
+
+impl HeldGauge {
+    fn set(&mut self, n: usize) {
+        let g = metrics::gauge!(RELAY_RENDITIONS_HELD);
+        g.increment(n as f64);
+        g.decrement(self.0 as f64);
+        self.0 = n;
+    }
+}
+
+impl Drop for HeldGauge {
+    fn drop(&mut self) {
+        self.set(0);
+    }
+}
+
+fn has_renditions(publisher: &Publisher) -> bool {
+    publisher.catalog().renditions().count() > 1
+}
+
+/// The per-rendition subscription: which renditions local readers read,
+/// told upstream when it changes; a rendition no longer received forgets
+/// its cached group (new readers wait for the frames that come once it is
+/// selected again, not a stale picture).
+async fn select_renditions(
+    id: u64,
+    publisher: &mut Publisher,
+    selection: &mut Selection,
+    gauge: &mut HeldGauge,
+    events: &mpsc::Sender<Event>,
+) {
+    let tracks: Vec<(String, bool, usize)> = publisher
+        .tracks_mut()
+        .iter()
+        .map(|p| {
+            let info = p.info();
+            (info.name, info.rendition.is_some(), p.readers())
+        })
+        .collect();
+    let change = selection.update(
+        Instant::now(),
+        tracks.iter().map(|(n, r, c)| (n.as_str(), *r, *c)),
+    );
+    let Some(change) = change else {
+        return;
+    };
+    for p in publisher.tracks_mut() {
+        if change.dropped.contains(&p.info().name) {
+            p.forget_group();
+        }
+    }
+    gauge.set(selection.held());
+    tracing::debug!(select = ?change.select, dropped = ?change.dropped, "renditions selected upstream");
+    let _ = events
+        .send(
+            Report::Select {
+                id,
+                tracks: change.select,
+            }
+            .into(),
+        )
+        .await;
+}
+
 async fn run(
     id: u64,
     mut publisher: Publisher,
-    mut media: mpsc::Receiver<Media>,
-    mut catalog: watch::Receiver<Catalog>,
+    inputs: Inputs,
     events: mpsc::Sender<Event>,
     linger: Option<Linger>,
 ) {
+    let Inputs {
+        mut media,
+        mut catalog,
+        mut heard,
+    } = inputs;
+    // Only our own subscriptions (a fetched stream, `linger`) select
+    // renditions: a peer publishing to us sends all of them, since other
+    // nodes fetch from here.
+    let mut selecting = linger.is_some() && has_renditions(&publisher);
+    let mut selection = Selection::new();
+    let mut held_gauge = HeldGauge(0);
+    let mut select_tick = tokio::time::interval(select::TICK);
+    select_tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut index = track_index(&mut publisher);
     let mut orders: HashMap<Arc<str>, Order> = HashMap::new();
     let mut throttle = Throttle::default();
@@ -282,6 +380,7 @@ async fn run(
                 let before = publisher.catalog();
                 publisher.set_catalog(c.clone());
                 index = track_index(&mut publisher);
+                selecting = linger.is_some() && has_renditions(&publisher);
                 // A replaced track (new codec) starts empty and its first
                 // keyframe may have raced ahead into the old one: ask again.
                 for t in &c.tracks {
@@ -297,6 +396,20 @@ async fn run(
                 // period) there is nobody to ask; the stream stays up.
                 if let Some(track) = throttle.request(track, Instant::now()) {
                     let _ = events.send(Report::Keyframe { id, track }.into()).await;
+                }
+            }
+            _ = select_tick.tick(), if selecting => {
+                select_renditions(id, &mut publisher, &mut selection, &mut held_gauge, &events).await;
+            }
+            changed = heard.changed() => {
+                if changed.is_err() {
+                    break;
+                }
+                let tracks = heard.borrow_and_update().clone();
+                for h in tracks {
+                    if let Some(p) = index.get(&h.track).and_then(|&i| publisher.tracks_mut().get(i)) {
+                        p.heard(h.ingest_us);
+                    }
                 }
             }
             _ = tick.tick() => {

@@ -7,21 +7,21 @@
 //! data acknowledged) 500 ms after the next group of its track started is
 //! reset, never queued behind.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tracing::Instrument;
 
 use super::link::Report;
 use super::session::Event;
-use super::wire::{encode_frame_header, GroupHeader, MAX_GROUP_BYTES};
+use super::wire::{encode_frame_header, GroupHeader, Heard, MAX_GROUP_BYTES, MAX_TRACKS};
 use super::{code, AbortOnDrop};
-use crate::metrics::{RELAY_FRAMES_SENT, RELAY_GROUPS_RESET, RELAY_GROUPS_SENT};
+use crate::metrics::{RELAY_FRAMES_SENT, RELAY_GROUPS_RESET, RELAY_GROUPS_SENT, RELAY_SELECTS};
 use crate::model::catalog::{Kind, TrackInfo};
 use crate::model::frame::Frame;
 use crate::model::track::Consumer;
@@ -51,11 +51,18 @@ const ACK_WAIT: Duration = Duration::from_secs(10);
 /// At the end of a stream, how long the last groups may take to drain
 /// before `Ended` is sent.
 const TAIL_WAIT: Duration = Duration::from_secs(1);
+/// While renditions are held back (the peer reads none of their frames),
+/// how often the peer hears when each last had a frame: well inside the
+/// edge's 1 s silence threshold (`STALL`), so a flowing rendition never
+/// looks silent there.
+const HEARD_INTERVAL: Duration = Duration::from_millis(250);
 
 /// The handle of a stream being sent; dropping it stops the sending and
 /// resets the groups in flight.
 pub(crate) struct Outgoing {
     keyframes: mpsc::Sender<String>,
+    /// The renditions the peer reads (`None`: all, until it says).
+    select: watch::Sender<Option<HashSet<String>>>,
     live: Subscriber,
     _task: AbortOnDrop,
 }
@@ -72,12 +79,15 @@ impl Outgoing {
         resume: bool,
     ) -> Self {
         let (tx, rx) = mpsc::channel(KEYFRAME_QUEUE);
+        let (select, select_rx) = watch::channel(None);
         let live = subscriber.clone();
         let span = tracing::info_span!("stream", stream = %subscriber.name(), id);
+        let ctx = TrackCtx { id, conn, seq };
         let task =
-            tokio::spawn(run(id, subscriber, conn, seq, rx, events, resume).instrument(span));
+            tokio::spawn(run(subscriber, ctx, rx, select_rx, events, resume).instrument(span));
         Self {
             keyframes: tx,
+            select,
             live,
             _task: AbortOnDrop(task),
         }
@@ -88,26 +98,51 @@ impl Outgoing {
         let _ = self.keyframes.try_send(track);
     }
 
+    /// The peer reads only these renditions now (`Message::Select`).
+    pub(crate) fn select(&self, tracks: Vec<String>) {
+        let tracks: HashSet<String> = tracks.into_iter().take(MAX_TRACKS).collect();
+        self.select.send_if_modified(|s| {
+            let changed = s.as_ref() != Some(&tracks);
+            *s = Some(tracks);
+            changed
+        });
+    }
+
     /// True while the local stream has a publisher.
     pub(crate) fn is_live(&self) -> bool {
         self.live.is_live()
     }
 }
 
+/// True when `info`'s frames go to the peer: every track without a
+/// rendition, and the renditions it reads (all until it said which).
+fn selected(info: &TrackInfo, select: &Option<HashSet<String>>) -> bool {
+    info.rendition.is_none() || select.as_ref().is_none_or(|s| s.contains(&info.name))
+}
+
+/// The catalog's tracks the peer gets frames of, and those held back.
+fn split(catalog: &[TrackInfo], select: &Option<HashSet<String>>) -> (Vec<TrackInfo>, Vec<String>) {
+    let (send, held): (Vec<_>, Vec<_>) = catalog.iter().cloned().partition(|t| selected(t, select));
+    (send, held.into_iter().map(|t| t.name).collect())
+}
+
 async fn run(
-    id: u64,
     subscriber: Subscriber,
-    conn: quinn::Connection,
-    seq: Arc<AtomicU64>,
+    ctx: TrackCtx,
     mut keyframes: mpsc::Receiver<String>,
+    mut select_rx: watch::Receiver<Option<HashSet<String>>>,
     events: mpsc::Sender<Event>,
     resume: bool,
 ) {
+    let id = ctx.id;
     let mut catalog_rx = subscriber.catalog_watch();
-    let catalog = catalog_rx.borrow_and_update().clone();
+    let mut catalog = catalog_rx.borrow_and_update().clone();
+    let mut select = select_rx.borrow_and_update().clone();
     let mut tracks: HashMap<String, (TrackInfo, AbortOnDrop)> = HashMap::new();
-    let ctx = TrackCtx { id, conn, seq };
-    sync_tracks(&mut tracks, &catalog.tracks, &subscriber, &ctx, resume);
+    let (send, mut held) = split(&catalog.tracks, &select);
+    sync_tracks(&mut tracks, &send, &subscriber, &ctx, resume);
+    let mut heard = tokio::time::interval(HEARD_INTERVAL);
+    heard.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
         tokio::select! {
             _ = subscriber.ended() => break,
@@ -115,10 +150,45 @@ async fn run(
                 if changed.is_err() {
                     break;
                 }
-                let catalog = catalog_rx.borrow_and_update().clone();
-                sync_tracks(&mut tracks, &catalog.tracks, &subscriber, &ctx, false);
-                if events.send(Report::Catalog { id, catalog }.into()).await.is_err() {
+                catalog = catalog_rx.borrow_and_update().clone();
+                let send;
+                (send, held) = split(&catalog.tracks, &select);
+                sync_tracks(&mut tracks, &send, &subscriber, &ctx, false);
+                if events.send(Report::Catalog { id, catalog: catalog.clone() }.into()).await.is_err() {
                     return;
+                }
+            }
+            changed = select_rx.changed() => {
+                if changed.is_err() {
+                    // The handle is gone: the stream task is being aborted.
+                    std::future::pending::<()>().await;
+                }
+                select = select_rx.borrow_and_update().clone();
+                let before: HashSet<String> = tracks.keys().cloned().collect();
+                let send;
+                (send, held) = split(&catalog.tracks, &select);
+                sync_tracks(&mut tracks, &send, &subscriber, &ctx, false);
+                for t in send.iter().filter(|t| !before.contains(&t.name)) {
+                    // A rendition the peer reads again is for a viewer
+                    // switching to it: its next keyframe should be near.
+                    if let Some(c) = subscriber.track(&t.name) {
+                        c.request_keyframe();
+                    }
+                }
+                tracing::debug!(sending = send.len(), held = held.len(), "peer selected renditions");
+                metrics::counter!(RELAY_SELECTS).increment(1);
+            }
+            _ = heard.tick(), if !held.is_empty() => {
+                let tracks: Vec<Heard> = held
+                    .iter()
+                    .filter_map(|t| {
+                        let ingest_us = subscriber.last_ingest_us(t).filter(|&us| us > 0)?;
+                        Some(Heard { track: t.clone(), ingest_us })
+                    })
+                    .collect();
+                // Best effort: the next tick says it again.
+                if !tracks.is_empty() {
+                    let _ = events.try_send(Report::Heard { id, tracks }.into());
                 }
             }
             Some(track) = keyframes.recv() => {

@@ -137,6 +137,27 @@ pub enum Message {
         /// Publication or subscription id.
         id: u64,
     },
+    /// The subscriber of `id` reads only these renditions (video tracks
+    /// with a `rendition`) now; the sender stops sending the others until a
+    /// later `Select` names them. Tracks without a rendition are always
+    /// sent, and so is everything until the first `Select`.
+    Select {
+        /// Subscription id.
+        id: u64,
+        /// Track names, at most [`MAX_TRACKS`].
+        #[serde(default)]
+        tracks: Vec<String>,
+    },
+    /// The sender of `id`, while it holds back renditions the subscriber
+    /// does not read: when each last had a frame at the source, so the
+    /// subscriber can tell a rendition that flows from one that stopped.
+    Heard {
+        /// Subscription id.
+        id: u64,
+        /// At most [`MAX_TRACKS`] tracks.
+        #[serde(default)]
+        tracks: Vec<Heard>,
+    },
     /// Connecting side, every `cluster::REPORT_INTERVAL`: its load report
     /// first, then those of the nodes below it (placement, loop refusal).
     Load {
@@ -153,6 +174,15 @@ pub enum Message {
         #[serde(default)]
         nodes: Vec<Report>,
     },
+}
+
+/// A held-back track's last frame at its source (`Message::Heard`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Heard {
+    /// Track name.
+    pub track: String,
+    /// `ingest_us` of its last frame (wall clock at ingest, microseconds).
+    pub ingest_us: u64,
 }
 
 mod hex_nonce {
@@ -221,6 +251,22 @@ pub fn check_catalog(c: &Catalog) -> Result<(), ProtocolError> {
     Ok(())
 }
 
+/// A list of track names in `Select`/`Heard`: bounded like a catalog.
+fn check_track_list<'a>(count: usize, mut names: impl Iterator<Item = &'a str>) -> Result<()> {
+    if count > MAX_TRACKS {
+        return Err(ProtocolError::TooManyTracks {
+            count,
+            max: MAX_TRACKS,
+        }
+        .into());
+    }
+    if names.all(valid_track_name) {
+        Ok(())
+    } else {
+        Err(ProtocolError::BadTrackName.into())
+    }
+}
+
 fn check_label(label: &str) -> Result<(), ProtocolError> {
     if valid_label(label) {
         Ok(())
@@ -231,7 +277,7 @@ fn check_label(label: &str) -> Result<(), ProtocolError> {
 
 /// The type names of [`Message`] on the wire, to tell an unknown type (a
 /// newer peer) from a malformed message.
-const MESSAGE_TYPES: [&str; 14] = [
+const MESSAGE_TYPES: [&str; 16] = [
     "hello",
     "challenge",
     "auth",
@@ -246,6 +292,8 @@ const MESSAGE_TYPES: [&str; 14] = [
     "ended",
     "load",
     "cluster",
+    "select",
+    "heard",
 ];
 
 /// Why a body did not decode: an unknown type, or malformed JSON.
@@ -282,6 +330,8 @@ impl Message {
             Self::Ended { .. } => "ended",
             Self::Load { .. } => "load",
             Self::Cluster { .. } => "cluster",
+            Self::Select { .. } => "select",
+            Self::Heard { .. } => "heard",
         }
     }
 
@@ -312,6 +362,12 @@ impl Message {
                 Err(ProtocolError::BadTrackName.into())
             }
             Self::Load { nodes } => Ok(validate_reports(nodes)?),
+            Self::Select { tracks, .. } => {
+                check_track_list(tracks.len(), tracks.iter().map(String::as_str))
+            }
+            Self::Heard { tracks, .. } => {
+                check_track_list(tracks.len(), tracks.iter().map(|h| h.track.as_str()))
+            }
             Self::Cluster { path, nodes } => {
                 validate_path(path)?;
                 Ok(validate_reports(nodes)?)
@@ -731,6 +787,22 @@ mod tests {
                 proptest::collection::vec(report(), 0..4)
             )
                 .prop_map(|(path, nodes)| Message::Cluster { path, nodes }),
+            (
+                any::<u64>(),
+                proptest::collection::vec(name(), 0..=MAX_TRACKS)
+            )
+                .prop_map(|(id, tracks)| Message::Select { id, tracks }),
+            (
+                any::<u64>(),
+                proptest::collection::vec((name(), any::<u64>()), 0..=MAX_TRACKS)
+            )
+                .prop_map(|(id, t)| Message::Heard {
+                    id,
+                    tracks: t
+                        .into_iter()
+                        .map(|(track, ingest_us)| Heard { track, ingest_us })
+                        .collect(),
+                }),
         ]
     }
 
@@ -816,6 +888,27 @@ mod tests {
                     prop_assert!(valid_track_name(&crate::model::catalog::rendition_track(r)));
                 }
             }
+        }
+
+        #[test]
+        fn select_and_heard_lists_are_bounded_and_named(
+            names in proptest::collection::vec(".{0,70}", 0..=MAX_TRACKS + 2),
+            heard in any::<bool>(),
+        ) {
+            let m = if heard {
+                Message::Heard {
+                    id: 2,
+                    tracks: names
+                        .iter()
+                        .map(|t| Heard { track: t.clone(), ingest_us: 1 })
+                        .collect(),
+                }
+            } else {
+                Message::Select { id: 2, tracks: names.clone() }
+            };
+            let ok = names.len() <= MAX_TRACKS && names.iter().all(|n| valid_track_name(n));
+            let body = serde_json::to_vec(&m).unwrap();
+            prop_assert_eq!(Message::decode_body(&body).is_ok(), ok);
         }
 
         #[test]

@@ -108,6 +108,16 @@ impl Session {
                     o.request_keyframe(track);
                 }
             }
+            Action::SelectTracks { id, tracks } => {
+                if let Some(o) = self.outgoing.get(&id) {
+                    o.select(tracks);
+                }
+            }
+            Action::Heard { id, tracks } => {
+                if let Some(i) = self.incoming.get(&id) {
+                    i.heard(tracks);
+                }
+            }
             Action::Answer { waiter, live } => {
                 let _ = waiter.send(if live { Ok(()) } else { Err(Error::NotLive) });
             }
