@@ -29,6 +29,11 @@
 //! measured on the wire. An up-switch followed by a down-switch within
 //! [`FAILED_UP_WINDOW`] doubles the up-hold (up to [`MAX_UP_HOLD`]): a link
 //! at the edge of a rendition settles below it instead of flapping.
+//! A viewer starts low ([`start_estimate`]) and, for [`STARTUP`] after its
+//! first estimate, probes toward the top rendition and goes up after only
+//! [`STARTUP_UP_HOLD`]: str0m's start-up probes measure the link within a
+//! second or two, so every viewer settles within the 5 s without a
+//! slow link ever being sent a keyframe it cannot carry.
 //! A stream with one rendition makes an inert controller: it never switches
 //! and never asks for probing (such sessions do not even enable BWE).
 
@@ -56,6 +61,15 @@ pub const DOWN_GRACE: Duration = Duration::from_millis(300);
 /// (first attempt). str0m probes at most every ~5 s in the application-
 /// limited regime, so 5 s lets at least one probe confirm the rate.
 pub const UP_HOLD: Duration = Duration::from_secs(5);
+/// For this long after its first estimate a viewer is still finding its
+/// link: it starts low (`viewer::bwe_start`), str0m's start-up probes
+/// measure the link within ~1–2 s, and an up-hold begun in this window
+/// lasts only [`STARTUP_UP_HOLD`], so an unlimited viewer reaches the top
+/// rendition within the 5 s instead of after a full [`UP_HOLD`].
+pub const STARTUP: Duration = Duration::from_secs(5);
+/// The up-hold during [`STARTUP`]: long enough that a single probe result
+/// (a cluster of ~15 ms) is not taken alone, short against the 5 s goal.
+pub const STARTUP_UP_HOLD: Duration = Duration::from_millis(600);
 /// The up-hold after repeated failed up-switches stops doubling here.
 pub const MAX_UP_HOLD: Duration = Duration::from_secs(40);
 /// An up-switch undone by a down-switch within this window failed: the
@@ -80,6 +94,17 @@ pub const REPROBE_GAP: Duration = Duration::from_millis(50);
 pub const LOSS_HIGH: f32 = 0.10;
 /// Loss under which an up-switch may happen.
 pub const LOSS_CLEAR: f32 = 0.02;
+
+/// str0m's starting estimate for a viewer whose lowest rendition costs
+/// `lowest_bps`: 3× it, between 0.3 and 1 Mbit/s. The viewer starts on
+/// what that carries with headroom (the lowest rendition, for the usual
+/// ladders); str0m's start-up probes (3× and 6× the start, then 2× what
+/// they measured) find the link within a second or two and the [`STARTUP`]
+/// climb follows, while a slow link never gets a top rendition's keyframe
+/// it cannot carry.
+pub fn start_estimate(lowest_bps: u64) -> u64 {
+    lowest_bps.saturating_mul(3).clamp(300_000, 1_000_000)
+}
 
 /// One rendition as the controller sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -139,6 +164,11 @@ pub struct Controller {
     episode_last: Option<(Instant, u64)>,
     /// Since when the estimate has held the up threshold.
     high_since: Option<Instant>,
+    /// The first estimate: [`STARTUP`] runs from here.
+    first_estimate: Option<Instant>,
+    /// [`STARTUP`] has ended: probing aims at the next rendition up, no
+    /// longer at the top.
+    startup_over: bool,
     up_hold: Duration,
     last_up: Option<Instant>,
     bitrate_sent: Option<(u64, u64)>,
@@ -165,6 +195,8 @@ impl Controller {
             episode_sum: 0.0,
             episode_last: None,
             high_since: None,
+            first_estimate: None,
+            startup_over: false,
             up_hold: UP_HOLD,
             last_up: None,
             bitrate_sent: None,
@@ -207,6 +239,7 @@ impl Controller {
     /// str0m's `Event::EgressBitrateEstimate` (the TWCC estimate), bit/s.
     pub fn on_estimate(&mut self, now: Instant, bps: u64) {
         self.estimate = Some(bps);
+        self.first_estimate.get_or_insert(now);
         self.evaluate(now);
     }
 
@@ -234,7 +267,10 @@ impl Controller {
         }
         [
             self.low_since.map(|t| t + DOWN_HOLD),
-            self.high_since.map(|t| t + self.up_hold),
+            self.high_since.map(|t| t + self.hold_from(t)),
+            self.first_estimate
+                .filter(|_| !self.startup_over)
+                .map(|f| f + STARTUP),
             self.reprobe_at,
             self.lowered_until,
         ]
@@ -311,6 +347,10 @@ impl Controller {
             self.lowered_until = None;
             self.update_bitrate();
         }
+        if !self.startup_over && self.first_estimate.is_some_and(|f| now >= f + STARTUP) {
+            self.startup_over = true;
+            self.update_bitrate();
+        }
         let estf = est as f64;
         let congested = self.loss >= LOSS_HIGH;
 
@@ -373,9 +413,19 @@ impl Controller {
         }
         self.reprobe_at = None;
         let since = *self.high_since.get_or_insert(now);
-        if now.duration_since(since) >= self.up_hold {
+        if now.duration_since(since) >= self.hold_from(since) {
             let to = self.highest_fitting(estf / UP_HEADROOM).max(Some(next));
             self.switch(now, to, est);
+        }
+    }
+
+    /// The up-hold for an episode that began at `since`: short while the
+    /// viewer is starting up.
+    fn hold_from(&self, since: Instant) -> Duration {
+        if self.first_estimate.is_some_and(|f| since < f + STARTUP) {
+            self.up_hold.min(STARTUP_UP_HOLD)
+        } else {
+            self.up_hold
         }
     }
 
@@ -488,8 +538,14 @@ impl Controller {
     }
 
     /// The rate str0m should discover: the next rendition up with headroom
-    /// (at the top, the top with headroom).
+    /// (at the top, the top with headroom). During [`STARTUP`], the top with
+    /// headroom: str0m's start-up probes go up to about the desired rate,
+    /// and the first seconds should find the whole link, not one step.
     fn probe_target(&self) -> Option<u64> {
+        if !self.startup_over {
+            let top = self.ladder.last()?;
+            return Some((top.bps as f64 * UP_HEADROOM) as u64);
+        }
         let next = self.current.map_or(0, |i| i + 1);
         let r = self.ladder.get(next).or_else(|| self.ladder.last())?;
         Some((r.bps as f64 * UP_HEADROOM) as u64)
@@ -555,10 +611,60 @@ mod tests {
         out
     }
 
+    /// A controller past its start-up window, on what `initial` carries.
     fn started(initial: u64) -> (Controller, Instant) {
         let mut c = Controller::new(ladder(), initial);
+        let t0 = Instant::now();
+        c.on_estimate(t0, initial);
+        let t = t0 + STARTUP;
+        c.on_estimate(t, initial);
         while c.poll_output().is_some() {}
-        (c, Instant::now())
+        (c, t)
+    }
+
+    #[test]
+    fn starting_low_it_climbs_fast_to_what_the_probes_measure() {
+        // bwe_start for this ladder: 3 × 250k = 750k → starts on q.
+        let mut c = Controller::new(ladder(), 750_000);
+        assert_eq!(c.current(), Some("q"));
+        let mut t = Instant::now();
+        // Unlimited link: the start-up probes measure 2.2, then 4.4 Mbit/s.
+        let s = run(&mut c, &mut t, ms(4000), |i| match i {
+            0..=4 => 750_000,
+            5..=11 => 2_200_000,
+            _ => 4_400_000,
+        });
+        let names: Vec<_> = s.iter().map(|(d, s)| (*d, s.to.clone())).collect();
+        assert_eq!(s.len(), 2, "{names:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("h"));
+        assert_eq!(s[1].1.to.as_deref(), Some("f"));
+        assert!(s[1].0 <= ms(2000), "{names:?}");
+
+        // A 400 kbit/s link: the probes measure it, the viewer stays on q.
+        let mut c = Controller::new(ladder(), 750_000);
+        let mut t = Instant::now();
+        let s = run(&mut c, &mut t, ms(10_000), |i| {
+            if i < 5 {
+                750_000
+            } else {
+                400_000
+            }
+        });
+        assert!(s.is_empty(), "{s:?}");
+
+        // 1.5 Mbit/s: up to h within the start-up, not further.
+        let mut c = Controller::new(ladder(), 750_000);
+        let mut t = Instant::now();
+        let s = run(&mut c, &mut t, ms(20_000), |i| {
+            if i < 5 {
+                750_000
+            } else {
+                1_500_000
+            }
+        });
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("h"));
+        assert!(s[0].0 <= ms(1500), "{s:?}");
     }
 
     #[test]
@@ -747,6 +853,20 @@ mod tests {
     fn desired_bitrate_follows_the_next_step() {
         let mut c = Controller::new(ladder(), 300_000);
         assert_eq!(c.current(), Some("q"));
+        // Starting: str0m probes toward the top (f × 1.2).
+        assert_eq!(
+            c.poll_output(),
+            Some(Output::Bitrate {
+                minimum: 0,
+                desired: 3_000_000
+            })
+        );
+        let mut t = Instant::now();
+        c.on_estimate(t, 500_000);
+        assert!(c.poll_output().is_none());
+        // Once the start-up is over: toward the next step, h × 1.2.
+        t += STARTUP;
+        c.handle_timeout(t);
         assert_eq!(
             c.poll_output(),
             Some(Output::Bitrate {
@@ -754,15 +874,26 @@ mod tests {
                 desired: 960_000
             })
         );
-        let mut t = Instant::now();
         let s = run(&mut c, &mut t, ms(6000), |_| 1_000_000);
         assert_eq!(s.len(), 1);
         // After the switch to 'h', the next probe target is 'f' × 1.2.
         c.on_estimate(t, 1_000_000);
-        assert!(c.poll_output().is_none());
+        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        assert!(
+            out.iter().all(|o| matches!(
+                o,
+                Output::Bitrate {
+                    desired: 3_000_000,
+                    ..
+                }
+            )),
+            "{out:?}"
+        );
         let mut c = Controller::new(ladder(), 300_000);
-        while c.poll_output().is_some() {}
+        c.on_estimate(t, 300_000);
+        let t = t + STARTUP;
         c.on_estimate(t, 150_000);
+        while c.poll_output().is_some() {}
         c.handle_timeout(t + DOWN_HOLD);
         let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
         assert!(out.contains(&Output::Bitrate {

@@ -122,17 +122,16 @@ fn ladder() -> Vec<Rung> {
         .collect()
 }
 
+/// A viewer as the edge builds one: str0m started at
+/// `abr::start_estimate` of the lowest rendition, the controller on what
+/// that carries (the lowest here).
 fn abr_sim(cap: Option<u64>) -> Sim {
-    let initial = cascade_rtc::bwe::INITIAL_ESTIMATE.as_u64();
+    let initial = cascade_edge::abr::start_estimate(250_000);
     let abr = Controller::new(ladder(), initial);
     let start = abr
         .current()
         .and_then(|n| ladder().into_iter().find(|r| r.name == n).map(|r| r.bps));
-    let mut sim = Sim::new(
-        cap,
-        start.unwrap(),
-        Some(cascade_rtc::bwe::INITIAL_ESTIMATE),
-    );
+    let mut sim = Sim::new(cap, start.unwrap(), Some(Bitrate::bps(initial)));
     sim.abr = Some(abr);
     sim
 }

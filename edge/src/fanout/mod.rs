@@ -58,7 +58,8 @@ pub struct PacketizedFrame {
 }
 
 impl PacketizedFrame {
-    fn bytes(&self) -> usize {
+    /// Payload bytes of the frame.
+    pub fn bytes(&self) -> usize {
         self.payloads.iter().map(|p| p.data.len()).sum()
     }
 }

@@ -59,6 +59,10 @@ const VIEWER_KEYFRAME_INTERVAL: Duration = Duration::from_secs(1);
 /// on loopback 64 per wake still lost packets while 16–24 lost none.
 const BACKLOG_PACKETS_PER_WAKE: usize = 24;
 
+/// Seconds of a viewer's start estimate a fast-start group may take (ABR
+/// viewers only): about what a viewer waits for a fresh keyframe instead.
+const FAST_START_SECS: u64 = 1;
+
 /// Live viewers on this node, for the session limit; one slot per viewer.
 pub struct Slot {
     count: Arc<AtomicUsize>,
@@ -148,6 +152,9 @@ struct Renditions {
 /// A viewer's ABR controller and what the shell remembers for it.
 struct Abr {
     controller: crate::abr::Controller,
+    /// str0m's starting estimate for this viewer, bit/s: what its first
+    /// second of video may cost (see [`FAST_START_SECS`]).
+    start_bps: u64,
     /// The target was Auto at the last wake: on a return to Auto the
     /// controller is told what is being sent, and decides again from there.
     auto: bool,
@@ -187,18 +194,18 @@ pub fn bwe_start_of(sub: &Subscriber) -> Option<u64> {
 }
 
 /// For a stream whose video has renditions in `codec`: str0m's starting
-/// estimate for a viewer, 1.25× the best rendition (between 0.5 and 20
-/// Mbit/s), so a viewer starts on the default rendition as without ABR,
-/// and the pacer (which paces at about the estimate) does not hold it
-/// back while the estimate is still a guess. `None`: nothing to choose
-/// from, so the session gets no estimator at all.
+/// estimate for a viewer ([`crate::abr::start_estimate`] of the lowest
+/// rendition): a start low enough that a slow link never gets a top
+/// rendition's keyframe it cannot carry (the overshoot a start on the top
+/// rendition caused: docs/quality.md, "Measured with Chromium"). `None`:
+/// nothing to choose from, so the session gets no estimator at all.
 pub fn bwe_start(
     catalog: &cascade_origin::catalog::Catalog,
     codec: cascade_origin::catalog::Codec,
 ) -> Option<u64> {
     let rungs = ladder(catalog, codec);
-    let top = rungs.iter().map(rung_bps).max()?;
-    Some((top * 5 / 4).clamp(500_000, 20_000_000))
+    let low = rungs.iter().map(rung_bps).min()?;
+    Some(crate::abr::start_estimate(low))
 }
 
 impl Renditions {
@@ -275,6 +282,7 @@ impl Renditions {
                 crate::abr::Output::Switch(s) => {
                     metrics::histogram!(m::ABR_ESTIMATE).record(s.estimate_bps as f64);
                     tracing::debug!(
+                        session = ?ctx.id,
                         to = s.to.as_deref().unwrap_or("audio only"),
                         up = s.up,
                         estimate_bps = s.estimate_bps,
@@ -411,9 +419,24 @@ impl Out {
         let clock = u32::try_from(self.cursor.clock()).unwrap_or(90_000);
         let abr = bwe_start.map(|start| Abr {
             controller: crate::abr::Controller::new(abr_ladder(&ladder), start),
+            start_bps: start,
             auto: false,
         });
-        let switch = Switch::new(ladder.clone(), clock);
+        let mut switch = Switch::new(ladder.clone(), clock);
+        // With ABR the viewer starts where the controller starts (a low
+        // rendition), not on the default one: its first picture is then a
+        // small keyframe any link carries.
+        let start = abr
+            .as_ref()
+            .and_then(|a| a.controller.current())
+            .and_then(|name| ladder.iter().position(|r| r.name == name));
+        if let Some(i) = start.filter(|&i| Some(i) != switch.current_index()) {
+            let track = ladder.get(i).map(|r| r.track.clone()).unwrap_or_default();
+            if let Some(member) = hub.join(subscriber, &track, &waker) {
+                self.member = member;
+                switch.start_at(i);
+            }
+        }
         let first = switch.current().map(|r| r.name.clone());
         let control = Control::new(ladder, first, waker.clone());
         self.renditions = Some(Box::new(Renditions {
@@ -445,7 +468,25 @@ impl Out {
         let Some((group, rx)) = self.member.feed().subscribe() else {
             return false;
         };
-        self.cursor.start(group, rx);
+        // A viewer with a bandwidth estimate may not get a cached group its
+        // start estimate cannot carry in FAST_START_SECS: sent as a burst
+        // (fast start paces it at ~17 Mbit/s), a long group — a simulcast
+        // layer's runs from the last keyframe anyone asked for, often many
+        // seconds — is dropped by a slow link and freezes the viewer before
+        // its first picture. It starts live instead, at a keyframe asked
+        // for at once (`Viewer::on_event`, Connected).
+        let budget = self
+            .renditions
+            .as_ref()
+            .and_then(|r| r.abr.as_ref())
+            .map(|a| a.start_bps / 8 * FAST_START_SECS);
+        let bytes: usize = group.iter().map(|f| f.bytes()).sum();
+        if budget.is_some_and(|b| bytes as u64 > b) {
+            tracing::debug!(bytes, budget = ?budget, "cached group too large for the link estimate: starting live");
+            self.cursor.start_live(rx);
+        } else {
+            self.cursor.start(group, rx);
+        }
         true
     }
 
@@ -877,6 +918,7 @@ impl Handler for Viewer {
             // Sessions with an estimator only (`cascade_rtc::bwe::enable`).
             Event::EgressBitrateEstimate(str0m::bwe::BweKind::Twcc { estimate, .. }) => {
                 if let Some(a) = self.abr_mut() {
+                    tracing::trace!(session = ?ctx.id, estimate_bps = estimate.as_u64(), "bandwidth estimate");
                     a.controller.on_estimate(ctx.now, estimate.as_u64());
                 }
                 Flow::Continue

@@ -170,6 +170,19 @@ impl Switch {
         }
     }
 
+    /// Starts on rung `i` instead of the default (before any frame was
+    /// sent: the shell joined that rendition's feed first).
+    pub fn start_at(&mut self, i: usize) {
+        if i < self.ladder.len() && self.last.is_none() {
+            self.current = Some(i);
+        }
+    }
+
+    /// The index of the rendition being sent.
+    pub fn current_index(&self) -> Option<usize> {
+        self.current
+    }
+
     /// The renditions, best first.
     pub fn renditions(&self) -> &[Rung] {
         &self.ladder
