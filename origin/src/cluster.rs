@@ -129,7 +129,7 @@ impl Report {
     }
 
     /// Sessions over the cap, 0..=1 (1 when it has no cap or no WebRTC).
-    fn fill(&self) -> f64 {
+    pub fn fill(&self) -> f64 {
         if self.max_sessions == 0 {
             1.0
         } else {

@@ -25,6 +25,12 @@ pub const RELAY_HANDSHAKES: &str = "cascade_origin_relay_handshakes";
 pub const RELAY_RETRIES: &str = "cascade_origin_relay_retries_total";
 /// Streams refused on a link that stays up, by reason (`catalog`).
 pub const RELAY_STREAMS_REFUSED: &str = "cascade_origin_relay_streams_refused_total";
+/// Whether this node's relay link to an upstream origin is up (1) or not
+/// (0), by `origin` (`primary`: `--origin`, `standby`: `--origin-standby`).
+pub const RELAY_UPSTREAM: &str = "cascade_origin_relay_upstream";
+/// Relay links that came up to another origin than the previous link (an
+/// edge moving to the standby or back), by `to` (`primary`, `standby`).
+pub const RELAY_FAILOVERS: &str = "cascade_origin_relay_failovers_total";
 
 /// Registers descriptions for the relay's metrics.
 pub fn describe() {
@@ -50,5 +56,13 @@ pub fn describe() {
     metrics::describe_counter!(
         RELAY_STREAMS_REFUSED,
         "relay streams refused while their link stays up"
+    );
+    metrics::describe_gauge!(
+        RELAY_UPSTREAM,
+        "relay link to the primary or standby origin up (1) or not (0)"
+    );
+    metrics::describe_counter!(
+        RELAY_FAILOVERS,
+        "relay links that came up to another origin than the previous one"
     );
 }
