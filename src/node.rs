@@ -307,6 +307,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
     }
     if let Some(s) = &relay_server {
         s.shutdown();
+        s.wait_closed(Duration::from_millis(300)).await;
     }
     if let Some(c) = &client {
         c.close();

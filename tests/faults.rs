@@ -222,3 +222,50 @@ async fn origin_killed_for_good_edges_fail_over_to_the_standby() {
     assert!(v3.video_frames() >= 10);
     drop(ingest);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn origin_drained_edges_and_viewers_move_to_the_standby() {
+    let mut primary = Node::start(
+        "origin",
+        &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"],
+    );
+    let standby = Node::start(
+        "origin",
+        &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"],
+    );
+    let a = primary.quic.clone().unwrap();
+    let b = standby.quic.clone().unwrap();
+    let pair = [
+        "--cluster-secret",
+        SECRET,
+        "--origin",
+        a.as_str(),
+        "--origin-standby",
+        b.as_str(),
+    ];
+    let ingest = Node::start("ingest", &pair);
+    let edge = Node::start("edge", &pair);
+    let _p = publish(&ingest.http, "drain", media(60).await, 0).await;
+    common::wait_live(&standby.http, "drain").await;
+    let v = viewer(&edge, "drain").await;
+
+    // SIGTERM: the origin closes its links at once (it has no sessions of
+    // its own to wait for); the edge takes that as a lost link.
+    primary.terminate();
+    let t0 = Instant::now();
+    assert_eq!(primary.wait_exit(Duration::from_secs(10)), Some(0));
+    let exited = t0.elapsed();
+    stalled(&[&v]).await;
+    resumed(&[&v], 10, Duration::from_secs(15)).await;
+    eprintln!(
+        "origin SIGTERM with a standby: exited after {exited:?}; the edge's viewer decodes again {:?} after the signal",
+        t0.elapsed()
+    );
+    assert!(!v.is_finished(), "same WHEP session");
+    let m = metrics_text(&edge).await;
+    assert_eq!(
+        series(&m, "cascade_origin_relay_upstream", "origin=\"standby\""),
+        1.0
+    );
+    drop(ingest);
+}
