@@ -3,8 +3,9 @@
 //! namespace, the player page in headless Chromium on one edge, that edge
 //! killed (SIGKILL): the page plays on from the other edge by itself, and
 //! says "reconnecting…" in between. The time to the first frame from the
-//! other edge is printed and asserted loosely. Root only (fails under
-//! `CI=true` otherwise, like every browser test).
+//! other edge is printed and asserted loosely. And the page through an
+//! origin restart: "reconnecting…", then "live" in the same session. Root
+//! only (fails under `CI=true` otherwise).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -101,6 +102,62 @@ fn player_page_moves_to_another_edge_when_its_edge_dies() {
         v["status"].as_str().unwrap_or("").starts_with("live"),
         "live again: {v:#}"
     );
+    drop(ingest);
+    drop(origin);
+}
+
+#[test]
+fn player_page_says_reconnecting_while_the_origin_restarts() {
+    let Some(ns) = Netns::create("stall") else {
+        assert!(
+            std::env::var("CI").is_err(),
+            "browser tests need root under CI=true"
+        );
+        return;
+    };
+    // A fixed relay port (the namespace is fresh): the origin comes back on it.
+    let quic = format!("{CASCADE_IP}:44330");
+    let origin_args = ["--cluster-secret", SECRET, "--quic", quic.as_str()];
+    let origin = Cascade::start_role(&ns, "origin", &origin_args);
+    let member = ["--cluster-secret", SECRET, "--origin", quic.as_str()];
+    let ingest = Cascade::start_role(&ns, "ingest", &member);
+    let edge = Cascade::start_role(&ns, "edge", &member);
+    let _publisher = ns.publisher(&ingest, "live", 80);
+
+    let job = serde_json::json!({
+        "kind": "stall", "base": edge.base, "stream": "live", "waitSecs": 30,
+        "timeoutSecs": 75,
+    });
+    let mut c = ns.cmd("node");
+    c.current_dir(netns::browser_dir())
+        .arg("run.mjs")
+        .arg(job.to_string());
+    let mut runner = netns::Proc::spawn(c);
+    runner
+        .wait_line(|l| l.starts_with("PLAYING"), Duration::from_secs(60))
+        .unwrap_or_else(|lines| panic!("the page did not play: {lines:?}"));
+    drop(origin); // SIGKILL
+    std::thread::sleep(Duration::from_secs(2));
+    let origin = Cascade::start_role(&ns, "origin", &origin_args);
+    let result = runner
+        .wait_line(|l| l.starts_with('{'), Duration::from_secs(70))
+        .unwrap_or_else(|lines| panic!("runner printed no result: {lines:?}"));
+    let v: serde_json::Value = serde_json::from_str(&result).unwrap();
+    assert!(v["ok"] == true, "runner failed: {v:#}");
+    eprintln!(
+        "origin kill -9, restarted 2 s later: the player page said reconnecting {} ms after the kill and was live again (30 frames) after {} ms",
+        v["reconnectingMs"], v["liveAgainMs"]
+    );
+    assert!(
+        v["reconnectingMs"].is_u64(),
+        "\"reconnecting…\" was shown: {v:#}"
+    );
+    let live = v["liveAgainMs"].as_u64().expect("live again");
+    assert!(live < 15_000, "live again after {live} ms: {v:#}");
+    // The edge held the stream: same peer connection, no failover.
+    assert_eq!(v["pcs"], 1, "same peer connection: {v:#}");
+    assert_eq!(v["failovers"], 0, "the edge stayed: {v:#}");
+    drop(edge);
     drop(ingest);
     drop(origin);
 }

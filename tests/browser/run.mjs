@@ -600,6 +600,35 @@ async function main() {
         out.failovers = st.failovers;
         break;
       }
+      case "stall": {
+        // The player page while the test restarts the origin behind its
+        // edge (PLAYING printed once frames flow): it must say
+        // "reconnecting…", then "live" again with frames from the same
+        // peer connection.
+        const page = await newPage();
+        await page.goto(`${base}/play/${job.stream}`, { waitUntil: "domcontentloaded" });
+        out.before = await watch(page, 1);
+        const p = () => page.evaluate(() => ({ status: window.cascadePlayer.status, base: window.cascadePlayer.base,
+          failovers: window.cascadePlayer.failovers, pcs: window.__pcs.length }));
+        process.stdout.write("PLAYING\n");
+        const t0 = Date.now();
+        const end = t0 + (job.waitSecs || 30) * 1000;
+        let st = await p();
+        let s = await sample(page);
+        let stalledFrames = null;
+        while (Date.now() < end) {
+          st = await p();
+          s = await sample(page);
+          if (/reconnecting/.test(st.status) && out.reconnectingMs == null) { out.reconnectingMs = Date.now() - t0; stalledFrames = s.framesDecoded; }
+          if (stalledFrames != null && s.framesDecoded > stalledFrames + 30 && /^live/.test(st.status)) { out.liveAgainMs = Date.now() - t0; break; }
+          await new Promise((r) => setTimeout(r, 100));
+        }
+        out.after = s;
+        out.status = st.status;
+        out.pcs = st.pcs;
+        out.failovers = st.failovers;
+        break;
+      }
       case "player-menu": {
         // A stream published elsewhere (RTMP with --abr-ladder): the player
         // page plays it, then its quality menu picks each job.switchTo entry
