@@ -269,3 +269,48 @@ async fn origin_drained_edges_and_viewers_move_to_the_standby() {
     );
     drop(ingest);
 }
+
+/// Ids of the edges in `GET /api/cluster` of `node`.
+async fn edges_known(node: &Node) -> Vec<String> {
+    let v: serde_json::Value = reqwest::get(format!("{}/api/cluster", node.http))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    v["nodes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|n| n["role"] == "edge")
+        .map(|n| n["node"].as_str().unwrap_or("").to_string())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_killed_edge_leaves_the_origins_table_with_its_link() {
+    let origin = Node::start(
+        "origin",
+        &["--cluster-secret", SECRET, "--quic", "127.0.0.1:0"],
+    );
+    let quic = origin.quic.clone().unwrap();
+    let edge = Node::start("edge", &["--cluster-secret", SECRET, "--origin", &quic]);
+    let t0 = Instant::now();
+    while edges_known(&origin).await.is_empty() {
+        assert!(t0.elapsed() < Duration::from_secs(10), "edge reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(edge); // SIGKILL
+    let killed = Instant::now();
+    while !edges_known(&origin).await.is_empty() {
+        assert!(
+            killed.elapsed() < Duration::from_secs(10),
+            "the dead edge stays"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let gone = killed.elapsed();
+    eprintln!("edge kill -9: gone from the origin's table (placement) {gone:?} after the kill");
+    // Its link's idle timeout (1 s), not the 5 s freshness of reports.
+    assert!(gone < Duration::from_secs(4), "gone after {gone:?}");
+}
