@@ -271,6 +271,9 @@ pub struct Options {
     /// source height are skipped) [default: none]
     #[arg(long, global = true, env = "CASCADE_ABR_LADDER")]
     pub abr_ladder: Option<String>,
+    /// A second origin (ingest and edge): HOST:PORT. Ingests uplink every stream to both origins; edges fetch through it while --origin does not answer [default: none]
+    #[arg(long, global = true, env = "CASCADE_ORIGIN_STANDBY")]
+    pub origin_standby: Option<String>,
     /// Test hook for the supervision test: shards panic when adding a
     /// session after this many. No env, no file key, not in --help.
     #[arg(long, global = true, hide = true)]
@@ -367,6 +370,7 @@ impl Options {
             public_url: self.public_url.or(lower.public_url),
             placement: self.placement.or(lower.placement),
             abr_ladder: self.abr_ladder.or(lower.abr_ladder),
+            origin_standby: self.origin_standby.or(lower.origin_standby),
         }
     }
 }
@@ -429,6 +433,8 @@ pub struct Config {
     pub public_url: Option<String>,
     /// `--placement`: redirect WHEP POSTs to the best edge.
     pub placement: bool,
+    /// `--origin-standby`: the second origin of ingests and edges.
+    pub origin_standby: Option<String>,
 }
 
 /// `--tls-cert` and `--tls-key`: PEM files, read at start and again when
@@ -637,6 +643,7 @@ impl Config {
             pulls,
             public_url,
             placement: o.placement.unwrap_or(false),
+            origin_standby: o.origin_standby.filter(|s| !s.is_empty()),
         })
     }
 }
@@ -1129,6 +1136,36 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(c.origin.as_deref(), Some("o:4433"));
+        assert_eq!(c.origin_standby, None);
+    }
+
+    #[test]
+    fn origin_standby_flag_env_and_file() {
+        let args = [
+            "edge",
+            "--cluster-secret",
+            "0123456789abcdef0123456789abcdef",
+            "--origin",
+            "a:4433",
+            "--origin-standby",
+            "b:4433",
+        ];
+        let c = Config::from_cli(parse(&args)).unwrap();
+        assert_eq!(c.origin_standby.as_deref(), Some("b:4433"));
+        let file: Options = toml::from_str("origin-standby = \"b:4433\"").unwrap();
+        assert_eq!(file.origin_standby.as_deref(), Some("b:4433"));
+        // An empty value (e.g. an unset compose variable) means none.
+        let c = Config::from_cli(parse(&[
+            "edge",
+            "--cluster-secret",
+            "0123456789abcdef0123456789abcdef",
+            "--origin",
+            "a:4433",
+            "--origin-standby",
+            "",
+        ]))
+        .unwrap();
+        assert_eq!(c.origin_standby, None);
     }
 
     #[test]

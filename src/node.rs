@@ -89,18 +89,28 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         ),
         None => None,
     };
-    let client = match (role, &cfg.origin) {
-        (Role::Ingest | Role::Edge, Some(origin)) => Some(relay::Client::connect_node(
+    let relay_options = relay::Options {
+        hold: cfg.relay_limits.hold,
+        ..Default::default()
+    };
+    let client = match (role, &cfg.origin, &cfg.origin_standby) {
+        (Role::Edge, Some(origin), Some(standby)) => Some(relay::Client::connect_failover(
+            origin.clone(),
+            standby.clone(),
+            secret.clone(),
+            relay_options,
+            cluster.clone(),
+        )),
+        (Role::Ingest | Role::Edge, Some(origin), _) => Some(relay::Client::connect_node(
             origin.clone(),
             secret.clone(),
-            relay::Options {
-                hold: cfg.relay_limits.hold,
-                ..Default::default()
-            },
+            relay_options,
             cluster.clone(),
         )),
         _ => None,
     };
+    // An ingest keeps the standby warm: every stream goes to both origins.
+    let standby_uplink = standby_uplink(&cfg, &secret, relay_options, &cluster, &registry);
     if let Some(c) = &client {
         match role {
             Role::Ingest => c.uplink(registry.clone()),
@@ -194,6 +204,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
                     token_secret: cfg.token_secret.clone(),
                     auth_webhook: cfg.auth_webhook.clone(),
                     abr: cfg.abr,
+                    cluster: Some(cluster.clone()),
                     ..Default::default()
                 },
             ));
@@ -296,8 +307,12 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
     }
     if let Some(s) = &relay_server {
         s.shutdown();
+        s.wait_closed(Duration::from_millis(300)).await;
     }
     if let Some(c) = &client {
+        c.close();
+    }
+    if let Some(c) = &standby_uplink {
         c.close();
     }
     let _ = tokio::time::timeout(Duration::from_secs(2), server).await;
@@ -312,6 +327,29 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
         let _ = tokio::time::timeout(crate::events::POST_TIMEOUT, s).await;
     }
     Ok(())
+}
+
+/// An ingest's second uplink, to `--origin-standby`: the standby then
+/// holds every stream and edges that fail over to it find them at once.
+fn standby_uplink(
+    cfg: &Config,
+    secret: &str,
+    options: relay::Options,
+    cluster: &Arc<cascade_origin::cluster::Node>,
+    registry: &Arc<Registry>,
+) -> Option<relay::Client> {
+    let standby = cfg
+        .origin_standby
+        .as_ref()
+        .filter(|_| cfg.role == Role::Ingest)?;
+    let c = relay::Client::connect_standby(
+        standby.clone(),
+        secret.to_string(),
+        options,
+        cluster.clone(),
+    );
+    c.uplink(registry.clone());
+    Some(c)
 }
 
 /// Hands the client address to the handlers of other crates (per-IP

@@ -53,14 +53,18 @@ pub struct Config {
     /// choice of [`abr`]. Off: Auto stays on the best rendition that flows
     /// (and falls back while it is silent); no TWCC, no pacer.
     pub abr: bool,
+    /// This node in the cluster (split cluster only): the player page asks
+    /// it for the other healthy edges, where it goes when this edge dies.
+    pub cluster: Option<Arc<cascade_origin::cluster::Node>>,
 }
 
 /// The edge's routes: WHEP (`/whep/{stream}` and its session resources) and
 /// the player page (`/play/{stream}`), OvenPlayer's WebSocket signalling
 /// (`/ws/live/{stream}`, see `ws.rs`).
 pub fn router(registry: Arc<Registry>, rtc: cascade_rtc::Server, cfg: Config) -> axum::Router {
+    let cluster = cfg.cluster.clone();
     let whep = Arc::new(whep::Whep::new(registry, rtc.clone(), cfg));
     cascade_rtc::http::router(whep.clone(), rtc)
-        .merge(player::router())
+        .merge(player::router(cluster))
         .merge(ws::router(whep))
 }

@@ -129,7 +129,7 @@ impl Report {
     }
 
     /// Sessions over the cap, 0..=1 (1 when it has no cap or no WebRTC).
-    fn fill(&self) -> f64 {
+    pub fn fill(&self) -> f64 {
         if self.max_sessions == 0 {
             1.0
         } else {
@@ -238,6 +238,19 @@ impl Cluster {
                     .insert(report.node.clone(), Entry { report, seen, via });
                 true
             }
+        }
+    }
+
+    /// Forgets `id` as heard directly from below, unless a report newer
+    /// than `heard` came since (it reconnected over another link): its link
+    /// is gone, so it should not wait out [`FRESH`] as a placement target.
+    pub fn forget_below(&mut self, id: &str, heard: Instant) {
+        if self
+            .nodes
+            .get(id)
+            .is_some_and(|e| e.via == Via::Below && e.seen <= heard)
+        {
+            self.nodes.remove(id);
         }
     }
 
@@ -495,6 +508,13 @@ impl Node {
         self.lock().path.clear();
     }
 
+    /// The link of the node below that reported `id` (last at `heard`)
+    /// ended: it is no placement target any more (a dead edge leaves the
+    /// table within the link's idle timeout, not [`FRESH`]).
+    pub fn link_below_lost(&self, id: &str, heard: Instant) {
+        self.lock().table.forget_below(id, heard);
+    }
+
     /// Forgets stale nodes.
     pub fn expire(&self, now: Instant) {
         self.lock().table.expire(now);
@@ -574,6 +594,26 @@ mod tests {
         assert_eq!(c.len(), 5);
         c.expire(t6);
         assert_eq!(c.len(), 1);
+    }
+
+    #[test]
+    fn a_lost_link_forgets_its_node_unless_it_reported_again() {
+        let t0 = Instant::now();
+        let t1 = t0 + Duration::from_secs(1);
+        let mut c = Cluster::default();
+        c.report(t0, edge("a1", 0, 10, 0), Via::Below);
+        c.report(t0, edge("b2", 0, 10, 0), Via::Upstream);
+        c.forget_below("a1", t0);
+        assert_eq!(c.best_edge(t0, "zz").map(|r| r.node.as_str()), Some("b2"));
+        // Only what came from below, directly: the upstream's copy stays.
+        c.forget_below("b2", t1);
+        assert_eq!(c.len(), 1);
+        // Reconnected over a new link before the old one was noticed: kept.
+        c.report(t1, edge("a1", 0, 10, 0), Via::Below);
+        c.forget_below("a1", t0);
+        assert_eq!(c.len(), 2);
+        c.forget_below("nobody", t1);
+        assert_eq!(c.len(), 2);
     }
 
     #[test]

@@ -31,6 +31,12 @@ pub const RELAY_SELECTS: &str = "cascade_origin_relay_selects_total";
 /// Renditions of relayed streams this node receives no frames of because
 /// nobody here reads them (per-rendition subscription).
 pub const RELAY_RENDITIONS_HELD: &str = "cascade_origin_relay_renditions_held";
+/// Whether this node's relay link to an upstream origin is up (1) or not
+/// (0), by `origin` (`primary`: `--origin`, `standby`: `--origin-standby`).
+pub const RELAY_UPSTREAM: &str = "cascade_origin_relay_upstream";
+/// Relay links that came up to another origin than the previous link (an
+/// edge moving to the standby or back), by `to` (`primary`, `standby`).
+pub const RELAY_FAILOVERS: &str = "cascade_origin_relay_failovers_total";
 
 /// Registers descriptions for the relay's metrics.
 pub fn describe() {
@@ -64,5 +70,12 @@ pub fn describe() {
     metrics::describe_gauge!(
         RELAY_RENDITIONS_HELD,
         "renditions of relayed streams not received because nobody here reads them"
+    metrics::describe_gauge!(
+        RELAY_UPSTREAM,
+        "relay link to the primary or standby origin up (1) or not (0)"
+    );
+    metrics::describe_counter!(
+        RELAY_FAILOVERS,
+        "relay links that came up to another origin than the previous one"
     );
 }

@@ -292,17 +292,26 @@ impl Drop for Proc {
     }
 }
 
-/// cascade (`all`) running inside a namespace.
+/// cascade (`all`, or any role with [`Cascade::start_role`]) running
+/// inside a namespace; killed (SIGKILL) on drop.
 pub(crate) struct Cascade {
     /// `http://198.18.0.1:PORT`
     pub(crate) base: String,
     /// The ports of WebRTC media: UDP and ICE-TCP.
     pub(crate) media_ports: (u16, u16),
+    /// `198.18.0.1:PORT` of the relay, when the node serves it.
+    #[allow(dead_code)] // read by tests/browser_failover.rs only
+    pub(crate) quic: Option<String>,
     _proc: Proc,
 }
 
 impl Cascade {
     pub(crate) fn start(ns: &Netns, extra: &[&str]) -> Self {
+        Self::start_role(ns, "all", extra)
+    }
+
+    /// `cascade ROLE` with the namespace's defaults plus `extra`.
+    pub(crate) fn start_role(ns: &Netns, role: &str, extra: &[&str]) -> Self {
         let mut c = ns.cmd(env!("CARGO_BIN_EXE_cascade"));
         let any = format!("{CASCADE_IP}:0");
         // Defaults, each left out when `extra` sets the flag itself.
@@ -314,7 +323,7 @@ impl Cascade {
             ("--advertise", CASCADE_IP),
             ("--publish-token", TOKEN),
         ];
-        c.arg("all");
+        c.arg(role);
         for (flag, value) in defaults {
             if !extra.contains(&flag) {
                 c.args([flag, value]);
@@ -347,9 +356,15 @@ impl Cascade {
                 .unwrap_or(0)
         };
         let media_ports = (port_after("udp "), port_after("ice-tcp "));
+        let quic = p.seen.iter().find_map(|l| {
+            l.trim()
+                .strip_prefix("Relay (QUIC):")
+                .map(|a| a.trim().to_string())
+        });
         Self {
             base,
             media_ports,
+            quic,
             _proc: p,
         }
     }

@@ -557,6 +557,78 @@ async function main() {
         out.streams = await (await fetch(`${base}/api/streams`)).json().catch(() => null);
         break;
       }
+      case "failover": {
+        // The player page on an edge of a cluster; prints PLAYING <edge>
+        // once frames flow and the page knows the other edges, and the
+        // test kills that edge: the page must play on from another edge.
+        const page = await newPage();
+        await page.goto(`${base}/play/${job.stream}`, { waitUntil: "domcontentloaded" });
+        out.before = await watch(page, 1);
+        const p = () => page.evaluate(() => ({ base: window.cascadePlayer.base, edges: window.cascadePlayer.edges,
+          status: window.cascadePlayer.status, failovers: window.cascadePlayer.failovers, pcs: window.__pcs.length }));
+        let st = await p();
+        const t0 = Date.now();
+        while (!st.edges.length && Date.now() - t0 < 15000) {
+          await new Promise((r) => setTimeout(r, 100));
+          st = await p();
+        }
+        out.playingOn = st.base;
+        out.edgesBefore = st.edges;
+        process.stdout.write("PLAYING " + st.base + "\n");
+        const killed = Date.now();
+        const end = killed + (job.waitSecs || 30) * 1000;
+        let s = await sample(page);
+        while (Date.now() < end) {
+          st = await p();
+          if (/reconnecting/.test(st.status) && out.reconnectingMs == null) out.reconnectingMs = Date.now() - killed;
+          s = await sample(page);
+          // Only open peer connections count: the old one is closed.
+          if (st.pcs > 1 && st.base !== out.playingOn && s.framesDecoded > 0 && out.firstFrameMs == null) out.firstFrameMs = Date.now() - killed;
+          if (out.firstFrameMs != null && s.framesDecoded > 30) break;
+          await new Promise((r) => setTimeout(r, 100));
+        }
+        out.flowingMs = Date.now() - killed;
+        out.after = s;
+        // "live" again once frames flow.
+        const t1 = Date.now();
+        while (!/^live/.test(st.status) && Date.now() - t1 < 3000) {
+          await new Promise((r) => setTimeout(r, 100));
+          st = await p();
+        }
+        out.nowOn = st.base;
+        out.status = st.status;
+        out.failovers = st.failovers;
+        break;
+      }
+      case "stall": {
+        // The player page while the test restarts the origin behind its
+        // edge (PLAYING printed once frames flow): it must say
+        // "reconnecting…", then "live" again with frames from the same
+        // peer connection.
+        const page = await newPage();
+        await page.goto(`${base}/play/${job.stream}`, { waitUntil: "domcontentloaded" });
+        out.before = await watch(page, 1);
+        const p = () => page.evaluate(() => ({ status: window.cascadePlayer.status, base: window.cascadePlayer.base,
+          failovers: window.cascadePlayer.failovers, pcs: window.__pcs.length }));
+        process.stdout.write("PLAYING\n");
+        const t0 = Date.now();
+        const end = t0 + (job.waitSecs || 30) * 1000;
+        let st = await p();
+        let s = await sample(page);
+        let stalledFrames = null;
+        while (Date.now() < end) {
+          st = await p();
+          s = await sample(page);
+          if (/reconnecting/.test(st.status) && out.reconnectingMs == null) { out.reconnectingMs = Date.now() - t0; stalledFrames = s.framesDecoded; }
+          if (stalledFrames != null && s.framesDecoded > stalledFrames + 30 && /^live/.test(st.status)) { out.liveAgainMs = Date.now() - t0; break; }
+          await new Promise((r) => setTimeout(r, 100));
+        }
+        out.after = s;
+        out.status = st.status;
+        out.pcs = st.pcs;
+        out.failovers = st.failovers;
+        break;
+      }
       case "player-menu": {
         // A stream published elsewhere (RTMP with --abr-ladder): the player
         // page plays it, then its quality menu picks each job.switchTo entry

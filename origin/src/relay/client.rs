@@ -2,6 +2,12 @@
 //! up in the background (reconnecting with backoff, never blocking start-up),
 //! publishes the local streams upstream (ingest: [`Client::uplink`]) and
 //! fetches streams on demand (edge: the [`Upstream`] implementation).
+//!
+//! With an origin standby ([`Client::connect_failover`]) the one link goes
+//! to whichever of the two origins answers: it stays where it works and
+//! moves to the other after a failed attempt or a lost link ([`Targets`]).
+//! The streams the lost link fed are held and fetched again through the
+//! new link, exactly as after a reconnect to the same origin.
 
 use std::collections::HashSet;
 use std::future::Future;
@@ -18,7 +24,7 @@ use super::session::{Command, Inputs, Session, Side};
 use super::wire::VERSION;
 use super::{auth, code, tls, ALPN, AUTH_TIMEOUT, LINK_GRACE};
 use crate::cluster::Node;
-use crate::metrics::RELAY_REFUSED;
+use crate::metrics::{RELAY_FAILOVERS, RELAY_REFUSED, RELAY_UPSTREAM};
 use crate::registry::{Registry, Upstream};
 use crate::{Error, ProtocolError, Result};
 
@@ -31,6 +37,12 @@ const MIN_BACKOFF: Duration = Duration::from_millis(100);
 /// is wrong and stays wrong until an operator fixes it, so attempts stay
 /// rare (no storm of links and fetches around the loop).
 pub(crate) const LOOP_BACKOFF: Duration = Duration::from_secs(5);
+/// With a standby to try instead, how long the QUIC handshake with one
+/// origin may take. A dead origin never answers and QUIC gives up only
+/// after three probe timeouts (~3 s with its default first RTT estimate),
+/// as long as a fetch waits: a handshake takes milliseconds on a LAN and
+/// well under a second across continents.
+const FAILOVER_DIAL: Duration = Duration::from_secs(1);
 
 /// Tunables of a [`Client`].
 #[derive(Clone, Copy, Debug)]
@@ -56,6 +68,69 @@ impl Default for Options {
             max_backoff: Duration::from_secs(1),
             hold: LINK_GRACE,
         }
+    }
+}
+
+/// The upstreams a dialer may use, in order of preference, and which one
+/// it tries now: sans-IO, so the failover policy is tested on its own.
+///
+/// Policy: stay on the target that works; after a failed attempt or a lost
+/// link move to the next one (the origin that just failed is the least
+/// likely to answer at once). No return to the primary while the standby
+/// works: both origins carry every stream, and a return would cost viewers
+/// a second gap for nothing.
+#[derive(Debug, Clone)]
+pub(crate) struct Targets {
+    /// `(HOST:PORT, label)`, the label naming it in metrics and logs.
+    list: Vec<(String, &'static str)>,
+    current: usize,
+    /// The target of the last link that came up.
+    last_up: Option<usize>,
+}
+
+impl Targets {
+    pub(crate) fn new(list: Vec<(String, &'static str)>) -> Self {
+        Self {
+            list,
+            current: 0,
+            last_up: None,
+        }
+    }
+
+    /// The address and label to dial now.
+    pub(crate) fn current(&self) -> (&str, &'static str) {
+        self.list
+            .get(self.current)
+            .map_or(("", "primary"), |(a, l)| (a.as_str(), *l))
+    }
+
+    /// The attempt failed or the link was lost: the next target is next.
+    pub(crate) fn failed(&mut self) {
+        if !self.list.is_empty() {
+            self.current = (self.current + 1) % self.list.len();
+        }
+    }
+
+    /// A link to the current target came up; true when the previous link
+    /// went to another target (a failover).
+    pub(crate) fn up(&mut self) -> bool {
+        let moved = self.last_up.is_some_and(|i| i != self.current);
+        self.last_up = Some(self.current);
+        moved
+    }
+
+    /// Bound on one QUIC handshake: short when another target waits.
+    pub(crate) fn dial_timeout(&self) -> Duration {
+        if self.list.len() > 1 {
+            FAILOVER_DIAL
+        } else {
+            AUTH_TIMEOUT
+        }
+    }
+
+    /// Every target's label, for zeroing gauges.
+    pub(crate) fn labels(&self) -> impl Iterator<Item = &'static str> + '_ {
+        self.list.iter().map(|(_, l)| *l)
     }
 }
 
@@ -96,14 +171,65 @@ impl Client {
     /// Like [`Client::connect_with`] for `node`: its load goes upstream
     /// and the upstream's table comes back into it.
     pub fn connect_node(origin: String, secret: String, options: Options, node: Arc<Node>) -> Self {
+        Self::connect_targets(
+            Targets::new(vec![(origin, "primary")]),
+            secret,
+            options,
+            node,
+        )
+    }
+
+    /// Like [`Client::connect_node`] with an origin standby: the link goes
+    /// to `primary` while it answers and to `standby` when it does not
+    /// (an edge's `--origin-standby`). Both origins must carry the streams
+    /// (every ingest uplinks to both).
+    pub fn connect_failover(
+        primary: String,
+        standby: String,
+        secret: String,
+        options: Options,
+        node: Arc<Node>,
+    ) -> Self {
+        Self::connect_targets(
+            Targets::new(vec![(primary, "primary"), (standby, "standby")]),
+            secret,
+            options,
+            node,
+        )
+    }
+
+    /// Like [`Client::connect_node`] to the origin standby alone: an
+    /// ingest's second uplink, which keeps the standby warm with every
+    /// stream (labelled `standby` in metrics).
+    pub fn connect_standby(
+        standby: String,
+        secret: String,
+        options: Options,
+        node: Arc<Node>,
+    ) -> Self {
+        Self::connect_targets(
+            Targets::new(vec![(standby, "standby")]),
+            secret,
+            options,
+            node,
+        )
+    }
+
+    fn connect_targets(
+        targets: Targets,
+        secret: String,
+        options: Options,
+        node: Arc<Node>,
+    ) -> Self {
         let (commands, commands_rx) = mpsc::channel(COMMAND_QUEUE);
         let (uplink, uplink_rx) = watch::channel(None);
         let (connected_tx, connected) = watch::channel(false);
         let cancel = CancellationToken::new();
         let kick = Arc::new(Notify::new());
-        let span = tracing::info_span!("relay", role = "client", %origin);
+        let origins: Vec<&str> = targets.list.iter().map(|(a, _)| a.as_str()).collect();
+        let span = tracing::info_span!("relay", role = "client", origin = %origins.join(" | "));
         let dialer = Dialer {
-            origin,
+            targets,
             secret,
             options,
             commands: commands_rx,
@@ -192,7 +318,7 @@ impl Upstream for Client {
 
 /// The background task: connect, run the session, back off, repeat.
 struct Dialer {
-    origin: String,
+    targets: Targets,
     secret: String,
     options: Options,
     commands: mpsc::Receiver<Command>,
@@ -212,14 +338,25 @@ impl Dialer {
     async fn run(mut self) {
         let mut backoff = MIN_BACKOFF;
         let mut was_failing = false;
+        for label in self.targets.labels() {
+            metrics::gauge!(RELAY_UPSTREAM, "origin" => label).set(0.0);
+        }
         while !self.cancel.is_cancelled() {
+            let (addr, label) = self.targets.current();
+            let addr = addr.to_string();
             let attempt = tokio::select! {
-                a = connect_once(&self.origin, &self.secret) => a,
+                a = connect_once(&addr, &self.secret, self.targets.dial_timeout()) => a,
                 _ = self.cancel.cancelled() => break,
             };
             match attempt {
                 Ok((_endpoint, conn, send, recv)) => {
-                    tracing::info!("relay link up");
+                    if self.targets.up() {
+                        metrics::counter!(RELAY_FAILOVERS, "to" => label).increment(1);
+                        tracing::warn!(origin = %addr, to = label, "relay failover: link up to the {label} origin");
+                    } else {
+                        tracing::info!(origin = %addr, to = label, "relay link up");
+                    }
+                    metrics::gauge!(RELAY_UPSTREAM, "origin" => label).set(1.0);
                     backoff = MIN_BACKOFF;
                     was_failing = false;
                     self.connected.send_replace(true);
@@ -250,6 +387,7 @@ impl Dialer {
                     };
                     let end = session.run(recv, Side::Connected, inputs).await;
                     self.connected.send_replace(false);
+                    metrics::gauge!(RELAY_UPSTREAM, "origin" => label).set(0.0);
                     match &end {
                         Ok(()) => tracing::info!("relay link closed"),
                         Err(e) => match loop_reason(e) {
@@ -268,6 +406,9 @@ impl Dialer {
                         self.resume_uplink = std::mem::take(&mut orphans.uplinked);
                         self.resubscribe_until = Instant::now() + self.options.hold;
                         orphans.hold(self.options.hold);
+                        // The origin just lost is the least likely to
+                        // answer now: the standby (if any) is tried first.
+                        self.targets.failed();
                     }
                 }
                 Err(e) => {
@@ -278,11 +419,12 @@ impl Dialer {
                         metrics::counter!(RELAY_REFUSED, "reason" => "version").increment(1);
                         tracing::error!(error = %e, "origin speaks another relay protocol version: run the same cascade version on every node");
                     } else if !was_failing {
-                        tracing::warn!(error = %e, "cannot reach origin; retrying");
+                        tracing::warn!(error = %e, origin = %addr, "cannot reach origin; retrying");
                     } else {
-                        tracing::debug!(error = %e, "cannot reach origin");
+                        tracing::debug!(error = %e, origin = %addr, "cannot reach origin");
                     }
                     was_failing = true;
+                    self.targets.failed();
                 }
             }
             tokio::select! {
@@ -334,7 +476,7 @@ type Connected = (
     quinn::RecvStream,
 );
 
-async fn connect_once(origin: &str, secret: &str) -> Result<Connected> {
+async fn connect_once(origin: &str, secret: &str, dial: Duration) -> Result<Connected> {
     let addr = tokio::net::lookup_host(origin)
         .await?
         .next()
@@ -347,7 +489,9 @@ async fn connect_once(origin: &str, secret: &str) -> Result<Connected> {
     let mut endpoint = quinn::Endpoint::client(bind)?;
     endpoint.set_default_client_config(tls::client_config()?);
     let attempt = async {
-        let conn = endpoint.connect(addr, tls::SERVER_NAME)?.await?;
+        let conn = tokio::time::timeout(dial, endpoint.connect(addr, tls::SERVER_NAME)?)
+            .await
+            .map_err(|_| Error::Unavailable)??;
         if tls::negotiated_alpn(&conn).as_deref() != Some(ALPN) {
             // An older origin (it chose the previous version we offer only
             // to tell this apart from a network failure).
@@ -374,5 +518,70 @@ async fn connect_once(origin: &str, secret: &str) -> Result<Connected> {
         Ok(Ok((conn, send, recv))) => Ok((endpoint, conn, send, recv)),
         Ok(Err(e)) => Err(e),
         Err(_) => Err(Error::Unavailable),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Targets;
+
+    fn two() -> Targets {
+        Targets::new(vec![("a:1".into(), "primary"), ("b:1".into(), "standby")])
+    }
+
+    #[test]
+    fn starts_on_the_primary_and_stays_while_it_works() {
+        let mut t = two();
+        assert_eq!(t.current(), ("a:1", "primary"));
+        assert!(!t.up(), "the first link is no failover");
+        assert!(!t.up(), "a reconnect to the same origin is none either");
+        assert_eq!(t.current(), ("a:1", "primary"));
+    }
+
+    #[test]
+    fn a_lost_primary_moves_to_the_standby_and_stays_there() {
+        let mut t = two();
+        t.up();
+        t.failed(); // link lost
+        assert_eq!(t.current(), ("b:1", "standby"));
+        assert!(t.up(), "up on the other origin: a failover");
+        // Primary back or not: the link stays on the standby that works.
+        assert!(!t.up());
+        assert_eq!(t.current(), ("b:1", "standby"));
+        // The standby lost in turn: back to the primary.
+        t.failed();
+        assert_eq!(t.current(), ("a:1", "primary"));
+        assert!(t.up());
+    }
+
+    #[test]
+    fn a_dead_primary_at_start_is_skipped() {
+        let mut t = two();
+        t.failed(); // the first attempt (primary) failed
+        assert_eq!(t.current(), ("b:1", "standby"));
+        assert!(!t.up(), "the first link ever is no failover");
+        // Both down: attempts alternate.
+        t.failed();
+        assert_eq!(t.current().1, "primary");
+        t.failed();
+        assert_eq!(t.current().1, "standby");
+    }
+
+    #[test]
+    fn one_target_always_redials_it() {
+        let mut t = Targets::new(vec![("a:1".into(), "primary")]);
+        t.up();
+        t.failed();
+        assert_eq!(t.current(), ("a:1", "primary"));
+        assert!(!t.up());
+        let mut none = Targets::new(Vec::new());
+        none.failed();
+        assert_eq!(none.current().0, "");
+        assert_eq!(two().labels().collect::<Vec<_>>(), ["primary", "standby"]);
+        assert_eq!(two().dial_timeout(), super::FAILOVER_DIAL);
+        assert_eq!(
+            Targets::new(vec![("a:1".into(), "primary")]).dial_timeout(),
+            super::AUTH_TIMEOUT
+        );
     }
 }

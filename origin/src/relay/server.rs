@@ -83,6 +83,14 @@ impl Server {
         self.cancel.cancel();
         self.endpoint.close(code::CLOSED, b"shutting down");
     }
+
+    /// Waits (at most `within`) until the closes of [`Server::shutdown`]
+    /// went out: a node that exits right after it would leave its peers to
+    /// find out from the idle timeout instead (an edge with an origin
+    /// standby moves there as soon as it hears the close).
+    pub async fn wait_closed(&self, within: std::time::Duration) {
+        let _ = tokio::time::timeout(within, self.endpoint.wait_idle()).await;
+    }
 }
 
 impl Drop for Server {

@@ -135,7 +135,9 @@ impl Session {
             }
             Action::Load(nodes) => {
                 let now = std::time::Instant::now();
+                let peer = nodes.first().map(|r| r.node.clone());
                 self.node.handle_load(now, nodes)?;
+                self.peer_node = peer.map(|id| (id, now));
                 if !self.peer_reports {
                     // Answer the first report at once: the peer learns its
                     // path (and any loop) within a round trip.

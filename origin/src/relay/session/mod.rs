@@ -144,6 +144,9 @@ pub(crate) struct Session {
     /// The peer below us has reported: it speaks `Load`/`Cluster`, so it
     /// gets our table (an older peer never hears a message it would refuse).
     peer_reports: bool,
+    /// The node below (accepting side) and when it last reported: it
+    /// leaves our table when this link ends.
+    peer_node: Option<(String, Instant)>,
 }
 
 /// Decrements the links gauge when the session ends, however it ends.
@@ -207,6 +210,7 @@ impl Session {
             node,
             side,
             peer_reports: false,
+            peer_node: None,
             conn,
             control,
             core: Link::new(side, serve.is_some(), resume_uplink),
@@ -325,6 +329,9 @@ impl Session {
         };
         if side == Side::Connected {
             self.node.upstream_lost();
+        }
+        if let Some((id, heard)) = self.peer_node.take() {
+            self.node.link_below_lost(&id, heard);
         }
         if let Err(Error::Protocol(ProtocolError::Loop(chain))) = &result {
             tracing::error!(
