@@ -70,6 +70,7 @@ pub fn describe() {
     metrics::describe_gauge!(
         RELAY_RENDITIONS_HELD,
         "renditions of relayed streams not received because nobody here reads them"
+    );
     metrics::describe_gauge!(
         RELAY_UPSTREAM,
         "relay link to the primary or standby origin up (1) or not (0)"
