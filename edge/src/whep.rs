@@ -14,7 +14,7 @@ use cascade_origin::catalog::Codec;
 use cascade_origin::Registry;
 use cascade_rtc::auth::{unix_now, Action, Auth, Check, Denied};
 use cascade_rtc::http::{
-    denied, ApiError, AuthorizeFuture, CreateFuture, Created, Endpoint, LAYER_REL,
+    denied, ApiError, AuthorizeFuture, CreateFuture, Created, Endpoint, Events, LAYER_REL, SSE_REL,
 };
 use cascade_rtc::SessionId;
 use str0m::change::SdpOffer;
@@ -178,10 +178,38 @@ impl Endpoint for Whep {
 
     fn session_links(&self, session: SessionId) -> Vec<(&'static str, &'static str)> {
         if self.controls.get(session).is_some() {
-            vec![("/layer", LAYER_REL)]
+            vec![("/layer", LAYER_REL), ("/sse", SSE_REL)]
         } else {
             Vec::new()
         }
+    }
+
+    fn events(&self, session: SessionId) -> Result<Events, ApiError> {
+        let control = self.controls.get(session).ok_or_else(|| {
+            ApiError::NotFound("this session has no events (the stream has one rendition)".into())
+        })?;
+        let open = control.open_events().ok_or(ApiError::TooManyFromAddress(
+            "at most 2 event streams per session",
+        ))?;
+        let rx = control.status();
+        // Weak: the stream must not keep the viewer's control (and so its
+        // status channel) alive; it ends when the viewer does.
+        let weak = Arc::downgrade(&control);
+        drop(control);
+        let events = futures::stream::unfold(
+            (rx, weak, true, open),
+            |(mut rx, weak, first, open)| async move {
+                if !first && rx.changed().await.is_err() {
+                    return None;
+                }
+                rx.borrow_and_update();
+                let control = weak.upgrade()?;
+                let data = layer_json(&control, None);
+                drop(control);
+                Some((("layers", data), (rx, weak, false, open)))
+            },
+        );
+        Ok(Box::pin(events))
     }
 
     fn layer(&self, session: SessionId, body: Option<&[u8]>) -> Result<String, ApiError> {

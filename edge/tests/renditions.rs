@@ -88,6 +88,15 @@ async fn viewer(
         .trim_start_matches('<')
         .to_string();
     assert_eq!(layer, format!("{}/layer", &location[base.len()..]));
+    let sse = format!("<{}/sse>", &location[base.len()..]);
+    assert!(
+        res.headers().get_all("link").iter().any(|v| {
+            let v = v.to_str().unwrap();
+            v.contains(&sse)
+                && v.contains("rel=\"urn:ietf:params:whep:ext:core:server-sent-events\"")
+        }),
+        "201 advertises the event stream"
+    );
     let answer = SdpAnswer::from_sdp_string(&res.text().await.unwrap()).unwrap();
     rtc.sdp_api().accept_answer(pending, answer).unwrap();
     tokio::spawn(async move {
@@ -337,4 +346,124 @@ async fn single_rendition_streams_have_no_layer_endpoint() {
         post_layer(&unknown, r#"{"encodingId":"auto"}"#).await.0,
         404
     );
+    // No events either.
+    let sse = session.replace("/layer", "/sse");
+    assert_eq!(reqwest::get(&sse).await.unwrap().status(), 404);
+}
+
+/// The next server-sent event of `res` (name, JSON data), reading chunks
+/// into `buf`; `None` when the stream ended.
+async fn next_event(
+    res: &mut reqwest::Response,
+    buf: &mut String,
+) -> Option<(String, serde_json::Value)> {
+    loop {
+        if let Some(end) = buf.find("\n\n") {
+            let block: String = buf.drain(..end + 2).collect();
+            let mut name = String::new();
+            let mut data = String::new();
+            for line in block.lines() {
+                if let Some(v) = line.strip_prefix("event:") {
+                    name = v.trim().to_string();
+                } else if let Some(v) = line.strip_prefix("data:") {
+                    data.push_str(v.trim_start());
+                }
+            }
+            if name.is_empty() {
+                continue; // a keep-alive comment
+            }
+            return Some((name, serde_json::from_str(&data).unwrap()));
+        }
+        let chunk = res.chunk().await.unwrap()?;
+        buf.push_str(std::str::from_utf8(&chunk).unwrap());
+    }
+}
+
+/// WHEP's server-sent events extension: `POST {session}/sse` subscribes
+/// (201 + `Location`), `GET` streams a `layers` event with the layer
+/// endpoint's JSON at once and on every change, at most two streams per
+/// session, and the stream ends with the session.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn layer_changes_arrive_as_server_sent_events() {
+    let edge = Edge::start(Default::default()).await;
+    let _p = publish(&edge.registry, "ladder", ladder_media().await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let frames = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let audio = Arc::new(AtomicU64::new(0));
+    let (layer, session) =
+        viewer(&edge, "ladder", frames.clone(), stop.clone(), audio.clone()).await;
+    assert!(
+        common::eventually(Duration::from_secs(5), || frames.lock().unwrap().len() > 30).await,
+        "video plays"
+    );
+    let client = reqwest::Client::new();
+    let sse = format!("{session}/sse");
+    let res = client
+        .post(&sse)
+        .header("content-type", "application/json")
+        .body(r#"["layers","active"]"#)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(res.status(), 201);
+    let location = res.headers()["location"].to_str().unwrap().to_string();
+    assert!(sse.ends_with(&location), "{location}");
+    let bad = client
+        .post(&sse)
+        .header("content-type", "application/json")
+        .body("layers")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(bad.status(), 400);
+
+    let mut res = client.get(&sse).send().await.unwrap();
+    assert_eq!(res.status(), 200);
+    assert!(res.headers()["content-type"]
+        .to_str()
+        .unwrap()
+        .starts_with("text/event-stream"));
+    let mut buf = String::new();
+    let (name, data) = next_event(&mut res, &mut buf).await.unwrap();
+    assert_eq!(name, "layers");
+    assert_eq!(data["current"], "f", "{data}");
+    assert_eq!(data["renditions"].as_array().unwrap().len(), 3);
+
+    // A switch shows up as events: the target first, then the rendition.
+    let asked = Instant::now();
+    assert_eq!(post_layer(&layer, r#"{"encodingId":"q"}"#).await.0, 200);
+    let mut seen = Vec::new();
+    let landed = tokio::time::timeout(Duration::from_secs(5), async {
+        while let Some((_, d)) = next_event(&mut res, &mut buf).await {
+            seen.push(d.clone());
+            if d["current"] == "q" {
+                return true;
+            }
+        }
+        false
+    })
+    .await;
+    assert_eq!(landed, Ok(true), "{seen:?}");
+    println!(
+        "switch to q announced {} ms after the request",
+        asked.elapsed().as_millis()
+    );
+    assert!(seen.iter().any(|d| d["target"] == "q"));
+
+    // Two streams per session at most.
+    let second = client.get(&sse).send().await.unwrap();
+    assert_eq!(second.status(), 200);
+    let third = client.get(&sse).send().await.unwrap();
+    assert_eq!(third.status(), 429);
+    drop(second);
+
+    // The session ends: so does its event stream.
+    assert_eq!(client.delete(&session).send().await.unwrap().status(), 200);
+    stop.notify_one();
+    let ended = tokio::time::timeout(Duration::from_secs(5), async {
+        while next_event(&mut res, &mut buf).await.is_some() {}
+    })
+    .await;
+    assert!(ended.is_ok(), "the event stream outlived its session");
 }

@@ -200,11 +200,36 @@ pub trait Endpoint: Send + Sync + 'static {
             "this session has no layer selection (the stream has one rendition)".into(),
         ))
     }
+
+    /// `GET {session}/sse`: the session's server-sent events (WHEP's
+    /// `layers` event: what the viewer gets, on every change). Endpoints
+    /// without events answer 404.
+    fn events(&self, _session: SessionId) -> Result<Events, ApiError> {
+        Err(ApiError::NotFound(
+            "this session has no events (the stream has one rendition)".into(),
+        ))
+    }
 }
 
 /// The link relation of WHEP's layer-selection extension (earlier WHEP
 /// drafts' `urn:ietf:params:whep:ext:core:layer`).
 pub const LAYER_REL: &str = "urn:ietf:params:whep:ext:core:layer";
+
+/// The link relation of WHEP's server-sent events extension (earlier WHEP
+/// drafts' `urn:ietf:params:whep:ext:core:server-sent-events`).
+pub const SSE_REL: &str = "urn:ietf:params:whep:ext:core:server-sent-events";
+
+/// A session's server-sent events: `(event name, data)` items; the stream
+/// ends with the session.
+pub type Events = std::pin::Pin<Box<dyn futures::Stream<Item = (&'static str, String)> + Send>>;
+
+/// How often an idle event stream carries a comment, so proxies and
+/// clients do not time it out.
+const SSE_KEEP_ALIVE: std::time::Duration = std::time::Duration::from_secs(15);
+
+/// Event names a `POST {session}/sse` may list (the WHEP drafts' JSON
+/// array); more entries than this are refused.
+const MAX_SSE_EVENTS: usize = 16;
 
 struct Shared {
     endpoint: Arc<dyn Endpoint>,
@@ -230,6 +255,10 @@ pub fn router(endpoint: Arc<dyn Endpoint>, server: Server) -> Router {
         .route(
             &format!("/{kind}/{{stream}}/{{session}}/layer"),
             post(layer_post).get(layer_get).options(preflight_layer),
+        )
+        .route(
+            &format!("/{kind}/{{stream}}/{{session}}/sse"),
+            post(sse_post).get(sse_get).options(preflight_layer),
         )
         .with_state(shared)
         .layer(axum::middleware::from_fn(cors))
@@ -568,6 +597,68 @@ async fn layer_get(
 ) -> Response {
     let res = lookup(&s, &stream, &session).and_then(|(h, _)| s.endpoint.layer(h.id(), None));
     let res = layer_response(res);
+    count(s.endpoint.kind(), res.status());
+    res
+}
+
+/// `POST {session}/sse` with the JSON array of events the player wants
+/// (the WHEP drafts' subscription): `201` with the event stream's URL in
+/// `Location`. Every event this session has is sent whatever the list
+/// says (there is one, `layers`); the list is only checked for shape.
+async fn sse_post(
+    State(s): State<Arc<Shared>>,
+    Path((stream, session)): Path<(String, String)>,
+    headers: HeaderMap,
+    body: Body,
+) -> Response {
+    let res = async {
+        let (handle, _) = lookup(&s, &stream, &session)?;
+        if !content_type_is(&headers, "application/json") {
+            return Err(ApiError::UnsupportedMediaType(
+                "Content-Type must be application/json".into(),
+            ));
+        }
+        let body = read_body(body).await?;
+        let events: Vec<String> = serde_json::from_slice(&body).map_err(|e| {
+            ApiError::BadRequest(format!(
+                "an event subscription is a JSON array of event names like [\"layers\"]: {e}"
+            ))
+        })?;
+        if events.len() > MAX_SSE_EVENTS {
+            return Err(ApiError::BadRequest(format!(
+                "at most {MAX_SSE_EVENTS} event names"
+            )));
+        }
+        // Only to answer 404 for a session without events.
+        drop(s.endpoint.events(handle.id())?);
+        let location = format!("/{}/{stream}/{session}/sse", s.endpoint.kind());
+        Ok((StatusCode::CREATED, [(header::LOCATION, location)]).into_response())
+    }
+    .await;
+    let res = res.unwrap_or_else(IntoResponse::into_response);
+    count(s.endpoint.kind(), res.status());
+    res
+}
+
+/// `GET {session}/sse`: the event stream (`text/event-stream`).
+async fn sse_get(
+    State(s): State<Arc<Shared>>,
+    Path((stream, session)): Path<(String, String)>,
+) -> Response {
+    use axum::response::sse::{Event, KeepAlive, Sse};
+    use futures::StreamExt;
+    let res = lookup(&s, &stream, &session).and_then(|(h, _)| s.endpoint.events(h.id()));
+    let res = match res {
+        Ok(events) => {
+            let events = events.map(|(name, data)| {
+                Ok::<_, std::convert::Infallible>(Event::default().event(name).data(data))
+            });
+            Sse::new(events)
+                .keep_alive(KeepAlive::new().interval(SSE_KEEP_ALIVE))
+                .into_response()
+        }
+        Err(e) => e.into_response(),
+    };
     count(s.endpoint.kind(), res.status());
     res
 }

@@ -6,7 +6,7 @@
 //! stats). Only viewers of streams with renditions have one.
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
@@ -39,6 +39,24 @@ pub struct Control {
     /// wake of every session on the shard. Media wakes the shard every
     /// frame anyway; the explicit wake only matters while nothing flows.
     woken: Mutex<Option<Instant>>,
+    /// Open server-sent event streams of this viewer (WHEP `/sse`).
+    event_streams: Arc<AtomicUsize>,
+}
+
+/// At most this many event streams per viewer: a player needs one; each
+/// is a connection held open for the session's life.
+pub const MAX_EVENT_STREAMS: usize = 2;
+
+/// One open event stream of a viewer, counted until dropped. It holds no
+/// reference to the [`Control`], so the stream ends with its viewer.
+pub struct EventStream {
+    count: Arc<AtomicUsize>,
+}
+
+impl Drop for EventStream {
+    fn drop(&mut self) {
+        self.count.fetch_sub(1, Ordering::AcqRel);
+    }
 }
 
 /// At most one explicit wake per viewer per this interval.
@@ -59,7 +77,19 @@ impl Control {
             .0,
             waker,
             woken: Mutex::new(None),
+            event_streams: Arc::new(AtomicUsize::new(0)),
         })
+    }
+
+    /// Counts a new event stream; `None` past [`MAX_EVENT_STREAMS`].
+    pub fn open_events(&self) -> Option<EventStream> {
+        let count = self.event_streams.clone();
+        count
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| {
+                (n < MAX_EVENT_STREAMS).then_some(n + 1)
+            })
+            .ok()?;
+        Some(EventStream { count })
     }
 
     /// The renditions, best first.
