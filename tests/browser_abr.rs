@@ -401,7 +401,7 @@ fn at_most(x: f64, max: f64) -> bool {
 // pacer starves video. Measured figures and causes: docs/quality.md
 // "Measured with Chromium". Run it with `--ignored`.
 #[test]
-#[ignore = "issue 14 open: ABR start overshoots limited links (docs/quality.md, Measured with Chromium)"]
+#[ignore = "issue 14 open: limited links settle since the start-low change, the unlimited viewer does not climb on a loaded machine (docs/quality.md, Measured with Chromium)"]
 fn abr_viewers_settle_on_the_rendition_that_fits() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((ns, cascade, publisher)) = setup("abrsettle", 120) else {
