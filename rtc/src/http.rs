@@ -569,6 +569,24 @@ async fn delete(
     res
 }
 
+/// A session extension's JSON request: the session, and the body once
+/// its type was checked.
+async fn json_request(
+    s: &Shared,
+    stream: &str,
+    session: &str,
+    headers: &HeaderMap,
+    body: Body,
+) -> Result<(SessionHandle, Bytes), ApiError> {
+    let (handle, _) = lookup(s, stream, session)?;
+    if !content_type_is(headers, "application/json") {
+        return Err(ApiError::UnsupportedMediaType(
+            "Content-Type must be application/json".into(),
+        ));
+    }
+    Ok((handle, read_body(body).await?))
+}
+
 async fn layer_post(
     State(s): State<Arc<Shared>>,
     Path((stream, session)): Path<(String, String)>,
@@ -576,13 +594,7 @@ async fn layer_post(
     body: Body,
 ) -> Response {
     let res = async {
-        let (handle, _) = lookup(&s, &stream, &session)?;
-        if !content_type_is(&headers, "application/json") {
-            return Err(ApiError::UnsupportedMediaType(
-                "Content-Type must be application/json".into(),
-            ));
-        }
-        let body = read_body(body).await?;
+        let (handle, body) = json_request(&s, &stream, &session, &headers, body).await?;
         s.endpoint.layer(handle.id(), Some(&body))
     }
     .await;
@@ -612,13 +624,7 @@ async fn sse_post(
     body: Body,
 ) -> Response {
     let res = async {
-        let (handle, _) = lookup(&s, &stream, &session)?;
-        if !content_type_is(&headers, "application/json") {
-            return Err(ApiError::UnsupportedMediaType(
-                "Content-Type must be application/json".into(),
-            ));
-        }
-        let body = read_body(body).await?;
+        let (handle, body) = json_request(&s, &stream, &session, &headers, body).await?;
         let events: Vec<String> = serde_json::from_slice(&body).map_err(|e| {
             ApiError::BadRequest(format!(
                 "an event subscription is a JSON array of event names like [\"layers\"]: {e}"
