@@ -204,6 +204,7 @@ pub async fn run(mut cfg: Config) -> anyhow::Result<()> {
                     token_secret: cfg.token_secret.clone(),
                     auth_webhook: cfg.auth_webhook.clone(),
                     abr: cfg.abr,
+                    bwe_all: std::env::var(BWE_ALL_ENV).is_ok_and(|v| !v.is_empty() && v != "0"),
                     cluster: Some(cluster.clone()),
                     ..Default::default()
                 },
@@ -378,6 +379,11 @@ const HTTP_BACKLOG: u32 = 4096;
 /// side-by-side measurement (tests/browser_bframes.rs) runs one cascade per
 /// method. Not part of the operator interface, so not a flag.
 const BFRAME_TS_ENV: &str = "CASCADE_EDGE_BFRAME_TS";
+
+/// Benchmark knob: every WHEP viewer gets str0m's bandwidth estimator
+/// (`cascade_edge::Config::bwe_all`), for the CPU A/B of estimation in
+/// docs/benchmarks.md. Not part of the operator interface, so not a flag.
+const BWE_ALL_ENV: &str = "CASCADE_EDGE_BWE_ALL";
 
 /// The edge's B-frame method: [`BFRAME_TS_ENV`] (`pts`, `dts`, `drop-b`)
 /// when set, else the default.

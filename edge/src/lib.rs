@@ -53,6 +53,11 @@ pub struct Config {
     /// choice of [`abr`]. Off: Auto stays on the best rendition that flows
     /// (and falls back while it is silent); no TWCC, no pacer.
     pub abr: bool,
+    /// Benchmark knob (`CASCADE_EDGE_BWE_ALL`, not an operator option):
+    /// every WHEP viewer session gets str0m's estimator (TWCC feedback,
+    /// pacer), renditions or not, so the CPU cost of estimation can be
+    /// measured side by side on a one-rendition benchmark stream.
+    pub bwe_all: bool,
     /// This node in the cluster (split cluster only): the player page asks
     /// it for the other healthy edges, where it goes when this edge dies.
     pub cluster: Option<Arc<cascade_origin::cluster::Node>>,

@@ -237,6 +237,7 @@ impl Endpoint for Whep {
         let controls = self.controls.clone();
         let max = self.cfg.max_viewers;
         let abr = self.cfg.abr;
+        let bwe_all = self.cfg.bwe_all;
         Box::pin(async move {
             let posted = Instant::now();
             let Some(slot) = Slot::acquire(&viewers, max) else {
@@ -284,7 +285,11 @@ impl Endpoint for Whep {
             let bwe_start = abr
                 .then(|| crate::viewer::bwe_start_of(&subscriber))
                 .flatten();
-            if let Some(bps) = bwe_start {
+            // The benchmark knob: estimation for a one-rendition stream too
+            // (no controller: nothing to choose), started well above it so
+            // the pacer never holds it back.
+            let bench = (bwe_all && bwe_start.is_none()).then_some(BWE_ALL_START);
+            if let Some(bps) = bwe_start.or(bench) {
                 cfg = cascade_rtc::bwe::enable(cfg, str0m::bwe::Bitrate::bps(bps));
             }
             for c in &choices {
@@ -360,6 +365,10 @@ impl Endpoint for Whep {
         })
     }
 }
+
+/// str0m's starting estimate under the `bwe_all` benchmark knob: twice the
+/// benchmark's 2.5 Mbit/s stream.
+const BWE_ALL_START: u64 = 5_000_000;
 
 /// The rendition a layer request names. The WHEP drafts' body is
 /// `{"mediaId": "…", "encodingId": "<rid>"}` (`mediaId` optional: a viewer
