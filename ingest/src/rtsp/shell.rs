@@ -299,6 +299,7 @@ async fn session(
     let mut source = if raw {
         // retina cannot depacketize Opus and would refuse to demux: every
         // stream goes through our depacketizers.
+        tracing::info!("camera audio is Opus: depacketizing its RTP ourselves");
         Source::raw(playing, plan.video, plan.audio)
     } else {
         Source::Demuxed {
@@ -497,7 +498,12 @@ impl Source {
                 };
                 let t = p.timestamp();
                 if p.stream_id() == *video {
+                    let dropped = video_in.dropped();
                     video_in.push(p.sequence_number(), t.elapsed(), p.mark(), p.payload());
+                    if video_in.dropped() > dropped {
+                        metrics::counter!(m::RTSP_DROPPED_UNITS)
+                            .increment(video_in.dropped() - dropped);
+                    }
                     while let Some(u) = video_in.pop() {
                         if u.keyframe {
                             if let Some(c) = video_in.rfc6381() {
