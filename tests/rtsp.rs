@@ -933,10 +933,17 @@ async fn in_band_only_parameter_sets_play() {
 #[ignore = "measurement (≈20 s, prints the figures): cargo test --test rtsp -- --ignored camera_to_viewer_latency"]
 async fn camera_to_viewer_latency() {
     let camera = Camera::start_with(free_port(), "none", &["--live".as_ref()]);
+    // Through retina's depacketizer (video only) and through ours (Opus).
+    for mount in ["live", "live-opus"] {
+        latency_of(&camera, mount).await;
+    }
+}
+
+async fn latency_of(camera: &Camera, mount: &str) {
     let node = Node::start("all", &[]);
     let base = node.http.clone();
     assert_eq!(
-        add_pull(&base, "lat", &camera.url("", "live"), false).await,
+        add_pull(&base, "lat", &camera.url("", mount), false).await,
         201
     );
     wait_state(&base, "lat", "live", Duration::from_secs(15)).await;
@@ -954,7 +961,7 @@ async fn camera_to_viewer_latency() {
     let inside = metric_sum(&m, "cascade_edge_egress_delay_seconds_sum")
         / metric_sum(&m, "cascade_edge_egress_delay_seconds_count").max(1.0);
     eprintln!(
-        "camera → viewer latency (loopback, RTSP/TCP): mean {mean:.2} ms, p50 {:.2} ms, \
+        "/{mount}: camera → viewer latency (loopback, RTSP/TCP): mean {mean:.2} ms, p50 {:.2} ms, \
          p95 {:.2} ms, max {:.2} ms over {} frames; inside cascade (ingest → RTP out) \
          mean {:.2} ms; {} video frames, {} tagged",
         pct(0.5),

@@ -17,6 +17,7 @@ gir1.2-gst-rtsp-server-1.0 through python3-gi) serving an ffmpeg-made MP4
            (loadtest/src/tag.rs) with the wall clock when the encoded frame
            is handed to the RTP payloader: a WHEP viewer's tag latency is
            then camera send -> viewer arrival on the same clock
+  /live-opus the same with a live Opus tone (our depacketizers' path)
 
 With --auth-method basic or digest every mount needs user admin with
 --password (GStreamer answers 404, not 401, to an anonymous client when some
@@ -82,7 +83,7 @@ class LiveCamera:
     units (every client set of the shared media sees the same frames)."""
 
     def __init__(self):
-        self.appsrc = None
+        self.appsrcs = {}
         self.seq = 0
         self.pipeline = Gst.parse_launch(
             "videotestsrc is-live=true pattern=ball ! "
@@ -95,11 +96,28 @@ class LiveCamera:
         )
         self.pipeline.get_by_name("sink").connect("new-sample", self.on_sample)
         self.pipeline.set_state(Gst.State.PLAYING)
+        # Opus for /live-opus through an appsrc too: an audiotestsrc in the
+        # media would make it seekable, and PLAY's seek fails on the appsrc.
+        self.opus_srcs = {}
+        self.audio = Gst.parse_launch(
+            "audiotestsrc is-live=true freq=1000 ! audio/x-raw,rate=48000,channels=1 ! "
+            "opusenc frame-size=20 ! appsink name=sink emit-signals=true sync=false"
+        )
+        self.audio.get_by_name("sink").connect("new-sample", self.on_opus)
+        self.audio.set_state(Gst.State.PLAYING)
+
+    def on_opus(self, sink):
+        sample = sink.emit("pull-sample")
+        if sample is not None:
+            for src in list(self.opus_srcs.values()):
+                if src.get_property("caps") is None:
+                    src.set_property("caps", sample.get_caps())
+                src.emit("push-buffer", sample.get_buffer().copy())
+        return Gst.FlowReturn.OK
 
     def on_sample(self, sink):
         sample = sink.emit("pull-sample")
-        src = self.appsrc
-        if sample is None or src is None:
+        if sample is None or not self.appsrcs:
             return Gst.FlowReturn.OK
         buf = sample.get_buffer()
         ok, info = buf.map(Gst.MapFlags.READ)
@@ -111,11 +129,17 @@ class LiveCamera:
         out = Gst.Buffer.new_wrapped(insert_tag(au, self.seq))
         if buf.has_flags(Gst.BufferFlags.DELTA_UNIT):
             out.set_flags(Gst.BufferFlags.DELTA_UNIT)
-        src.emit("push-buffer", out)
+        for src in list(self.appsrcs.values()):
+            src.emit("push-buffer", out.copy())
         return Gst.FlowReturn.OK
 
-    def configure(self, _factory, media):
-        self.appsrc = media.get_element().get_by_name("src")
+    def configure(self, factory, media):
+        # One media per mount (shared): the latest one's appsrc.
+        element = media.get_element()
+        self.appsrcs[id(factory)] = element.get_by_name("src")
+        opus = element.get_by_name("opussrc")
+        if opus is not None:
+            self.opus_srcs[id(factory)] = opus
 
 
 def factory(launch, roles):
@@ -192,14 +216,19 @@ def main():
         mounts.add_factory("/h265opus", factory(hsrc + h265 + opus, roles))
     if args.live:
         camera = LiveCamera()
-        live = factory(
+        appsrc = (
             "appsrc name=src is-live=true do-timestamp=true format=time "
             "caps=video/x-h264,stream-format=byte-stream,alignment=au ! "
-            "h264parse ! rtph264pay name=pay0 pt=96 config-interval=-1",
-            roles,
+            "h264parse ! rtph264pay name=pay0 pt=96 config-interval=-1 "
         )
-        live.connect("media-configure", camera.configure)
-        mounts.add_factory("/live", live)
+        live_opus = (
+            "appsrc name=opussrc is-live=true do-timestamp=true format=time ! "
+            "opusparse ! rtpopuspay name=pay1 pt=111"
+        )
+        for mount, launch in [("/live", appsrc), ("/live-opus", appsrc + live_opus)]:
+            f = factory(launch, roles)
+            f.connect("media-configure", camera.configure)
+            mounts.add_factory(mount, f)
     if args.bframes_media:
         bsrc = 'filesrc location="%s" ! qtdemux name=d ' % args.bframes_media
         mounts.add_factory("/bframes", factory(bsrc + video + aac, roles))
