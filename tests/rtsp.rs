@@ -1,8 +1,11 @@
 //! RTSP pull through the real binary, against a real RTSP server: GStreamer's
 //! (tests/rtsp/server.py, Debian's gir1.2-gst-rtsp-server-1.0) serving an
 //! ffmpeg-made MP4 (x264 + a 1 kHz AAC tone) as H.264 + AAC, H.264 + G.711
-//! PCMU, and Motion-JPEG, with Basic or Digest auth on demand. WHEP viewers
-//! are the Rust client of loadtest.
+//! PCMU, H.264 + Opus, H.264 with B-frames, and Motion-JPEG, an x265 one as
+//! H.265 + AAC and H.265 + Opus, with Basic or Digest auth on demand; a
+//! proxy strips the SDP's parameter sets for the in-band case, and a live
+//! tagged camera measures latency (ignored test). WHEP viewers are the Rust
+//! client of loadtest.
 //!
 //! Needs python3-gi and the GStreamer packages of scripts/test.sh; without
 //! them the tests fail (they never skip).
