@@ -428,6 +428,8 @@ fn start_pulls(
         return Ok(None);
     }
     let pulls = Pulls::new(registry.clone(), DEFAULT_MAX_PULLS, cfg.role == Role::All);
+    // B-frame cameras get RTMP's --bframes policy (re-encode or pass through).
+    pulls.set_bframes(cfg.bframes.clone());
     for p in &cfg.pulls {
         pulls
             .add(p.clone())

@@ -1,8 +1,11 @@
 //! RTSP pull through the real binary, against a real RTSP server: GStreamer's
 //! (tests/rtsp/server.py, Debian's gir1.2-gst-rtsp-server-1.0) serving an
 //! ffmpeg-made MP4 (x264 + a 1 kHz AAC tone) as H.264 + AAC, H.264 + G.711
-//! PCMU, and Motion-JPEG, with Basic or Digest auth on demand. WHEP viewers
-//! are the Rust client of loadtest.
+//! PCMU, H.264 + Opus, H.264 with B-frames, and Motion-JPEG, an x265 one as
+//! H.265 + AAC and H.265 + Opus, with Basic or Digest auth on demand; a
+//! proxy strips the SDP's parameter sets for the in-band case, and a live
+//! tagged camera measures latency (ignored test). WHEP viewers are the Rust
+//! client of loadtest.
 //!
 //! Needs python3-gi and the GStreamer packages of scripts/test.sh; without
 //! them the tests fail (they never skip).
@@ -40,6 +43,41 @@ fn media() -> &'static Path {
 fn bframes_media() -> &'static Path {
     static MEDIA: OnceLock<PathBuf> = OnceLock::new();
     MEDIA.get_or_init(|| make_media("bframes.mp4", "2"))
+}
+
+/// 30 s of the same picture as H.265 (libx265, no B-frames, keyframe every
+/// second) with the AAC tone.
+fn h265_media() -> &'static Path {
+    static MEDIA: OnceLock<PathBuf> = OnceLock::new();
+    MEDIA.get_or_init(|| {
+        let dir = std::env::temp_dir().join(format!("cascade-rtsp-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("h265.mp4");
+        let ok = Command::new("ffmpeg")
+            .args([
+                "-hide_banner",
+                "-loglevel",
+                "error",
+                "-y",
+                "-f",
+                "lavfi",
+                "-i",
+            ])
+            .arg("testsrc2=size=640x360:rate=30:duration=30")
+            .args(["-f", "lavfi", "-i"])
+            .arg("sine=frequency=1000:sample_rate=48000:duration=30")
+            .args(["-c:v", "libx265", "-preset", "ultrafast", "-x265-params"])
+            .arg("keyint=30:bframes=0:log-level=error")
+            .args([
+                "-tag:v", "hvc1", "-pix_fmt", "yuv420p", "-c:a", "aac", "-ac", "2",
+            ])
+            .arg(&path)
+            .status()
+            .expect("ffmpeg runs")
+            .success();
+        assert!(ok, "ffmpeg (libx265) made the H.265 camera's file");
+        path
+    })
 }
 
 fn make_media(name: &str, bframes: &str) -> PathBuf {
@@ -102,9 +140,23 @@ struct Camera {
 
 impl Camera {
     fn start(port: u16, auth: &str) -> Self {
+        Self::start_with(port, auth, &[])
+    }
+
+    /// With the H.265 mounts (`/h265`, `/h265opus`) too.
+    fn start_h265(port: u16) -> Self {
+        Self::start_with(
+            port,
+            "none",
+            &["--h265-media".as_ref(), h265_media().as_os_str()],
+        )
+    }
+
+    fn start_with(port: u16, auth: &str, extra: &[&std::ffi::OsStr]) -> Self {
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/rtsp/server.py");
-        let mut child = Command::new(python())
-            .arg(script)
+        let mut cmd = Command::new(python());
+        cmd.arg(script).args(extra);
+        let mut child = cmd
             .arg("--media")
             .arg(media())
             .args(["--port", &port.to_string(), "--auth-method", auth])
@@ -589,13 +641,13 @@ async fn garbage_endless_describe_and_stall_are_errors() {
     assert!(r.video_frames > 45, "{r:?}");
 }
 
-/// A camera whose H.264 has B-frames: the pull sees the reordering, the
-/// catalog says `bframes`, and viewers get decodable video (the edge's
-/// B-frame method, docs/bframes.md).
+/// A camera whose H.264 has B-frames, `--bframes drop`: the pull sees the
+/// reordering, the catalog says `bframes`, and viewers get decodable video
+/// (the edge's B-frame method, docs/bframes.md).
 #[tokio::test]
 async fn bframes_camera_is_marked_and_plays() {
     let camera = Camera::start(free_port(), "none");
-    let node = Node::start("all", &[]);
+    let node = Node::start("all", &["--bframes", "drop"]);
     let base = node.http.clone();
     assert_eq!(
         add_pull(&base, "b", &camera.url("", "bframes"), false).await,
@@ -621,4 +673,306 @@ async fn bframes_camera_is_marked_and_plays() {
     assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
     assert!(r.video_frames > 20, "{r:?}");
     assert!(r.audio_frames > 100, "{r:?}");
+}
+
+/// Waits until `/api/streams` says `bframes: true` for the first stream.
+async fn wait_bframes_marked(base: &str) -> serde_json::Value {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let streams: serde_json::Value = reqwest::get(format!("{base}/api/streams"))
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        if streams[0]["bframes"] == true {
+            return streams;
+        }
+        assert!(Instant::now() < deadline, "bframes never marked: {streams}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// A B-frame camera under `--bframes transcode`: like an RTMP publisher,
+/// its video goes through the ffmpeg re-encode, so viewers get all 30 fps
+/// and the edge has no B-frames to drop; the source's B-frames are still
+/// reported (as tests/rtmp_to_whep.rs asserts for RTMP).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bframes_camera_is_reencoded_with_bframes_transcode() {
+    let camera = Camera::start(free_port(), "none");
+    let node = Node::start("all", &["--bframes", "transcode"]);
+    let base = node.http.clone();
+    assert_eq!(
+        add_pull(&base, "bt", &camera.url("", "bframes"), false).await,
+        201
+    );
+    wait_state(&base, "bt", "live", Duration::from_secs(15)).await;
+    let streams = wait_bframes_marked(&base).await;
+    assert_eq!(streams[0]["protocol"], "rtsp");
+    // Past the switch to the re-encode's first keyframe.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = common::view(&base, "bt", 4).await;
+    eprintln!("re-encoded bframes viewer: {r:?}");
+    assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
+    assert!(r.video_frames > 90, "all 30 fps, not only I/P: {r:?}");
+    assert!(r.audio_frames > 100, "{r:?}");
+    let m = metrics(&base).await;
+    assert!(
+        metric_sum(&m, "cascade_ingest_transcode_frames_total") > 0.0,
+        "frames went through the transcoder"
+    );
+    assert_eq!(
+        metric_sum(&m, "cascade_edge_bframes_dropped_total"),
+        0.0,
+        "re-encoded without B-frames: nothing to drop"
+    );
+}
+
+/// A camera with Opus audio (retina cannot demux it: the pull runs on our
+/// own depacketizers): H.264 from a keyframe and the camera's Opus, passed
+/// through at 50 packets a second.
+#[tokio::test]
+async fn opus_camera_audio_is_passed_through() {
+    let camera = Camera::start(free_port(), "none");
+    let node = Node::start("all", &[]);
+    let base = node.http.clone();
+    assert_eq!(
+        add_pull(&base, "op", &camera.url("", "opus"), false).await,
+        201
+    );
+    wait_state(&base, "op", "live", Duration::from_secs(15)).await;
+    let r = common::view(&base, "op", 5).await;
+    eprintln!("opus camera viewer: {r:?}");
+    assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
+    assert_eq!(r.video_codec.as_deref(), Some("H264"), "{r:?}");
+    assert!(r.video_frames > 120, "{r:?}");
+    assert!(r.keyframes >= 4, "a keyframe a second: {r:?}");
+    assert_eq!(
+        r.audio_codec.as_deref().map(str::to_ascii_lowercase),
+        Some("opus".into())
+    );
+    assert!(r.audio_frames >= 200, "Opus every 20 ms for 5 s: {r:?}");
+    if let Some(d) = r.av_drift_ms {
+        assert!(d.abs() < 60.0, "A/V drift {d} ms");
+    }
+    let m = metrics(&base).await;
+    assert_eq!(
+        metric_sum(&m, "cascade_ingest_opus_frames_total"),
+        0.0,
+        "passed through, not transcoded"
+    );
+}
+
+/// H.265 cameras, with AAC (retina's depacketizer) and with Opus (ours):
+/// a WHEP viewer offering H.265 gets it from an IRAP picture with
+/// VPS/SPS/PPS, and Opus.
+#[tokio::test]
+async fn h265_cameras_play_over_whep() {
+    let camera = Camera::start_h265(free_port());
+    let node = Node::start("all", &[]);
+    let base = node.http.clone();
+    for (stream, mount) in [("h5", "h265"), ("h5o", "h265opus")] {
+        assert_eq!(
+            add_pull(&base, stream, &camera.url("", mount), false).await,
+            201
+        );
+    }
+    for stream in ["h5", "h5o"] {
+        wait_state(&base, stream, "live", Duration::from_secs(15)).await;
+        let streams = reqwest::get(format!("{base}/api/streams"))
+            .await
+            .unwrap()
+            .text()
+            .await
+            .unwrap();
+        let mut o = viewer_options(&base, stream);
+        o.video_codecs = vec![loadtest::whep::VideoCodec::H265];
+        o.duration = Some(Duration::from_secs(4));
+        let v = loadtest::whep::Viewer::start(o).await.unwrap();
+        let r = tokio::time::timeout(Duration::from_secs(25), v.finish_duration())
+            .await
+            .unwrap()
+            .unwrap();
+        eprintln!("{stream} viewer: {r:?}\n/api/streams: {streams}");
+        assert_eq!(r.video_codec.as_deref(), Some("H265"), "{r:?}");
+        assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
+        assert!(r.video_frames > 90, "{r:?}");
+        assert!(r.audio_frames > 150, "{r:?}");
+    }
+}
+
+/// A TCP proxy in front of a camera that drops `sprop-parameter-sets` from
+/// its SDP (fixing Content-Length), so the camera's parameter sets come
+/// only in-band. Returns the proxy's port.
+async fn strip_sprop_proxy(camera_port: u16) -> u16 {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let port = listener.local_addr().unwrap().port();
+    tokio::spawn(async move {
+        while let Ok((client, _)) = listener.accept().await {
+            let Ok(server) = tokio::net::TcpStream::connect(("127.0.0.1", camera_port)).await
+            else {
+                continue;
+            };
+            let (mut cr, mut cw) = client.into_split();
+            let (mut sr, mut sw) = server.into_split();
+            tokio::spawn(async move {
+                let _ = tokio::io::copy(&mut cr, &mut sw).await;
+            });
+            tokio::spawn(async move {
+                // Rewrite until the SDP went by, then copy verbatim.
+                let mut buf = Vec::new();
+                let mut chunk = vec![0u8; 64 * 1024];
+                loop {
+                    let Ok(n) = sr.read(&mut chunk).await else {
+                        return;
+                    };
+                    if n == 0 {
+                        return;
+                    }
+                    buf.extend_from_slice(&chunk[..n]);
+                    let text = String::from_utf8_lossy(&buf).to_string();
+                    let Some(head_end) = text.find("\r\n\r\n") else {
+                        continue;
+                    };
+                    let len: usize = text[..head_end]
+                        .lines()
+                        .find_map(|l| {
+                            l.to_ascii_lowercase()
+                                .strip_prefix("content-length:")
+                                .map(|v| v.trim().parse().unwrap_or(0))
+                        })
+                        .unwrap_or(0);
+                    if buf.len() < head_end + 4 + len {
+                        continue;
+                    }
+                    let body =
+                        String::from_utf8_lossy(&buf[head_end + 4..head_end + 4 + len]).to_string();
+                    let rest = buf[head_end + 4 + len..].to_vec();
+                    let is_sdp = body.starts_with("v=0");
+                    let body: String = if is_sdp {
+                        body.split("\r\n")
+                            .map(|l| {
+                                if l.starts_with("a=fmtp:") {
+                                    l.split(';')
+                                        .filter(|p| !p.trim().starts_with("sprop-"))
+                                        .collect::<Vec<_>>()
+                                        .join(";")
+                                } else {
+                                    l.to_string()
+                                }
+                            })
+                            .collect::<Vec<_>>()
+                            .join("\r\n")
+                    } else {
+                        body
+                    };
+                    let head: String = text[..head_end]
+                        .lines()
+                        .map(|l| {
+                            if l.to_ascii_lowercase().starts_with("content-length:") {
+                                format!("Content-Length: {}", body.len())
+                            } else {
+                                l.to_string()
+                            }
+                        })
+                        .collect::<Vec<_>>()
+                        .join("\r\n");
+                    let out = format!("{head}\r\n\r\n{body}");
+                    if sw_write(&mut cw, out.as_bytes()).await.is_err() {
+                        return;
+                    }
+                    buf = rest;
+                    if is_sdp {
+                        if cw.write_all(&buf).await.is_err() {
+                            return;
+                        }
+                        let _ = tokio::io::copy(&mut sr, &mut cw).await;
+                        return;
+                    }
+                }
+            });
+        }
+    });
+    port
+}
+
+async fn sw_write(w: &mut tokio::net::tcp::OwnedWriteHalf, b: &[u8]) -> std::io::Result<()> {
+    use tokio::io::AsyncWriteExt;
+    w.write_all(b).await
+}
+
+/// Cameras whose SDP has no parameter sets (SPS/PPS only in-band): through
+/// retina's depacketizer (H.264 + AAC) and through ours (H.264 + Opus), the
+/// viewer gets decodable frames from a keyframe.
+#[tokio::test]
+async fn in_band_only_parameter_sets_play() {
+    let camera = Camera::start(free_port(), "none");
+    let proxy = strip_sprop_proxy(camera.port).await;
+    let node = Node::start("all", &[]);
+    let base = node.http.clone();
+    for (stream, mount) in [("ib", "inband"), ("ibo", "opus")] {
+        let url = format!("rtsp://127.0.0.1:{proxy}/{mount}");
+        assert_eq!(add_pull(&base, stream, &url, false).await, 201);
+    }
+    for stream in ["ib", "ibo"] {
+        wait_state(&base, stream, "live", Duration::from_secs(15)).await;
+        let r = common::view(&base, stream, 3).await;
+        eprintln!("{stream} (no sprop) viewer: {r:?}");
+        assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
+        assert!(r.video_frames > 60, "{r:?}");
+        assert!(r.audio_frames > 100, "{r:?}");
+    }
+}
+
+/// Camera-to-viewer latency on loopback (docs/rtsp.md "Figures"): a live
+/// camera (tests/rtsp/server.py `--live`: videotestsrc, x264 zerolatency,
+/// 30 fps) stamps loadtest's SEI tag with the wall clock into every access
+/// unit as it hands it to the RTP payloader; the WHEP viewer reads it back
+/// on arrival (same machine, same clock): latency = arrival − camera send.
+/// Prints mean/p50/p95/max over the frames the camera sent after the
+/// viewer's POST; asserts nothing about timing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "measurement (≈20 s, prints the figures): cargo test --test rtsp -- --ignored camera_to_viewer_latency"]
+async fn camera_to_viewer_latency() {
+    let camera = Camera::start_with(free_port(), "none", &["--live".as_ref()]);
+    // Through retina's depacketizer (video only) and through ours (Opus).
+    for mount in ["live", "live-opus"] {
+        latency_of(&camera, mount).await;
+    }
+}
+
+async fn latency_of(camera: &Camera, mount: &str) {
+    let node = Node::start("all", &[]);
+    let base = node.http.clone();
+    assert_eq!(
+        add_pull(&base, "lat", &camera.url("", mount), false).await,
+        201
+    );
+    wait_state(&base, "lat", "live", Duration::from_secs(15)).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let r = common::view(&base, "lat", 15).await;
+    assert!(r.tagged_frames > 100, "the camera's tags arrive: {r:?}");
+    // Frames the camera sent after the viewer's POST: the cached group a
+    // joining viewer gets in a burst is older than the viewer.
+    let mut live = r.live_latency_samples_ms.clone();
+    assert!(!live.is_empty(), "{r:?}");
+    live.sort_by(f64::total_cmp);
+    let pct = |q: f64| live[((live.len() - 1) as f64 * q).round() as usize];
+    let mean = live.iter().sum::<f64>() / live.len() as f64;
+    let m = metrics(&base).await;
+    let inside = metric_sum(&m, "cascade_edge_egress_delay_seconds_sum")
+        / metric_sum(&m, "cascade_edge_egress_delay_seconds_count").max(1.0);
+    eprintln!(
+        "/{mount}: camera → viewer latency (loopback, RTSP/TCP): mean {mean:.2} ms, p50 {:.2} ms, \
+         p95 {:.2} ms, max {:.2} ms over {} frames; inside cascade (ingest → RTP out) \
+         mean {:.2} ms; {} video frames, {} tagged",
+        pct(0.5),
+        pct(0.95),
+        pct(1.0),
+        live.len(),
+        inside * 1000.0,
+        r.video_frames,
+        r.tagged_frames
+    );
 }

@@ -58,6 +58,9 @@ pub const RTSP_PULLS: &str = "cascade_rtsp_pulls";
 pub const RTSP_RECONNECTS: &str = "cascade_rtsp_reconnects_total";
 /// Frames published from RTSP pulls, by `track` (`video`, `audio`).
 pub const RTSP_FRAMES: &str = "cascade_rtsp_frames_total";
+/// Video access units our RTP depacketizer dropped (Opus cameras: a
+/// sequence gap, a broken fragment, over 4 MiB, waiting for a keyframe).
+pub const RTSP_DROPPED_UNITS: &str = "cascade_rtsp_dropped_units_total";
 
 /// Registers descriptions for the ingest's metrics.
 pub fn describe() {
@@ -79,6 +82,10 @@ pub fn describe() {
         "RTSP connection attempts after a pull's first one"
     );
     metrics::describe_counter!(RTSP_FRAMES, "frames published from RTSP pulls, by track");
+    metrics::describe_counter!(
+        RTSP_DROPPED_UNITS,
+        "video access units dropped by the RTSP depacketizer (gap, broken fragment, oversize, before a keyframe)"
+    );
     metrics::describe_gauge!(RTMP_CONNECTIONS, "RTMP connections currently open");
     metrics::describe_counter!(RTMP_ACCEPTED, "RTMP connections accepted");
     metrics::describe_counter!(

@@ -20,6 +20,10 @@ const MAX_REORDER: u64 = 90_000;
 /// far over any sane keyframe, well under the registry's group cap.
 pub const MAX_FRAME_BYTES: usize = 4 << 20;
 
+/// An Opus packet is at most 120 ms at 510 kbit/s, ~7.7 kB (RFC 6716 §3.4
+/// allows more only for padding): anything larger is not passed on.
+const MAX_OPUS_PACKET: usize = 8 << 10;
+
 /// The audio a camera offers, as far as we take it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum AudioIn {
@@ -34,6 +38,19 @@ pub enum AudioIn {
         /// Interleaved channels.
         channels: usize,
     },
+    /// Opus (RFC 7587), passed through as the camera encoded it.
+    Opus {
+        /// The SDP's `sprop-stereo=1`, or 2 channels in the SDP.
+        stereo: bool,
+    },
+}
+
+/// How camera audio becomes the published Opus track.
+enum Audio {
+    /// AAC or G.711 → PCM → Opus.
+    Transcode(Box<AacToOpus>),
+    /// Opus as it came.
+    Opus { stereo: bool },
 }
 
 /// A frame for a track of the published stream.
@@ -49,8 +66,10 @@ pub struct Out {
 pub struct Media {
     video: Codec,
     fmtp: String,
+    /// The B-frame re-encode's fmtp while its frames are published.
+    fmtp_override: Option<String>,
     bframes: bool,
-    audio: Option<AacToOpus>,
+    audio: Option<Audio>,
     /// Stream zero in µs since the UNIX epoch (like RTMP's timeline), set by
     /// the first frame of the connection from its arrival time minus its
     /// RTP time since PLAY: the tracks share RTP-Info's NPT zero.
@@ -72,16 +91,22 @@ impl Media {
     pub fn new(video: Codec, audio: Option<AudioIn>) -> Result<Self, String> {
         let audio = match audio {
             None => None,
-            Some(AudioIn::Aac(asc)) => Some(AacToOpus::new(&asc).map_err(|e| e.to_string())?),
+            Some(AudioIn::Aac(asc)) => Some(Audio::Transcode(Box::new(
+                AacToOpus::new(&asc).map_err(|e| e.to_string())?,
+            ))),
             Some(AudioIn::G711 {
                 law,
                 rate,
                 channels,
-            }) => Some(AacToOpus::g711(law, rate, channels).map_err(|e| e.to_string())?),
+            }) => Some(Audio::Transcode(Box::new(
+                AacToOpus::g711(law, rate, channels).map_err(|e| e.to_string())?,
+            ))),
+            Some(AudioIn::Opus { stereo }) => Some(Audio::Opus { stereo }),
         };
         Ok(Self {
             video,
             fmtp: String::new(),
+            fmtp_override: None,
             bframes: false,
             audio,
             zero_us: None,
@@ -105,6 +130,15 @@ impl Media {
         }
     }
 
+    /// The video fmtp of a re-encode whose frames replace the camera's
+    /// (`None`: the camera's own).
+    pub fn set_video_fmtp(&mut self, fmtp: Option<&str>) {
+        if self.fmtp_override.as_deref() != fmtp {
+            self.fmtp_override = fmtp.map(str::to_string);
+            self.dirty = true;
+        }
+    }
+
     /// The catalog when it is complete and changed since the last call.
     pub fn catalog(&mut self) -> Option<Catalog> {
         if !self.ready || !self.dirty {
@@ -114,13 +148,20 @@ impl Media {
         let mut tracks = vec![TrackInfo {
             name: "video".into(),
             codec: self.video,
-            fmtp: self.fmtp.clone(),
+            fmtp: self
+                .fmtp_override
+                .clone()
+                .unwrap_or_else(|| self.fmtp.clone()),
             channels: None,
             bframes: self.bframes,
             rendition: None,
         }];
         if let Some(a) = &self.audio {
-            let stereo = if a.channels() > 1 {
+            let stereo = match a {
+                Audio::Transcode(t) => t.channels() > 1,
+                Audio::Opus { stereo } => *stereo,
+            };
+            let stereo = if stereo {
                 ";stereo=1;sprop-stereo=1"
             } else {
                 ""
@@ -219,7 +260,7 @@ impl Media {
         dts
     }
 
-    /// One audio frame (AAC access unit or G.711 bytes) at `elapsed` in the
+    /// One audio frame (AAC access unit, G.711 bytes or an Opus packet) at `elapsed` in the
     /// audio clock `clock`: the Opus frames it completed.
     pub fn audio(
         &mut self,
@@ -234,11 +275,28 @@ impl Media {
             return Ok(());
         }
         let zero = self.zero(wall_us, elapsed, clock);
-        let Some(t) = &mut self.audio else {
-            return Ok(());
-        };
         let pts = ticks(zero, 48_000, 0)
             + u64::try_from(elapsed.max(0)).unwrap_or(0) * 48_000 / u64::from(clock.max(1));
+        let t = match &mut self.audio {
+            None => return Ok(()),
+            Some(Audio::Transcode(t)) => t,
+            Some(Audio::Opus { .. }) => {
+                if data.is_empty() || data.len() > MAX_OPUS_PACKET {
+                    return Ok(());
+                }
+                out.push(Out {
+                    track: "audio",
+                    frame: Frame {
+                        payload: Bytes::copy_from_slice(data),
+                        pts,
+                        dts: pts,
+                        keyframe: true,
+                        ingest_us: wall_us,
+                    },
+                });
+                return Ok(());
+            }
+        };
         self.opus_frames.clear();
         t.push(data, pts, &mut self.opus_frames)
             .map_err(|e| e.to_string())?;
@@ -426,6 +484,40 @@ mod tests {
         assert_eq!(d, 960);
         let video_zero = WALL * 48 / 1000;
         assert!(frames[0].frame.pts.abs_diff(video_zero) < 48 * 30);
+    }
+
+    #[test]
+    fn opus_audio_is_passed_through_on_the_video_timeline() {
+        let mut m = Media::new(Codec::H264, Some(AudioIn::Opus { stereo: false })).unwrap();
+        let mut out = Vec::new();
+        // Nothing before the first keyframe.
+        m.audio(&[0xfc, 1], 0, 48_000, WALL, &mut out).unwrap();
+        assert!(out.is_empty());
+        m.video(vec![0], 0, true, 0, WALL).unwrap().unwrap();
+        let cat = m.catalog().unwrap();
+        assert_eq!(cat.tracks[1].codec, Codec::Opus);
+        assert_eq!(cat.tracks[1].fmtp, "minptime=10;useinbandfec=1");
+        m.audio(&[0xfc, 1, 2], 960, 48_000, WALL, &mut out).unwrap();
+        m.audio(&[0xfc, 3], 1920, 48_000, WALL, &mut out).unwrap();
+        m.audio(&vec![0; MAX_OPUS_PACKET + 1], 2880, 48_000, WALL, &mut out)
+            .unwrap();
+        assert_eq!(out.len(), 2, "the oversized packet is not passed on");
+        assert_eq!(&out[0].frame.payload[..], &[0xfc, 1, 2]);
+        assert_eq!(out[1].frame.pts - out[0].frame.pts, 960);
+        assert_eq!(out[0].frame.pts, WALL * 48 / 1000 + 960);
+    }
+
+    #[test]
+    fn a_reencode_fmtp_replaces_the_cameras_and_back() {
+        let mut m = Media::new(Codec::H264, None).unwrap();
+        m.video(vec![0], 0, true, 0, WALL).unwrap();
+        m.set_rfc6381("avc1.640028");
+        assert!(m.catalog().unwrap().tracks[0].fmtp.contains("640028"));
+        m.set_video_fmtp(Some("profile-level-id=4d401e;packetization-mode=1"));
+        assert!(m.catalog().unwrap().tracks[0].fmtp.contains("4d401e"));
+        m.set_video_fmtp(None);
+        assert!(m.catalog().unwrap().tracks[0].fmtp.contains("640028"));
+        assert!(m.catalog().is_none());
     }
 
     proptest::proptest! {

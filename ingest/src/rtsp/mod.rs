@@ -9,13 +9,19 @@
 //!   backoff, step deadlines, stall detection, on-demand grace).
 //! - `shell`: one task per pull running the core and a retina client.
 //! - [`media`]: retina frames → registry frames (timeline, B-frame dts,
-//!   AAC/G.711 → Opus through [`crate::audio`]).
+//!   AAC/G.711 → Opus through [`crate::audio`], Opus passed through).
+//! - [`depacketize`]: our RTP depacketizers (H.264, H.265, Opus) for
+//!   cameras with Opus audio, which retina cannot demux.
+//! - `bframes`: B-frame cameras through the RTMP path's ffmpeg re-encode
+//!   under `--bframes transcode`.
 //!
 //! Credentials in a URL are taken out before anything keeps or logs it:
 //! retina gets them apart (Basic or Digest, as the camera asks), the API
 //! and logs see the URL without them.
 
+mod bframes;
 pub mod core;
+pub mod depacketize;
 pub mod media;
 mod shell;
 
@@ -31,6 +37,8 @@ use serde::Serialize;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 use tracing::Instrument;
+
+use crate::transcode::Policy;
 
 pub use self::core::State;
 
@@ -234,6 +242,8 @@ pub struct Pulls {
     /// False on an `ingest` node of a split cluster: the origin cannot ask
     /// it to start a pull, so on-demand pulls run always-on there.
     on_demand_allowed: bool,
+    /// B-frame policy of pulls added from now on ([`Pulls::set_bframes`]).
+    bframes: Mutex<Policy>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -249,11 +259,18 @@ impl Pulls {
             pulls: Mutex::new(HashMap::new()),
             max,
             on_demand_allowed,
+            bframes: Mutex::new(Policy::Drop),
         });
         if on_demand_allowed {
             registry.set_sources(Arc::new(Hook(Arc::downgrade(&pulls))));
         }
         pulls
+    }
+
+    /// What pulls added from now on do with B-frame video: like RTMP's
+    /// `--bframes` (default [`Policy::Drop`], the edge drops B slices).
+    pub fn set_bframes(&self, policy: Policy) {
+        *lock(&self.bframes) = policy;
     }
 
     /// Validates and starts a pull (needs a tokio runtime).
@@ -284,6 +301,7 @@ impl Pulls {
             grace: config.grace,
             registry: self.registry.clone(),
             status: status.clone(),
+            bframes: lock(&self.bframes).clone(),
         });
         let span = tracing::info_span!("rtsp_pull", stream = %name);
         let task = tokio::spawn(shell::run(ctx).instrument(span));

@@ -11,19 +11,22 @@ use cascade_origin::registry::Publisher;
 use cascade_origin::Registry;
 use futures::StreamExt;
 use retina::client::{
-    Credentials, InitialTimestampPolicy, PlayOptions, Session, SessionOptions, SetupOptions,
-    TeardownPolicy,
+    Credentials, InitialTimestampPolicy, PacketItem, PlayOptions, Session, SessionOptions,
+    SetupOptions, TeardownPolicy,
 };
 use retina::codec::{CodecItem, FrameFormat, ParameterSetInsertion, ParametersRef};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tracing::Instrument;
 
+use super::bframes::Bframes;
 use super::core::{Action, Pull, State, Step};
+use super::depacketize::{Depacketizer, Kind};
 use super::media::{AudioIn, Media, Out};
 use super::{Status, Transport};
 use crate::audio::g711::Law;
 use crate::metrics as m;
+use crate::transcode::{self, Event, Policy};
 
 /// Reports a connection sends to its shell; frames are reported with
 /// `try_send` (a full queue loses only a liveness tick).
@@ -50,6 +53,8 @@ pub(super) struct Ctx {
     pub(super) grace: Duration,
     pub(super) registry: Arc<Registry>,
     pub(super) status: Arc<Status>,
+    /// What to do with B-frame video (`--bframes`).
+    pub(super) bframes: Policy,
 }
 
 type Slot = Arc<Mutex<Option<Publisher>>>;
@@ -180,7 +185,7 @@ fn frame_format() -> FrameFormat {
 }
 
 /// The streams of a presentation we take: the first H.264/H.265 video and
-/// the first AAC or G.711 audio.
+/// the first AAC, G.711 or Opus audio.
 struct Plan {
     video: (usize, Codec),
     audio: Option<usize>,
@@ -210,7 +215,11 @@ fn plan(streams: &[retina::client::Stream]) -> Result<Plan, String> {
         ));
     };
     let audio = streams.iter().position(|s| {
-        s.media() == "audio" && matches!(s.encoding_name(), "mpeg4-generic" | "pcmu" | "pcma")
+        s.media() == "audio"
+            && matches!(
+                s.encoding_name(),
+                "mpeg4-generic" | "pcmu" | "pcma" | "opus"
+            )
     });
     Ok(Plan { video, audio })
 }
@@ -218,6 +227,10 @@ fn plan(streams: &[retina::client::Stream]) -> Result<Plan, String> {
 fn audio_in(s: &retina::client::Stream) -> Result<AudioIn, String> {
     let channels = s.channels().map_or(1, |c| usize::from(c.get()));
     match s.encoding_name() {
+        // retina does not pass the fmtp on: mono unless the rtpmap says
+        // otherwise (RFC 7587 always writes 2 there), so the browser may
+        // down-mix a stereo camera; cameras are mono.
+        "opus" => Ok(AudioIn::Opus { stereo: false }),
         "pcmu" | "pcma" => Ok(AudioIn::G711 {
             law: if s.encoding_name() == "pcmu" {
                 Law::Mu
@@ -281,52 +294,245 @@ async fn session(
         .await
         .map_err(|e| format!("PLAY: {}", first_line(&e)))?;
     let _ = tx.send(Report::Step(attempt, Step::Playing)).await;
-    let mut demuxed = playing
-        .demuxed()
-        .map_err(|e| format!("demux: {}", first_line(&e)))?;
+    let raw = matches!(audio, Some(AudioIn::Opus { .. }));
     let mut media = Media::new(plan.video.1, audio)?;
+    let mut source = if raw {
+        // retina cannot depacketize Opus and would refuse to demux: every
+        // stream goes through our depacketizers.
+        tracing::info!("camera audio is Opus: depacketizing its RTP ourselves");
+        Source::raw(playing, plan.video, plan.audio)
+    } else {
+        Source::Demuxed {
+            demuxed: Box::new(
+                playing
+                    .demuxed()
+                    .map_err(|e| format!("demux: {}", first_line(&e)))?,
+            ),
+            video: plan.video.0,
+        }
+    };
+    let mut bframes = Bframes::new(ctx.bframes.clone(), plan.video.1);
+    let mut ffmpeg: Option<mpsc::Receiver<Event>> = None;
+    let mut items = Vec::new();
     let mut outs = Vec::new();
-    let video_stream = plan.video.0;
-    while let Some(item) = demuxed.next().await {
-        let item = item.map_err(|e| format!("stream: {}", first_line(&e)))?;
-        let wall_us = cascade_origin::wallclock_us();
+    loop {
         outs.clear();
-        match item {
-            CodecItem::VideoFrame(f) => {
-                let (elapsed, key, loss) = (
-                    f.timestamp().elapsed(),
-                    f.is_random_access_point(),
-                    f.loss(),
-                );
-                if f.has_new_parameters() || key {
-                    if let Some(ParametersRef::Video(p)) =
-                        demuxed.streams()[video_stream].parameters()
-                    {
-                        media.set_rfc6381(p.rfc6381_codec());
+        tokio::select! {
+            more = source.next(&mut items) => {
+                if !more? {
+                    return Ok(());
+                }
+                let wall_us = cascade_origin::wallclock_us();
+                for item in items.drain(..) {
+                    match item {
+                        Item::Video { data, elapsed, key, loss, rfc6381 } => {
+                            if let Some(c) = rfc6381 {
+                                media.set_rfc6381(&c);
+                            }
+                            if let Some(o) = media.video(data, elapsed, key, loss, wall_us)? {
+                                outs.push(o);
+                            }
+                        }
+                        Item::Audio { data, elapsed, clock } => {
+                            media.audio(&data, elapsed, clock, wall_us, &mut outs)?;
+                        }
                     }
                 }
-                if let Some(o) = media.video(f.into_data(), elapsed, key, loss, wall_us)? {
-                    outs.push(o);
+                if let Some(rx) = bframes.route(media.bframes(), &mut outs) {
+                    ffmpeg = Some(rx);
                 }
             }
-            CodecItem::AudioFrame(f) => {
-                let t = f.timestamp();
-                media.audio(
-                    f.data(),
-                    t.elapsed(),
-                    t.clock_rate().get(),
-                    wall_us,
-                    &mut outs,
-                )?;
+            Some(ev) = recv(&mut ffmpeg) => {
+                bframes.output(ev, &mut outs);
             }
-            _ => continue,
+            () = sleep_until(bframes.stall_deadline()) => {
+                bframes.fall_back(&transcode::Error::Stalled);
+            }
         }
+        if !bframes.running() {
+            ffmpeg = None;
+        }
+        media.set_video_fmtp(bframes.fmtp());
         write(ctx, slot, &mut media, &outs)?;
         if !outs.is_empty() {
             let _ = tx.try_send(Report::Frame(attempt));
         }
     }
-    Ok(())
+}
+
+/// ffmpeg's next output event, or never when no re-encode runs.
+async fn recv(rx: &mut Option<mpsc::Receiver<Event>>) -> Option<Event> {
+    match rx {
+        Some(rx) => rx.recv().await,
+        None => std::future::pending().await,
+    }
+}
+
+/// What a connection's source yields, in arrival order.
+enum Item {
+    Video {
+        data: Vec<u8>,
+        elapsed: i64,
+        key: bool,
+        loss: u16,
+        /// The codec string when the parameters may have changed.
+        rfc6381: Option<String>,
+    },
+    Audio {
+        data: Vec<u8>,
+        elapsed: i64,
+        clock: u32,
+    },
+}
+
+/// Frames from retina's depacketizers, or raw RTP through ours (Opus).
+// One per connection, never moved in a hot path: size does not matter.
+#[allow(clippy::large_enum_variant)]
+enum Source {
+    Demuxed {
+        demuxed: Box<retina::client::Demuxed>,
+        video: usize,
+    },
+    Raw {
+        session: std::pin::Pin<Box<Session<retina::client::Playing>>>,
+        video: usize,
+        audio: Option<usize>,
+        video_in: Depacketizer,
+        audio_in: Depacketizer,
+        /// The codec string last reported.
+        rfc6381: Option<String>,
+    },
+}
+
+impl Source {
+    fn raw(
+        session: Session<retina::client::Playing>,
+        video: (usize, Codec),
+        audio: Option<usize>,
+    ) -> Self {
+        let kind = if video.1 == Codec::H265 {
+            Kind::H265
+        } else {
+            Kind::H264
+        };
+        let mut video_in = Depacketizer::new(kind);
+        let mut rfc6381 = None;
+        // The SDP's sprop parameter sets, as retina parsed them.
+        if let Some(ParametersRef::Video(p)) = session.streams()[video.0].parameters() {
+            let config = match kind {
+                Kind::H265 => crate::h264::parse_hvcc(p.extra_data()),
+                _ => crate::h264::parse_avcc(p.extra_data()),
+            };
+            if let Ok(c) = config {
+                video_in.set_parameter_sets(c.parameter_sets.iter().map(|b| &b[..]));
+            }
+            rfc6381 = Some(p.rfc6381_codec().to_string());
+        }
+        Self::Raw {
+            session: Box::pin(session),
+            video: video.0,
+            audio,
+            video_in,
+            audio_in: Depacketizer::new(Kind::Opus),
+            rfc6381,
+        }
+    }
+
+    /// Waits for the next frames (cancel-safe: the only await is the
+    /// stream's). False when the stream ended.
+    async fn next(&mut self, items: &mut Vec<Item>) -> Result<bool, String> {
+        match self {
+            Self::Demuxed { demuxed, video } => {
+                let Some(item) = demuxed.next().await else {
+                    return Ok(false);
+                };
+                match item.map_err(|e| format!("stream: {}", first_line(&e)))? {
+                    CodecItem::VideoFrame(f) => {
+                        let (elapsed, key, loss) = (
+                            f.timestamp().elapsed(),
+                            f.is_random_access_point(),
+                            f.loss(),
+                        );
+                        let mut rfc6381 = None;
+                        if f.has_new_parameters() || key {
+                            if let Some(ParametersRef::Video(p)) =
+                                demuxed.streams()[*video].parameters()
+                            {
+                                rfc6381 = Some(p.rfc6381_codec().to_string());
+                            }
+                        }
+                        items.push(Item::Video {
+                            data: f.into_data(),
+                            elapsed,
+                            key,
+                            loss,
+                            rfc6381,
+                        });
+                    }
+                    CodecItem::AudioFrame(f) => {
+                        let t = f.timestamp();
+                        items.push(Item::Audio {
+                            data: f.data().to_vec(),
+                            elapsed: t.elapsed(),
+                            clock: t.clock_rate().get(),
+                        });
+                    }
+                    _ => {}
+                }
+                Ok(true)
+            }
+            Self::Raw {
+                session,
+                video,
+                audio,
+                video_in,
+                audio_in,
+                rfc6381,
+            } => {
+                let Some(item) = session.next().await else {
+                    return Ok(false);
+                };
+                let PacketItem::Rtp(p) = item.map_err(|e| format!("stream: {}", first_line(&e)))?
+                else {
+                    return Ok(true);
+                };
+                let t = p.timestamp();
+                if p.stream_id() == *video {
+                    let dropped = video_in.dropped();
+                    video_in.push(p.sequence_number(), t.elapsed(), p.mark(), p.payload());
+                    if video_in.dropped() > dropped {
+                        metrics::counter!(m::RTSP_DROPPED_UNITS)
+                            .increment(video_in.dropped() - dropped);
+                    }
+                    while let Some(u) = video_in.pop() {
+                        if u.keyframe {
+                            if let Some(c) = video_in.rfc6381() {
+                                *rfc6381 = Some(c);
+                            }
+                        }
+                        items.push(Item::Video {
+                            data: u.data,
+                            elapsed: u.ts,
+                            key: u.keyframe,
+                            // Gaps are the depacketizer's business.
+                            loss: 0,
+                            rfc6381: if u.keyframe { rfc6381.clone() } else { None },
+                        });
+                    }
+                } else if Some(p.stream_id()) == *audio {
+                    audio_in.push(p.sequence_number(), t.elapsed(), p.mark(), p.payload());
+                    while let Some(u) = audio_in.pop() {
+                        items.push(Item::Audio {
+                            data: u.data,
+                            elapsed: u.ts,
+                            clock: t.clock_rate().get(),
+                        });
+                    }
+                }
+                Ok(true)
+            }
+        }
+    }
 }
 
 /// Publishes (or updates the catalog of) the stream and writes the frames.

@@ -263,12 +263,22 @@ impl Checker {
     }
 }
 
-/// A decoder can start on this frame: H.264 IDR with SPS+PPS, or a VP8 key frame.
+/// A decoder can start on this frame: H.264 IDR with SPS+PPS, H.265 IRAP
+/// with VPS+SPS+PPS, or a VP8 key frame.
 pub fn is_decodable_start(codec: Codec, data: &[u8]) -> bool {
     match codec {
         Codec::H264 => annexb::au_info(data).decodable_start(),
         // VP8 frame tag: bit 0 of the first byte is the inverse key-frame flag (RFC 6386 §9.1).
         Codec::Vp8 => data.first().is_some_and(|b| b & 1 == 0),
+        // An IRAP picture (types 16–21) with VPS, SPS and PPS in front.
+        Codec::H265 => {
+            let types: Vec<u8> = cascade_media::annexb::nal_units(data)
+                .iter()
+                .map(|n| (n[0] >> 1) & 0x3f)
+                .collect();
+            [32, 33, 34].iter().all(|t| types.contains(t))
+                && types.iter().any(|t| (16..=21).contains(t))
+        }
         _ => false,
     }
 }

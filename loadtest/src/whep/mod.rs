@@ -41,6 +41,8 @@ pub enum VideoCodec {
     Vp9,
     /// AV1.
     Av1,
+    /// H.265 (str0m's; browsers that play it are few, docs/codecs.md).
+    H265,
 }
 
 /// How a viewer's media travels.
@@ -129,6 +131,7 @@ fn config(video_codecs: &[VideoCodec], audio: bool) -> RtcConfig {
             VideoCodec::Vp8 => cfg.enable_vp8(true),
             VideoCodec::Vp9 => cfg.enable_vp9(true),
             VideoCodec::Av1 => cfg.enable_av1(true),
+            VideoCodec::H265 => cfg.enable_h265(true),
         };
     }
     cfg
