@@ -5,7 +5,7 @@ from /proc/PID/stat) and VmRSS each second, reads its /metrics at the end and wr
 line per run (and CSV/SVG series) to OUT_DIR. Every run is bounded in viewers and time.
 
 usage: edge_load.py OUT_DIR VIEWERS [VIEWERS...] [--duration 25] [--ramp 300] [--no-gso]
-                    [--server-cpu 0] [--client-cpu 1] [--kbps 2500] [--perf SECONDS]
+                    [--server-cpu 0] [--client-cpu 1] [--kbps 2500] [--full-every N] [--perf SECONDS]
                     [--janus] [--addr 198.18.0.1] [--veth] [--no-tag]
 
 --janus runs Janus (Debian package, streaming plugin, scripts/bench/janus/*.jcfg) instead of
@@ -239,7 +239,8 @@ def run(args, viewers, out_dir):
         NICE + netns(args, "cli") + ["taskset", "-c", str(args.client_cpu), LOADTEST] + source +
         ["--bind", bind,
          "--video-kbps", str(args.kbps), "--viewers", str(viewers), "--ramp", str(args.ramp),
-         "--duration", f"{args.duration}s", "--json", "--csv", csv, "--svg", svg],
+         "--duration", f"{args.duration}s", "--json", "--csv", csv, "--svg", svg] +
+        (["--full-every", str(args.full_every)] if args.full_every else []),
         stdout=subprocess.PIPE, stderr=open(os.path.join(out_dir, f"client-{tag}.log"), "w"),
         text=True)
     rcv0 = rcvbuf_errors(args)
@@ -343,6 +344,9 @@ def main():
     p.add_argument("--duration", type=int, default=25)
     p.add_argument("--ramp", type=float, default=300)
     p.add_argument("--kbps", type=int, default=2500)
+    p.add_argument("--full-every", type=int, default=0,
+                   help="every Nth viewer decrypts and checks everything (and so sends RTCP "
+                        "feedback: TWCC with CASCADE_EDGE_BWE_ALL=1); default loadtest's")
     p.add_argument("--no-gso", action="store_true")
     p.add_argument("--server-cpu", type=int, default=0)
     p.add_argument("--client-cpu", type=int, default=1)
