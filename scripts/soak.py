@@ -29,7 +29,9 @@ then e.g. (a 5-minute dry run with compressed intervals):
   scripts/soak.py --duration 300 --churn 15 --takeover 60 --edge-restart 120 --sample 10 \
       --warmup 60 --out /tmp/soak-dry
 the hour:
-  nohup scripts/soak.py --out docs/bench/soak-$(date -u +%F) > /tmp/soak.log 2>&1 &
+  nohup scripts/soak.py --out docs/bench/soak-$(date -u +%F) --plot > /tmp/soak.log 2>&1 &
+and the tables for docs/operations.md (a row every 10 minutes):
+  scripts/soak.py --report docs/bench/soak-DATE 10
 """
 import argparse
 import json
@@ -705,5 +707,56 @@ def plot(a, rows):
             f.write("\n".join(o) + "\n")
 
 
+def report(prefix, every):
+    """Markdown tables from a finished run's OUT.csv and OUT.json (for docs/operations.md)."""
+    import csv
+    with open(prefix + ".csv") as f:
+        rows = list(csv.DictReader(f))
+    with open(prefix + ".json") as f:
+        summary = json.load(f)
+    num = lambda v: None if v in ("", None) else float(v)
+    load = [r for r in rows if not r["event"]]
+    picks, mark = [], 0.0
+    for r in load:
+        if num(r["t_s"]) >= mark:
+            picks.append(r)
+            mark += every
+    if load and picks[-1] is not load[-1]:
+        picks.append(load[-1])
+    picks += [r for r in rows if r["event"]]
+    mib = lambda v: "" if num(v) is None else f"{num(v) / 1024:.1f}"
+    val = lambda v: "" if num(v) is None else f"{num(v):g}"
+    print("| t (min) | RSS MiB origin / ingest / edge1 / edge2 | fds o / i / e1 / e2 "
+          "| threads o / i / e1 / e2 | sessions e1 / e2 | origin links in "
+          "| origin relay frames/s out | viewers playing | stalls (cum.) | load avg |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for r in picks:
+        t = r["event"] or f"{num(r['t_s']) / 60:.1f}"
+        print(f"| {t} | " + " / ".join(mib(r[f"{n}_rss_kb"]) for n in NODES)
+              + " | " + " / ".join(val(r[f"{n}_fds"]) for n in NODES)
+              + " | " + " / ".join(val(r[f"{n}_threads"]) for n in NODES)
+              + f" | {val(r['edge1_sessions'])} / {val(r['edge2_sessions'])}"
+              + f" | {val(r['origin_links_in'])} | {val(r['origin_relay_sent_fps'])}"
+              + f" | {val(r['lt_playing'])} | {val(r['lt_stalls'])} | {r['loadavg']} |")
+    print()
+    print("| process (lifetime) | metric | after warm-up (t s) | end (t s) | max | change |")
+    print("|---|---|---|---|---|---|")
+    for p in summary.get("per_process", []):
+        if p["metric"] not in ("rss_kb", "fds", "threads", "sessions", "routed", "links_in"):
+            continue
+        ch = "" if p["change_pct"] is None else f"{p['change_pct']:+.1f} %"
+        print(f"| {p['process']} ({p['lifetime']}) | {p['metric']} | {p['base']:g} ({p['from_s']:g}) "
+              f"| {p['end']:g} ({p['end_s']:g}) | {p['max']:g} | {ch} |")
+    v = dict(summary.get("verdict", {}))
+    v.pop("over_10pct_after_warmup", None)
+    v.pop("after_end", None)
+    print()
+    print(json.dumps(v, indent=1))
+
+
 if __name__ == "__main__":
-    main()
+    if len(sys.argv) >= 3 and sys.argv[1] == "--report":
+        # scripts/soak.py --report OUT [MINUTES]: tables for the docs from a finished run.
+        report(sys.argv[2], 60 * float(sys.argv[3]) if len(sys.argv) > 3 else 600)
+    else:
+        main()
