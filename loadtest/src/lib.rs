@@ -36,6 +36,7 @@ pub mod media;
 pub mod ogg;
 mod peer;
 pub mod picture;
+pub mod playing;
 mod plot;
 pub mod rtp;
 pub mod rtpfeed;

@@ -17,6 +17,7 @@ use serde::Serialize;
 use tokio::task::JoinSet;
 
 use crate::media::{self, Profile, TestMedia};
+use crate::playing::{PlayWatch, Slot};
 use crate::plot;
 use crate::stats::percentile;
 use crate::whep::{LiveCounters, Viewer, ViewerOptions, ViewerReport};
@@ -97,6 +98,10 @@ pub struct Args {
     /// and the summary's `caps` lists each one's cap and the picture size it settled on.
     #[arg(long, value_delimiter = ',', value_parser = parse_viewer_cap)]
     pub viewer_caps: Vec<ViewerCap>,
+    /// Viewers DELETE their session when the run ends, as a player leaving its page does,
+    /// so the server frees it at once instead of at its ICE timeout (the soak run's churn).
+    #[arg(long)]
+    pub delete: bool,
 }
 
 /// One `--viewer-caps` entry: bit/s, or `None` for an uncapped viewer in the mix.
@@ -182,6 +187,11 @@ pub struct Summary {
     pub publisher_video_frames: Option<u64>,
     /// Keyframe requests our publisher received (`--publish`).
     pub publisher_keyframe_requests: Option<u64>,
+    /// Viewers that received video in the last whole second (tick) before the run's end.
+    pub viewers_playing_at_end: u64,
+    /// Stall episodes: a viewer that had played received no video frame for a whole
+    /// second ([`crate::playing`]).
+    pub stalls: u64,
     /// `--viewer-caps` only: each viewer's cap and the rendition it settled on.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub caps: Option<Vec<CappedViewer>>,
@@ -285,7 +295,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
             let mut f = std::fs::File::create(p).with_context(|| format!("create {p:?}"))?;
             writeln!(
                 f,
-                "t_s,connected,failed,packets_received,packets_lost,video_frames,audio_frames"
+                "t_s,connected,failed,packets_received,packets_lost,video_frames,audio_frames,playing,stalls"
             )?;
             Some(f)
         }
@@ -293,7 +303,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
     };
     // Viewers start on their ramp slot and stop at `end`; each returns its report.
     let mut tasks: JoinSet<crate::Result<ViewerReport>> = JoinSet::new();
-    for i in 0..args.viewers {
+    let slots: Vec<Arc<Slot>> = (0..args.viewers)
+        .map(|_| Arc::new(Slot::default()))
+        .collect();
+    for (i, slot) in (0..args.viewers).zip(slots.iter().cloned()) {
         let at = if args.ramp > 0.0 {
             start + Duration::from_secs_f64(f64::from(i) / args.ramp)
         } else {
@@ -317,6 +330,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
         let live = Arc::clone(&live);
         // Our own publisher may take a moment to make the stream live: retry 404 until then.
         let wait_live = args.publish.is_some().then(|| start + WAIT_LIVE);
+        let delete = args.delete;
         tasks.spawn(async move {
             tokio::time::sleep_until(at.into()).await;
             if Instant::now() >= end {
@@ -329,26 +343,36 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
                     return Err(e);
                 }
             };
-            let remaining = end.saturating_duration_since(Instant::now());
             // The session ends by itself only on error or disconnect; otherwise stop at `end`.
-            let mut viewer = viewer;
-            tokio::select! {
-                _ = tokio::time::sleep(remaining) => {}
-                _ = wait_finished(&mut viewer) => {}
+            slot.live.store(true, Ordering::Relaxed);
+            watch_until(&viewer, &slot, end).await;
+            slot.live.store(false, Ordering::Relaxed);
+            if delete {
+                viewer.delete().await.map(|(_, report)| report)
+            } else {
+                viewer.stop().await
             }
-            viewer.stop().await
         });
     }
     let mut tick = tokio::time::interval(Duration::from_secs(1));
     tick.tick().await;
     let mut prev_packets = 0;
     let mut series: [Vec<(f64, f64)>; 3] = Default::default();
+    let mut watch = PlayWatch::new(slots.len());
+    let mut playing_at_end = 0;
     while Instant::now() < end {
         tick.tick().await;
         let t = start.elapsed().as_secs_f64();
         let s = snapshot(&live);
+        let samples: Vec<(bool, u64)> = slots.iter().map(|s| s.sample()).collect();
+        let playing = watch.tick(&samples);
+        // Viewers stop at `end`: a tick racing their stop would count them as not playing.
+        if Instant::now() + Duration::from_secs(1) <= end {
+            playing_at_end = playing;
+        }
+        let stalls = watch.stalls();
         eprintln!(
-            "t={t:>5.1}s connected={} failed={} packets={} (+{}/s) lost={} video_frames={} audio_frames={}",
+            "t={t:>5.1}s connected={} failed={} packets={} (+{}/s) lost={} video_frames={} audio_frames={} playing={playing} stalls={stalls}",
             s[0], s[1], s[2], s[2] - prev_packets, s[3], s[4], s[5]
         );
         series[0].push((t, s[0] as f64));
@@ -358,7 +382,7 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
         if let Some(f) = csv.as_mut() {
             writeln!(
                 f,
-                "{t:.1},{},{},{},{},{},{}",
+                "{t:.1},{},{},{},{},{},{},{playing},{stalls}",
                 s[0], s[1], s[2], s[3], s[4], s[5]
             )?;
         }
@@ -428,9 +452,10 @@ pub async fn run(args: &Args) -> anyhow::Result<Summary> {
         },
         None => None,
     };
-    Ok(summarize(
-        args, &reports, failed, errors, elapsed, published,
-    ))
+    let mut summary = summarize(args, &reports, failed, errors, elapsed, published);
+    summary.viewers_playing_at_end = playing_at_end;
+    summary.stalls = watch.stalls();
+    Ok(summary)
 }
 
 /// How long viewers retry `404` after the run starts when we publish ourselves.
@@ -451,9 +476,15 @@ async fn start_viewer(opts: ViewerOptions, wait_live: Option<Instant>) -> crate:
     }
 }
 
-async fn wait_finished(v: &mut Viewer) {
-    while !v.is_finished() {
-        tokio::time::sleep(Duration::from_millis(200)).await;
+/// Until `end` or the session ends by itself, copying its video frame count into `slot`
+/// for the once-a-second [`PlayWatch`].
+async fn watch_until(v: &Viewer, slot: &Slot, end: Instant) {
+    while !v.is_finished() && Instant::now() < end {
+        slot.frames.store(v.video_frames(), Ordering::Relaxed);
+        let pause = end
+            .saturating_duration_since(Instant::now())
+            .min(Duration::from_millis(200));
+        tokio::time::sleep(pause).await;
     }
 }
 
@@ -537,6 +568,8 @@ fn summarize(
         errors,
         publisher_video_frames: published.as_ref().map(|p| p.video_frames),
         publisher_keyframe_requests: published.as_ref().map(|p| p.keyframe_requests),
+        viewers_playing_at_end: 0,
+        stalls: 0,
         caps: (!args.viewer_caps.is_empty()).then(|| {
             reports
                 .iter()
