@@ -136,10 +136,11 @@ fn player_page_says_reconnecting_while_the_origin_restarts() {
     runner
         .wait_line(|l| l.starts_with("PLAYING"), Duration::from_secs(60))
         .unwrap_or_else(|lines| panic!("the page did not play: {lines:?}"));
-    drop(origin); // SIGKILL
-    // Down for 4 s: the viewer's frames stop for well over the page's 1.5 s
-    // stall threshold (2 s made a gap of ~1.7 s, which a loaded machine's
-    // 500 ms stats timer could miss), and well inside --relay-hold.
+    // SIGKILL, then down for 4 s: the viewer's frames stop for well over
+    // the page's 1.5 s stall threshold (2 s made a gap of ~1.7 s, which a
+    // loaded machine's 500 ms stats timer could miss), and well inside
+    // --relay-hold.
+    drop(origin);
     std::thread::sleep(Duration::from_secs(4));
     let origin = Cascade::start_role(&ns, "origin", &origin_args);
     let result = runner
