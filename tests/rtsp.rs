@@ -224,6 +224,19 @@ async fn wait_state(base: &str, stream: &str, state: &str, within: Duration) -> 
 }
 
 /// `POST /api/pulls` with the publish token.
+/// A camera serving `mount`, an `all` node started with `args`, and an
+/// always-on pull of it as `stream`, live (held: dropping either ends it).
+async fn live_pull(args: &[&str], stream: &str, mount: &str) -> (Camera, Node) {
+    let camera = Camera::start(free_port(), "none");
+    let node = Node::start("all", args);
+    assert_eq!(
+        add_pull(&node.http, stream, &camera.url("", mount), false).await,
+        201
+    );
+    wait_state(&node.http, stream, "live", Duration::from_secs(15)).await;
+    (camera, node)
+}
+
 async fn add_pull(base: &str, stream: &str, url: &str, on_demand: bool) -> u16 {
     reqwest::Client::new()
         .post(format!("{base}/api/pulls"))
@@ -340,14 +353,8 @@ async fn camera_plays_and_a_viewer_survives_a_camera_restart() {
 /// G.711 PCMU camera audio arrives as Opus at 50 packets a second.
 #[tokio::test]
 async fn g711_camera_audio_becomes_opus() {
-    let camera = Camera::start(free_port(), "none");
-    let node = Node::start("all", &[]);
+    let (_camera, node) = live_pull(&[], "g", "g711").await;
     let base = node.http.clone();
-    assert_eq!(
-        add_pull(&base, "g", &camera.url("", "g711"), false).await,
-        201
-    );
-    wait_state(&base, "g", "live", Duration::from_secs(15)).await;
     let r = common::view(&base, "g", 5).await;
     eprintln!("g711 viewer: {r:?}");
     assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
@@ -646,14 +653,8 @@ async fn garbage_endless_describe_and_stall_are_errors() {
 /// (the edge's B-frame method, docs/bframes.md).
 #[tokio::test]
 async fn bframes_camera_is_marked_and_plays() {
-    let camera = Camera::start(free_port(), "none");
-    let node = Node::start("all", &["--bframes", "drop"]);
+    let (_camera, node) = live_pull(&["--bframes", "drop"], "b", "bframes").await;
     let base = node.http.clone();
-    assert_eq!(
-        add_pull(&base, "b", &camera.url("", "bframes"), false).await,
-        201
-    );
-    wait_state(&base, "b", "live", Duration::from_secs(15)).await;
     let deadline = Instant::now() + Duration::from_secs(5);
     loop {
         let streams: serde_json::Value = reqwest::get(format!("{base}/api/streams"))
@@ -699,14 +700,8 @@ async fn wait_bframes_marked(base: &str) -> serde_json::Value {
 /// reported (as tests/rtmp_to_whep.rs asserts for RTMP).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bframes_camera_is_reencoded_with_bframes_transcode() {
-    let camera = Camera::start(free_port(), "none");
-    let node = Node::start("all", &["--bframes", "transcode"]);
+    let (_camera, node) = live_pull(&["--bframes", "transcode"], "bt", "bframes").await;
     let base = node.http.clone();
-    assert_eq!(
-        add_pull(&base, "bt", &camera.url("", "bframes"), false).await,
-        201
-    );
-    wait_state(&base, "bt", "live", Duration::from_secs(15)).await;
     let streams = wait_bframes_marked(&base).await;
     assert_eq!(streams[0]["protocol"], "rtsp");
     // Past the switch to the re-encode's first keyframe.
@@ -733,14 +728,8 @@ async fn bframes_camera_is_reencoded_with_bframes_transcode() {
 /// through at 50 packets a second.
 #[tokio::test]
 async fn opus_camera_audio_is_passed_through() {
-    let camera = Camera::start(free_port(), "none");
-    let node = Node::start("all", &[]);
+    let (_camera, node) = live_pull(&[], "op", "opus").await;
     let base = node.http.clone();
-    assert_eq!(
-        add_pull(&base, "op", &camera.url("", "opus"), false).await,
-        201
-    );
-    wait_state(&base, "op", "live", Duration::from_secs(15)).await;
     let r = common::view(&base, "op", 5).await;
     eprintln!("opus camera viewer: {r:?}");
     assert_eq!(r.first_frame_keyframe, Some(true), "{r:?}");
