@@ -256,6 +256,10 @@ struct Session {
     first_frame: Option<Instant>,
     /// Last keyframe request per layer (`None`: the track's only layer).
     last_pli: HashMap<(Mid, Option<Rid>), Instant>,
+    /// Requests that came within [`PLI_INTERVAL`] of the last PLI: sent
+    /// when it has passed, not dropped (a viewer switching to this layer
+    /// waits for its keyframe; the publisher makes none unasked).
+    pli_owed: Vec<(Mid, Option<Rid>)>,
 }
 
 fn map_codec(c: RtcCodec) -> Option<Codec> {
@@ -296,6 +300,7 @@ impl Session {
             zero_us: None,
             first_frame: None,
             last_pli: HashMap::new(),
+            pli_owed: Vec::new(),
         }
     }
 
@@ -390,8 +395,12 @@ impl Session {
             .get(&(mid, rid))
             .is_some_and(|t| ctx.now.duration_since(*t) < PLI_INTERVAL)
         {
+            if !self.pli_owed.contains(&(mid, rid)) {
+                self.pli_owed.push((mid, rid));
+            }
             return;
         }
+        self.pli_owed.retain(|k| *k != (mid, rid));
         if let Some(rx) = ctx.rtc.direct_api().stream_rx_by_mid(mid, rid) {
             rx.request_keyframe(KeyframeRequestKind::Pli);
             self.last_pli.insert((mid, rid), ctx.now);
@@ -618,6 +627,13 @@ impl Session {
                 }
             }
         }
+        // Owed requests go out once their layer's interval has passed
+        // (media arrives many times a second, so this runs often enough).
+        wanted.extend(self.pli_owed.iter().copied().filter(|k| {
+            self.last_pli
+                .get(k)
+                .is_none_or(|t| ctx.now.duration_since(*t) >= PLI_INTERVAL)
+        }));
         for (mid, rid) in wanted {
             self.pli(ctx, mid, rid);
         }

@@ -543,6 +543,12 @@ impl Out {
             }
             Some(Command::Join(_)) => {}
             Some(Command::Leave) => r.pending = None,
+            Some(Command::AskAgain) => {
+                if let Some((member, _)) = &r.pending {
+                    member.feed().request_keyframe();
+                    metrics::counter!(m::KEYFRAME_REQUESTS, "cause" => "switch_retry").increment(1);
+                }
+            }
             Some(Command::StopVideo) => {
                 r.pending = None;
                 self.switched(sub);

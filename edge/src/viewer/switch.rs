@@ -21,6 +21,8 @@ pub const STALL: Duration = Duration::from_secs(1);
 /// How often a viewer off its preferred rendition looks whether it flows
 /// again (one registry lookup per rendition).
 const RECHECK: Duration = Duration::from_millis(500);
+/// How long a switch waits for its keyframe before asking again.
+pub const ASK_AGAIN: Duration = Duration::from_secs(1);
 /// A keyframe of the new rendition may be this much older (ingest time)
 /// than the last frame sent: layers of one picture arrive a few ms apart.
 /// Older ones (the replay of a feed's cached group) would show the viewer
@@ -104,6 +106,11 @@ pub enum Command {
     Join(usize),
     /// Drop the pending feed.
     Leave,
+    /// Ask the pending rendition's feed for a keyframe again: the switch
+    /// has waited [`ASK_AGAIN`] for one (a publisher may drop a request —
+    /// Chromium ignores one that comes within 300 ms of another for any of
+    /// its simulcast layers — and sends none unasked).
+    AskAgain,
     /// Audio only: drop the current feed as well.
     StopVideo,
 }
@@ -130,6 +137,8 @@ pub struct Switch {
     auto_audio_only: bool,
     current: Option<usize>,
     pending: Option<usize>,
+    /// When the pending rendition's keyframe was last asked for.
+    asked: Option<Instant>,
     /// `out ts = feed ts + offset` for the current rendition.
     offset: i128,
     /// `out wall clock = feed wall clock + wall_shift` (µs, signed).
@@ -161,6 +170,7 @@ impl Switch {
             auto_audio_only: false,
             current: Some(start),
             pending: None,
+            asked: None,
             offset: 0,
             wall_shift: 0,
             last: None,
@@ -350,9 +360,18 @@ impl Switch {
                 // Back on (or never off) the current one: cancel a pending switch.
                 self.pending.take().map(|_| Command::Leave)
             }
-            Some(w) if Some(w) == self.pending => None,
+            Some(w) if Some(w) == self.pending => {
+                let due = self
+                    .asked
+                    .is_none_or(|t| now.saturating_duration_since(t) >= ASK_AGAIN);
+                due.then(|| {
+                    self.asked = Some(now);
+                    Command::AskAgain
+                })
+            }
             Some(w) => {
                 self.pending = Some(w);
+                self.asked = Some(now);
                 Some(Command::Join(w))
             }
         }
@@ -639,6 +658,40 @@ mod tests {
         ));
         assert_eq!(s.take_switch(), Some((Direction::Up, Some("f".into()))));
         assert_eq!(s.current().map(|r| r.name.as_str()), Some("f"));
+    }
+
+    #[test]
+    fn a_switch_waiting_for_its_keyframe_asks_again_each_second() {
+        // The publisher dropped the first request (Chromium ignores one
+        // within 300 ms of another): without asking again the viewer would
+        // wait on the old rendition for good.
+        let t0 = Instant::now();
+        let mut s = Switch::new(ladder(), CLOCK);
+        s.on_frame(t0, Source::Current, frame(t0, 0, 0, true));
+        s.set_target(Target::Fixed("q".into()));
+        assert_eq!(s.poll(t0, &mut all_flow), Some(Command::Join(2)));
+        let mut t = t0;
+        let mut asked = 0;
+        for k in 1..=60 {
+            t = at(t0, k);
+            s.on_frame(t, Source::Current, frame(t0, k, 0, false));
+            // q's frames without a keyframe do not switch.
+            let v = s.on_frame(t, Source::Pending, frame(t0, k, 0, false));
+            assert_eq!(v, Verdict::Drop);
+            match s.poll(t, &mut all_flow) {
+                Some(Command::AskAgain) => asked += 1,
+                None => {}
+                other => panic!("{other:?} at frame {k}"),
+            }
+        }
+        // 60 frames of 40 ms: 2.4 s, asked again at 1 s and 2 s.
+        assert_eq!(asked, 2);
+        assert!(matches!(
+            s.on_frame(t, Source::Pending, frame(t0, 61, 0, true)),
+            Verdict::SwitchAndSend(..)
+        ));
+        // Switched: nothing more to ask.
+        assert_eq!(s.poll(t + ASK_AGAIN * 3, &mut all_flow), None);
     }
 
     #[test]
