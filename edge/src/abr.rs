@@ -111,8 +111,9 @@ pub fn start_estimate(lowest_bps: u64) -> u64 {
 pub struct Rung {
     /// The rendition's name (`Rendition::name`, e.g. the rid `q`/`h`/`f`).
     pub name: String,
-    /// What sending it costs in bit/s: its live bitrate when the edge has
-    /// measured one, else its nominal bitrate (`bitrate_kbps × 1000`).
+    /// What sending it costs in bit/s: its catalog bitrate (a ladder's
+    /// nominal one, a simulcast layer's live one as the ingest measures
+    /// it), else a guess from its picture (`viewer::rung_bps`).
     pub bps: u64,
 }
 
@@ -318,6 +319,12 @@ impl Controller {
     /// controller switches to the highest one the estimate carries.
     pub fn set_ladder(&mut self, now: Instant, ladder: Vec<Rung>) {
         let name = self.current().map(str::to_owned);
+        // Only the costs moved (the ingest's live rates, every ≥ 5 s): the
+        // holds under way go on, judged against the new costs.
+        let same_names = ladder.len() == self.ladder.len()
+            && ladder
+                .iter()
+                .all(|r| self.ladder.iter().any(|o| o.name == r.name));
         self.ladder = sorted(ladder);
         let kept = name.and_then(|n| self.ladder.iter().position(|r| r.name == n));
         match (self.current.is_some(), kept) {
@@ -330,8 +337,10 @@ impl Controller {
                 self.switch(now, to, est);
             }
         }
-        self.high_since = None;
-        self.end_episode();
+        if !same_names {
+            self.high_since = None;
+            self.end_episode();
+        }
         self.update_bitrate();
         self.evaluate(now);
     }
@@ -982,5 +991,36 @@ mod tests {
         assert!(out
             .iter()
             .any(|o| matches!(o, Output::Switch(s) if s.to.as_deref() == Some("q"))));
+    }
+
+    #[test]
+    fn live_rates_reprice_without_restarting_the_up_hold() {
+        // On h, the link carries 2.4 Mbit/s: f at its nominal 2.5 Mbit/s
+        // does not fit; measured live at 1.6 Mbit/s it does (×1.2 = 1.92).
+        let (mut c, mut t) = started(1_000_000);
+        assert_eq!(c.current(), Some("h"));
+        assert!(run(&mut c, &mut t, ms(3000), |_| 2_400_000).is_empty());
+        let live = |f: u64| {
+            ladder()
+                .into_iter()
+                .map(|mut r| {
+                    if r.name == "f" {
+                        r.bps = f;
+                    }
+                    r
+                })
+                .collect::<Vec<_>>()
+        };
+        c.set_ladder(t, live(1_600_000));
+        let s = run(&mut c, &mut t, ms(2000), |_| 2_400_000);
+        assert!(s.is_empty(), "the up-hold starts now: {s:?}");
+        // Rate updates every few seconds (the ingest's cadence) with the
+        // same names do not restart the hold under way.
+        c.set_ladder(t, live(1_650_000));
+        let s = run(&mut c, &mut t, ms(3200), |_| 2_400_000);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("f"));
+        // 2 s + 3.2 s ≥ the 5 s hold, from the first repricing.
+        assert!(s[0].0 >= ms(2900), "{s:?}");
     }
 }

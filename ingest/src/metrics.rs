@@ -48,6 +48,8 @@ pub const WHIP_FRAMES: &str = "cascade_ingest_whip_frames_total";
 pub const WHIP_PLI: &str = "cascade_ingest_whip_pli_total";
 /// Simulcast layers published as renditions (one per layer at go-live).
 pub const WHIP_RENDITIONS: &str = "cascade_ingest_whip_renditions_total";
+/// Catalog updates carrying simulcast renditions' live bitrates.
+pub const WHIP_RATE_UPDATES: &str = "cascade_ingest_whip_rate_updates_total";
 /// Frames of simulcast layers that started after go-live (or past the
 /// layer cap), dropped at ingest.
 pub const WHIP_SIMULCAST_DROPPED: &str = "cascade_ingest_whip_simulcast_dropped_frames_total";
@@ -72,6 +74,10 @@ pub fn describe() {
     );
     metrics::describe_counter!(WHIP_PLI, "keyframe requests sent to WHIP publishers");
     metrics::describe_counter!(WHIP_RENDITIONS, "simulcast layers published as renditions");
+    metrics::describe_counter!(
+        WHIP_RATE_UPDATES,
+        "catalog updates with the simulcast renditions' live bitrates"
+    );
     metrics::describe_counter!(
         WHIP_SIMULCAST_DROPPED,
         "frames of simulcast layers that started after go-live, dropped at ingest"

@@ -190,6 +190,137 @@ pub(crate) fn offered_rids(offer: &str) -> Vec<String> {
     out
 }
 
+/// How long a live layer's bitrate and frame rate are measured over.
+pub(crate) const RATE_WINDOW: Duration = Duration::from_secs(2);
+/// Catalog updates with live rates are at least this far apart: each one
+/// reaches every edge and viewer of the stream.
+pub(crate) const RATE_UPDATE_INTERVAL: Duration = Duration::from_secs(5);
+/// A rendition's catalog bitrate is updated when its live rate differs
+/// from it by more than this share (encoders wobble ±10–20% per window).
+const RATE_CHANGE: f64 = 0.25;
+
+/// One rendition's measurement.
+#[derive(Debug)]
+struct Meter {
+    track: String,
+    /// The current window: its start, frames and bytes.
+    since: Instant,
+    frames: u64,
+    bytes: u64,
+    /// The last complete window's (kbit/s, fps).
+    last: Option<(u32, u32)>,
+}
+
+/// Live rates of the published renditions of one stream. The go-live
+/// measurement is a few hundred milliseconds of layers that are still
+/// ramping up (Chromium starts its layers low and raises them as its
+/// estimate grows), often nothing at all; the edge's automatic choice
+/// prices each rendition by its catalog bitrate, and a guess from the
+/// picture size is far off a real encoder's (2.8 Mbit/s guessed for a
+/// 720p layer sent at 1.1–2.7). So the ingest keeps measuring, and the
+/// catalog follows when a rate moved by more than [`RATE_CHANGE`], at most
+/// every [`RATE_UPDATE_INTERVAL`].
+#[derive(Debug, Default)]
+pub(crate) struct LiveRates {
+    tracks: Vec<Meter>,
+    last_update: Option<Instant>,
+    last_check: Option<Instant>,
+}
+
+impl LiveRates {
+    /// True at most once per [`RATE_WINDOW`]: when [`LiveRates::update`]
+    /// is worth building a catalog for.
+    pub(crate) fn due(&mut self, now: Instant) -> bool {
+        let first = *self.last_check.get_or_insert(now);
+        if now.saturating_duration_since(first) < RATE_WINDOW {
+            return false;
+        }
+        self.last_check = Some(now);
+        true
+    }
+
+    /// A frame of `track` (a rendition), `bytes` long, arrived at `now`.
+    pub(crate) fn on_frame(&mut self, now: Instant, track: &str, bytes: usize) {
+        let i = match self.tracks.iter().position(|t| t.track == track) {
+            Some(i) => i,
+            None => {
+                if self.tracks.len() >= MAX_LAYERS * 2 {
+                    return;
+                }
+                self.tracks.push(Meter {
+                    track: track.to_string(),
+                    since: now,
+                    frames: 0,
+                    bytes: 0,
+                    last: None,
+                });
+                self.tracks.len() - 1
+            }
+        };
+        let t = &mut self.tracks[i];
+        let span = now.saturating_duration_since(t.since);
+        if span >= RATE_WINDOW {
+            let ms = span.as_millis().max(1);
+            let kbps = u128::from(t.bytes) * 8 / ms;
+            let fps = (u128::from(t.frames) * 1000 + ms / 2) / ms;
+            t.last = Some((
+                u32::try_from(kbps).unwrap_or(u32::MAX),
+                u32::try_from(fps).unwrap_or(0),
+            ));
+            (t.since, t.frames, t.bytes) = (now, 0, 0);
+        }
+        t.frames += 1;
+        t.bytes += bytes as u64;
+    }
+
+    /// The renditions of `catalog` with their live rates, when one moved
+    /// enough and an update is due; `None` otherwise. Names and order are
+    /// kept: only `bitrate_kbps` and `framerate` change.
+    pub(crate) fn update(
+        &mut self,
+        now: Instant,
+        catalog: &cascade_origin::catalog::Catalog,
+    ) -> Option<cascade_origin::catalog::Catalog> {
+        if self
+            .last_update
+            .is_some_and(|t| now.saturating_duration_since(t) < RATE_UPDATE_INTERVAL)
+        {
+            return None;
+        }
+        let live = |name: &str| {
+            self.tracks
+                .iter()
+                .find(|t| t.track == name)
+                .and_then(|t| t.last)
+                .filter(|(kbps, _)| *kbps > 0)
+        };
+        let moved = catalog
+            .tracks
+            .iter()
+            .any(|t| match (&t.rendition, live(&t.name)) {
+                (Some(r), Some((kbps, _))) => {
+                    let old = f64::from(r.bitrate_kbps);
+                    old == 0.0 || (f64::from(kbps) - old).abs() > old * RATE_CHANGE
+                }
+                _ => false,
+            });
+        if !moved {
+            return None;
+        }
+        self.last_update = Some(now);
+        let mut next = catalog.clone();
+        for t in &mut next.tracks {
+            if let (Some(r), Some((kbps, fps))) = (&mut t.rendition, live(&t.name)) {
+                r.bitrate_kbps = kbps;
+                if fps > 0 {
+                    r.framerate = fps;
+                }
+            }
+        }
+        Some(next)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -291,5 +422,91 @@ mod tests {
             let rids = offered_rids(&s);
             prop_assert!(rids.len() <= MAX_LAYERS);
         }
+    }
+
+    fn catalog_of(renditions: &[(&str, u32)]) -> cascade_origin::catalog::Catalog {
+        use cascade_origin::catalog::{Catalog, Codec, TrackInfo};
+        Catalog {
+            tracks: renditions
+                .iter()
+                .map(|(track, kbps)| TrackInfo {
+                    name: (*track).to_string(),
+                    codec: Codec::H264,
+                    fmtp: String::new(),
+                    channels: None,
+                    bframes: false,
+                    rendition: Some(Rendition {
+                        name: track.trim_start_matches("video-").to_string(),
+                        width: 0,
+                        height: 0,
+                        bitrate_kbps: *kbps,
+                        framerate: 0,
+                    }),
+                })
+                .collect(),
+        }
+    }
+
+    /// Feeds `secs` of 30 fps frames of `bytes` to each track.
+    fn feed_rates(r: &mut LiveRates, t: &mut Instant, secs: u64, tracks: &[(&str, usize)]) {
+        for _ in 0..secs * 30 {
+            for (track, bytes) in tracks {
+                r.on_frame(*t, track, *bytes);
+            }
+            *t += Duration::from_micros(33_333);
+        }
+    }
+
+    #[test]
+    fn live_rates_reach_the_catalog_when_they_move_and_not_too_often() {
+        let mut r = LiveRates::default();
+        let mut t = Instant::now();
+        let cat = catalog_of(&[("video", 0), ("video-h", 0)]);
+        // Nothing measured over a whole window yet: nothing to say.
+        feed_rates(&mut r, &mut t, 1, &[("video", 5000), ("video-h", 1000)]);
+        assert!(r.update(t, &cat).is_none());
+        feed_rates(&mut r, &mut t, 2, &[("video", 5000), ("video-h", 1000)]);
+        let next = r.update(t, &cat).expect("first live rates");
+        let kbps: Vec<(u32, u32)> = next
+            .tracks
+            .iter()
+            .map(|t| {
+                t.rendition
+                    .as_ref()
+                    .map_or((0, 0), |r| (r.bitrate_kbps, r.framerate))
+            })
+            .collect();
+        // 5000 B × 30/s = 1200 kbit/s; 1000 B = 240 kbit/s.
+        assert!((1150..=1250).contains(&kbps[0].0), "{kbps:?}");
+        assert!((230..=250).contains(&kbps[1].0), "{kbps:?}");
+        assert_eq!((kbps[0].1, kbps[1].1), (30, 30));
+        // Steady rates: no update, however long.
+        feed_rates(&mut r, &mut t, 12, &[("video", 5000), ("video-h", 1000)]);
+        assert!(r.update(t, &next).is_none());
+        // The top layer doubles: an update, but not within the interval
+        // of the last one.
+        let cat2 = next;
+        let at = t;
+        feed_rates(&mut r, &mut t, 3, &[("video", 10_000), ("video-h", 1000)]);
+        let up = r.update(t, &cat2).expect("moved by > 25%");
+        assert!(up.tracks[0].rendition.as_ref().unwrap().bitrate_kbps > 1500);
+        feed_rates(&mut r, &mut t, 3, &[("video", 20_000), ("video-h", 1000)]);
+        assert!(
+            r.update(t, &up).is_none(),
+            "{:?} after the last update",
+            t - at
+        );
+        feed_rates(&mut r, &mut t, 3, &[("video", 20_000), ("video-h", 1000)]);
+        assert!(r.update(t, &up).is_some());
+    }
+
+    #[test]
+    fn live_rates_keep_a_bounded_table() {
+        let mut r = LiveRates::default();
+        let t = Instant::now();
+        for i in 0..100 {
+            r.on_frame(t, &format!("video-{i}"), 100);
+        }
+        assert_eq!(r.tracks.len(), MAX_LAYERS * 2);
     }
 }

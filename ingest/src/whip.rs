@@ -260,6 +260,8 @@ struct Session {
     /// when it has passed, not dropped (a viewer switching to this layer
     /// waits for its keyframe; the publisher makes none unasked).
     pli_owed: Vec<(Mid, Option<Rid>)>,
+    /// Live bitrate and frame rate of each rendition, for the catalog.
+    rates: simulcast::LiveRates,
 }
 
 fn map_codec(c: RtcCodec) -> Option<Codec> {
@@ -301,6 +303,7 @@ impl Session {
             first_frame: None,
             last_pli: HashMap::new(),
             pli_owed: Vec::new(),
+            rates: simulcast::LiveRates::default(),
         }
     }
 
@@ -387,6 +390,42 @@ impl Session {
             (a.kind() != Kind::Video, &a.name).cmp(&(b.kind() != Kind::Video, &b.name))
         });
         Catalog { tracks }
+    }
+
+    /// Puts the renditions' live rates in the catalog when they moved
+    /// ([`simulcast::LiveRates`]); the lanes keep them for later catalogs.
+    fn live_rates(&mut self, now: Instant) {
+        let Some(next) = self.rates.update(now, &self.catalog()) else {
+            return;
+        };
+        for t in self.tracks.values_mut() {
+            for lane in t.lanes.values_mut() {
+                let live = next
+                    .tracks
+                    .iter()
+                    .find(|i| Some(&i.name) == lane.out.as_ref())
+                    .and_then(|i| i.rendition.clone());
+                if let (Some(r), Some(live)) = (&mut lane.rendition, live) {
+                    *r = live;
+                }
+            }
+        }
+        let rates: Vec<String> = next
+            .tracks
+            .iter()
+            .filter_map(|t| {
+                let r = t.rendition.as_ref()?;
+                Some(format!(
+                    "{}={}kbps@{}fps",
+                    r.name, r.bitrate_kbps, r.framerate
+                ))
+            })
+            .collect();
+        tracing::debug!(parent: &self.span, ?rates, "renditions' live rates");
+        metrics::counter!(m::WHIP_RATE_UPDATES).increment(1);
+        if let Some(p) = &mut self.publisher {
+            p.set_catalog(next);
+        }
     }
 
     fn pli(&mut self, ctx: &mut Ctx<'_>, mid: Mid, rid: Option<Rid>) {
@@ -595,19 +634,29 @@ impl Session {
                 p.set_catalog(catalog);
             }
         }
-        let out = self
+        let (out, is_rendition) = self
             .tracks
             .get(&data.mid)
             .and_then(|t| t.lanes.get(&rid))
-            .and_then(|l| l.out.clone());
+            .map_or((None, false), |l| (l.out.clone(), l.rendition.is_some()));
         let Some(p) = &mut self.publisher else {
             return Flow::Continue;
         };
+        let bytes = frame.payload.len();
         if let Some(producer) = out.as_deref().and_then(|o| p.track_mut(o)) {
             if producer.write(frame).is_err() {
                 return Flow::Close;
             }
         }
+        if let (Some(track), true) = (&out, is_rendition) {
+            self.rates.on_frame(ctx.now, track, bytes);
+            if self.rates.due(ctx.now) {
+                self.live_rates(ctx.now);
+            }
+        }
+        let Some(p) = &mut self.publisher else {
+            return Flow::Continue;
+        };
         // Upstream keyframe requests, per published layer: the PLI goes to
         // that layer's rid.
         let mut wanted = Vec::new();

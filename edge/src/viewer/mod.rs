@@ -500,6 +500,9 @@ impl Out {
             let catalog = r.catalog.borrow_and_update().clone();
             let new = ladder(&catalog, r.codec);
             if !new.is_empty() && new != r.switch.renditions() {
+                let added = new
+                    .iter()
+                    .any(|n| !r.switch.renditions().iter().any(|o| o.name == n.name));
                 r.control.set_renditions(new.clone());
                 if let Some(a) = &mut r.abr {
                     a.controller.set_ladder(now, abr_ladder(&new));
@@ -507,8 +510,9 @@ impl Out {
                     // started late): when the estimate already carries it
                     // with the up-switch headroom, go now, as a viewer
                     // without ABR would, instead of waiting out a hold.
-                    if let (true, Some(est), Some(best)) =
-                        (a.auto, a.controller.estimate(), new.first())
+                    // (Not when only the live rates moved.)
+                    if let (true, true, Some(est), Some(best)) =
+                        (added, a.auto, a.controller.estimate(), new.first())
                     {
                         let fits = est as f64 >= rung_bps(best) as f64 * crate::abr::UP_HEADROOM;
                         if fits && a.controller.current() != Some(best.name.as_str()) {

@@ -110,8 +110,9 @@ pub struct Rendition {
     /// Picture height in pixels, 0 while unknown.
     #[serde(default)]
     pub height: u32,
-    /// Nominal bitrate in kbit/s (the ladder's, or the publisher's layer
-    /// bitrate measured at go-live), 0 while unknown.
+    /// Bitrate in kbit/s, 0 while unknown: the ladder's nominal one, or a
+    /// simulcast layer's as the ingest measures it live (the catalog is
+    /// updated when it moves by more than 25%, at most every 5 s).
     #[serde(default)]
     pub bitrate_kbps: u32,
     /// Frames per second, 0 while unknown.
