@@ -52,6 +52,20 @@ async fn viewer(
     stop: Arc<tokio::sync::Notify>,
     audio: Arc<AtomicU64>,
 ) -> (String, String) {
+    viewer_of(edge, stream, frames, stop, audio, true).await
+}
+
+/// [`viewer`]; `layers`: the stream has renditions now, so the 201 must
+/// advertise the layer endpoint (else it must not, and the layer URL
+/// returned is the session's `/layer` all the same).
+async fn viewer_of(
+    edge: &Edge,
+    stream: &str,
+    frames: Arc<Mutex<Vec<Got>>>,
+    stop: Arc<tokio::sync::Notify>,
+    audio: Arc<AtomicU64>,
+    layers: bool,
+) -> (String, String) {
     let mut rtc = RtcConfig::new()
         .clear_codecs()
         .enable_h264(true)
@@ -79,24 +93,24 @@ async fn viewer(
         .get_all("link")
         .iter()
         .map(|v| v.to_str().unwrap().to_string())
-        .find(|l| l.contains("rel=\"urn:ietf:params:whep:ext:core:layer\""))
-        .expect("201 advertises the layer endpoint");
-    let layer = link
-        .split('>')
-        .next()
-        .unwrap()
-        .trim_start_matches('<')
-        .to_string();
-    assert_eq!(layer, format!("{}/layer", &location[base.len()..]));
-    let sse = format!("<{}/sse>", &location[base.len()..]);
-    assert!(
-        res.headers().get_all("link").iter().any(|v| {
-            let v = v.to_str().unwrap();
-            v.contains(&sse)
-                && v.contains("rel=\"urn:ietf:params:whep:ext:core:server-sent-events\"")
-        }),
-        "201 advertises the event stream"
-    );
+        .find(|l| l.contains("rel=\"urn:ietf:params:whep:ext:core:layer\""));
+    let layer = format!("{}/layer", &location[base.len()..]);
+    if !layers {
+        assert!(link.is_none(), "no renditions yet: no layer link");
+    } else {
+        let link = link.expect("201 advertises the layer endpoint");
+        let advertised = link.split('>').next().unwrap().trim_start_matches('<');
+        assert_eq!(advertised, layer);
+        let sse = format!("<{}/sse>", &location[base.len()..]);
+        assert!(
+            res.headers().get_all("link").iter().any(|v| {
+                let v = v.to_str().unwrap();
+                v.contains(&sse)
+                    && v.contains("rel=\"urn:ietf:params:whep:ext:core:server-sent-events\"")
+            }),
+            "201 advertises the event stream"
+        );
+    }
     let answer = SdpAnswer::from_sdp_string(&res.text().await.unwrap()).unwrap();
     rtc.sdp_api().accept_answer(pending, answer).unwrap();
     tokio::spawn(async move {
@@ -299,6 +313,72 @@ async fn viewer_switches_renditions_through_the_layer_endpoint() {
     assert_eq!(r.len(), 3);
     assert_eq!(r[0].viewers, 1, "{r:?}");
     assert!(r[0].bitrate_bps > 0);
+}
+
+/// A simulcast publisher whose stream went live with one layer (a plain
+/// `video` track) and gained its other layers 1.5 s later (the WHIP
+/// ingest's late layers): a viewer that joined in between follows the
+/// catalog, moves up to the best rendition at its keyframe, with its one
+/// video stream continuous, and its layer endpoint works from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_who_joined_before_the_renditions_moves_up_to_them() {
+    let edge = Edge::start(Default::default()).await;
+    let media = ladder_media().await;
+    let _p = common::ladder::publish_with(
+        &edge.registry,
+        "late",
+        media,
+        Some(Duration::from_millis(1500)),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let frames = Arc::new(Mutex::new(Vec::new()));
+    let stop = Arc::new(tokio::sync::Notify::new());
+    let audio = Arc::new(AtomicU64::new(0));
+    let (layer, _session) = viewer_of(
+        &edge,
+        "late",
+        frames.clone(),
+        stop.clone(),
+        audio.clone(),
+        false,
+    )
+    .await;
+    let tags = || -> Vec<usize> {
+        frames
+            .lock()
+            .unwrap()
+            .iter()
+            .filter_map(|g| g.tag.map(rendition_of))
+            .collect()
+    };
+    assert!(
+        common::eventually(Duration::from_secs(5), || tags().contains(&2)).await,
+        "the plain track (the lowest layer) plays first"
+    );
+    assert!(
+        common::eventually(Duration::from_secs(10), || tags().last() == Some(&0)).await,
+        "moved up to the best rendition once it existed: {:?}",
+        tags()
+    );
+    let got = frames.lock().unwrap().clone();
+    let first_top = got
+        .iter()
+        .position(|g| g.tag.map(rendition_of) == Some(0))
+        .unwrap();
+    assert!(
+        got[first_top].sps.is_some(),
+        "the switch lands on a keyframe"
+    );
+    for w in got.windows(2) {
+        assert_eq!(w[1].seqs.0, w[0].seqs.1 + 1, "one continuous video stream");
+        assert!(w[1].rtp_ts >= w[0].rtp_ts, "timestamps never go back");
+    }
+    // Its layer endpoint exists now.
+    let state: serde_json::Value = reqwest::get(&layer).await.unwrap().json().await.unwrap();
+    assert_eq!(state["current"], "f", "{state}");
+    assert_eq!(state["renditions"].as_array().unwrap().len(), 3, "{state}");
+    assert!(audio.load(Ordering::Relaxed) > 0, "audio plays");
+    stop.notify_waiters();
 }
 
 /// A stream with one video track: no `Link` to a layer endpoint, and the

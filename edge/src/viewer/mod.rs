@@ -41,6 +41,13 @@ use switch::{Command, Direction, Rung, Source, Switch, Verdict};
 /// lagging: ~1 s of 2.5 Mbit/s video. Beyond it we skip to a keyframe rather
 /// than grow an unbounded queue.
 pub const MAX_QUEUED_PACKETS: usize = 256;
+/// For a viewer whose video str0m paces (bandwidth estimation on): the
+/// oldest unsent packet may wait this long before the viewer counts as
+/// lagging. Paced at ~1.1× an estimate that just fell to 0.4 Mbit/s, 256
+/// packets of 720p are 5–6 s of queue: a rendition switch down waited
+/// behind them (Chromium: a 4.5 s freeze on a 3 → 0.4 Mbit/s drop). A
+/// 720p keyframe paced on a link that carries it takes ~0.2 s.
+pub const MAX_QUEUE_DELAY: Duration = Duration::from_millis(500);
 /// Per-viewer retransmission cache: packets and age. 128 packets ≈ 0.45 s of
 /// 2.5 Mbit/s video, enough for NACK repair at RTTs up to ~300 ms. Measured
 /// (benches/fanout.rs, 500 sessions): ~0.45 KiB per cached packet, so 128
@@ -130,6 +137,25 @@ pub struct Out {
     /// Video of a stream with renditions: the switching machinery. `None`
     /// otherwise, so single-rendition streams run the path they always did.
     renditions: Option<Box<Renditions>>,
+    /// Video of a stream that had no renditions when the viewer joined:
+    /// what it takes to gain them if the stream does later (see [`Late`]).
+    late: Option<Box<Late>>,
+}
+
+/// A simulcast publisher's stream goes live with one plain track when only
+/// one layer came within the ingest's wait (1.5 s; seen under load); its
+/// other layers make it a stream with renditions seconds later. A viewer
+/// that joined in between watches the catalog (one atomic load per wake)
+/// and gains the switching machinery then, so Auto moves it up as it does
+/// for viewers who came later. Its session has no bandwidth estimator (that
+/// is set at the offer), so the choice is the best flowing rendition or
+/// the layer endpoint's; OvenPlayer's menu, sent at the start, stays empty.
+struct Late {
+    catalog: tokio::sync::watch::Receiver<cascade_origin::catalog::Catalog>,
+    hub: Arc<Hub>,
+    waker: Waker,
+    controls: Arc<control::Controls>,
+    id: cascade_rtc::session::SessionId,
 }
 
 /// A video track's renditions as one viewer gets them.
@@ -401,6 +427,7 @@ impl Out {
             packets_out: metrics::counter!(m::PACKETS_OUT, "kind" => kind_label(video)),
             egress_delay: video.then(|| metrics::histogram!(m::EGRESS_DELAY_SECONDS)),
             renditions: None,
+            late: None,
         }
     }
 
@@ -664,6 +691,7 @@ impl Out {
         wallclock: Instant,
     ) -> Written {
         let check_queue = !frame.keyframe && !self.cursor.in_backlog();
+        let paced = self.renditions.as_ref().is_some_and(|r| r.abr.is_some());
         let mut api = ctx.rtc.direct_api();
         let tx = match self.ssrc {
             Some(ssrc) => api.stream_tx(&ssrc),
@@ -674,9 +702,13 @@ impl Out {
         };
         self.ssrc = Some(tx.ssrc());
         if check_queue
-            && tx
-                .queue_info()
-                .is_some_and(|q| q.packet_count() > MAX_QUEUED_PACKETS)
+            && tx.queue_info().is_some_and(|q| {
+                q.packet_count() > MAX_QUEUED_PACKETS
+                    || (paced
+                        && q.first_unsent().is_some_and(|t| {
+                            ctx.now.saturating_duration_since(t) > MAX_QUEUE_DELAY
+                        }))
+            })
         {
             return Written::QueueFull;
         }
@@ -698,7 +730,47 @@ impl Out {
 
     /// Sends the backlog (a budget per wake), then everything the ring
     /// holds. `Close` once the feed ended.
+    /// A stream that had no renditions when the viewer joined gained them:
+    /// the viewer gains the switching machinery ([`Late`]).
+    fn upgrade(&mut self, sub: &Subscriber) {
+        let Some(late) = self.late.as_deref_mut() else {
+            return;
+        };
+        if !late.catalog.has_changed().unwrap_or(false) {
+            return;
+        }
+        let catalog = late.catalog.borrow_and_update().clone();
+        let Some(codec) = catalog
+            .by_name(cascade_origin::catalog::VIDEO)
+            .map(|t| t.codec)
+        else {
+            return;
+        };
+        let ladder = ladder(&catalog, codec);
+        if ladder.is_empty() {
+            return;
+        }
+        let Some(late) = self.late.take() else {
+            return;
+        };
+        tracing::debug!(
+            renditions = ladder.len(),
+            "the stream gained renditions: the viewer follows them"
+        );
+        let Late {
+            hub,
+            waker,
+            controls,
+            id,
+            ..
+        } = *late;
+        self.enable_renditions(ladder, sub, waker, hub, |c| controls.insert(id, c), None);
+    }
+
     fn pump(&mut self, ctx: &mut Ctx<'_>, sub: &Subscriber) -> Flow {
+        if self.late.is_some() {
+            self.upgrade(sub);
+        }
         if self.renditions.is_some() {
             self.steer(ctx, sub);
             if let Some(flow) = self.pump_pending(ctx, sub) {
@@ -794,11 +866,20 @@ pub fn attach_renditions(
     let catalog = subscriber.catalog();
     let codec = catalog.by_name(cascade_origin::catalog::VIDEO)?.codec;
     let ladder = ladder(&catalog, codec);
-    if ladder.is_empty() {
-        return None;
-    }
     let i = outs.iter().position(|o| o.video)?;
     let out = outs.get_mut(i)?;
+    if ladder.is_empty() {
+        let mut watch = subscriber.catalog_watch();
+        watch.borrow_and_update();
+        out.late = Some(Box::new(Late {
+            catalog: watch,
+            hub: hub.clone(),
+            waker: waker.clone(),
+            controls: controls.clone(),
+            id,
+        }));
+        return None;
+    }
     Some(out.enable_renditions(
         ladder,
         subscriber,

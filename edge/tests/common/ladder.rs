@@ -72,8 +72,63 @@ pub fn publish(
     name: &str,
     media: Vec<Arc<TestMedia>>,
 ) -> tokio::task::JoinHandle<()> {
-    let mut publisher = registry.publish(name, catalog(), "test").unwrap();
+    publish_with(registry, name, media, None)
+}
+
+/// The catalog of a simulcast publisher that went live with its lowest
+/// layer only, as a plain `video` track (no renditions).
+pub fn plain_catalog() -> Catalog {
+    let mut tracks = vec![TrackInfo {
+        rendition: None,
+        ..catalog_as_late().tracks[0].clone()
+    }];
+    tracks.push(super::catalog().tracks[1].clone());
+    Catalog { tracks }
+}
+
+/// The same publisher once its other layers came (the WHIP ingest's
+/// `add_layer`): the plain track becomes rendition `q`, the others are
+/// `video-f` and `video-h`.
+pub fn catalog_as_late() -> Catalog {
+    let mut c = catalog();
+    for t in &mut c.tracks {
+        match t.rendition.as_ref().map(|r| r.name.as_str()) {
+            Some("f") => t.name = "video-f".into(),
+            Some("q") => t.name = "video".into(),
+            _ => {}
+        }
+    }
+    c.tracks.sort_by_key(|t| t.name != "video");
+    c
+}
+
+/// The track each rendition of [`LADDER`] is written to.
+fn track_of(r: usize, late: bool) -> &'static str {
+    match (late, r) {
+        (false, _) => LADDER[r].1,
+        (true, 0) => "video-f",
+        (true, 1) => "video-h",
+        (true, _) => "video",
+    }
+}
+
+/// [`publish`], or with `late: Some(after)` a publisher that goes live
+/// with only the lowest rendition as a plain `video` track and gains the
+/// other two (as renditions) `after` later.
+pub fn publish_with(
+    registry: &Arc<Registry>,
+    name: &str,
+    media: Vec<Arc<TestMedia>>,
+    late: Option<Duration>,
+) -> tokio::task::JoinHandle<()> {
+    let first_catalog = if late.is_some() {
+        plain_catalog()
+    } else {
+        catalog()
+    };
+    let mut publisher = registry.publish(name, first_catalog, "test").unwrap();
     tokio::spawn(async move {
+        let mut grown = late.is_none();
         let start = tokio::time::Instant::now();
         let first = &media[0];
         let (mut vi, mut ai, mut vloops, mut aloops) = (0usize, 0usize, 0u64, 0u64);
@@ -84,9 +139,18 @@ pub fn publish(
             let vdue = start + Duration::from_micros(vpts * 1_000_000 / 90_000);
             let adue = start + Duration::from_micros(apts * 1_000_000 / 48_000);
             tokio::time::sleep_until(vdue.min(adue)).await;
+            if let (false, Some(after)) = (grown, late) {
+                if start.elapsed() >= after {
+                    publisher.set_catalog(catalog_as_late());
+                    grown = true;
+                }
+            }
             if vdue <= adue {
-                for (r, (_, track, _, _)) in LADDER.iter().enumerate() {
-                    let m = &media[r];
+                for (r, m) in media.iter().enumerate() {
+                    if !grown && r != 2 {
+                        continue;
+                    }
+                    let track = track_of(r, late.is_some());
                     let f = &m.video[vi % m.video.len()];
                     let au = tag::insert(
                         &f.annexb,
