@@ -41,6 +41,7 @@ const PROMETHEUS_METRICS: &[&str] = &["up"];
 /// The services of `deploy/compose.yaml`.
 const COMPOSE_SERVICES: &[&str] = &[
     "origin",
+    "origin-standby",
     "ingest",
     "edge1",
     "edge2",
@@ -376,7 +377,8 @@ fn compose_config_resolves_to_the_cluster() {
     let mut http_ports = BTreeMap::new();
     let mut media_ports = BTreeSet::new();
     let mut quic = None;
-    for name in ["origin", "ingest", "edge1", "edge2"] {
+    let mut standby = None;
+    for name in ["origin", "origin-standby", "ingest", "edge1", "edge2"] {
         let svc = &services[name];
         let cmd = svc["command"].as_array().expect("command list");
         let role = cmd[0].as_str().unwrap();
@@ -400,13 +402,21 @@ fn compose_config_resolves_to_the_cluster() {
             "{name}: HTTP port {http} is its own"
         );
         match role {
-            "origin" => quic = flag(cmd, "--quic").map(port_of),
+            "origin" if name == "origin" => quic = flag(cmd, "--quic").map(port_of),
+            "origin" => standby = flag(cmd, "--quic").map(port_of),
             "ingest" | "edge" => {
                 let origin = flag(cmd, "--origin").unwrap_or_else(|| panic!("{name} --origin"));
                 assert_eq!(
                     Some(port_of(origin)),
                     quic,
                     "{name} dials the origin's relay"
+                );
+                let second = flag(cmd, "--origin-standby")
+                    .unwrap_or_else(|| panic!("{name} --origin-standby"));
+                assert_eq!(
+                    Some(port_of(second)),
+                    standby,
+                    "{name} knows the standby origin's relay"
                 );
                 let udp = flag(cmd, "--udp").unwrap_or_else(|| panic!("{name} sets --udp"));
                 assert!(
@@ -438,10 +448,11 @@ fn compose_config_resolves_to_the_cluster() {
     assert_eq!(
         (
             quic.is_some(),
+            standby.is_some() && standby != quic,
             media_ports.len(),
             http_ports.values().filter(|r| **r == "edge").count()
         ),
-        (true, 3, 2)
+        (true, true, 3, 2)
     );
 
     // Prometheus scrapes exactly the nodes compose runs, with their roles.
@@ -537,8 +548,13 @@ fn kubernetes_manifests_validate_strictly() {
             .as_str()
             .expect("CASCADE_DRAIN_TIMEOUT"),
     );
-    for role in ["origin", "ingest", "edge"] {
-        let d = find("Deployment", &format!("cascade-{role}"));
+    for (name, role) in [
+        ("origin", "origin"),
+        ("origin-standby", "origin"),
+        ("ingest", "ingest"),
+        ("edge", "edge"),
+    ] {
+        let d = find("Deployment", &format!("cascade-{name}"));
         let pod = &d["spec"]["template"]["spec"];
         let grace = pod["terminationGracePeriodSeconds"].as_u64().unwrap_or(30);
         assert!(
@@ -613,6 +629,22 @@ fn kubernetes_manifests_validate_strictly() {
             .collect()
     };
     assert!(ports(find("Service", "cascade-origin")).contains(&(4433, "UDP".into())));
+    assert!(ports(find("Service", "cascade-origin-standby")).contains(&(4433, "UDP".into())));
+    // The two origins never share a Service: each selects its own pods.
+    let selector = |name: &str| find("Service", name)["spec"]["selector"].to_string();
+    assert_ne!(
+        selector("cascade-origin"),
+        selector("cascade-origin-standby")
+    );
+    for role in ["ingest", "edge"] {
+        let args = find("Deployment", &format!("cascade-{role}"))["spec"]["template"]["spec"]
+            ["containers"][0]["args"]
+            .to_string();
+        assert!(
+            args.contains(r#""--origin","cascade-origin:4433","--origin-standby","cascade-origin-standby:4433""#),
+            "{role} dials the origin, then the standby: {args}"
+        );
+    }
     let ingest = ports(find("Service", "cascade-ingest"));
     for p in [(1935, "TCP"), (8080, "TCP"), (8189, "UDP"), (8189, "TCP")] {
         assert!(
