@@ -679,7 +679,9 @@ async function main() {
     await ctx.close().catch(() => {});
     fs.rmSync(userDataDir, { recursive: true, force: true });
   }
-  process.stdout.write(JSON.stringify(out) + "\n");
+  // Written before exiting: a pipe takes 64 KiB at once, and process.exit
+  // would cut a longer result (a long publisher trace) mid-line.
+  await new Promise((r) => process.stdout.write(JSON.stringify(out) + "\n", r));
 }
 
 const killer = setTimeout(() => {
