@@ -404,6 +404,13 @@ pub fn ladder(
     rungs
 }
 
+/// [`ladder`] of the codec of `catalog`'s default video track (`None`:
+/// no video).
+fn video_ladder(catalog: &cascade_origin::catalog::Catalog) -> Option<Vec<Rung>> {
+    let codec = catalog.by_name(cascade_origin::catalog::VIDEO)?.codec;
+    Some(ladder(catalog, codec))
+}
+
 impl Out {
     /// An outgoing track on `mid` with payload type `pt`, fed by `member`.
     pub fn new(mid: Mid, pt: Pt, clock: u32, member: Member) -> Self {
@@ -740,13 +747,7 @@ impl Out {
             return;
         }
         let catalog = late.catalog.borrow_and_update().clone();
-        let Some(codec) = catalog
-            .by_name(cascade_origin::catalog::VIDEO)
-            .map(|t| t.codec)
-        else {
-            return;
-        };
-        let ladder = ladder(&catalog, codec);
+        let ladder = video_ladder(&catalog).unwrap_or_default();
         if ladder.is_empty() {
             return;
         }
@@ -863,9 +864,7 @@ pub fn attach_renditions(
     id: cascade_rtc::session::SessionId,
     bwe_start: Option<u64>,
 ) -> Option<Arc<Control>> {
-    let catalog = subscriber.catalog();
-    let codec = catalog.by_name(cascade_origin::catalog::VIDEO)?.codec;
-    let ladder = ladder(&catalog, codec);
+    let ladder = video_ladder(&subscriber.catalog())?;
     let i = outs.iter().position(|o| o.video)?;
     let out = outs.get_mut(i)?;
     if ladder.is_empty() {
