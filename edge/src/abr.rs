@@ -102,6 +102,11 @@ pub const REPROBE_GAP: Duration = Duration::from_millis(50);
 pub const LOSS_HIGH: f32 = 0.10;
 /// Loss under which an up-switch may happen.
 pub const LOSS_CLEAR: f32 = 0.02;
+/// A receiver report's window: RTCP receiver reports for video come about
+/// once a second (libwebrtc: 1 s, randomised ×0.5–1.5). A report within
+/// this of a switch still counts packets of the rendition left behind, so
+/// its delivered rate does not judge the new one.
+pub const REPORT_WINDOW: Duration = Duration::from_millis(1500);
 
 /// str0m's starting estimate for a viewer whose lowest rendition costs
 /// `lowest_bps`: 3× it, between 0.3 and 1 Mbit/s. The viewer starts on
@@ -161,6 +166,14 @@ pub struct Controller {
     current: Option<usize>,
     estimate: Option<u64>,
     loss: f32,
+    /// What the link delivered in the last receiver report window that
+    /// lost at least [`LOSS_HIGH`]: the rate sent over it × (1 − loss).
+    /// A saturated link delivers its capacity, whatever the delay-based
+    /// estimate still says.
+    delivered: Option<u64>,
+    /// The last switch (ours or a manual one): a report window that
+    /// began before it measured what was sent before.
+    switched_at: Option<Instant>,
     /// When the estimate (or loss) first said "too little" in this episode.
     low_since: Option<Instant>,
     /// When the last "too little" was seen: a recovery ends the episode only
@@ -202,6 +215,8 @@ impl Controller {
             current: None,
             estimate: None,
             loss: 0.0,
+            delivered: None,
+            switched_at: None,
             low_since: None,
             low_last: None,
             episode_sum: 0.0,
@@ -259,11 +274,51 @@ impl Controller {
 
     /// Receiver-reported loss (RTCP RR fraction lost, 0.0–1.0) for video.
     pub fn on_loss(&mut self, now: Instant, fraction: f32) {
-        self.loss = if fraction.is_finite() {
+        self.on_report(now, None, fraction);
+    }
+
+    /// A receiver report for video: its fraction lost (0.0–1.0) and, when
+    /// known, the rate the video was sent at since the previous report
+    /// (bit/s). With heavy loss, what got through is about the link's
+    /// capacity: the viewer goes at once to the rendition that fits it,
+    /// instead of stepping down one rendition per hold while the
+    /// delay-based estimate (which a full drop-tail queue at a constant
+    /// delay no longer moves) catches up. A report is about a second of
+    /// losses already, so no further hold is needed.
+    ///
+    /// The receiver's report window and the edge's send window are not
+    /// aligned (reports come every 0.5–1.5 s, the edge reads them every
+    /// [`cascade_rtc::bwe::STATS_INTERVAL`]): right after a switch the
+    /// product can be far off. So it picks among the renditions only,
+    /// never audio only (that stays the estimate's call), and its loss
+    /// flag is not taken within [`REPORT_WINDOW`] of a switch.
+    pub fn on_report(&mut self, now: Instant, sent_bps: Option<u64>, fraction: f32) {
+        let settled = self
+            .switched_at
+            .is_none_or(|t| now.saturating_duration_since(t) >= REPORT_WINDOW);
+        let fraction = if fraction.is_finite() {
             fraction.clamp(0.0, 1.0)
         } else {
             0.0
         };
+        // A window that began before the last switch lost packets of the
+        // rendition left behind: counted as congestion it took a viewer
+        // that had just stepped down one step further, to audio only on a
+        // link that carries the lowest (seen in edge/tests/abr_link.rs).
+        self.loss = if settled { fraction } else { 0.0 };
+        self.delivered = sent_bps
+            .filter(|_| fraction >= LOSS_HIGH)
+            .map(|s| (s as f64 * f64::from(1.0 - fraction)) as u64);
+        if let (Some(d), Some(cur)) = (self.delivered, self.current) {
+            if !self.inert() {
+                let est = self.estimate.map_or(d, |e| e.min(d));
+                let to = self.highest_fitting(est as f64).unwrap_or(0);
+                if to < cur {
+                    self.switch(now, Some(to), est);
+                    return;
+                }
+            }
+        }
         self.evaluate(now);
     }
 
@@ -317,6 +372,8 @@ impl Controller {
         self.current = to;
         // As in `switch`: the loss reading described what was sent before.
         self.loss = 0.0;
+        self.delivered = None;
+        self.switched_at = Some(now);
         self.end_episode();
         self.high_since = None;
         self.reprobe_at = None;
@@ -544,6 +601,8 @@ impl Controller {
         // good — seen with Chromium in tests/browser_abr.rs. The next real
         // report sets it again; a policer's loss is simply measured anew.
         self.loss = 0.0;
+        self.delivered = None;
+        self.switched_at = Some(now);
         self.end_episode();
         self.high_since = None;
         self.reprobe_at = None;
@@ -949,6 +1008,75 @@ mod tests {
         assert!(run(&mut c, &mut t, ms(20_000), |_| 50_000_000).is_empty());
         assert_eq!(c.poll_timeout(), None);
         assert_eq!(c.current(), Some("video"));
+    }
+
+    #[test]
+    fn a_saturated_link_takes_the_viewer_straight_to_what_it_delivers() {
+        // On 'f' (2.5 Mbit/s) when the link falls to ~450 kbit/s: the
+        // delay-based estimate still says 4 Mbit/s (a full drop-tail
+        // queue), but the receiver lost 82% of 2.5 Mbit/s.
+        let (mut c, t) = started(5_000_000);
+        assert_eq!(c.current(), Some("f"));
+        c.on_estimate(t, 4_000_000);
+        c.on_report(t, Some(2_500_000), 0.82);
+        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        // At once (the window was a second of loss), past 'h' to 'q'.
+        assert!(
+            matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("q") && !s.up),
+            "{out:?}"
+        );
+        // The next report still counts 'f' packets sent before the
+        // switch: it does not take the viewer further down.
+        c.on_report(t + ms(900), Some(900_000), 0.6);
+        assert!(
+            !std::iter::from_fn(|| c.poll_output()).any(|o| matches!(o, Output::Switch(_))),
+            "a second switch for the old window"
+        );
+        assert_eq!(c.current(), Some("q"));
+    }
+
+    #[test]
+    fn a_report_takes_the_viewer_to_the_lowest_at_most() {
+        // 80 kbit/s delivered is under the lowest, but a report window is
+        // not aligned with what was sent: it picks the lowest; audio only
+        // stays the estimate's call.
+        let (mut c, t) = started(1_000_000);
+        assert_eq!(c.current(), Some("h"));
+        c.on_report(t, Some(800_000), 0.9);
+        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        assert!(
+            matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("q")),
+            "{out:?}"
+        );
+        // The next report, within the window of the switch, flags nothing.
+        c.on_report(t + ms(500), Some(300_000), 0.5);
+        c.handle_timeout(t + ms(500) + DOWN_HOLD);
+        assert!(!std::iter::from_fn(|| c.poll_output()).any(|o| matches!(o, Output::Switch(_))));
+        assert_eq!(c.current(), Some("q"));
+    }
+
+    #[test]
+    fn random_loss_on_a_wide_link_steps_down_one_at_once() {
+        // 12% random loss on a link that carries what is sent: delivered
+        // 2.2 Mbit/s of 2.5 fits 'h', one step down, not further.
+        let (mut c, t) = started(5_000_000);
+        c.on_estimate(t, 4_000_000);
+        c.on_report(t, Some(2_500_000), 0.12);
+        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        assert!(
+            matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("h")),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn a_report_without_heavy_loss_changes_nothing() {
+        let (mut c, t) = started(5_000_000);
+        c.on_estimate(t, 4_000_000);
+        c.on_report(t, Some(2_500_000), 0.05);
+        c.handle_timeout(t + DOWN_HOLD);
+        assert!(!std::iter::from_fn(|| c.poll_output()).any(|o| matches!(o, Output::Switch(_))));
+        assert_eq!(c.current(), Some("f"));
     }
 
     #[test]

@@ -27,7 +27,7 @@ use crate::metrics as m;
 use crate::sdp::{self, Refusal};
 use crate::viewer::control::{Control, Controls};
 use crate::viewer::switch::Target;
-use crate::viewer::{Slot, Viewer, RTX_CACHE_AGE, RTX_CACHE_PACKETS};
+use crate::viewer::{rtx_ratio_cap, Slot, Viewer, RTX_CACHE_AGE, RTX_CACHE_PACKETS};
 use crate::Config;
 
 /// The WHEP endpoint of a node.
@@ -324,7 +324,11 @@ impl Endpoint for Whep {
                 let Some(tx) = api.stream_tx_by_mid(mid, None) else {
                     continue;
                 };
-                tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, None);
+                tx.set_rtx_cache(
+                    RTX_CACHE_PACKETS,
+                    RTX_CACHE_AGE,
+                    rtx_ratio_cap(bwe_start.or(bench).is_some()),
+                );
                 planned.push((
                     mid,
                     Pt::from(c.format.pt),

@@ -557,7 +557,11 @@ fn accept(
         let Some(tx) = api.stream_tx_by_mid(mid, None) else {
             continue;
         };
-        tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, None);
+        tx.set_rtx_cache(
+            RTX_CACHE_PACKETS,
+            RTX_CACHE_AGE,
+            crate::viewer::rtx_ratio_cap(bwe_start.is_some()),
+        );
         planned.push((mid, pt, p.track.codec.clock_rate(), p.track.name.clone()));
     }
     if planned.is_empty() {

@@ -124,7 +124,7 @@ fn ladder() -> Vec<Rung> {
 
 /// A viewer as the edge builds one: str0m started at
 /// `abr::start_estimate` of the lowest rendition, the controller on what
-/// that carries (the lowest here).
+/// that carries (the lowest here), retransmissions capped.
 fn abr_sim(cap: Option<u64>) -> Sim {
     let initial = cascade_edge::abr::start_estimate(250_000);
     let abr = Controller::new(ladder(), initial);
@@ -132,6 +132,7 @@ fn abr_sim(cap: Option<u64>) -> Sim {
         .current()
         .and_then(|n| ladder().into_iter().find(|r| r.name == n).map(|r| r.bps));
     let mut sim = Sim::new(cap, start.unwrap(), Some(Bitrate::bps(initial)));
+    sim.cap_rtx(cascade_edge::viewer::rtx_ratio_cap(true));
     sim.abr = Some(abr);
     sim
 }
@@ -224,6 +225,48 @@ fn abr_climbs_when_the_cap_rises_and_drops_when_it_falls() {
         "down after {:?}",
         down.0 - secs(45)
     );
+}
+
+#[test]
+fn abr_drops_from_the_top_to_what_a_narrow_link_delivers_within_two_seconds() {
+    // Settled on 'f' behind 4 Mbit/s, the link narrows to 400 kbit/s: the
+    // drop-tail queue fills and holds a constant delay, so the delay-based
+    // estimate lags; the receiver's loss × what was sent says at once
+    // what the link carries.
+    let mut sim = abr_sim(Some(4_000_000));
+    sim.run_until(secs(20));
+    assert_eq!(settled(&sim).0.as_deref(), Some("f"), "{:?}", sim.switches);
+    let n = sim.switches.len();
+    sim.set_cap(Some(400_000));
+    sim.run_until(secs(30));
+    let after: Vec<_> = sim.switches[n..].to_vec();
+    println!("cap 4 → 0.4 at 20 s: {after:?}");
+    println!(
+        "receiver reports from 19 s (time, loss): {:?}",
+        sim.losses
+            .iter()
+            .filter(|l| l.0 >= secs(19))
+            .collect::<Vec<_>>()
+    );
+    let first = after.first().cloned().unwrap();
+    // The figure: the first switch down within 2 s of the drop.
+    assert!(
+        first.0 - secs(20) < secs(2),
+        "first switch after {:?}",
+        first.0 - secs(20)
+    );
+    // And on what the link carries soon after, never audio only (the
+    // lowest fits 400 kbit/s).
+    let low = after
+        .iter()
+        .find(|s| s.1.as_deref() == Some("q"))
+        .unwrap_or_else(|| panic!("never on q: {after:?}"));
+    assert!(
+        low.0 - secs(20) < secs(3),
+        "on q after {:?}",
+        low.0 - secs(20)
+    );
+    assert!(after.iter().all(|s| s.1.is_some()), "audio only: {after:?}");
 }
 
 /// What BWE adds to a viewer's cost, in this debug build (the criterion

@@ -30,9 +30,12 @@ pub const INITIAL_ESTIMATE: Bitrate = Bitrate::kbps(1_000);
 
 /// How often a BWE session reports `Event::MediaEgressStats`, whose `loss`
 /// (RTCP receiver reports' fraction lost) is the controller's second input:
-/// a policer drops without queueing, which the delay-based estimate misses.
-/// Once a second matches the receivers' report interval for video.
-pub const STATS_INTERVAL: Duration = Duration::from_secs(1);
+/// a policer drops without queueing, and a full drop-tail queue holds a
+/// constant delay, both of which the delay-based estimate misses. Receivers
+/// report video about once a second; polling twice as often passes a report
+/// on within half a second instead of a whole one (an event without a new
+/// report carries `loss: None` and costs a few comparisons).
+pub const STATS_INTERVAL: Duration = Duration::from_millis(500);
 
 /// Turns on TWCC, str0m's bandwidth estimator and egress stats for a session
 /// being built. Call it after `set_extension_map`, which would drop the

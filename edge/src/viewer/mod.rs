@@ -54,6 +54,24 @@ pub const MAX_QUEUE_DELAY: Duration = Duration::from_millis(500);
 /// keeps a viewer at ~185 KiB resident (str0m's default 1,000: > 500 KiB;
 /// 512: ~350 KiB; 0: ~126 KiB). Payloads are shared `Arc`s, never copied.
 pub const RTX_CACHE_PACKETS: usize = 128;
+/// Retransmissions' share of a viewer's video bytes above which str0m drops
+/// queued resends (`StreamTx::set_rtx_cache`), for sessions with bandwidth
+/// estimation. Without a cap, a link that suddenly carries less than the
+/// rendition got every lost packet NACKed and resent, and resent again: in
+/// `edge/tests/abr_link.rs` a 4 → 0.4 Mbit/s drop drew 1.7–2.9 Mbit/s of
+/// retransmissions into the 0.4 Mbit/s link, which then lost even the
+/// lowest rendition and went audio only. 0.15 is str0m's default (libwebrtc
+/// bounds resends by the estimate for the same reason). Sessions without
+/// an estimator keep resending everything asked for, as before (and pay
+/// nothing for the byte history the cap keeps).
+pub const RTX_RATIO_CAP: f32 = 0.15;
+
+/// The retransmission cap for a session with (`true`) or without an
+/// estimator: see [`RTX_RATIO_CAP`].
+pub fn rtx_ratio_cap(estimated: bool) -> Option<f32> {
+    estimated.then_some(RTX_RATIO_CAP)
+}
+
 /// Age limit of the retransmission cache: older packets are useless to a
 /// receiver whose jitter buffer has moved on.
 pub const RTX_CACHE_AGE: Duration = Duration::from_secs(1);
@@ -190,6 +208,21 @@ struct Abr {
     /// The target was Auto at the last wake: on a return to Auto the
     /// controller is told what is being sent, and decides again from there.
     auto: bool,
+    /// The video's bytes sent at the last receiver report (str0m's stats
+    /// time, total bytes): the rate sent over a report's window is what
+    /// its loss fraction applies to.
+    report: Option<(Instant, u64)>,
+}
+
+impl Abr {
+    /// A video stats event carrying a receiver report: the rate sent since
+    /// the previous one, bit/s (`None` for the first).
+    fn sent_since_report(&mut self, at: Instant, bytes: u64) -> Option<u64> {
+        let prev = self.report.replace((at, bytes));
+        let (t0, b0) = prev?;
+        let secs = at.checked_duration_since(t0)?.as_secs_f64();
+        (secs >= 0.2).then(|| (bytes.saturating_sub(b0) as f64 * 8.0 / secs) as u64)
+    }
 }
 
 /// What sending a rendition costs, bit/s: its nominal bitrate, else a
@@ -461,6 +494,7 @@ impl Out {
             controller: crate::abr::Controller::new(abr_ladder(&ladder), start),
             start_bps: start,
             auto: false,
+            report: None,
         });
         let mut switch = Switch::new(ladder.clone(), clock);
         // With ABR the viewer starts where the controller starts (a low
@@ -1023,7 +1057,9 @@ impl Handler for Viewer {
                 let video = self.outs.iter().any(|o| o.video && o.mid == s.mid);
                 if let (true, Some(loss)) = (video, s.loss) {
                     if let Some(a) = self.abr_mut() {
-                        a.controller.on_loss(ctx.now, loss);
+                        let sent = a.sent_since_report(s.timestamp, s.bytes);
+                        tracing::trace!(session = ?ctx.id, loss, sent_bps = sent, "receiver report");
+                        a.controller.on_report(ctx.now, sent, loss);
                     }
                 }
                 Flow::Continue

@@ -176,6 +176,9 @@ pub struct Sim {
     pub tx_rtp_out: u64,
     /// The latest time given to the sender (`Entry::clock` in the shard).
     pub tx_clock: Instant,
+    /// Video bytes sent at the last receiver report (the shell's
+    /// `viewer::Abr::sent_since_report`).
+    pub report: Option<(Instant, u64)>,
 }
 
 pub fn sdp_pt(sdp: &str, codec: &str) -> u8 {
@@ -288,6 +291,7 @@ impl Sim {
             tx_bursts: 0,
             tx_rtp_out: 0,
             tx_clock: start,
+            report: None,
         }
     }
 
@@ -336,8 +340,18 @@ impl Sim {
                 Output::Event(Event::MediaEgressStats(st)) => {
                     if let Some(loss) = st.loss {
                         self.losses.push((self.elapsed(), loss));
+                        let sent =
+                            self.report
+                                .replace((st.timestamp, st.bytes))
+                                .and_then(|(t0, b0)| {
+                                    let secs =
+                                        st.timestamp.checked_duration_since(t0)?.as_secs_f64();
+                                    (secs >= 0.2).then(|| {
+                                        (st.bytes.saturating_sub(b0) as f64 * 8.0 / secs) as u64
+                                    })
+                                });
                         if let Some(abr) = &mut self.abr {
-                            abr.on_loss(self.now, loss);
+                            abr.on_report(self.now, sent, loss);
                         }
                     }
                 }
@@ -499,5 +513,15 @@ impl Sim {
 
     pub fn set_cap(&mut self, cap: Option<u64>) {
         self.down.rate = cap;
+    }
+
+    /// The sender's retransmission cap, as the edge sets it for a session
+    /// with an estimator (`viewer::rtx_ratio_cap`).
+    pub fn cap_rtx(&mut self, cap: Option<f32>) {
+        let mid = self.mid;
+        let mut d = self.tx.direct_api();
+        d.stream_tx_by_mid(mid, None)
+            .unwrap()
+            .set_rtx_cache(128, Duration::from_secs(1), cap);
     }
 }
