@@ -107,6 +107,13 @@ pub const LOSS_CLEAR: f32 = 0.02;
 /// this of a switch still counts packets of the rendition left behind, so
 /// its delivered rate does not judge the new one.
 pub const REPORT_WINDOW: Duration = Duration::from_millis(1500);
+/// A loss reading older than this no longer counts. Receivers report video
+/// about once a second while it flows, and not at all once it stops: in
+/// audio only, the last report of the video left behind (packets still in
+/// flight at the switch, 50% lost) blocked every way back up for good
+/// (Chromium, tests/browser_abr.rs: 40 s with an estimate above the lowest
+/// rendition and no up-switch).
+pub const LOSS_STALE: Duration = Duration::from_secs(3);
 
 /// str0m's starting estimate for a viewer whose lowest rendition costs
 /// `lowest_bps`: 3× it, between 0.3 and 1 Mbit/s. The viewer starts on
@@ -174,6 +181,8 @@ pub struct Controller {
     /// The last switch (ours or a manual one): a report window that
     /// began before it measured what was sent before.
     switched_at: Option<Instant>,
+    /// When `loss` was last reported: it expires after [`LOSS_STALE`].
+    loss_at: Option<Instant>,
     /// When the estimate (or loss) first said "too little" in this episode.
     low_since: Option<Instant>,
     /// When the last "too little" was seen: a recovery ends the episode only
@@ -217,6 +226,7 @@ impl Controller {
             loss: 0.0,
             delivered: None,
             switched_at: None,
+            loss_at: None,
             low_since: None,
             low_last: None,
             episode_sum: 0.0,
@@ -306,6 +316,7 @@ impl Controller {
         // that had just stepped down one step further, to audio only on a
         // link that carries the lowest (seen in edge/tests/abr_link.rs).
         self.loss = if settled { fraction } else { 0.0 };
+        self.loss_at = Some(now);
         self.delivered = sent_bps
             .filter(|_| fraction >= LOSS_HIGH)
             .map(|s| (s as f64 * f64::from(1.0 - fraction)) as u64);
@@ -342,6 +353,9 @@ impl Controller {
                 .map(|f| f + STARTUP),
             self.reprobe_at,
             self.lowered_until,
+            self.loss_at
+                .filter(|_| self.loss > 0.0)
+                .map(|t| t + LOSS_STALE),
         ]
         .into_iter()
         .flatten()
@@ -429,6 +443,9 @@ impl Controller {
         if !self.startup_over && self.first_estimate.is_some_and(|f| now >= f + STARTUP) {
             self.startup_over = true;
             self.update_bitrate();
+        }
+        if self.loss > 0.0 && self.loss_at.is_none_or(|t| now >= t + LOSS_STALE) {
+            self.loss = 0.0;
         }
         let estf = est as f64;
         let congested = self.loss >= LOSS_HIGH;
@@ -1053,6 +1070,21 @@ mod tests {
         c.handle_timeout(t + ms(500) + DOWN_HOLD);
         assert!(!std::iter::from_fn(|| c.poll_output()).any(|o| matches!(o, Output::Switch(_))));
         assert_eq!(c.current(), Some("q"));
+    }
+
+    #[test]
+    fn a_last_lossy_report_of_the_video_left_behind_expires_in_audio_only() {
+        let (mut c, mut t) = started(1_000_000);
+        let s = run(&mut c, &mut t, ms(1000), |_| 90_000);
+        assert_eq!(s.last().map(|x| x.1.to.clone()), Some(None), "{s:?}");
+        // Packets in flight at the switch: a report with half of them
+        // lost, after the report window; then no video, no more reports.
+        t += REPORT_WINDOW;
+        c.on_report(t, Some(60_000), 0.5);
+        // The link recovers: back on the lowest once the hold has passed.
+        let s = run(&mut c, &mut t, ms(12_000), |_| 400_000);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("q"));
     }
 
     #[test]
