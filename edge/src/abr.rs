@@ -7,7 +7,7 @@
 //!
 //! ```text
 //! on Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. }) → abr.on_estimate(now, estimate.as_u64())
-//! on Event::MediaEgressStats(s) with s.loss = Some(f)             → abr.on_loss(now, f)
+//! on Event::MediaEgressStats(s) with s.loss = Some(f)             → abr.on_report(now, sent_bps, f)
 //! on every wake / timer (cheap: a compare when nothing is due)    → abr.handle_timeout(now)
 //! the catalog's renditions changed (live bitrates, a new layer)   → abr.set_ladder(now, ladder)
 //! a manual choice, or "auto" again after one                      → abr.set_current(now, sent)

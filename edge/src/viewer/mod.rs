@@ -144,6 +144,12 @@ pub struct Out {
     seq: u64,
     ts_offset: u64,
     last_keyframe_request: Option<Instant>,
+    /// A keyframe request the per-viewer interval held back, and its cause:
+    /// it goes out once the interval has passed, unless a keyframe came
+    /// first. Dropping it left a viewer that lagged twice within a second
+    /// (a switch down behind a queue) waiting for the publisher's next
+    /// natural keyframe: Chromium froze 3 s in tests/browser_abr.rs.
+    keyframe_owed: Option<&'static str>,
     frames: u64,
     packets: u64,
     /// Metric handles resolved once: a lookup per wake per viewer would cost
@@ -461,6 +467,7 @@ impl Out {
             seq: u64::from(rand::random::<u16>() & 0x7fff),
             ts_offset: u64::from(rand::random::<u32>()),
             last_keyframe_request: None,
+            keyframe_owed: None,
             frames: 0,
             packets: 0,
             frames_out: metrics::counter!(m::FRAMES_OUT, "kind" => kind_label(video)),
@@ -714,8 +721,10 @@ impl Out {
             .last_keyframe_request
             .is_some_and(|t| now.duration_since(t) < VIEWER_KEYFRAME_INTERVAL)
         {
+            self.keyframe_owed = Some(cause);
             return;
         }
+        self.keyframe_owed = None;
         self.last_keyframe_request = Some(now);
         metrics::counter!(m::KEYFRAME_REQUESTS, "cause" => cause).increment(1);
         self.member.feed().request_keyframe();
@@ -803,6 +812,9 @@ impl Out {
     }
 
     fn pump(&mut self, ctx: &mut Ctx<'_>, sub: &Subscriber) -> Flow {
+        if let Some(cause) = self.keyframe_owed {
+            self.want_keyframe(cause, ctx.now);
+        }
         if self.late.is_some() {
             self.upgrade(sub);
         }
@@ -818,6 +830,9 @@ impl Out {
             let live = !self.cursor.in_backlog();
             match self.cursor.next(&mut budget) {
                 Next::Frame(f, ts, wallclock) => {
+                    if f.keyframe {
+                        self.keyframe_owed = None;
+                    }
                     let (ts, wallclock) = match self.renditions.as_deref_mut() {
                         None => (ts, wallclock),
                         Some(r) => {
