@@ -49,7 +49,8 @@ const MAX_IMMEDIATE: usize = 64;
 /// packet of a frame became its own timer-heap entry, drain and `sendmsg`
 /// (1.0 datagrams per drain instead of 9.5 at 2.5 Mbit/s, ~300 wakes/s per
 /// viewer; with this slack 8.9 and ~19, `edge/tests/abr_link.rs`). The session
-/// is then fed that deadline, never an earlier time (see `Entry::clock`).
+/// is then fed that deadline — or `now` if it has passed — never an earlier
+/// time than before (see `Entry::clock`).
 const NEAR_DUE: Duration = Duration::from_micros(100);
 /// Source addresses (paths) a session keeps routed: a browser uses one or
 /// two, a few more through network changes. A new verified path past it
@@ -444,7 +445,16 @@ impl<S: Sink> Shard<S> {
                 Ok(Output::Timeout(t)) => {
                     if t <= now + NEAR_DUE && immediate < MAX_IMMEDIATE {
                         immediate += 1;
-                        let at = e.at(t);
+                        // An overdue deadline is fed as `now`, not as
+                        // itself: str0m stamps what its pacer releases with
+                        // the time it is given, and a shard that woke late
+                        // then sent a whole probe cluster at once stamped
+                        // as if spread over its 15 ms. Chromium saw them
+                        // arrive together and str0m rejected the probe
+                        // ("receive/send ratio" 2.4-63) or measured the
+                        // link at what the late timer let out (1-1.9 Mbit/s
+                        // on an unlimited link), tests/browser_abr.rs.
+                        let at = e.at(t.max(now));
                         if e.rtc.handle_input(Input::Timeout(at)).is_err() {
                             close = Some(CloseReason::Error);
                             break;

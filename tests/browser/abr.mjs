@@ -133,7 +133,7 @@ async function main() {
     if (job.kind === "publish") {
       const url = `${base}/whip/${job.stream}`;
       await page.goto(`${staticOrigin}/simulcast.html?url=${encodeURIComponent(url)}&token=${encodeURIComponent(job.token)}` +
-        (job.codec ? `&codec=${encodeURIComponent(job.codec)}` : "") + (job.minKbps ? `&minKbps=${job.minKbps}` : ""), { waitUntil: "domcontentloaded" });
+        (job.codec ? `&codec=${encodeURIComponent(job.codec)}` : "") + (job.minKbps ? `&minKbps=${job.minKbps}` : "") + "&keepRes=1", { waitUntil: "domcontentloaded" });
       const t0 = Date.now();
       let st = {};
       while (Date.now() - t0 < 15000) {
