@@ -560,6 +560,14 @@ fn abr_viewer_climbs_when_the_limit_rises_and_drops_when_it_falls() {
         .find(|s| s.t >= raised_at && s.height >= 360.0)
         .map_or(f64::NAN, |s| s.t - raised_at);
     let drop_ms = at(&dropped, "reachedAt") - lowered_at;
+    // What the viewer showed when the limit fell: the drop is only measured
+    // if it was still on 720p (a 3 Mbit/s link carries it), not already
+    // knocked down by itself.
+    let height_lowered = tr
+        .iter()
+        .rev()
+        .find(|s| s.t <= lowered_at)
+        .map_or(f64::NAN, |s| s.height);
     let end = tr.last().map_or(f64::NAN, |s| s.t);
     let (gap, gap_at) = max_gap(&tr, raised_at, end);
     let (gap_up, _) = max_gap(&tr, raised_at, lowered_at);
@@ -569,6 +577,7 @@ fn abr_viewer_climbs_when_the_limit_rises_and_drops_when_it_falls() {
         "abr climb: settled at ≤ 180p {:.0} ms after opening; limit 400 kbit/s → 3 Mbit/s: ≥ 360p after {to_360_ms:.0} ms, \
          720p after {climb_ms:.0} ms; 3 Mbit/s → 400 kbit/s: ≤ 180p after {drop_ms:.0} ms; longest gap before the raise \
          {gap_before:.0} ms, climbing {gap_up:.0} ms, dropping {gap_down:.0} ms (overall {gap:.0} ms at {:.1} s); \
+         on {height_lowered:.0}p when the limit fell; \
          steps {}; heights {}; stats {}; error {}",
         at(&settled, "reachedAt") - opened,
         (gap_at - opened) / 1000.0,
@@ -592,8 +601,16 @@ fn abr_viewer_climbs_when_the_limit_rises_and_drops_when_it_falls() {
         "did not climb to 720p within 60 s of 3 Mbit/s"
     );
     assert!(
+        height_lowered >= 720.0,
+        "left 720p by itself on the 3 Mbit/s link: on {height_lowered:.0}p when the limit fell"
+    );
+    assert!(
         dropped["reached"] == true,
         "did not drop to ≤ 180p within 20 s of 400 kbit/s"
+    );
+    assert!(
+        drop_ms <= 2000.0,
+        "the drop to ≤ 180p took {drop_ms:.0} ms (> 2 s)"
     );
     assert!(
         gap <= 1000.0,

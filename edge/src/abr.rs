@@ -333,6 +333,27 @@ impl Controller {
         self.evaluate(now);
     }
 
+    /// The viewer's send queue held video longer than the lag limit
+    /// (`viewer::MAX_QUEUE_DELAY`) and it skipped to the next keyframe:
+    /// str0m paces at about 1.1 × its estimate, so the rendition did not
+    /// fit the pacing rate even though the estimate still sat within the
+    /// keep margin of it (Chromium behind 400 kbit/s on 360p: estimates of
+    /// 310–360 kbit/s for ~340–440 kbit/s, six skips and a 5 s freeze
+    /// before the estimate crossed the margin). Goes down at once — to
+    /// what the estimate carries, at least one step, never to audio only
+    /// (that stays the estimate's call).
+    pub fn on_queue_lag(&mut self, now: Instant) {
+        let Some(cur) = self.current else {
+            return;
+        };
+        if self.inert() || cur == 0 {
+            return;
+        }
+        let est = self.estimate.unwrap_or(0);
+        let to = self.highest_fitting(est as f64).unwrap_or(0).min(cur - 1);
+        self.switch(now, Some(to), est);
+    }
+
     /// Time passed: a hold may have completed.
     pub fn handle_timeout(&mut self, now: Instant) {
         if self.poll_timeout().is_some_and(|t| t <= now) {
@@ -1085,6 +1106,29 @@ mod tests {
         let s = run(&mut c, &mut t, ms(12_000), |_| 400_000);
         assert_eq!(s.len(), 1, "{s:?}");
         assert_eq!(s[0].1.to.as_deref(), Some("q"));
+    }
+
+    #[test]
+    fn a_send_queue_lag_steps_down_at_once_but_not_to_audio_only() {
+        let (mut c, t) = started(5_000_000);
+        assert_eq!(c.current(), Some("f"));
+        // The estimate (2.3 M) is within the keep margin of 'f' (2.5 M).
+        c.on_estimate(t, 2_300_000);
+        c.on_queue_lag(t);
+        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        assert!(
+            matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("h") && !s.up),
+            "{out:?}"
+        );
+        // Further down when the estimate carries less.
+        c.on_estimate(t, 300_000);
+        c.on_queue_lag(t);
+        assert_eq!(c.current(), Some("q"));
+        // On the lowest a lag changes nothing.
+        while c.poll_output().is_some() {}
+        c.on_queue_lag(t);
+        assert!(c.poll_output().is_none());
+        assert_eq!(c.current(), Some("q"));
     }
 
     #[test]

@@ -853,6 +853,13 @@ impl Out {
                         Written::QueueFull => {
                             self.cursor.skip_to_keyframe();
                             self.lagged("queue", ctx.now);
+                            // Paced (ABR): the rendition does not fit what
+                            // str0m lets out; the controller steps down.
+                            if let Some(a) =
+                                self.renditions.as_deref_mut().and_then(|r| r.abr.as_mut())
+                            {
+                                a.controller.on_queue_lag(ctx.now);
+                            }
                             continue;
                         }
                         Written::NoStream => return Flow::Close,
