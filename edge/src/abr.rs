@@ -102,6 +102,24 @@ pub const REPROBE_GAP: Duration = Duration::from_millis(50);
 pub const LOSS_HIGH: f32 = 0.10;
 /// Loss under which an up-switch may happen.
 pub const LOSS_CLEAR: f32 = 0.02;
+/// For the last this-long of an up-hold, str0m pads the viewer's traffic up
+/// to the target rendition's bitrate × [`UP_HEADROOM`] (`set_bitrate`'s
+/// minimum, which str0m caps at its estimate). The switch's
+/// keyframe queues briefly on the link; str0m answers the delay with 0.85 ×
+/// the throughput it has just acknowledged, and without padding that was the
+/// lower rendition's: a 360p viewer that went to 720p on a 3 Mbit/s link had
+/// its estimate cut from 5.2 Mbit/s to 0.41 Mbit/s by the 720p keyframe, and
+/// was back on 180p 1 s later (Chromium, tests/browser_abr.rs); padded to
+/// the target's own rate, the cut left 0.85 × it, just under the keep
+/// margin (2.04 for 2.61 Mbit/s). With 1.2 × the target acknowledged first,
+/// the same cut leaves ~1.02 × the target. It also confirms on the wire
+/// that the link carries that rate: if not, the estimate falls during the
+/// padding and the up-switch is called off.
+pub const CONFIRM: Duration = Duration::from_millis(1500);
+/// How long the padding of [`CONFIRM`] goes on after the up-switch: a
+/// keyframe request and its answer (the publisher's keyframe, up to ~0.5 s
+/// from Chromium) and its queueing on the link.
+pub const PAD_AFTER_SWITCH: Duration = Duration::from_secs(1);
 /// A receiver report's window: RTCP receiver reports for video come about
 /// once a second (libwebrtc: 1 s, randomised ×0.5–1.5). A report within
 /// this of a switch still counts packets of the rendition left behind, so
@@ -183,6 +201,10 @@ pub struct Controller {
     switched_at: Option<Instant>,
     /// When `loss` was last reported: it expires after [`LOSS_STALE`].
     loss_at: Option<Instant>,
+    /// The rate str0m pads up to while an up-hold ends ([`CONFIRM`]) and
+    /// until `padding_until` after the up-switch.
+    padding_to: Option<u64>,
+    padding_until: Option<Instant>,
     /// When the estimate (or loss) first said "too little" in this episode.
     low_since: Option<Instant>,
     /// When the last "too little" was seen: a recovery ends the episode only
@@ -227,6 +249,8 @@ impl Controller {
             delivered: None,
             switched_at: None,
             loss_at: None,
+            padding_to: None,
+            padding_until: None,
             low_since: None,
             low_last: None,
             episode_sum: 0.0,
@@ -369,6 +393,10 @@ impl Controller {
         [
             self.low_since.map(|t| t + DOWN_HOLD),
             self.high_since.map(|t| t + self.hold_from(t)),
+            self.padding_until,
+            self.high_since
+                .filter(|_| self.padding_to.is_none())
+                .map(|t| (t + self.hold_from(t)).checked_sub(CONFIRM).unwrap_or(t)),
             self.first_estimate
                 .filter(|_| !self.startup_over)
                 .map(|f| f + STARTUP),
@@ -415,6 +443,8 @@ impl Controller {
         self.lowered_until = None;
         self.last_up = None;
         self.up_hold = UP_HOLD;
+        self.padding_to = None;
+        self.padding_until = None;
         self.update_bitrate();
         self.evaluate(now);
     }
@@ -444,6 +474,8 @@ impl Controller {
         }
         if !same_names {
             self.high_since = None;
+            self.padding_to = None;
+            self.padding_until = None;
             self.end_episode();
         }
         self.update_bitrate();
@@ -498,9 +530,29 @@ impl Controller {
                 let mean = (self.episode_sum / span.as_secs_f64()) as u64;
                 let to = if congested && estf >= self.cur_bps() * KEEP_MARGIN {
                     // Loss without a low estimate (a policer drops
-                    // without queueing): one step down, from the lowest to
-                    // audio only.
-                    self.current.and_then(|i| i.checked_sub(1))
+                    // without queueing; a str0m receiver's TWCC hides its
+                    // losses): one step down. From the lowest to audio only
+                    // only if what the link delivered does not carry the
+                    // lowest either: receiver reports lag the sends, and
+                    // right after a drop from 720p the lowest rendition's
+                    // first reports still counted the backlog flushed into
+                    // the narrowed link (36% "lost", 230-390 kbit/s
+                    // delivered), which took a viewer that fitted
+                    // 400 kbit/s to audio only (Chromium).
+                    match self.current {
+                        Some(0) => {
+                            let lowest = self.ladder.first().map_or(0.0, |r| r.bps as f64);
+                            let starved = self
+                                .delivered
+                                .is_some_and(|d| (d as f64) < lowest * KEEP_MARGIN);
+                            if starved {
+                                None
+                            } else {
+                                Some(0)
+                            }
+                        }
+                        cur => cur.map(|i| i - 1),
+                    }
                 } else if (mean as f64) < self.cur_bps() * KEEP_MARGIN {
                     self.down_target(mean)
                 } else {
@@ -523,16 +575,40 @@ impl Controller {
             .is_some_and(|r| estf >= r.bps as f64 * UP_HEADROOM)
             && self.loss < LOSS_CLEAR
             && self.low_since.is_none();
+        if self.padding_until.is_some_and(|t| now >= t) {
+            self.padding_until = None;
+            self.set_padding(None);
+        }
         if !can_up {
             self.high_since = None;
+            if self.padding_until.is_none() {
+                self.set_padding(None);
+            }
             self.reprobe(now, est);
             return;
         }
         self.reprobe_at = None;
         let since = *self.high_since.get_or_insert(now);
-        if now.duration_since(since) >= self.hold_from(since) {
-            let to = self.highest_fitting(estf / UP_HEADROOM).max(Some(next));
+        let hold = self.hold_from(since);
+        let to = self.highest_fitting(estf / UP_HEADROOM).max(Some(next));
+        if now.duration_since(since) >= hold {
             self.switch(now, to, est);
+        } else if now + CONFIRM >= since + hold {
+            // The up threshold's rate: what the estimate claims and the
+            // switch needs. Acknowledged, str0m's cut at the keyframe
+            // (0.85 × it) stays above the keep margin of the target.
+            let rate = to
+                .and_then(|i| self.ladder.get(i))
+                .map(|r| (r.bps as f64 * UP_HEADROOM) as u64);
+            self.set_padding(rate);
+        }
+    }
+
+    /// Pads up to `rate` (or stops padding) from now on.
+    fn set_padding(&mut self, rate: Option<u64>) {
+        if self.padding_to != rate {
+            self.padding_to = rate;
+            self.update_bitrate();
         }
     }
 
@@ -645,6 +721,16 @@ impl Controller {
         self.high_since = None;
         self.reprobe_at = None;
         self.lowered_until = None;
+        // Up: the padding goes on until the new rendition flows (its
+        // keyframe is on its way, the old one stops at it), so what str0m
+        // acknowledges when the keyframe's queueing makes it cut is still
+        // the padded rate. Down: none.
+        if up && self.padding_to.is_some() {
+            self.padding_until = Some(now + PAD_AFTER_SWITCH);
+        } else {
+            self.padding_to = None;
+            self.padding_until = None;
+        }
         self.pending.push(Output::Switch(Switch {
             to: to.and_then(|i| self.ladder.get(i)).map(|r| r.name.clone()),
             up,
@@ -663,7 +749,8 @@ impl Controller {
             return;
         }
         if let Some(desired) = self.probe_target() {
-            self.emit_bitrate(0, desired);
+            let minimum = self.padding_to.unwrap_or(0).min(desired);
+            self.emit_bitrate(minimum, desired);
         }
     }
 
@@ -1129,6 +1216,90 @@ mod tests {
         c.on_queue_lag(t);
         assert!(c.poll_output().is_none());
         assert_eq!(c.current(), Some("q"));
+    }
+
+    #[test]
+    fn the_end_of_an_up_hold_pads_to_the_target_then_stops() {
+        let (mut c, t0) = started(1_000_000);
+        assert_eq!(c.current(), Some("h"));
+        let mut t = t0;
+        let mut mins = Vec::new();
+        let mut switched = None;
+        while t < t0 + UP_HOLD + PAD_AFTER_SWITCH + ms(500) {
+            c.on_estimate(t, 4_000_000);
+            c.handle_timeout(t);
+            while let Some(o) = c.poll_output() {
+                match o {
+                    Output::Bitrate { minimum, .. } => mins.push((t - t0, minimum)),
+                    Output::Switch(s) => switched = Some((t - t0, s.to)),
+                }
+            }
+            t += ms(100);
+        }
+        // Padding to 'f' × 1.2 (3 M) from CONFIRM before the switch, none after.
+        let on = mins.iter().find(|m| m.1 == 3_000_000).map(|m| m.0);
+        assert!(
+            on.is_some_and(|d| d + CONFIRM >= UP_HOLD && d < UP_HOLD),
+            "{mins:?}"
+        );
+        let (at, to) = switched.unwrap();
+        assert_eq!(to.as_deref(), Some("f"));
+        assert!(at >= UP_HOLD, "{at:?}");
+        // Padding goes on for PAD_AFTER_SWITCH after the switch, then stops.
+        let off = mins.iter().find(|m| m.0 > at && m.1 == 0).map(|m| m.0);
+        assert!(
+            off.is_some_and(|d| d >= at + PAD_AFTER_SWITCH && d <= at + PAD_AFTER_SWITCH + ms(100)),
+            "{mins:?}"
+        );
+        // An estimate that falls back during the padding stops it.
+        let (mut c, t0) = started(1_000_000);
+        let mut t = t0;
+        while t < t0 + UP_HOLD - ms(500) {
+            c.on_estimate(t, 4_000_000);
+            c.handle_timeout(t);
+            t += ms(100);
+        }
+        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        assert!(
+            out.iter().any(|o| matches!(
+                o,
+                Output::Bitrate {
+                    minimum: 3_000_000,
+                    ..
+                }
+            )),
+            "{out:?}"
+        );
+        c.on_estimate(t, 1_000_000);
+        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        assert!(
+            out.iter()
+                .any(|o| matches!(o, Output::Bitrate { minimum: 0, .. })),
+            "{out:?}"
+        );
+        assert_eq!(c.current(), Some("h"));
+    }
+
+    #[test]
+    fn loss_takes_the_lowest_to_audio_only_only_if_the_link_delivers_less() {
+        // 40% lost of 400 kbit/s sent: 240 kbit/s delivered carries 'q'
+        // (250 k × 0.85): stay.
+        let (mut c, t) = started(300_000);
+        assert_eq!(c.current(), Some("q"));
+        c.on_estimate(t, 2_000_000);
+        c.on_report(t, Some(400_000), 0.4);
+        c.handle_timeout(t + DOWN_HOLD);
+        c.handle_timeout(t + DOWN_HOLD * 3);
+        assert!(!std::iter::from_fn(|| c.poll_output()).any(|o| matches!(o, Output::Switch(_))));
+        assert_eq!(c.current(), Some("q"));
+        // Without a rate, loss alone does not either.
+        c.on_report(t + ms(2000), None, 0.4);
+        c.handle_timeout(t + ms(2000) + DOWN_HOLD);
+        assert!(!std::iter::from_fn(|| c.poll_output()).any(|o| matches!(o, Output::Switch(_))));
+        // 60% lost of 300 kbit/s: 120 kbit/s does not carry 'q': audio only.
+        c.on_report(t + ms(4000), Some(300_000), 0.6);
+        c.handle_timeout(t + ms(4000) + DOWN_HOLD);
+        assert_eq!(c.current(), None);
     }
 
     #[test]

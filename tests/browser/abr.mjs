@@ -158,6 +158,8 @@ async function main() {
       const s = streams.find((x) => x.stream === job.stream);
       process.stdout.write("PUBLISHING " + JSON.stringify(s.renditions) + "\n");
       out.layersAtStart = (await page.evaluate(() => window.__summary())).layers;
+      const deg = await page.evaluate(() => ({ degradation: window.pub.degradation, error: window.pub.keepResError }));
+      process.stderr.write("publisher degradation preference: " + JSON.stringify(deg) + "\n");
       // Until job.secs pass or the test creates job.stopFile (a clean exit
       // takes Chromium down with it; a killed node might not).
       const holdEnd = Date.now() + job.secs * 1000;

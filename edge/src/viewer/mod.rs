@@ -369,6 +369,7 @@ impl Renditions {
                     }
                 }
                 crate::abr::Output::Bitrate { minimum, desired } => {
+                    tracing::trace!(session = ?ctx.id, minimum, desired, "bwe bitrate");
                     ctx.rtc.bwe().set_bitrate(
                         str0m::bwe::Bitrate::bps(minimum),
                         str0m::bwe::Bitrate::bps(desired),
