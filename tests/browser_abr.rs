@@ -523,7 +523,8 @@ fn player_stats(results: &[Value]) -> String {
 // decided within ~1.2 s of the fall; but the 180p picture shows 2.7-3.8 s
 // after it, with a 1.75-3.25 s freeze: the 720p packets already in str0m's
 // send queue drain through the narrowed link first, and str0m offers no
-// way to drop them. docs/quality.md "Measured with Chromium", session 9.
+// way to drop them (a new SSRC would, but Chromium did not follow it).
+// docs/quality.md "Measured with Chromium", session 9.
 #[test]
 #[ignore = "issue 14 open: the drop from 720p shows 180p after 2.7-3.8 s with a 1.75-3.25 s freeze (docs/quality.md, Measured with Chromium, session 9)"]
 fn abr_viewer_climbs_when_the_limit_rises_and_drops_when_it_falls() {
