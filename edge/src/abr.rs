@@ -144,6 +144,25 @@ pub fn start_estimate(lowest_bps: u64) -> u64 {
     lowest_bps.saturating_mul(3).clamp(300_000, 1_000_000)
 }
 
+/// The rate a stream was sent at between two receiver reports, from str0m's
+/// running byte count (`MediaEgressStats::bytes`, stats time): what a
+/// report's fraction lost applies to ([`Controller::on_report`]).
+#[derive(Debug, Default)]
+pub struct SentMeter {
+    last: Option<(Instant, u64)>,
+}
+
+impl SentMeter {
+    /// A stats event at `at` that carried a receiver report, `bytes` sent
+    /// in all: bit/s since the previous one (`None` for the first, or when
+    /// they are under 0.2 s apart, too short to mean a rate).
+    pub fn rate(&mut self, at: Instant, bytes: u64) -> Option<u64> {
+        let (t0, b0) = self.last.replace((at, bytes))?;
+        let secs = at.checked_duration_since(t0)?.as_secs_f64();
+        (secs >= 0.2).then(|| (bytes.saturating_sub(b0) as f64 * 8.0 / secs) as u64)
+    }
+}
+
 /// One rendition as the controller sees it.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Rung {
@@ -432,15 +451,7 @@ impl Controller {
                 None => return,
             },
         };
-        self.current = to;
-        // As in `switch`: the loss reading described what was sent before.
-        self.loss = 0.0;
-        self.delivered = None;
-        self.switched_at = Some(now);
-        self.end_episode();
-        self.high_since = None;
-        self.reprobe_at = None;
-        self.lowered_until = None;
+        self.moved_to(now, to);
         self.last_up = None;
         self.up_hold = UP_HOLD;
         self.padding_to = None;
@@ -705,22 +716,7 @@ impl Controller {
                 self.up_hold = UP_HOLD;
             }
         }
-        self.current = to;
-        // The loss reading described the rendition left behind, and str0m
-        // reports none until the receiver's next report window with new
-        // packets (`MediaEgressStats::loss` is `None` without one): after
-        // a switch down from an overshoot it would keep "congested" for
-        // ~1 s and take the viewer one step further down, and in audio
-        // only (no video sent, no window ever) it blocked the way back for
-        // good — seen with Chromium in tests/browser_abr.rs. The next real
-        // report sets it again; a policer's loss is simply measured anew.
-        self.loss = 0.0;
-        self.delivered = None;
-        self.switched_at = Some(now);
-        self.end_episode();
-        self.high_since = None;
-        self.reprobe_at = None;
-        self.lowered_until = None;
+        self.moved_to(now, to);
         // Up: the padding goes on until the new rendition flows (its
         // keyframe is on its way, the old one stops at it), so what str0m
         // acknowledges when the keyframe's queueing makes it cut is still
@@ -739,9 +735,32 @@ impl Controller {
         self.update_bitrate();
     }
 
+    /// `to` is what is sent from now on (our switch or a manual choice):
+    /// the readings and holds that described the rendition left behind
+    /// end here.
+    fn moved_to(&mut self, now: Instant, to: Option<usize>) {
+        self.current = to;
+        // The loss reading described the rendition left behind, and str0m
+        // reports none until the receiver's next report window with new
+        // packets (`MediaEgressStats::loss` is `None` without one): after
+        // a switch down from an overshoot it would keep "congested" for
+        // ~1 s and take the viewer one step further down, and in audio
+        // only (no video sent, no window ever) it blocked the way back for
+        // good — seen with Chromium in tests/browser_abr.rs. The next real
+        // report sets it again; a policer's loss is simply measured anew.
+        self.loss = 0.0;
+        self.delivered = None;
+        self.switched_at = Some(now);
+        self.end_episode();
+        self.high_since = None;
+        self.reprobe_at = None;
+        self.lowered_until = None;
+    }
+
     /// Probe toward the rate an up-switch needs (the next rendition with
     /// headroom); at the top, toward the top with headroom so the estimate
-    /// keeps confirming it. The padding floor stays str0m's own: sustained
+    /// keeps confirming it. The padding floor stays str0m's own except
+    /// around an up-switch ([`CONFIRM`], [`PAD_AFTER_SWITCH`]): sustained
     /// padding to the next rung would cost a struggling viewer the very
     /// bandwidth it lacks.
     fn update_bitrate(&mut self) {
@@ -1133,6 +1152,16 @@ mod tests {
         assert!(run(&mut c, &mut t, ms(20_000), |_| 50_000_000).is_empty());
         assert_eq!(c.poll_timeout(), None);
         assert_eq!(c.current(), Some("video"));
+    }
+
+    #[test]
+    fn sent_meter_gives_the_rate_between_reports() {
+        let mut m = SentMeter::default();
+        let t = Instant::now();
+        assert_eq!(m.rate(t, 1_000), None);
+        assert_eq!(m.rate(t + ms(1000), 126_000), Some(1_000_000));
+        assert_eq!(m.rate(t + ms(1100), 200_000), None, "under 0.2 s");
+        assert_eq!(m.rate(t + ms(1600), 262_500), Some(1_000_000));
     }
 
     #[test]

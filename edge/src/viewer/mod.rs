@@ -214,21 +214,8 @@ struct Abr {
     /// The target was Auto at the last wake: on a return to Auto the
     /// controller is told what is being sent, and decides again from there.
     auto: bool,
-    /// The video's bytes sent at the last receiver report (str0m's stats
-    /// time, total bytes): the rate sent over a report's window is what
-    /// its loss fraction applies to.
-    report: Option<(Instant, u64)>,
-}
-
-impl Abr {
-    /// A video stats event carrying a receiver report: the rate sent since
-    /// the previous one, bit/s (`None` for the first).
-    fn sent_since_report(&mut self, at: Instant, bytes: u64) -> Option<u64> {
-        let prev = self.report.replace((at, bytes));
-        let (t0, b0) = prev?;
-        let secs = at.checked_duration_since(t0)?.as_secs_f64();
-        (secs >= 0.2).then(|| (bytes.saturating_sub(b0) as f64 * 8.0 / secs) as u64)
-    }
+    /// The video's rate sent between receiver reports.
+    sent: crate::abr::SentMeter,
 }
 
 /// What sending a rendition costs, bit/s: its nominal bitrate, else a
@@ -502,7 +489,7 @@ impl Out {
             controller: crate::abr::Controller::new(abr_ladder(&ladder), start),
             start_bps: start,
             auto: false,
-            report: None,
+            sent: crate::abr::SentMeter::default(),
         });
         let mut switch = Switch::new(ladder.clone(), clock);
         // With ABR the viewer starts where the controller starts (a low
@@ -1080,7 +1067,7 @@ impl Handler for Viewer {
                 let video = self.outs.iter().any(|o| o.video && o.mid == s.mid);
                 if let (true, Some(loss)) = (video, s.loss) {
                     if let Some(a) = self.abr_mut() {
-                        let sent = a.sent_since_report(s.timestamp, s.bytes);
+                        let sent = a.sent.rate(s.timestamp, s.bytes);
                         tracing::trace!(session = ?ctx.id, loss, sent_bps = sent, "receiver report");
                         a.controller.on_report(ctx.now, sent, loss);
                     }

@@ -13,7 +13,8 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use cascade_edge::abr::{Controller, Output as AbrOutput};
+use cascade_edge::abr::{Controller, Output as AbrOutput, SentMeter};
+use cascade_edge::viewer::{RTX_CACHE_AGE, RTX_CACHE_PACKETS};
 use str0m::bwe::{Bitrate, BweKind};
 use str0m::change::SdpOffer;
 use str0m::format::{Codec, FormatParams};
@@ -176,9 +177,9 @@ pub struct Sim {
     pub tx_rtp_out: u64,
     /// The latest time given to the sender (`Entry::clock` in the shard).
     pub tx_clock: Instant,
-    /// Video bytes sent at the last receiver report (the shell's
-    /// `viewer::Abr::sent_since_report`).
-    pub report: Option<(Instant, u64)>,
+    /// The video's rate sent between receiver reports, as the shell
+    /// measures it.
+    pub sent: SentMeter,
 }
 
 pub fn sdp_pt(sdp: &str, codec: &str) -> u8 {
@@ -258,7 +259,7 @@ impl Sim {
         {
             let mut d = tx.direct_api();
             let s = d.stream_tx_by_mid(mid, None).unwrap();
-            s.set_rtx_cache(128, Duration::from_secs(1), None);
+            s.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, None);
         }
         rx.sdp_api().accept_answer(pending, answer).unwrap();
         let twcc_id = sdp_ext(&offer_text, "transport-wide-cc");
@@ -291,7 +292,7 @@ impl Sim {
             tx_bursts: 0,
             tx_rtp_out: 0,
             tx_clock: start,
-            report: None,
+            sent: SentMeter::default(),
         }
     }
 
@@ -340,16 +341,7 @@ impl Sim {
                 Output::Event(Event::MediaEgressStats(st)) => {
                     if let Some(loss) = st.loss {
                         self.losses.push((self.elapsed(), loss));
-                        let sent =
-                            self.report
-                                .replace((st.timestamp, st.bytes))
-                                .and_then(|(t0, b0)| {
-                                    let secs =
-                                        st.timestamp.checked_duration_since(t0)?.as_secs_f64();
-                                    (secs >= 0.2).then(|| {
-                                        (st.bytes.saturating_sub(b0) as f64 * 8.0 / secs) as u64
-                                    })
-                                });
+                        let sent = self.sent.rate(st.timestamp, st.bytes);
                         if let Some(abr) = &mut self.abr {
                             abr.on_report(self.now, sent, loss);
                         }
@@ -522,6 +514,6 @@ impl Sim {
         let mut d = self.tx.direct_api();
         d.stream_tx_by_mid(mid, None)
             .unwrap()
-            .set_rtx_cache(128, Duration::from_secs(1), cap);
+            .set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, cap);
     }
 }
