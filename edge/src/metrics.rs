@@ -46,6 +46,9 @@ pub const RENDITION_SWITCHES: &str = "cascade_edge_rendition_switches_total";
 pub const AUDIO_ONLY_VIEWERS: &str = "cascade_edge_audio_only_viewers";
 /// The bandwidth estimate (bit/s) behind each automatic rendition choice.
 pub const ABR_ESTIMATE: &str = "cascade_edge_abr_estimate_bps";
+/// Viewers' queued and cached video dropped on a switch down
+/// (`viewer::Out::flush_video`).
+pub const VIDEO_FLUSHES: &str = "cascade_edge_video_flushes_total";
 
 /// OvenPlayer WebSocket sessions, by result (`created`, `not_live`, ...).
 pub const WS_SESSIONS: &str = "cascade_edge_ws_sessions_total";
@@ -69,6 +72,10 @@ pub fn describe() {
     metrics::describe_histogram!(
         ABR_ESTIMATE,
         "bandwidth estimate (bit/s) behind each automatic rendition switch"
+    );
+    metrics::describe_counter!(
+        VIDEO_FLUSHES,
+        "viewers' queued and cached video dropped on a switch down"
     );
     metrics::describe_counter!(OFFERS, "whep offers answered, by result");
     metrics::describe_counter!(VIEWERS_ENDED, "whep viewer sessions ended, by reason");

@@ -57,6 +57,11 @@ const TRACE = `
             s.f += x.framesDecoded || 0; s.vb += x.bytesReceived || 0;
             s.w = x.frameWidth || s.w; s.h = x.frameHeight || s.h;
             s.freezes += x.freezeCount || 0; s.freezeSecs += x.totalFreezesDuration || 0;
+            // For reading a switch in the per-viewer JSON (cumulative).
+            s.kf = (s.kf || 0) + (x.keyFramesDecoded || 0); s.fr = (s.fr || 0) + (x.framesReceived || 0);
+            s.pr = (s.pr || 0) + (x.packetsReceived || 0); s.pl = (s.pl || 0) + (x.packetsLost || 0);
+            s.nack = (s.nack || 0) + (x.nackCount || 0); s.pli = (s.pli || 0) + (x.pliCount || 0);
+            s.jbd = (s.jbd || 0) + (x.jitterBufferDelay || 0); s.jbe = (s.jbe || 0) + (x.jitterBufferEmittedCount || 0);
           }
           if (x.type === "inbound-rtp" && x.kind === "audio") { s.a += x.packetsReceived || 0; s.as += x.totalSamplesReceived || 0; }
           if (x.type === "outbound-rtp" && x.kind === "video") s.layers.push({ rid: x.rid || null, h: x.frameHeight || 0, framesSent: x.framesSent || 0,

@@ -216,6 +216,9 @@ struct Abr {
     auto: bool,
     /// The video's rate sent between receiver reports.
     sent: crate::abr::SentMeter,
+    /// The video's loss between receiver reports, less what the edge
+    /// dropped itself.
+    loss: crate::abr::LossMeter,
 }
 
 /// What sending a rendition costs, bit/s: its nominal bitrate, else a
@@ -490,6 +493,7 @@ impl Out {
             start_bps: start,
             auto: false,
             sent: crate::abr::SentMeter::default(),
+            loss: crate::abr::LossMeter::default(),
         });
         let mut switch = Switch::new(ladder.clone(), clock);
         // With ABR the viewer starts where the controller starts (a low
@@ -624,18 +628,20 @@ impl Out {
             }
             Some(Command::StopVideo) => {
                 r.pending = None;
-                self.switched(sub);
+                if self.switched(sub) == Some(Direction::Down) {
+                    self.flush_video(ctx);
+                }
             }
             None => {}
         }
     }
 
-    /// After a switch: counts, metrics, the status signalling reads.
-    fn switched(&mut self, sub: &Subscriber) {
-        let Some(r) = self.renditions.as_deref_mut() else {
-            return;
-        };
-        if let Some((dir, to)) = r.switch.take_switch() {
+    /// After a switch: counts, metrics, the status signalling reads. Says
+    /// which way it went (`None`: no switch was pending).
+    fn switched(&mut self, sub: &Subscriber) -> Option<Direction> {
+        let r = self.renditions.as_deref_mut()?;
+        let taken = r.switch.take_switch();
+        if let Some((dir, to)) = &taken {
             let direction = match dir {
                 Direction::Up => "up",
                 Direction::Down => "down",
@@ -649,6 +655,61 @@ impl Out {
         }
         r.count(sub);
         r.report();
+        taken.map(|(dir, _)| dir)
+    }
+
+    /// Drops what str0m still holds of this viewer's video: its paced send
+    /// queue, its resend cache and the resends it owes. On a switch down
+    /// the link no longer carries the rendition left behind, so its packets
+    /// still queued went through the narrowed link before the new
+    /// rendition's keyframe, and its NACKed packets were resent in the
+    /// keyframe's way (str0m also caps resends at a share of what it sent,
+    /// and the flood of the old rendition had used that share up): Chromium
+    /// behind a link cut from 4 to 0.4 Mbit/s showed 180p only 2.7–3.8 s
+    /// later, after a 1.75–3.25 s freeze (tests/browser_abr.rs). The viewer
+    /// decodes from the new keyframe on, so nothing dropped here is missed;
+    /// the gap in sequence numbers is ordinary loss to its receiver.
+    ///
+    /// str0m empties a stream's send buffers when its media stops sending
+    /// (`SdpApi::set_direction`, which takes effect locally at once); the
+    /// direction is put back in the same call, and the changes are dropped
+    /// without `apply`, so nothing is negotiated and the remote sees no
+    /// change.
+    fn flush_video(&mut self, ctx: &mut Ctx<'_>) {
+        let Some(dir) = ctx.rtc.media(self.mid).map(|m| m.direction()) else {
+            return;
+        };
+        if !dir.is_sending() {
+            return;
+        }
+        metrics::counter!(m::VIDEO_FLUSHES).increment(1);
+        // What the pacer last saw queued (a snapshot a few ms old): the
+        // receiver will count it lost.
+        let queued = self.ssrc.and_then(|ssrc| {
+            let mut api = ctx.rtc.direct_api();
+            let tx = api.stream_tx(&ssrc)?;
+            tx.queue_info().map(|q| q.packet_count() as u64)
+        });
+        if let Some(a) = self.renditions.as_mut().and_then(|r| r.abr.as_mut()) {
+            a.loss.dropped(queued.unwrap_or(0));
+        }
+        let mut api = ctx.rtc.sdp_api();
+        api.set_direction(self.mid, str0m::media::Direction::Inactive);
+        api.set_direction(self.mid, dir);
+        drop(api);
+        // The resend cap of an estimated session is a share of the bytes
+        // sent over the last second: the flood of the rendition left behind
+        // had used it up, so the new keyframe's lost packets were never
+        // resent and Chromium NACKed them for 3.5 s before it asked for
+        // another keyframe (tests/browser_abr.rs). The cap counts from the
+        // switch (a cap of `None` drops str0m's byte history).
+        let estimated = self.renditions.as_ref().is_some_and(|r| r.abr.is_some());
+        if let (true, Some(ssrc)) = (estimated, self.ssrc) {
+            if let Some(tx) = ctx.rtc.direct_api().stream_tx(&ssrc) {
+                tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, None);
+                tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, rtx_ratio_cap(true));
+            }
+        }
     }
 
     /// Frames of the pending rendition: non-keyframes are dropped; its
@@ -672,7 +733,9 @@ impl Out {
                         let (member, cursor) = r.pending.take()?;
                         self.member = member;
                         self.cursor = cursor;
-                        self.switched(sub);
+                        if self.switched(sub) == Some(Direction::Down) {
+                            self.flush_video(ctx);
+                        }
                         return match self.write(ctx, &f, ts, wall) {
                             Written::NoStream => Some(Flow::Close),
                             _ => None,
@@ -1065,8 +1128,14 @@ impl Handler for Viewer {
             }
             Event::MediaEgressStats(s) => {
                 let video = self.outs.iter().any(|o| o.video && o.mid == s.mid);
-                if let (true, Some(loss)) = (video, s.loss) {
+                // `s.loss` is Some when a new receiver report came; its
+                // counters give the loss less what a flush dropped.
+                if let (true, Some(_), Some(r)) = (video, s.loss, &s.remote) {
                     if let Some(a) = self.abr_mut() {
+                        let max_seq = *r.maximum_sequence_number;
+                        let Some(loss) = a.loss.on_report(max_seq, r.packets_lost) else {
+                            return Flow::Continue;
+                        };
                         let sent = a.sent.rate(s.timestamp, s.bytes);
                         tracing::trace!(session = ?ctx.id, loss, sent_bps = sent, "receiver report");
                         a.controller.on_report(ctx.now, sent, loss);
