@@ -305,3 +305,45 @@ fn bwe_sender_cost_per_packet() {
         batch[1]
     );
 }
+
+/// A switch down empties the viewer's send buffers without negotiation
+/// (`viewer::flush_send_buffers`, on str0m's behaviour when a media stops
+/// sending): the queued packets are gone, the direction is as before, and
+/// what is written next goes out.
+#[test]
+fn flushing_empties_the_send_queue_and_media_flows_on() {
+    use cascade_edge::viewer::flush_send_buffers;
+    use str0m::media::Direction;
+
+    // Estimated and paced at ~1.1 × what a 300 kbit/s link carries, while
+    // 2.5 Mbit/s is written (no lag skip here): the queue grows.
+    let mut sim = Sim::new(Some(300_000), 2_500_000, Some(Bitrate::kbps(300)));
+    sim.cap_rtx(Some(cascade_edge::viewer::RTX_RATIO_CAP));
+    sim.run_until(secs(2));
+    let queue = |sim: &mut Sim| {
+        let mut d = sim.tx.direct_api();
+        let tx = d.stream_tx_by_mid(sim.mid, None).unwrap();
+        (tx.ssrc(), tx.queue_info().map_or(0, |q| q.packet_count()))
+    };
+    let (ssrc, before) = queue(&mut sim);
+    assert!(before > 50, "only {before} packets queued");
+    let dropped = flush_send_buffers(&mut sim.tx, sim.mid, Some(ssrc), true);
+    assert_eq!(dropped, Some(before as u64));
+    assert_eq!(
+        sim.tx.media(sim.mid).map(|m| m.direction()),
+        Some(Direction::SendOnly)
+    );
+    // 100 ms later the queue holds about what was written since (~30
+    // packets at 2.5 Mbit/s), not the backlog.
+    let sent_before = sim.counts.media_packets;
+    sim.run_until(secs(2) + Duration::from_millis(100));
+    let (_, after) = queue(&mut sim);
+    assert!(
+        after < 45,
+        "{after} packets queued after the flush (was {before})"
+    );
+    sim.run_until(secs(3));
+    let sent = sim.counts.media_packets - sent_before;
+    println!("flush: {before} packets queued → {after} 100 ms later; {sent} media packets sent in the next 0.9 s");
+    assert!(sent > 20, "only {sent} media packets after the flush");
+}

@@ -385,6 +385,45 @@ impl Drop for Renditions {
     }
 }
 
+/// Empties what str0m holds for sending on `mid` (its paced send queue,
+/// resend cache and owed resends; see `Out::flush_video` for why), without
+/// any negotiation: str0m empties a stream's send buffers when its media
+/// stops sending, and `SdpApi::set_direction` takes effect locally at once,
+/// so the direction goes to inactive and back in one call and the changes
+/// are dropped without `apply` (the remote sees a gap in sequence numbers,
+/// nothing else). With `estimated`, the resend cap's byte history restarts
+/// too (a cap of `None` drops it; str0m keeps it across cap changes).
+/// Returns the packets the pacer last saw queued on `ssrc` (a snapshot a
+/// few ms old: what the receiver will count as lost), or `None` when the
+/// media is not sending. `edge/tests/abr_link.rs` checks the effect.
+pub fn flush_send_buffers(
+    rtc: &mut str0m::Rtc,
+    mid: Mid,
+    ssrc: Option<Ssrc>,
+    estimated: bool,
+) -> Option<u64> {
+    let dir = rtc.media(mid).map(|m| m.direction())?;
+    if !dir.is_sending() {
+        return None;
+    }
+    let queued = ssrc.and_then(|ssrc| {
+        let mut api = rtc.direct_api();
+        let tx = api.stream_tx(&ssrc)?;
+        tx.queue_info().map(|q| q.packet_count() as u64)
+    });
+    let mut api = rtc.sdp_api();
+    api.set_direction(mid, str0m::media::Direction::Inactive);
+    api.set_direction(mid, dir);
+    drop(api);
+    if let (true, Some(ssrc)) = (estimated, ssrc) {
+        if let Some(tx) = rtc.direct_api().stream_tx(&ssrc) {
+            tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, None);
+            tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, rtx_ratio_cap(true));
+        }
+    }
+    Some(queued.unwrap_or(0))
+}
+
 /// Bounded label of a rendition: its rank in the ladder (0 = the default,
 /// the best), not its publisher-chosen name.
 fn rank_label(rank: usize) -> &'static str {
@@ -668,47 +707,20 @@ impl Out {
     /// behind a link cut from 4 to 0.4 Mbit/s showed 180p only 2.7–3.8 s
     /// later, after a 1.75–3.25 s freeze (tests/browser_abr.rs). The viewer
     /// decodes from the new keyframe on, so nothing dropped here is missed;
-    /// the gap in sequence numbers is ordinary loss to its receiver.
-    ///
-    /// str0m empties a stream's send buffers when its media stops sending
-    /// (`SdpApi::set_direction`, which takes effect locally at once); the
-    /// direction is put back in the same call, and the changes are dropped
-    /// without `apply`, so nothing is negotiated and the remote sees no
-    /// change.
+    /// the gap in sequence numbers is ordinary loss to its receiver (and
+    /// not congestion to the controller: `abr::LossMeter::dropped`). The
+    /// resend cap of an estimated session restarts as well: the flood had
+    /// used up its share, so the new keyframe's lost packets were never
+    /// resent and Chromium NACKed them for 3.5 s before it asked for
+    /// another keyframe. How: [`flush_send_buffers`].
     fn flush_video(&mut self, ctx: &mut Ctx<'_>) {
-        let Some(dir) = ctx.rtc.media(self.mid).map(|m| m.direction()) else {
+        let estimated = self.renditions.as_ref().is_some_and(|r| r.abr.is_some());
+        let Some(queued) = flush_send_buffers(ctx.rtc, self.mid, self.ssrc, estimated) else {
             return;
         };
-        if !dir.is_sending() {
-            return;
-        }
         metrics::counter!(m::VIDEO_FLUSHES).increment(1);
-        // What the pacer last saw queued (a snapshot a few ms old): the
-        // receiver will count it lost.
-        let queued = self.ssrc.and_then(|ssrc| {
-            let mut api = ctx.rtc.direct_api();
-            let tx = api.stream_tx(&ssrc)?;
-            tx.queue_info().map(|q| q.packet_count() as u64)
-        });
         if let Some(a) = self.renditions.as_mut().and_then(|r| r.abr.as_mut()) {
-            a.loss.dropped(queued.unwrap_or(0));
-        }
-        let mut api = ctx.rtc.sdp_api();
-        api.set_direction(self.mid, str0m::media::Direction::Inactive);
-        api.set_direction(self.mid, dir);
-        drop(api);
-        // The resend cap of an estimated session is a share of the bytes
-        // sent over the last second: the flood of the rendition left behind
-        // had used it up, so the new keyframe's lost packets were never
-        // resent and Chromium NACKed them for 3.5 s before it asked for
-        // another keyframe (tests/browser_abr.rs). The cap counts from the
-        // switch (a cap of `None` drops str0m's byte history).
-        let estimated = self.renditions.as_ref().is_some_and(|r| r.abr.is_some());
-        if let (true, Some(ssrc)) = (estimated, self.ssrc) {
-            if let Some(tx) = ctx.rtc.direct_api().stream_tx(&ssrc) {
-                tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, None);
-                tx.set_rtx_cache(RTX_CACHE_PACKETS, RTX_CACHE_AGE, rtx_ratio_cap(true));
-            }
+            a.loss.dropped(queued);
         }
     }
 
