@@ -15,6 +15,7 @@
 //! while let Some(o) = abr.poll_output() {
 //!     Output::Switch(s)                    → start sending s.to (None = audio only) at its next keyframe
 //!     Output::Bitrate { minimum, desired } → rtc.bwe().set_bitrate(Bitrate::bps(minimum), Bitrate::bps(desired))
+//!     Output::Reset { bps }                → rtc.bwe().reset(Bitrate::bps(bps))
 //! }
 //! ```
 //!
@@ -132,6 +133,25 @@ pub const PAD_AFTER_SWITCH: Duration = Duration::from_secs(1);
 /// the rendition loses packets within the grace and is left as fast as
 /// before; one that does keeps it.
 pub const UP_GRACE: Duration = Duration::from_secs(3);
+/// Re-probes in a row that found no more room ([`REPROBE_INTERVAL`] apart,
+/// the estimate under 1.1 × what the previous one started from), with no
+/// loss over them, after which str0m's estimator is restarted from its
+/// estimate ([`Output::Reset`]). str0m can stay capped by what it learned
+/// earlier: in ALR its loss-based bound is the link capacity its earlier
+/// app-limited probes measured, and allocation probes (what a raised
+/// desired rate starts) do not update that capacity. A Chromium viewer
+/// that had played 8 s behind 400 kbit/s kept an estimate of 1.0 Mbit/s
+/// for 50 s after the limit was raised to 4 Mbit/s, through 16 re-probes,
+/// without a packet lost (tests/browser_abr.rs, 2 of ~20 climb runs).
+/// Restarted, str0m probes at 3× and 6× its start as it does for a new
+/// viewer, which measures an unlimited link within about a second.
+pub const STAGNANT_REPROBES: u32 = 3;
+/// The first restart after a stagnation may come this long after the
+/// previous one; the wait doubles on each (a link that really is at the
+/// estimate gets a short probe burst every 20, 40, 80, 160 s).
+pub const RESTART_BACKOFF: Duration = Duration::from_secs(20);
+/// The longest wait between two restarts.
+pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(160);
 /// A receiver report's window: RTCP receiver reports for video come about
 /// once a second (libwebrtc: 1 s, randomised ×0.5–1.5). A report within
 /// this of a switch still counts packets of the rendition left behind, so
@@ -245,6 +265,13 @@ pub enum Output {
         /// bit/s, the rate str0m should discover.
         desired: u64,
     },
+    /// `rtc.bwe().reset(Bitrate::bps(bps))`: restart str0m's estimator
+    /// from `bps` (its current estimate) after re-probing stagnated
+    /// ([`STAGNANT_REPROBES`]). The desired and minimum rates survive it.
+    Reset {
+        /// bit/s, where the restarted estimator starts.
+        bps: u64,
+    },
 }
 
 /// The per-viewer ABR controller (sans-IO).
@@ -302,6 +329,13 @@ pub struct Controller {
     /// The estimate when the last re-probe went out (at first: the first
     /// estimate), to tell whether probing still finds more.
     probe_base: Option<u64>,
+    /// Re-probes in a row that found no more room, loss-free.
+    stagnant: u32,
+    /// The last report with loss ≥ [`LOSS_CLEAR`].
+    lossy_at: Option<Instant>,
+    /// No restart before then; and the wait after the next one.
+    restart_after: Option<Instant>,
+    restart_backoff: Duration,
     pending: Vec<Output>,
 }
 
@@ -336,6 +370,10 @@ impl Controller {
             reprobe_at: None,
             lowered_until: None,
             probe_base: None,
+            stagnant: 0,
+            lossy_at: None,
+            restart_after: None,
+            restart_backoff: RESTART_BACKOFF,
             pending: Vec::new(),
         };
         c.ladder = sorted(ladder);
@@ -417,6 +455,9 @@ impl Controller {
         // part of its window was sent before the link fell, so what it
         // says was delivered is only an upper bound on what the link
         // carries now.
+        if fraction >= LOSS_CLEAR {
+            self.lossy_at = Some(now);
+        }
         let onset = settled && fraction >= LOSS_HIGH && self.last_fraction < LOSS_CLEAR;
         self.last_fraction = fraction;
         self.delivered = sent_bps
@@ -625,11 +666,7 @@ impl Controller {
                     // 400 kbit/s to audio only (Chromium).
                     match self.current {
                         Some(0) => {
-                            let lowest = self.ladder.first().map_or(0.0, |r| r.bps as f64);
-                            let starved = self
-                                .delivered
-                                .is_some_and(|d| (d as f64) < lowest * KEEP_MARGIN);
-                            if starved {
+                            if self.starved() {
                                 None
                             } else {
                                 Some(0)
@@ -638,7 +675,18 @@ impl Controller {
                         cur => cur.map(|i| i - 1),
                     }
                 } else if (mean as f64) < self.cur_bps() * KEEP_MARGIN {
-                    self.down_target(mean)
+                    match self.down_target(mean) {
+                        // While starting up, str0m's first estimates swing
+                        // with the feedback's timing, not the link: an
+                        // unlimited Chromium viewer, one of four starting
+                        // on two cores, was estimated at 119 kbit/s 0.7 s
+                        // after its first frame and sent to audio only,
+                        // for 10 s (tests/browser_abr.rs). It starts on the
+                        // lowest; audio only then takes what the link
+                        // delivered, as for loss.
+                        None if !self.startup_over && !self.starved() => Some(0),
+                        to => to,
+                    }
                 } else {
                     // Low at moments, fine on average: stay.
                     self.current
@@ -741,6 +789,14 @@ impl Controller {
             None => self.reprobe_at = Some(now + interval),
             Some(t) if now >= t => {
                 self.reprobe_at = Some(now + interval);
+                if self.stagnated(now, est) {
+                    self.stagnant = 0;
+                    self.probe_base = Some(est);
+                    self.restart_after = Some(now + self.restart_backoff);
+                    self.restart_backoff = (self.restart_backoff * 2).min(MAX_RESTART_BACKOFF);
+                    self.pending.push(Output::Reset { bps: est });
+                    return;
+                }
                 self.probe_base = Some(est);
                 self.lowered_until = Some(now + REPROBE_GAP);
                 // Anything at or under the estimate is a decrease str0m
@@ -749,6 +805,33 @@ impl Controller {
             }
             Some(_) => {}
         }
+    }
+
+    /// A re-probe is due at `now` with the estimate at `est`: counts it as
+    /// stagnant or not, and says whether str0m's estimator should restart
+    /// ([`STAGNANT_REPROBES`]). Not while starting up (str0m's own start-up
+    /// probes are still at work), nor with loss in the span (the estimate
+    /// may be right).
+    fn stagnated(&mut self, now: Instant, est: u64) -> bool {
+        let grew = self
+            .probe_base
+            .is_some_and(|b| est as f64 >= b as f64 * 1.1);
+        let span = REPROBE_INTERVAL * (STAGNANT_REPROBES + 1);
+        let lossy = self.lossy_at.is_some_and(|t| now < t + span);
+        if grew || lossy || !self.startup_over {
+            self.stagnant = 0;
+            return false;
+        }
+        self.stagnant += 1;
+        self.stagnant >= STAGNANT_REPROBES && self.restart_after.is_none_or(|t| now >= t)
+    }
+
+    /// The last lossy report says the link delivered less than the lowest
+    /// rendition needs (with the keep margin).
+    fn starved(&self) -> bool {
+        let lowest = self.ladder.first().map_or(0.0, |r| r.bps as f64);
+        self.delivered
+            .is_some_and(|d| (d as f64) < lowest * KEEP_MARGIN)
     }
 
     /// The highest rendition the estimate carries after a drop: its bitrate
@@ -1080,6 +1163,67 @@ mod tests {
         );
     }
 
+    /// Runs `dur` of a steady estimate, with a receiver report of `loss`
+    /// every second: the restarts (time since start, rate).
+    fn restarts(
+        c: &mut Controller,
+        t: &mut Instant,
+        dur: Duration,
+        bps: u64,
+        loss: f32,
+    ) -> Vec<(Duration, u64)> {
+        let start = *t;
+        let mut out = Vec::new();
+        let mut i = 0u32;
+        while t.duration_since(start) < dur {
+            c.on_estimate(*t, bps);
+            if i.is_multiple_of(10) {
+                c.on_report(*t, None, loss);
+            }
+            c.handle_timeout(*t);
+            while let Some(o) = c.poll_output() {
+                if let Output::Reset { bps } = o {
+                    out.push((t.duration_since(start), bps));
+                }
+            }
+            *t += ms(100);
+            i += 1;
+        }
+        out
+    }
+
+    #[test]
+    fn re_probing_that_finds_nothing_restarts_the_estimator_with_backoff() {
+        // On 'h' (0.8 M); 'f' needs 3 M and the estimate stays at 1.0 M with
+        // nothing lost: after three fruitless re-probes, a restart from
+        // 1.0 M; then not again before the backoff.
+        let (mut c, mut t) = started(1_000_000);
+        assert_eq!(c.current(), Some("h"));
+        let r = restarts(&mut c, &mut t, ms(25_000), 1_000_000, 0.0);
+        assert!(!r.is_empty(), "no restart");
+        assert_eq!(r[0].1, 1_000_000);
+        let n = u32::try_from(r[0].0.as_millis() / REPROBE_INTERVAL.as_millis()).unwrap();
+        // The third fruitless re-probe (the first is due at once).
+        assert!(
+            (STAGNANT_REPROBES - 1..=STAGNANT_REPROBES + 1).contains(&n),
+            "{r:?}"
+        );
+        assert!(
+            r.windows(2).all(|w| w[1].0 - w[0].0 >= RESTART_BACKOFF),
+            "{r:?}"
+        );
+        // The wait doubles.
+        let r2 = restarts(&mut c, &mut t, ms(60_000), 1_000_000, 0.0);
+        assert!(r2.len() <= 2, "{r2:?}");
+    }
+
+    #[test]
+    fn no_restart_while_the_link_loses_packets() {
+        let (mut c, mut t) = started(1_000_000);
+        let r = restarts(&mut c, &mut t, ms(30_000), 1_000_000, 0.03);
+        assert!(r.is_empty(), "{r:?}");
+    }
+
     #[test]
     fn a_dip_restarts_the_up_hold() {
         let (mut c, mut t) = started(1_000_000);
@@ -1378,6 +1522,7 @@ mod tests {
                 match o {
                     Output::Bitrate { minimum, .. } => mins.push((t - t0, minimum)),
                     Output::Switch(s) => switched = Some((t - t0, s.to)),
+                    Output::Reset { .. } => panic!("the estimate grew: no restart"),
                 }
             }
             t += ms(100);

@@ -46,6 +46,9 @@ pub const RENDITION_SWITCHES: &str = "cascade_edge_rendition_switches_total";
 pub const AUDIO_ONLY_VIEWERS: &str = "cascade_edge_audio_only_viewers";
 /// The bandwidth estimate (bit/s) behind each automatic rendition choice.
 pub const ABR_ESTIMATE: &str = "cascade_edge_abr_estimate_bps";
+/// Viewers' bandwidth estimators restarted after re-probing stagnated
+/// (`abr::Output::Reset`).
+pub const ABR_RESTARTS: &str = "cascade_edge_abr_estimator_restarts_total";
 /// Viewers' queued and cached video dropped on a switch down
 /// (`viewer::Out::flush_video`).
 pub const VIDEO_FLUSHES: &str = "cascade_edge_video_flushes_total";
@@ -72,6 +75,10 @@ pub fn describe() {
     metrics::describe_histogram!(
         ABR_ESTIMATE,
         "bandwidth estimate (bit/s) behind each automatic rendition switch"
+    );
+    metrics::describe_counter!(
+        ABR_RESTARTS,
+        "bandwidth estimators restarted after re-probing found no more room"
     );
     metrics::describe_counter!(
         VIDEO_FLUSHES,

@@ -365,6 +365,11 @@ impl Renditions {
                         str0m::bwe::Bitrate::bps(desired),
                     );
                 }
+                crate::abr::Output::Reset { bps } => {
+                    metrics::counter!(m::ABR_RESTARTS).increment(1);
+                    tracing::debug!(session = ?ctx.id, bps, "bwe restarted: re-probing stagnated");
+                    ctx.rtc.bwe().reset(str0m::bwe::Bitrate::bps(bps));
+                }
             }
         }
     }
