@@ -207,12 +207,21 @@ impl SentMeter {
 pub struct LossMeter {
     last: Option<(u64, u64)>,
     owed: u64,
+    /// Reports left in which `owed` may still show: a snapshot count that
+    /// was too high must not hide real loss for long.
+    owed_reports: u8,
 }
+
+/// The reports after a flush in which its gap may show: the receiver
+/// counts it once a later packet arrives, which can be after a report or
+/// two (the old packets' queue on the link, ~300 ms in the Chromium test).
+const OWED_REPORTS: u8 = 3;
 
 impl LossMeter {
     /// `n` packets were dropped unsent: the receiver will count them lost.
     pub fn dropped(&mut self, n: u64) {
         self.owed = self.owed.saturating_add(n);
+        self.owed_reports = OWED_REPORTS;
     }
 
     /// A receiver report's extended highest sequence number and cumulative
@@ -225,6 +234,10 @@ impl LossMeter {
         let lost = lost.saturating_sub(lost0);
         let ours = lost.min(self.owed);
         self.owed -= ours;
+        self.owed_reports = self.owed_reports.saturating_sub(1);
+        if self.owed_reports == 0 {
+            self.owed = 0;
+        }
         Some(((lost - ours) as f64 / expected as f64).min(1.0) as f32)
     }
 }
@@ -1448,6 +1461,12 @@ mod tests {
         // What was owed is used up; late arrivals lower the count.
         assert_eq!(m.on_report(1_300, 45), Some(0.0));
         assert_eq!(m.on_report(1_400, 65), Some(0.2));
+        // An overcount expires after a few reports: real loss shows again.
+        m.dropped(1_000);
+        for i in 1..=u64::from(OWED_REPORTS) {
+            assert_eq!(m.on_report(1_400 + 100 * i, 65 + 5 * i), Some(0.0));
+        }
+        assert_eq!(m.on_report(1_800, 95), Some(0.15));
     }
 
     #[test]

@@ -1149,11 +1149,13 @@ impl Handler for Viewer {
                 // counters give the loss less what a flush dropped.
                 if let (true, Some(_), Some(r)) = (video, s.loss, &s.remote) {
                     if let Some(a) = self.abr_mut() {
+                        // Both meters advance on every report, so their
+                        // windows stay aligned.
+                        let sent = a.sent.rate(s.timestamp, s.bytes);
                         let max_seq = *r.maximum_sequence_number;
                         let Some(loss) = a.loss.on_report(max_seq, r.packets_lost) else {
                             return Flow::Continue;
                         };
-                        let sent = a.sent.rate(s.timestamp, s.bytes);
                         tracing::trace!(session = ?ctx.id, loss, sent_bps = sent, "receiver report");
                         a.controller.on_report(ctx.now, sent, loss);
                     }
