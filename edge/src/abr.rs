@@ -803,7 +803,6 @@ impl Controller {
             Some(t) if now >= t => {
                 self.reprobe_at = Some(now + interval);
                 if self.stagnated(now, est) {
-                    self.stagnant = 0;
                     self.probe_base = Some(est);
                     self.restart_after = Some(now + self.restart_backoff);
                     self.restart_backoff = (self.restart_backoff * 2).min(MAX_RESTART_BACKOFF);
@@ -822,9 +821,9 @@ impl Controller {
 
     /// A re-probe is due at `now` with the estimate at `est`: counts it as
     /// stagnant or not, and says whether str0m's estimator should restart
-    /// ([`STAGNANT_REPROBES`]). Not while starting up (str0m's own start-up
-    /// probes are still at work), nor with loss in the span (the estimate
-    /// may be right).
+    /// ([`STAGNANT_REPROBES`]; the count starts again if so). Not while
+    /// starting up (str0m's own start-up probes are still at work), nor
+    /// with loss in the span (the estimate may be right).
     fn stagnated(&mut self, now: Instant, est: u64) -> bool {
         let grew = self
             .probe_base
@@ -836,7 +835,12 @@ impl Controller {
             return false;
         }
         self.stagnant += 1;
-        self.stagnant >= STAGNANT_REPROBES && self.restart_after.is_none_or(|t| now >= t)
+        let restart =
+            self.stagnant >= STAGNANT_REPROBES && self.restart_after.is_none_or(|t| now >= t);
+        if restart {
+            self.stagnant = 0;
+        }
+        restart
     }
 
     /// The last lossy report says the link delivered less than the lowest
@@ -1612,16 +1616,23 @@ mod tests {
         assert_eq!(c.current(), None);
     }
 
+    /// On 'f' with an estimate of 4 Mbit/s, two receiver reports 0.5 s
+    /// apart (rate sent, fraction lost): the controller and what it asked.
+    fn two_reports(a: (u64, f32), b: (u64, f32)) -> (Controller, Vec<Output>) {
+        let (mut c, t) = started(5_000_000);
+        c.on_estimate(t, 4_000_000);
+        c.on_report(t, Some(a.0), a.1);
+        c.on_report(t + ms(500), Some(b.0), b.1);
+        let out = std::iter::from_fn(|| c.poll_output()).collect();
+        (c, out)
+    }
+
     #[test]
     fn random_loss_on_a_wide_link_steps_down_one_at_once() {
         // 12% random loss on a link that carries what is sent, reported
         // before (not an onset): delivered 2.2 Mbit/s of 2.5 fits 'h', one
         // step down, not further.
-        let (mut c, t) = started(5_000_000);
-        c.on_estimate(t, 4_000_000);
-        c.on_report(t, Some(2_600_000), 0.08);
-        c.on_report(t + ms(500), Some(2_500_000), 0.12);
-        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        let (_, out) = two_reports((2_600_000, 0.08), (2_500_000, 0.12));
         assert!(
             matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("h")),
             "{out:?}"
@@ -1634,11 +1645,7 @@ mod tests {
         // to 0.4 Mbit/s part-way through the window): the bound, 2.1
         // Mbit/s, no longer carries 'f' (2.5); the link fell by more than
         // it shows, so 'q' at once, not 'h' first.
-        let (mut c, t) = started(5_000_000);
-        c.on_estimate(t, 4_000_000);
-        c.on_report(t, Some(2_500_000), 0.0);
-        c.on_report(t + ms(500), Some(2_470_000), 0.14);
-        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        let (_, out) = two_reports((2_500_000, 0.0), (2_470_000, 0.14));
         assert!(
             matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("q") && !s.up),
             "{out:?}"
@@ -1648,11 +1655,8 @@ mod tests {
     #[test]
     fn an_onset_of_loss_the_current_rendition_still_fits_keeps_it() {
         // Clean, then 10% of 3.0 Mbit/s lost: 2.7 Mbit/s still carries 'f'.
-        let (mut c, t) = started(5_000_000);
-        c.on_estimate(t, 4_000_000);
-        c.on_report(t, Some(3_000_000), 0.0);
-        c.on_report(t + ms(500), Some(3_000_000), 0.10);
-        assert!(!std::iter::from_fn(|| c.poll_output()).any(|o| matches!(o, Output::Switch(_))));
+        let (c, out) = two_reports((3_000_000, 0.0), (3_000_000, 0.10));
+        assert!(!out.iter().any(|o| matches!(o, Output::Switch(_))));
         assert_eq!(c.current(), Some("f"));
     }
 
