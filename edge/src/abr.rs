@@ -38,6 +38,7 @@
 //! A stream with one rendition makes an inert controller: it never switches
 //! and never asks for probing (such sessions do not even enable BWE).
 
+use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
 /// The current rendition is kept while the estimate is at least this share
@@ -152,6 +153,12 @@ pub const STAGNANT_REPROBES: u32 = 3;
 pub const RESTART_BACKOFF: Duration = Duration::from_secs(20);
 /// The longest wait between two restarts.
 pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(160);
+/// At a [`ResetCause::Collapse`] str0m's estimator restarts from at most
+/// this × the lowest rendition.
+pub const COLLAPSE_START: f64 = 1.5;
+/// How recent the last clean report must be for a high one to count as the
+/// onset of congestion: clean receivers report about once a second.
+pub const ONSET_WINDOW: Duration = Duration::from_secs(2);
 /// A receiver report's window: RTCP receiver reports for video come about
 /// once a second (libwebrtc: 1 s, randomised ×0.5–1.5). A report within
 /// this of a switch still counts packets of the rendition left behind, so
@@ -176,22 +183,53 @@ pub fn start_estimate(lowest_bps: u64) -> u64 {
     lowest_bps.saturating_mul(3).clamp(300_000, 1_000_000)
 }
 
-/// The rate a stream was sent at between two receiver reports, from str0m's
+/// The rate a stream was sent at up to a receiver report, from str0m's
 /// running byte count (`MediaEgressStats::bytes`, stats time): what a
-/// report's fraction lost applies to ([`Controller::on_report`]).
+/// report's fraction lost applies to ([`Controller::on_report`]). Under loss
+/// reports are read every 100 ms ([`cascade_rtc::bwe::STATS_INTERVAL`]),
+/// and 100 ms holds two to four frames, so the rate is taken since the
+/// newest earlier report at least [`SENT_WINDOW`] back: about the report's
+/// window when reports are a second apart, the last ~0.2–0.3 s under loss.
 #[derive(Debug, Default)]
 pub struct SentMeter {
-    last: Option<(Instant, u64)>,
+    /// (stats time, bytes) of the reports within [`SENT_HISTORY`].
+    last: VecDeque<(Instant, u64)>,
 }
+
+/// The shortest span a sent rate is taken over.
+pub const SENT_WINDOW: Duration = Duration::from_millis(200);
+/// Reports older than this are forgotten.
+const SENT_HISTORY: Duration = Duration::from_secs(2);
+/// At most this many reports are kept (reads are ≥ 100 ms apart).
+const SENT_SAMPLES: usize = 24;
 
 impl SentMeter {
     /// A stats event at `at` that carried a receiver report, `bytes` sent
-    /// in all: bit/s since the previous one (`None` for the first, or when
-    /// they are under 0.2 s apart, too short to mean a rate).
+    /// in all: bit/s since the newest earlier report at least
+    /// [`SENT_WINDOW`] back (`None` for the first, or when every earlier
+    /// one is closer, or over [`SENT_HISTORY`] back).
     pub fn rate(&mut self, at: Instant, bytes: u64) -> Option<u64> {
-        let (t0, b0) = self.last.replace((at, bytes))?;
-        let secs = at.checked_duration_since(t0)?.as_secs_f64();
-        (secs >= 0.2).then(|| (bytes.saturating_sub(b0) as f64 * 8.0 / secs) as u64)
+        let rate = self
+            .last
+            .iter()
+            .rev()
+            .find_map(|&(t0, b0)| {
+                let span = at.checked_duration_since(t0)?;
+                (SENT_WINDOW..=SENT_HISTORY)
+                    .contains(&span)
+                    .then_some((span, b0))
+            })
+            .map(|(span, b0)| (bytes.saturating_sub(b0) as f64 * 8.0 / span.as_secs_f64()) as u64);
+        self.last.push_back((at, bytes));
+        while self.last.len() > SENT_SAMPLES
+            || self
+                .last
+                .front()
+                .is_some_and(|&(t0, _)| at.saturating_duration_since(t0) > SENT_HISTORY)
+        {
+            self.last.pop_front();
+        }
+        rate
     }
 }
 
@@ -215,7 +253,7 @@ pub struct LossMeter {
 /// The reports after a flush in which its gap may show: the receiver
 /// counts it once a later packet arrives, which can be after a report or
 /// two (the old packets' queue on the link, ~300 ms in the Chromium test).
-const OWED_REPORTS: u8 = 3;
+const OWED_REPORTS: u8 = 8;
 
 impl LossMeter {
     /// `n` packets were dropped unsent: the receiver will count them lost.
@@ -279,12 +317,40 @@ pub enum Output {
         desired: u64,
     },
     /// `rtc.bwe().reset(Bitrate::bps(bps))`: restart str0m's estimator
-    /// from `bps` (its current estimate) after re-probing stagnated
-    /// ([`STAGNANT_REPROBES`]). The desired and minimum rates survive it.
+    /// from `bps`. The desired and minimum rates survive it.
     Reset {
         /// bit/s, where the restarted estimator starts.
         bps: u64,
+        /// Why (the metric's label).
+        cause: ResetCause,
     },
+}
+
+/// Why the controller restarts str0m's estimator.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ResetCause {
+    /// Re-probing found no more room [`STAGNANT_REPROBES`] times in a row,
+    /// loss-free: restarted from its current estimate.
+    Stagnant,
+    /// The link fell under the rendition at the onset of loss and the
+    /// viewer went to the lowest: restarted from what the link delivered,
+    /// so str0m's pacer (at 1.1 × its estimate) lets the lowest
+    /// rendition's keyframe into the narrowed link no faster than it
+    /// drains. Paced at the old estimate (3.2 Mbit/s into 0.4), the
+    /// keyframe overflowed the bottleneck queue that the old rendition
+    /// had filled, and its lost packets cost a resend round through that
+    /// queue (~0.3 s more freeze, Chromium, tests/browser_abr.rs).
+    Collapse,
+}
+
+impl ResetCause {
+    /// Metric label.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Stagnant => "stagnant",
+            Self::Collapse => "collapse",
+        }
+    }
 }
 
 /// The per-viewer ABR controller (sans-IO).
@@ -306,9 +372,13 @@ pub struct Controller {
     switched_at: Option<Instant>,
     /// When `loss` was last reported: it expires after [`LOSS_STALE`].
     loss_at: Option<Instant>,
-    /// The previous report's fraction lost, switch or not: a lossy report
-    /// after a clean one marks the onset of congestion.
-    last_fraction: f32,
+    /// The last report under [`LOSS_CLEAR`], and whether one at
+    /// [`LOSS_HIGH`] or more came since: the first high one after a recent
+    /// clean one marks the onset of congestion, even with mildly lossy
+    /// reports in between (with reports read every 100 ms, the first one
+    /// after a link falls often shows only the first few losses).
+    clean_at: Option<Instant>,
+    high_since_clean: bool,
     /// The rate str0m pads up to while an up-hold ends ([`CONFIRM`]) and
     /// until `padding_until` after the up-switch.
     padding_to: Option<u64>,
@@ -348,6 +418,10 @@ pub struct Controller {
     lossy_at: Option<Instant>,
     /// No restart before then; and the wait after the next one.
     restart_after: Option<Instant>,
+    /// The last [`ResetCause::Collapse`]: for [`STARTUP`] after it the
+    /// restarted estimator is starting up again, and its estimate alone
+    /// does not take the viewer to audio only.
+    collapsed_at: Option<Instant>,
     restart_backoff: Duration,
     pending: Vec<Output>,
 }
@@ -366,7 +440,8 @@ impl Controller {
             delivered: None,
             switched_at: None,
             loss_at: None,
-            last_fraction: 0.0,
+            clean_at: None,
+            high_since_clean: false,
             padding_to: None,
             padding_until: None,
             low_since: None,
@@ -386,6 +461,7 @@ impl Controller {
             stagnant: 0,
             lossy_at: None,
             restart_after: None,
+            collapsed_at: None,
             restart_backoff: RESTART_BACKOFF,
             pending: Vec::new(),
         };
@@ -471,8 +547,18 @@ impl Controller {
         if fraction >= LOSS_CLEAR {
             self.lossy_at = Some(now);
         }
-        let onset = settled && fraction >= LOSS_HIGH && self.last_fraction < LOSS_CLEAR;
-        self.last_fraction = fraction;
+        let onset = settled
+            && fraction >= LOSS_HIGH
+            && !self.high_since_clean
+            && self
+                .clean_at
+                .is_some_and(|t| now.saturating_duration_since(t) <= ONSET_WINDOW);
+        if fraction < LOSS_CLEAR {
+            self.clean_at = Some(now);
+            self.high_since_clean = false;
+        } else if fraction >= LOSS_HIGH {
+            self.high_since_clean = true;
+        }
         self.delivered = sent_bps
             .filter(|_| fraction >= LOSS_HIGH)
             .map(|s| (s as f64 * f64::from(1.0 - fraction)) as u64);
@@ -488,9 +574,24 @@ impl Controller {
                 // 720p to 180p behind a link cut from 4 to 0.4 Mbit/s, and
                 // the 360p keyframe sent in between filled the narrow link
                 // (tests/browser_abr.rs).
-                let to = if onset && fits < cur { 0 } else { fits };
+                let collapse = onset && fits < cur;
+                let to = if collapse { 0 } else { fits };
                 if to < cur {
                     self.switch(now, Some(to), est);
+                    if collapse {
+                        let lowest = self.ladder.first().map_or(0.0, |r| r.bps as f64);
+                        self.collapsed_at = Some(now);
+                        // The onset's delivered rate is only an upper
+                        // bound (44% "lost" of 3 Mbit/s behind a 0.4 Mbit/s
+                        // link): start at 1.5 × the lowest at most, and
+                        // let str0m's start-up probes (3× and 6× the
+                        // start) find more if the link has it.
+                        let bps = (est as f64).min(lowest * COLLAPSE_START);
+                        self.pending.push(Output::Reset {
+                            bps: bps.max(lowest * UP_HEADROOM) as u64,
+                            cause: ResetCause::Collapse,
+                        });
+                    }
                     return;
                 }
             }
@@ -636,6 +737,7 @@ impl Controller {
         }
         let estf = est as f64;
         let congested = self.loss >= LOSS_HIGH;
+        let restarted = self.collapsed_at.is_some_and(|t| now < t + STARTUP);
 
         // Down (or audio only).
         if let Some((t, e)) = self.episode_last {
@@ -697,7 +799,7 @@ impl Controller {
                         // for 10 s (tests/browser_abr.rs). It starts on the
                         // lowest; audio only then takes what the link
                         // delivered, as for loss.
-                        None if !self.startup_over && !self.starved() => Some(0),
+                        None if (!self.startup_over || restarted) && !self.starved() => Some(0),
                         to => to,
                     }
                 } else {
@@ -806,7 +908,10 @@ impl Controller {
                     self.probe_base = Some(est);
                     self.restart_after = Some(now + self.restart_backoff);
                     self.restart_backoff = (self.restart_backoff * 2).min(MAX_RESTART_BACKOFF);
-                    self.pending.push(Output::Reset { bps: est });
+                    self.pending.push(Output::Reset {
+                        bps: est,
+                        cause: ResetCause::Stagnant,
+                    });
                     return;
                 }
                 self.probe_base = Some(est);
@@ -1199,7 +1304,7 @@ mod tests {
             }
             c.handle_timeout(*t);
             while let Some(o) = c.poll_output() {
-                if let Output::Reset { bps } = o {
+                if let Output::Reset { bps, .. } = o {
                     out.push((t.duration_since(start), bps));
                 }
             }
@@ -1422,10 +1527,17 @@ mod tests {
     fn sent_meter_gives_the_rate_between_reports() {
         let mut m = SentMeter::default();
         let t = Instant::now();
-        assert_eq!(m.rate(t, 1_000), None);
-        assert_eq!(m.rate(t + ms(1000), 126_000), Some(1_000_000));
-        assert_eq!(m.rate(t + ms(1100), 200_000), None, "under 0.2 s");
-        assert_eq!(m.rate(t + ms(1600), 262_500), Some(1_000_000));
+        let mut rate = |at: u64, bytes: u64| m.rate(t + ms(at), bytes).map(|r| (r + 500) / 1_000);
+        assert_eq!(rate(0, 1_000), None);
+        assert_eq!(rate(1000, 126_000), Some(1_000), "kbit/s");
+        // Reports 100 ms apart (under loss): over the newest ≥ 0.2 s back.
+        assert_eq!(rate(1100, 138_500), Some(1_000), "from t");
+        assert_eq!(rate(1200, 151_000), Some(1_000), "from 1.0 s");
+        assert_eq!(rate(1300, 176_000), Some(1_500), "from 1.1 s");
+        // Old reports are forgotten.
+        assert_eq!(rate(9300, 1_176_000), None, "all over 2 s back");
+        assert_eq!(rate(9400, 1_188_500), None, "under 0.2 s");
+        assert_eq!(rate(9500, 1_201_000), Some(1_000));
     }
 
     #[test]
@@ -1470,7 +1582,9 @@ mod tests {
         for i in 1..=u64::from(OWED_REPORTS) {
             assert_eq!(m.on_report(1_400 + 100 * i, 65 + 5 * i), Some(0.0));
         }
-        assert_eq!(m.on_report(1_800, 95), Some(0.15));
+        let at = 1_400 + 100 * (u64::from(OWED_REPORTS) + 1);
+        let lost = 65 + 5 * u64::from(OWED_REPORTS) + 15;
+        assert_eq!(m.on_report(at, lost), Some(0.15));
     }
 
     #[test]
@@ -1650,6 +1764,54 @@ mod tests {
             matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("q") && !s.up),
             "{out:?}"
         );
+        // And str0m's estimator restarts from 1.5 × 'q' (under the 2.1
+        // Mbit/s bound), so its pacer no longer sends at the old estimate.
+        assert!(
+            out.iter().any(|o| matches!(
+                o,
+                Output::Reset {
+                    bps: 375_000,
+                    cause: ResetCause::Collapse
+                }
+            )),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn after_a_collapse_the_restarted_estimate_alone_does_not_take_audio() {
+        // Clean, then 87% of 2.5 Mbit/s lost: 'q', restarted from 325
+        // kbit/s (over 'q' × 1.2). The restarted estimator then dips under
+        // 'q' for a second: it is starting up again, so audio only needs
+        // what the link delivered, not the estimate alone.
+        let (mut c, out) = two_reports((2_500_000, 0.0), (2_500_000, 0.87));
+        assert!(
+            out.iter().any(|o| matches!(
+                o,
+                Output::Reset {
+                    bps: 324_000..=326_000,
+                    cause: ResetCause::Collapse
+                }
+            )),
+            "{out:?}"
+        );
+        assert_eq!(c.current(), Some("q"));
+        let t = c.switched_at.unwrap_or_else(Instant::now);
+        for i in 1..=10 {
+            c.on_estimate(t + ms(100 * i), 150_000);
+        }
+        c.handle_timeout(t + ms(1100));
+        assert_eq!(
+            c.current(),
+            Some("q"),
+            "not audio only on the estimate alone"
+        );
+        // After the restarted estimator's start-up, the estimate decides again.
+        let later = t + STARTUP + ms(100);
+        c.on_estimate(later, 150_000);
+        c.handle_timeout(later + DOWN_HOLD);
+        c.handle_timeout(later + DOWN_HOLD + ms(10));
+        assert_eq!(c.current(), None, "audio only");
     }
 
     #[test]
@@ -1658,6 +1820,41 @@ mod tests {
         let (c, out) = two_reports((3_000_000, 0.0), (3_000_000, 0.10));
         assert!(!out.iter().any(|o| matches!(o, Output::Switch(_))));
         assert_eq!(c.current(), Some("f"));
+    }
+
+    #[test]
+    fn an_onset_seen_first_as_mild_loss_still_goes_to_the_lowest() {
+        // Clean, then the first few losses (4%: reports are read every
+        // 100 ms, the first after a link falls shows little), then 60% of
+        // 2.4 Mbit/s: still the onset, so 'q' at once, not 'h' first.
+        let (mut c, t) = started(5_000_000);
+        c.on_estimate(t, 4_000_000);
+        c.on_report(t, Some(2_500_000), 0.0);
+        c.on_report(t + ms(900), Some(2_500_000), 0.04);
+        c.on_report(t + ms(1000), Some(2_400_000), 0.6);
+        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        assert!(
+            matches!(out.iter().find(|o| matches!(o, Output::Switch(_))), Some(Output::Switch(s)) if s.to.as_deref() == Some("q")),
+            "{out:?}"
+        );
+    }
+
+    #[test]
+    fn steady_loss_long_after_the_last_clean_report_is_no_onset() {
+        // Clean once, then 3 s of 5–8% (a lossy radio link), then 12% of
+        // 2.5 Mbit/s: not an onset; delivered 2.2 Mbit/s fits 'h', one step.
+        let (mut c, t) = started(5_000_000);
+        c.on_estimate(t, 4_000_000);
+        c.on_report(t, Some(2_500_000), 0.0);
+        for i in 1..=3 {
+            c.on_report(t + ms(1000 * i), Some(2_500_000), 0.05 + 0.01 * i as f32);
+        }
+        c.on_report(t + ms(4000), Some(2_500_000), 0.12);
+        let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
+        assert!(
+            matches!(out.iter().find(|o| matches!(o, Output::Switch(_))), Some(Output::Switch(s)) if s.to.as_deref() == Some("h")),
+            "{out:?}"
+        );
     }
 
     #[test]

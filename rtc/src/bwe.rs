@@ -34,11 +34,15 @@ pub const INITIAL_ESTIMATE: Bitrate = Bitrate::kbps(1_000);
 /// constant delay, both of which the delay-based estimate misses. Receivers
 /// report video about once a second while nothing is lost, but Chromium
 /// sends a report with every NACK, so under loss a fresh one is there at
-/// every poll: 250 ms passes the onset of congestion on within ~0.25–0.9 s
-/// (Chromium behind a link cut from 4 to 0.4 Mbit/s, tests/browser_abr.rs;
-/// 500 ms took 0.5–1.5 s). An event without a new report carries
-/// `loss: None` and costs a few comparisons.
-pub const STATS_INTERVAL: Duration = Duration::from_millis(250);
+/// every poll. The first report after a link falls comes once the
+/// bottleneck queue has delayed the packets behind the first loss (~0.3 s
+/// behind a 300 ms queue); every poll interval adds to that. 500 ms took
+/// 0.5–1.5 s from the fall to the decision (Chromium behind a link cut from
+/// 4 to 0.4 Mbit/s, tests/browser_abr.rs), 250 ms 0.5–0.9 s, and the second
+/// lossy report (the first one often shows only a few losses) a further
+/// 250 ms: 100 ms. An event without a new report carries `loss: None` and
+/// costs a few comparisons.
+pub const STATS_INTERVAL: Duration = Duration::from_millis(100);
 
 /// Turns on TWCC, str0m's bandwidth estimator and egress stats for a session
 /// being built. Call it after `set_extension_map`, which would drop the

@@ -9,7 +9,7 @@
 //     renditions with bitrates (the top one ≥ job.minTopBps), then holds for job.secs (or until
 //     job.stopFile exists).
 //   kind "view": the player page /play/{stream} (Auto); getStats every
-//     250 ms in the page (epoch ms timestamps, so the test can line them up
+//     50 ms in the page (epoch ms timestamps, so the test can line them up
 //     with its own tc changes); job.steps run in order: wait until the
 //     condition holds (or `within` ms pass: the step and the rest fail), stay
 //     `hold` ms, then run the command `run` (argv, e.g. tc in cascade's
@@ -42,8 +42,9 @@ const RECORD_PCS = `
 `;
 
 // Receiving and sending stats of a page, summed over its peer connections;
-// window.__startTrace samples them every 250 ms into window.__trace in the
-// page itself, so a slow round trip to node cannot look like a freeze.
+// window.__startTrace samples them every 50 ms into window.__trace in the
+// page itself, so a slow round trip to node cannot look like a freeze, and
+// a freeze is timed to within 50 ms.
 const TRACE = `
   (() => {
     window.__summary = async () => {
@@ -82,9 +83,9 @@ const TRACE = `
           const s = await window.__summary();
           delete s.layers;
           window.__trace.push(s);
-          if (window.__trace.length > 2000) window.__trace.shift();
+          if (window.__trace.length > 6000) window.__trace.shift();
         } finally { busy = false; }
-      }, 250);
+      }, 50);
     };
   })();
 `;
@@ -206,7 +207,9 @@ async function main() {
     await ctx.close().catch(() => {});
     fs.rmSync(userDataDir, { recursive: true, force: true });
   }
-  process.stdout.write(JSON.stringify(out) + "\n");
+  // Waits for the pipe to take it all: process.exit right after a large
+  // write cuts it off (at 128 KiB here).
+  await new Promise((resolve) => process.stdout.write(JSON.stringify(out) + "\n", resolve));
 }
 
 const killer = setTimeout(() => {

@@ -365,9 +365,9 @@ impl Renditions {
                         str0m::bwe::Bitrate::bps(desired),
                     );
                 }
-                crate::abr::Output::Reset { bps } => {
-                    metrics::counter!(m::ABR_RESTARTS).increment(1);
-                    tracing::debug!(session = ?ctx.id, bps, "bwe restarted: re-probing stagnated");
+                crate::abr::Output::Reset { bps, cause } => {
+                    metrics::counter!(m::ABR_RESTARTS, "cause" => cause.as_str()).increment(1);
+                    tracing::debug!(session = ?ctx.id, bps, cause = cause.as_str(), "bwe restarted");
                     ctx.rtc.bwe().reset(str0m::bwe::Bitrate::bps(bps));
                 }
             }
@@ -1156,7 +1156,7 @@ impl Handler for Viewer {
                         let Some(loss) = a.loss.on_report(max_seq, r.packets_lost) else {
                             return Flow::Continue;
                         };
-                        tracing::trace!(session = ?ctx.id, loss, sent_bps = sent, "receiver report");
+                        tracing::trace!(session = ?ctx.id, loss, sent_bps = sent, nacks = s.nacks, "receiver report");
                         a.controller.on_report(ctx.now, sent, loss);
                     }
                 }
