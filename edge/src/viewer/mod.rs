@@ -236,15 +236,30 @@ pub(crate) fn rung_bps(r: &Rung) -> u64 {
     }
 }
 
-/// The controller's view of a ladder: names and costs.
+/// The controller's view of a ladder (best first, as [`ladder`] gives it):
+/// names and costs, each rendition costing more than every lower one. The
+/// controller orders renditions by cost, and live rates can cross: a
+/// simulcast encoder ramps its layers up at different paces and starves
+/// one under load, and an unlimited Chromium viewer on 360p was "switched
+/// up" to 180p when 180p measured more than 360p for a moment, and stayed
+/// there 7 s (tests/browser_abr.rs, the settle case). A better rendition
+/// that measures less is priced just above the one below it: it fits
+/// wherever that one does, which is true while its rate is that low.
 fn abr_ladder(ladder: &[Rung]) -> Vec<crate::abr::Rung> {
-    ladder
+    let mut floor = 0u64;
+    let mut rungs: Vec<crate::abr::Rung> = ladder
         .iter()
-        .map(|r| crate::abr::Rung {
-            name: r.name.clone(),
-            bps: rung_bps(r),
+        .rev()
+        .map(|r| {
+            floor = rung_bps(r).max(floor.saturating_add(1));
+            crate::abr::Rung {
+                name: r.name.clone(),
+                bps: floor,
+            }
         })
-        .collect()
+        .collect();
+    rungs.reverse();
+    rungs
 }
 
 /// [`bwe_start`] for a viewer of `sub`'s default video track.
@@ -1230,5 +1245,44 @@ mod tests {
         assert!(ladder(&plain, Codec::H264).is_empty());
         assert_eq!(rank_label(0), "0");
         assert_eq!(rank_label(9), "8+");
+    }
+
+    #[test]
+    fn abr_costs_rise_with_the_rank_even_when_live_rates_cross() {
+        let mut c = Catalog {
+            tracks: vec![
+                track("video-q", Codec::H264, Some(("q", 320, 180))),
+                track("video", Codec::H264, Some(("f", 1280, 720))),
+                track("video-h", Codec::H264, Some(("h", 640, 360))),
+            ],
+        };
+        let costs = |c: &Catalog| -> Vec<(String, u64)> {
+            abr_ladder(&ladder(c, Codec::H264))
+                .into_iter()
+                .map(|r| (r.name, r.bps))
+                .collect()
+        };
+        let set = |c: &mut Catalog, name: &str, kbps: u32| {
+            for t in &mut c.tracks {
+                if let Some(r) = t.rendition.as_mut().filter(|r| r.name == name) {
+                    r.bitrate_kbps = kbps;
+                }
+            }
+        };
+        set(&mut c, "q", 150);
+        set(&mut c, "h", 500);
+        set(&mut c, "f", 2_500);
+        let want = |v: [(&str, u64); 3]| v.map(|(n, b)| (n.to_string(), b)).to_vec();
+        assert_eq!(
+            costs(&c),
+            want([("f", 2_500_000), ("h", 500_000), ("q", 150_000)])
+        );
+        // 'h' measured under 'q' for a moment, 'f' under both.
+        set(&mut c, "h", 120);
+        set(&mut c, "f", 100);
+        assert_eq!(
+            costs(&c),
+            want([("f", 150_002), ("h", 150_001), ("q", 150_000)])
+        );
     }
 }
