@@ -342,14 +342,15 @@ pub enum ResetCause {
     /// Re-probing found no more room [`STAGNANT_REPROBES`] times in a row,
     /// loss-free: restarted from its current estimate.
     Stagnant,
-    /// The link fell under the rendition at the onset of loss and the
-    /// viewer went to the lowest: restarted from what the link delivered,
-    /// so str0m's pacer (at 1.1 × its estimate) lets the lowest
-    /// rendition's keyframe into the narrowed link no faster than it
-    /// drains. Paced at the old estimate (3.2 Mbit/s into 0.4), the
-    /// keyframe overflowed the bottleneck queue that the old rendition
-    /// had filled, and its lost packets cost a resend round through that
-    /// queue (~0.3 s more freeze, Chromium, tests/browser_abr.rs).
+    /// The link fell under the rendition: a receiver report took the
+    /// viewer down more than one rendition, or to the lowest at the onset
+    /// of loss. Restarted from [`COLLAPSE_START`] × the lowest, so str0m's
+    /// pacer (at 1.1 × its estimate) lets the new keyframe into the
+    /// narrowed link little faster than it drains. Paced at the old
+    /// estimate (3.2 Mbit/s into 0.4), the keyframe overflowed the
+    /// bottleneck queue that the old rendition had filled, and its lost
+    /// packets cost a resend round through that queue (~0.3 s more
+    /// freeze, Chromium, tests/browser_abr.rs).
     Collapse,
 }
 
