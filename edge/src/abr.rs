@@ -209,7 +209,7 @@ pub struct SentMeter {
 /// The shortest span a sent rate is taken over.
 pub const SENT_WINDOW: Duration = Duration::from_millis(200);
 /// Reports older than this are forgotten.
-const SENT_HISTORY: Duration = Duration::from_secs(2);
+pub const SENT_HISTORY: Duration = Duration::from_secs(2);
 /// At most this many reports are kept (reads are ≥ 100 ms apart).
 const SENT_SAMPLES: usize = 24;
 
