@@ -153,19 +153,6 @@ pub const STAGNANT_REPROBES: u32 = 3;
 pub const RESTART_BACKOFF: Duration = Duration::from_secs(20);
 /// The longest wait between two restarts.
 pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(160);
-/// At a [`ResetCause::Collapse`] str0m's estimator restarts from this ×
-/// the lowest rendition, whatever the report said was delivered (at the
-/// onset that is only an upper bound: 44% "lost" of 3 Mbit/s behind a
-/// 0.4 Mbit/s link; str0m's start-up probes, 3× and 6× the start, find
-/// more if the link has it). Not lower: str0m's pacer keeps the debt of
-/// what it sent at the old rate (up to 40 ms of it, ~17 kB at 3.5 Mbit/s,
-/// and at most 0.5 s of the new rate) and sends no video until it is paid:
-/// at 1.5 × the lowest (~0.3 Mbit/s) that stalled the lowest's keyframe
-/// for ~0.7 s in 2 of 9 Chromium runs, the send queue's lag limit then
-/// dropped it, and the freeze grew to 1.3–1.4 s. At 3 × (~0.6 Mbit/s) the
-/// debt is paid within the ~0.3 s the link needs to drain its queue, and a
-/// keyframe of the lowest (a few kB) still fits into the queue it drained.
-pub const COLLAPSE_START: f64 = 3.0;
 /// How recent the last clean report must be for a high one to count as the
 /// onset of congestion: clean receivers report about once a second.
 pub const ONSET_WINDOW: Duration = Duration::from_secs(2);
@@ -327,41 +314,12 @@ pub enum Output {
         desired: u64,
     },
     /// `rtc.bwe().reset(Bitrate::bps(bps))`: restart str0m's estimator
-    /// from `bps`. The desired and minimum rates survive it.
+    /// from `bps` (its current estimate) after re-probing stagnated
+    /// ([`STAGNANT_REPROBES`]). The desired and minimum rates survive it.
     Reset {
         /// bit/s, where the restarted estimator starts.
         bps: u64,
-        /// Why (the metric's label).
-        cause: ResetCause,
     },
-}
-
-/// Why the controller restarts str0m's estimator.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum ResetCause {
-    /// Re-probing found no more room [`STAGNANT_REPROBES`] times in a row,
-    /// loss-free: restarted from its current estimate.
-    Stagnant,
-    /// The link fell under the rendition: a receiver report took the
-    /// viewer down more than one rendition, or to the lowest at the onset
-    /// of loss. Restarted from [`COLLAPSE_START`] × the lowest, so str0m's
-    /// pacer (at 1.1 × its estimate) lets the new keyframe into the
-    /// narrowed link little faster than it drains. Paced at the old
-    /// estimate (3.2 Mbit/s into 0.4), the keyframe overflowed the
-    /// bottleneck queue that the old rendition had filled, and its lost
-    /// packets cost a resend round through that queue (~0.3 s more
-    /// freeze, Chromium, tests/browser_abr.rs).
-    Collapse,
-}
-
-impl ResetCause {
-    /// Metric label.
-    pub fn as_str(self) -> &'static str {
-        match self {
-            Self::Stagnant => "stagnant",
-            Self::Collapse => "collapse",
-        }
-    }
 }
 
 /// The per-viewer ABR controller (sans-IO).
@@ -429,10 +387,6 @@ pub struct Controller {
     lossy_at: Option<Instant>,
     /// No restart before then; and the wait after the next one.
     restart_after: Option<Instant>,
-    /// The last [`ResetCause::Collapse`]: for [`STARTUP`] after it the
-    /// restarted estimator is starting up again, and its estimate alone
-    /// does not take the viewer to audio only.
-    collapsed_at: Option<Instant>,
     restart_backoff: Duration,
     pending: Vec<Output>,
 }
@@ -472,7 +426,6 @@ impl Controller {
             stagnant: 0,
             lossy_at: None,
             restart_after: None,
-            collapsed_at: None,
             restart_backoff: RESTART_BACKOFF,
             pending: Vec::new(),
         };
@@ -588,17 +541,6 @@ impl Controller {
                 let to = if onset && fits < cur { 0 } else { fits };
                 if to < cur {
                     self.switch(now, Some(to), est);
-                    // Down by more than one rendition: the link collapsed
-                    // under the current one, and str0m's pacer still runs
-                    // at the old estimate (see [`COLLAPSE_START`]).
-                    if cur - to >= 2 || (onset && to == 0) {
-                        let lowest = self.ladder.first().map_or(0.0, |r| r.bps as f64);
-                        self.collapsed_at = Some(now);
-                        self.pending.push(Output::Reset {
-                            bps: (lowest * COLLAPSE_START) as u64,
-                            cause: ResetCause::Collapse,
-                        });
-                    }
                     return;
                 }
             }
@@ -744,7 +686,6 @@ impl Controller {
         }
         let estf = est as f64;
         let congested = self.loss >= LOSS_HIGH;
-        let restarted = self.collapsed_at.is_some_and(|t| now < t + STARTUP);
 
         // Down (or audio only).
         if let Some((t, e)) = self.episode_last {
@@ -806,7 +747,7 @@ impl Controller {
                         // for 10 s (tests/browser_abr.rs). It starts on the
                         // lowest; audio only then takes what the link
                         // delivered, as for loss.
-                        None if (!self.startup_over || restarted) && !self.starved() => Some(0),
+                        None if !self.startup_over && !self.starved() => Some(0),
                         to => to,
                     }
                 } else {
@@ -915,10 +856,7 @@ impl Controller {
                     self.probe_base = Some(est);
                     self.restart_after = Some(now + self.restart_backoff);
                     self.restart_backoff = (self.restart_backoff * 2).min(MAX_RESTART_BACKOFF);
-                    self.pending.push(Output::Reset {
-                        bps: est,
-                        cause: ResetCause::Stagnant,
-                    });
+                    self.pending.push(Output::Reset { bps: est });
                     return;
                 }
                 self.probe_base = Some(est);
@@ -1311,7 +1249,7 @@ mod tests {
             }
             c.handle_timeout(*t);
             while let Some(o) = c.poll_output() {
-                if let Output::Reset { bps, .. } = o {
+                if let Output::Reset { bps } = o {
                     out.push((t.duration_since(start), bps));
                 }
             }
@@ -1562,17 +1500,6 @@ mod tests {
             matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("q") && !s.up),
             "{out:?}"
         );
-        // Two renditions down: a collapse, str0m's estimator restarts.
-        assert!(
-            out.iter().any(|o| matches!(
-                o,
-                Output::Reset {
-                    cause: ResetCause::Collapse,
-                    ..
-                }
-            )),
-            "{out:?}"
-        );
         // The next report still counts 'f' packets sent before the
         // switch: it does not take the viewer further down.
         c.on_report(t + ms(900), Some(900_000), 0.6);
@@ -1769,7 +1696,7 @@ mod tests {
             matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("h")),
             "{out:?}"
         );
-        // One step: no collapse, str0m's estimator keeps its state.
+        // str0m's estimator keeps its state.
         assert!(
             !out.iter().any(|o| matches!(o, Output::Reset { .. })),
             "{out:?}"
@@ -1787,54 +1714,6 @@ mod tests {
             matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("q") && !s.up),
             "{out:?}"
         );
-        // And str0m's estimator restarts from 3 × 'q' (under the 2.1
-        // Mbit/s bound), so its pacer no longer sends at the old estimate.
-        assert!(
-            out.iter().any(|o| matches!(
-                o,
-                Output::Reset {
-                    bps: 750_000,
-                    cause: ResetCause::Collapse
-                }
-            )),
-            "{out:?}"
-        );
-    }
-
-    #[test]
-    fn after_a_collapse_the_restarted_estimate_alone_does_not_take_audio() {
-        // Clean, then 87% of 2.5 Mbit/s lost: 'q', restarted from 3 × 'q'
-        // (750 kbit/s). The restarted estimator then dips under
-        // 'q' for a second: it is starting up again, so audio only needs
-        // what the link delivered, not the estimate alone.
-        let (mut c, out) = two_reports((2_500_000, 0.0), (2_500_000, 0.87));
-        assert!(
-            out.iter().any(|o| matches!(
-                o,
-                Output::Reset {
-                    bps: 750_000,
-                    cause: ResetCause::Collapse
-                }
-            )),
-            "{out:?}"
-        );
-        assert_eq!(c.current(), Some("q"));
-        let t = c.switched_at.unwrap_or_else(Instant::now);
-        for i in 1..=10 {
-            c.on_estimate(t + ms(100 * i), 150_000);
-        }
-        c.handle_timeout(t + ms(1100));
-        assert_eq!(
-            c.current(),
-            Some("q"),
-            "not audio only on the estimate alone"
-        );
-        // After the restarted estimator's start-up, the estimate decides again.
-        let later = t + STARTUP + ms(100);
-        c.on_estimate(later, 150_000);
-        c.handle_timeout(later + DOWN_HOLD);
-        c.handle_timeout(later + DOWN_HOLD + ms(10));
-        assert_eq!(c.current(), None, "audio only");
     }
 
     #[test]

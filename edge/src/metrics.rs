@@ -46,9 +46,8 @@ pub const RENDITION_SWITCHES: &str = "cascade_edge_rendition_switches_total";
 pub const AUDIO_ONLY_VIEWERS: &str = "cascade_edge_audio_only_viewers";
 /// The bandwidth estimate (bit/s) behind each automatic rendition choice.
 pub const ABR_ESTIMATE: &str = "cascade_edge_abr_estimate_bps";
-/// Viewers' bandwidth estimators restarted (`abr::Output::Reset`), by
-/// `cause`: `stagnant` (re-probing found no more room) or `collapse` (the
-/// link fell under the rendition at the onset of loss).
+/// Viewers' bandwidth estimators restarted after re-probing stagnated
+/// (`abr::Output::Reset`).
 pub const ABR_RESTARTS: &str = "cascade_edge_abr_estimator_restarts_total";
 /// Viewers' queued and cached video dropped on a switch down
 /// (`viewer::Out::flush_video`).

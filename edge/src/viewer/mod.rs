@@ -380,9 +380,9 @@ impl Renditions {
                         str0m::bwe::Bitrate::bps(desired),
                     );
                 }
-                crate::abr::Output::Reset { bps, cause } => {
-                    metrics::counter!(m::ABR_RESTARTS, "cause" => cause.as_str()).increment(1);
-                    tracing::debug!(session = ?ctx.id, bps, cause = cause.as_str(), "bwe restarted");
+                crate::abr::Output::Reset { bps } => {
+                    metrics::counter!(m::ABR_RESTARTS).increment(1);
+                    tracing::debug!(session = ?ctx.id, bps, "bwe restarted: re-probing stagnated");
                     ctx.rtc.bwe().reset(str0m::bwe::Bitrate::bps(bps));
                 }
             }

@@ -385,7 +385,7 @@ impl Sim {
                     .tx
                     .bwe()
                     .set_bitrate(Bitrate::bps(minimum), Bitrate::bps(desired)),
-                AbrOutput::Reset { bps, .. } => self.tx.bwe().reset(Bitrate::bps(bps)),
+                AbrOutput::Reset { bps } => self.tx.bwe().reset(Bitrate::bps(bps)),
                 AbrOutput::Switch(s) => {
                     let abr = self.abr.as_ref().unwrap();
                     self.media_bps =
