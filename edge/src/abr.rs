@@ -206,19 +206,7 @@ impl SentMeter {
     /// [`SENT_WINDOW`] back (`None` for the first, or when every earlier
     /// one is closer, or over [`SENT_HISTORY`] back).
     pub fn rate(&mut self, at: Instant, bytes: u64) -> Option<u64> {
-        let rate = self
-            .last
-            .iter()
-            .rev()
-            .find_map(|&(t0, b0)| {
-                let span = at.checked_duration_since(t0)?;
-                (SENT_WINDOW..=SENT_HISTORY)
-                    .contains(&span)
-                    .then_some((span, b0))
-            })
-            .map(|(span, b0)| (bytes.saturating_sub(b0) as f64 * 8.0 / span.as_secs_f64()) as u64);
-        self.last.push_back((at, bytes));
-        while self.last.len() > SENT_SAMPLES
+        while self.last.len() >= SENT_SAMPLES
             || self
                 .last
                 .front()
@@ -226,6 +214,13 @@ impl SentMeter {
         {
             self.last.pop_front();
         }
+        let rate = self.last.iter().rev().find_map(|&(t0, b0)| {
+            let span = at
+                .checked_duration_since(t0)
+                .filter(|s| *s >= SENT_WINDOW)?;
+            Some((bytes.saturating_sub(b0) as f64 * 8.0 / span.as_secs_f64()) as u64)
+        });
+        self.last.push_back((at, bytes));
         rate
     }
 }
@@ -1675,15 +1670,22 @@ mod tests {
         assert_eq!(c.current(), None);
     }
 
-    /// On 'f' with an estimate of 4 Mbit/s, two receiver reports 0.5 s
-    /// apart (rate sent, fraction lost): the controller and what it asked.
-    fn two_reports(a: (u64, f32), b: (u64, f32)) -> (Controller, Vec<Output>) {
+    /// On 'f' with an estimate of 4 Mbit/s, receiver reports (ms after
+    /// the start, rate sent, fraction lost): the controller and what it
+    /// asked.
+    fn after_reports(reports: &[(u64, u64, f32)]) -> (Controller, Vec<Output>) {
         let (mut c, t) = started(5_000_000);
         c.on_estimate(t, 4_000_000);
-        c.on_report(t, Some(a.0), a.1);
-        c.on_report(t + ms(500), Some(b.0), b.1);
+        for &(at, sent, loss) in reports {
+            c.on_report(t + ms(at), Some(sent), loss);
+        }
         let out = std::iter::from_fn(|| c.poll_output()).collect();
         (c, out)
+    }
+
+    /// Two reports 0.5 s apart (rate sent, fraction lost).
+    fn two_reports(a: (u64, f32), b: (u64, f32)) -> (Controller, Vec<Output>) {
+        after_reports(&[(0, a.0, a.1), (500, b.0, b.1)])
     }
 
     #[test]
@@ -1696,7 +1698,7 @@ mod tests {
             matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("h")),
             "{out:?}"
         );
-        // str0m's estimator keeps its state.
+        // Loss alone never restarts str0m's estimator.
         assert!(
             !out.iter().any(|o| matches!(o, Output::Reset { .. })),
             "{out:?}"
@@ -1724,15 +1726,9 @@ mod tests {
         assert_eq!(c.current(), Some("f"));
     }
 
-    /// On 'f' with an estimate of 4 Mbit/s, receiver reports (ms after
-    /// the start, rate sent, fraction lost): where the first switch went.
+    /// Where the first switch after [`after_reports`] went.
     fn first_switch_after(reports: &[(u64, u64, f32)]) -> Option<String> {
-        let (mut c, t) = started(5_000_000);
-        c.on_estimate(t, 4_000_000);
-        for &(at, sent, loss) in reports {
-            c.on_report(t + ms(at), Some(sent), loss);
-        }
-        std::iter::from_fn(|| c.poll_output()).find_map(|o| match o {
+        after_reports(reports).1.into_iter().find_map(|o| match o {
             Output::Switch(s) => Some(s.to.unwrap_or_default()),
             _ => None,
         })
