@@ -1151,10 +1151,26 @@ impl Handler for Viewer {
                 Flow::Continue
             }
             // Sessions with an estimator only (`cascade_rtc::bwe::enable`).
+            // str0m's estimate events are the mean of its distinct
+            // estimates over 3 s (`EstimateSmoother`): they trail the link
+            // by seconds both ways. The controller reads the estimate
+            // itself from the stats event instead (below); the events are
+            // only logged, to compare.
             Event::EgressBitrateEstimate(str0m::bwe::BweKind::Twcc { estimate, .. }) => {
-                if let Some(a) = self.abr_mut() {
-                    tracing::trace!(session = ?ctx.id, estimate_bps = estimate.as_u64(), "bandwidth estimate");
-                    a.controller.on_estimate(ctx.now, estimate.as_u64());
+                if self.abr_mut().is_some() {
+                    tracing::trace!(session = ?ctx.id, estimate_bps = estimate.as_u64(), "smoothed estimate");
+                }
+                Flow::Continue
+            }
+            // Every `cascade_rtc::bwe::STATS_INTERVAL`: `bwe_tx` is str0m's
+            // current estimate (delay- and loss-based, unsmoothed). Seen
+            // side by side in Chromium start-ups (tests/browser_abr.rs), it
+            // reached 2.58 Mbit/s 3.4 s after the session began where the
+            // events took until 6.3 s, and a fall shows at once.
+            Event::PeerStats(s) => {
+                if let (Some(raw), Some(a)) = (s.bwe_tx, self.abr_mut()) {
+                    tracing::trace!(session = ?ctx.id, estimate_bps = raw.as_u64(), "bandwidth estimate");
+                    a.controller.on_estimate(ctx.now, raw.as_u64());
                 }
                 Flow::Continue
             }

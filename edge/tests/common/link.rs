@@ -331,11 +331,15 @@ impl Sim {
                 Output::Event(Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. })) => {
                     let bps = estimate.as_u64();
                     self.estimates.push((self.elapsed(), bps));
-                    if let Some(abr) = &mut self.abr {
-                        abr.on_estimate(self.now, bps);
-                    }
                     if let Some(max) = self.follow {
                         self.media_bps = (bps * 85 / 100).min(max);
+                    }
+                }
+                // As the viewer does: the controller reads str0m's
+                // unsmoothed estimate from the stats event.
+                Output::Event(Event::PeerStats(st)) => {
+                    if let (Some(bps), Some(abr)) = (st.bwe_tx, &mut self.abr) {
+                        abr.on_estimate(self.now, bps.as_u64());
                     }
                 }
                 Output::Event(Event::MediaEgressStats(st)) => {
