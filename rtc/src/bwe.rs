@@ -9,8 +9,11 @@
 //! str0m stamps the transport sequence number when it polls each packet out
 //! of its send queue, whatever the API that queued it, and probes with
 //! padding (on the RTX stream when RTX is negotiated, else SSRC-0 probe
-//! packets). The estimate arrives as `Event::EgressBitrateEstimate`, which
-//! the shard forwards to the session's [`crate::Handler`] like any event.
+//! packets). The estimate arrives as `Event::EgressBitrateEstimate` (str0m's
+//! mean of its distinct estimates over the last 3 s) and, unsmoothed, in
+//! every `Event::PeerStats` (`bwe_tx`, every [`STATS_INTERVAL`]); the shard
+//! forwards both to the session's [`crate::Handler`] like any event. The
+//! edge's controller reads the unsmoothed one.
 //! `edge/tests/abr_link.rs` measures it over a capped in-memory link.
 
 use std::time::Duration;

@@ -331,6 +331,9 @@ impl Sim {
                 Output::Event(Event::EgressBitrateEstimate(BweKind::Twcc { estimate, .. })) => {
                     let bps = estimate.as_u64();
                     self.estimates.push((self.elapsed(), bps));
+                    if let Some(abr) = &mut self.abr {
+                        abr.on_smoothed_estimate(self.now, bps);
+                    }
                     if let Some(max) = self.follow {
                         self.media_bps = (bps * 85 / 100).min(max);
                     }
