@@ -168,11 +168,6 @@ pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(160);
 /// str0m's estimate dips under the lowest rendition for a second or two
 /// after a drop, with nothing lost (see [`Controller::evaluate`]).
 pub const AUDIO_ONLY_HOLD: Duration = Duration::from_secs(4);
-/// A switch down on a lossy report is paced (`viewer::throttle`) at what
-/// the link delivered, at most this multiple of the target rendition's
-/// bitrate: the report at the onset straddles the fall, so its delivered
-/// rate can be twice the link's (738 kbit/s for a 400 kbit/s link).
-pub const PACE_TARGET_MULTIPLE: u64 = 2;
 /// After [`STARTUP`], an up-switch needs str0m's smoothed estimate (3 s
 /// mean) over the threshold as well as its current one. Read alone, the
 /// current estimate took a Chromium viewer from 360p to 720p at 3.2 Mbit/s
@@ -323,11 +318,6 @@ pub struct Switch {
     pub up: bool,
     /// The estimate that decided it, bit/s.
     pub estimate_bps: u64,
-    /// A switch down decided by a lossy receiver report: what the link
-    /// delivered (capped by the estimate), bit/s. The viewer lets the new
-    /// rendition out at a share of it for a moment
-    /// (`viewer::throttle`): str0m's pacer still runs at the old estimate.
-    pub link_bps: Option<u64>,
 }
 
 /// What the controller asks of its shell.
@@ -597,11 +587,7 @@ impl Controller {
                 // (tests/browser_abr.rs).
                 let to = if onset && fits < cur { 0 } else { fits };
                 if to < cur {
-                    // The onset's delivered rate is only an upper bound:
-                    // twice the target's own rate lets its keyframe through
-                    // quickly and no more.
-                    let pace = est.min(self.ladder[to].bps.saturating_mul(PACE_TARGET_MULTIPLE));
-                    self.switch_at(now, Some(to), est, Some(pace));
+                    self.switch(now, Some(to), est);
                     return;
                 }
             }
@@ -1031,12 +1017,6 @@ impl Controller {
     }
 
     fn switch(&mut self, now: Instant, to: Option<usize>, est: u64) {
-        self.switch_at(now, to, est, None);
-    }
-
-    /// [`Self::switch`], with the rate the link delivered when a report
-    /// decided it.
-    fn switch_at(&mut self, now: Instant, to: Option<usize>, est: u64, link_bps: Option<u64>) {
         let up = match (self.current, to) {
             (None, Some(_)) => true,
             (Some(a), Some(b)) => b > a,
@@ -1067,7 +1047,6 @@ impl Controller {
             to: to.and_then(|i| self.ladder.get(i)).map(|r| r.name.clone()),
             up,
             estimate_bps: est,
-            link_bps: link_bps.filter(|_| !up),
         }));
         self.update_bitrate();
     }
@@ -1890,27 +1869,6 @@ mod tests {
             matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("q") && !s.up),
             "{out:?}"
         );
-    }
-
-    #[test]
-    fn a_switch_down_on_a_report_says_how_fast_to_let_the_new_rendition_out() {
-        // The onset above: delivered 2.1 Mbit/s, an upper bound; 'q' is
-        // paced at twice its own rate. A switch the estimate decided is not
-        // paced at all.
-        let (_, out) = two_reports((2_500_000, 0.0), (2_470_000, 0.14));
-        assert!(
-            matches!(&out[0], Output::Switch(s) if s.link_bps == Some(2 * 250_000)),
-            "{out:?}"
-        );
-        // Random loss on a wide link: 2.2 Mbit/s delivered, under 2 × 'h'.
-        let (_, out) = two_reports((2_600_000, 0.08), (2_500_000, 0.12));
-        assert!(
-            matches!(&out[0], Output::Switch(s) if s.link_bps == Some(1_600_000)),
-            "{out:?}"
-        );
-        let (mut c, mut t) = started(5_000_000);
-        let s = run(&mut c, &mut t, ms(2000), |_| 900_000);
-        assert_eq!(s[0].1.link_bps, None, "{s:?}");
     }
 
     #[test]

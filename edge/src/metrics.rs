@@ -52,9 +52,6 @@ pub const ABR_RESTARTS: &str = "cascade_edge_abr_estimator_restarts_total";
 /// Viewers' queued and cached video dropped on a switch down
 /// (`viewer::Out::flush_video`).
 pub const VIDEO_FLUSHES: &str = "cascade_edge_video_flushes_total";
-/// Switches down on a lossy report whose new rendition went out at the
-/// link's delivered rate for a moment (`viewer::throttle`).
-pub const ABR_THROTTLES: &str = "cascade_edge_abr_paced_switches_total";
 
 /// OvenPlayer WebSocket sessions, by result (`created`, `not_live`, ...).
 pub const WS_SESSIONS: &str = "cascade_edge_ws_sessions_total";
@@ -86,10 +83,6 @@ pub fn describe() {
     metrics::describe_counter!(
         VIDEO_FLUSHES,
         "viewers' queued and cached video dropped on a switch down"
-    );
-    metrics::describe_counter!(
-        ABR_THROTTLES,
-        "switches down on a lossy report paced at the link's delivered rate"
     );
     metrics::describe_counter!(OFFERS, "whep offers answered, by result");
     metrics::describe_counter!(VIEWERS_ENDED, "whep viewer sessions ended, by reason");

@@ -32,7 +32,6 @@ use str0m::Event;
 pub mod control;
 mod cursor;
 pub mod switch;
-pub mod throttle;
 
 use control::{Control, Registered, Status};
 use cursor::{Cursor, Next};
@@ -174,9 +173,6 @@ pub struct Out {
     /// Video of a stream that had no renditions when the viewer joined:
     /// what it takes to gain them if the stream does later (see [`Late`]).
     late: Option<Box<Late>>,
-    /// Video just after a switch down on a lossy report: packets go to
-    /// str0m at what the link delivered (see [`throttle`]).
-    throttle: Option<Box<throttle::Throttle<Held>>>,
 }
 
 /// A simulcast publisher's stream goes live with one plain track when only
@@ -232,18 +228,6 @@ struct Abr {
     /// The video's loss between receiver reports, less what the edge
     /// dropped itself.
     loss: crate::abr::LossMeter,
-    /// The last applied switch was down on a lossy report: what the link
-    /// delivered, bit/s. Taken when the switch lands (`throttle`).
-    pace: Option<u64>,
-}
-
-/// A video packet held by a [`throttle::Throttle`]; its sequence number is
-/// given when it goes to str0m.
-struct Held {
-    data: Arc<[u8]>,
-    marker: bool,
-    rtp_ts: u32,
-    wallclock: Instant,
 }
 
 /// What sending a rendition costs, bit/s: its nominal bitrate, else a
@@ -393,7 +377,6 @@ impl Renditions {
                     if !auto {
                         continue;
                     }
-                    a.pace = s.link_bps;
                     match s.to.as_deref() {
                         Some(name) => self.switch.set_auto_pick(Some(name)),
                         None => self.switch.set_auto_audio_only(),
@@ -429,20 +412,6 @@ impl Drop for Renditions {
             g.decrement(1.0);
         }
     }
-}
-
-/// Bytes a video packet adds to its payload on the wire (RTP header and
-/// extensions, SRTP tag, UDP/IP): what a [`throttle::Throttle`] counts.
-const PACKET_OVERHEAD: usize = 60;
-
-/// Writes a packet a throttle held, with the next sequence number.
-fn send_held(tx: &mut str0m::rtp::StreamTx, pt: Pt, video: bool, seq: &mut u64, h: Held) {
-    tx.write_rtp(
-        RtpWrite::new(pt, (*seq).into(), h.rtp_ts, h.wallclock, h.data)
-            .marker(h.marker)
-            .nackable(video),
-    );
-    *seq += 1;
 }
 
 /// Empties what str0m holds for sending on `mid` (its paced send queue,
@@ -565,7 +534,6 @@ impl Out {
             egress_delay: video.then(|| metrics::histogram!(m::EGRESS_DELAY_SECONDS)),
             renditions: None,
             late: None,
-            throttle: None,
         }
     }
 
@@ -594,7 +562,6 @@ impl Out {
             auto: false,
             sent: crate::abr::SentMeter::default(),
             loss: crate::abr::LossMeter::default(),
-            pace: None,
         });
         let mut switch = Switch::new(ladder.clone(), clock);
         // With ABR the viewer starts where the controller starts (a low
@@ -776,9 +743,6 @@ impl Out {
     /// resent and Chromium NACKed them for 3.5 s before it asked for
     /// another keyframe. How: [`flush_send_buffers`].
     fn flush_video(&mut self, ctx: &mut Ctx<'_>) {
-        // Held packets of the rendition left behind go too (their sequence
-        // numbers are not given yet: no gap).
-        self.throttle = None;
         let estimated = self.renditions.as_ref().is_some_and(|r| r.abr.is_some());
         let Some(queued) = flush_send_buffers(ctx.rtc, self.mid, self.ssrc, estimated) else {
             return;
@@ -787,44 +751,6 @@ impl Out {
         if let Some(a) = self.renditions.as_mut().and_then(|r| r.abr.as_mut()) {
             a.loss.dropped(queued);
         }
-    }
-
-    /// A switch down decided on a lossy report has landed: the new
-    /// rendition goes to str0m at what the link delivered, for a moment.
-    fn start_throttle(&mut self, ctx: &mut Ctx<'_>) {
-        let pace = self
-            .renditions
-            .as_mut()
-            .and_then(|r| r.abr.as_mut())
-            .and_then(|a| a.pace.take());
-        if let Some(bps) = pace {
-            metrics::counter!(m::ABR_THROTTLES).increment(1);
-            tracing::debug!(session = ?ctx.id, link_bps = bps, "switch down paced at the link's rate");
-            self.throttle = Some(Box::new(throttle::Throttle::new(ctx.now, bps)));
-        }
-    }
-
-    /// Lets held packets go as the throttle allows; at its end, all of them.
-    fn pace_held(&mut self, ctx: &mut Ctx<'_>) -> Flow {
-        let Some(th) = self.throttle.as_deref_mut() else {
-            return Flow::Continue;
-        };
-        let mut api = ctx.rtc.direct_api();
-        let tx = match self.ssrc {
-            Some(ssrc) => api.stream_tx(&ssrc),
-            None => api.stream_tx_by_mid(self.mid, None),
-        };
-        let Some(tx) = tx else {
-            return Flow::Close;
-        };
-        let (pt, video, seq) = (self.pt, self.video, &mut self.seq);
-        if th.is_over(ctx.now) {
-            th.drain(|h| send_held(tx, pt, video, seq, h));
-            self.throttle = None;
-        } else {
-            th.release(ctx.now, |h| send_held(tx, pt, video, seq, h));
-        }
-        Flow::Continue
     }
 
     /// Frames of the pending rendition: non-keyframes are dropped; its
@@ -850,7 +776,6 @@ impl Out {
                         self.cursor = cursor;
                         if self.switched(sub) == Some(Direction::Down) {
                             self.flush_video(ctx);
-                            self.start_throttle(ctx);
                         }
                         return match self.write(ctx, &f, ts, wall) {
                             Written::NoStream => Some(Flow::Close),
@@ -937,27 +862,13 @@ impl Out {
         // RTP timestamps wrap modulo 2^32 by design (RFC 3550 §5.1); the mask
         // makes the narrowing exact.
         let rtp_ts = ((ts.wrapping_add(self.ts_offset)) & 0xffff_ffff) as u32;
-        if let Some(th) = self.throttle.as_deref_mut() {
-            for p in &frame.payloads {
-                let held = Held {
-                    data: p.data.clone(),
-                    marker: p.marker,
-                    rtp_ts,
-                    wallclock,
-                };
-                th.push(p.data.len() + PACKET_OVERHEAD, held);
-            }
-            let (pt, video, seq) = (self.pt, self.video, &mut self.seq);
-            th.release(ctx.now, |h| send_held(tx, pt, video, seq, h));
-        } else {
-            for p in &frame.payloads {
-                tx.write_rtp(
-                    RtpWrite::new(self.pt, self.seq.into(), rtp_ts, wallclock, p.data.clone())
-                        .marker(p.marker)
-                        .nackable(self.video),
-                );
-                self.seq += 1;
-            }
+        for p in &frame.payloads {
+            tx.write_rtp(
+                RtpWrite::new(self.pt, self.seq.into(), rtp_ts, wallclock, p.data.clone())
+                    .marker(p.marker)
+                    .nackable(self.video),
+            );
+            self.seq += 1;
         }
         self.frames += 1;
         self.packets += frame.payloads.len() as u64;
@@ -1000,9 +911,6 @@ impl Out {
     fn pump(&mut self, ctx: &mut Ctx<'_>, sub: &Subscriber) -> Flow {
         if let Some(cause) = self.keyframe_owed {
             self.want_keyframe(cause, ctx.now);
-        }
-        if self.pace_held(ctx) == Flow::Close {
-            return Flow::Close;
         }
         if self.late.is_some() {
             self.upgrade(sub);
