@@ -404,6 +404,8 @@ pub struct Controller {
     bitrate_sent: Option<(u64, u64)>,
     /// Next allocation re-probe, while an up-switch waits.
     reprobe_at: Option<Instant>,
+    /// A re-probe has been asked for since the viewer started.
+    reprobed: bool,
     /// The desired rate is lowered for a re-probe until then.
     lowered_until: Option<Instant>,
     /// The estimate when the last re-probe went out (at first: the first
@@ -451,6 +453,7 @@ impl Controller {
             up_grace_until: None,
             bitrate_sent: None,
             reprobe_at: None,
+            reprobed: false,
             lowered_until: None,
             probe_base: None,
             stagnant: 0,
@@ -931,10 +934,16 @@ impl Controller {
             return;
         }
         // Starting up and the last probe found more room: probe again soon.
+        // So too when str0m's own start-up probes found nothing at all (the
+        // estimate fell under where it started): on two loaded cores their
+        // feedback can come too late to count, and an unlimited Chromium
+        // viewer then sat at 0.35–0.55 Mbit/s until the first re-probe 3 s
+        // later, and reached 720p 11 s after its first frame
+        // (tests/browser_abr.rs).
         let growing = !self.startup_over
-            && self
-                .probe_base
-                .is_some_and(|b| est as f64 >= b as f64 * UP_HEADROOM);
+            && self.probe_base.is_some_and(|b| {
+                est as f64 >= b as f64 * UP_HEADROOM || (!self.reprobed && est < b)
+            });
         let interval = if growing {
             STARTUP_REPROBE_INTERVAL
         } else {
@@ -942,6 +951,9 @@ impl Controller {
         };
         match self.reprobe_at {
             None => self.reprobe_at = Some(now + interval),
+            // Planned at the long interval before the start-up turned out
+            // to need the short one.
+            Some(t) if t > now + interval => self.reprobe_at = Some(now + interval),
             Some(t) if now >= t => {
                 self.reprobe_at = Some(now + interval);
                 if self.stagnated(now, est) {
@@ -952,6 +964,7 @@ impl Controller {
                     return;
                 }
                 self.probe_base = Some(est);
+                self.reprobed = true;
                 self.lowered_until = Some(now + REPROBE_GAP);
                 // Anything at or under the estimate is a decrease str0m
                 // records without probing.
@@ -1869,6 +1882,41 @@ mod tests {
             matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("q") && !s.up),
             "{out:?}"
         );
+    }
+
+    /// When the controller first lowers its desired rate for a re-probe.
+    fn first_reprobe(c: &mut Controller, t0: Instant, bps: u64) -> Option<Duration> {
+        let mut t = t0;
+        while t.duration_since(t0) < ms(4000) {
+            c.on_estimate(t, bps);
+            c.handle_timeout(t);
+            while let Some(o) = c.poll_output() {
+                if let Output::Bitrate { desired, .. } = o {
+                    if desired <= bps {
+                        return Some(t.duration_since(t0));
+                    }
+                }
+            }
+            t += ms(100);
+        }
+        None
+    }
+
+    #[test]
+    fn start_up_probes_that_found_nothing_are_repeated_soon() {
+        // The estimate fell under its start: str0m's own probes counted
+        // for nothing. Re-probe after the short interval.
+        let mut c = Controller::new(ladder(), 750_000);
+        let t0 = Instant::now();
+        c.on_estimate(t0, 750_000);
+        let at = first_reprobe(&mut c, t0 + ms(100), 350_000).unwrap();
+        assert!(at <= STARTUP_REPROBE_INTERVAL + ms(100), "{at:?}");
+        // Held where it started (a link that carries about that): the
+        // normal interval.
+        let mut c = Controller::new(ladder(), 750_000);
+        c.on_estimate(t0, 750_000);
+        let at = first_reprobe(&mut c, t0 + ms(100), 760_000).unwrap();
+        assert!(at >= REPROBE_INTERVAL - ms(100), "{at:?}");
     }
 
     #[test]
