@@ -166,7 +166,8 @@ pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(160);
 /// keep margin) before it alone, without a lossy report saying the link
 /// delivered less than that rendition, takes a viewer to audio only.
 /// str0m's estimate dips under the lowest rendition for a second or two
-/// after a drop, with nothing lost (see [`Controller::evaluate`]).
+/// after a drop, with nothing lost: its delay-based estimate restarts from
+/// 0.85 × the acknowledged rate, the lowest rendition's own.
 pub const AUDIO_ONLY_HOLD: Duration = Duration::from_secs(4);
 /// After [`STARTUP`], an up-switch needs str0m's smoothed estimate (3 s
 /// mean) over the threshold as well as its current one. Read alone, the
