@@ -1189,6 +1189,19 @@ mod tests {
             .collect()
     }
 
+    /// [`ladder`] with 'f' at `f` bit/s (a live rate the ingest measured).
+    fn ladder_with_f(f: u64) -> Vec<Rung> {
+        ladder()
+            .into_iter()
+            .map(|mut r| {
+                if r.name == "f" {
+                    r.bps = f;
+                }
+                r
+            })
+            .collect()
+    }
+
     fn ms(n: u64) -> Duration {
         Duration::from_millis(n)
     }
@@ -2078,25 +2091,14 @@ mod tests {
         // to 0.6 for a moment: f costs at least 1.25, no switch.
         let (mut c, mut t) = started(1_400_000);
         assert_eq!(c.current(), Some("h"));
-        let with_f = |f: u64| {
-            ladder()
-                .into_iter()
-                .map(|mut r| {
-                    if r.name == "f" {
-                        r.bps = f;
-                    }
-                    r
-                })
-                .collect::<Vec<_>>()
-        };
-        c.set_ladder(t, with_f(600_000));
+        c.set_ladder(t, ladder_with_f(600_000));
         let s = run(&mut c, &mut t, ms(4000), |_| 1_400_000);
         assert!(s.is_empty(), "{s:?}");
         // Back up at once; a rise counts at once.
-        c.set_ladder(t, with_f(3_000_000));
+        c.set_ladder(t, ladder_with_f(3_000_000));
         // Low again, and still low after COST_HOLD: then it counts.
         t += COST_HOLD;
-        c.set_ladder(t, with_f(1_000_000));
+        c.set_ladder(t, ladder_with_f(1_000_000));
         let s = run(&mut c, &mut t, UP_HOLD + ms(200), |_| 1_400_000);
         assert_eq!(s.last().and_then(|s| s.1.to.as_deref()), Some("f"), "{s:?}");
     }
@@ -2139,23 +2141,12 @@ mod tests {
         assert_eq!(c.current(), Some("h"));
         // Past COST_HOLD: the nominal cost may fall.
         assert!(run(&mut c, &mut t, COST_HOLD, |_| 2_400_000).is_empty());
-        let live = |f: u64| {
-            ladder()
-                .into_iter()
-                .map(|mut r| {
-                    if r.name == "f" {
-                        r.bps = f;
-                    }
-                    r
-                })
-                .collect::<Vec<_>>()
-        };
-        c.set_ladder(t, live(1_600_000));
+        c.set_ladder(t, ladder_with_f(1_600_000));
         let s = run(&mut c, &mut t, ms(2000), |_| 2_400_000);
         assert!(s.is_empty(), "the up-hold starts now: {s:?}");
         // Rate updates every few seconds (the ingest's cadence) with the
         // same names do not restart the hold under way.
-        c.set_ladder(t, live(1_650_000));
+        c.set_ladder(t, ladder_with_f(1_650_000));
         let s = run(&mut c, &mut t, ms(3200), |_| 2_400_000);
         assert_eq!(s.len(), 1, "{s:?}");
         assert_eq!(s[0].1.to.as_deref(), Some("f"));
