@@ -169,17 +169,6 @@ pub const MAX_RESTART_BACKOFF: Duration = Duration::from_secs(160);
 /// after a drop, with nothing lost: its delay-based estimate restarts from
 /// 0.85 × the acknowledged rate, the lowest rendition's own.
 pub const AUDIO_ONLY_HOLD: Duration = Duration::from_secs(4);
-/// After [`STARTUP`], an up-switch needs str0m's smoothed estimate (3 s
-/// mean) over the threshold as well as its current one. Read alone, the
-/// current estimate took a Chromium viewer from 360p to 720p at 3.2 Mbit/s
-/// on a 4 Mbit/s link; the 720p keyframe made str0m cut to 1.39 Mbit/s,
-/// its pacer (~1.1 × that) could not carry 720p, and the send queue's lag
-/// took the viewer back down 1.8 s later (tests/browser_abr.rs, 2 of 9
-/// climbs left 720p by themselves; 0 of 8 with the smoothed estimate in
-/// session 11). During start-up the current estimate alone decides: there
-/// the mean still holds the initial guess and kept an unlimited viewer
-/// from 720p for 5–12 s.
-pub const UP_NEEDS_SMOOTHED: bool = true;
 /// For this long after a rendition's cost (its live bitrate, measured by
 /// the ingest over 2 s and published at most every 5 s) was highest, it
 /// falls no further than [`COST_FLOOR`] × that. A simulcast publisher's
@@ -533,9 +522,18 @@ impl Controller {
     }
 
     /// str0m's `Event::EgressBitrateEstimate`: the mean of its distinct
-    /// estimates over the last 3 s, bit/s. After [`STARTUP`] an up-switch
-    /// needs both it and the current estimate over the threshold: see
-    /// [`UP_NEEDS_SMOOTHED`].
+    /// estimates over the last 3 s, bit/s.
+    ///
+    /// After [`STARTUP`] an up-switch needs str0m's smoothed estimate (3 s
+    /// mean) over the threshold as well as its current one. Read alone, the
+    /// current estimate took a Chromium viewer from 360p to 720p at 3.2 Mbit/s
+    /// on a 4 Mbit/s link; the 720p keyframe made str0m cut to 1.39 Mbit/s,
+    /// its pacer (~1.1 × that) could not carry 720p, and the send queue's lag
+    /// took the viewer back down 1.8 s later (tests/browser_abr.rs, 2 of 9
+    /// climbs left 720p by themselves; 0 of 8 with the smoothed estimate in
+    /// session 11). During start-up the current estimate alone decides: there
+    /// the mean still holds the initial guess and kept an unlimited viewer
+    /// from 720p for 5–12 s.
     pub fn on_smoothed_estimate(&mut self, now: Instant, bps: u64) {
         self.smoothed = Some(bps);
         self.evaluate(now);
@@ -758,7 +756,7 @@ impl Controller {
                 {
                     r.bps = r.bps.max((*bps as f64 * COST_FLOOR) as u64);
                 }
-                Some(p) => *p = (r.name.clone(), r.bps, Some(now)),
+                Some((_, bps, at)) => (*bps, *at) = (r.bps, Some(now)),
                 None => self.peaks.push((r.name.clone(), r.bps, Some(now))),
             }
         }
@@ -895,7 +893,9 @@ impl Controller {
     /// the probing toward it.
     fn evaluate_up(&mut self, now: Instant, est: u64) {
         let est = match self.smoothed {
-            Some(m) if UP_NEEDS_SMOOTHED && self.startup_over => est.min(m),
+            // After start-up, the mean must carry the target too (see
+            // `on_smoothed_estimate`).
+            Some(m) if self.startup_over => est.min(m),
             _ => est,
         };
         let estf = est as f64;

@@ -1169,7 +1169,7 @@ impl Handler for Viewer {
             // estimates over 3 s (`EstimateSmoother`): they trail the link
             // by seconds both ways. The controller reads the estimate
             // itself from the stats event (below); the mean only confirms
-            // up-switches after start-up (`abr::UP_NEEDS_SMOOTHED`).
+            // up-switches after start-up (`abr::Controller::on_smoothed_estimate`).
             Event::EgressBitrateEstimate(str0m::bwe::BweKind::Twcc { estimate, .. }) => {
                 if let Some(a) = self.abr_mut() {
                     tracing::trace!(session = ?ctx.id, estimate_bps = estimate.as_u64(), "smoothed estimate");
