@@ -500,6 +500,17 @@ impl Controller {
         self.up_grace_until.is_some_and(|t| now < t)
     }
 
+    /// Within [`STARTUP`] of the first estimate and on the lowest
+    /// rendition: a send-queue lag there has nothing lower to go to (audio
+    /// only stays the estimate's call, [`Self::on_queue_lag`]), so skipping
+    /// frames for it only freezes the picture while str0m's start-up
+    /// estimate recovers (`viewer::UP_GRACE_QUEUE_DELAY`).
+    pub fn starting_on_the_lowest(&self, now: Instant) -> bool {
+        self.current == Some(0)
+            && !self.inert()
+            && self.first_estimate.is_some_and(|f| now < f + STARTUP)
+    }
+
     /// The latest estimate, bit/s.
     pub fn estimate(&self) -> Option<u64> {
         self.estimate
@@ -1804,6 +1815,33 @@ mod tests {
         c.on_queue_lag(t);
         assert!(c.poll_output().is_none());
         assert_eq!(c.current(), Some("q"));
+    }
+
+    #[test]
+    fn a_lag_is_tolerated_longer_only_on_the_lowest_during_start_up() {
+        // 750k starts on the lowest, 'q'.
+        let mut c = Controller::new(ladder(), 750_000);
+        let t0 = Instant::now();
+        assert_eq!(c.current(), Some("q"));
+        // Not before the first estimate: start-up runs from there.
+        assert!(!c.starting_on_the_lowest(t0));
+        // str0m's start-up estimate collapses under the lowest's own rate.
+        c.on_estimate(t0, 170_000);
+        assert!(c.starting_on_the_lowest(t0 + ms(600)));
+        assert!(!c.starting_on_the_lowest(t0 + STARTUP));
+        // On a higher rendition a lag is a reason to step down: no patience.
+        let mut c = Controller::new(ladder(), 2_000_000);
+        c.on_estimate(t0, 2_000_000);
+        assert_eq!(c.current(), Some("h"));
+        assert!(!c.starting_on_the_lowest(t0 + ms(600)));
+        // One rendition: no controller to speak of.
+        let one = vec![Rung {
+            name: "only".into(),
+            bps: 1_000_000,
+        }];
+        let mut c = Controller::new(one, 750_000);
+        c.on_estimate(t0, 170_000);
+        assert!(!c.starting_on_the_lowest(t0 + ms(600)));
     }
 
     #[test]

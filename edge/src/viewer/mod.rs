@@ -56,6 +56,15 @@ pub const MAX_QUEUE_DELAY: Duration = Duration::from_millis(500);
 /// keyframe and stepped down with the link carrying 720p twice over (2 of
 /// 12 climbs in tests/browser_abr.rs). A link that does not carry the new
 /// rendition loses packets, and loss still takes the viewer down at once.
+///
+/// The same limit holds on the lowest rendition during start-up
+/// (`abr::Controller::starting_on_the_lowest`): str0m's start-up probes
+/// overfill a slow link's queue and it cuts its estimate under the lowest
+/// rendition's own rate for a second (Chromium behind 400 kbit/s: 0.52 →
+/// 0.17 Mbit/s in 0.6 s, back to 0.32 at 1.6 s). Its pacer then needs
+/// ~0.85 s for a 20 kB 180p keyframe; at 0.5 s the viewer skipped twice in
+/// 0.25 s and froze for 0.86 s with nothing lower to step down to
+/// (tests/browser_abr.rs, the settle case, session 13).
 pub const UP_GRACE_QUEUE_DELAY: Duration = Duration::from_millis(1500);
 /// Per-viewer retransmission cache: packets and age. 128 packets ≈ 0.45 s of
 /// 2.5 Mbit/s video, enough for NACK repair at RTTs up to ~300 ms. Measured
@@ -245,6 +254,15 @@ pub(crate) fn rung_bps(r: &Rung) -> u64 {
     }
 }
 
+/// How a better rendition's cost is bounded below by the one under it:
+/// that one's cost × (pixel ratio)^this. Encoders spend fewer bits per pixel
+/// on bigger pictures, and bitrate ∝ pixels^0.75 is the usual rule of thumb:
+/// ×2.83 for each doubling of both sides. Real ladders sit above it
+/// (`--abr-ladder 720p:2500,360p:800,180p:250`: ×3.1 and ×3.2; Chromium's
+/// simulcast layers once settled: ×3.5–5), so it only bites on a rate that
+/// is implausibly low for the picture.
+pub(crate) const PIXEL_COST_EXPONENT: f64 = 0.75;
+
 /// The controller's view of a ladder (best first, as [`ladder`] gives it):
 /// names and costs, each rendition costing more than every lower one. The
 /// controller orders renditions by cost, and live rates can cross: a
@@ -254,16 +272,38 @@ pub(crate) fn rung_bps(r: &Rung) -> u64 {
 /// there 7 s (tests/browser_abr.rs, the settle case). A better rendition
 /// that measures less is priced just above the one below it: it fits
 /// wherever that one does, which is true while its rate is that low.
+///
+/// A bigger picture also costs at least the one below it scaled by
+/// [`PIXEL_COST_EXPONENT`]. The live rate the ingest publishes (over 2 s,
+/// at most every 5 s) trails a layer that is still ramping up: a Chromium
+/// publisher's 720p layer measured 1.1–1.3 Mbit/s when the viewers joined
+/// and made 2.0–2.3 seconds later, and the viewer behind 1.5 Mbit/s was
+/// sent to it (estimate 1.40 Mbit/s), as was the unlimited one at 1.6
+/// Mbit/s, whose send queue then lagged behind str0m's pacer until it
+/// stepped down (tests/browser_abr.rs, the settle case, session 13). With
+/// 360p at 0.45–0.52 Mbit/s the floor prices that 720p at 1.27–1.47.
+/// A top layer that truly costs little (a still picture) is priced high
+/// for its size: a viewer needs more estimate to get it, nothing worse.
 fn abr_ladder(ladder: &[Rung]) -> Vec<crate::abr::Rung> {
-    let mut floor = 0u64;
+    // (cost, pixels) of the rendition below the one being priced.
+    let mut below: Option<(u64, u64)> = None;
     let mut rungs: Vec<crate::abr::Rung> = ladder
         .iter()
         .rev()
         .map(|r| {
-            floor = rung_bps(r).max(floor.saturating_add(1));
+            let pixels = u64::from(r.width) * u64::from(r.height);
+            let mut bps = rung_bps(r);
+            if let Some((cost, px)) = below {
+                bps = bps.max(cost.saturating_add(1));
+                if px > 0 && pixels > px {
+                    let ratio = pixels as f64 / px as f64;
+                    bps = bps.max((cost as f64 * ratio.powf(PIXEL_COST_EXPONENT)) as u64);
+                }
+            }
+            below = Some((bps, pixels));
             crate::abr::Rung {
                 name: r.name.clone(),
-                bps: floor,
+                bps,
             }
         })
         .collect();
@@ -835,7 +875,9 @@ impl Out {
         let check_queue = !frame.keyframe && !self.cursor.in_backlog();
         let abr = self.renditions.as_ref().and_then(|r| r.abr.as_ref());
         let paced = abr.is_some();
-        let max_delay = if abr.is_some_and(|a| a.controller.in_up_grace(ctx.now)) {
+        let max_delay = if abr.is_some_and(|a| {
+            a.controller.in_up_grace(ctx.now) || a.controller.starting_on_the_lowest(ctx.now)
+        }) {
             UP_GRACE_QUEUE_DELAY
         } else {
             MAX_QUEUE_DELAY
@@ -1309,12 +1351,72 @@ mod tests {
             costs(&c),
             want([("f", 2_500_000), ("h", 500_000), ("q", 150_000)])
         );
-        // 'h' measured under 'q' for a moment, 'f' under both.
+        // 'h' measured under 'q' for a moment, 'f' under both: each is
+        // priced at least as the one below it scaled by its picture
+        // (4× the pixels: × 4^0.75 = 2.83).
         set(&mut c, "h", 120);
         set(&mut c, "f", 100);
         assert_eq!(
             costs(&c),
-            want([("f", 150_002), ("h", 150_001), ("q", 150_000)])
+            want([("f", 1_199_999), ("h", 424_264), ("q", 150_000)])
         );
+    }
+
+    #[test]
+    fn a_top_layer_still_ramping_up_is_priced_for_its_picture() {
+        let mut c = Catalog {
+            tracks: vec![
+                track("video-q", Codec::H264, Some(("q", 320, 180))),
+                track("video", Codec::H264, Some(("f", 1280, 720))),
+                track("video-h", Codec::H264, Some(("h", 640, 360))),
+            ],
+        };
+        let set = |c: &mut Catalog, kbps: [u32; 3]| {
+            for t in &mut c.tracks {
+                if let Some(r) = t.rendition.as_mut() {
+                    r.bitrate_kbps = match r.name.as_str() {
+                        "f" => kbps[0],
+                        "h" => kbps[1],
+                        _ => kbps[2],
+                    };
+                }
+            }
+        };
+        let cost_of_f = |c: &Catalog| abr_ladder(&ladder(c, Codec::H264))[0].bps;
+        // Chromium's layers as the viewers of the settle case joined: 720p
+        // at 1.16 Mbit/s on its way to 2.0.
+        set(&mut c, [1_164, 448, 143]);
+        let f = cost_of_f(&c);
+        assert_eq!(f, 1_267_135);
+        // A viewer estimated at 1.40 Mbit/s no longer fits it (the up
+        // threshold is 1.2 × the cost).
+        assert!(1_400_000.0 < f as f64 * crate::abr::UP_HEADROOM);
+        // Settled layers are priced at what they make: the floor is below.
+        set(&mut c, [2_020, 448, 143]);
+        assert_eq!(cost_of_f(&c), 2_020_000);
+        set(&mut c, [2_500, 800, 250]);
+        let costs: Vec<u64> = abr_ladder(&ladder(&c, Codec::H264))
+            .into_iter()
+            .map(|r| r.bps)
+            .collect();
+        assert_eq!(costs, [2_500_000, 800_000, 250_000]);
+        // Same picture, two bitrates: no floor from the picture.
+        let same = Catalog {
+            tracks: vec![
+                track("video", Codec::H264, Some(("hi", 1280, 720))),
+                track("video-lo", Codec::H264, Some(("lo", 1280, 720))),
+            ],
+        };
+        let mut same = same;
+        for t in &mut same.tracks {
+            if let Some(r) = t.rendition.as_mut() {
+                r.bitrate_kbps = if r.name == "hi" { 2_500 } else { 1_200 };
+            }
+        }
+        let costs: Vec<u64> = abr_ladder(&ladder(&same, Codec::H264))
+            .into_iter()
+            .map(|r| r.bps)
+            .collect();
+        assert_eq!(costs, [2_500_000, 1_200_000]);
     }
 }
