@@ -909,6 +909,17 @@ mod tests {
     }
 
     #[test]
+    fn abr_flag_env_and_file() {
+        // Off unless asked for (docs/quality.md, "Measured with Chromium").
+        assert!(!Config::from_cli(parse(&[])).unwrap().abr);
+        assert!(Config::from_cli(parse(&["--abr"])).unwrap().abr);
+        assert!(Config::from_cli(parse(&["--abr", "true"])).unwrap().abr);
+        assert!(!Config::from_cli(parse(&["--abr=false"])).unwrap().abr);
+        let file: Options = toml::from_str("abr = true").unwrap();
+        assert_eq!(file.abr, Some(true));
+    }
+
+    #[test]
     fn abr_ladder_flag_and_file() {
         let c = Config::from_cli(parse(&[])).unwrap();
         assert!(c.rtmp_limits.ladder.is_empty());
