@@ -1321,28 +1321,36 @@ mod tests {
         assert_eq!(rank_label(9), "8+");
     }
 
-    #[test]
-    fn abr_costs_rise_with_the_rank_even_when_live_rates_cross() {
-        let mut c = Catalog {
+    /// A 720p / 360p / 180p simulcast catalog (f, h, q).
+    fn simulcast() -> Catalog {
+        Catalog {
             tracks: vec![
                 track("video-q", Codec::H264, Some(("q", 320, 180))),
                 track("video", Codec::H264, Some(("f", 1280, 720))),
                 track("video-h", Codec::H264, Some(("h", 640, 360))),
             ],
-        };
+        }
+    }
+
+    /// Sets the live rate of rendition `name`.
+    fn set_kbps(c: &mut Catalog, name: &str, kbps: u32) {
+        for t in &mut c.tracks {
+            if let Some(r) = t.rendition.as_mut().filter(|r| r.name == name) {
+                r.bitrate_kbps = kbps;
+            }
+        }
+    }
+
+    #[test]
+    fn abr_costs_rise_with_the_rank_even_when_live_rates_cross() {
+        let mut c = simulcast();
         let costs = |c: &Catalog| -> Vec<(String, u64)> {
             abr_ladder(&ladder(c, Codec::H264))
                 .into_iter()
                 .map(|r| (r.name, r.bps))
                 .collect()
         };
-        let set = |c: &mut Catalog, name: &str, kbps: u32| {
-            for t in &mut c.tracks {
-                if let Some(r) = t.rendition.as_mut().filter(|r| r.name == name) {
-                    r.bitrate_kbps = kbps;
-                }
-            }
-        };
+        let set = set_kbps;
         set(&mut c, "q", 150);
         set(&mut c, "h", 500);
         set(&mut c, "f", 2_500);
@@ -1364,23 +1372,11 @@ mod tests {
 
     #[test]
     fn a_top_layer_still_ramping_up_is_priced_for_its_picture() {
-        let mut c = Catalog {
-            tracks: vec![
-                track("video-q", Codec::H264, Some(("q", 320, 180))),
-                track("video", Codec::H264, Some(("f", 1280, 720))),
-                track("video-h", Codec::H264, Some(("h", 640, 360))),
-            ],
-        };
-        let set = |c: &mut Catalog, kbps: [u32; 3]| {
-            for t in &mut c.tracks {
-                if let Some(r) = t.rendition.as_mut() {
-                    r.bitrate_kbps = match r.name.as_str() {
-                        "f" => kbps[0],
-                        "h" => kbps[1],
-                        _ => kbps[2],
-                    };
-                }
-            }
+        let mut c = simulcast();
+        let set = |c: &mut Catalog, [f, h, q]: [u32; 3]| {
+            set_kbps(c, "f", f);
+            set_kbps(c, "h", h);
+            set_kbps(c, "q", q);
         };
         let cost_of_f = |c: &Catalog| abr_ladder(&ladder(c, Codec::H264))[0].bps;
         // Chromium's layers as the viewers of the settle case joined: 720p
@@ -1401,18 +1397,14 @@ mod tests {
             .collect();
         assert_eq!(costs, [2_500_000, 800_000, 250_000]);
         // Same picture, two bitrates: no floor from the picture.
-        let same = Catalog {
+        let mut same = Catalog {
             tracks: vec![
                 track("video", Codec::H264, Some(("hi", 1280, 720))),
                 track("video-lo", Codec::H264, Some(("lo", 1280, 720))),
             ],
         };
-        let mut same = same;
-        for t in &mut same.tracks {
-            if let Some(r) = t.rendition.as_mut() {
-                r.bitrate_kbps = if r.name == "hi" { 2_500 } else { 1_200 };
-            }
-        }
+        set_kbps(&mut same, "hi", 2_500);
+        set_kbps(&mut same, "lo", 1_200);
         let costs: Vec<u64> = abr_ladder(&ladder(&same, Codec::H264))
             .into_iter()
             .map(|r| r.bps)
