@@ -909,7 +909,7 @@ mod tests {
     }
 
     #[test]
-    fn abr_flag_env_and_file() {
+    fn abr_flag_and_file() {
         // Off unless asked for (docs/quality.md, "Measured with Chromium").
         assert!(!Config::from_cli(parse(&[])).unwrap().abr);
         assert!(Config::from_cli(parse(&["--abr"])).unwrap().abr);

@@ -417,8 +417,9 @@ fn at_most(x: f64, max: f64) -> bool {
 // stopped by its own estimate. Without them, the same day: 0 of 3 (an
 // up-switch onto a 720p layer still ramping up, start-up freezes of the
 // 400 kbit/s viewer, start-up probes that found nothing). Session 12:
-// 12 of 20; session 11: 1 of 8. Kept ignored (wall-clock goals on a shared machine) while issue 14 is
-// open. docs/quality.md "Measured with Chromium".
+// 12 of 20; session 11: 1 of 8. Kept ignored (wall-clock goals on a
+// shared machine) while issue 14 is open. docs/quality.md "Measured with
+// Chromium".
 // Run it with `--run-ignored ignored-only`.
 #[test]
 #[ignore = "issue 14 open: met in 10 of 13 runs with session 13's rules (0 of 3 without them the same day; 22 of 36 since session 12), the test itself taking the 2-core machine to load average 5-9; wall-clock goals on a shared machine, run by hand (docs/quality.md, Measured with Chromium, sessions 12-13)"]

@@ -506,9 +506,12 @@ impl Controller {
     /// frames for it only freezes the picture while str0m's start-up
     /// estimate recovers (`viewer::UP_GRACE_QUEUE_DELAY`).
     pub fn starting_on_the_lowest(&self, now: Instant) -> bool {
-        self.current == Some(0)
-            && !self.inert()
-            && self.first_estimate.is_some_and(|f| now < f + STARTUP)
+        self.current == Some(0) && !self.inert() && self.in_startup(now)
+    }
+
+    /// `at` falls within [`STARTUP`] of the first estimate.
+    fn in_startup(&self, at: Instant) -> bool {
+        self.first_estimate.is_some_and(|f| at < f + STARTUP)
     }
 
     /// The latest estimate, bit/s.
@@ -957,7 +960,7 @@ impl Controller {
     /// The up-hold for an episode that began at `since`: short while the
     /// viewer is starting up.
     fn hold_from(&self, since: Instant) -> Duration {
-        if self.first_estimate.is_some_and(|f| since < f + STARTUP) {
+        if self.in_startup(since) {
             self.up_hold.min(STARTUP_UP_HOLD)
         } else {
             self.up_hold
