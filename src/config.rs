@@ -245,7 +245,7 @@ pub struct Options {
     #[arg(long, global = true, env = "CASCADE_RELAY_HOLD", value_parser = humantime::parse_duration)]
     #[serde(default, with = "humantime_serde_opt")]
     pub relay_hold: Option<Duration>,
-    /// Per-viewer bandwidth estimation and automatic rendition choice for streams with renditions [default: off]
+    /// Per-viewer bandwidth estimation and automatic rendition choice for streams with renditions; `--abr=false`: Auto plays the best rendition that flows [default: on]
     #[arg(long, global = true, env = "CASCADE_ABR", num_args = 0..=1, default_missing_value = "true")]
     pub abr: Option<bool>,
     /// URL POSTed JSON batches of events: publish start/stop, viewers, pulls, drain [default: none]
@@ -638,7 +638,7 @@ impl Config {
             http_limits,
             relay_limits,
             events_webhook,
-            abr: o.abr.unwrap_or(false),
+            abr: o.abr.unwrap_or(true),
             auth_webhook,
             pulls,
             public_url,
@@ -910,13 +910,14 @@ mod tests {
 
     #[test]
     fn abr_flag_and_file() {
-        // Off unless asked for (docs/quality.md, "Measured with Chromium").
-        assert!(!Config::from_cli(parse(&[])).unwrap().abr);
+        // On unless turned off: renditions are chosen per viewer (INTERFACE.md).
+        assert!(Config::from_cli(parse(&[])).unwrap().abr);
         assert!(Config::from_cli(parse(&["--abr"])).unwrap().abr);
         assert!(Config::from_cli(parse(&["--abr", "true"])).unwrap().abr);
         assert!(!Config::from_cli(parse(&["--abr=false"])).unwrap().abr);
-        let file: Options = toml::from_str("abr = true").unwrap();
-        assert_eq!(file.abr, Some(true));
+        assert!(!Config::from_cli(parse(&["--abr", "false"])).unwrap().abr);
+        let file: Options = toml::from_str("abr = false").unwrap();
+        assert_eq!(file.abr, Some(false));
     }
 
     #[test]

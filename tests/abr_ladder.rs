@@ -2,8 +2,8 @@
 //! 1280×720 over RTMP, the ingest's ffmpeg child adds 360p and 180p, and
 //! `/api/streams` lists the three renditions. Real WHEP viewers (loadtest's
 //! str0m viewer) each decode one rendition, checked by the picture size of
-//! its keyframes' SPS: Auto gets the source, and viewers that ask for 360p
-//! and 180p through the layer endpoint get those steps.
+//! its keyframes' SPS: Auto climbs to the source, and viewers that ask for
+//! 360p and 180p through the layer endpoint get those steps.
 //!
 //! On a split cluster the edge receives only the renditions its viewers
 //! watch (per-rendition relay subscription): the others are held back at
@@ -19,9 +19,11 @@ use common::{ffmpeg_publish, metric_sum, wait_live, Node, SECRET, TOKEN};
 
 /// A WHEP viewer for 10 s; with `layer`, it asks for that rendition through
 /// the session's layer endpoint (`{"encodingId": NAME}`) once connected.
+/// Without, it stays on Auto for 20 s: the bandwidth estimate starts it on
+/// the lowest rendition and it climbs (its report's size is the last one).
 async fn viewer(base: &str, stream: &str, layer: Option<&str>) -> loadtest::whep::ViewerReport {
     let mut o = loadtest::whep::ViewerOptions::new(format!("{base}/whep/{stream}"));
-    o.duration = Some(Duration::from_secs(10));
+    o.duration = Some(Duration::from_secs(if layer.is_some() { 10 } else { 20 }));
     let mut v = loadtest::whep::Viewer::start(o)
         .await
         .expect("whep viewer accepted");
@@ -163,7 +165,7 @@ async fn an_edge_receives_only_the_renditions_its_viewers_watch() {
     let edge = Node::start("edge", &["--cluster-secret", SECRET, "--origin", &quic]);
     let rtmp = ingest.rtmp.clone().expect("ingest prints its RTMP address");
     let url = format!("rtmp://{rtmp}/live/ladder?token={TOKEN}");
-    let mut publisher = ffmpeg_publish(&url, &SOURCE_720P, 40);
+    let mut publisher = ffmpeg_publish(&url, &SOURCE_720P, 50);
     wait_live(&origin.http, "ladder").await;
     let streams = wait_renditions(&origin.http).await;
     assert_eq!(streams[0]["renditions"].as_array().map(Vec::len), Some(3));
@@ -194,7 +196,7 @@ async fn an_edge_receives_only_the_renditions_its_viewers_watch() {
     );
     assert!(selects >= 1.0, "the origin heard the edge's selection");
 
-    // A new viewer on Auto gets the source again: asked for and played.
+    // A new viewer on Auto climbs to the source again: asked for and played.
     let auto = viewer(&edge.http, "ladder", None).await;
     let _ = publisher.kill().await;
     eprintln!(

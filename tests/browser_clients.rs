@@ -227,9 +227,10 @@ fn player_page_plays_every_publish() {
 /// ~8 frames in 8 s, 320×180, 3.1 s without a new frame.
 ///
 /// Since renditions: each layer is a rendition (checked in `/api/streams`),
-/// the viewer gets the top one by default, and the player page's quality
-/// menu switches it to 180p and back to Auto (720p), judged on getStats'
-/// frame height; so does OvenPlayer's (OME signalling: playlist,
+/// the viewer on Auto climbs to the top one (its bandwidth estimate; the
+/// window opens once it is there, at most 20 s after the first frame), and
+/// the player page's quality menu switches it to 180p and back to Auto
+/// (720p), judged on getStats' frame height; so does OvenPlayer's (OME signalling: playlist,
 /// change_rendition, rendition_changed).
 #[test]
 fn simulcast_whip_publish_plays_the_top_layer() {
@@ -261,6 +262,8 @@ fn simulcast(tag: &str, codec: Option<&str>) {
             "kind": "simulcast", "base": cascade.base, "staticHost": STATIC_IP,
             "stream": "sim", "token": TOKEN, "secs": WINDOW_SECS, "topWaitSecs": 10,
             "warmSecs": if codec.is_some() { 5 } else { 2 },
+            // Auto (per-viewer estimation) starts low and climbs to the top.
+            "autoWant": 720, "autoWaitSecs": 20,
             "codec": codec,
             // Then the player's quality menu: 180p, and back to Auto (720p).
             "switchTo": [["q", 180], ["auto", 720]], "timeoutSecs": 105,
@@ -325,6 +328,10 @@ fn simulcast(tag: &str, codec: Option<&str>) {
             )
         })
         .collect();
+    eprintln!(
+        "simulcast ({label}) viewer on Auto at 720p {} ms after its first frame",
+        v["autoAtMs"]
+    );
     eprintln!(
         "simulcast ({label}) publisher over time: {}",
         top_trace.join("; ")

@@ -1,9 +1,11 @@
 //! `--abr-ladder` in Chromium (issue 14): ffmpeg publishes 1280×720 over
 //! RTMP into cascade (in a network namespace, as the other browser tests),
 //! which adds 360p and 180p; headless Chromium plays the player page and its
-//! quality menu lists Auto and the three renditions; picking 360p, 180p and
-//! Auto again changes the decoded frame height (getStats) and frames keep
-//! coming after each switch: each rendition plays in Chromium.
+//! quality menu lists Auto and the three renditions. Auto (the bandwidth
+//! estimate's choice) starts low and climbs to the source on this unlimited
+//! link; picking 360p, 180p and Auto again changes the decoded frame height
+//! (getStats) and frames keep coming after each switch: each rendition
+//! plays in Chromium.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test helpers outside #[test] fns
 
@@ -52,6 +54,9 @@ fn rtmp_ladder_renditions_play_in_chromium() {
     let v = ns.run_browser(
         json!({
             "kind": "player-menu", "base": cascade.base, "stream": "ladder",
+            // Auto (per-viewer estimation, the default) starts low and
+            // climbs to the source on this unlimited link.
+            "autoWant": 720, "autoWaitSecs": 20,
             "switchTo": [["360p", 360], ["180p", 180], ["auto", 720]],
             "timeoutSecs": 80,
         }),
@@ -61,7 +66,11 @@ fn rtmp_ladder_renditions_play_in_chromium() {
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(
         v["viewer"]["size"], "1280x720",
-        "Auto plays the source: {v}"
+        "Auto climbs to the source: {v}"
+    );
+    eprintln!(
+        "Auto at 720p by {} ms after the first frame",
+        v["viewer"]["atMs"]
     );
     let menu: Vec<&str> = v["menu"]
         .as_array()

@@ -494,6 +494,15 @@ async function main() {
         while ((await view.evaluate(() => window.__summary())).f === 0 && Date.now() < firstEnd) {
           await new Promise((r) => setTimeout(r, 100));
         }
+        // Auto with per-viewer estimation starts on the lowest rendition and
+        // climbs: the window opens once it reached job.autoWant (or
+        // job.autoWaitSecs passed, and the window's heights tell).
+        const tFirst = Date.now();
+        while (job.autoWant && (await view.evaluate(() => window.__summary())).h !== job.autoWant &&
+               Date.now() - tFirst < (job.autoWaitSecs ?? 20) * 1000) {
+          await new Promise((r) => setTimeout(r, 100));
+        }
+        out.autoAtMs = Date.now() - tFirst;
         await new Promise((r) => setTimeout(r, ((job.warmSecs ?? 2) + (job.secs || 8)) * 1000));
         const got = await view.evaluate(() => ({ trace: window.__trace, t1: performance.now() }));
         // The window on the publisher trace's clock (atMs).
@@ -642,9 +651,17 @@ async function main() {
         while ((await view.evaluate(() => window.__summary())).f === 0 && Date.now() - t0 < 15000) {
           await new Promise((r) => setTimeout(r, 100));
         }
+        const tFirst = Date.now();
         await new Promise((r) => setTimeout(r, (job.warmSecs ?? 2) * 1000));
-        const first = await view.evaluate(() => window.__summary());
-        out.viewer = { size: `${first.w}x${first.h}`, framesTotal: first.f, codec: first.codec };
+        // With per-viewer estimation Auto starts on the lowest rendition and
+        // climbs: job.autoWant is the height it must reach within
+        // job.autoWaitSecs of the first frame.
+        let first = await view.evaluate(() => window.__summary());
+        while (job.autoWant && first.h !== job.autoWant && Date.now() - tFirst < (job.autoWaitSecs ?? 20) * 1000) {
+          await new Promise((r) => setTimeout(r, 100));
+          first = await view.evaluate(() => window.__summary());
+        }
+        out.viewer = { size: `${first.w}x${first.h}`, framesTotal: first.f, codec: first.codec, atMs: Date.now() - tFirst };
         out.menu = await view.evaluate(async () => {
           const q = document.getElementById("quality");
           const t0 = performance.now();
