@@ -18,6 +18,8 @@
 //! - `abr_viewer_below_the_lowest_rendition_keeps_audio`: 100 kbit/s gets
 //!   audio only (audio keeps coming, video pauses), video resumes once the
 //!   limit is lifted.
+//! - `abr_in_firefox_climbs_and_drops`: a Firefox viewer (VP8 layers) climbs
+//!   to 720p unlimited and drops to 180p behind 400 kbit/s.
 //!
 //! Root only (as tests/browser.rs); every measured time is `eprintln!`ed
 //! for docs/quality.md.
@@ -187,12 +189,18 @@ impl ViewerNs {
         assert!(sh(&args), "tc failed: {c:?}");
     }
 
-    /// Starts abr.mjs `view` in this namespace.
+    /// Starts abr.mjs `view` (Chromium) in this namespace.
     fn view(&self, cascade: &Cascade, steps: Value, timeout_secs: u64) -> Proc {
+        self.view_in("abr.mjs", cascade, steps, timeout_secs)
+    }
+
+    /// The same `view` job in the browser `script` runs (abr.mjs: Chromium,
+    /// firefox.mjs: Firefox).
+    fn view_in(&self, script: &str, cascade: &Cascade, steps: Value, timeout_secs: u64) -> Proc {
         let job = json!({ "kind": "view", "base": cascade.base, "stream": STREAM, "steps": steps,
             "timeoutSecs": timeout_secs });
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.name, "node", "abr.mjs"])
+        c.args(["netns", "exec", &self.name, "node", script])
             .arg(job.to_string())
             .current_dir(browser_dir());
         Proc::spawn(c)
@@ -239,11 +247,13 @@ struct Publisher {
 }
 
 impl Publisher {
-    fn start(ns: &Netns, cascade: &Cascade, secs: u64) -> Self {
+    /// `codec`: offer only that one (e.g. VP8, for Firefox viewers); `None`:
+    /// Chromium's defaults (H.264 layers, as cascade's answer prefers).
+    fn start(ns: &Netns, cascade: &Cascade, secs: u64, codec: Option<&str>) -> Self {
         let stop = std::env::temp_dir().join(format!("{}-stop", ns.name));
         let _ = std::fs::remove_file(&stop);
         let job = json!({ "kind": "publish", "base": cascade.base, "stream": STREAM, "token": TOKEN,
-            "staticHost": STATIC_IP, "secs": secs, "minTopBps": MIN_TOP_BPS, "minKbps": PUBLISH_MIN_KBPS, "fakeVideo": fake_camera(), "stopFile": stop, "timeoutSecs": secs + 60 });
+            "staticHost": STATIC_IP, "secs": secs, "minTopBps": MIN_TOP_BPS, "minKbps": PUBLISH_MIN_KBPS, "fakeVideo": fake_camera(), "stopFile": stop, "timeoutSecs": secs + 60, "codec": codec });
         let mut c = ns.cmd("node");
         c.current_dir(browser_dir())
             .arg("abr.mjs")
@@ -391,11 +401,20 @@ fn at(v: &Value, key: &str) -> f64 {
     v[key].as_f64().unwrap_or(f64::NAN)
 }
 
-/// cascade and the simulcast publisher in a fresh namespace.
+/// cascade (its defaults: per-viewer estimation on) and the simulcast
+/// publisher in a fresh namespace.
 fn setup(tag: &str, publish_secs: u64) -> Option<(Netns, Cascade, Publisher)> {
+    setup_codec(tag, publish_secs, None)
+}
+
+fn setup_codec(
+    tag: &str,
+    publish_secs: u64,
+    codec: Option<&str>,
+) -> Option<(Netns, Cascade, Publisher)> {
     let ns = Netns::create(tag)?;
-    let cascade = Cascade::start(&ns, &["--abr"]);
-    let publisher = Publisher::start(&ns, &cascade, publish_secs);
+    let cascade = Cascade::start(&ns, &[]);
+    let publisher = Publisher::start(&ns, &cascade, publish_secs, codec);
     Some((ns, cascade, publisher))
 }
 
@@ -744,5 +763,71 @@ fn abr_viewer_below_the_lowest_rendition_keeps_audio() {
     assert!(
         video["reached"] == true,
         "video did not resume within 40 s of lifting the limit"
+    );
+}
+
+/// Estimation works with Firefox too (the issue asks for Chromium and
+/// Firefox): Debian's Firefox ESR plays the player page on Auto, its
+/// transport-wide congestion feedback drives str0m's estimate, and the
+/// viewer climbs to 720p on an unlimited link, then drops to 180p when its
+/// link is cut to 400 kbit/s. The publisher sends VP8 layers (Firefox here
+/// has no H.264: its OpenH264 plugin is a download). Not ignored: the
+/// bounds (30 s to climb, 10 s to drop) are for "it works", far from the
+/// goals (5 s to settle, 2 s to drop), whose measured times are printed for
+/// docs/quality.md.
+#[test]
+fn abr_in_firefox_climbs_and_drops() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some((ns, cascade, publisher)) = setup_codec("abrfox", 120, Some("vp8")) else {
+        return;
+    };
+    assert!(
+        std::path::Path::new("/usr/bin/firefox-esr").exists(),
+        "Debian firefox-esr missing (scripts/test.sh installs it)"
+    );
+    let viewer = ViewerNs::create(&ns, 1);
+    let steps = json!([
+        { "label": "climbed", "until": { "minH": 720 }, "within": 30000, "hold": 5000,
+          "run": viewer.shape_cmd(Some("400kbit")) },
+        { "label": "dropped", "until": { "maxH": 180 }, "within": 10000, "hold": 5000 },
+    ]);
+    let mut p = viewer.view_in("firefox.mjs", &cascade, steps, 80);
+    let v = result(&mut p, Duration::from_secs(90), "firefox viewer");
+    drop(publisher);
+    let tr = trace(&v);
+    let opened = at(&v, "openedAt");
+    let (climbed, dropped) = (step(&v, "climbed"), step(&v, "dropped"));
+    let first = first_frame(&tr).unwrap_or(f64::NAN);
+    let lowered_at = at(&climbed, "ranAt");
+    let end = tr.last().map_or(f64::NAN, |s| s.t);
+    let (gap_up, _) = max_gap(&tr, first, lowered_at);
+    let (gap_down, _) = max_gap(&tr, lowered_at, end);
+    eprintln!(
+        "abr firefox ({}): first frame {:.0} ms after opening, 720p {:.0} ms after it; \
+         limit 400 kbit/s: ≤ 180p after {:.0} ms; longest gap before the cut {gap_up:.0} ms, \
+         after it {gap_down:.0} ms; heights {}; stats {}; error {}",
+        v["userAgent"],
+        first - opened,
+        at(&climbed, "reachedAt") - first,
+        at(&dropped, "reachedAt") - lowered_at,
+        heights(&tr, opened),
+        v["stats"],
+        v["error"],
+    );
+    assert!(
+        v["ok"] == true,
+        "firefox runner failed: {} {}",
+        v["error"],
+        v["logs"]
+    );
+    assert!(
+        climbed["reached"] == true,
+        "Firefox on Auto did not reach 720p within 30 s on an unlimited link: heights {}",
+        heights(&tr, opened)
+    );
+    assert!(
+        dropped["reached"] == true,
+        "Firefox did not drop to ≤ 180p within 10 s of 400 kbit/s: heights {}",
+        heights(&tr, opened)
     );
 }

@@ -7,8 +7,8 @@
 //! - OvenPlayer from npm (OME WebSocket signalling, the server makes the
 //!   offer) and the player page, each against a matrix of publishes: x264
 //!   High over RTMP with and without B-frames, WHIP High / Main /
-//!   Constrained Baseline (loadtest's str0m publisher) and VP8 over WHIP
-//!   (Chromium's /publish page). Every case must play.
+//!   Constrained Baseline (loadtest's str0m publisher), VP8 and VP9 over
+//!   WHIP (Chromium's /publish page). Every case must play.
 //!
 //! Headless Debian Chromium in a network namespace as tests/browser.rs
 //! (tests/browser/netns.rs, run.mjs kinds "watch-many" and "simulcast").
@@ -72,7 +72,7 @@ fn ffmpeg_rtmp(ns: &Netns, rtmp: &str, stream: &str, bframes: bool) -> Proc {
 }
 
 /// The publish matrix: (stream name, what it is).
-const CASES: [(&str, &str); 6] = [
+const CASES: [(&str, &str); 7] = [
     (
         "rtmp-high-bf",
         "x264 High with B-frames over RTMP (cascade re-encodes)",
@@ -82,6 +82,7 @@ const CASES: [(&str, &str); 6] = [
     ("whip-main", "WHIP H.264 Main 4d001f"),
     ("whip-baseline", "WHIP H.264 Constrained Baseline 42e01f"),
     ("whip-vp8", "WHIP VP8 from Chromium's /publish page"),
+    ("whip-vp9", "WHIP VP9 from Chromium's /publish page"),
 ];
 
 /// Which player a matrix test opens for each stream.
@@ -150,7 +151,9 @@ fn matrix(tag: &str, viewer: Viewer) {
         json!({
             "kind": "watch-many", "base": cascade.base, "staticHost": STATIC_IP,
             "publishers": [{ "label": "whip-vp8",
-                "url": format!("{}/publish/whip-vp8?token={TOKEN}&autostart=1&codec=vp8", cascade.base) }],
+                "url": format!("{}/publish/whip-vp8?token={TOKEN}&autostart=1&codec=vp8", cascade.base) },
+                { "label": "whip-vp9",
+                "url": format!("{}/publish/whip-vp9?token={TOKEN}&autostart=1&codec=vp9", cascade.base) }],
             "streams": CASES.iter().map(|(s, _)| s).collect::<Vec<_>>(),
             "pages": pages, "secs": WINDOW_SECS, "warmSecs": 1, "firstFrameSecs": 12,
         }),

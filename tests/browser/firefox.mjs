@@ -4,22 +4,17 @@
 // connections, like run.mjs does for Chromium.
 //
 // usage: node firefox.mjs '{"base": "http://IP:PORT", "stream": "live", "secs": 3}'
+//
+// With "kind": "view", the ABR demonstration's viewer instead (abr-view.mjs,
+// as abr.mjs runs it in Chromium): the player page traced, job.steps.
 import puppeteer from "puppeteer-core";
+import { RECORD_PCS, TRACE, view } from "./abr-view.mjs";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 
 const job = JSON.parse(process.argv[2] || "{}");
 const out = { ok: false, browser: "firefox" };
-
-const RECORD_PCS = `(() => {
-  const Orig = window.RTCPeerConnection;
-  window.__pcs = [];
-  window.RTCPeerConnection = function (...args) {
-    const pc = new Orig(...args); pc.__created = performance.now(); window.__pcs.push(pc); return pc;
-  };
-  window.RTCPeerConnection.prototype = Orig.prototype;
-})();`;
 
 async function sample(page) {
   return page.evaluate(async () => {
@@ -58,19 +53,24 @@ async function main() {
     });
     const page = await browser.newPage();
     await page.evaluateOnNewDocument(RECORD_PCS);
-    await page.goto(`${job.base}/play/${job.stream}`, { waitUntil: "domcontentloaded" });
-    let first = await sample(page);
-    const end = Date.now() + 20000;
-    while (first.framesDecoded === 0 && Date.now() < end) {
-      await new Promise((r) => setTimeout(r, 50));
-      first = await sample(page);
+    out.userAgent = await browser.version();
+    if (job.kind === "view") {
+      await page.evaluateOnNewDocument(TRACE);
+      await view(page, job, out);
+    } else {
+      await page.goto(`${job.base}/play/${job.stream}`, { waitUntil: "domcontentloaded" });
+      let first = await sample(page);
+      const end = Date.now() + 20000;
+      while (first.framesDecoded === 0 && Date.now() < end) {
+        await new Promise((r) => setTimeout(r, 50));
+        first = await sample(page);
+      }
+      out.first = first;
+      out.ttffMs = first.framesDecoded > 0 && first.created != null ? Math.round(first.now - first.created) : null;
+      await new Promise((r) => setTimeout(r, (job.secs || 3) * 1000));
+      out.last = await sample(page);
+      out.pageStatus = await page.evaluate(() => (document.getElementById("status") || {}).textContent || null);
     }
-    out.first = first;
-    out.ttffMs = first.framesDecoded > 0 && first.created != null ? Math.round(first.now - first.created) : null;
-    await new Promise((r) => setTimeout(r, (job.secs || 3) * 1000));
-    out.last = await sample(page);
-    out.userAgent = await page.evaluate(() => navigator.userAgent);
-    out.pageStatus = await page.evaluate(() => (document.getElementById("status") || {}).textContent || null);
     out.ok = true;
   } catch (e) {
     out.error = String((e && e.stack) || e);
@@ -78,7 +78,9 @@ async function main() {
     if (browser) await browser.close().catch(() => {});
     fs.rmSync(profile, { recursive: true, force: true });
   }
-  process.stdout.write(JSON.stringify(out) + "\n");
+  // Waits for the pipe to take it all: process.exit right after a large
+  // write (a view's trace) cuts it off.
+  await new Promise((resolve) => process.stdout.write(JSON.stringify(out) + "\n", resolve));
 }
 
 const killer = setTimeout(() => {

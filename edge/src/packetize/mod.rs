@@ -30,22 +30,21 @@ pub struct Payload {
     pub marker: bool,
 }
 
-/// Turns access units of one codec into RTP payloads. Stateful only where
-/// the format numbers pictures (VP8/VP9 picture id).
+/// Turns access units of one codec into RTP payloads. Holds no numbering
+/// of its own: what a receiver orders frames by is per viewer (RTP sequence
+/// numbers and timestamps), because one packetization serves viewers that
+/// switch between renditions (`vp8.rs` says why VP8/VP9 carry no picture
+/// id).
 #[derive(Debug)]
 pub struct Packetizer {
     codec: Codec,
-    picture_id: u16,
 }
 
 impl Packetizer {
     /// A packetizer for `codec` (every codec of the catalog has one; the
     /// `Option` leaves room for codecs that will not).
     pub fn new(codec: Codec) -> Option<Self> {
-        Some(Self {
-            codec,
-            picture_id: 0,
-        })
+        Some(Self { codec })
     }
 
     /// The codec.
@@ -60,14 +59,8 @@ impl Packetizer {
         match self.codec {
             Codec::H264 => h26x::packetize(Nal::H264, frame, MAX_PAYLOAD, &mut out),
             Codec::H265 => h26x::packetize(Nal::H265, frame, MAX_PAYLOAD, &mut out),
-            Codec::Vp8 => {
-                vp8::packetize(frame, self.picture_id, MAX_PAYLOAD, &mut out);
-                self.picture_id = (self.picture_id + 1) & 0x7fff;
-            }
-            Codec::Vp9 => {
-                vp9::packetize(frame, self.picture_id, keyframe, MAX_PAYLOAD, &mut out);
-                self.picture_id = (self.picture_id + 1) & 0x7fff;
-            }
+            Codec::Vp8 => vp8::packetize(frame, MAX_PAYLOAD, &mut out),
+            Codec::Vp9 => vp9::packetize(frame, keyframe, MAX_PAYLOAD, &mut out),
             Codec::Opus => {
                 // RFC 7587 §4.2: one Opus packet per RTP packet; the marker
                 // bit flags talkspurts, which we cannot know: leave it clear.
