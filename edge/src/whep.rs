@@ -75,8 +75,9 @@ impl Whep {
 }
 
 /// The RTP header extensions a viewer session negotiates: only the MID
-/// (receivers map packets to transceivers with it). No transport-wide
-/// congestion control: the edge does no bandwidth estimation yet, and TWCC
+/// (receivers map packets to transceivers with it). Transport-wide
+/// congestion control only where the edge estimates (viewers of streams
+/// with renditions: `cascade_rtc::bwe::enable` adds it), because TWCC
 /// feedback every ~50 ms per viewer is a fifth of a viewer's cost (DESIGN.md).
 /// The id is Chrome's; str0m answers with the offerer's id anyway.
 pub(crate) fn viewer_extensions() -> ExtensionMap {

@@ -20,7 +20,7 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { RECORD_PCS, TRACE, view } from "./abr-view.mjs";
+import { RECORD_PCS, TRACE, view } from "./page.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const job = JSON.parse(process.argv[2] || "{}");

@@ -5,10 +5,10 @@
 //
 // usage: node firefox.mjs '{"base": "http://IP:PORT", "stream": "live", "secs": 3}'
 //
-// With "kind": "view", the ABR demonstration's viewer instead (abr-view.mjs,
+// With "kind": "view", the ABR demonstration's viewer instead (page.mjs,
 // as abr.mjs runs it in Chromium): the player page traced, job.steps.
 import puppeteer from "puppeteer-core";
-import { RECORD_PCS, TRACE, view } from "./abr-view.mjs";
+import { RECORD_PCS, TRACE, view } from "./page.mjs";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";

@@ -10,6 +10,7 @@ import https from "node:https";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import { RECORD_PCS } from "./page.mjs";
 import { fileURLToPath } from "node:url";
 import { execFileSync } from "node:child_process";
 // A rendition switch waits for the target's next keyframe and, on a loaded
@@ -22,22 +23,6 @@ const SWITCH_WAIT_MS = 30000;
 const here = path.dirname(fileURLToPath(import.meta.url));
 const job = JSON.parse(process.argv[2] || "{}");
 const out = { ok: false, kind: job.kind };
-
-// Records every peer connection and the time it was made.
-const RECORD_PCS = `
-  (() => {
-    const Orig = window.RTCPeerConnection;
-    window.__pcs = [];
-    window.RTCPeerConnection = function (...args) {
-      const pc = new Orig(...args);
-      pc.__created = performance.now();
-      window.__pcs.push(pc);
-      return pc;
-    };
-    window.RTCPeerConnection.prototype = Orig.prototype;
-    Object.setPrototypeOf(window.RTCPeerConnection, Orig);
-  })();
-`;
 
 // One getStats() summary over the page's receiving peer connections.
 async function sample(page) {

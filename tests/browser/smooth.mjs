@@ -10,24 +10,10 @@ import { chromium } from "playwright-core";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
+import { RECORD_PCS } from "./page.mjs";
 
 const job = JSON.parse(process.argv[2] || "{}");
 const out = { ok: false, results: {} };
-
-// Same recorder as run.mjs: every peer connection a page makes.
-const RECORD_PCS = `
-  (() => {
-    const Orig = window.RTCPeerConnection;
-    window.__pcs = [];
-    window.RTCPeerConnection = function (...args) {
-      const pc = new Orig(...args);
-      window.__pcs.push(pc);
-      return pc;
-    };
-    window.RTCPeerConnection.prototype = Orig.prototype;
-    Object.setPrototypeOf(window.RTCPeerConnection, Orig);
-  })();
-`;
 
 // With job.sei: every received video frame's SEI tag (loadtest::tag, put
 // there by the RTMP publisher with its send wall clock) is read through

@@ -12,7 +12,9 @@
 //! lost on the link, decoded its delta frames against an old-rendition
 //! picture of the same id minus one (a broken picture). Without them it
 //! orders frames by the per-viewer RTP sequence numbers, as for H.264: a
-//! delta frame decodes only after every packet since its keyframe.
+//! delta frame decodes only after every packet since its keyframe. (Per
+//! viewer picture ids would be possible without a copy, str0m's
+//! `RtpWrite::vp8_patch`, but no receiver here needs them.)
 
 use std::sync::Arc;
 

@@ -1,18 +1,20 @@
-// The viewer side of the ABR demonstration, shared by Chromium (abr.mjs,
-// playwright) and Firefox (firefox.mjs, puppeteer over WebDriver BiDi): the
-// scripts a page gets before it loads, and the player page watched through
-// a list of steps.
+// What the browser runners share: the scripts a page gets before it loads
+// (RECORD_PCS for every runner; TRACE, getStats sampled in the page) and the
+// ABR demonstration's viewer job, run by Chromium (abr.mjs, playwright) and
+// Firefox (firefox.mjs, puppeteer over WebDriver BiDi) alike.
 import { execFileSync } from "node:child_process";
 
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-// Every RTCPeerConnection the page makes, in window.__pcs.
+// Every RTCPeerConnection the page makes, in window.__pcs, with the time
+// it was made (pc.__created). Shared by every browser runner here.
 export const RECORD_PCS = `
   (() => {
     const Orig = window.RTCPeerConnection;
     window.__pcs = [];
     window.RTCPeerConnection = function (...args) {
       const pc = new Orig(...args);
+      pc.__created = performance.now();
       window.__pcs.push(pc);
       return pc;
     };
