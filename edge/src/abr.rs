@@ -28,8 +28,10 @@
 //! rendition's bitrate for the up-hold, meanwhile asking str0m to probe
 //! (padding) toward that rate, so the estimate that justifies the switch was
 //! measured on the wire. An up-switch followed by a down-switch within
-//! [`FAILED_UP_WINDOW`] doubles the up-hold (up to [`MAX_UP_HOLD`]): a link
-//! at the edge of a rendition settles below it instead of flapping.
+//! [`FAILED_UP_WINDOW`] doubles the up-hold (up to [`MAX_UP_HOLD`]) for
+//! climbs back to the rendition that failed (or above it): a link at the
+//! edge of a rendition settles below it instead of flapping, while the
+//! renditions below it, which the link carried, keep the usual hold.
 //! A viewer starts low ([`start_estimate`]) and, for [`STARTUP`] after its
 //! first estimate, probes toward the top rendition and goes up after only
 //! [`STARTUP_UP_HOLD`]: str0m's start-up probes measure the link within a
@@ -403,8 +405,17 @@ pub struct Controller {
     /// [`STARTUP`] has ended: probing aims at the next rendition up, no
     /// longer at the top.
     startup_over: bool,
+    /// The up-hold for climbs to [`Self::failed_up`] and above.
     up_hold: Duration,
-    last_up: Option<Instant>,
+    /// The last up-switch: when, and to which rendition.
+    last_up: Option<(Instant, String)>,
+    /// The rendition an up-switch to which failed last (a down-switch
+    /// within [`FAILED_UP_WINDOW`]): climbs to it or above wait
+    /// [`Self::up_hold`], climbs below it only [`UP_HOLD`]. A Firefox
+    /// viewer cut from an unlimited link to 1.5 Mbit/s 5 s after reaching
+    /// 720p fell to 180p (loss) and, with the doubled hold for every climb,
+    /// took 11 s to get back to 360p (tests/browser_abr.rs).
+    failed_up: Option<String>,
     /// The [`UP_GRACE`] after the last up-switch ends then.
     up_grace_until: Option<Instant>,
     bitrate_sent: Option<(u64, u64)>,
@@ -457,6 +468,7 @@ impl Controller {
             startup_over: false,
             up_hold: UP_HOLD,
             last_up: None,
+            failed_up: None,
             up_grace_until: None,
             bitrate_sent: None,
             reprobe_at: None,
@@ -716,6 +728,7 @@ impl Controller {
         };
         self.moved_to(now, to);
         self.last_up = None;
+        self.failed_up = None;
         self.up_hold = UP_HOLD;
         self.padding_to = None;
         self.padding_until = None;
@@ -935,7 +948,11 @@ impl Controller {
         self.reprobe_at = None;
         let since = *self.high_since.get_or_insert(now);
         let hold = self.hold_from(since);
-        let to = self.highest_fitting(estf / UP_HEADROOM).max(Some(next));
+        let mut to = self.highest_fitting(estf / UP_HEADROOM).max(Some(next));
+        // With the usual hold, not up to the rendition that failed.
+        if let Some(cap) = self.below_failed() {
+            to = to.map(|i| i.min(cap));
+        }
         if now.duration_since(since) >= hold {
             self.switch(now, to, est);
         } else if now + CONFIRM >= since + hold {
@@ -958,13 +975,30 @@ impl Controller {
     }
 
     /// The up-hold for an episode that began at `since`: short while the
-    /// viewer is starting up.
+    /// viewer is starting up; the usual one for a climb that stays below
+    /// the rendition whose up-switch failed ([`Self::below_failed`]).
     fn hold_from(&self, since: Instant) -> Duration {
-        if self.in_startup(since) {
-            self.up_hold.min(STARTUP_UP_HOLD)
+        let hold = if self.below_failed().is_some() {
+            self.up_hold.min(UP_HOLD)
         } else {
             self.up_hold
+        };
+        if self.in_startup(since) {
+            hold.min(STARTUP_UP_HOLD)
+        } else {
+            hold
         }
+    }
+
+    /// When the next rendition up is below the one whose up-switch failed:
+    /// the highest rendition a climb with the usual hold may reach. `None`
+    /// when the next one up is that rendition or above it (or nothing
+    /// failed, or it left the ladder: the doubled hold then guards all).
+    fn below_failed(&self) -> Option<usize> {
+        let failed = self.failed_up.as_ref()?;
+        let f = self.ladder.iter().position(|r| &r.name == failed)?;
+        let next = self.current.map_or(0, |i| i + 1);
+        (next < f).then(|| f - 1)
     }
 
     fn end_episode(&mut self) {
@@ -1093,12 +1127,15 @@ impl Controller {
         };
         self.up_grace_until = up.then_some(now + UP_GRACE);
         if up {
-            self.last_up = Some(now);
-        } else if let Some(t) = self.last_up.take() {
+            let name = to.and_then(|i| self.ladder.get(i)).map(|r| r.name.clone());
+            self.last_up = name.map(|n| (now, n));
+        } else if let Some((t, name)) = self.last_up.take() {
             if now.duration_since(t) < FAILED_UP_WINDOW {
                 self.up_hold = (self.up_hold * 2).min(MAX_UP_HOLD);
+                self.failed_up = Some(name);
             } else {
                 self.up_hold = UP_HOLD;
+                self.failed_up = None;
             }
         }
         self.moved_to(now, to);
@@ -1564,6 +1601,53 @@ mod tests {
         assert!(gaps.windows(2).all(|g| g[1] > g[0]), "{gaps:?}");
         // At most 6 tries in a minute (5, 10, 20, 40 s holds).
         assert!(ups.len() <= 6, "{ups:?}");
+    }
+
+    /// Climbs to 'f' at 4 Mbit/s; 2 s later the link falls under 'q' and
+    /// the viewer goes down to it: a failed up-switch to 'f'.
+    fn up_to_f_then_fall(c: &mut Controller, t: &mut Instant) {
+        for _ in 0..150 {
+            if c.current() == Some("f") {
+                break;
+            }
+            run(c, t, ms(100), |_| 4_000_000);
+        }
+        assert_eq!(c.current(), Some("f"));
+        run(c, t, ms(2_000), |_| 4_000_000);
+        let s = run(c, t, ms(3_000), |_| 200_000);
+        assert_eq!(c.current(), Some("q"), "{s:?}");
+    }
+
+    #[test]
+    fn a_failed_up_switch_slows_only_the_climb_back_to_its_rendition() {
+        let (mut c, mut t) = started(1_000_000);
+        up_to_f_then_fall(&mut c, &mut t);
+        // It recovers to 1.5 Mbit/s: 'h' fits (1.2 × 800k), 'f' does not.
+        // 'h' never failed: the usual hold, not the doubled one.
+        let s = run(&mut c, &mut t, ms(15_000), |_| 1_500_000);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("h"));
+        assert!(s[0].0 <= UP_HOLD + ms(300), "{s:?}");
+        // Back to 4 Mbit/s: 'f' failed, so its climb waits the doubled hold
+        // (and not past it: the estimate, not a guess, still decides).
+        let s = run(&mut c, &mut t, ms(25_000), |_| 4_000_000);
+        assert_eq!(s.len(), 1, "{s:?}");
+        assert_eq!(s[0].1.to.as_deref(), Some("f"));
+        assert!(s[0].0 >= UP_HOLD * 2, "{s:?}");
+        assert!(s[0].0 <= UP_HOLD * 2 + ms(300), "{s:?}");
+    }
+
+    #[test]
+    fn a_climb_below_the_failed_rendition_stops_under_it() {
+        let (mut c, mut t) = started(1_000_000);
+        up_to_f_then_fall(&mut c, &mut t);
+        // The estimate jumps back to 4 Mbit/s at once: after the usual hold
+        // only 'h'; 'f' after its own (doubled) hold from there.
+        let s = run(&mut c, &mut t, ms(20_000), |_| 4_000_000);
+        let to: Vec<_> = s.iter().map(|(_, s)| s.to.as_deref()).collect();
+        assert_eq!(to, [Some("h"), Some("f")], "{s:?}");
+        assert!(s[0].0 <= UP_HOLD + ms(300), "{s:?}");
+        assert!(s[1].0 - s[0].0 >= UP_HOLD * 2, "{s:?}");
     }
 
     #[test]
