@@ -3,7 +3,9 @@
 //! `/api/streams` lists the three renditions. Real WHEP viewers (loadtest's
 //! str0m viewer) each decode one rendition, checked by the picture size of
 //! its keyframes' SPS: Auto climbs to the source, and viewers that ask for
-//! 360p and 180p through the layer endpoint get those steps.
+//! 360p and 180p through the layer endpoint get those steps; a viewer that
+//! offers no transport-wide congestion feedback gets no estimate and plays
+//! the source from the start.
 //!
 //! On a split cluster the edge receives only the renditions its viewers
 //! watch (per-rendition relay subscription): the others are held back at
@@ -22,8 +24,19 @@ use common::{ffmpeg_publish, metric_sum, wait_live, Node, SECRET, TOKEN};
 /// Without, it stays on Auto for 20 s: the bandwidth estimate starts it on
 /// the lowest rendition and it climbs (its report's size is the last one).
 async fn viewer(base: &str, stream: &str, layer: Option<&str>) -> loadtest::whep::ViewerReport {
+    viewer_twcc(base, stream, layer, true).await
+}
+
+/// [`viewer`], offering transport-wide congestion feedback or not (`twcc`).
+async fn viewer_twcc(
+    base: &str,
+    stream: &str,
+    layer: Option<&str>,
+    twcc: bool,
+) -> loadtest::whep::ViewerReport {
     let mut o = loadtest::whep::ViewerOptions::new(format!("{base}/whep/{stream}"));
     o.duration = Some(Duration::from_secs(if layer.is_some() { 10 } else { 20 }));
+    o.twcc = twcc;
     let mut v = loadtest::whep::Viewer::start(o)
         .await
         .expect("whep viewer accepted");
@@ -68,12 +81,25 @@ async fn rtmp_ladder_renditions_each_play() {
     assert_eq!(sizes, [(1280, 720), (640, 360), (320, 180)], "{streams}");
     assert_eq!(r[1]["track"], "video-360p");
 
-    let (free, mid, low) = tokio::join!(
+    // And a WHEP client that offers no transport-wide congestion feedback:
+    // nothing to estimate with, so its Auto plays the best rendition that
+    // flows, the source, from the start (no climb).
+    let (free, mid, low, blind) = tokio::join!(
         viewer(&node.http, "ladder", None),
         viewer(&node.http, "ladder", Some("360p")),
         viewer(&node.http, "ladder", Some("180p")),
+        viewer_twcc(&node.http, "ladder", None, false),
     );
     let _ = publisher.kill().await;
+    eprintln!(
+        "without TWCC: {} frames, size {:?} since {:?} ms, switches {}",
+        blind.video_frames, blind.video_size, blind.size_since_ms, blind.size_changes
+    );
+    assert_eq!(blind.video_size.as_deref(), Some("1280x720"), "{blind:?}");
+    assert_eq!(blind.size_changes, 0, "started on the source: {blind:?}");
+    assert!(blind.video_frames > 60, "{blind:?}");
+    // The estimating Auto viewer started low and climbed.
+    assert!(free.size_changes >= 1, "Auto starts low: {free:?}");
     for (r, size) in [(&free, "1280x720"), (&mid, "640x360"), (&low, "320x180")] {
         eprintln!(
             "{} frames ({} keyframes), size {:?} since {:?} ms, switches {}",
@@ -94,6 +120,11 @@ async fn rtmp_ladder_renditions_each_play() {
     assert_eq!(
         metric_sum(&metrics, "cascade_ingest_ladder_failures_total"),
         0.0
+    );
+    assert_eq!(
+        metric_sum(&metrics, "cascade_edge_abr_no_feedback_total"),
+        1.0,
+        "the viewer without TWCC counted"
     );
 }
 

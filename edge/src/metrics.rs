@@ -49,6 +49,10 @@ pub const ABR_ESTIMATE: &str = "cascade_edge_abr_estimate_bps";
 /// Viewers' bandwidth estimators restarted after re-probing stagnated
 /// (`abr::Output::Reset`).
 pub const ABR_RESTARTS: &str = "cascade_edge_abr_estimator_restarts_total";
+/// Viewers of streams with renditions whose offer has no transport-wide
+/// congestion control extension: no estimate, so Auto plays the best
+/// rendition that flows for them.
+pub const ABR_NO_FEEDBACK: &str = "cascade_edge_abr_no_feedback_total";
 /// Viewers' queued and cached video dropped on a switch down
 /// (`viewer::Out::flush_video`).
 pub const VIDEO_FLUSHES: &str = "cascade_edge_video_flushes_total";
@@ -75,6 +79,10 @@ pub fn describe() {
     metrics::describe_histogram!(
         ABR_ESTIMATE,
         "bandwidth estimate (bit/s) behind each automatic rendition switch"
+    );
+    metrics::describe_counter!(
+        ABR_NO_FEEDBACK,
+        "viewers of streams with renditions that offered no transport-wide congestion feedback (no estimation)"
     );
     metrics::describe_counter!(
         ABR_RESTARTS,

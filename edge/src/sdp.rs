@@ -26,6 +26,30 @@ pub(crate) enum Refusal {
     NotAcceptable(String),
 }
 
+/// The transport-wide congestion control extension's URI (its `a=extmap`).
+const TWCC_URI: &str = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
+
+/// Whether `offer` lets the viewer send transport-wide congestion feedback
+/// for its video: the extension offered at session level or in a video
+/// section. Without it str0m's estimator hears nothing (its estimate would
+/// stay at the start value, and the viewer low), so such viewers get no
+/// estimation.
+pub(crate) fn offers_twcc(offer: &str) -> bool {
+    let mut section = "";
+    for line in offer.lines() {
+        let line = line.trim_end();
+        if let Some(m) = line.strip_prefix("m=") {
+            section = m.split(' ').next().unwrap_or("");
+        } else if (section.is_empty() || section == "video")
+            && line.starts_with("a=extmap:")
+            && line.split_whitespace().nth(1) == Some(TWCC_URI)
+        {
+            return true;
+        }
+    }
+    false
+}
+
 /// Picks the payload type per m-line. Video decides: a viewer that can play
 /// none of the stream's video is refused; one that lacks only the audio
 /// codec still gets video.
@@ -274,7 +298,37 @@ pub(crate) mod tests {
         ));
     }
 
+    #[test]
+    fn twcc_offered_for_video_or_the_session() {
+        let ext = format!("a=extmap:3 {TWCC_URI}");
+        let video = format!(
+            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n{ext}\r\n"
+        );
+        assert!(
+            offers_twcc(&video),
+            "Chromium/Firefox: in the video section"
+        );
+        let session = format!("v=0\r\n{ext}\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n");
+        assert!(offers_twcc(&session), "session level applies to video");
+        // Firefox offers it for video only; audio alone does not count.
+        let audio = format!(
+            "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n{ext}\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
+        );
+        assert!(!offers_twcc(&audio));
+        let other = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid\r\n";
+        assert!(!offers_twcc(other));
+        // With a direction after the id (RFC 8285), still the same URI.
+        let dir =
+            format!("v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=extmap:3/sendrecv {TWCC_URI}\r\n");
+        assert!(offers_twcc(&dir));
+    }
+
     proptest! {
+        #[test]
+        fn offers_twcc_never_panics(s in "\\PC*") {
+            let _ = offers_twcc(&s);
+        }
+
         #[test]
         fn scan_never_panics(s in "\\PC*") {
             let lines = scan(&s);

@@ -282,10 +282,20 @@ impl Endpoint for Whep {
                 .clear_codecs()
                 .set_rtp_mode(true)
                 .set_extension_map(viewer_extensions());
-            // Streams with renditions: str0m's estimator chooses per viewer.
-            let bwe_start = abr
+            // Streams with renditions: str0m's estimator chooses per viewer,
+            // if the viewer can send it transport-wide feedback; a viewer
+            // that cannot would stay on the estimator's start forever, so
+            // its Auto plays the best rendition that flows instead.
+            let mut bwe_start = abr
                 .then(|| crate::viewer::bwe_start_of(&subscriber))
                 .flatten();
+            if bwe_start.is_some() && !sdp::offers_twcc(&offer) {
+                metrics::counter!(m::ABR_NO_FEEDBACK).increment(1);
+                tracing::info!(
+                    "the offer has no transport-wide congestion control: no bandwidth estimate, Auto plays the best rendition that flows"
+                );
+                bwe_start = None;
+            }
             // The benchmark knob: estimation for a one-rendition stream too
             // (no controller: nothing to choose), started well above it so
             // the pacer never holds it back.

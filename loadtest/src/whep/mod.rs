@@ -15,6 +15,7 @@ use std::time::{Duration, Instant};
 use reqwest::Url;
 use str0m::change::{SdpAnswer, SdpOffer, SdpPendingOffer};
 use str0m::media::{Direction, MediaKind, Mid};
+use str0m::rtp::{Extension, ExtensionMap};
 use str0m::{Event, IceConnectionState, Rtc, RtcConfig};
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
@@ -89,6 +90,10 @@ pub struct ViewerOptions {
     /// congestion feedback. A capped viewer should not be `headers_only`: str0m must see
     /// every packet to send transport-wide feedback.
     pub cap_bps: Option<u64>,
+    /// Offer transport-wide congestion control feedback (str0m's default header
+    /// extensions, as browsers do). `false`: a WHEP client without it, which a server
+    /// cannot estimate the bandwidth of.
+    pub twcc: bool,
 }
 
 impl ViewerOptions {
@@ -108,6 +113,7 @@ impl ViewerOptions {
             janus_mountpoint: None,
             root_ca: None,
             cap_bps: None,
+            twcc: true,
         }
     }
 }
@@ -115,13 +121,22 @@ impl ViewerOptions {
 /// A browser-like offer as SDP text (no candidates, no session behind it): for tests that
 /// only look at the HTTP answer (406 for codecs the stream lacks, 401, 404, …).
 pub fn offer_sdp(video_codecs: &[VideoCodec], audio: bool) -> Result<String> {
-    let mut rtc = config(video_codecs, audio).build(Instant::now());
+    let mut rtc = config(video_codecs, audio, true).build(Instant::now());
     let (offer, _, _) = add_media(&mut rtc, !video_codecs.is_empty(), audio)?;
     Ok(offer.to_sdp_string())
 }
 
-fn config(video_codecs: &[VideoCodec], audio: bool) -> RtcConfig {
+fn config(video_codecs: &[VideoCodec], audio: bool, twcc: bool) -> RtcConfig {
     let mut cfg = RtcConfig::new().clear_codecs();
+    if !twcc {
+        let mut exts = ExtensionMap::empty();
+        for (id, e) in ExtensionMap::standard().iter() {
+            if *e != Extension::TransportSequenceNumber {
+                exts.set(id, e.clone());
+            }
+        }
+        cfg = cfg.set_extension_map(exts);
+    }
     if audio {
         cfg = cfg.enable_opus(true, false);
     }
@@ -171,7 +186,7 @@ impl Viewer {
     /// [`Error::Status`] with the server's status and body.
     pub async fn start(opts: ViewerOptions) -> Result<Self> {
         let posted = Instant::now();
-        let rtc = config(&opts.video_codecs, opts.audio).build(Instant::now());
+        let rtc = config(&opts.video_codecs, opts.audio, opts.twcc).build(Instant::now());
         // Bind first: the offer carries the candidates known when it is made.
         let mut peer = match opts.transport {
             Transport::Udp => Peer::bind(rtc, opts.bind)?,
