@@ -1212,7 +1212,18 @@ impl Handler for Viewer {
             // by seconds both ways. The controller reads the estimate
             // itself from the stats event (below); the mean only confirms
             // up-switches after start-up (`abr::Controller::on_smoothed_estimate`).
-            Event::EgressBitrateEstimate(str0m::bwe::BweKind::Twcc { estimate, .. }) => {
+            //
+            // Both only once connected: str0m reports its start estimate
+            // every stats interval from the session's creation, and the
+            // controller's start-up (fast up-holds, probing toward the top)
+            // runs from the first estimate it hears. With ICE + DTLS taking
+            // 3.4 s on a loaded machine, start-up was over 1.6 s after the
+            // first feedback, and an unlimited Chromium viewer then waited
+            // the full up-hold on 360p and reached 720p 8.1 s after its
+            // first frame (tests/browser_abr.rs).
+            Event::EgressBitrateEstimate(str0m::bwe::BweKind::Twcc { estimate, .. })
+                if self.connected =>
+            {
                 if let Some(a) = self.abr_mut() {
                     tracing::trace!(session = ?ctx.id, estimate_bps = estimate.as_u64(), "smoothed estimate");
                     a.controller
@@ -1225,7 +1236,7 @@ impl Handler for Viewer {
             // side by side in Chromium start-ups (tests/browser_abr.rs), it
             // reached 2.58 Mbit/s 3.4 s after the session began where the
             // events took until 6.3 s, and a fall shows at once.
-            Event::PeerStats(s) => {
+            Event::PeerStats(s) if self.connected => {
                 if let (Some(raw), Some(a)) = (s.bwe_tx, self.abr_mut()) {
                     tracing::trace!(session = ?ctx.id, estimate_bps = raw.as_u64(), "bandwidth estimate");
                     a.controller.on_estimate(ctx.now, raw.as_u64());
