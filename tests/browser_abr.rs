@@ -428,7 +428,7 @@ fn at_most(x: f64, max: f64) -> bool {
     x <= max
 }
 
-// Met in 12 of 17 runs with session 13's rules (a bigger picture priced
+// Met in 13 of 19 runs with session 13's rules (a bigger picture priced
 // at least the rendition below x its pixel ratio^0.75; a 1.5 s send-queue
 // lag allowed on the lowest rendition at start-up): the unlimited viewer
 // on 720p 2.1-4.4 s after its first frame, at load averages up to 9.4
@@ -442,7 +442,7 @@ fn at_most(x: f64, max: f64) -> bool {
 // Chromium".
 // Run it with `--run-ignored ignored-only`.
 #[test]
-#[ignore = "issue 14 open: met in 12 of 17 runs with session 13's rules (0 of 3 without them the same day; 24 of 40 since session 12; session 14: 0 of 2, then 2 of 2 once estimates count only after ICE+DTLS), the test itself taking the 2-core machine to load average 5-9; wall-clock goals on a shared machine, run by hand (docs/quality.md, Measured with Chromium, sessions 12-13)"]
+#[ignore = "issue 14 open: met in 13 of 19 runs with session 13's rules (0 of 3 without them the same day; 25 of 42 since session 12; session 14: 0 of 2, then 3 of 4 once estimates count only after ICE+DTLS), the test itself taking the 2-core machine to load average 5-9; wall-clock goals on a shared machine, run by hand (docs/quality.md, Measured with Chromium, sessions 12-13)"]
 fn abr_viewers_settle_on_the_rendition_that_fits() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((ns, cascade, publisher)) = setup("abrsettle", 120) else {
@@ -566,7 +566,7 @@ fn player_stats(results: &[Value]) -> String {
 // Ignored because its goals are wall-clock thresholds on a shared machine.
 // docs/quality.md "Measured with Chromium", sessions 9-13.
 #[test]
-#[ignore = "issue 14 open: the drop's longest gap is 0.4-1.15 s; with the final rules at most 1 s in 15 of 18 runs (sessions 13-14: 0.60-1.10 s), at the limit of the chain (a lossy report 0.45 s after the fall, then the tbf's 300 ms queue); wall-clock goals (2 s switch, 1 s freeze) on a shared machine, run by hand (docs/quality.md, Measured with Chromium, sessions 12-13)"]
+#[ignore = "issue 14 open: the drop's longest gap is 0.4-1.15 s; with the final rules at most 1 s in 16 of 19 runs (sessions 13-14: 0.60-1.10 s), at the limit of the chain (a lossy report 0.45 s after the fall, then the tbf's 300 ms queue); wall-clock goals (2 s switch, 1 s freeze) on a shared machine, run by hand (docs/quality.md, Measured with Chromium, sessions 12-13)"]
 fn abr_viewer_climbs_when_the_limit_rises_and_drops_when_it_falls() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((ns, cascade, publisher)) = setup("abrclimb", 200) else {
