@@ -428,7 +428,11 @@ fn at_most(x: f64, max: f64) -> bool {
     x <= max
 }
 
-// Met in 13 of 19 runs with session 13's rules (a bigger picture priced
+// Session 14 requires 360p of the 1.5 Mbit/s viewer (180p counted before):
+// 1 of 4 runs after the ICE+DTLS fix, the 1.5 Mbit/s viewer left on 180p
+// in the others (str0m's estimate for it grew from 0.39 to 0.77 Mbit/s over
+// 8 s). Before that:
+// met in 13 of 19 runs with session 13's rules (a bigger picture priced
 // at least the rendition below x its pixel ratio^0.75; a 1.5 s send-queue
 // lag allowed on the lowest rendition at start-up): the unlimited viewer
 // on 720p 2.1-4.4 s after its first frame, at load averages up to 9.4
@@ -442,7 +446,7 @@ fn at_most(x: f64, max: f64) -> bool {
 // Chromium".
 // Run it with `--run-ignored ignored-only`.
 #[test]
-#[ignore = "issue 14 open: met in 13 of 19 runs with session 13's rules (0 of 3 without them the same day; 25 of 42 since session 12; session 14: 0 of 2, then 3 of 4 once estimates count only after ICE+DTLS), the test itself taking the 2-core machine to load average 5-9; wall-clock goals on a shared machine, run by hand (docs/quality.md, Measured with Chromium, sessions 12-13)"]
+#[ignore = "issue 14 open: met in 13 of 19 runs with session 13's rules when 180p still counted for the 1.5 Mbit/s viewer (0 of 3 without them the same day; 25 of 42 since session 12); with 360p required (session 14) 1 of 4 after the ICE+DTLS fix: the 1.5 Mbit/s viewer's estimate grows slowly from 180p, the test itself taking the 2-core machine to load average 5-9; wall-clock goals on a shared machine, run by hand (docs/quality.md, Measured with Chromium, sessions 12-13)"]
 fn abr_viewers_settle_on_the_rendition_that_fits() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((ns, cascade, publisher)) = setup("abrsettle", 120) else {
@@ -451,7 +455,10 @@ fn abr_viewers_settle_on_the_rendition_that_fits() {
     // (label, limit, fits)
     let cases: [Case; 3] = [
         ("400k", Some("400kbit"), |h| h > 0.0 && h <= 180.0),
-        ("1.5M", Some("1500kbit"), |h| h > 0.0 && h <= 360.0),
+        // 360p: the best picture 1.5 Mbit/s carries (180p "fits" too, but
+        // a viewer left on it has not got what its link carries; this
+        // case accepted it until session 14).
+        ("1.5M", Some("1500kbit"), |h| h > 180.0 && h <= 360.0),
         // The top rendition, at whatever size the publisher's encoder
         // makes it now (Chromium scales a layer down when its own estimate
         // or CPU falls short: 960×540 was seen on a loaded machine).
