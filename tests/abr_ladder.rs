@@ -67,6 +67,27 @@ async fn rtmp_ladder_renditions_each_play() {
     let url = format!("rtmp://{rtmp}/live/ladder?token={TOKEN}");
     let mut publisher = ffmpeg_publish(&url, &SOURCE_720P, 30);
     wait_live(&node.http, "ladder").await;
+    // A viewer who joins before the ladder's steps exist (ffmpeg's first
+    // frames take a while), behind a link the source does not fit: the
+    // source is marked as a rendition meanwhile, so its session gets an
+    // estimator and Auto takes it to the step its link carries once the
+    // steps come (before session 15 it had no estimator and got the
+    // source, 2.5 Mbit/s into 1.2, for its whole session).
+    let before = rendition_count(&node.http).await;
+    let early_url = format!("{}/whep/ladder", node.http);
+    let early = tokio::spawn(async move {
+        // Behind 1.2 Mbit/s: the source (2.5 Mbit/s) does not fit, 360p does.
+        let mut o = loadtest::whep::ViewerOptions::new(early_url);
+        o.duration = Some(Duration::from_secs(20));
+        o.cap_bps = Some(1_200_000);
+        let v = loadtest::whep::Viewer::start(o)
+            .await
+            .expect("whep viewer accepted");
+        tokio::time::timeout(Duration::from_secs(30), v.finish_duration())
+            .await
+            .expect("viewer ends in time")
+            .expect("viewer works")
+    });
     let streams = wait_renditions(&node.http).await;
     let r = streams[0]["renditions"]
         .as_array()
@@ -90,7 +111,19 @@ async fn rtmp_ladder_renditions_each_play() {
         viewer(&node.http, "ladder", Some("180p")),
         viewer_twcc(&node.http, "ladder", None, false),
     );
+    let early = early.await.unwrap();
     let _ = publisher.kill().await;
+    eprintln!(
+        "joined with {before} renditions listed: {} frames, size {:?} since {:?} ms, switches {}",
+        early.video_frames, early.video_size, early.size_since_ms, early.size_changes
+    );
+    assert!(
+        before < 3,
+        "the ladder's steps were already listed: the early viewer missed the gap it is for"
+    );
+    // Estimated: a rendition its link carries, not the source.
+    assert_eq!(early.video_size.as_deref(), Some("640x360"), "{early:?}");
+    assert!(early.video_frames > 60, "{early:?}");
     eprintln!(
         "without TWCC: {} frames, size {:?} since {:?} ms, switches {}",
         blind.video_frames, blind.video_size, blind.size_since_ms, blind.size_changes
@@ -142,17 +175,29 @@ const SOURCE_720P: [&str; 10] = [
     "2500k",
 ];
 
+/// `/api/streams` now.
+async fn streams(base: &str) -> serde_json::Value {
+    reqwest::get(format!("{base}/api/streams"))
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// How many renditions `/api/streams` lists for the first stream now.
+async fn rendition_count(base: &str) -> usize {
+    streams(base).await[0]["renditions"]
+        .as_array()
+        .map_or(0, Vec::len)
+}
+
 /// `/api/streams` once the stream lists its three renditions.
 async fn wait_renditions(base: &str) -> serde_json::Value {
-    let mut streams = serde_json::Value::Null;
+    let mut now = serde_json::Value::Null;
     for _ in 0..50 {
-        streams = reqwest::get(format!("{base}/api/streams"))
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
-        if streams[0]["renditions"]
+        now = streams(base).await;
+        if now[0]["renditions"]
             .as_array()
             .is_some_and(|r| r.len() == 3)
         {
@@ -160,7 +205,7 @@ async fn wait_renditions(base: &str) -> serde_json::Value {
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
-    streams
+    now
 }
 
 async fn metrics(base: &str) -> String {

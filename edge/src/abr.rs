@@ -323,6 +323,39 @@ pub struct Switch {
     pub up: bool,
     /// The estimate that decided it, bit/s.
     pub estimate_bps: u64,
+    /// What decided it (logged and counted by the shell).
+    pub cause: Cause,
+}
+
+/// Why the controller switched: for logs and the switch counter, so an
+/// operator can tell a link that fell from an estimate that dipped.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Cause {
+    /// The estimate held above the next rendition up, or (no loss) below
+    /// the current one's keep margin.
+    Estimate,
+    /// Receiver-reported loss at or above [`LOSS_HIGH`].
+    Loss,
+    /// A lossy receiver report's delivered rate did not carry the current
+    /// rendition.
+    Delivered,
+    /// The send queue held video past the lag limit.
+    QueueLag,
+    /// The current rendition left the ladder.
+    Ladder,
+}
+
+impl Cause {
+    /// The label used in logs and metrics.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Estimate => "estimate",
+            Self::Loss => "loss",
+            Self::Delivered => "delivered",
+            Self::QueueLag => "queue_lag",
+            Self::Ladder => "ladder",
+        }
+    }
 }
 
 /// What the controller asks of its shell.
@@ -636,7 +669,7 @@ impl Controller {
                 // (tests/browser_abr.rs).
                 let to = if onset && fits < cur { 0 } else { fits };
                 if to < cur {
-                    self.switch(now, Some(to), est);
+                    self.switch(now, Some(to), est, Cause::Delivered);
                     return;
                 }
             }
@@ -668,7 +701,7 @@ impl Controller {
         }
         let est = self.estimate.unwrap_or(0);
         let to = self.highest_fitting(est as f64).unwrap_or(0).min(cur - 1);
-        self.switch(now, Some(to), est);
+        self.switch(now, Some(to), est, Cause::QueueLag);
     }
 
     /// Time passed: a hold may have completed.
@@ -757,7 +790,7 @@ impl Controller {
                 let est = self.estimate.unwrap_or(0);
                 let to = self.down_target(est).or(Some(0));
                 self.current = None;
-                self.switch(now, to, est);
+                self.switch(now, to, est, Cause::Ladder);
             }
         }
         if !same_names {
@@ -906,7 +939,12 @@ impl Controller {
                     self.current
                 };
                 if to != self.current {
-                    self.switch(now, to, mean);
+                    let cause = if congested {
+                        Cause::Loss
+                    } else {
+                        Cause::Estimate
+                    };
+                    self.switch(now, to, mean, cause);
                     return;
                 }
                 self.end_episode();
@@ -954,7 +992,7 @@ impl Controller {
             to = to.map(|i| i.min(cap));
         }
         if now.duration_since(since) >= hold {
-            self.switch(now, to, est);
+            self.switch(now, to, est, Cause::Estimate);
         } else if now + CONFIRM >= since + hold {
             // The up threshold's rate: what the estimate claims and the
             // switch needs. Acknowledged, str0m's cut at the keyframe
@@ -1119,7 +1157,7 @@ impl Controller {
             .map_or(0.0, |r| r.bps as f64)
     }
 
-    fn switch(&mut self, now: Instant, to: Option<usize>, est: u64) {
+    fn switch(&mut self, now: Instant, to: Option<usize>, est: u64, cause: Cause) {
         let up = match (self.current, to) {
             (None, Some(_)) => true,
             (Some(a), Some(b)) => b > a,
@@ -1153,6 +1191,7 @@ impl Controller {
             to: to.and_then(|i| self.ladder.get(i)).map(|r| r.name.clone()),
             up,
             estimate_bps: est,
+            cause,
         }));
         self.update_bitrate();
     }
@@ -1361,6 +1400,7 @@ mod tests {
         assert_eq!(s.len(), 1, "{s:?}");
         assert_eq!(s[0].1.to.as_deref(), Some("h"));
         assert!(!s[0].1.up);
+        assert_eq!(s[0].1.cause, Cause::Estimate);
         // Nothing lost: the quiet hold.
         assert!(s[0].0 >= QUIET_DOWN_HOLD, "{:?}", s[0].0);
         assert!(s[0].0 <= QUIET_DOWN_HOLD + ms(100), "{:?}", s[0].0);
@@ -1471,7 +1511,8 @@ mod tests {
         c.on_report(t, Some(2_500_000), 0.5);
         let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
         assert!(
-            out.iter().any(|o| matches!(o, Output::Switch(s) if !s.up)),
+            out.iter()
+                .any(|o| matches!(o, Output::Switch(s) if !s.up && s.cause == Cause::Delivered)),
             "{out:?}"
         );
     }
@@ -1890,7 +1931,7 @@ mod tests {
         c.on_queue_lag(t);
         let out: Vec<Output> = std::iter::from_fn(|| c.poll_output()).collect();
         assert!(
-            matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("h") && !s.up),
+            matches!(&out[0], Output::Switch(s) if s.to.as_deref() == Some("h") && !s.up && s.cause == Cause::QueueLag),
             "{out:?}"
         );
         // Further down when the estimate carries less.

@@ -44,6 +44,10 @@ pub const RENDITION_VIEWERS: &str = "cascade_edge_rendition_viewers";
 pub const RENDITION_SWITCHES: &str = "cascade_edge_rendition_switches_total";
 /// Viewers of streams with renditions that get audio only.
 pub const AUDIO_ONLY_VIEWERS: &str = "cascade_edge_audio_only_viewers";
+/// Automatic rendition choices, by `direction` (`up`, `down`) and `cause`
+/// (`abr::Cause`: `estimate`, `loss`, `delivered`, `queue_lag`, `ladder`),
+/// counted whether or not the viewer is on Auto.
+pub const ABR_DECISIONS: &str = "cascade_edge_abr_decisions_total";
 /// The bandwidth estimate (bit/s) behind each automatic rendition choice.
 pub const ABR_ESTIMATE: &str = "cascade_edge_abr_estimate_bps";
 /// Viewers' bandwidth estimators restarted after re-probing stagnated
@@ -75,6 +79,10 @@ pub fn describe() {
     metrics::describe_gauge!(
         AUDIO_ONLY_VIEWERS,
         "viewers of streams with renditions that get audio only"
+    );
+    metrics::describe_counter!(
+        ABR_DECISIONS,
+        "automatic rendition choices, by direction (up, down) and cause (estimate, loss, delivered, queue_lag, ladder)"
     );
     metrics::describe_histogram!(
         ABR_ESTIMATE,

@@ -177,9 +177,12 @@ pub fn rendition(step: &Step, src_w: u32, src_h: u32, framerate: u32) -> Renditi
 
 /// `catalog` with the ladder in it: the source's video track becomes the
 /// [`SOURCE`] rendition and each step whose output is known (its fmtp,
-/// `fmtps[i]`, from its first frame) is added as `video-<name>`. Unchanged
-/// while no step has produced a frame (the source alone, as without a
-/// ladder).
+/// `fmtps[i]`, from its first frame) is added as `video-<name>`. While no
+/// step has produced a frame the source is already marked as the
+/// [`SOURCE`] rendition, alone: a stream whose video is a rendition expects
+/// more, and an edge gives a viewer who joins in that gap (ffmpeg's first
+/// frames take ~0.15–1 s) a bandwidth estimator, which a WebRTC session
+/// gets only when it is created (`cascade_edge::viewer::bwe_start`).
 pub fn amend(
     catalog: &mut Catalog,
     steps: &[Step],
@@ -194,9 +197,6 @@ pub fn amend(
         .zip(fmtps)
         .filter_map(|(s, f)| Some((s, f.as_ref()?)))
         .collect();
-    if ready.is_empty() {
-        return;
-    }
     let src = catalog.tracks.get(video).cloned();
     let Some(src) = src else { return };
     let mut added = Vec::with_capacity(ready.len());
@@ -409,7 +409,16 @@ mod tests {
         let steps = [step(360, 800), step(180, 250)];
         let mut c = base.clone();
         amend(&mut c, &steps, &[None, None], (1280, 720));
-        assert_eq!(c, base, "nothing out yet: the source alone");
+        let names: Vec<&str> = c.tracks.iter().map(|t| t.name.as_str()).collect();
+        assert_eq!(
+            names,
+            ["video", "audio"],
+            "nothing out yet: the source alone"
+        );
+        let src = c.tracks[0].rendition.as_ref().map(|r| r.name.as_str());
+        assert_eq!(src, Some("source"), "marked: renditions are coming");
+        assert_eq!(c.renditions().count(), 1);
+        let mut c = base.clone();
         amend(
             &mut c,
             &steps,

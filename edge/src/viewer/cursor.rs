@@ -76,6 +76,11 @@ impl Cursor {
         self.rx = Some(rx);
     }
 
+    /// Reading a feed already ([`Self::start`] or [`Self::start_live`]).
+    pub(crate) fn started(&self) -> bool {
+        self.rx.is_some()
+    }
+
     /// The track clock, Hz.
     pub(crate) fn clock(&self) -> u64 {
         self.clock

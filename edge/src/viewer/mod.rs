@@ -198,6 +198,9 @@ struct Late {
     waker: Waker,
     controls: Arc<control::Controls>,
     id: cascade_rtc::session::SessionId,
+    /// The session's estimator start, when it has one (the stream said
+    /// renditions were coming: [`bwe_start`]).
+    bwe_start: Option<u64>,
 }
 
 /// A video track's renditions as one viewer gets them.
@@ -324,12 +327,32 @@ pub fn bwe_start_of(sub: &Subscriber) -> Option<u64> {
 /// rendition's keyframe it cannot carry (the overshoot a start on the top
 /// rendition caused: docs/quality.md, "Measured with Chromium"). `None`:
 /// nothing to choose from, so the session gets no estimator at all.
+///
+/// A default video track that is a rendition alone counts too: its
+/// publisher has more coming (an RTMP `--abr-ladder` marks the source so
+/// while ffmpeg starts, `cascade_ingest::ladder::amend`), and str0m gives a
+/// session an estimator only when it is created: a viewer who joined in
+/// that gap had none for the rest of its session.
 pub fn bwe_start(
     catalog: &cascade_origin::catalog::Catalog,
     codec: cascade_origin::catalog::Codec,
 ) -> Option<u64> {
     let rungs = ladder(catalog, codec);
-    let low = rungs.iter().map(rung_bps).min()?;
+    let low = match rungs.iter().map(rung_bps).min() {
+        Some(low) => low,
+        None => {
+            let video = catalog.by_name(cascade_origin::catalog::VIDEO)?;
+            let r = video.rendition.as_ref().filter(|_| video.codec == codec)?;
+            rung_bps(&Rung {
+                name: r.name.clone(),
+                track: video.name.clone(),
+                bitrate_kbps: r.bitrate_kbps,
+                width: r.width,
+                height: r.height,
+                framerate: r.framerate,
+            })
+        }
+    };
     Some(crate::abr::start_estimate(low))
 }
 
@@ -406,11 +429,17 @@ impl Renditions {
             match o {
                 crate::abr::Output::Switch(s) => {
                     metrics::histogram!(m::ABR_ESTIMATE).record(s.estimate_bps as f64);
+                    let direction = if s.up { "up" } else { "down" };
+                    metrics::counter!(m::ABR_DECISIONS, "direction" => direction, "cause" => s.cause.as_str())
+                        .increment(1);
                     tracing::debug!(
                         session = ?ctx.id,
                         to = s.to.as_deref().unwrap_or("audio only"),
                         up = s.up,
+                        cause = s.cause.as_str(),
                         estimate_bps = s.estimate_bps,
+                        // The costs the estimate was held against.
+                        ladder = ?a.controller.ladder().iter().map(|r| (&r.name, r.bps)).collect::<Vec<_>>(),
                         applied = auto,
                         "abr decision"
                     );
@@ -579,7 +608,10 @@ impl Out {
 
     /// Makes this (video) track switch between `ladder`'s renditions; it
     /// starts on the default one (the track it was created with). Returns
-    /// the viewer's control for signalling.
+    /// the viewer's control for signalling. A track that already sends (a
+    /// stream that gained renditions, `Late`) moves to the controller's
+    /// choice by a switch at a keyframe, not by swapping the feed under its
+    /// running cursor.
     pub fn enable_renditions(
         &mut self,
         ladder: Vec<Rung>,
@@ -589,6 +621,7 @@ impl Out {
         registered: impl FnOnce(Arc<Control>) -> Registered,
         bwe_start: Option<u64>,
     ) -> Arc<Control> {
+        let started = self.cursor.started();
         let mut catalog = subscriber.catalog_watch();
         catalog.borrow_and_update();
         let codec = subscriber
@@ -606,9 +639,14 @@ impl Out {
         let mut switch = Switch::new(ladder.clone(), clock);
         // With ABR the viewer starts where the controller starts (a low
         // rendition), not on the default one: its first picture is then a
-        // small keyframe any link carries.
+        // small keyframe any link carries. A track already sending gets
+        // there through `drive_abr`'s first wake instead (a switch): its
+        // cursor reads the default feed, and dropping that member ended the
+        // feed under it and closed the session (an RTMP ladder viewer that
+        // joined before the steps, tests/abr_ladder.rs).
         let start = abr
             .as_ref()
+            .filter(|_| !started)
             .and_then(|a| a.controller.current())
             .and_then(|name| ladder.iter().position(|r| r.name == name));
         if let Some(i) = start.filter(|&i| Some(i) != switch.current_index()) {
@@ -945,9 +983,17 @@ impl Out {
             waker,
             controls,
             id,
+            bwe_start,
             ..
         } = *late;
-        self.enable_renditions(ladder, sub, waker, hub, |c| controls.insert(id, c), None);
+        self.enable_renditions(
+            ladder,
+            sub,
+            waker,
+            hub,
+            |c| controls.insert(id, c),
+            bwe_start,
+        );
     }
 
     fn pump(&mut self, ctx: &mut Ctx<'_>, sub: &Subscriber) -> Flow {
@@ -1071,6 +1117,7 @@ pub fn attach_renditions(
             waker: waker.clone(),
             controls: controls.clone(),
             id,
+            bwe_start,
         }));
         return None;
     }
@@ -1304,6 +1351,40 @@ mod tests {
                 framerate: 30,
             }),
         }
+    }
+
+    #[test]
+    fn an_estimator_only_for_streams_with_renditions_or_some_coming() {
+        let plain = Catalog {
+            tracks: vec![
+                track("video", Codec::H264, None),
+                track("audio", Codec::Opus, None),
+            ],
+        };
+        assert_eq!(bwe_start(&plain, Codec::H264), None);
+        // An RTMP ladder starting: the source alone, marked as a rendition.
+        let coming = Catalog {
+            tracks: vec![
+                track("video", Codec::H264, Some(("source", 1280, 720))),
+                track("audio", Codec::Opus, None),
+            ],
+        };
+        assert_eq!(
+            bwe_start(&coming, Codec::H264),
+            Some(crate::abr::start_estimate(1_280_000))
+        );
+        assert_eq!(bwe_start(&coming, Codec::Vp8), None, "another codec");
+        let full = Catalog {
+            tracks: vec![
+                track("video", Codec::H264, Some(("f", 1280, 720))),
+                track("video-q", Codec::H264, Some(("q", 320, 180))),
+            ],
+        };
+        assert_eq!(
+            bwe_start(&full, Codec::H264),
+            Some(crate::abr::start_estimate(320_000)),
+            "the lowest rendition's"
+        );
     }
 
     #[test]

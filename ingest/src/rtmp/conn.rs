@@ -280,6 +280,9 @@ impl<S: AsyncRead + AsyncWrite + Unpin + Send> Conn<S> {
                     steps,
                     size,
                 });
+                // Marks the source as a rendition before the steps exist
+                // (`ladder::amend`): viewers joining now get an estimator.
+                self.republish();
             }
             Err(e) => ladder_refused(e.reason(), &e.to_string()),
         }
