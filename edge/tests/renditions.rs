@@ -322,7 +322,26 @@ async fn viewer_switches_renditions_through_the_layer_endpoint() {
 /// video stream continuous, and its layer endpoint works from then on.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_viewer_who_joined_before_the_renditions_moves_up_to_them() {
-    let edge = Edge::start(Default::default()).await;
+    joined_before_the_renditions(false).await;
+}
+
+/// The same with per-viewer estimation on (the binary's default): the
+/// lone layer is marked as a rendition, so the viewer's session gets an
+/// estimator, and when the renditions come its controller steers it by
+/// switches at keyframes, the stream continuous. (A controller that starts
+/// below the track already playing, an RTMP ladder's source, is
+/// tests/abr_ladder.rs: swapping the feed there closed the session.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_who_joined_before_the_renditions_follows_them_with_estimation() {
+    joined_before_the_renditions(true).await;
+}
+
+async fn joined_before_the_renditions(abr: bool) {
+    let edge = Edge::start(cascade_edge::Config {
+        abr,
+        ..Default::default()
+    })
+    .await;
     let media = ladder_media().await;
     let _p = common::ladder::publish_with(
         &edge.registry,

@@ -224,6 +224,44 @@ struct Track {
     layers: Option<simulcast::Layers>,
 }
 
+impl Track {
+    /// Names its published tracks at go-live (once; a track that has one
+    /// already is left alone).
+    fn assign(&mut self) {
+        if self.lanes.values().any(|l| l.out.is_some()) {
+            return;
+        }
+        let name = kind_name(self.kind);
+        match self.layers.take().map(|l| l.renditions()) {
+            // Two layers or more: each a rendition.
+            Some(published) if published.len() > 1 => {
+                for p in published {
+                    if let Some(lane) = self.lanes.get_mut(&Some(Rid::from(p.rid.as_str()))) {
+                        lane.out = Some(p.track);
+                        lane.rendition = Some(p.rendition);
+                    }
+                }
+                metrics::counter!(m::WHIP_RENDITIONS).increment(self.lanes.len() as u64);
+            }
+            // One layer (or none) of a simulcast offer: the `video` track,
+            // already marked as the rendition it is. A stream whose video
+            // is a rendition expects more (its other layers, late under
+            // load), so an edge gives a viewer who joins before them a
+            // bandwidth estimator, which a WebRTC session gets only when it
+            // is created (`cascade_edge::viewer::bwe_start`).
+            published => {
+                if let Some(lane) = self.lanes.values_mut().next() {
+                    lane.out = Some(name.to_string());
+                    lane.measured = published
+                        .and_then(|p| p.into_iter().next())
+                        .map(|p| p.rendition);
+                    lane.rendition = lane.measured.clone();
+                }
+            }
+        }
+    }
+}
+
 /// One layer of a track: one published track of the stream.
 #[derive(Default)]
 struct Lane {
@@ -234,7 +272,8 @@ struct Lane {
     /// The stream track it is written to; `None` before go-live and for a
     /// simulcast layer that arrived after it (not published).
     out: Option<String>,
-    /// Its catalog entry when it is one rendition of several.
+    /// Its catalog entry when it is a rendition: one of several, or the
+    /// only layer so far of a simulcast offer ([`Track::assign`]).
     rendition: Option<Rendition>,
     /// What was measured of it (size, bitrate, frame rate), kept for a
     /// single layer that becomes a rendition when another one starts.
@@ -311,31 +350,7 @@ impl Session {
     /// started after it) and returns the catalog.
     fn assign(&mut self) -> Catalog {
         for t in self.tracks.values_mut() {
-            if t.lanes.values().any(|l| l.out.is_some()) {
-                continue;
-            }
-            let name = kind_name(t.kind);
-            match t.layers.take().map(|l| l.renditions()) {
-                // Two layers or more: each a rendition.
-                Some(published) if published.len() > 1 => {
-                    for p in published {
-                        if let Some(lane) = t.lanes.get_mut(&Some(Rid::from(p.rid.as_str()))) {
-                            lane.out = Some(p.track);
-                            lane.rendition = Some(p.rendition);
-                        }
-                    }
-                    metrics::counter!(m::WHIP_RENDITIONS).increment(t.lanes.len() as u64);
-                }
-                // One layer (or none) of a simulcast offer: a plain track.
-                published => {
-                    if let Some(lane) = t.lanes.values_mut().next() {
-                        lane.out = Some(name.to_string());
-                        lane.measured = published
-                            .and_then(|p| p.into_iter().next())
-                            .map(|p| p.rendition);
-                    }
-                }
-            }
+            t.assign();
         }
         self.catalog()
     }
@@ -843,6 +858,40 @@ mod tests {
             assert_eq!(default.rendition.as_ref().unwrap().name, sizes[2].0);
             assert!(cascade_origin::relay::wire::check_catalog(&catalog).is_ok());
         }
+    }
+
+    /// A simulcast offer whose first layer came alone goes live with it as
+    /// `video`, marked as its rendition (viewers then get an estimator,
+    /// `cascade_edge::viewer::bwe_start`); a plain offer's track is not.
+    #[test]
+    fn a_lone_simulcast_layer_is_marked_as_a_rendition() {
+        let t0 = Instant::now();
+        let mut layers = simulcast::Layers::default();
+        layers.on_frame(t0, "q", true, Some((320, 180)), 1000);
+        let lane = |rid: Option<&str>| (rid.map(Rid::from), Lane::default());
+        let mut lone = Track {
+            kind: MediaKind::Video,
+            codec: Codec::H264,
+            fmtp: String::new(),
+            lanes: [lane(Some("q"))].into_iter().collect(),
+            layers: Some(layers),
+        };
+        lone.assign();
+        let l = &lone.lanes[&Some(Rid::from("q"))];
+        assert_eq!(l.out.as_deref(), Some(VIDEO));
+        let r = l.rendition.as_ref().expect("marked");
+        assert_eq!((r.name.as_str(), r.width, r.height), ("q", 320, 180));
+        let mut plain = Track {
+            kind: MediaKind::Video,
+            codec: Codec::H264,
+            fmtp: String::new(),
+            lanes: [lane(None)].into_iter().collect(),
+            layers: None,
+        };
+        plain.assign();
+        let l = &plain.lanes[&None];
+        assert_eq!(l.out.as_deref(), Some(VIDEO));
+        assert!(l.rendition.is_none(), "no simulcast: nothing coming");
     }
 
     /// An OBS-shaped simulcast offer (obs-webrtc builds it with libdatachannel:

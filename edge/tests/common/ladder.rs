@@ -76,12 +76,10 @@ pub fn publish(
 }
 
 /// The catalog of a simulcast publisher that went live with its lowest
-/// layer only, as a plain `video` track (no renditions).
+/// layer only: the `video` track, marked as the rendition it is (`q`), as
+/// the WHIP ingest does since session 15 (`whip::Track::assign`).
 pub fn plain_catalog() -> Catalog {
-    let mut tracks = vec![TrackInfo {
-        rendition: None,
-        ..catalog_as_late().tracks[0].clone()
-    }];
+    let mut tracks = vec![catalog_as_late().tracks[0].clone()];
     tracks.push(super::catalog().tracks[1].clone());
     Catalog { tracks }
 }
