@@ -190,7 +190,7 @@ async fn session(
 async fn serve(whep: &Whep, stream: &str, negotiated: Negotiated, mut socket: WebSocket) {
     let Negotiated {
         handle,
-        control,
+        mut control,
         mut connected,
         ..
     } = negotiated;
@@ -290,6 +290,19 @@ async fn serve(whep: &Whep, stream: &str, negotiated: Negotiated, mut socket: We
                     // The session ended on its own: tell the player.
                     let _ = socket.send(Message::Close(None)).await;
                     return;
+                }
+                // A stream that gained renditions after the viewer joined
+                // (`viewer::Late` registers the control then): its menu now.
+                if control.is_none() {
+                    if let Some(c) = whep.controls.get(handle.id()) {
+                        if socket.send(json_message(&playlist(&c))).await.is_err() {
+                            break;
+                        }
+                        let mut s = c.status();
+                        s.borrow_and_update();
+                        status = Some(s);
+                        control = Some(c);
+                    }
                 }
             }
         }

@@ -172,6 +172,48 @@ async fn playlist_change_rendition_and_rendition_changed() {
 
 /// A stream with one video track sends no playlist (OvenPlayer then shows
 /// no quality menu, as before).
+/// A viewer that joined a simulcast stream before its other layers came
+/// (one rendition, no menu) gets the playlist when they come, and its
+/// `change_rendition` works from then on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_viewer_who_joined_before_the_renditions_gets_the_playlist_then() {
+    let edge = Edge::start(Default::default()).await;
+    let _p = common::ladder::publish_with(
+        &edge.registry,
+        "latemenu",
+        ladder_media().await,
+        Some(Duration::from_millis(1500)),
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut ws, offer) = offer(&edge, "latemenu").await;
+    let mut rtc = answerer(&["42e01f"]);
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = sock.local_addr().unwrap();
+    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+    answer(&mut ws, &offer, &mut rtc).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    drive(rtc, sock, local, seen.clone());
+    let playlist = until(&mut ws, "playlist", |_| true).await;
+    let r = playlist["message"]["renditions"].as_array().unwrap();
+    let names: Vec<&str> = r.iter().map(|x| x["name"].as_str().unwrap()).collect();
+    assert_eq!(names, ["f", "h", "q"], "{playlist}");
+    send(
+        &mut ws,
+        json!({"command": "change_rendition", "id": offer["id"], "rendition_name": "h", "auto": false}),
+    )
+    .await;
+    until(&mut ws, "rendition_changed", |v| {
+        v["message"]["rendition_name"] == "h"
+    })
+    .await;
+    let last = |seen: &Arc<Mutex<Vec<u64>>>| seen.lock().unwrap().last().copied();
+    assert!(
+        common::eventually(Duration::from_secs(8), || last(&seen) == Some(1)).await,
+        "plays h: {:?}",
+        last(&seen)
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_rendition_streams_send_no_playlist() {
     let edge = Edge::start(Default::default()).await;
