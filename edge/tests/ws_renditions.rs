@@ -61,6 +61,20 @@ fn drive(mut rtc: Rtc, sock: UdpSocket, local: SocketAddr, seen: Arc<Mutex<Vec<u
     });
 }
 
+/// An OvenPlayer stand-in on `stream`: the socket, the server's offer and
+/// the rendition of each video frame received so far.
+async fn play(edge: &Edge, stream: &str) -> (Ws, Value, Arc<Mutex<Vec<u64>>>) {
+    let (mut ws, offer) = offer(edge, stream).await;
+    let mut rtc = answerer(&["42e01f"]);
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = sock.local_addr().unwrap();
+    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+    answer(&mut ws, &offer, &mut rtc).await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    drive(rtc, sock, local, seen.clone());
+    (ws, offer, seen)
+}
+
 /// Notifications until one of `kind` that satisfies `ok`.
 async fn until(ws: &mut Ws, kind: &str, ok: impl Fn(&Value) -> bool) -> Value {
     let deadline = Instant::now() + Duration::from_secs(8);
@@ -84,14 +98,7 @@ async fn playlist_change_rendition_and_rendition_changed() {
     let edge = Edge::start(Default::default()).await;
     let _p = publish(&edge.registry, "menu", ladder_media().await);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (mut ws, offer) = offer(&edge, "menu").await;
-    let mut rtc = answerer(&["42e01f"]);
-    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let local = sock.local_addr().unwrap();
-    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
-    answer(&mut ws, &offer, &mut rtc).await;
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    drive(rtc, sock, local, seen.clone());
+    let (mut ws, offer, seen) = play(&edge, "menu").await;
 
     // The playlist, as OvenPlayer reads it: renditions[i].name and
     // video_track.video.{bitrate,width,height}; auto.
@@ -185,14 +192,7 @@ async fn a_viewer_who_joined_before_the_renditions_gets_the_playlist_then() {
         Some(Duration::from_millis(1500)),
     );
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let (mut ws, offer) = offer(&edge, "latemenu").await;
-    let mut rtc = answerer(&["42e01f"]);
-    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let local = sock.local_addr().unwrap();
-    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
-    answer(&mut ws, &offer, &mut rtc).await;
-    let seen = Arc::new(Mutex::new(Vec::new()));
-    drive(rtc, sock, local, seen.clone());
+    let (mut ws, offer, seen) = play(&edge, "latemenu").await;
     let playlist = until(&mut ws, "playlist", |_| true).await;
     let r = playlist["message"]["renditions"].as_array().unwrap();
     let names: Vec<&str> = r.iter().map(|x| x["name"].as_str().unwrap()).collect();
