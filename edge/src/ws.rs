@@ -195,15 +195,13 @@ async fn serve(whep: &Whep, stream: &str, negotiated: Negotiated, mut socket: We
         ..
     } = negotiated;
     // Streams with renditions: OvenPlayer's quality menu.
-    let mut status = control.as_ref().map(|c| c.status());
+    let mut status = None;
     if let Some(c) = &control {
-        if socket.send(json_message(&playlist(c))).await.is_err() {
+        let Some(s) = send_menu(&mut socket, c).await else {
             let _ = handle.close().await;
             return;
-        }
-        if let Some(s) = &mut status {
-            s.borrow_and_update();
-        }
+        };
+        status = Some(s);
     }
     let mut waiting_connect = true;
     let connect_deadline = tokio::time::sleep(CONNECT_REPORT);
@@ -295,11 +293,9 @@ async fn serve(whep: &Whep, stream: &str, negotiated: Negotiated, mut socket: We
                 // (`viewer::Late` registers the control then): its menu now.
                 if control.is_none() {
                     if let Some(c) = whep.controls.get(handle.id()) {
-                        if socket.send(json_message(&playlist(&c))).await.is_err() {
+                        let Some(s) = send_menu(&mut socket, &c).await else {
                             break;
-                        }
-                        let mut s = c.status();
-                        s.borrow_and_update();
+                        };
                         status = Some(s);
                         control = Some(c);
                     }
@@ -313,6 +309,18 @@ async fn serve(whep: &Whep, stream: &str, negotiated: Negotiated, mut socket: We
 
 fn json_message(v: &Value) -> Message {
     Message::Text(v.to_string().into())
+}
+
+/// Sends `control`'s playlist; returns its status, to follow from here on
+/// (`None`: the socket is gone).
+async fn send_menu(
+    socket: &mut WebSocket,
+    control: &Control,
+) -> Option<tokio::sync::watch::Receiver<Status>> {
+    socket.send(json_message(&playlist(control))).await.ok()?;
+    let mut status = control.status();
+    status.borrow_and_update();
+    Some(status)
 }
 
 /// OME's `playlist` notification: one rendition per video rendition (each

@@ -177,8 +177,6 @@ async fn playlist_change_rendition_and_rendition_changed() {
     );
 }
 
-/// A stream with one video track sends no playlist (OvenPlayer then shows
-/// no quality menu, as before).
 /// A viewer that joined a simulcast stream before its other layers came
 /// (one rendition, no menu) gets the playlist when they come, and its
 /// `change_rendition` works from then on.
@@ -214,6 +212,8 @@ async fn a_viewer_who_joined_before_the_renditions_gets_the_playlist_then() {
     );
 }
 
+/// A stream with one video track sends no playlist (OvenPlayer then shows
+/// no quality menu, as before).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn single_rendition_streams_send_no_playlist() {
     let edge = Edge::start(Default::default()).await;

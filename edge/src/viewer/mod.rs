@@ -337,22 +337,18 @@ pub fn bwe_start(
     catalog: &cascade_origin::catalog::Catalog,
     codec: cascade_origin::catalog::Codec,
 ) -> Option<u64> {
-    let rungs = ladder(catalog, codec);
-    let low = match rungs.iter().map(rung_bps).min() {
-        Some(low) => low,
-        None => {
-            let video = catalog.by_name(cascade_origin::catalog::VIDEO)?;
-            let r = video.rendition.as_ref().filter(|_| video.codec == codec)?;
-            rung_bps(&Rung {
-                name: r.name.clone(),
-                track: video.name.clone(),
-                bitrate_kbps: r.bitrate_kbps,
-                width: r.width,
-                height: r.height,
-                framerate: r.framerate,
-            })
-        }
-    };
+    // What `ladder` keeps, less its "two or more": the default track must
+    // be a rendition in `codec`; the lowest of them sets the start.
+    let video = catalog.by_name(cascade_origin::catalog::VIDEO)?;
+    if video.codec != codec || video.rendition.is_none() {
+        return None;
+    }
+    let low = catalog
+        .renditions()
+        .filter(|t| t.codec == codec)
+        .filter_map(rung_of)
+        .map(|r| rung_bps(&r))
+        .min()?;
     Some(crate::abr::start_estimate(low))
 }
 
@@ -529,6 +525,19 @@ fn rank_label(rank: usize) -> &'static str {
     RANKS.get(rank).copied().unwrap_or("8+")
 }
 
+/// The rung of a catalog track that is a rendition.
+fn rung_of(t: &cascade_origin::catalog::TrackInfo) -> Option<Rung> {
+    let r = t.rendition.as_ref()?;
+    Some(Rung {
+        name: r.name.clone(),
+        track: t.name.clone(),
+        bitrate_kbps: r.bitrate_kbps,
+        width: r.width,
+        height: r.height,
+        framerate: r.framerate,
+    })
+}
+
 /// The renditions of a catalog, best first (largest picture, then highest
 /// bitrate; normally the default `video` track first, unless a better layer
 /// was added after go-live), as far as they share `codec` (one payload type
@@ -541,17 +550,7 @@ pub fn ladder(
     let mut rungs: Vec<Rung> = catalog
         .renditions()
         .filter(|t| t.codec == codec)
-        .filter_map(|t| {
-            let r = t.rendition.as_ref()?;
-            Some(Rung {
-                name: r.name.clone(),
-                track: t.name.clone(),
-                bitrate_kbps: r.bitrate_kbps,
-                width: r.width,
-                height: r.height,
-                framerate: r.framerate,
-            })
-        })
+        .filter_map(rung_of)
         .collect();
     let key = |r: &Rung| {
         (
