@@ -225,7 +225,6 @@ fn parse_rate(r: &str) -> u64 {
     (n.parse::<f64>().expect("rate") * mult) as u64
 }
 
-/// Waits for a runner's JSON line.
 /// Waits for a runner's JSON line (also kept in the temporary directory as
 /// `cascade-abr-<what>.json`, the whole trace, for a closer look).
 fn result(p: &mut Proc, within: Duration, what: &str) -> Value {
@@ -428,6 +427,8 @@ fn at_most(x: f64, max: f64) -> bool {
     x <= max
 }
 
+// Session 16: 7 of 12 with start-up padding and a layer's ramp left out of
+// its live rate (5 of 13 in session 15; 1 of 3 the same day without them).
 // Session 14 requires 360p of the 1.5 Mbit/s viewer (180p counted before):
 // 1 of 4 runs after the ICE+DTLS fix, the 1.5 Mbit/s viewer left on 180p
 // in the others (str0m's estimate for it grew from 0.39 to 0.77 Mbit/s over
@@ -446,7 +447,7 @@ fn at_most(x: f64, max: f64) -> bool {
 // Chromium".
 // Run it with `--run-ignored ignored-only`.
 #[test]
-#[ignore = "issue 14 open: met in 13 of 19 runs with session 13's rules when 180p still counted for the 1.5 Mbit/s viewer (0 of 3 without them the same day; 25 of 42 since session 12); with 360p required (session 14) 1 of 4 after the ICE+DTLS fix, 5 of 13 in session 15 (unlimited viewer 9-13 s to 720p, or the 1.5 Mbit/s one back on 180p after a probe's cut: docs/quality.md): the 1.5 Mbit/s viewer's estimate grows slowly from 180p, the test itself taking the 2-core machine to load average 5-9; wall-clock goals on a shared machine, run by hand (docs/quality.md, Measured with Chromium, sessions 12-13)"]
+#[ignore = "issue 14 open: met in 7 of 12 runs in session 16 with start-up padding and unpublished ramp windows (5 of 13 in session 15); the misses: the 400 kbit/s viewer's start-up gap (596, 809 ms), the unlimited viewer late to 720p (6.0, 10.8 s) or str0m's estimate flat under a threshold for 10 s after start-up (ALR: docs/quality.md, session 16); the test itself takes the 2-core machine to load average 5-9; wall-clock goals on a shared machine, run by hand (docs/quality.md, Measured with Chromium)"]
 fn abr_viewers_settle_on_the_rendition_that_fits() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((ns, cascade, publisher)) = setup("abrsettle", 120) else {
@@ -489,9 +490,12 @@ fn abr_viewers_settle_on_the_rendition_that_fits() {
         let end = tr.last().map_or(f64::NAN, |s| s.t);
         let first = first_frame(&tr);
         let settled = settled_at(&tr, end, fits);
-        let (settle_ms, join_ms) = match (first, settled) {
-            (Some(f), Some(s)) => ((s - f).max(0.0), f - opened),
-            _ => (f64::NAN, f64::NAN),
+        // "never" prints as NaN: a viewer that decoded frames but never
+        // settled shows its first frame and NaN for the settling.
+        let join_ms = first.map_or(f64::NAN, |f| f - opened);
+        let settle_ms = match (first, settled) {
+            (Some(f), Some(s)) => (s - f).max(0.0),
+            _ => f64::NAN,
         };
         let s0 = settled.unwrap_or(end);
         let judged_end = (s0 + 8000.0).min(end);

@@ -83,6 +83,22 @@ pub const STARTUP: Duration = Duration::from_secs(5);
 /// The up-hold during [`STARTUP`]: long enough that a single probe result
 /// (a cluster of ~15 ms) is not taken alone, short against the 5 s goal.
 pub const STARTUP_UP_HOLD: Duration = Duration::from_millis(600);
+/// During [`STARTUP`], from this long after the first estimate, str0m pads
+/// the viewer's link up to [`STARTUP_PAD_SHARE`] of its estimate. Without
+/// it a viewer starting on the lowest rendition sends ~0.2 Mbit/s, and two
+/// rules of str0m's estimator then hold it there: after a probe queues, it
+/// cuts to 0.85 × the *acknowledged* rate (the lowest rendition's), and
+/// while application-limited it grows only to 1.5 × that rate. Chromium
+/// behind 1.5 Mbit/s went 1.01 → 0.66 → 0.46 Mbit/s after a probe and sat
+/// on 180p for seconds (docs/quality.md, session 15). Not before this
+/// delay: str0m's own start-up probes overshoot a slow link first (0.86
+/// Mbit/s measured on a 0.4 Mbit/s one), and padding at once to that
+/// overshoot lost 37–67% there and froze the viewer 1.2 s (session 16).
+pub const STARTUP_PAD_DELAY: Duration = Duration::from_secs(1);
+/// The share of the estimate padded up to during start-up: enough that
+/// str0m's acknowledged rate follows its estimate, with room for an
+/// estimate that still overshoots the link by some.
+pub const STARTUP_PAD_SHARE: f64 = 0.85;
 /// The up-hold after repeated failed up-switches stops doubling here.
 pub const MAX_UP_HOLD: Duration = Duration::from_secs(40);
 /// An up-switch undone by a down-switch within this window failed: the
@@ -416,6 +432,9 @@ pub struct Controller {
     /// The rate str0m pads up to while an up-hold ends ([`CONFIRM`]) and
     /// until `padding_until` after the up-switch.
     padding_to: Option<u64>,
+    /// The start-up padding rate ([`STARTUP_PAD_DELAY`]), set with each
+    /// estimate.
+    startup_pad: Option<u64>,
     padding_until: Option<Instant>,
     /// When the estimate (or loss) first said "too little" in this episode.
     low_since: Option<Instant>,
@@ -490,6 +509,7 @@ impl Controller {
             clean_at: None,
             high_since_clean: false,
             padding_to: None,
+            startup_pad: None,
             padding_until: None,
             low_since: None,
             low_due: None,
@@ -577,7 +597,25 @@ impl Controller {
         self.estimate = Some(bps);
         self.first_estimate.get_or_insert(now);
         self.probe_base.get_or_insert(bps);
+        let pad = self.startup_padding(now);
+        if pad != self.startup_pad {
+            self.startup_pad = pad;
+            self.update_bitrate();
+        }
         self.evaluate(now);
+    }
+
+    /// What str0m should pad up to during start-up at `now` (see
+    /// [`STARTUP_PAD_DELAY`]): none before the delay, after [`STARTUP`],
+    /// with loss reported, or in audio only.
+    fn startup_padding(&self, now: Instant) -> Option<u64> {
+        let first = self.first_estimate?;
+        let on = self.in_startup(now)
+            && now >= first + STARTUP_PAD_DELAY
+            && self.loss < LOSS_CLEAR
+            && self.current.is_some();
+        let est = self.estimate?;
+        on.then_some((est as f64 * STARTUP_PAD_SHARE) as u64)
     }
 
     /// str0m's `Event::EgressBitrateEstimate`: the mean of its distinct
@@ -1229,7 +1267,8 @@ impl Controller {
             return;
         }
         if let Some(desired) = self.probe_target() {
-            let minimum = self.padding_to.unwrap_or(0).min(desired);
+            let startup = self.startup_pad.filter(|_| !self.startup_over);
+            let minimum = self.padding_to.max(startup).unwrap_or(0).min(desired);
             self.emit_bitrate(minimum, desired);
         }
     }
@@ -1749,6 +1788,45 @@ mod tests {
         let s = run(&mut c, &mut t, ms(3000), |_| 1_500_000);
         assert_eq!(s.len(), 1, "{s:?}");
         assert_eq!(s[0].1.to.as_deref(), Some("h"));
+    }
+
+    #[test]
+    fn start_up_pads_to_a_share_of_the_estimate_after_its_first_second() {
+        let minimum = |c: &mut Controller| {
+            std::iter::from_fn(|| c.poll_output())
+                .filter_map(|o| match o {
+                    Output::Bitrate { minimum, .. } => Some(minimum),
+                    _ => None,
+                })
+                .last()
+        };
+        let mut c = Controller::new(ladder(), 300_000);
+        let t0 = Instant::now();
+        c.on_estimate(t0, 800_000);
+        // str0m's own start-up probes first: no padding yet.
+        assert_eq!(minimum(&mut c), Some(0));
+        c.on_estimate(t0 + ms(500), 900_000);
+        assert_eq!(minimum(&mut c), None);
+        // Then up to 0.85 × the estimate, following it (under the 'h'
+        // threshold: no up-hold and its own padding).
+        c.on_estimate(t0 + STARTUP_PAD_DELAY, 900_000);
+        assert_eq!(minimum(&mut c), Some(765_000));
+        c.on_estimate(t0 + ms(1500), 600_000);
+        assert_eq!(minimum(&mut c), Some(510_000));
+        // A lossy report stops it until a clean one.
+        c.on_loss(t0 + ms(1600), 0.05);
+        c.on_estimate(t0 + ms(1700), 600_000);
+        assert_eq!(minimum(&mut c), Some(0));
+        c.on_loss(t0 + ms(1800), 0.0);
+        c.on_estimate(t0 + ms(1900), 600_000);
+        assert_eq!(minimum(&mut c), Some(510_000));
+        // Over with the start-up.
+        c.on_estimate(t0 + STARTUP, 600_000);
+        assert_eq!(minimum(&mut c), Some(0));
+        for i in 1..=10 {
+            c.on_estimate(t0 + STARTUP + ms(100 * i), 700_000);
+            assert!(minimum(&mut c).is_none_or(|m| m == 0));
+        }
     }
 
     #[test]

@@ -195,6 +195,16 @@ pub(crate) const RATE_WINDOW: Duration = Duration::from_secs(2);
 /// Catalog updates with live rates are at least this far apart: each one
 /// reaches every edge and viewer of the stream.
 pub(crate) const RATE_UPDATE_INTERVAL: Duration = Duration::from_secs(5);
+/// A layer's first windows are not reported: an encoder is still ramping
+/// it up (Chromium starts its layers low and raises them as its own
+/// estimate grows: a 360p layer measured under 345 kbit/s 2–4 s after
+/// go-live settled at 510, a 720p one at 1.26 Mbit/s settled at 2.2).
+/// Until it is measured the edge prices a layer from its picture size
+/// (0.1 bit per pixel per frame: 0.69 Mbit/s for 360p at 30 fps), closer
+/// to where it ends than a ramp's first seconds; priced at the ramp, viewers
+/// behind 0.4 and 1.5 Mbit/s links went up to the layer that would not fit
+/// them seconds later (tests/browser_abr.rs, session 16).
+pub(crate) const RAMP_WINDOWS: u32 = 3;
 /// A rendition's catalog bitrate is updated when its live rate differs
 /// from it by more than this share (encoders wobble ±10–20% per window).
 const RATE_CHANGE: f64 = 0.25;
@@ -209,6 +219,9 @@ struct Meter {
     bytes: u64,
     /// The last complete window's (kbit/s, fps).
     last: Option<(u32, u32)>,
+    /// Complete windows so far (saturating): reported from
+    /// [`RAMP_WINDOWS`] on.
+    windows: u32,
 }
 
 /// Live rates of the published renditions of one stream. The go-live
@@ -253,6 +266,7 @@ impl LiveRates {
                     frames: 0,
                     bytes: 0,
                     last: None,
+                    windows: 0,
                 });
                 self.tracks.len() - 1
             }
@@ -268,6 +282,7 @@ impl LiveRates {
                 u32::try_from(fps).unwrap_or(0),
             ));
             (t.since, t.frames, t.bytes) = (now, 0, 0);
+            t.windows = t.windows.saturating_add(1);
         }
         t.frames += 1;
         t.bytes += bytes as u64;
@@ -291,6 +306,7 @@ impl LiveRates {
             self.tracks
                 .iter()
                 .find(|t| t.track == name)
+                .filter(|t| t.windows >= RAMP_WINDOWS)
                 .and_then(|t| t.last)
                 .filter(|(kbps, _)| *kbps > 0)
         };
@@ -465,7 +481,10 @@ mod tests {
         // Nothing measured over a whole window yet: nothing to say.
         feed_rates(&mut r, &mut t, 1, &[("video", 5000), ("video-h", 1000)]);
         assert!(r.update(t, &cat).is_none());
-        feed_rates(&mut r, &mut t, 2, &[("video", 5000), ("video-h", 1000)]);
+        // Nor in a layer's first windows, while encoders ramp up.
+        feed_rates(&mut r, &mut t, 3, &[("video", 5000), ("video-h", 1000)]);
+        assert!(r.update(t, &cat).is_none());
+        feed_rates(&mut r, &mut t, 3, &[("video", 5000), ("video-h", 1000)]);
         let next = r.update(t, &cat).expect("first live rates");
         let kbps: Vec<(u32, u32)> = next
             .tracks
