@@ -99,6 +99,21 @@ pub const STARTUP_PAD_DELAY: Duration = Duration::from_secs(1);
 /// str0m's acknowledged rate follows its estimate, with room for an
 /// estimate that still overshoots the link by some.
 pub const STARTUP_PAD_SHARE: f64 = 0.85;
+/// After start-up, the first this many re-probes since the last switch are
+/// padded as during start-up for [`REPROBE_PAD`], when the estimate is
+/// within [`PAD_REACH`] of the next rendition's threshold and nothing was
+/// lost lately. Unpadded, str0m's estimate of a viewer below the rendition
+/// its link carries stayed flat for 10 s once start-up ended (2.49 Mbit/s
+/// for a 3.3 Mbit/s threshold on an unlimited link, 0.69 for 0.83 behind
+/// 1.5 Mbit/s): application-limited, its loss-based bound is the capacity
+/// its earlier probes measured, and allocation probes do not raise it. The
+/// count bounds what padding costs a viewer whose link really is short.
+pub const PADDED_REPROBES: u32 = 3;
+/// How long a padded re-probe pads.
+pub const REPROBE_PAD: Duration = Duration::from_secs(2);
+/// A re-probe is padded only when the estimate is at least this share of
+/// the next rendition's threshold.
+pub const PAD_REACH: f64 = 0.7;
 /// The up-hold after repeated failed up-switches stops doubling here.
 pub const MAX_UP_HOLD: Duration = Duration::from_secs(40);
 /// An up-switch undone by a down-switch within this window failed: the
@@ -432,9 +447,13 @@ pub struct Controller {
     /// The rate str0m pads up to while an up-hold ends ([`CONFIRM`]) and
     /// until `padding_until` after the up-switch.
     padding_to: Option<u64>,
-    /// The start-up padding rate ([`STARTUP_PAD_DELAY`]), set with each
-    /// estimate.
-    startup_pad: Option<u64>,
+    /// The padding rate at a share of the estimate ([`STARTUP_PAD_DELAY`],
+    /// [`PADDED_REPROBES`]), set on each evaluation.
+    share_pad: Option<u64>,
+    /// A padded re-probe pads until then.
+    reprobe_pad_until: Option<Instant>,
+    /// Padded re-probes since the last switch.
+    padded_reprobes: u32,
     padding_until: Option<Instant>,
     /// When the estimate (or loss) first said "too little" in this episode.
     low_since: Option<Instant>,
@@ -509,7 +528,9 @@ impl Controller {
             clean_at: None,
             high_since_clean: false,
             padding_to: None,
-            startup_pad: None,
+            share_pad: None,
+            reprobe_pad_until: None,
+            padded_reprobes: 0,
             padding_until: None,
             low_since: None,
             low_due: None,
@@ -597,23 +618,18 @@ impl Controller {
         self.estimate = Some(bps);
         self.first_estimate.get_or_insert(now);
         self.probe_base.get_or_insert(bps);
-        let pad = self.startup_padding(now);
-        if pad != self.startup_pad {
-            self.startup_pad = pad;
-            self.update_bitrate();
-        }
         self.evaluate(now);
     }
 
-    /// What str0m should pad up to during start-up at `now` (see
-    /// [`STARTUP_PAD_DELAY`]): none before the delay, after [`STARTUP`],
-    /// with loss reported, or in audio only.
-    fn startup_padding(&self, now: Instant) -> Option<u64> {
+    /// What str0m should pad up to at `now` at a share of its estimate:
+    /// during start-up from [`STARTUP_PAD_DELAY`] on, and during a padded
+    /// re-probe ([`PADDED_REPROBES`]); never with loss reported or in audio
+    /// only.
+    fn share_padding(&self, now: Instant) -> Option<u64> {
         let first = self.first_estimate?;
-        let on = self.in_startup(now)
-            && now >= first + STARTUP_PAD_DELAY
-            && self.loss < LOSS_CLEAR
-            && self.current.is_some();
+        let starting = self.in_startup(now) && now >= first + STARTUP_PAD_DELAY;
+        let probing = self.reprobe_pad_until.is_some_and(|t| now < t);
+        let on = (starting || probing) && self.loss < LOSS_CLEAR && self.current.is_some();
         let est = self.estimate?;
         on.then_some((est as f64 * STARTUP_PAD_SHARE) as u64)
     }
@@ -875,6 +891,14 @@ impl Controller {
             self.startup_over = true;
             self.update_bitrate();
         }
+        if self.reprobe_pad_until.is_some_and(|t| now >= t) {
+            self.reprobe_pad_until = None;
+        }
+        let pad = self.share_padding(now);
+        if pad != self.share_pad {
+            self.share_pad = pad;
+            self.update_bitrate();
+        }
         if self.loss > 0.0 && self.loss_at.is_none_or(|t| now >= t + LOSS_STALE) {
             self.loss = 0.0;
         }
@@ -1132,6 +1156,17 @@ impl Controller {
                 self.probe_base = Some(est);
                 self.reprobed = true;
                 self.lowered_until = Some(now + REPROBE_GAP);
+                let lossless = self.lossy_at.is_none_or(|t| now >= t + REPROBE_INTERVAL);
+                let within_reach = want.is_some_and(|w| est as f64 >= w as f64 * PAD_REACH);
+                if self.startup_over
+                    && self.padded_reprobes < PADDED_REPROBES
+                    && lossless
+                    && within_reach
+                {
+                    self.padded_reprobes += 1;
+                    self.reprobe_pad_until = Some(now + REPROBE_GAP + REPROBE_PAD);
+                    self.share_pad = self.share_padding(now);
+                }
                 // Anything at or under the estimate is a decrease str0m
                 // records without probing.
                 self.emit_bitrate(0, est.min(self.cur_bps() as u64));
@@ -1254,6 +1289,8 @@ impl Controller {
         self.high_since = None;
         self.reprobe_at = None;
         self.lowered_until = None;
+        self.reprobe_pad_until = None;
+        self.padded_reprobes = 0;
     }
 
     /// Probe toward the rate an up-switch needs (the next rendition with
@@ -1267,8 +1304,11 @@ impl Controller {
             return;
         }
         if let Some(desired) = self.probe_target() {
-            let startup = self.startup_pad.filter(|_| !self.startup_over);
-            let minimum = self.padding_to.max(startup).unwrap_or(0).min(desired);
+            let minimum = self
+                .padding_to
+                .max(self.share_pad)
+                .unwrap_or(0)
+                .min(desired);
             self.emit_bitrate(minimum, desired);
         }
     }
@@ -1827,6 +1867,55 @@ mod tests {
             c.on_estimate(t0 + STARTUP + ms(100 * i), 700_000);
             assert!(minimum(&mut c).is_none_or(|m| m == 0));
         }
+    }
+
+    /// Feeds `bps` every 100 ms for `dur`: the padding floor str0m was
+    /// given at each step.
+    fn floors(c: &mut Controller, t: &mut Instant, dur: Duration, bps: u64) -> Vec<u64> {
+        let start = *t;
+        let mut floor = 0;
+        let mut out = Vec::new();
+        while t.duration_since(start) < dur {
+            c.on_estimate(*t, bps);
+            c.handle_timeout(*t);
+            while let Some(o) = c.poll_output() {
+                if let Output::Bitrate { minimum, .. } = o {
+                    floor = minimum;
+                }
+            }
+            out.push(floor);
+            *t += ms(100);
+        }
+        out
+    }
+
+    #[test]
+    fn the_first_re_probes_after_start_up_are_padded_when_within_reach() {
+        // On 'q', 'h' needs 960k: 700k is within reach (≥ 0.7 × 960k).
+        let (mut c, mut t) = started(700_000);
+        assert_eq!(c.current(), Some("q"));
+        let f = floors(&mut c, &mut t, Duration::from_secs(20), 700_000);
+        assert!(f.iter().all(|&m| m == 0 || m == 595_000), "{f:?}");
+        let padded = f.iter().filter(|&&m| m > 0).count();
+        let starts = f.windows(2).filter(|w| w[0] == 0 && w[1] > 0).count();
+        // Three re-probes, ~2 s of padding each, then no more.
+        assert_eq!(starts, PADDED_REPROBES as usize, "{f:?}");
+        assert!((55..=63).contains(&padded), "{padded} steps padded: {f:?}");
+        assert!(f[f.len() - 40..].iter().all(|&m| m == 0), "{f:?}");
+
+        // Out of reach (under 0.7 × 960k): none.
+        let (mut c, mut t) = started(600_000);
+        let f = floors(&mut c, &mut t, Duration::from_secs(12), 600_000);
+        assert!(f.iter().all(|&m| m == 0), "{f:?}");
+
+        // Loss in the last re-probe interval: none.
+        let (mut c, mut t) = started(700_000);
+        let mut f = Vec::new();
+        for _ in 0..6 {
+            c.on_loss(t, 0.05);
+            f.extend(floors(&mut c, &mut t, Duration::from_secs(2), 700_000));
+        }
+        assert!(f.iter().all(|&m| m == 0), "{f:?}");
     }
 
     #[test]
