@@ -428,7 +428,7 @@ fn at_most(x: f64, max: f64) -> bool {
 }
 
 // Session 16: 7 of 12 with start-up padding and a layer's ramp left out of
-// its live rate, 8 of 8 with padded re-probes added (5 of 13 in session 15;
+// its live rate, 12 of 16 with padded re-probes added (5 of 13 in session 15;
 // 1 of 3 the same day without them).
 // Session 14 requires 360p of the 1.5 Mbit/s viewer (180p counted before):
 // 1 of 4 runs after the ICE+DTLS fix, the 1.5 Mbit/s viewer left on 180p
@@ -448,7 +448,7 @@ fn at_most(x: f64, max: f64) -> bool {
 // Chromium".
 // Run it with `--run-ignored ignored-only`.
 #[test]
-#[ignore = "issue 14 open: met in 15 of 20 runs in session 16 (7 of 12 with start-up padding and unpublished ramp windows, 8 of 8 with padded re-probes added; 5 of 13 in session 15); the misses: the 400 kbit/s viewer's start-up gap (596, 809 ms), the unlimited viewer late to 720p (6.0, 10.8 s) or str0m's estimate flat under a threshold for 10 s after start-up (docs/quality.md, session 16); the test itself takes the 2-core machine to load average 5-9; wall-clock goals on a shared machine, run by hand (docs/quality.md, Measured with Chromium)"]
+#[ignore = "issue 14 open: met in session 16 7 of 12 runs with start-up padding and unpublished ramp windows, 12 of 16 with padded re-probes added (5 of 13 in session 15); the misses: the 400 kbit/s viewer's start-up gap (596, 809 ms), the unlimited viewer late to 720p (6.0, 10.8 s) or str0m's estimate flat under a threshold for 10 s after start-up (docs/quality.md, session 16); the test itself takes the 2-core machine to load average 5-9; wall-clock goals on a shared machine, run by hand (docs/quality.md, Measured with Chromium)"]
 fn abr_viewers_settle_on_the_rendition_that_fits() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let Some((ns, cascade, publisher)) = setup("abrsettle", 120) else {
