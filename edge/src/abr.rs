@@ -883,20 +883,25 @@ impl Controller {
         let Some(est) = self.estimate else {
             return;
         };
+        // The end of a re-probe's gap, of start-up and of a padding share
+        // each change what str0m is told, often in the same instant: one
+        // update for all, so str0m never gets the old floor with the new
+        // target.
+        let mut changed = false;
         if self.lowered_until.is_some_and(|t| now >= t) {
             self.lowered_until = None;
-            self.update_bitrate();
+            changed = true;
         }
         if !self.startup_over && self.first_estimate.is_some_and(|f| now >= f + STARTUP) {
             self.startup_over = true;
-            self.update_bitrate();
-        }
-        if self.reprobe_pad_until.is_some_and(|t| now >= t) {
-            self.reprobe_pad_until = None;
+            changed = true;
         }
         let pad = self.share_padding(now);
         if pad != self.share_pad {
             self.share_pad = pad;
+            changed = true;
+        }
+        if changed {
             self.update_bitrate();
         }
         if self.loss > 0.0 && self.loss_at.is_none_or(|t| now >= t + LOSS_STALE) {
