@@ -29,14 +29,14 @@ pub(crate) enum Refusal {
 /// The transport-wide congestion control extension's URI (its `a=extmap`).
 const TWCC_URI: &str = "http://www.ietf.org/id/draft-holmer-rmcat-transport-wide-cc-extensions-01";
 
-/// Whether `offer` lets the viewer send transport-wide congestion feedback
-/// for its video: the extension offered at session level or in a video
-/// section. Without it str0m's estimator hears nothing (its estimate would
-/// stay at the start value, and the viewer low), so such viewers get no
-/// estimation.
-pub(crate) fn offers_twcc(offer: &str) -> bool {
+/// Whether `sdp` (a viewer's WHEP offer, or an OvenPlayer's answer to the
+/// edge's offer) lets the viewer send transport-wide congestion feedback
+/// for its video: the extension at session level or in a video section.
+/// Without it str0m's estimator hears nothing (its estimate would stay at
+/// the start value, and the viewer low), so such viewers get no estimation.
+pub(crate) fn has_twcc(sdp: &str) -> bool {
     let mut section = "";
-    for line in offer.lines() {
+    for line in sdp.lines() {
         let line = line.trim_end();
         if let Some(m) = line.strip_prefix("m=") {
             section = m.split(' ').next().unwrap_or("");
@@ -304,29 +304,26 @@ pub(crate) mod tests {
         let video = format!(
             "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n{ext}\r\n"
         );
-        assert!(
-            offers_twcc(&video),
-            "Chromium/Firefox: in the video section"
-        );
+        assert!(has_twcc(&video), "Chromium/Firefox: in the video section");
         let session = format!("v=0\r\n{ext}\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n");
-        assert!(offers_twcc(&session), "session level applies to video");
+        assert!(has_twcc(&session), "session level applies to video");
         // Firefox offers it for video only; audio alone does not count.
         let audio = format!(
             "v=0\r\nm=audio 9 UDP/TLS/RTP/SAVPF 111\r\n{ext}\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\n"
         );
-        assert!(!offers_twcc(&audio));
+        assert!(!has_twcc(&audio));
         let other = "v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=extmap:4 urn:ietf:params:rtp-hdrext:sdes:mid\r\n";
-        assert!(!offers_twcc(other));
+        assert!(!has_twcc(other));
         // With a direction after the id (RFC 8285), still the same URI.
         let dir =
             format!("v=0\r\nm=video 9 UDP/TLS/RTP/SAVPF 96\r\na=extmap:3/sendrecv {TWCC_URI}\r\n");
-        assert!(offers_twcc(&dir));
+        assert!(has_twcc(&dir));
     }
 
     proptest! {
         #[test]
-        fn offers_twcc_never_panics(s in "\\PC*") {
-            let _ = offers_twcc(&s);
+        fn has_twcc_never_panics(s in "\\PC*") {
+            let _ = has_twcc(&s);
         }
 
         #[test]

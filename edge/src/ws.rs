@@ -394,6 +394,11 @@ fn advertised(whep: &Whep) -> String {
     }
 }
 
+/// The estimate a session built with estimation is reset to when its
+/// player's answer drops the feedback extension: far above any rendition,
+/// so str0m's pacer never holds the video back.
+const NO_FEEDBACK_PACE: u64 = 50_000_000;
+
 /// Offer → answer → session in a shard.
 async fn negotiate(
     whep: &Whep,
@@ -508,6 +513,22 @@ async fn negotiate(
     };
     let text = answer["sdp"]["sdp"].as_str().unwrap_or("");
     let rejected = offer::rejected_mids(text);
+    // The offer carried the transport-wide congestion extension; a player
+    // whose answer drops it sends no feedback, and str0m's estimate would
+    // stay at its start (Auto held on the rendition that start fits).
+    let feedback = bwe_start.is_some() && crate::sdp::has_twcc(text);
+    if bwe_start.is_some() && !feedback {
+        metrics::counter!(m::ABR_NO_FEEDBACK).increment(1);
+        tracing::info!(
+            stream,
+            "the answer has no transport-wide congestion control: no bandwidth estimate, Auto plays the best rendition that flows"
+        );
+        // The session was built with estimation: str0m's pacer would hold
+        // the video to the start estimate. An estimate no stream reaches
+        // unpaces it; estimation and probing need the feedback, so nothing
+        // else of them runs.
+        rtc.bwe().reset(str0m::bwe::Bitrate::bps(NO_FEEDBACK_PACE));
+    }
     let answer = SdpAnswer::from_sdp_string(text).map_err(|e| Refused::BadAnswer(e.to_string()))?;
     accept(
         rtc,
@@ -521,7 +542,7 @@ async fn negotiate(
         slot,
         posted,
         reservation,
-        bwe_start,
+        bwe_start.filter(|_| feedback),
     )
 }
 

@@ -22,8 +22,16 @@ use str0m::{Candidate, Event, Input, Output, Rtc};
 use tokio::net::UdpSocket;
 use tokio_tungstenite::tungstenite::Message;
 
-/// Drives `rtc` over `sock`, recording the rendition of each video frame.
-fn drive(mut rtc: Rtc, sock: UdpSocket, local: SocketAddr, seen: Arc<Mutex<Vec<u64>>>) {
+/// Drives `rtc` over `sock`, recording the rendition of each video frame
+/// in `seen` and its latency from the publisher (µs, loopback's shared
+/// clock) in `late`.
+fn drive(
+    mut rtc: Rtc,
+    sock: UdpSocket,
+    local: SocketAddr,
+    seen: Arc<Mutex<Vec<u64>>>,
+    late: Arc<Mutex<Vec<u64>>>,
+) {
     tokio::spawn(async move {
         let mut buf = vec![0u8; 2048];
         loop {
@@ -36,6 +44,10 @@ fn drive(mut rtc: Rtc, sock: UdpSocket, local: SocketAddr, seen: Arc<Mutex<Vec<u
                     Ok(Output::Event(Event::MediaData(d))) => {
                         if let Some(t) = loadtest::tag::find(&d.data) {
                             seen.lock().unwrap().push(t.seq / TAG_BASE);
+                            let now = std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0, |d| d.as_micros() as u64);
+                            late.lock().unwrap().push(now.saturating_sub(t.sent_us));
                         }
                     }
                     Ok(Output::Event(_)) => {}
@@ -71,7 +83,7 @@ async fn play(edge: &Edge, stream: &str) -> (Ws, Value, Arc<Mutex<Vec<u64>>>) {
     rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
     answer(&mut ws, &offer, &mut rtc).await;
     let seen = Arc::new(Mutex::new(Vec::new()));
-    drive(rtc, sock, local, seen.clone());
+    drive(rtc, sock, local, seen.clone(), Default::default());
     (ws, offer, seen)
 }
 
@@ -87,6 +99,11 @@ async fn until(ws: &mut Ws, kind: &str, ok: impl Fn(&Value) -> bool) -> Value {
             return v;
         }
     }
+}
+
+/// The renditions of the last five frames, newest first.
+fn newest(seen: &Arc<Mutex<Vec<u64>>>) -> Vec<u64> {
+    seen.lock().unwrap().iter().rev().take(5).copied().collect()
 }
 
 async fn send(ws: &mut Ws, v: Value) {
@@ -137,12 +154,7 @@ async fn playlist_change_rendition_and_rendition_changed() {
     assert!(
         common::eventually(Duration::from_secs(3), || last(&seen) == Some(2)).await,
         "the video is the 320×180 rendition: {:?}",
-        seen.lock()
-            .unwrap()
-            .iter()
-            .rev()
-            .take(5)
-            .collect::<Vec<_>>()
+        newest(&seen)
     );
 
     // An unknown name: a warning, nothing changes.
@@ -225,4 +237,68 @@ async fn single_rendition_streams_send_no_playlist() {
     if let Some(v) = next_json(&mut ws, Duration::from_millis(800)).await {
         assert_ne!(v["type"], "playlist", "{v}");
     }
+}
+
+/// A player whose answer drops the transport-wide congestion extension
+/// the edge offered (with estimation on, the binary's default) sends no
+/// feedback: str0m's estimate would stay at its start, low, and hold Auto
+/// on the lowest rendition. It gets no estimation instead: Auto plays the
+/// best rendition that flows, unpaced, as with `--abr=false`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_answer_without_transport_feedback_gets_the_best_rendition() {
+    let edge = Edge::start(cascade_edge::Config {
+        abr: true,
+        ..Default::default()
+    })
+    .await;
+    let _p = publish(&edge.registry, "nofb", ladder_media().await);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut ws, offer) = offer(&edge, "nofb").await;
+    let mut rtc = answerer(&["42e01f"]);
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let local = sock.local_addr().unwrap();
+    rtc.add_local_candidate(Candidate::host(local, "udp").unwrap());
+    let sdp =
+        str0m::change::SdpOffer::from_sdp_string(offer["sdp"]["sdp"].as_str().unwrap()).unwrap();
+    let full = rtc.sdp_api().accept_offer(sdp).unwrap().to_sdp_string();
+    assert!(full.contains("transport-wide-cc"), "str0m answers with it");
+    let stripped: String = full
+        .split_inclusive("\r\n")
+        .filter(|l| !l.contains("transport-wide-cc"))
+        .collect();
+    send(
+        &mut ws,
+        json!({"command": "answer", "id": offer["id"], "peer_id": 0,
+               "sdp": {"type": "answer", "sdp": stripped}}),
+    )
+    .await;
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let late = Arc::new(Mutex::new(Vec::new()));
+    drive(rtc, sock, local, seen.clone(), late.clone());
+    let playlist = until(&mut ws, "playlist", |_| true).await;
+    assert_eq!(playlist["message"]["auto"], true, "{playlist}");
+    let last = |seen: &Arc<Mutex<Vec<u64>>>| seen.lock().unwrap().last().copied();
+    assert!(
+        common::eventually(Duration::from_secs(5), || last(&seen) == Some(0)).await,
+        "Auto plays the best rendition (f): {:?}",
+        newest(&seen)
+    );
+    // Unpaced: f's frames keep coming at its rate (30 fps published) and
+    // on time, not queued behind a pacer held to the estimator's start
+    // (1 Mbit/s × 1.1 for f's 2.56 Mbit/s: str0m drains such a queue
+    // within 2 s, so the frames would still come, late).
+    let before = seen.lock().unwrap().len();
+    tokio::time::sleep(Duration::from_secs(3)).await;
+    let got = seen.lock().unwrap()[before..]
+        .iter()
+        .filter(|&&r| r == 0)
+        .count();
+    assert!(got >= 60, "{got} frames of f in 3 s");
+    let mut lat: Vec<u64> = late.lock().unwrap()[before..].to_vec();
+    lat.sort_unstable();
+    let p90 = lat[lat.len() * 9 / 10];
+    assert!(
+        p90 < 500_000,
+        "90th percentile latency {p90} µs on loopback"
+    );
 }
