@@ -516,7 +516,7 @@ async fn negotiate(
     // The offer carried the transport-wide congestion extension; a player
     // whose answer drops it sends no feedback, and str0m's estimate would
     // stay at its start (Auto held on the rendition that start fits).
-    let feedback = bwe_start.is_some() && crate::sdp::has_twcc(text);
+    let feedback = crate::sdp::has_twcc(text);
     if bwe_start.is_some() && !feedback {
         metrics::counter!(m::ABR_NO_FEEDBACK).increment(1);
         tracing::info!(
