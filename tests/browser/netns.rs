@@ -56,13 +56,18 @@ pub(crate) struct Netns {
 
 impl Netns {
     /// Creates the namespace, or prints why the test is skipped and returns
-    /// `None` (only when not root: in CI, as root, a failure is a failure).
+    /// `None` (only when not root outside CI; under `CI=true` a missing
+    /// privilege fails the test, as in tests/netns_cluster.rs).
     pub(crate) fn create(tag: &str) -> Option<Self> {
         let uid = Command::new("id")
             .arg("-u")
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string());
         if uid.as_deref().ok() != Some("0") {
+            assert!(
+                std::env::var("CI").as_deref() != Ok("true"),
+                "browser test {tag} needs root to create a network namespace; CI runs as root"
+            );
             eprintln!("SKIP browser test {tag}: needs root to create a network namespace (CI runs as root)");
             return None;
         }
