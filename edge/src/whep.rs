@@ -289,11 +289,7 @@ impl Endpoint for Whep {
             let mut bwe_start = abr
                 .then(|| crate::viewer::bwe_start_of(&subscriber))
                 .flatten();
-            if bwe_start.is_some() && !sdp::has_twcc(&offer) {
-                metrics::counter!(m::ABR_NO_FEEDBACK).increment(1);
-                tracing::info!(
-                    "the offer has no transport-wide congestion control: no bandwidth estimate, Auto plays the best rendition that flows"
-                );
+            if !crate::viewer::keeps_feedback(bwe_start.is_some(), &offer, "offer") {
                 bwe_start = None;
             }
             // The benchmark knob: estimation for a one-rendition stream too

@@ -516,13 +516,8 @@ async fn negotiate(
     // The offer carried the transport-wide congestion extension; a player
     // whose answer drops it sends no feedback, and str0m's estimate would
     // stay at its start (Auto held on the rendition that start fits).
-    let feedback = crate::sdp::has_twcc(text);
+    let feedback = crate::viewer::keeps_feedback(bwe_start.is_some(), text, "answer");
     if bwe_start.is_some() && !feedback {
-        metrics::counter!(m::ABR_NO_FEEDBACK).increment(1);
-        tracing::info!(
-            stream,
-            "the answer has no transport-wide congestion control: no bandwidth estimate, Auto plays the best rendition that flows"
-        );
         // The session was built with estimation: str0m's pacer would hold
         // the video to the start estimate. An estimate no stream reaches
         // unpaces it; estimation and probing need the feedback, so nothing

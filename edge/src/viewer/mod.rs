@@ -314,6 +314,23 @@ fn abr_ladder(ladder: &[Rung]) -> Vec<crate::abr::Rung> {
     rungs
 }
 
+/// Estimation needs the viewer's transport-wide congestion control
+/// feedback. Whether `sdp` (the viewer's offer, or its answer to the edge's
+/// offer: `side`) keeps it; when it does not and the session wanted
+/// estimation (`wanted`), counts and logs that the viewer's Auto plays the
+/// best rendition that flows, as it does with estimation off.
+pub(crate) fn keeps_feedback(wanted: bool, sdp: &str, side: &str) -> bool {
+    let twcc = crate::sdp::has_twcc(sdp);
+    if wanted && !twcc {
+        metrics::counter!(m::ABR_NO_FEEDBACK).increment(1);
+        tracing::info!(
+            side,
+            "no transport-wide congestion control: no bandwidth estimate, Auto plays the best rendition that flows"
+        );
+    }
+    twcc
+}
+
 /// [`bwe_start`] for a viewer of `sub`'s default video track.
 pub fn bwe_start_of(sub: &Subscriber) -> Option<u64> {
     let catalog = sub.catalog();
