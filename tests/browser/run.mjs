@@ -198,9 +198,14 @@ function serveStatic(host, tls) {
 const FLAGS = [
   "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
   "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  "--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream",
   "--autoplay-policy=no-user-gesture-required",
 ];
+// The fake camera and microphone, for jobs that publish from a page. Given
+// to a viewer, Chromium starts its fake capture device all the same (a
+// VideoCaptureService process drawing frames nobody asked for: 10-16% of a
+// core here), and the browser tests run on two cores.
+const CAPTURE_FLAGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"];
+const VIEW_ONLY = new Set(["play", "blip", "whep-client", "ttff", "player", "failover", "stall", "player-menu"]);
 
 async function main() {
   const userDataDir = fs.mkdtempSync(path.join(os.tmpdir(), "cascade-chromium-"));
@@ -215,7 +220,8 @@ async function main() {
     executablePath: job.chromium || "/usr/bin/chromium",
     headless: true,
     // getUserMedia needs a secure context; the test origins are plain http.
-    args: FLAGS.concat(secure ? [`--unsafely-treat-insecure-origin-as-secure=${secure}`] : [], job.flags || []),
+    args: FLAGS.concat(VIEW_ONLY.has(job.kind) ? [] : CAPTURE_FLAGS,
+      secure ? [`--unsafely-treat-insecure-origin-as-secure=${secure}`] : [], job.flags || []),
     viewport: { width: 1000, height: 640 },
   });
   await ctx.addInitScript(RECORD_PCS);
