@@ -368,6 +368,18 @@ pub struct Switch {
     pub cause: Cause,
 }
 
+impl Switch {
+    /// A step down (or to audio only) on what the link said, the estimate,
+    /// loss or a delivered rate, before the viewer's send queue lagged: the
+    /// stall it would have had on its rendition, avoided. A step down after
+    /// the queue lagged ([`Cause::QueueLag`]) came once frames had been
+    /// skipped, and one because the rendition left ([`Cause::Ladder`]) was
+    /// not about the link.
+    pub fn avoids_freeze(&self) -> bool {
+        !self.up && matches!(self.cause, Cause::Estimate | Cause::Loss | Cause::Delivered)
+    }
+}
+
 /// Why the controller switched: for logs and the switch counter, so an
 /// operator can tell a link that fell from an estimate that dipped.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -1495,10 +1507,34 @@ mod tests {
         assert_eq!(s[0].1.to.as_deref(), Some("h"));
         assert!(!s[0].1.up);
         assert_eq!(s[0].1.cause, Cause::Estimate);
+        assert!(s[0].1.avoids_freeze(), "down before any lag");
         // Nothing lost: the quiet hold.
         assert!(s[0].0 >= QUIET_DOWN_HOLD, "{:?}", s[0].0);
         assert!(s[0].0 <= QUIET_DOWN_HOLD + ms(100), "{:?}", s[0].0);
         assert_eq!(c.current(), Some("h"));
+    }
+
+    #[test]
+    fn a_freeze_avoided_is_a_step_down_on_the_links_signals() {
+        let sw = |up, cause| Switch {
+            to: Some("q".into()),
+            up,
+            estimate_bps: 0,
+            cause,
+        };
+        for cause in [Cause::Estimate, Cause::Loss, Cause::Delivered] {
+            assert!(sw(false, cause).avoids_freeze(), "{cause:?}");
+            assert!(!sw(true, cause).avoids_freeze(), "up: {cause:?}");
+        }
+        // After frames were skipped, or not about the link.
+        assert!(!sw(false, Cause::QueueLag).avoids_freeze());
+        assert!(!sw(false, Cause::Ladder).avoids_freeze());
+        // Audio only on the estimate keeps the sound going: avoided too.
+        let audio = Switch {
+            to: None,
+            ..sw(false, Cause::Estimate)
+        };
+        assert!(audio.avoids_freeze());
     }
 
     #[test]

@@ -48,6 +48,11 @@ pub const AUDIO_ONLY_VIEWERS: &str = "cascade_edge_audio_only_viewers";
 /// (`abr::Cause`: `estimate`, `loss`, `delivered`, `queue_lag`, `ladder`),
 /// counted whether or not the viewer is on Auto.
 pub const ABR_DECISIONS: &str = "cascade_edge_abr_decisions_total";
+/// Automatic switches down (or to audio only) that Auto applied on the
+/// link's signals before the viewer's send queue lagged
+/// (`abr::Switch::avoids_freeze`): stalls avoided. The lags that did happen
+/// are [`LAG_SKIPS`].
+pub const ABR_FREEZES_AVOIDED: &str = "cascade_edge_abr_freezes_avoided_total";
 /// The bandwidth estimate (bit/s) behind each automatic rendition choice.
 pub const ABR_ESTIMATE: &str = "cascade_edge_abr_estimate_bps";
 /// Viewers' bandwidth estimators restarted after re-probing stagnated
@@ -83,6 +88,10 @@ pub fn describe() {
     metrics::describe_counter!(
         ABR_DECISIONS,
         "automatic rendition choices, by direction (up, down) and cause (estimate, loss, delivered, queue_lag, ladder)"
+    );
+    metrics::describe_counter!(
+        ABR_FREEZES_AVOIDED,
+        "automatic switches down (or to audio only) on the link's signals before the viewer's send queue lagged: stalls avoided"
     );
     metrics::describe_histogram!(
         ABR_ESTIMATE,

@@ -459,6 +459,9 @@ impl Renditions {
                     if !auto {
                         continue;
                     }
+                    if s.avoids_freeze() {
+                        metrics::counter!(m::ABR_FREEZES_AVOIDED).increment(1);
+                    }
                     match s.to.as_deref() {
                         Some(name) => self.switch.set_auto_pick(Some(name)),
                         None => self.switch.set_auto_audio_only(),
