@@ -1304,7 +1304,7 @@ impl Handler for Viewer {
             // events took until 6.3 s, and a fall shows at once.
             Event::PeerStats(s) if self.connected => {
                 if let (Some(raw), Some(a)) = (s.bwe_tx, self.abr_mut()) {
-                    tracing::trace!(session = ?ctx.id, estimate_bps = raw.as_u64(), "bandwidth estimate");
+                    tracing::trace!(session = ?ctx.id, estimate_bps = raw.as_u64(), rtt = ?s.rtt, "bandwidth estimate");
                     a.controller.on_estimate(ctx.now, raw.as_u64());
                 }
                 Flow::Continue
