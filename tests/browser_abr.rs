@@ -458,7 +458,8 @@ fn at_most(x: f64, max: f64) -> bool {
 // 12 of 20; session 11: 1 of 8. Kept ignored (wall-clock goals on a
 // shared machine) while issue 14 is open. docs/quality.md "Measured with
 // Chromium".
-// Run it with `--run-ignored ignored-only`.
+// Run it with `--run-ignored ignored-only`, or N times with traces:
+// `scripts/abr/settle.sh TAG N` (read a run with scripts/abr/timeline.py).
 #[test]
 #[ignore = "issue 14 open: met in 12 of 16 runs in session 16, 5 of 16 in session 17 and 1 of 18 in session 18 with the same rules (5 of 13 in session 15); the misses: str0m's estimate pinned under the 720p threshold for 10 s (the unlimited viewer left on 360p), start-up padding following a probe that over-measured the 1.5 Mbit/s link, the 400 kbit/s viewer's start-up gaps (596-809 ms) (docs/quality.md, sessions 16-17); the test itself takes the 2-core machine to load average 5-9; wall-clock goals on a shared machine, run by hand (docs/quality.md, Measured with Chromium)"]
 fn abr_viewers_settle_on_the_rendition_that_fits() {
