@@ -20,23 +20,13 @@ import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
 import { fileURLToPath } from "node:url";
-import { RECORD_PCS, TRACE, view } from "./page.mjs";
+import { CAPTURE_FLAGS, FLAGS, RECORD_PCS, TRACE, view } from "./page.mjs";
 
 const here = path.dirname(fileURLToPath(import.meta.url));
 const job = JSON.parse(process.argv[2] || "{}");
 const out = { ok: false, kind: job.kind };
 const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
-const FLAGS = [
-  "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  "--autoplay-policy=no-user-gesture-required",
-];
-// Only the publisher captures. With these flags Chromium starts its fake
-// capture device in a viewer too (a VideoCaptureService process drawing
-// frames nobody asked for: 10-16% of a core per viewer here, with five
-// Chromiums on two cores).
-const CAPTURE_FLAGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"];
 
 function serveSimulcastPage(host) {
   const server = http.createServer((req, res) => {

@@ -1,4 +1,5 @@
-// What the browser runners share: the scripts a page gets before it loads
+// What the browser runners share: Chromium's flags (FLAGS, and CAPTURE_FLAGS
+// for jobs that publish), the scripts a page gets before it loads
 // (RECORD_PCS for every runner; TRACE, getStats sampled in the page) and the
 // ABR demonstration's viewer job, run by Chromium (abr.mjs, playwright) and
 // Firefox (firefox.mjs, puppeteer over WebDriver BiDi) alike.
@@ -8,6 +9,18 @@ const sleep = (ms) => new Promise((r) => setTimeout(r, ms));
 
 // Every RTCPeerConnection the page makes, in window.__pcs, with the time
 // it was made (pc.__created). Shared by every browser runner here.
+// Headless Debian Chromium for every runner (run.mjs, abr.mjs).
+export const FLAGS = [
+  "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+  "--disable-background-networking", "--disable-component-update", "--disable-sync",
+  "--autoplay-policy=no-user-gesture-required",
+];
+// The fake camera and microphone, for jobs that publish from a page only.
+// Given to a viewer, Chromium starts its fake capture device all the same (a
+// VideoCaptureService process drawing frames nobody asked for: 10-16% of a
+// core per viewer, with five Chromiums on two cores in the ABR settle case).
+export const CAPTURE_FLAGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"];
+
 export const RECORD_PCS = `
   (() => {
     const Orig = window.RTCPeerConnection;

@@ -10,7 +10,7 @@ import https from "node:https";
 import fs from "node:fs";
 import os from "node:os";
 import path from "node:path";
-import { RECORD_PCS } from "./page.mjs";
+import { CAPTURE_FLAGS, FLAGS, RECORD_PCS } from "./page.mjs";
 import { fileURLToPath } from "node:url";
 import { execFileSync } from "node:child_process";
 // A rendition switch waits for the target's next keyframe and, on a loaded
@@ -195,16 +195,6 @@ function serveStatic(host, tls) {
   return new Promise((resolve) => server.listen(0, host, () => resolve(server)));
 }
 
-const FLAGS = [
-  "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-  "--disable-background-networking", "--disable-component-update", "--disable-sync",
-  "--autoplay-policy=no-user-gesture-required",
-];
-// The fake camera and microphone, for jobs that publish from a page. Given
-// to a viewer, Chromium starts its fake capture device all the same (a
-// VideoCaptureService process drawing frames nobody asked for: 10-16% of a
-// core here), and the browser tests run on two cores.
-const CAPTURE_FLAGS = ["--use-fake-ui-for-media-stream", "--use-fake-device-for-media-stream"];
 const VIEW_ONLY = new Set(["play", "blip", "whep-client", "ttff", "player", "failover", "stall", "player-menu"]);
 
 async function main() {
